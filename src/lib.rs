@@ -1,10 +1,25 @@
 //! identity-binding-proxy: a per-node token proxy for Microsoft Entra workload identity in
-//! identity-binding mode. See README.md for the request path and the trust model.
+//! identity-binding mode. A request's journey is in `proxy`; each step has its own module:
+//! `tls` → `token` → `authn` → `bindings` → `authz` → `cache` → `issuer` + `entra`.
 #![forbid(unsafe_code)]
 
+pub mod authn;
+pub mod authz;
+pub mod bindings;
+pub mod cache;
+pub mod cluster;
+pub mod config;
+pub mod entra;
+pub mod error;
 pub mod http;
+pub mod issuer;
 pub mod keys;
+pub mod metrics;
 pub mod oauth;
+pub mod proxy;
+pub mod server;
+pub mod tls;
+pub mod token;
 
 #[cfg(feature = "emulators")]
 pub mod emulators;

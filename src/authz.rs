@@ -1,0 +1,107 @@
+//! Step 3 of a token request: may this service account use this managed identity? Asked of
+//! the apiserver as a SubjectAccessReview (verb `use-managed-identity`, group
+//! `cid.wi.aks.azure.com`, resource `<client-id>`) so that ordinary RBAC — ClusterRoleBindings
+//! and namespaced RoleBindings — governs access. Decisions are cached per (namespace, SA,
+//! client-id): allowed for 5 minutes, denied for 30 seconds by default.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::authn::Caller;
+use crate::cluster::{Cluster, Subject, GRANT_GROUP, GRANT_VERB};
+use crate::error::{ProxyError, Result};
+use crate::metrics::Metrics;
+
+pub struct AuthzConfig {
+    /// How long an allow is trusted. A revoked grant takes effect within this time unless
+    /// the RBAC watch drops it sooner.
+    pub allowed_ttl: Duration,
+    /// How long a deny is trusted: short, so a newly added grant works quickly.
+    pub denied_ttl: Duration,
+}
+
+type Key = (String, String, String);
+
+pub struct Authorizer {
+    cluster: Arc<Cluster>,
+    config: AuthzConfig,
+    decisions: moka::sync::Cache<Key, (bool, Instant)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Authorizer {
+    pub fn new(cluster: Arc<Cluster>, config: AuthzConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cluster,
+            decisions: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(config.allowed_ttl.max(config.denied_ttl))
+                .build(),
+            config,
+            metrics,
+        }
+    }
+
+    /// Drops every cached decision (RBAC changed).
+    pub fn invalidate_all(&self) {
+        self.decisions.invalidate_all();
+    }
+
+    /// Allows or refuses `caller` the identity `client_id` (already validated as a GUID).
+    pub async fn authorize(&self, caller: &Caller, client_id: &str) -> Result<()> {
+        let key = (
+            caller.namespace.clone(),
+            caller.service_account.clone(),
+            client_id.to_string(),
+        );
+        let allowed = match self.decisions.get(&key) {
+            Some((allowed, until)) if Instant::now() < until => allowed,
+            _ => {
+                let subject = Subject {
+                    user: &caller.username,
+                    groups: &caller.groups,
+                    uid: &caller.sa_uid,
+                    namespace: &caller.namespace,
+                };
+                let (allowed, _reason) = match self.cluster.access_review(&subject, client_id).await {
+                    Ok(answer) => {
+                        self.metrics.kube_review("subjectaccessreview", "ok");
+                        answer
+                    }
+                    Err(e) => {
+                        self.metrics.kube_review("subjectaccessreview", "error");
+                        return Err(ProxyError::Unavailable {
+                            retry_after: 2,
+                            description: format!(
+                                "Could not check whether service account {}/{} may use managed \
+                                 identity {client_id}: {e}. Retry shortly.",
+                                caller.namespace, caller.service_account
+                            ),
+                        });
+                    }
+                };
+                let ttl = if allowed { self.config.allowed_ttl } else { self.config.denied_ttl };
+                self.decisions.insert(key, (allowed, Instant::now() + ttl));
+                allowed
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(ProxyError::Forbidden(denial(caller, client_id)))
+        }
+    }
+}
+
+/// Names exactly what grant is missing and how to add it.
+pub fn denial(caller: &Caller, client_id: &str) -> String {
+    format!(
+        "Service account '{ns}/{sa}' is not allowed to use managed identity '{client_id}': no \
+         ClusterRoleBinding or RoleBinding in namespace '{ns}' grants verb '{GRANT_VERB}' on \
+         resource '{client_id}' in API group '{GRANT_GROUP}'. Create a ClusterRole with rule \
+         {{apiGroups: [\"{GRANT_GROUP}\"], resources: [\"{client_id}\"], verbs: \
+         [\"{GRANT_VERB}\"]}} and bind it to ServiceAccount {ns}/{sa}.",
+        ns = caller.namespace,
+        sa = caller.service_account,
+    )
+}

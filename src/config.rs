@@ -1,0 +1,346 @@
+//! The command line. Every flag also reads `IBP_<FLAG_IN_UPPER_SNAKE>`. `serve` arguments are
+//! validated into a typed [`ProxyConfig`] before anything starts; `dev` builds the same struct.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::authn::AuthnMode;
+use crate::issuer::IssuerUrl;
+use crate::tls::TlsEntry;
+
+pub const PUBLIC_CLOUD: &str = "https://login.microsoftonline.com";
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "api://AKSIdentityBinding";
+
+#[derive(Parser, Debug)]
+#[command(name = "identity-binding-proxy", version, about = "Per-node token proxy for Microsoft Entra workload identity (identity binding)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy (production).
+    Serve(Box<ServeArgs>),
+    /// Run the whole system on loopback: kube and Entra emulators, issuer host, and the proxy.
+    #[cfg(feature = "emulators")]
+    Dev(DevArgs),
+    /// Run one emulator alone.
+    #[cfg(feature = "emulators")]
+    #[command(subcommand)]
+    Emulate(EmulateCommand),
+    /// Issuer keys, published issuer documents, and FIC commands.
+    #[command(subcommand)]
+    Issuer(IssuerCommand),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Kubeconfig file; without it the in-cluster configuration is used.
+    #[arg(long, env = "IBP_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// NAME=CERT.pem,KEY.pem: the certificate served for SNI name NAME. Repeatable (in the
+    /// environment, separate entries with ';').
+    #[arg(long, env = "IBP_TLS", value_delimiter = ';', required = true)]
+    pub tls: Vec<TlsEntry>,
+    /// SNI name used for clients that send no SNI at all (else they are refused).
+    #[arg(long, env = "IBP_DEFAULT_SNI")]
+    pub default_sni: Option<String>,
+    /// PEM private key signing our assertions. Repeatable; the last one given signs.
+    #[arg(long, env = "IBP_ISSUER_KEY", value_delimiter = ',', required = true)]
+    pub issuer_key: Vec<PathBuf>,
+    /// Issuer URL, or a template with {tenant} and {client_id}.
+    #[arg(long, env = "IBP_ISSUER_URL")]
+    pub issuer_url: String,
+    /// Bindings file (YAML): the identities this cluster may serve. Hot reloaded.
+    #[arg(long, env = "IBP_BINDINGS")]
+    pub bindings: PathBuf,
+    /// Entra authority host.
+    #[arg(long, env = "IBP_AUTHORITY_HOST", default_value = PUBLIC_CLOUD)]
+    pub authority_host: String,
+    /// Audience required on service-account tokens.
+    #[arg(long, env = "IBP_TOKEN_AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
+    pub token_audience: String,
+    #[arg(long, env = "IBP_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Admin server: /livez, /readyz, /metrics (plain HTTP).
+    #[arg(long, env = "IBP_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// How service-account tokens are authenticated.
+    #[arg(long, env = "IBP_AUTHN_MODE", value_enum, default_value = "both")]
+    pub authn_mode: AuthnMode,
+    /// Longest time a TokenReview answer is reused (never beyond the token's expiry).
+    #[arg(long, env = "IBP_TOKENREVIEW_TTL_SECS", default_value_t = 120)]
+    pub tokenreview_ttl_secs: u64,
+    /// How long an allowing SubjectAccessReview is reused.
+    #[arg(long, env = "IBP_AUTHZ_ALLOWED_TTL_SECS", default_value_t = 300)]
+    pub authz_allowed_ttl_secs: u64,
+    /// How long a denying SubjectAccessReview is reused.
+    #[arg(long, env = "IBP_AUTHZ_DENIED_TTL_SECS", default_value_t = 30)]
+    pub authz_denied_ttl_secs: u64,
+    /// Most tokens kept in the cache.
+    #[arg(long, env = "IBP_CACHE_CAPACITY", default_value_t = 10_000)]
+    pub cache_capacity: u64,
+    /// Cached tokens with less than this left are not served.
+    #[arg(long, env = "IBP_CACHE_MIN_REMAINING_SECS", default_value_t = 300)]
+    pub cache_min_remaining_secs: u64,
+    /// Timeout of one call to Entra.
+    #[arg(long, env = "IBP_ENTRA_TIMEOUT_SECS", default_value_t = 10)]
+    pub entra_timeout_secs: u64,
+    /// Largest accepted request body.
+    #[arg(long, env = "IBP_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Deadline for a TLS handshake.
+    #[arg(long, env = "IBP_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+    /// Deadline for reading request headers (slow clients are cut off).
+    #[arg(long, env = "IBP_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Deadline for a whole request.
+    #[arg(long, env = "IBP_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub request_timeout_secs: u64,
+    /// Most client connections open at once.
+    #[arg(long, env = "IBP_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Most concurrent h2 streams per connection.
+    #[arg(long, env = "IBP_H2_MAX_STREAMS", default_value_t = 128)]
+    pub h2_max_streams: u32,
+    /// How long in-flight requests may take to finish at shutdown.
+    #[arg(long, env = "IBP_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
+    pub drain_timeout_secs: u64,
+    #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration of one proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub kubeconfig: Option<PathBuf>,
+    pub tls: Vec<TlsEntry>,
+    pub default_sni: Option<String>,
+    pub issuer_keys: Vec<PathBuf>,
+    pub issuer_url: IssuerUrl,
+    pub bindings: PathBuf,
+    pub authority_host: url::Url,
+    pub token_audience: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub authn_mode: AuthnMode,
+    pub tokenreview_ttl: Duration,
+    pub authz_allowed_ttl: Duration,
+    pub authz_denied_ttl: Duration,
+    pub cache_capacity: u64,
+    pub cache_min_remaining: Duration,
+    pub entra_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+    pub h2_max_streams: u32,
+    pub drain_timeout: Duration,
+    /// How often files (bindings, certificates) are checked for changes.
+    pub reload_period: Duration,
+}
+
+impl ProxyConfig {
+    pub fn from_args(a: &ServeArgs) -> Result<Self, String> {
+        let authority_host = parse_authority(&a.authority_host)?;
+        let issuer_url = IssuerUrl::parse(&a.issuer_url)?;
+        if a.token_audience.trim().is_empty() {
+            return Err("--token-audience must not be empty".into());
+        }
+        if a.cache_capacity == 0 || a.max_connections == 0 || a.max_body_bytes < 1024 {
+            return Err("--cache-capacity and --max-connections must be positive and --max-body-bytes at least 1024".into());
+        }
+        let secs = Duration::from_secs;
+        Ok(Self {
+            kubeconfig: a.kubeconfig.clone(),
+            tls: a.tls.clone(),
+            default_sni: a.default_sni.clone(),
+            issuer_keys: a.issuer_key.clone(),
+            issuer_url,
+            bindings: a.bindings.clone(),
+            authority_host,
+            token_audience: a.token_audience.trim().to_string(),
+            listen: a.listen,
+            admin_listen: a.admin_listen,
+            authn_mode: a.authn_mode,
+            tokenreview_ttl: secs(a.tokenreview_ttl_secs),
+            authz_allowed_ttl: secs(a.authz_allowed_ttl_secs),
+            authz_denied_ttl: secs(a.authz_denied_ttl_secs),
+            cache_capacity: a.cache_capacity,
+            cache_min_remaining: secs(a.cache_min_remaining_secs),
+            entra_timeout: secs(a.entra_timeout_secs.max(1)),
+            max_body_bytes: a.max_body_bytes,
+            handshake_timeout: secs(a.handshake_timeout_secs.max(1)),
+            header_read_timeout: secs(a.header_read_timeout_secs.max(1)),
+            request_timeout: secs(a.request_timeout_secs.max(1)),
+            max_connections: a.max_connections,
+            h2_max_streams: a.h2_max_streams.max(1),
+            drain_timeout: secs(a.drain_timeout_secs),
+            reload_period: Duration::from_secs(2),
+        })
+    }
+}
+
+/// An Entra authority host: https, or http on loopback (emulators).
+pub fn parse_authority(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("--authority-host '{s}' is not a URL: {e}"))?;
+    let ok = url.scheme() == "https" || (url.scheme() == "http" && crate::http::is_loopback(&url));
+    if !ok {
+        return Err(format!(
+            "--authority-host '{s}' must be https (plain http only for loopback emulators)"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("--authority-host '{s}' must not have a query or fragment"));
+    }
+    Ok(url)
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    pub command: Option<DevCommand>,
+    /// Where dev keeps its keys, certificates, tokens and dev.json.
+    #[arg(long, env = "IBP_STATE_DIR", default_value = "./.ibp-dev")]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "IBP_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "IBP_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// RBAC YAML (ClusterRoles, ClusterRoleBindings, Roles, RoleBindings), watched. Default:
+    /// the demo RBAC written to <state-dir>/rbac.yaml.
+    #[arg(long, env = "IBP_RBAC")]
+    pub rbac: Option<PathBuf>,
+    /// Delay added to every emulated Entra token call.
+    #[arg(long, env = "IBP_ENTRA_LATENCY_MS", default_value_t = 0)]
+    pub entra_latency_ms: u64,
+    /// Lifetime of tokens the Entra emulator issues.
+    #[arg(long, env = "IBP_ENTRA_TOKEN_LIFETIME_SECS", default_value_t = 3599)]
+    pub entra_token_lifetime_secs: u64,
+    /// Cached tokens with less than this left are not served.
+    #[arg(long, env = "IBP_CACHE_MIN_REMAINING_SECS", default_value_t = 300)]
+    pub cache_min_remaining_secs: u64,
+    /// How long a denying SubjectAccessReview is reused.
+    #[arg(long, env = "IBP_AUTHZ_DENIED_TTL_SECS", default_value_t = 2)]
+    pub authz_denied_ttl_secs: u64,
+    /// How long an allowing SubjectAccessReview is reused.
+    #[arg(long, env = "IBP_AUTHZ_ALLOWED_TTL_SECS", default_value_t = 2)]
+    pub authz_allowed_ttl_secs: u64,
+    #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Subcommand, Debug)]
+pub enum DevCommand {
+    /// Print a service-account token signed by the dev kube emulator's key.
+    Token(DevTokenArgs),
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Args, Debug)]
+pub struct DevTokenArgs {
+    #[arg(long, env = "IBP_STATE_DIR", default_value = "./.ibp-dev")]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "IBP_NAMESPACE")]
+    pub namespace: String,
+    #[arg(long, env = "IBP_SERVICE_ACCOUNT")]
+    pub service_account: String,
+    #[arg(long, env = "IBP_AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
+    pub audience: String,
+    /// Lifetime in seconds; negative gives an already expired token.
+    #[arg(long, env = "IBP_EXPIRES_IN", default_value_t = 3600, allow_negative_numbers = true)]
+    pub expires_in: i64,
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Subcommand, Debug)]
+pub enum EmulateCommand {
+    /// The kube-apiserver emulator: TokenReview, SubjectAccessReview, JWKS, RBAC list/watch.
+    Kube(EmulateKubeArgs),
+    /// The Entra emulator: client credentials with federated assertions.
+    Entra(EmulateEntraArgs),
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Args, Debug)]
+pub struct EmulateKubeArgs {
+    #[arg(long, env = "IBP_LISTEN", default_value = "127.0.0.1:6443")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "IBP_STATE_DIR")]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "IBP_RBAC")]
+    pub rbac: Option<PathBuf>,
+    /// Service-account issuer URL (default: generated once and kept in the state dir).
+    #[arg(long, env = "IBP_ISSUER")]
+    pub issuer: Option<String>,
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Args, Debug)]
+pub struct EmulateEntraArgs {
+    #[arg(long, env = "IBP_LISTEN", default_value = "127.0.0.1:8444")]
+    pub listen: SocketAddr,
+    /// client_id=..,issuer=..,subject=..,audience=.. (repeatable; ';' between entries in the
+    /// environment).
+    #[arg(long, env = "IBP_FIC", value_delimiter = ';')]
+    pub fic: Vec<String>,
+    #[arg(long, env = "IBP_TOKEN_LIFETIME_SECS", default_value_t = 3599)]
+    pub token_lifetime_secs: u64,
+    #[arg(long, env = "IBP_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IssuerCommand {
+    /// Generate an RSA key pair for this cluster's issuer key.
+    Keygen(KeygenArgs),
+    /// Write the OIDC discovery document and JWKS for every bound identity.
+    Publish(PublishArgs),
+    /// Print the `az identity federated-credential create` command for each binding.
+    Fic(FicArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Private key file to write (0600). The public key goes next to it as <out>.pub.
+    #[arg(long, env = "IBP_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "IBP_BITS", default_value_t = 2048)]
+    pub bits: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    #[arg(long, env = "IBP_OUT")]
+    pub out: PathBuf,
+    /// Public key PEM of a cluster (repeatable: one per cluster).
+    #[arg(long = "public-key", env = "IBP_PUBLIC_KEY", value_delimiter = ',', required = true)]
+    pub public_keys: Vec<PathBuf>,
+    #[arg(long, env = "IBP_BINDINGS")]
+    pub bindings: PathBuf,
+    #[arg(long, env = "IBP_ISSUER_URL")]
+    pub issuer_url: String,
+}
+
+#[derive(Args, Debug)]
+pub struct FicArgs {
+    #[arg(long, env = "IBP_BINDINGS")]
+    pub bindings: PathBuf,
+    #[arg(long, env = "IBP_ISSUER_URL")]
+    pub issuer_url: String,
+}

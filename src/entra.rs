@@ -1,0 +1,250 @@
+//! Step 5b: the token exchange with Entra. `POST {authority}/{tenant}/oauth2/v2.0/token` with our
+//! own assertion. Transient failures (network errors, 5xx) are retried a bounded number of
+//! times with jittered backoff; 429 is answered to the caller with Entra's `Retry-After`; an
+//! error Entra returned is passed through with its status, codes and description.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode};
+use http_body_util::Full;
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::error::ProxyError;
+use crate::http::{fetch, form_encode, HttpClient};
+use crate::oauth::ErrorBody;
+use crate::token::{ASSERTION_TYPE_JWT, GRANT_CLIENT_CREDENTIALS};
+
+/// Attempts for one exchange (1 + 2 retries): enough to ride over a blip, few enough that a
+/// real outage answers the caller within seconds.
+const MAX_ATTEMPTS: u32 = 3;
+/// First backoff; doubled per retry, with ±50 % jitter so a fleet does not retry in step.
+const BACKOFF: Duration = Duration::from_millis(200);
+/// Largest token response accepted from Entra.
+const MAX_RESPONSE: usize = 256 * 1024;
+
+/// An access token from Entra.
+#[derive(Clone)]
+pub struct IssuedToken {
+    pub access_token: Box<str>,
+    pub expires_in: u64,
+    pub ext_expires_in: u64,
+    pub refresh_in: Option<u64>,
+    /// When we received it: the served `expires_in` counts down from here.
+    pub received: Instant,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IssuedToken {
+    pub fn expires_at(&self) -> Instant {
+        self.received + Duration::from_secs(self.expires_in)
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.expires_at().saturating_duration_since(Instant::now())
+    }
+}
+
+/// Entra sends these as integers, but older endpoints sent strings: accept both.
+#[derive(Deserialize)]
+struct RawToken {
+    access_token: String,
+    #[serde(deserialize_with = "int_or_string")]
+    expires_in: u64,
+    #[serde(default, deserialize_with = "opt_int_or_string")]
+    ext_expires_in: Option<u64>,
+    #[serde(default, deserialize_with = "opt_int_or_string")]
+    refresh_in: Option<u64>,
+}
+
+fn int_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum V {
+        I(u64),
+        S(String),
+    }
+    match V::deserialize(d)? {
+        V::I(i) => Ok(i),
+        V::S(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+fn opt_int_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    int_or_string(d).map(Some)
+}
+
+pub struct Exchange<'a> {
+    pub authority: &'a url::Url,
+    pub tenant: &'a str,
+    pub client_id: &'a str,
+    pub scope: &'a str,
+    pub assertion: &'a str,
+    pub claims: Option<&'a str>,
+}
+
+pub struct EntraClient {
+    http: HttpClient,
+    timeout: Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl EntraClient {
+    pub fn new(http: HttpClient, timeout: Duration, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        Self { http, timeout, metrics }
+    }
+
+    pub async fn exchange(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
+        let url = format!(
+            "{}/{}/oauth2/v2.0/token",
+            ex.authority.as_str().trim_end_matches('/'),
+            ex.tenant
+        );
+        let mut form = vec![
+            ("grant_type", GRANT_CLIENT_CREDENTIALS),
+            ("client_id", ex.client_id),
+            ("scope", ex.scope),
+            ("client_assertion_type", ASSERTION_TYPE_JWT),
+            ("client_assertion", ex.assertion),
+        ];
+        if let Some(claims) = ex.claims {
+            form.push(("claims", claims));
+        }
+        let body = Bytes::from(form_encode(form));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = self.attempt(&url, body.clone()).await;
+            let retryable = matches!(&outcome, Err(ProxyError::Unavailable { .. }));
+            if !retryable || attempt >= MAX_ATTEMPTS {
+                return outcome;
+            }
+            let base = BACKOFF * 2u32.pow(attempt - 1);
+            let jitter = rand::rng().random_range(0.5..1.5);
+            tokio::time::sleep(base.mul_f64(jitter)).await;
+        }
+    }
+
+    async fn attempt(&self, url: &str, body: Bytes) -> Result<IssuedToken, ProxyError> {
+        let req = Request::post(url)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| ProxyError::Internal(format!("building the Entra request: {e}")))?;
+        let started = Instant::now();
+        let result = fetch(&self.http, req, self.timeout, MAX_RESPONSE).await;
+        self.metrics.entra_duration.observe(started.elapsed().as_secs_f64());
+        let fetched = match result {
+            Ok(f) => f,
+            Err(e) => {
+                self.metrics.entra_requests.with_label_values(&["error"]).inc();
+                return Err(ProxyError::Unavailable {
+                    retry_after: 5,
+                    description: format!("Entra could not be reached at {url}: {e}. Retry shortly."),
+                });
+            }
+        };
+        self.metrics
+            .entra_requests
+            .with_label_values(&[status_label(fetched.status)])
+            .inc();
+        let received = Instant::now();
+        let status = fetched.status;
+        if status == StatusCode::OK {
+            let raw: RawToken = serde_json::from_slice(&fetched.body).map_err(|e| {
+                ProxyError::BadUpstream(format!(
+                    "Entra answered 200 but not with a token response ({e}). Retry later; if it \
+                     persists, check --authority-host."
+                ))
+            })?;
+            if raw.access_token.is_empty() || raw.expires_in == 0 {
+                return Err(ProxyError::BadUpstream(
+                    "Entra answered a token response without a usable access token.".into(),
+                ));
+            }
+            return Ok(IssuedToken {
+                access_token: raw.access_token.into(),
+                expires_in: raw.expires_in,
+                ext_expires_in: raw.ext_expires_in.unwrap_or(raw.expires_in),
+                refresh_in: raw.refresh_in,
+                received,
+            });
+        }
+        let retry_after = fetched
+            .headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let entra_error = serde_json::from_slice::<ErrorBody>(&fetched.body).ok();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(ProxyError::Throttled {
+                retry_after: retry_after.unwrap_or(5),
+                description: format!(
+                    "Entra is throttling token requests for this identity{}. Retry after the \
+                     Retry-After interval.",
+                    entra_error
+                        .as_ref()
+                        .map(|e| format!(" ({})", first_line(&e.error_description)))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        if status.is_server_error() {
+            return Err(ProxyError::Unavailable {
+                retry_after: retry_after.unwrap_or(5),
+                description: format!(
+                    "Entra answered {status}{}. Retry shortly.",
+                    entra_error
+                        .as_ref()
+                        .map(|e| format!(": {}", first_line(&e.error_description)))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        match entra_error {
+            Some(body) if status.is_client_error() => Err(ProxyError::Upstream { status, body }),
+            _ => Err(ProxyError::BadUpstream(format!(
+                "Entra answered {status} with a body that is not an Entra error."
+            ))),
+        }
+    }
+}
+
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_fields_accept_integers_and_strings() {
+        let t: RawToken = serde_json::from_str(r#"{"access_token":"x","expires_in":"3599","ext_expires_in":3599}"#).unwrap();
+        assert_eq!((t.expires_in, t.ext_expires_in, t.refresh_in), (3599, Some(3599), None));
+    }
+}

@@ -1,0 +1,300 @@
+//! Step 5a: the proxy's own identity towards Entra. For each bound managed identity we sign an
+//! assertion (RS256, `kid` in the header) that matches the ONE federated identity credential on
+//! that identity: issuer = the identity's issuer URL, subject = the binding's subject, audience
+//! `api://AzureADTokenExchange`. The same FIC serves every cluster whose key is published in the
+//! issuer's JWKS. Also here: the static issuer documents (`issuer publish`) and the `az` lines
+//! that create the FICs (`issuer fic`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use crate::bindings::{Binding, BindingSet};
+use crate::error::ProxyError;
+use crate::keys::{RsaPublicKey, SigningKey};
+
+/// The audience Entra requires on federated assertions.
+pub const FIC_AUDIENCE: &str = "api://AzureADTokenExchange";
+/// Lifetime of our assertions (Entra accepts up to 1 hour; short limits the value of a leak).
+const ASSERTION_LIFETIME: Duration = Duration::from_secs(600);
+/// Re-sign when less than this is left, so an assertion never expires in flight to Entra.
+const ASSERTION_MIN_REMAINING: Duration = Duration::from_secs(120);
+
+/// An issuer URL, or a template of one with `{tenant}` and `{client_id}` placeholders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuerUrl(String);
+
+impl IssuerUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let probe = s.replace("{tenant}", "t").replace("{client_id}", "c");
+        let url = url::Url::parse(&probe).map_err(|e| format!("issuer URL '{s}' is not a URL: {e}"))?;
+        if url.scheme() != "https" && !(url.scheme() == "http" && crate::http::is_loopback(&url)) {
+            return Err(format!(
+                "issuer URL '{s}' must be https (Entra fetches the issuer documents over https)"
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            return Err(format!("issuer URL '{s}' must not have a query, fragment or user-info"));
+        }
+        if probe.contains(['{', '}']) {
+            return Err(format!(
+                "issuer URL '{s}' has an unknown placeholder: only {{tenant}} and {{client_id}}"
+            ));
+        }
+        Ok(Self(s.trim_end_matches('/').to_string()))
+    }
+
+    /// The issuer URL of one identity.
+    pub fn for_binding(&self, b: &Binding) -> String {
+        self.0
+            .replace("{tenant}", &b.tenant_id)
+            .replace("{client_id}", &b.client_id)
+    }
+
+    pub fn template(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Serialize)]
+struct AssertionClaims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'static str,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+    jti: String,
+}
+
+/// Signs and caches our assertions, one per (tenant, client-id).
+pub struct Issuer {
+    /// Loaded keys; the last one is the newest and signs. The others are kept so operators can
+    /// see which keys this proxy knows during a rotation.
+    keys: Vec<SigningKey>,
+    url: IssuerUrl,
+    assertions: DashMap<(String, String), (Arc<str>, Instant)>,
+}
+
+impl Issuer {
+    pub fn new(keys: Vec<SigningKey>, url: IssuerUrl) -> Result<Self, String> {
+        if keys.is_empty() {
+            return Err("at least one issuer key is needed (--issuer-key)".into());
+        }
+        Ok(Self {
+            keys,
+            url,
+            assertions: DashMap::new(),
+        })
+    }
+
+    pub fn signing_key(&self) -> &SigningKey {
+        // `new` refuses an empty key list.
+        &self.keys[self.keys.len() - 1]
+    }
+
+    pub fn url(&self) -> &IssuerUrl {
+        &self.url
+    }
+
+    /// An assertion for `binding`, reused until 2 minutes before it expires.
+    pub fn assertion(&self, binding: &Binding) -> Result<Arc<str>, ProxyError> {
+        let key = (binding.tenant_id.clone(), binding.client_id.clone());
+        if let Some(entry) = self.assertions.get(&key) {
+            let (jwt, expires) = entry.value();
+            if Instant::now() + ASSERTION_MIN_REMAINING < *expires {
+                return Ok(jwt.clone());
+            }
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let iss = self.url.for_binding(binding);
+        let claims = AssertionClaims {
+            iss: &iss,
+            sub: &binding.subject,
+            aud: FIC_AUDIENCE,
+            iat: now,
+            nbf: now,
+            exp: now + ASSERTION_LIFETIME.as_secs(),
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let jwt: Arc<str> = self
+            .signing_key()
+            .sign(&claims)
+            .map_err(|e| ProxyError::Internal(format!("signing our assertion failed: {e}")))?
+            .into();
+        self.assertions
+            .insert(key, (jwt.clone(), Instant::now() + ASSERTION_LIFETIME));
+        Ok(jwt)
+    }
+}
+
+/// The OIDC discovery document of one issuer URL.
+pub fn discovery_document(issuer: &str) -> serde_json::Value {
+    serde_json::json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{issuer}/openid/v1/jwks"),
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+    })
+}
+
+/// The JWKS holding every cluster's public key. Built from public keys only: a private
+/// exponent cannot reach it.
+pub fn jwks_document(keys: &[RsaPublicKey]) -> serde_json::Value {
+    serde_json::json!({ "keys": keys.iter().map(RsaPublicKey::jwk).collect::<Vec<_>>() })
+}
+
+/// Writes the discovery document and JWKS of every issuer URL the bindings use, laid out as
+/// a static HTTPS host serves them: `<out>/<issuer path>/.well-known/openid-configuration` and
+/// `<out>/<issuer path>/openid/v1/jwks`. Returns the files written.
+pub fn publish(
+    out: &Path,
+    keys: &[RsaPublicKey],
+    bindings: &BindingSet,
+    url: &IssuerUrl,
+) -> Result<Vec<PathBuf>, String> {
+    if keys.is_empty() {
+        return Err("no public keys to publish (--public-key)".into());
+    }
+    let jwks = serde_json::to_vec_pretty(&jwks_document(keys)).map_err(|e| e.to_string())?;
+    if contains_private_material(&jwks) {
+        return Err("refusing to publish: the JWKS would contain private key material".into());
+    }
+    let mut issuers: Vec<String> = bindings.iter().map(|b| url.for_binding(b)).collect();
+    if !url.template().contains('{') {
+        issuers.push(url.template().to_string());
+    }
+    issuers.sort();
+    issuers.dedup();
+    let mut written = Vec::new();
+    for issuer in issuers {
+        let parsed = url::Url::parse(&issuer).map_err(|e| format!("{issuer}: {e}"))?;
+        let mut dir = out.to_path_buf();
+        for seg in parsed.path_segments().into_iter().flatten().filter(|s| !s.is_empty()) {
+            if seg == ".." || seg == "." {
+                return Err(format!("issuer URL {issuer} has a '..' path segment"));
+            }
+            dir.push(seg);
+        }
+        let discovery = serde_json::to_vec_pretty(&discovery_document(&issuer)).map_err(|e| e.to_string())?;
+        for (rel, body) in [(".well-known/openid-configuration", &discovery), ("openid/v1/jwks", &jwks)] {
+            let file = dir.join(rel);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            }
+            std::fs::write(&file, body).map_err(|e| format!("{}: {e}", file.display()))?;
+            written.push(file);
+        }
+    }
+    Ok(written)
+}
+
+fn contains_private_material(jwks: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(jwks) else {
+        return true;
+    };
+    v["keys"].as_array().is_none_or(|keys| {
+        keys.iter()
+            .any(|k| ["d", "p", "q", "dp", "dq", "qi", "k"].iter().any(|f| k.get(f).is_some()))
+    })
+}
+
+/// The `az` command creating the FIC of each binding.
+pub fn fic_commands(bindings: &BindingSet, url: &IssuerUrl) -> Vec<String> {
+    bindings
+        .iter()
+        .map(|b| {
+            format!(
+                "# managed identity {client} (tenant {tenant})\n\
+                 az identity federated-credential create --name identity-binding-proxy \
+                 --identity-name \"$IDENTITY_NAME\" --resource-group \"$RESOURCE_GROUP\" \
+                 --issuer '{issuer}' --subject '{subject}' --audiences '{FIC_AUDIENCE}'",
+                client = b.client_id,
+                tenant = b.tenant_id,
+                issuer = url.for_binding(b),
+                subject = b.subject,
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding() -> Binding {
+        Binding {
+            client_id: "11111111-2222-3333-4444-555555555555".into(),
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+            subject: "shared-subject".into(),
+        }
+    }
+
+    #[test]
+    fn template_expands_per_identity() {
+        let url = IssuerUrl::parse("https://issuer.example.com/{tenant}/{client_id}/").unwrap();
+        assert_eq!(
+            url.for_binding(&binding()),
+            "https://issuer.example.com/72f988bf-86f1-41af-91ab-2d7cd011db47/11111111-2222-3333-4444-555555555555"
+        );
+        assert!(IssuerUrl::parse("http://issuer.example.com/x").is_err());
+        assert!(IssuerUrl::parse("http://127.0.0.1:8080/{tenant}").is_ok());
+        assert!(IssuerUrl::parse("https://x/{other}").is_err());
+        assert!(IssuerUrl::parse("https://x/?a=b").is_err());
+    }
+
+    #[test]
+    fn assertion_matches_the_fic_and_is_reused() {
+        let key = SigningKey::generate(2048).unwrap();
+        let kid = key.kid().to_string();
+        let issuer = Issuer::new(vec![key], IssuerUrl::parse("https://i.example/{tenant}/{client_id}").unwrap()).unwrap();
+        let a = issuer.assertion(&binding()).unwrap();
+        let b = issuer.assertion(&binding()).unwrap();
+        assert_eq!(a, b);
+        let header = jsonwebtoken::decode_header(&*a).unwrap();
+        assert_eq!(header.kid.as_deref(), Some(kid.as_str()));
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
+        let payload = a.split('.').nth(1).unwrap();
+        use base64::Engine;
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["aud"], FIC_AUDIENCE);
+        assert_eq!(claims["sub"], "shared-subject");
+        assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 600);
+    }
+
+    #[test]
+    fn newest_key_signs() {
+        let old = SigningKey::generate(2048).unwrap();
+        let new = SigningKey::generate(2048).unwrap();
+        let new_kid = new.kid().to_string();
+        let issuer = Issuer::new(vec![old, new], IssuerUrl::parse("https://i.example/x").unwrap()).unwrap();
+        let a = issuer.assertion(&binding()).unwrap();
+        assert_eq!(jsonwebtoken::decode_header(&*a).unwrap().kid.unwrap(), new_kid);
+    }
+
+    #[test]
+    fn publish_writes_public_documents_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate(2048).unwrap();
+        let set = BindingSet::parse("- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: t.example\n").unwrap();
+        let url = IssuerUrl::parse("https://i.example/{tenant}/{client_id}").unwrap();
+        let files = publish(dir.path(), &[key.public().clone()], &set, &url).unwrap();
+        assert_eq!(files.len(), 2);
+        let jwks = std::fs::read_to_string(dir.path().join("t.example/11111111-2222-3333-4444-555555555555/openid/v1/jwks")).unwrap();
+        assert!(jwks.contains(key.kid()));
+        assert!(!jwks.contains("\"d\""));
+        let disc: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("t.example/11111111-2222-3333-4444-555555555555/.well-known/openid-configuration")).unwrap()).unwrap();
+        assert_eq!(disc["issuer"], "https://i.example/t.example/11111111-2222-3333-4444-555555555555");
+        assert!(contains_private_material(br#"{"keys":[{"kty":"RSA","d":"x"}]}"#));
+    }
+}

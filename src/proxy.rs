@@ -1,0 +1,230 @@
+//! The token request's journey, top to bottom: parse → authenticate → bind → authorize →
+//! cache/exchange → respond. Each step lives in its own module; this file only calls them in
+//! order and turns the outcome into a response, a metric and one log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::authn::{Authenticator, Caller};
+use crate::authz::Authorizer;
+use crate::bindings::Bindings;
+use crate::cache::{CacheKey, Lookup, TokenCache};
+use crate::entra::{EntraClient, Exchange, IssuedToken};
+use crate::error::{ProxyError, Result};
+use crate::http::{json, json_value, read_body, Body, BodyError};
+use crate::issuer::Issuer;
+use crate::metrics::Metrics;
+use crate::token::{self, Route, TokenResponse};
+
+/// Everything a request needs, built once and shared.
+pub struct App {
+    pub authn: Arc<Authenticator>,
+    pub authz: Arc<Authorizer>,
+    pub bindings: Arc<Bindings>,
+    pub issuer: Arc<Issuer>,
+    pub entra: Arc<EntraClient>,
+    pub cache: Arc<TokenCache>,
+    pub metrics: Arc<Metrics>,
+    pub authority: url::Url,
+    pub authority_key: Arc<str>,
+    pub max_body_bytes: usize,
+}
+
+/// What one request did, for its log line. Never holds a credential.
+#[derive(Default)]
+struct Trace {
+    caller: Option<Caller>,
+    client_id: Option<String>,
+    scope: Option<String>,
+    cache: Option<Lookup>,
+}
+
+/// Where a connection came from, for logs and the discovery document.
+pub struct ConnInfo {
+    pub peer: std::net::SocketAddr,
+    pub sni: Option<String>,
+}
+
+impl App {
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+        let started = Instant::now();
+        let correlation_id = correlation_id(&req);
+        let method = req.method().clone();
+        let mut trace = Trace::default();
+        let result = self.serve(req, conn, &mut trace).await;
+        let elapsed = started.elapsed();
+        let (response, outcome) = match result {
+            Ok(resp) => (resp, "success"),
+            Err(e) => {
+                let outcome = e.outcome();
+                let mut resp = json(e.status(), e.body(&correlation_id).to_json());
+                if let Some(secs) = e.retry_after() {
+                    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                if e.status().is_server_error() {
+                    tracing::warn!(error = %e, "token request failed");
+                }
+                (resp, outcome)
+            }
+        };
+        let status = response.status();
+        self.metrics
+            .requests
+            .with_label_values(&[outcome, status.as_str()])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[outcome])
+            .observe(elapsed.as_secs_f64());
+        let (ns, sa) = trace
+            .caller
+            .as_ref()
+            .map(|c| (c.namespace.as_str(), c.service_account.as_str()))
+            .unwrap_or(("", ""));
+        tracing::info!(
+            method = %method,
+            outcome,
+            status = status.as_u16(),
+            namespace = ns,
+            service_account = sa,
+            client_id = trace.client_id.as_deref().unwrap_or(""),
+            scope = trace.scope.as_deref().unwrap_or(""),
+            cache = trace.cache.map(Lookup::as_str).unwrap_or(""),
+            latency_us = elapsed.as_micros() as u64,
+            correlation_id = %correlation_id,
+            peer = %conn.peer,
+            "token request"
+        );
+        let mut response = response;
+        if let Ok(v) = HeaderValue::from_str(&correlation_id) {
+            response.headers_mut().insert("client-request-id", v);
+        }
+        response
+    }
+
+    async fn serve(&self, req: Request<Incoming>, conn: &ConnInfo, trace: &mut Trace) -> Result<Response<Body>> {
+        let (parts, body) = req.into_parts();
+        let path_tenant = match token::route(&parts.method, parts.uri.path()) {
+            Route::Token { tenant } => tenant,
+            Route::Discovery { tenant, prefix } => {
+                let host = parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+                    .or_else(|| conn.sni.clone())
+                    .unwrap_or_else(|| "localhost".into());
+                let host = token::printable(&host, 255);
+                let tenant = token::printable(&tenant, 100);
+                let base = format!("https://{host}{prefix}");
+                return Ok(json_value(StatusCode::OK, &token::discovery_document(&base, &tenant)));
+            }
+            Route::NotFound => return Err(token::not_found(&parts.method, parts.uri.path())),
+            Route::MethodNotAllowed => return Err(token::method_not_allowed(&parts.method)),
+        };
+        debug_assert_eq!(parts.method, Method::POST);
+
+        // 1. Parse.
+        let body = read_body(body, self.max_body_bytes).await.map_err(|e| match e {
+            BodyError::TooLarge(limit) => ProxyError::invalid_request(format!(
+                "The request body is larger than {limit} bytes. A token request is a small form."
+            )),
+            BodyError::Read(e) => ProxyError::invalid_request(format!("The request body could not be read: {e}")),
+        })?;
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            token::check_content_type(parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))?;
+        }
+        let req = token::parse(path_tenant, parts.uri.query(), &body)?;
+        trace.client_id = Some(req.client_id.clone());
+        trace.scope = Some(req.scope_key.clone());
+
+        // 2. Authenticate the service-account token.
+        let caller = self.authn.authenticate(&req.assertion).await?;
+        trace.caller = Some(caller.clone());
+
+        // 3. Is this identity bound to this cluster, and in the tenant the caller named?
+        let binding = self.bindings.current().get(&req.client_id).cloned().ok_or_else(|| {
+            ProxyError::Unbound(format!(
+                "Managed identity '{}' is not bound to this cluster: add {{clientId: {}, tenantId: \
+                 <tenant>}} to the proxy's bindings file (and its federated identity credential \
+                 to the identity) before workloads can use it.",
+                req.client_id, req.client_id
+            ))
+        })?;
+        if let Some(tenant) = &req.path_tenant {
+            if !tenant.eq_ignore_ascii_case(&binding.tenant_id) {
+                return Err(ProxyError::InvalidRequest {
+                    code: crate::error::codes::TENANT_MISMATCH,
+                    description: format!(
+                        "The request names tenant '{}', but managed identity '{}' is bound to \
+                         tenant '{}'. Set AZURE_TENANT_ID to '{}'.",
+                        token::printable(tenant, 100),
+                        binding.client_id,
+                        binding.tenant_id,
+                        binding.tenant_id
+                    ),
+                });
+            }
+        }
+
+        // 4. Authorize: on EVERY request, before the cache is consulted.
+        self.authz.authorize(&caller, &req.client_id).await?;
+
+        // 5. Cache, or exchange with Entra through the identity's one FIC.
+        let key = CacheKey {
+            authority: self.authority_key.clone(),
+            tenant: binding.tenant_id.clone(),
+            client_id: binding.client_id.clone(),
+            scopes: req.scope_key.clone(),
+        };
+        let fetch = {
+            let issuer = self.issuer.clone();
+            let entra = self.entra.clone();
+            let authority = self.authority.clone();
+            let scope = req.scope.clone();
+            let claims = req.claims.clone();
+            move || async move {
+                let assertion = issuer.assertion(&binding)?;
+                entra
+                    .exchange(&Exchange {
+                        authority: &authority,
+                        tenant: &binding.tenant_id,
+                        client_id: &binding.client_id,
+                        scope: &scope,
+                        assertion: &assertion,
+                        claims: claims.as_deref(),
+                    })
+                    .await
+            }
+        };
+        let (issued, lookup) = self.cache.get_or_fetch(key, req.claims.is_some(), fetch).await?;
+        trace.cache = Some(lookup);
+        Ok(token_response(&issued))
+    }
+}
+
+/// The success body: `expires_in` is the REMAINING lifetime (an integer).
+fn token_response(t: &IssuedToken) -> Response<Body> {
+    let elapsed = t.received.elapsed().as_secs();
+    let body = TokenResponse {
+        token_type: "Bearer",
+        expires_in: t.expires_in.saturating_sub(elapsed),
+        ext_expires_in: t.ext_expires_in.saturating_sub(elapsed),
+        refresh_in: t.refresh_in.map(|r| r.saturating_sub(elapsed).max(1)),
+        access_token: &t.access_token,
+    };
+    json_value(StatusCode::OK, &body)
+}
+
+/// The client's `client-request-id` when it is a sane GUID-like value, else a fresh one.
+fn correlation_id(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}

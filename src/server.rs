@@ -1,0 +1,282 @@
+//! Builds the proxy from its configuration and runs it: the TLS listener, the admin server, and
+//! the background tasks (JWKS refresh, bindings and certificate reload). `serve` and `dev` both
+//! come through [`start`], so dev runs exactly the production code path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use http::{Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::authn::{AuthnConfig, Authenticator};
+use crate::authz::{AuthzConfig, Authorizer};
+use crate::bindings::Bindings;
+use crate::cache::{CacheConfig, TokenCache};
+use crate::cluster::Cluster;
+use crate::config::ProxyConfig;
+use crate::entra::EntraClient;
+use crate::http::{json, text, Body};
+use crate::issuer::Issuer;
+use crate::keys::SigningKey;
+use crate::metrics::Metrics;
+use crate::proxy::{App, ConnInfo};
+use crate::tls::SniRouter;
+
+/// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
+const JWKS_REFRESH: Duration = Duration::from_secs(300);
+
+/// Readiness: certificates, JWKS and bindings loaded, and not shutting down.
+pub struct Readiness {
+    authn: Arc<Authenticator>,
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.authn.ready() && !self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}
+
+/// A started proxy.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub readiness: Arc<Readiness>,
+    pub app: Arc<App>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RunningProxy {
+    /// Waits until the proxy has stopped (after `shutdown` was cancelled and requests drained).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Loads everything, binds both listeners, and starts serving. Returns once listening;
+/// readiness follows when the first JWKS arrives.
+pub async fn start(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Result<RunningProxy> {
+    crate::http::install_crypto_provider();
+    let metrics = Arc::new(Metrics::new());
+
+    let router = Arc::new(
+        SniRouter::load(config.tls.clone(), config.default_sni.clone(), config.handshake_timeout, metrics.clone())
+            .map_err(anyhow::Error::msg)?,
+    );
+    let mut keys = Vec::new();
+    for path in &config.issuer_keys {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read issuer key {}", path.display()))?;
+        keys.push(SigningKey::from_pem(&pem).with_context(|| format!("issuer key {}", path.display()))?);
+    }
+    let issuer = Arc::new(Issuer::new(keys, config.issuer_url.clone()).map_err(anyhow::Error::msg)?);
+    let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
+
+    let cluster = Arc::new(Cluster::connect(config.kubeconfig.as_deref()).await?);
+    let authn = Arc::new(Authenticator::new(
+        cluster.clone(),
+        AuthnConfig {
+            audience: config.token_audience.clone(),
+            mode: config.authn_mode,
+            review_ttl: config.tokenreview_ttl,
+        },
+        metrics.clone(),
+    ));
+    let authz = Arc::new(Authorizer::new(
+        cluster.clone(),
+        AuthzConfig {
+            allowed_ttl: config.authz_allowed_ttl,
+            denied_ttl: config.authz_denied_ttl,
+        },
+        metrics.clone(),
+    ));
+    let entra = Arc::new(EntraClient::new(crate::http::client(), config.entra_timeout, metrics.clone()));
+    let cache = Arc::new(TokenCache::new(
+        CacheConfig {
+            capacity: config.cache_capacity,
+            min_remaining: config.cache_min_remaining,
+        },
+        metrics.clone(),
+    ));
+    let app = Arc::new(App {
+        authn: authn.clone(),
+        authz,
+        bindings: bindings.clone(),
+        issuer,
+        entra,
+        cache,
+        metrics: metrics.clone(),
+        authority_key: config.authority_host.as_str().trim_end_matches('/').into(),
+        authority: config.authority_host.clone(),
+        max_body_bytes: config.max_body_bytes,
+    });
+    let readiness = Arc::new(Readiness {
+        authn: authn.clone(),
+        draining: AtomicBool::new(false),
+    });
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let background = CancellationToken::new();
+    tokio::spawn(authn.clone().run_refresh(JWKS_REFRESH, background.clone()));
+    tokio::spawn(bindings.watch(config.reload_period, background.clone()));
+    tokio::spawn(router.clone().watch(config.reload_period, background.clone()));
+
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(crate::http::serve_plain(admin_listener, admin_stop.clone(), {
+        let readiness = readiness.clone();
+        let metrics = metrics.clone();
+        move |req, _peer| {
+            let readiness = readiness.clone();
+            let metrics = metrics.clone();
+            async move { admin_response(req.uri().path(), &readiness, &metrics) }
+        }
+    }));
+
+    let done = tokio::spawn({
+        let app = app.clone();
+        let readiness = readiness.clone();
+        async move {
+            serve_tls(listener, router, app, &config, shutdown).await;
+            readiness.set_draining();
+            background.cancel();
+            admin_stop.cancel();
+            let _ = admin.await;
+        }
+    });
+    tracing::info!(%addr, %admin_addr, "identity-binding-proxy listening");
+    Ok(RunningProxy {
+        addr,
+        admin_addr,
+        readiness,
+        app,
+        done,
+    })
+}
+
+fn admin_response(path: &str, readiness: &Readiness, metrics: &Metrics) -> Response<Body> {
+    match path {
+        "/livez" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, metrics.render());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        _ => json(StatusCode::NOT_FOUND, &b"{\"error\":\"not found\"}"[..]),
+    }
+}
+
+/// The TLS accept loop. On `shutdown`: stop accepting, let in-flight requests finish within
+/// the drain deadline, then return.
+async fn serve_tls(
+    listener: TcpListener,
+    router: Arc<SniRouter>,
+    app: Arc<App>,
+    config: &ProxyConfig,
+    shutdown: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let tracker = TaskTracker::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.h2_max_streams);
+    let builder = Arc::new(builder);
+    let request_timeout = config.request_timeout;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let app = app.clone();
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let tls = match router.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::debug!(%peer, reason = e.reason(), "TLS handshake refused");
+                    return;
+                }
+            };
+            let conn_info = Arc::new(ConnInfo {
+                peer,
+                sni: tls.get_ref().1.server_name().map(str::to_string),
+            });
+            let service = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                let conn_info = conn_info.clone();
+                async move {
+                    let resp = match tokio::time::timeout(request_timeout, app.handle(req, &conn_info)).await {
+                        Ok(resp) => resp,
+                        Err(_) => {
+                            let e = crate::error::ProxyError::Unavailable {
+                                retry_after: 1,
+                                description: "The request took longer than the proxy's request timeout. Retry.".into(),
+                            };
+                            json(e.status(), e.body("").to_json())
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
+        tracing::warn!("drain deadline passed with requests still in flight");
+    }
+}

@@ -1,0 +1,271 @@
+//! Step 1 of a token request: TLS, routed by the SNI name the client sent.
+//!
+//! Each `--tls NAME=CERT,KEY` gives one SNI name its certificate. We read the ClientHello
+//! ourselves before choosing a configuration, so an unknown name is refused with the
+//! `unrecognized_name` alert (RFC 6066) instead of a generic handshake failure, and no
+//! certificate is ever presented for a name we do not serve. The Host header plays no part:
+//! SDKs disagree about what they put there.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::server::Acceptor;
+use rustls::ServerConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::StartHandshake;
+
+use crate::metrics::Metrics;
+
+/// A TLS alert record: fatal (2), unrecognized_name (112), sent as TLS 1.2 record version as
+/// every TLS 1.3 stack does for alerts before the handshake.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsEntry {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl std::str::FromStr for TlsEntry {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, files) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--tls '{s}': expected NAME=CERT.pem,KEY.pem"))?;
+        let (cert, key) = files
+            .split_once(',')
+            .ok_or_else(|| format!("--tls '{s}': expected NAME=CERT.pem,KEY.pem"))?;
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() || name.contains('*') {
+            return Err(format!(
+                "--tls '{s}': the SNI name must be an exact DNS name (no wildcards)"
+            ));
+        }
+        Ok(Self {
+            name,
+            cert: PathBuf::from(cert.trim()),
+            key: PathBuf::from(key.trim()),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("client sent SNI name that is not served")]
+    UnknownName,
+    #[error("client sent no SNI name and no default is configured")]
+    NoName,
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("TLS handshake timed out")]
+    Timeout,
+    #[error("connection closed during the handshake")]
+    Closed,
+}
+
+impl HandshakeError {
+    /// Bounded label for the handshake-failure metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownName => "unknown_sni",
+            Self::NoName => "no_sni",
+            Self::Tls(_) => "tls_error",
+            Self::Timeout => "timeout",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+fn load_config(entry: &TlsEntry) -> Result<Arc<ServerConfig>, String> {
+    let cert_pem = std::fs::read(&entry.cert)
+        .map_err(|e| format!("{}: cannot read certificate {}: {e}", entry.name, entry.cert.display()))?;
+    let key_pem = std::fs::read(&entry.key)
+        .map_err(|e| format!("{}: cannot read key {}: {e}", entry.name, entry.key.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: bad certificate PEM: {e}", entry.name))?;
+    if certs.is_empty() {
+        return Err(format!("{}: {} holds no certificate", entry.name, entry.cert.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| format!("{}: bad key PEM: {e}", entry.name))?
+        .ok_or_else(|| format!("{}: {} holds no private key", entry.name, entry.key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: certificate and key do not fit together: {e}", entry.name))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The serving configurations by SNI name, hot-swappable.
+pub struct SniRouter {
+    entries: Vec<TlsEntry>,
+    configs: ArcSwap<HashMap<String, Arc<ServerConfig>>>,
+    default_name: Option<String>,
+    handshake_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl SniRouter {
+    pub fn load(
+        entries: Vec<TlsEntry>,
+        default_name: Option<String>,
+        handshake_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        if entries.is_empty() {
+            return Err("at least one --tls NAME=CERT,KEY is needed".into());
+        }
+        let default_name = default_name.map(|n| n.to_ascii_lowercase());
+        if let Some(d) = &default_name {
+            if !entries.iter().any(|e| &e.name == d) {
+                return Err(format!("--default-sni '{d}' is not one of the --tls names"));
+            }
+        }
+        let mut configs = HashMap::new();
+        for entry in &entries {
+            if configs.insert(entry.name.clone(), load_config(entry)?).is_some() {
+                return Err(format!("--tls name '{}' is given twice", entry.name));
+            }
+        }
+        Ok(Self {
+            entries,
+            configs: ArcSwap::from_pointee(configs),
+            default_name,
+            handshake_timeout,
+            metrics,
+        })
+    }
+
+    /// Re-reads every certificate; an entry that fails keeps its previous configuration.
+    pub fn reload(&self) -> Vec<String> {
+        let mut configs = (*self.configs.load_full()).clone();
+        let mut errors = Vec::new();
+        for entry in &self.entries {
+            match load_config(entry) {
+                Ok(c) => {
+                    configs.insert(entry.name.clone(), c);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        self.configs.store(Arc::new(configs));
+        errors
+    }
+
+    /// Polls the certificate files and reloads when any changes (mounted Secrets change by a
+    /// symlink swap, which a poll of the contents always sees).
+    pub async fn watch(self: Arc<Self>, period: Duration, stop: tokio_util::sync::CancellationToken) {
+        let snapshot = |entries: &[TlsEntry]| -> Vec<Option<Vec<u8>>> {
+            entries
+                .iter()
+                .flat_map(|e| [std::fs::read(&e.cert).ok(), std::fs::read(&e.key).ok()])
+                .collect()
+        };
+        let mut last = snapshot(&self.entries);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let now = snapshot(&self.entries);
+            if now == last {
+                continue;
+            }
+            last = now;
+            let errors = self.reload();
+            if errors.is_empty() {
+                tracing::info!("serving certificates reloaded");
+            }
+            for e in errors {
+                tracing::error!(error = %e, "certificate not reloaded; the previous one keeps serving");
+            }
+        }
+    }
+
+    /// Accepts one TLS connection, choosing the configuration by SNI.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
+        let result = tokio::time::timeout(self.handshake_timeout, self.handshake(tcp)).await;
+        let result = result.unwrap_or(Err(HandshakeError::Timeout));
+        if let Err(e) = &result {
+            self.metrics
+                .tls_handshake_failures
+                .with_label_values(&[e.reason()])
+                .inc();
+        }
+        result
+    }
+
+    async fn handshake(&self, mut tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
+        let mut acceptor = Acceptor::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let accepted = loop {
+            let n = tcp.read(&mut buf).await.map_err(|_| HandshakeError::Closed)?;
+            if n == 0 {
+                return Err(HandshakeError::Closed);
+            }
+            let mut rd = &buf[..n];
+            while !rd.is_empty() {
+                match acceptor.read_tls(&mut rd) {
+                    Ok(0) => return Err(HandshakeError::Tls("ClientHello too large".into())),
+                    Ok(_) => {}
+                    Err(e) => return Err(HandshakeError::Tls(e.to_string())),
+                }
+            }
+            match acceptor.accept() {
+                Ok(None) => continue,
+                Ok(Some(accepted)) => break accepted,
+                Err((e, mut alert)) => {
+                    let mut out = Vec::new();
+                    let _ = alert.write_all(&mut out);
+                    let _ = tcp.write_all(&out).await;
+                    return Err(HandshakeError::Tls(e.to_string()));
+                }
+            }
+        };
+        let name = accepted
+            .client_hello()
+            .server_name()
+            .map(|n| n.to_ascii_lowercase());
+        let config = {
+            let configs = self.configs.load();
+            match name.as_deref().or(self.default_name.as_deref()) {
+                Some(n) => configs.get(n).cloned(),
+                None => None,
+            }
+        };
+        let Some(config) = config else {
+            let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+            let _ = tcp.shutdown().await;
+            return Err(if name.is_some() { HandshakeError::UnknownName } else { HandshakeError::NoName });
+        };
+        StartHandshake::from_parts(accepted, tcp)
+            .into_stream(config)
+            .await
+            .map_err(|e| HandshakeError::Tls(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_entries_parse() {
+        let e: TlsEntry = "Proxy.Example=/c.pem,/k.pem".parse().unwrap();
+        assert_eq!(e.name, "proxy.example");
+        assert_eq!(e.key, PathBuf::from("/k.pem"));
+        assert!("x=/c.pem".parse::<TlsEntry>().is_err());
+        assert!("*.x=/c,/k".parse::<TlsEntry>().is_err());
+    }
+}

@@ -1,0 +1,454 @@
+//! The HTTP surface of the token endpoint: which requests we accept, how their parameters are
+//! read, and the shapes of our answers.
+//!
+//! Clients append their Entra path to the proxy URL's path and keep their query, so we match
+//! on the end of the path and read parameters from the body (or from the query only when the
+//! body is empty, never merged). Everything here is pure and unit-tested.
+
+use std::collections::BTreeSet;
+
+use http::{Method, StatusCode};
+use serde::Serialize;
+
+use crate::error::{codes, ProxyError, Result};
+
+pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
+pub const ASSERTION_TYPE_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Largest accepted assertion (an SA token is ~1 KiB; 16 KiB leaves room for big claims).
+pub const MAX_ASSERTION_BYTES: usize = 16 * 1024;
+/// Most scopes accepted in one request. Client credentials uses exactly one `.default`.
+const MAX_SCOPES: usize = 8;
+
+/// What a request asks for, decided from method and path alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A POST that may carry a token request; `tenant` if the path names one.
+    Token { tenant: Option<String> },
+    /// MSAL for Go's `GET /{tenant}/v2.0/.well-known/openid-configuration`.
+    Discovery { tenant: String, prefix: String },
+    /// Instance discovery and anything else we do not serve.
+    NotFound,
+    /// A known path with the wrong method.
+    MethodNotAllowed,
+}
+
+/// Classifies a request by method and path.
+pub fn route(method: &Method, path: &str) -> Route {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let n = segments.len();
+    // "{tenant}/oauth2/v2.0/token" at the end of the path, after any proxy path prefix.
+    let token_tenant = (n >= 4 && segments[n - 3..] == ["oauth2", "v2.0", "token"])
+        .then(|| segments[n - 4].to_string());
+    let is_discovery = n >= 4 && segments[n - 3..] == ["v2.0", ".well-known", "openid-configuration"];
+    if *method == Method::POST {
+        if is_discovery {
+            return Route::MethodNotAllowed;
+        }
+        return Route::Token {
+            tenant: token_tenant,
+        };
+    }
+    if *method == Method::GET && is_discovery {
+        let prefix = segments[..n - 4]
+            .iter()
+            .map(|s| format!("/{s}"))
+            .collect::<String>();
+        return Route::Discovery {
+            tenant: segments[n - 4].to_string(),
+            prefix,
+        };
+    }
+    if token_tenant.is_some() {
+        return Route::MethodNotAllowed;
+    }
+    Route::NotFound
+}
+
+/// A validated client-credentials request.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenRequest {
+    /// Tenant from the path, if the path had one.
+    pub path_tenant: Option<String>,
+    /// Lower-case GUID.
+    pub client_id: String,
+    /// Scopes as sent, in order (for the upstream call).
+    pub scope: String,
+    /// Normalized scope set: lower-cased, de-duplicated, sorted (for the cache key).
+    pub scope_key: String,
+    /// The SA token, trimmed.
+    pub assertion: String,
+    /// A CAE claims challenge: never served from cache.
+    pub claims: Option<String>,
+}
+
+impl std::fmt::Debug for TokenRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The assertion is a credential: keep it out of every debug print.
+        f.debug_struct("TokenRequest")
+            .field("path_tenant", &self.path_tenant)
+            .field("client_id", &self.client_id)
+            .field("scope", &self.scope)
+            .field("claims", &self.claims.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fields that must appear at most once (parameter pollution is refused).
+const SINGLE_FIELDS: [&str; 6] = [
+    "grant_type",
+    "client_assertion_type",
+    "client_assertion",
+    "client_id",
+    "scope",
+    "claims",
+];
+
+/// Checks the content type of a non-empty body: form encoding only.
+pub fn check_content_type(content_type: Option<&str>) -> Result<()> {
+    let Some(ct) = content_type else {
+        return Err(ProxyError::invalid_request(
+            "The request has a body but no Content-Type. Send the parameters as \
+             application/x-www-form-urlencoded.",
+        ));
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(())
+    } else {
+        Err(ProxyError::invalid_request(format!(
+            "Content-Type '{}' is not supported. Send the parameters as \
+             application/x-www-form-urlencoded.",
+            printable(mime, 64)
+        )))
+    }
+}
+
+/// Reads the parameters of a POST: from the body, or from the query when the body is empty.
+/// Returns `Ok(None)` when this is not a client-credentials request at all.
+pub fn parse(path_tenant: Option<String>, query: Option<&str>, body: &[u8]) -> Result<TokenRequest> {
+    let source: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        query.unwrap_or("").as_bytes()
+    } else {
+        body
+    };
+    if std::str::from_utf8(source).is_err() {
+        return Err(ProxyError::invalid_request(
+            "The request parameters are not valid UTF-8.",
+        ));
+    }
+    let mut fields: [Option<String>; 6] = Default::default();
+    for (key, value) in form_urlencoded::parse(source) {
+        if let Some(i) = SINGLE_FIELDS.iter().position(|f| *f == key) {
+            if fields[i].is_some() {
+                return Err(ProxyError::invalid_request(format!(
+                    "The parameter '{key}' was given more than once. Send each parameter once."
+                )));
+            }
+            fields[i] = Some(value.into_owned());
+        }
+    }
+    let [grant_type, assertion_type, assertion, client_id, scope, claims] = fields;
+
+    let grant_type = grant_type.ok_or_else(|| ProxyError::missing("grant_type"))?;
+    if grant_type != GRANT_CLIENT_CREDENTIALS {
+        return Err(ProxyError::UnsupportedGrant(format!(
+            "grant_type '{}' is not supported: this proxy serves only \
+             grant_type=client_credentials with a service-account token as client_assertion.",
+            printable(&grant_type, 64)
+        )));
+    }
+    let client_id = client_id.ok_or_else(|| ProxyError::missing("client_id"))?;
+    let client_id = parse_guid(&client_id).ok_or_else(|| ProxyError::InvalidRequest {
+        code: codes::INVALID_REQUEST,
+        description: format!(
+            "client_id '{}' is not a GUID. Set AZURE_CLIENT_ID to the client ID of the managed \
+             identity (e.g. 00000000-0000-0000-0000-000000000000).",
+            printable(&client_id, 64)
+        ),
+    })?;
+    let assertion_type =
+        assertion_type.ok_or_else(|| ProxyError::missing("client_assertion_type"))?;
+    if assertion_type != ASSERTION_TYPE_JWT {
+        return Err(ProxyError::invalid_request(format!(
+            "client_assertion_type '{}' is not supported: use {ASSERTION_TYPE_JWT}.",
+            printable(&assertion_type, 80)
+        )));
+    }
+    let assertion = assertion.ok_or_else(|| ProxyError::missing("client_assertion"))?;
+    let assertion = assertion.trim();
+    if assertion.is_empty() {
+        return Err(ProxyError::missing("client_assertion"));
+    }
+    if assertion.len() > MAX_ASSERTION_BYTES {
+        return Err(ProxyError::invalid_assertion(format!(
+            "client_assertion is {} bytes, more than the {MAX_ASSERTION_BYTES} accepted. Send \
+             the projected service-account token from AZURE_FEDERATED_TOKEN_FILE.",
+            assertion.len()
+        )));
+    }
+    let scope = scope.ok_or_else(|| ProxyError::missing("scope"))?;
+    let scope_key = normalize_scopes(&scope)?;
+    let claims = claims.filter(|c| !c.trim().is_empty());
+    Ok(TokenRequest {
+        path_tenant,
+        client_id,
+        scope: scope.trim().to_string(),
+        scope_key,
+        assertion: assertion.to_string(),
+        claims,
+    })
+}
+
+/// Lower-case, de-duplicate and sort scopes; each must be an app-only `.default` scope.
+fn normalize_scopes(scope: &str) -> Result<String> {
+    let set: BTreeSet<String> = scope
+        .split_ascii_whitespace()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if set.is_empty() {
+        return Err(ProxyError::missing("scope"));
+    }
+    if set.len() > MAX_SCOPES {
+        return Err(ProxyError::InvalidScope(format!(
+            "{} scopes were requested; at most {MAX_SCOPES} are accepted. Client credentials \
+             use exactly one '<resource>/.default' scope.",
+            set.len()
+        )));
+    }
+    if let Some(bad) = set.iter().find(|s| !s.ends_with("/.default")) {
+        return Err(ProxyError::InvalidScope(format!(
+            "scope '{}' is not a '<resource>/.default' scope. An application token \
+             (client credentials) must request '<resource>/.default', e.g. \
+             'https://management.azure.com/.default'.",
+            printable(bad, 120)
+        )));
+    }
+    Ok(set.into_iter().collect::<Vec<_>>().join(" "))
+}
+
+/// A canonical lower-case GUID, or `None`.
+pub fn parse_guid(s: &str) -> Option<String> {
+    let s = s.trim();
+    let b = s.as_bytes();
+    if b.len() != 36 {
+        return None;
+    }
+    for (i, c) in b.iter().enumerate() {
+        let ok = match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        };
+        if !ok {
+            return None;
+        }
+    }
+    Some(s.to_ascii_lowercase())
+}
+
+/// A value from the request, shortened and stripped of control characters so it can be
+/// quoted safely in an error description.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(max)
+        .collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+/// The success body, exactly the fields Entra sends (integers, not strings).
+#[derive(Debug, Serialize)]
+pub struct TokenResponse<'a> {
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub ext_expires_in: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_in: Option<u64>,
+    pub access_token: &'a str,
+}
+
+/// The static OpenID configuration MSAL for Go reads before its first token request; its
+/// endpoints point back at this proxy with the same path layout.
+pub fn discovery_document(base: &str, tenant: &str) -> serde_json::Value {
+    let base = base.trim_end_matches('/');
+    serde_json::json!({
+        "token_endpoint": format!("{base}/{tenant}/oauth2/v2.0/token"),
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+        "jwks_uri": format!("{base}/{tenant}/discovery/v2.0/keys"),
+        "response_modes_supported": ["query", "fragment", "form_post"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access"],
+        "issuer": format!("https://login.microsoftonline.com/{tenant}/v2.0"),
+        "request_uri_parameter_supported": false,
+        "authorization_endpoint": format!("{base}/{tenant}/oauth2/v2.0/authorize"),
+        "device_authorization_endpoint": format!("{base}/{tenant}/oauth2/v2.0/devicecode"),
+        "http_logout_supported": true,
+        "frontchannel_logout_supported": true,
+        "end_session_endpoint": format!("{base}/{tenant}/oauth2/v2.0/logout"),
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "nbf", "tid"],
+        "tenant_region_scope": serde_json::Value::Null,
+        "cloud_instance_name": "microsoftonline.com",
+        "cloud_graph_host_name": "graph.windows.net",
+        "msgraph_host": "graph.microsoft.com",
+    })
+}
+
+pub fn not_found(method: &Method, path: &str) -> ProxyError {
+    ProxyError::NotFound {
+        status: StatusCode::NOT_FOUND,
+        description: format!(
+            "{method} {} is not served here. This proxy answers the Entra token request \
+             (POST <proxy url>/{{tenant}}/oauth2/v2.0/token) only; disable instance discovery \
+             in the client.",
+            printable(path, 120)
+        ),
+    }
+}
+
+pub fn method_not_allowed(method: &Method) -> ProxyError {
+    ProxyError::NotFound {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        description: format!(
+            "{method} is not allowed on the token endpoint: send a POST with a form body."
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID: &str = "11111111-2222-3333-4444-555555555555";
+
+    fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
+        crate::http::form_encode(pairs.iter().copied()).into_bytes()
+    }
+
+    fn good() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", CID),
+            ("scope", "https://vault.azure.net/.default"),
+            ("client_assertion_type", ASSERTION_TYPE_JWT),
+            ("client_assertion", "a.b.c\n"),
+        ]
+    }
+
+    #[test]
+    fn routes_every_request_shape_seen_in_the_wild() {
+        let tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+        assert_eq!(
+            route(&Method::POST, &format!("/{tenant}/oauth2/v2.0/token")),
+            Route::Token { tenant: Some(tenant.into()) }
+        );
+        assert_eq!(
+            route(&Method::POST, &format!("/prefix/path/{tenant}/oauth2/v2.0/token")),
+            Route::Token { tenant: Some(tenant.into()) }
+        );
+        assert_eq!(route(&Method::POST, "/"), Route::Token { tenant: None });
+        assert_eq!(route(&Method::POST, "/some/path"), Route::Token { tenant: None });
+        assert_eq!(
+            route(&Method::GET, &format!("/{tenant}/v2.0/.well-known/openid-configuration")),
+            Route::Discovery { tenant: tenant.into(), prefix: String::new() }
+        );
+        assert_eq!(
+            route(&Method::GET, "/common/discovery/instance"),
+            Route::NotFound
+        );
+        assert_eq!(
+            route(&Method::GET, &format!("/{tenant}/oauth2/v2.0/token")),
+            Route::MethodNotAllowed
+        );
+    }
+
+    #[test]
+    fn parses_body_and_trims_the_assertion() {
+        let req = parse(None, None, &form(&good())).unwrap();
+        assert_eq!(req.client_id, CID);
+        assert_eq!(req.assertion, "a.b.c");
+        assert_eq!(req.scope_key, "https://vault.azure.net/.default");
+        assert!(req.claims.is_none());
+    }
+
+    #[test]
+    fn query_is_used_only_when_the_body_is_empty() {
+        let q = String::from_utf8(form(&good())).unwrap();
+        let req = parse(None, Some(&q), b"").unwrap();
+        assert_eq!(req.client_id, CID);
+        // A body wins, and the query is not merged into it.
+        let mut partial = good();
+        partial.retain(|(k, _)| *k != "scope");
+        let err = parse(None, Some(&q), &form(&partial)).unwrap_err();
+        assert!(err.to_string().contains("'scope'"), "{err}");
+    }
+
+    #[test]
+    fn duplicated_parameters_are_refused() {
+        let mut pairs = good();
+        pairs.push(("client_id", "99999999-2222-3333-4444-555555555555"));
+        let err = parse(None, None, &form(&pairs)).unwrap_err();
+        assert!(err.to_string().contains("more than once"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let mut pairs = good();
+        pairs.push(("x-client-SKU", "MSAL.Python"));
+        pairs.push(("client-request-id", "abc"));
+        assert!(parse(None, None, &form(&pairs)).is_ok());
+    }
+
+    #[test]
+    fn non_guid_client_ids_are_refused() {
+        for bad in ["*", "../etc", "", "not-a-guid", &"a".repeat(10_000)] {
+            let mut pairs = good();
+            pairs.retain(|(k, _)| *k != "client_id");
+            pairs.push(("client_id", bad));
+            let err = parse(None, None, &form(&pairs)).unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn scopes_are_normalized_and_must_be_default_scopes() {
+        assert_eq!(
+            normalize_scopes(" https://B/.default  https://a/.default https://b/.default").unwrap(),
+            "https://a/.default https://b/.default"
+        );
+        assert!(normalize_scopes("https://graph.microsoft.com/User.Read").is_err());
+        let many = (0..100).map(|i| format!("https://r{i}/.default")).collect::<Vec<_>>().join(" ");
+        assert!(normalize_scopes(&many).is_err());
+    }
+
+    #[test]
+    fn wrong_grant_and_assertion_type_are_refused() {
+        let mut pairs = good();
+        pairs[0] = ("grant_type", "password");
+        assert!(matches!(
+            parse(None, None, &form(&pairs)),
+            Err(ProxyError::UnsupportedGrant(_))
+        ));
+        let mut pairs = good();
+        pairs[3] = ("client_assertion_type", "urn:other");
+        assert_eq!(parse(None, None, &form(&pairs)).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn content_type_must_be_form() {
+        assert!(check_content_type(Some("application/x-www-form-urlencoded;charset=utf-8")).is_ok());
+        assert!(check_content_type(Some("application/json")).is_err());
+        assert!(check_content_type(None).is_err());
+    }
+
+    #[test]
+    fn printable_strips_control_characters_and_truncates() {
+        assert_eq!(printable("a\r\nb", 10), "ab");
+        assert_eq!(printable("abcdef", 3), "abc…");
+    }
+}
