@@ -18,8 +18,11 @@ pub mod metrics;
 pub mod oauth;
 pub mod proxy;
 pub mod server;
+pub mod signal;
 pub mod tls;
 pub mod token;
 
+#[cfg(feature = "emulators")]
+pub mod dev;
 #[cfg(feature = "emulators")]
 pub mod emulators;

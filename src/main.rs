@@ -1,1 +1,145 @@
-fn main() {}
+//! identity-binding-proxy: dispatches subcommands. Configuration errors exit with 64
+//! (EX_USAGE) and one line saying what is wrong.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use identity_binding_proxy::config::{Cli, Command, IssuerCommand, LogFormat, ProxyConfig};
+use identity_binding_proxy::{bindings, issuer, keys, server, signal};
+
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first} (see --help)");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(EX_USAGE)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    /// Bad configuration: exit 64.
+    Usage(String),
+    #[cfg_attr(not(feature = "emulators"), allow(dead_code))]
+    Runtime(anyhow::Error),
+}
+
+fn usage(e: impl std::fmt::Display) -> Failure {
+    Failure::Usage(e.to_string())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Serve(args) => {
+            init_logs(args.log_format);
+            let config = ProxyConfig::from_args(&args).map_err(usage)?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            // Everything `start` refuses is configuration: files, keys, addresses.
+            let running = server::start(config, stop.clone()).await.map_err(|e| usage(format!("{e:#}")))?;
+            signal::shutdown_requested().await;
+            tracing::info!("shutdown requested: not ready, draining");
+            running.readiness.set_draining();
+            stop.cancel();
+            running.wait().await;
+            Ok(())
+        }
+        #[cfg(feature = "emulators")]
+        Command::Dev(args) => {
+            init_logs(args.log_format);
+            identity_binding_proxy::dev::run(args).await.map_err(Failure::Runtime)
+        }
+        #[cfg(feature = "emulators")]
+        Command::Emulate(cmd) => {
+            init_logs(LogFormat::Text);
+            match cmd {
+                identity_binding_proxy::config::EmulateCommand::Kube(a) => identity_binding_proxy::dev::emulate_kube(a).await,
+                identity_binding_proxy::config::EmulateCommand::Entra(a) => identity_binding_proxy::dev::emulate_entra(a).await,
+            }
+            .map_err(Failure::Runtime)
+        }
+        Command::Issuer(cmd) => issuer_command(cmd),
+    }
+}
+
+fn issuer_command(cmd: IssuerCommand) -> Result<(), Failure> {
+    match cmd {
+        IssuerCommand::Keygen(a) => {
+            let key = keys::SigningKey::generate(a.bits).map_err(usage)?;
+            write_private(&a.out, key.private_pem().as_bytes()).map_err(usage)?;
+            let public = a.out.with_extension("pub");
+            std::fs::write(&public, key.public().to_pem()).map_err(|e| usage(format!("{}: {e}", public.display())))?;
+            println!("kid {}\nprivate key {} (0600)\npublic key  {}", key.kid(), a.out.display(), public.display());
+            Ok(())
+        }
+        IssuerCommand::Publish(a) => {
+            let url = issuer::IssuerUrl::parse(&a.issuer_url).map_err(usage)?;
+            let set = bindings::load(&a.bindings).map_err(usage)?;
+            let mut publics = Vec::new();
+            for p in &a.public_keys {
+                let pem = std::fs::read_to_string(p).map_err(|e| usage(format!("{}: {e}", p.display())))?;
+                publics.push(keys::RsaPublicKey::from_pem(&pem).map_err(|e| usage(format!("{}: {e}", p.display())))?);
+            }
+            let files = issuer::publish(&a.out, &publics, &set, &url).map_err(usage)?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        IssuerCommand::Fic(a) => {
+            let url = issuer::IssuerUrl::parse(&a.issuer_url).map_err(usage)?;
+            let set = bindings::load(&a.bindings).map_err(usage)?;
+            for line in issuer::fic_commands(&set, &url) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e} (it must not exist yet)", path.display()))?;
+    f.write_all(bytes).map_err(|e| e.to_string())
+}

@@ -1,0 +1,460 @@
+//! `dev`: the whole system on loopback in one process — the kube-apiserver emulator, the Entra
+//! emulator, a static host for the published issuer documents, and the proxy itself through
+//! the same `server::start` that `serve` uses. It writes everything an app developer needs
+//! into the state dir and announces readiness by writing `dev.json` last, atomically.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::authn::AuthnMode;
+use crate::bindings::BindingSet;
+use crate::config::{DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, ProxyConfig, DEFAULT_TOKEN_AUDIENCE};
+use crate::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
+use crate::emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
+use crate::emulators::pki::DevCa;
+use crate::issuer::{IssuerUrl, FIC_AUDIENCE};
+use crate::keys::SigningKey;
+use crate::tls::TlsEntry;
+
+/// The SNI name the dev proxy serves and clients send.
+pub const DEV_SNI_NAME: &str = "identity-binding-proxy.dev.local";
+/// Lifetime of the SA tokens dev writes; they are re-minted well before, as kubelet does.
+const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const DEV_TOKEN_REFRESH: Duration = Duration::from_secs(3600);
+
+/// The demo identity, kept stable across runs of one state dir.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DemoIdentity {
+    tenant_id: String,
+    client_id: String,
+}
+
+/// What `dev.json` holds: the machine-readable handle on a running dev system.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct DevInfo {
+    pub proxy_url: String,
+    pub sni_name: String,
+    pub ca_file: PathBuf,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub authority_host: String,
+    pub token_audience: String,
+    pub allowed_token_file: PathBuf,
+    pub denied_token_file: PathBuf,
+    pub admin_url: String,
+    pub kube_url: String,
+    pub entra_url: String,
+    pub issuer_url: String,
+    pub rbac_file: PathBuf,
+}
+
+/// A running dev system (used by `dev` and by tests that want it in-process).
+pub struct DevSystem {
+    pub info: DevInfo,
+    pub kube: KubeEmulator,
+    pub entra: EntraEmulator,
+    pub proxy: crate::server::RunningProxy,
+    stop: CancellationToken,
+    background: CancellationToken,
+}
+
+impl DevSystem {
+    pub async fn shutdown(self) {
+        self.background.cancel();
+        self.stop.cancel();
+        self.proxy.wait().await;
+        self.kube.shutdown().await;
+        self.entra.shutdown().await;
+    }
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if let Some(crate::config::DevCommand::Token(t)) = &args.command {
+        return print_token(t);
+    }
+    let system = start(&args).await?;
+    print_banner(&system.info, &args.state_dir);
+    crate::signal::shutdown_requested().await;
+    tracing::info!("stopping dev");
+    system.proxy.readiness.set_draining();
+    system.shutdown().await;
+    Ok(())
+}
+
+fn print_token(t: &DevTokenArgs) -> anyhow::Result<()> {
+    let token = mint_from_state_dir(
+        &t.state_dir.join("kube"),
+        &MintRequest {
+            namespace: t.namespace.clone(),
+            service_account: t.service_account.clone(),
+            audiences: vec![t.audience.clone()],
+            expires_in_secs: t.expires_in,
+            pod_name: None,
+        },
+    )
+    .with_context(|| format!("no dev kube emulator state in {} (run `dev` once first)", t.state_dir.display()))?;
+    println!("{token}");
+    Ok(())
+}
+
+/// Starts every part, waits for the proxy to be ready, and writes the state dir.
+pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
+    let dir = absolute(&args.state_dir)?;
+    std::fs::create_dir_all(dir.join("tokens"))?;
+    std::fs::create_dir_all(dir.join("tls"))?;
+    // A stale dev.json would claim readiness before we are ready.
+    let _ = std::fs::remove_file(dir.join("dev.json"));
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+
+    let identity = demo_identity(&dir)?;
+    let rbac_file = match &args.rbac {
+        Some(f) => absolute(f)?,
+        None => {
+            let f = dir.join("rbac.yaml");
+            if !f.exists() {
+                std::fs::write(&f, demo_rbac(&identity.client_id))?;
+            }
+            f
+        }
+    };
+
+    let kube = KubeEmulator::start(KubeEmulatorConfig {
+        listen: loopback(0),
+        state_dir: dir.join("kube"),
+        rbac_file: Some(rbac_file.clone()),
+        issuer: None,
+    })
+    .await
+    .context("starting the kube-apiserver emulator")?;
+
+    // Serving certificate for the SNI name, from a fresh CA.
+    let ca = DevCa::generate("identity-binding-proxy dev CA")?;
+    let serving = ca.issue(&[DEV_SNI_NAME])?;
+    let ca_file = dir.join("ca.crt");
+    let (cert_file, key_file) = (dir.join("tls/tls.crt"), dir.join("tls/tls.key"));
+    std::fs::write(&cert_file, &serving.cert_pem)?;
+    write_private(&key_file, serving.key_pem.as_bytes())?;
+
+    // Our issuer: a key kept across runs, its documents on a loopback static host.
+    let issuer_key_file = dir.join("issuer.key");
+    let issuer_key = if issuer_key_file.exists() {
+        SigningKey::from_pem(&std::fs::read_to_string(&issuer_key_file)?)?
+    } else {
+        let k = SigningKey::generate(2048)?;
+        write_private(&issuer_key_file, k.private_pem().as_bytes())?;
+        k
+    };
+    let background = CancellationToken::new();
+    let docs = dir.join("issuer-docs");
+    let _ = std::fs::remove_dir_all(&docs);
+    std::fs::create_dir_all(&docs)?;
+    let host = crate::emulators::static_host::start(loopback(0), docs.clone(), background.clone()).await?;
+    let issuer_url = IssuerUrl::parse(&format!("http://{host}/{{tenant}}/{{client_id}}")).map_err(anyhow::Error::msg)?;
+    let bindings_file = dir.join("bindings.yaml");
+    if !bindings_file.exists() {
+        std::fs::write(
+            &bindings_file,
+            format!(
+                "# Identities this dev cluster may serve (hot reloaded).\nbindings:\n  - clientId: {}\n    tenantId: {}\n",
+                identity.client_id, identity.tenant_id
+            ),
+        )?;
+    }
+    let bindings = crate::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
+    crate::issuer::publish(&docs, &[issuer_key.public().clone()], &bindings, &issuer_url)
+        .map_err(anyhow::Error::msg)?;
+
+    // Entra, with ONE FIC per bound identity.
+    let entra = EntraEmulator::start(EntraEmulatorConfig {
+        listen: loopback(0),
+        latency: Duration::from_millis(args.entra_latency_ms),
+        token_lifetime: Duration::from_secs(args.entra_token_lifetime_secs),
+        ..Default::default()
+    })
+    .await
+    .context("starting the Entra emulator")?;
+    register_fics(&entra, &bindings, &issuer_url)?;
+
+    // The proxy, through the same start-up as `serve`.
+    let config = ProxyConfig {
+        kubeconfig: Some(kube.kubeconfig_path()),
+        tls: vec![TlsEntry {
+            name: DEV_SNI_NAME.into(),
+            cert: cert_file,
+            key: key_file,
+        }],
+        default_sni: Some(DEV_SNI_NAME.into()),
+        issuer_keys: vec![issuer_key_file],
+        issuer_url: issuer_url.clone(),
+        bindings: bindings_file,
+        authority_host: crate::config::parse_authority(&entra.url()).map_err(anyhow::Error::msg)?,
+        token_audience: DEFAULT_TOKEN_AUDIENCE.into(),
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        authn_mode: AuthnMode::Both,
+        tokenreview_ttl: Duration::from_secs(120),
+        authz_allowed_ttl: Duration::from_secs(args.authz_allowed_ttl_secs),
+        authz_denied_ttl: Duration::from_secs(args.authz_denied_ttl_secs),
+        cache_capacity: 10_000,
+        cache_min_remaining: Duration::from_secs(args.cache_min_remaining_secs),
+        entra_timeout: Duration::from_secs(10),
+        max_body_bytes: 64 * 1024,
+        handshake_timeout: Duration::from_secs(10),
+        header_read_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(60),
+        max_connections: 4096,
+        h2_max_streams: 128,
+        drain_timeout: Duration::from_secs(10),
+        reload_period: Duration::from_millis(500),
+    };
+    let stop = CancellationToken::new();
+    let proxy = crate::server::start(config, stop.clone()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !proxy.readiness.is_ready() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the proxy did not become ready within 30 s (JWKS not loaded from the kube emulator)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Tokens, as kubelet would project them; re-minted before they expire.
+    let allowed_token_file = dir.join("tokens/allowed.jwt");
+    let denied_token_file = dir.join("tokens/denied.jwt");
+    write_tokens(&kube, &allowed_token_file, &denied_token_file)?;
+    tokio::spawn({
+        let (kube, allowed, denied, stop) = (kube.clone(), allowed_token_file.clone(), denied_token_file.clone(), background.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(DEV_TOKEN_REFRESH) => {}
+                }
+                if let Err(e) = write_tokens(&kube, &allowed, &denied) {
+                    tracing::warn!(error = %e, "re-minting dev tokens failed");
+                }
+            }
+        }
+    });
+
+    std::fs::write(&ca_file, &ca.cert_pem)?;
+    let proxy_url = format!("https://{}", proxy.addr);
+    let info = DevInfo {
+        proxy_url: proxy_url.clone(),
+        sni_name: DEV_SNI_NAME.into(),
+        ca_file: ca_file.clone(),
+        tenant_id: identity.tenant_id.clone(),
+        client_id: identity.client_id.clone(),
+        authority_host: entra.url(),
+        token_audience: DEFAULT_TOKEN_AUDIENCE.into(),
+        allowed_token_file: allowed_token_file.clone(),
+        denied_token_file,
+        admin_url: format!("http://{}", proxy.admin_addr),
+        kube_url: kube.url(),
+        entra_url: entra.url(),
+        issuer_url: issuer_url.template().to_string(),
+        rbac_file,
+    };
+    std::fs::write(dir.join("env"), env_file(&info))?;
+    write_atomic(&dir.join("dev.json"), &serde_json::to_vec_pretty(&info)?)?;
+    Ok(DevSystem {
+        info,
+        kube,
+        entra,
+        proxy,
+        stop,
+        background,
+    })
+}
+
+fn register_fics(entra: &EntraEmulator, bindings: &BindingSet, url: &IssuerUrl) -> anyhow::Result<()> {
+    for b in bindings.iter() {
+        entra
+            .add_fic(Fic {
+                client_id: b.client_id.clone(),
+                issuer: url.for_binding(b),
+                subject: b.subject.clone(),
+                audience: FIC_AUDIENCE.into(),
+                name: "identity-binding-proxy".into(),
+            })
+            .map_err(|e| anyhow::anyhow!("registering the FIC of {}: {e}", b.client_id))?;
+    }
+    Ok(())
+}
+
+fn write_tokens(kube: &KubeEmulator, allowed: &Path, denied: &Path) -> anyhow::Result<()> {
+    for (file, sa) in [(allowed, "demo"), (denied, "intruder")] {
+        let token = kube.mint_token(&MintRequest {
+            namespace: "demo".into(),
+            service_account: sa.into(),
+            audiences: vec![DEFAULT_TOKEN_AUDIENCE.into()],
+            expires_in_secs: DEV_TOKEN_LIFETIME.as_secs() as i64,
+            pod_name: Some(format!("{sa}-pod")),
+        })?;
+        write_atomic(file, token.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn demo_identity(dir: &Path) -> anyhow::Result<DemoIdentity> {
+    let file = dir.join("identity.json");
+    if let Ok(bytes) = std::fs::read(&file) {
+        if let Ok(id) = serde_json::from_slice::<DemoIdentity>(&bytes) {
+            return Ok(id);
+        }
+    }
+    let id = DemoIdentity {
+        tenant_id: uuid::Uuid::new_v4().to_string(),
+        client_id: uuid::Uuid::new_v4().to_string(),
+    };
+    std::fs::write(&file, serde_json::to_vec_pretty(&id)?)?;
+    Ok(id)
+}
+
+/// The demo RBAC: ServiceAccount demo/demo may use the demo identity; demo/intruder may not.
+pub fn demo_rbac(client_id: &str) -> String {
+    format!(
+        r#"# Demo RBAC of `identity-binding-proxy dev` (watched: edits apply live).
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: use-demo-identity
+rules:
+  - apiGroups: ["cid.wi.aks.azure.com"]
+    resources: ["{client_id}"]
+    verbs: ["use-managed-identity"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: demo-uses-demo-identity
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: use-demo-identity
+subjects:
+  - kind: ServiceAccount
+    name: demo
+    namespace: demo
+"#
+    )
+}
+
+fn env_file(info: &DevInfo) -> String {
+    let q = |p: &Path| shell_quote(&p.display().to_string());
+    format!(
+        "# Source this file to point an Azure SDK (proxy mode) at identity-binding-proxy dev.\n\
+         export AZURE_KUBERNETES_TOKEN_PROXY={}\n\
+         export AZURE_KUBERNETES_SNI_NAME={}\n\
+         export AZURE_KUBERNETES_CA_FILE={}\n\
+         export AZURE_CLIENT_ID={}\n\
+         export AZURE_TENANT_ID={}\n\
+         export AZURE_AUTHORITY_HOST={}\n\
+         export AZURE_FEDERATED_TOKEN_FILE={}\n",
+        shell_quote(&info.proxy_url),
+        shell_quote(&info.sni_name),
+        q(&info.ca_file),
+        info.client_id,
+        info.tenant_id,
+        shell_quote("https://login.microsoftonline.com/"),
+        q(&info.allowed_token_file),
+    )
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn print_banner(info: &DevInfo, state_dir: &Path) {
+    println!(
+        "\nidentity-binding-proxy dev is ready.\n\n\
+         \x20 proxy        {}  (SNI {})\n\
+         \x20 admin        {}/metrics\n\
+         \x20 kube         {}\n\
+         \x20 entra        {}\n\
+         \x20 identity     client {}  tenant {}\n\
+         \x20 rbac         {}  (edit it: changes apply live)\n\n\
+         Point an app at it:\n\n\
+         \x20 source {}/env\n\n\
+         Then e.g. Python (azure-identity >= 1.27.0):\n\
+         \x20 python -c 'from azure.identity import WorkloadIdentityCredential as W; print(W(enable_azure_proxy=True).get_token(\"https://management.azure.com/.default\").token[:20])'\n\n\
+         More service-account tokens:  identity-binding-proxy dev token --state-dir {} --namespace NS --service-account SA\n",
+        info.proxy_url,
+        info.sni_name,
+        info.admin_url,
+        info.kube_url,
+        info.entra_url,
+        info.client_id,
+        info.tenant_id,
+        info.rbac_file.display(),
+        state_dir.display(),
+        state_dir.display(),
+    );
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+}
+
+/// Writes through a temporary file and a rename, so readers never see half a file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Writes a private key readable by the owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
+}
+
+pub async fn emulate_kube(args: EmulateKubeArgs) -> anyhow::Result<()> {
+    let kube = KubeEmulator::start(KubeEmulatorConfig {
+        listen: args.listen,
+        state_dir: absolute(&args.state_dir)?,
+        rbac_file: args.rbac.map(|f| absolute(&f)).transpose()?,
+        issuer: args.issuer,
+    })
+    .await?;
+    println!(
+        "kube-apiserver emulator on {}\n  issuer      {}\n  kubeconfig  {}",
+        kube.url(),
+        kube.issuer(),
+        kube.kubeconfig_path().display()
+    );
+    crate::signal::shutdown_requested().await;
+    kube.shutdown().await;
+    Ok(())
+}
+
+pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
+    let mut fics = Vec::new();
+    for f in &args.fic {
+        fics.push(f.parse::<Fic>().map_err(|e| anyhow::anyhow!("--fic '{f}': {e}"))?);
+    }
+    let entra = EntraEmulator::start(EntraEmulatorConfig {
+        listen: args.listen,
+        token_lifetime: Duration::from_secs(args.token_lifetime_secs),
+        latency: Duration::from_millis(args.latency_ms),
+        fics,
+    })
+    .await?;
+    println!("Entra emulator on {}", entra.url());
+    crate::signal::shutdown_requested().await;
+    entra.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Shared helpers of the integration tests: an in-process dev system and a TLS client that
+//! connects to an address while sending a chosen SNI name, as the SDKs in proxy mode do.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use identity_binding_proxy::config::{DevArgs, LogFormat};
+use identity_binding_proxy::dev::{self, DevSystem};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+pub const VAULT_SCOPE: &str = "https://vault.azure.net/.default";
+pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Starts a whole dev system on ephemeral loopback ports in `dir`.
+pub async fn start_dev(dir: &Path) -> DevSystem {
+    start_dev_with(dir, |_| {}).await
+}
+
+pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> DevSystem {
+    identity_binding_proxy::http::install_crypto_provider();
+    let mut args = DevArgs {
+        command: None,
+        state_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        rbac: None,
+        entra_latency_ms: 0,
+        entra_token_lifetime_secs: 3599,
+        cache_min_remaining_secs: 300,
+        authz_denied_ttl_secs: 1,
+        authz_allowed_ttl_secs: 1,
+        log_format: LogFormat::Text,
+    };
+    tweak(&mut args);
+    dev::start(&args).await.expect("dev system starts")
+}
+
+/// A reply: status, headers and the body parsed as JSON (Null when it is not JSON).
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub json: serde_json::Value,
+    pub raw: Bytes,
+}
+
+impl Reply {
+    pub fn error_description(&self) -> String {
+        self.json["error_description"].as_str().unwrap_or("").to_string()
+    }
+}
+
+pub struct Client {
+    pub addr: SocketAddr,
+    pub sni: String,
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl Client {
+    pub fn for_dev(sys: &DevSystem) -> Self {
+        let ca = std::fs::read(&sys.info.ca_file).unwrap();
+        Self::new(sys.proxy.addr, &sys.info.sni_name, &ca, &[b"http/1.1"])
+    }
+
+    pub fn new(addr: SocketAddr, sni: &str, ca_pem: &[u8], alpn: &[&[u8]]) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Self {
+            addr,
+            sni: sni.to_string(),
+            config: Arc::new(config),
+        }
+    }
+
+    pub async fn connect(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+        connector
+            .connect(ServerName::try_from(self.sni.clone()).unwrap(), tcp)
+            .await
+    }
+
+    /// Sends one request on a fresh connection (HTTP/1.1 or h2 by ALPN).
+    pub async fn send(&self, req: http::Request<Full<Bytes>>) -> Reply {
+        let tls = self.connect().await.expect("TLS handshake");
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let resp = if h2 {
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(tls),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let raw = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+        Reply { status, headers, json, raw }
+    }
+
+    pub async fn post_form(&self, path: &str, pairs: &[(&str, &str)]) -> Reply {
+        let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+        let req = http::Request::post(path)
+            .header("host", &self.sni)
+            .header("content-type", "application/x-www-form-urlencoded;charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        self.send(req).await
+    }
+}
+
+/// The form every SDK sends.
+pub fn token_form<'a>(client_id: &'a str, assertion: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("scope", VAULT_SCOPE),
+        ("client_assertion_type", ASSERTION_TYPE),
+        ("client_assertion", assertion),
+    ]
+}
+
+pub fn read(path: &PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
