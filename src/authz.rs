@@ -4,6 +4,7 @@
 //! and namespaced RoleBindings — governs access. Decisions are cached per (namespace, SA,
 //! client-id): allowed for 5 minutes, denied for 30 seconds by default.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,9 @@ type Key = (String, String, String);
 pub struct Authorizer {
     cluster: Arc<Cluster>,
     config: AuthzConfig,
+    /// Bumped on every RBAC change: a review that started before a change must not store its
+    /// (possibly stale) answer after the change dropped the cache.
+    generation: AtomicU64,
     decisions: moka::sync::Cache<Key, (bool, Instant)>,
     metrics: Arc<Metrics>,
 }
@@ -33,6 +37,7 @@ impl Authorizer {
     pub fn new(cluster: Arc<Cluster>, config: AuthzConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             cluster,
+            generation: AtomicU64::new(0),
             decisions: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(config.allowed_ttl.max(config.denied_ttl))
@@ -44,7 +49,45 @@ impl Authorizer {
 
     /// Drops every cached decision (RBAC changed).
     pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.decisions.invalidate_all();
+    }
+
+    /// Watches ClusterRoles, ClusterRoleBindings, Roles and RoleBindings and drops every cached
+    /// decision on any change, so a revoked grant is denied within the watch latency instead of
+    /// the allow TTL. If a watch breaks, the TTLs still bound staleness, and kube-rs's watcher
+    /// re-lists and resumes (with backoff); the re-list also drops the cache.
+    pub async fn watch_rbac(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+        let client = self.cluster.client().clone();
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = futures::future::join4(
+                self.watch_kind(kube::Api::<ClusterRole>::all(client.clone()), "clusterroles"),
+                self.watch_kind(kube::Api::<ClusterRoleBinding>::all(client.clone()), "clusterrolebindings"),
+                self.watch_kind(kube::Api::<Role>::all(client.clone()), "roles"),
+                self.watch_kind(kube::Api::<RoleBinding>::all(client), "rolebindings"),
+            ) => {}
+        }
+    }
+
+    async fn watch_kind<K>(&self, api: kube::Api<K>, kind: &'static str)
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    {
+        use futures::StreamExt;
+        use kube::runtime::{watcher, WatchStreamExt};
+        let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                    tracing::debug!(kind, "RBAC changed: dropping cached authorization decisions");
+                    self.invalidate_all();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(kind, error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs"),
+            }
+        }
     }
 
     /// Allows or refuses `caller` the identity `client_id` (already validated as a GUID).
@@ -57,6 +100,7 @@ impl Authorizer {
         let allowed = match self.decisions.get(&key) {
             Some((allowed, until)) if Instant::now() < until => allowed,
             _ => {
+                let generation = self.generation.load(Ordering::Acquire);
                 let subject = Subject {
                     user: &caller.username,
                     groups: &caller.groups,
@@ -81,7 +125,9 @@ impl Authorizer {
                     }
                 };
                 let ttl = if allowed { self.config.allowed_ttl } else { self.config.denied_ttl };
-                self.decisions.insert(key, (allowed, Instant::now() + ttl));
+                if self.generation.load(Ordering::Acquire) == generation {
+                    self.decisions.insert(key, (allowed, Instant::now() + ttl));
+                }
                 allowed
             }
         };

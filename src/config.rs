@@ -150,6 +150,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// How often files (bindings, certificates) are checked for changes.
     pub reload_period: Duration,
+    /// How often the token cache looks for refreshes that are due.
+    pub refresh_tick: Duration,
 }
 
 impl ProxyConfig {
@@ -189,6 +191,7 @@ impl ProxyConfig {
             h2_max_streams: a.h2_max_streams.max(1),
             drain_timeout: secs(a.drain_timeout_secs),
             reload_period: Duration::from_secs(2),
+            refresh_tick: Duration::from_secs(1),
         })
     }
 }

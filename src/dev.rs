@@ -210,6 +210,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         h2_max_streams: 128,
         drain_timeout: Duration::from_secs(10),
         reload_period: Duration::from_millis(500),
+        refresh_tick: Duration::from_millis(250),
     };
     let stop = CancellationToken::new();
     let proxy = crate::server::start(config, stop.clone()).await?;

@@ -210,7 +210,10 @@ impl EntraClient {
             });
         }
         match entra_error {
-            Some(body) if status.is_client_error() => Err(ProxyError::Upstream { status, body }),
+            Some(body) if status.is_client_error() => Err(ProxyError::Upstream {
+                status,
+                body: Box::new(body),
+            }),
             _ => Err(ProxyError::BadUpstream(format!(
                 "Entra answered {status} with a body that is not an Entra error."
             ))),

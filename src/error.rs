@@ -56,7 +56,10 @@ pub enum ProxyError {
     Unbound(String),
     /// Entra answered with an error: passed through with its own status and body.
     #[error("Entra refused the exchange: {}", .body.error_description)]
-    Upstream { status: StatusCode, body: ErrorBody },
+    Upstream {
+        status: StatusCode,
+        body: Box<ErrorBody>,
+    },
     /// Entra throttled us (429 with Retry-After).
     #[error("{description}")]
     Throttled {
@@ -163,7 +166,7 @@ impl ProxyError {
             Self::Forbidden(_) => ("unauthorized_client", codes::UNAUTHORIZED),
             Self::Unbound(_) => ("unauthorized_client", codes::UNKNOWN_CLIENT),
             Self::Upstream { body, .. } => {
-                let mut body = body.clone();
+                let mut body = (**body).clone();
                 body.correlation_id = correlation_id.to_string();
                 return body;
             }
@@ -206,7 +209,7 @@ mod tests {
         let upstream = ErrorBody::new("invalid_request", &[70021], "AADSTS70021: no match", "x");
         let e = ProxyError::Upstream {
             status: StatusCode::BAD_REQUEST,
-            body: upstream,
+            body: Box::new(upstream),
         };
         let body = e.body("corr");
         assert_eq!(body.error_codes, vec![70021]);

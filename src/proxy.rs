@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use futures::future::{BoxFuture, FutureExt};
 use hyper::body::Incoming;
 
 use crate::authn::{Authenticator, Caller};
 use crate::authz::Authorizer;
 use crate::bindings::Bindings;
-use crate::cache::{CacheKey, Lookup, TokenCache};
+use crate::cache::{CacheKey, Fetch, Lookup, TokenCache};
 use crate::entra::{EntraClient, Exchange, IssuedToken};
 use crate::error::{ProxyError, Result};
 use crate::http::{json, json_value, read_body, Body, BodyError};
@@ -24,11 +25,8 @@ pub struct App {
     pub authn: Arc<Authenticator>,
     pub authz: Arc<Authorizer>,
     pub bindings: Arc<Bindings>,
-    pub issuer: Arc<Issuer>,
-    pub entra: Arc<EntraClient>,
     pub cache: Arc<TokenCache>,
     pub metrics: Arc<Metrics>,
-    pub authority: url::Url,
     pub authority_key: Arc<str>,
     pub max_body_bytes: usize,
 }
@@ -180,29 +178,52 @@ impl App {
             client_id: binding.client_id.clone(),
             scopes: req.scope_key.clone(),
         };
-        let fetch = {
-            let issuer = self.issuer.clone();
-            let entra = self.entra.clone();
-            let authority = self.authority.clone();
-            let scope = req.scope.clone();
-            let claims = req.claims.clone();
-            move || async move {
-                let assertion = issuer.assertion(&binding)?;
-                entra
-                    .exchange(&Exchange {
-                        authority: &authority,
-                        tenant: &binding.tenant_id,
-                        client_id: &binding.client_id,
-                        scope: &scope,
-                        assertion: &assertion,
-                        claims: claims.as_deref(),
-                    })
-                    .await
-            }
-        };
-        let (issued, lookup) = self.cache.get_or_fetch(key, req.claims.is_some(), fetch).await?;
+        let (issued, lookup) = self
+            .cache
+            .get(key, &req.scope, req.claims.as_deref())
+            .await?;
         trace.cache = Some(lookup);
         Ok(token_response(&issued))
+    }
+}
+
+/// The exchange behind the cache: our assertion for the identity's binding, sent to Entra.
+pub struct Exchanger {
+    pub bindings: Arc<Bindings>,
+    pub issuer: Arc<Issuer>,
+    pub entra: Arc<EntraClient>,
+    pub authority: url::Url,
+}
+
+impl Fetch for Exchanger {
+    fn fetch(
+        &self,
+        key: &CacheKey,
+        scope: &str,
+        claims: Option<&str>,
+    ) -> BoxFuture<'static, Result<IssuedToken>> {
+        let binding = self.bindings.current().get(&key.client_id).cloned();
+        let (issuer, entra, authority) = (self.issuer.clone(), self.entra.clone(), self.authority.clone());
+        let (scope, claims) = (scope.to_string(), claims.map(str::to_string));
+        let tenant = key.tenant.clone();
+        async move {
+            // Bindings may have changed since the request (or the last refresh) started.
+            let binding = binding
+                .filter(|b| b.tenant_id == tenant)
+                .ok_or_else(|| ProxyError::Unbound("The managed identity is no longer bound to this cluster.".into()))?;
+            let assertion = issuer.assertion(&binding)?;
+            entra
+                .exchange(&Exchange {
+                    authority: &authority,
+                    tenant: &binding.tenant_id,
+                    client_id: &binding.client_id,
+                    scope: &scope,
+                    assertion: &assertion,
+                    claims: claims.as_deref(),
+                })
+                .await
+        }
+        .boxed()
     }
 }
 

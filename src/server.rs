@@ -27,7 +27,7 @@ use crate::http::{json, text, Body};
 use crate::issuer::Issuer;
 use crate::keys::SigningKey;
 use crate::metrics::Metrics;
-use crate::proxy::{App, ConnInfo};
+use crate::proxy::{App, ConnInfo, Exchanger};
 use crate::tls::SniRouter;
 
 /// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
@@ -103,23 +103,27 @@ pub async fn start(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::
         metrics.clone(),
     ));
     let entra = Arc::new(EntraClient::new(crate::http::client(), config.entra_timeout, metrics.clone()));
+    let exchanger = Arc::new(Exchanger {
+        bindings: bindings.clone(),
+        issuer,
+        entra,
+        authority: config.authority_host.clone(),
+    });
     let cache = Arc::new(TokenCache::new(
         CacheConfig {
             capacity: config.cache_capacity,
             min_remaining: config.cache_min_remaining,
         },
+        exchanger,
         metrics.clone(),
     ));
     let app = Arc::new(App {
         authn: authn.clone(),
-        authz,
+        authz: authz.clone(),
         bindings: bindings.clone(),
-        issuer,
-        entra,
-        cache,
+        cache: cache.clone(),
         metrics: metrics.clone(),
         authority_key: config.authority_host.as_str().trim_end_matches('/').into(),
-        authority: config.authority_host.clone(),
         max_body_bytes: config.max_body_bytes,
     });
     let readiness = Arc::new(Readiness {
@@ -138,6 +142,8 @@ pub async fn start(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::
 
     let background = CancellationToken::new();
     tokio::spawn(authn.clone().run_refresh(JWKS_REFRESH, background.clone()));
+    tokio::spawn(authz.watch_rbac(background.clone()));
+    tokio::spawn(cache.run_refresh(config.refresh_tick, background.clone()));
     tokio::spawn(bindings.watch(config.reload_period, background.clone()));
     tokio::spawn(router.clone().watch(config.reload_period, background.clone()));
 
