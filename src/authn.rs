@@ -152,7 +152,19 @@ pub struct AuthnConfig {
     pub audience: String,
     pub mode: AuthnMode,
     pub review_ttl: Duration,
+    /// Where the last good issuer + JWKS are kept, so a restart while the apiserver is
+    /// unreachable still verifies tokens.
+    pub persist_dir: Option<std::path::PathBuf>,
 }
+
+/// The persisted form of the cluster's keys.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PersistedKeys {
+    issuer: String,
+    jwks: String,
+}
+
+const PERSIST_FILE: &str = "cluster-jwks.json";
 
 pub struct Authenticator {
     cluster: Arc<Cluster>,
@@ -188,17 +200,52 @@ impl Authenticator {
         self.jwks_loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Fetches the issuer and the JWKS from the apiserver.
+    /// Fetches the issuer and the JWKS from the apiserver (and persists them).
     pub async fn refresh_keys(&self) -> std::result::Result<(), ClusterError> {
         *self.last_refresh.lock().await = Some(Instant::now());
         let issuer = self.cluster.issuer().await?;
         let text = self.cluster.jwks().await?;
-        let jwks = Jwks::parse(&text).map_err(ClusterError::Unexpected)?;
-        self.issuer.store(Arc::new(issuer));
+        self.install_keys(&issuer, &text)
+            .map_err(ClusterError::Unexpected)?;
+        if let Some(dir) = &self.config.persist_dir {
+            let persisted = PersistedKeys { issuer, jwks: text };
+            if let Err(e) = persist(dir, &persisted) {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot persist the cluster JWKS");
+            }
+        }
+        Ok(())
+    }
+
+    fn install_keys(&self, issuer: &str, jwks_text: &str) -> std::result::Result<(), String> {
+        let jwks = Jwks::parse(jwks_text)?;
+        self.issuer.store(Arc::new(issuer.to_string()));
         self.jwks.store(Arc::new(jwks));
         self.jwks_loaded
             .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Loads the keys persisted by an earlier run, if any. Returns whether keys were loaded.
+    pub fn load_persisted(&self) -> bool {
+        let Some(dir) = &self.config.persist_dir else {
+            return false;
+        };
+        let Ok(bytes) = std::fs::read(dir.join(PERSIST_FILE)) else {
+            return false;
+        };
+        match serde_json::from_slice::<PersistedKeys>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|p| self.install_keys(&p.issuer, &p.jwks))
+        {
+            Ok(()) => {
+                tracing::info!("loaded the persisted cluster JWKS");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the persisted cluster JWKS");
+                false
+            }
+        }
     }
 
     /// Keeps the JWKS fresh: retries quickly until the first load, then refreshes every
@@ -399,6 +446,13 @@ impl Authenticator {
         self.reviews.insert(digest, (reviewed.clone(), Instant::now() + ttl));
         reviewed_result(reviewed)
     }
+}
+
+fn persist(dir: &std::path::Path, keys: &PersistedKeys) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{PERSIST_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(keys).unwrap_or_default())?;
+    std::fs::rename(tmp, dir.join(PERSIST_FILE))
 }
 
 fn reviewed_result(reviewed: Reviewed) -> Result<Caller> {

@@ -119,6 +119,10 @@ pub struct ServeArgs {
     pub drain_timeout_secs: u64,
     #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+    /// Writable directory for state that should survive a restart (the cluster JWKS, so
+    /// tokens verify even if the apiserver is down when the proxy restarts).
+    #[arg(long, env = "IBP_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The validated configuration of one proxy.
@@ -152,6 +156,7 @@ pub struct ProxyConfig {
     pub reload_period: Duration,
     /// How often the token cache looks for refreshes that are due.
     pub refresh_tick: Duration,
+    pub state_dir: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -192,6 +197,7 @@ impl ProxyConfig {
             drain_timeout: secs(a.drain_timeout_secs),
             reload_period: Duration::from_secs(2),
             refresh_tick: Duration::from_secs(1),
+            state_dir: a.state_dir.clone(),
         })
     }
 }

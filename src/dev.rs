@@ -211,6 +211,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         drain_timeout: Duration::from_secs(10),
         reload_period: Duration::from_millis(500),
         refresh_tick: Duration::from_millis(250),
+        state_dir: Some(dir.join("proxy")),
     };
     let stop = CancellationToken::new();
     let proxy = crate::server::start(config, stop.clone()).await?;

@@ -91,9 +91,11 @@ pub async fn start(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::
             audience: config.token_audience.clone(),
             mode: config.authn_mode,
             review_ttl: config.tokenreview_ttl,
+            persist_dir: config.state_dir.clone(),
         },
         metrics.clone(),
     ));
+    authn.load_persisted();
     let authz = Arc::new(Authorizer::new(
         cluster.clone(),
         AuthzConfig {
