@@ -126,7 +126,10 @@ impl FromStr for Fic {
                 .split_once('=')
                 .ok_or_else(|| FicParseError::NotKeyValue(part.to_string()))?;
             let key = key.trim();
-            if !matches!(key, "client_id" | "issuer" | "subject" | "audience" | "name") {
+            if !matches!(
+                key,
+                "client_id" | "issuer" | "subject" | "audience" | "name"
+            ) {
                 return Err(FicParseError::UnknownKey(key.to_string()));
             }
             if fields.insert(key, value.trim()).is_some() {
@@ -149,7 +152,10 @@ impl FromStr for Fic {
             issuer: required("issuer")?,
             subject: required("subject")?,
             audience,
-            name: fields.get("name").map(|v| v.to_string()).unwrap_or_default(),
+            name: fields
+                .get("name")
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
         })
     }
 }
@@ -492,15 +498,13 @@ impl Shared {
             (&Method::GET, [tenant, "v2.0", ".well-known", "openid-configuration"]) => {
                 self.discovery(tenant, req.headers())
             }
-            (&Method::GET, [tenant, "discovery", "v2.0", "keys"]) => {
-                match check_tenant(tenant) {
-                    Ok(_) => json_value(
-                        StatusCode::OK,
-                        &json!({ "keys": [self.signing.public().jwk()] }),
-                    ),
-                    Err(r) => r.into_response(&correlation_id(req.headers())),
-                }
-            }
+            (&Method::GET, [tenant, "discovery", "v2.0", "keys"]) => match check_tenant(tenant) {
+                Ok(_) => json_value(
+                    StatusCode::OK,
+                    &json!({ "keys": [self.signing.public().jwk()] }),
+                ),
+                Err(r) => r.into_response(&correlation_id(req.headers())),
+            },
             _ => crate::http::text(StatusCode::NOT_FOUND, format!("no route for {path}\n")),
         }
     }
@@ -566,14 +570,23 @@ impl Shared {
         let body = match crate::http::read_body(req.into_body(), MAX_FORM_BYTES).await {
             Ok(b) => b,
             Err(e) => {
-                return Rejection::new(StatusCode::BAD_REQUEST, "invalid_request", 90023, e.to_string())
-                    .into_response(&correlation)
+                return Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    90023,
+                    e.to_string(),
+                )
+                .into_response(&correlation)
             }
         };
         match self.exchange(tenant, &body).await {
             Ok(answer) => {
                 let mut resp = json_value(StatusCode::OK, &answer);
-                add_request_ids(resp.headers_mut(), &uuid::Uuid::new_v4().to_string(), &correlation);
+                add_request_ids(
+                    resp.headers_mut(),
+                    &uuid::Uuid::new_v4().to_string(),
+                    &correlation,
+                );
                 resp
             }
             Err(rejection) => {
@@ -607,7 +620,10 @@ impl Shared {
         }
         let client_id = param("client_id").ok_or_else(|| Rejection::missing("client_id"))?;
         let scope = param("scope").ok_or_else(|| Rejection::missing("scope"))?;
-        let (assertion_type, assertion) = match (param("client_assertion_type"), param("client_assertion")) {
+        let (assertion_type, assertion) = match (
+            param("client_assertion_type"),
+            param("client_assertion"),
+        ) {
             (None, None) => {
                 // invalid_client, AADSTS7000218, 401: a confidential client sent no credential.
                 return Err(Rejection::new(
@@ -630,7 +646,9 @@ impl Shared {
                 format!("The provided value for the input parameter 'client_assertion_type' is not valid. Expected '{JWT_BEARER}'."),
             ));
         }
-        let resource = scope.strip_suffix("/.default").filter(|r| !r.is_empty() && !scope.contains(' '));
+        let resource = scope
+            .strip_suffix("/.default")
+            .filter(|r| !r.is_empty() && !scope.contains(' '));
         let Some(resource) = resource else {
             // invalid_scope, AADSTS1002012, 400: client credentials need `<resource>/.default`.
             return Err(Rejection::new(
@@ -671,7 +689,10 @@ impl Shared {
 
         let audiences = jwt.audiences();
         let sub = jwt.claim_str("sub").unwrap_or_default();
-        if !candidates.iter().any(|f| audiences.contains(&f.audience.as_str())) {
+        if !candidates
+            .iter()
+            .any(|f| audiences.contains(&f.audience.as_str()))
+        {
             // invalid_client, AADSTS700212, 401.
             return Err(Rejection::new(
                 StatusCode::UNAUTHORIZED,
@@ -720,7 +741,9 @@ impl Shared {
             let allowed = parsed.scheme() == "https"
                 || (parsed.scheme() == "http" && crate::http::is_loopback(&parsed));
             if !allowed {
-                return Err(format!("{url}: only https (or http on loopback) is fetched"));
+                return Err(format!(
+                    "{url}: only https (or http on loopback) is fetched"
+                ));
             }
             crate::http::get_json(&self.client, &url, ISSUER_FETCH_TIMEOUT).await
         };
@@ -798,6 +821,10 @@ impl Shared {
         }))
     }
 
+    /// `GET stats`, `POST faults` (a JSON array of [`Fault::from_json`] shapes), `POST config`
+    /// (`latency_ms`, `token_lifetime_secs`), `POST fics` (a JSON [`Fic`]; 409 when Entra would
+    /// refuse it), `GET fics/{client_id}`, `DELETE fics/{client_id}/{name}`; all under
+    /// `/_emulator/`, for tests that run the emulator in another process.
     async fn control(
         &self,
         method: Method,
@@ -806,9 +833,7 @@ impl Shared {
     ) -> Response<Body> {
         let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
         match (&method, rest.as_slice()) {
-            (&Method::GET, ["stats"]) => {
-                json_value(StatusCode::OK, &lock(&self.state).stats)
-            }
+            (&Method::GET, ["stats"]) => json_value(StatusCode::OK, &lock(&self.state).stats),
             (&Method::POST, ["faults"]) => {
                 let value = match read_json(req).await {
                     Ok(v) => v,
@@ -817,7 +842,12 @@ impl Shared {
                 let items = match value {
                     Value::Array(items) => items,
                     single @ Value::Object(_) => vec![single],
-                    other => return control_error(StatusCode::BAD_REQUEST, format!("expected a JSON array of faults, got {other}")),
+                    other => {
+                        return control_error(
+                            StatusCode::BAD_REQUEST,
+                            format!("expected a JSON array of faults, got {other}"),
+                        )
+                    }
                 };
                 let mut faults = Vec::with_capacity(items.len());
                 for item in &items {
@@ -857,11 +887,18 @@ impl Shared {
                 };
                 let fic: Fic = match serde_json::from_value(value) {
                     Ok(f) => f,
-                    Err(e) => return control_error(StatusCode::BAD_REQUEST, format!("not a federated identity credential: {e}")),
+                    Err(e) => {
+                        return control_error(
+                            StatusCode::BAD_REQUEST,
+                            format!("not a federated identity credential: {e}"),
+                        )
+                    }
                 };
                 match self.add_fic(fic) {
                     Ok(added) => json_value(StatusCode::CREATED, &added),
-                    Err(e @ FicError::Empty(_)) => control_error(StatusCode::BAD_REQUEST, e.to_string()),
+                    Err(e @ FicError::Empty(_)) => {
+                        control_error(StatusCode::BAD_REQUEST, e.to_string())
+                    }
                     Err(e) => control_error(StatusCode::CONFLICT, e.to_string()),
                 }
             }
@@ -1006,7 +1043,10 @@ fn fault_response(status: u16, retry_after: Option<u64>, correlation: &str) -> R
 /// Entra echoes `client-request-id` as the correlation id and names its trace in
 /// `x-ms-request-id`; SDKs log both.
 fn add_request_ids(headers: &mut HeaderMap, trace_id: &str, correlation: &str) {
-    for (name, value) in [("x-ms-request-id", trace_id), ("client-request-id", correlation)] {
+    for (name, value) in [
+        ("x-ms-request-id", trace_id),
+        ("client-request-id", correlation),
+    ] {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name, v);
         }
@@ -1041,9 +1081,14 @@ fn check_tenant(tenant: &str) -> Result<String, Rejection> {
     if tenant.len() <= 253
         && labels.len() >= 2
         && labels.iter().all(|l| is_label(l))
-        && labels.last().is_some_and(|tld| tld.chars().any(|c| c.is_ascii_alphabetic()))
+        && labels
+            .last()
+            .is_some_and(|tld| tld.chars().any(|c| c.is_ascii_alphabetic()))
     {
-        return Ok(stable_guid(&format!("tenant\0{}", tenant.to_ascii_lowercase())));
+        return Ok(stable_guid(&format!(
+            "tenant\0{}",
+            tenant.to_ascii_lowercase()
+        )));
     }
     // invalid_request, AADSTS90002, 400: Entra's answer for a tenant it cannot find.
     Err(Rejection::new(
@@ -1156,7 +1201,9 @@ impl UnverifiedJwt {
         };
         let field = |name: &str| jwk.get(name).and_then(Value::as_str).unwrap_or_default();
         let key = match (field("kty"), self.alg.family()) {
-            ("RSA", AlgorithmFamily::Rsa) => DecodingKey::from_rsa_components(field("n"), field("e")),
+            ("RSA", AlgorithmFamily::Rsa) => {
+                DecodingKey::from_rsa_components(field("n"), field("e"))
+            }
             ("EC", AlgorithmFamily::Ec) => DecodingKey::from_ec_components(field("x"), field("y")),
             _ => return Err(failed()),
         }
@@ -1506,7 +1553,10 @@ mod tests {
         let client = crate::http::client();
         let discovery = crate::http::get_json(
             &client,
-            &format!("{}/{TENANT}/v2.0/.well-known/openid-configuration", f.emu.url()),
+            &format!(
+                "{}/{TENANT}/v2.0/.well-known/openid-configuration",
+                f.emu.url()
+            ),
             Duration::from_secs(5),
         )
         .await
@@ -1598,7 +1648,9 @@ mod tests {
     async fn issuer_match_is_case_sensitive() {
         let f = fixture().await;
         let upper = f.issuer.url.replace("http://", "HTTP://");
-        let answer = f.exchange(&f.assertion_with(|c| c["iss"] = json!(upper))).await;
+        let answer = f
+            .exchange(&f.assertion_with(|c| c["iss"] = json!(upper)))
+            .await;
         answer.assert_entra_error(401, "invalid_client", 700211);
     }
 
@@ -1619,9 +1671,9 @@ mod tests {
     async fn assertion_with_audience_array_containing_the_fic_audience_is_accepted() {
         let f = fixture().await;
         let answer = f
-            .exchange(&f.assertion_with(|c| {
-                c["aud"] = json!(["api://other", DEFAULT_FIC_AUDIENCE])
-            }))
+            .exchange(
+                &f.assertion_with(|c| c["aud"] = json!(["api://other", DEFAULT_FIC_AUDIENCE])),
+            )
             .await;
         assert_eq!(answer.status, StatusCode::OK);
     }
@@ -1630,9 +1682,9 @@ mod tests {
     async fn assertion_with_wrong_subject_gets_aadsts700213() {
         let f = fixture().await;
         let answer = f
-            .exchange(&f.assertion_with(|c| {
-                c["sub"] = json!("system:serviceaccount:default:Workload")
-            }))
+            .exchange(
+                &f.assertion_with(|c| c["sub"] = json!("system:serviceaccount:default:Workload")),
+            )
             .await;
         let v = answer.assert_entra_error(401, "invalid_client", 700213);
         assert!(v["error_description"]
@@ -1659,8 +1711,14 @@ mod tests {
             .await;
         let v = answer.assert_entra_error(401, "unauthorized_client", 70021);
         let d = v["error_description"].as_str().unwrap();
-        assert!(d.contains(&format!("Assertion Issuer: '{}'", f.issuer.url)), "{d}");
-        assert!(d.contains(&format!("Assertion Subject: '{SUBJECT}'")), "{d}");
+        assert!(
+            d.contains(&format!("Assertion Issuer: '{}'", f.issuer.url)),
+            "{d}"
+        );
+        assert!(
+            d.contains(&format!("Assertion Subject: '{SUBJECT}'")),
+            "{d}"
+        );
     }
 
     #[tokio::test]
@@ -1784,9 +1842,18 @@ mod tests {
             ("client_assertion_type", JWT_BEARER),
             ("client_assertion", assertion.as_str()),
         ];
-        for missing in ["grant_type", "client_id", "scope", "client_assertion_type", "client_assertion"] {
-            let pairs: Vec<(&str, &str)> =
-                full.iter().copied().filter(|(k, _)| *k != missing).collect();
+        for missing in [
+            "grant_type",
+            "client_id",
+            "scope",
+            "client_assertion_type",
+            "client_assertion",
+        ] {
+            let pairs: Vec<(&str, &str)> = full
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
             let v = post_token(&f.emu.url(), TENANT, &pairs)
                 .await
                 .assert_entra_error(400, "invalid_request", 900144);
@@ -1827,7 +1894,10 @@ mod tests {
                 ("grant_type", "client_credentials"),
                 ("client_id", CLIENT),
                 ("scope", SCOPE),
-                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:saml2-bearer"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:saml2-bearer",
+                ),
                 ("client_assertion", &assertion),
             ],
         )
@@ -2162,7 +2232,8 @@ mod tests {
         let f = fixture().await;
         // Warm up the connection pool and key material so timing measures only the delay.
         assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
-        f.emu.push_faults([Fault::Stall(Duration::from_millis(400))]);
+        f.emu
+            .push_faults([Fault::Stall(Duration::from_millis(400))]);
         let started = Instant::now();
         let answer = f.exchange(&f.assertion()).await;
         assert_eq!(answer.status, StatusCode::OK);
@@ -2179,8 +2250,14 @@ mod tests {
         let f = fixture().await;
         f.exchange(&f.assertion()).await;
         f.exchange(&f.assertion()).await;
-        f.exchange(&f.assertion_with(|c| c["sub"] = json!("nope"))).await;
-        post_token(&f.emu.url(), TENANT, &[("grant_type", "client_credentials")]).await;
+        f.exchange(&f.assertion_with(|c| c["sub"] = json!("nope")))
+            .await;
+        post_token(
+            &f.emu.url(),
+            TENANT,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
         let stats = f.emu.stats();
         assert_eq!(stats.token_requests, 4);
         assert_eq!(stats.tokens_issued, 2);
@@ -2218,7 +2295,12 @@ mod tests {
         assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
         let garbage = f.exchange(&f.assertion()).await;
         assert!(serde_json::from_slice::<Value>(&garbage.body).is_err());
-        let bad = control(Method::POST, format!("{base}/faults"), Some(json!([{"nope": 1}]))).await;
+        let bad = control(
+            Method::POST,
+            format!("{base}/faults"),
+            Some(json!([{"nope": 1}])),
+        )
+        .await;
         assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 
         // FICs: add up to the limit, the 21st conflicts with an explanation.
@@ -2276,7 +2358,9 @@ mod tests {
 
         // Stats.
         let stats: EntraStats = serde_json::from_slice(
-            &control(Method::GET, format!("{base}/stats"), None).await.body,
+            &control(Method::GET, format!("{base}/stats"), None)
+                .await
+                .body,
         )
         .unwrap();
         assert_eq!(stats, f.emu.stats());
