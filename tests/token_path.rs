@@ -198,7 +198,8 @@ async fn refusals_name_their_cause() {
         })
         .unwrap();
     let r = client.post_form("/", &token_form(cid, &good)).await;
-    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.status, 401, "Entra's status is passed through: {}", r.json);
+    assert_eq!(r.json["error"], "invalid_client");
     assert!(r.json["error_codes"][0].as_u64().is_some_and(|c| c == 700213 || c == 70021), "{}", r.json);
     assert!(r.error_description().starts_with("AADSTS"), "{}", r.json);
     assert!(r.json.get("access_token").is_none());
