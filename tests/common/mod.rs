@@ -166,3 +166,94 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `identity-binding-proxy dev` as its own process, killed on drop.
+pub struct DevProcess {
+    child: std::process::Child,
+    pub info: serde_json::Value,
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl DevProcess {
+    /// Runs `dev` on ephemeral ports with `state` as its state dir and waits for `dev.json`.
+    pub fn start(state: &Path) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+            .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dev starts");
+        let mut dev = Self { child, info: serde_json::Value::Null };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let file = state.join("dev.json");
+        while !file.exists() {
+            if let Ok(Some(status)) = dev.child.try_wait() {
+                panic!("dev exited with {status} before writing dev.json");
+            }
+            assert!(std::time::Instant::now() < deadline, "dev.json did not appear within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dev.info = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        dev
+    }
+
+    pub fn get(&self, key: &str) -> String {
+        self.info[key].as_str().unwrap_or_else(|| panic!("dev.json has no {key}")).to_string()
+    }
+
+    /// The environment the workload identity webhook would inject, with `token_file`
+    /// (a dev.json key) as the projected token.
+    pub fn sdk_env(&self, token_file: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("AZURE_KUBERNETES_TOKEN_PROXY", self.get("proxy_url")),
+            ("AZURE_KUBERNETES_SNI_NAME", self.get("sni_name")),
+            ("AZURE_KUBERNETES_CA_FILE", self.get("ca_file")),
+            ("AZURE_CLIENT_ID", self.get("client_id")),
+            ("AZURE_TENANT_ID", self.get("tenant_id")),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/".into()),
+            ("AZURE_FEDERATED_TOKEN_FILE", self.get(token_file)),
+        ]
+    }
+}
+
+/// The claims of a JWT, unverified (tests check what they were issued).
+pub fn jwt_claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Runs an SDK script that prints one JSON line, with `env` as its whole environment (plus
+/// PATH and HOME).
+pub fn run_sdk_script(program: &Path, args: &[&Path], env: &[(&str, String)]) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env_clear();
+    for var in ["PATH", "HOME"] {
+        if let Ok(v) = std::env::var(var) {
+            cmd.env(var, v);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the SDK script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim().lines().last().unwrap_or("")).unwrap_or_else(|_| {
+        panic!(
+            "the SDK script printed no JSON. stdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
