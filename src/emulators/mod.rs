@@ -1,2 +1,5 @@
 //! Test doubles with real semantics for the two services this proxy depends on: the
 //! kube-apiserver and Microsoft Entra. Used by `dev`, `emulate`, the tests and the benches.
+
+pub mod kube;
+pub mod rbac;
