@@ -2,5 +2,7 @@
 //! kube-apiserver and Microsoft Entra. Used by `dev`, `emulate`, the tests and the benches.
 
 pub mod entra;
+pub mod kube;
 pub mod pki;
+pub mod rbac;
 pub mod static_host;
