@@ -215,7 +215,7 @@ async fn unknown_sni_is_refused_at_the_handshake() {
     let ca = std::fs::read(&sys.info.ca_file).unwrap();
     let stranger = Client::new(sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
     let err = stranger.connect().await.err().expect("handshake must fail");
-    assert!(err.to_string().to_lowercase().contains("unrecognized"), "{err}");
+    assert!(err.to_string().to_lowercase().contains("unrecogni"), "{err}");
     // The served name still works.
     assert!(Client::for_dev(&sys).connect().await.is_ok());
     sys.shutdown().await;
