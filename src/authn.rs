@@ -250,13 +250,21 @@ impl Authenticator {
 
     /// Keeps the JWKS fresh: retries quickly until the first load, then refreshes every
     /// `period` (key rotation on the apiserver is announced by new keys appearing here).
-    pub async fn run_refresh(self: Arc<Self>, period: Duration, stop: tokio_util::sync::CancellationToken) {
+    pub async fn run_refresh(
+        self: Arc<Self>,
+        period: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         loop {
             let wait = match self.refresh_keys().await {
                 Ok(()) => period,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot load the cluster's service-account JWKS");
-                    if self.ready() { period.min(Duration::from_secs(10)) } else { Duration::from_millis(500) }
+                    if self.ready() {
+                        period.min(Duration::from_secs(10))
+                    } else {
+                        Duration::from_millis(500)
+                    }
                 }
             };
             tokio::select! {
@@ -298,15 +306,16 @@ impl Authenticator {
             Some(k) => k,
             None => {
                 self.refresh_for_unknown_kid().await;
-                self.find_key(header.kid.as_deref(), header.alg).ok_or_else(|| {
-                    ProxyError::invalid_assertion(format!(
-                        "The service-account token is signed with key '{}', which this \
+                self.find_key(header.kid.as_deref(), header.alg)
+                    .ok_or_else(|| {
+                        ProxyError::invalid_assertion(format!(
+                            "The service-account token is signed with key '{}', which this \
                          cluster's service-account issuer does not publish. Use a token \
                          projected by this cluster (AZURE_FEDERATED_TOKEN_FILE), not one from \
                          another cluster.",
-                        crate::token::printable(header.kid.as_deref().unwrap_or("<none>"), 64)
-                    ))
-                })?
+                            crate::token::printable(header.kid.as_deref().unwrap_or("<none>"), 64)
+                        ))
+                    })?
             }
         };
         let mut validation = Validation::new(header.alg);
@@ -350,7 +359,12 @@ impl Authenticator {
         }
     }
 
-    fn describe_jwt_error(&self, e: jsonwebtoken::errors::Error, token: &str, issuer: &str) -> ProxyError {
+    fn describe_jwt_error(
+        &self,
+        e: jsonwebtoken::errors::Error,
+        token: &str,
+        issuer: &str,
+    ) -> ProxyError {
         use jsonwebtoken::errors::ErrorKind;
         let unverified = unverified_claims(token);
         match e.kind() {
@@ -397,16 +411,21 @@ impl Authenticator {
     }
 
     async fn review(&self, token: &str) -> Result<Caller> {
-        let digest: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
-            .as_ref()
-            .try_into()
-            .map_err(|_| ProxyError::Internal("digest length".into()))?;
+        let digest: [u8; 32] =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
+                .as_ref()
+                .try_into()
+                .map_err(|_| ProxyError::Internal("digest length".into()))?;
         if let Some((reviewed, until)) = self.reviews.get(&digest) {
             if Instant::now() < until {
                 return reviewed_result(reviewed);
             }
         }
-        let status = match self.cluster.token_review(token, &self.config.audience).await {
+        let status = match self
+            .cluster
+            .token_review(token, &self.config.audience)
+            .await
+        {
             Ok(s) => {
                 self.metrics.kube_review("tokenreview", "ok");
                 s
@@ -425,12 +444,19 @@ impl Authenticator {
         let reviewed = if status.authenticated.unwrap_or(false) {
             let user = status.user.unwrap_or_default();
             let username = user.username.unwrap_or_default();
-            match username.strip_prefix("system:serviceaccount:").and_then(|r| r.split_once(':')) {
+            match username
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|r| r.split_once(':'))
+            {
                 Some((ns, name)) => {
                     let mut caller = Caller::new(ns, name, user.uid.as_deref().unwrap_or(""));
                     if let Some(extra) = user.extra {
-                        caller.pod_name = extra.get("authentication.kubernetes.io/pod-name").and_then(|v| v.first().cloned());
-                        caller.pod_uid = extra.get("authentication.kubernetes.io/pod-uid").and_then(|v| v.first().cloned());
+                        caller.pod_name = extra
+                            .get("authentication.kubernetes.io/pod-name")
+                            .and_then(|v| v.first().cloned());
+                        caller.pod_uid = extra
+                            .get("authentication.kubernetes.io/pod-uid")
+                            .and_then(|v| v.first().cloned());
                     }
                     Reviewed::Authenticated(caller)
                 }
@@ -440,10 +466,15 @@ impl Authenticator {
                 )),
             }
         } else {
-            Reviewed::Refused(status.error.unwrap_or_else(|| "the token is not authenticated".into()))
+            Reviewed::Refused(
+                status
+                    .error
+                    .unwrap_or_else(|| "the token is not authenticated".into()),
+            )
         };
         let ttl = token_ttl(token).min(self.config.review_ttl);
-        self.reviews.insert(digest, (reviewed.clone(), Instant::now() + ttl));
+        self.reviews
+            .insert(digest, (reviewed.clone(), Instant::now() + ttl));
         reviewed_result(reviewed)
     }
 }
@@ -468,7 +499,10 @@ fn reviewed_result(reviewed: Reviewed) -> Result<Caller> {
 
 /// Remaining lifetime of a token by its unverified `exp` (it was verified or reviewed already).
 fn token_ttl(token: &str) -> Duration {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     unverified_claims(token)["exp"]
         .as_u64()
         .map(|exp| Duration::from_secs(exp.saturating_sub(now)))
@@ -481,7 +515,10 @@ fn caller_from_claims(claims: &SaClaims) -> Result<Caller> {
             "The token has no 'kubernetes.io' claim: it is not a service-account token.",
         ));
     };
-    let expected_sub = format!("system:serviceaccount:{}:{}", k.namespace, k.serviceaccount.name);
+    let expected_sub = format!(
+        "system:serviceaccount:{}:{}",
+        k.namespace, k.serviceaccount.name
+    );
     if claims.sub != expected_sub {
         return Err(ProxyError::invalid_assertion(
             "The token's subject does not match its service account claims.",
@@ -511,7 +548,9 @@ fn pre_parse_header(token: &str) -> Result<PreHeader> {
         )
     };
     let mut parts = token.split('.');
-    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(not_jwt());
     };
     let bytes = URL_SAFE_NO_PAD
@@ -542,7 +581,12 @@ fn pre_parse_header(token: &str) -> Result<PreHeader> {
 
 fn family(alg: Algorithm) -> u8 {
     match alg {
-        Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => 1,
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => 1,
         Algorithm::ES256 | Algorithm::ES384 => 2,
         _ => 0,
     }
@@ -569,7 +613,11 @@ mod tests {
     #[test]
     fn none_and_hmac_are_refused_before_verification() {
         for alg in ["none", "HS256", "HS512", ""] {
-            let token = format!("{}.{}.", b64(&serde_json::json!({"alg": alg})), b64(&serde_json::json!({})));
+            let token = format!(
+                "{}.{}.",
+                b64(&serde_json::json!({"alg": alg})),
+                b64(&serde_json::json!({}))
+            );
             let token = format!("{token}sig");
             let err = pre_parse_header(&token).err().unwrap();
             assert!(err.to_string().contains("refused"), "{alg}: {err}");
@@ -591,10 +639,18 @@ mod tests {
             "sub": "system:serviceaccount:demo:app", "exp": 1,
             "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "app", "uid": "u1"},
                               "pod": {"name": "p", "uid": "u2"}}
-        })).unwrap();
+        }))
+        .unwrap();
         let c = caller_from_claims(&claims).unwrap();
         assert_eq!(c.username, "system:serviceaccount:demo:app");
-        assert_eq!(c.groups, vec!["system:serviceaccounts", "system:serviceaccounts:demo", "system:authenticated"]);
+        assert_eq!(
+            c.groups,
+            vec![
+                "system:serviceaccounts",
+                "system:serviceaccounts:demo",
+                "system:authenticated"
+            ]
+        );
         assert_eq!(c.pod_name.as_deref(), Some("p"));
     }
 
@@ -603,7 +659,8 @@ mod tests {
         let claims: SaClaims = serde_json::from_value(serde_json::json!({
             "sub": "system:serviceaccount:kube-system:admin", "exp": 1,
             "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "app", "uid": "u1"}}
-        })).unwrap();
+        }))
+        .unwrap();
         assert!(caller_from_claims(&claims).is_err());
     }
 

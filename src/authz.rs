@@ -80,12 +80,19 @@ impl Authorizer {
         let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
         while let Some(event) = events.next().await {
             match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
-                    tracing::debug!(kind, "RBAC changed: dropping cached authorization decisions");
+                Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) => {
+                    tracing::debug!(
+                        kind,
+                        "RBAC changed: dropping cached authorization decisions"
+                    );
                     self.invalidate_all();
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(kind, error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs"),
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs")
+                }
             }
         }
     }
@@ -107,7 +114,8 @@ impl Authorizer {
                     uid: &caller.sa_uid,
                     namespace: &caller.namespace,
                 };
-                let (allowed, _reason) = match self.cluster.access_review(&subject, client_id).await {
+                let (allowed, _reason) = match self.cluster.access_review(&subject, client_id).await
+                {
                     Ok(answer) => {
                         self.metrics.kube_review("subjectaccessreview", "ok");
                         answer
@@ -124,7 +132,11 @@ impl Authorizer {
                         });
                     }
                 };
-                let ttl = if allowed { self.config.allowed_ttl } else { self.config.denied_ttl };
+                let ttl = if allowed {
+                    self.config.allowed_ttl
+                } else {
+                    self.config.denied_ttl
+                };
                 if self.generation.load(Ordering::Acquire) == generation {
                     self.decisions.insert(key, (allowed, Instant::now() + ttl));
                 }

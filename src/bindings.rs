@@ -109,8 +109,7 @@ impl BindingSet {
 fn is_domain(s: &str) -> bool {
     s.contains('.')
         && s.len() <= 253
-        && s
-            .split('.')
+        && s.split('.')
             .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
 }
 
@@ -141,7 +140,11 @@ impl Bindings {
 
     /// Polls the file (ConfigMap volumes change by symlink swap, which inotify on the file
     /// itself misses; a cheap poll sees every kind of update).
-    pub async fn watch(self: Arc<Self>, period: Duration, stop: tokio_util::sync::CancellationToken) {
+    pub async fn watch(
+        self: Arc<Self>,
+        period: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let mut last = std::fs::read(&self.path).ok();
         loop {
             tokio::select! {
@@ -158,7 +161,9 @@ impl Bindings {
                     tracing::info!(bindings = set.len(), "bindings reloaded");
                     self.current.store(Arc::new(set));
                 }
-                Err(e) => tracing::error!(error = %e, "bindings not reloaded; keeping the previous set"),
+                Err(e) => {
+                    tracing::error!(error = %e, "bindings not reloaded; keeping the previous set")
+                }
             }
         }
     }
@@ -175,13 +180,23 @@ mod tests {
         let b = set.get("11111111-2222-3333-4444-555555555555").unwrap();
         assert_eq!(b.subject, b.client_id);
         let y = "- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: 72f988bf-86f1-41af-91ab-2d7cd011db47\n  subject: shared\n";
-        assert_eq!(BindingSet::parse(y).unwrap().get("11111111-2222-3333-4444-555555555555").unwrap().subject, "shared");
+        assert_eq!(
+            BindingSet::parse(y)
+                .unwrap()
+                .get("11111111-2222-3333-4444-555555555555")
+                .unwrap()
+                .subject,
+            "shared"
+        );
     }
 
     #[test]
     fn refuses_bad_ids_duplicates_and_unknown_fields() {
         assert!(BindingSet::parse("- clientId: nope\n  tenantId: a.b\n").is_err());
-        assert!(BindingSet::parse("- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: ../x\n").is_err());
+        assert!(BindingSet::parse(
+            "- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: ../x\n"
+        )
+        .is_err());
         let dup = "- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: a.b\n- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: a.b\n";
         assert!(BindingSet::parse(dup).unwrap_err().contains("twice"));
         assert!(BindingSet::parse("- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: a.b\n  clientSecret: x\n").is_err());

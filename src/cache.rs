@@ -172,7 +172,10 @@ impl TokenCache {
                 }
             }
         };
-        self.metrics.cache_lookups.with_label_values(&["miss"]).inc();
+        self.metrics
+            .cache_lookups
+            .with_label_values(&["miss"])
+            .inc();
         flight.await.map(|t| (t, Lookup::Miss))
     }
 
@@ -198,9 +201,8 @@ impl TokenCache {
             result
         });
         async move {
-            task.await.unwrap_or_else(|e| {
-                Err(ProxyError::Internal(format!("token fetch failed: {e}")))
-            })
+            task.await
+                .unwrap_or_else(|e| Err(ProxyError::Internal(format!("token fetch failed: {e}"))))
         }
         .boxed()
         .shared()
@@ -232,7 +234,11 @@ impl TokenCache {
             let this = self.clone();
             tokio::spawn(async move {
                 match flight.await {
-                    Ok(_) => this.metrics.cache_refreshes.with_label_values(&["ok"]).inc(),
+                    Ok(_) => this
+                        .metrics
+                        .cache_refreshes
+                        .with_label_values(&["ok"])
+                        .inc(),
                     Err(e) => {
                         this.metrics
                             .cache_refreshes
@@ -333,7 +339,12 @@ mod tests {
     }
 
     impl Fetch for Script {
-        fn fetch(&self, _: &CacheKey, _: &str, _: Option<&str>) -> BoxFuture<'static, Result<IssuedToken, ProxyError>> {
+        fn fetch(
+            &self,
+            _: &CacheKey,
+            _: &str,
+            _: Option<&str>,
+        ) -> BoxFuture<'static, Result<IssuedToken, ProxyError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let next = self.results.lock().unwrap().pop();
             let result = next.unwrap_or_else(|| Ok(token(self.fallback.0, self.fallback.1)));
@@ -364,7 +375,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..200 {
             let cache = cache.clone();
-            tasks.push(tokio::spawn(async move { cache.get(key(1), "s/.default", None).await }));
+            tasks.push(tokio::spawn(async move {
+                cache.get(key(1), "s/.default", None).await
+            }));
         }
         let mut tokens = std::collections::HashSet::new();
         for t in tasks {
@@ -378,7 +391,11 @@ mod tests {
     #[tokio::test]
     async fn errors_are_not_cached_beyond_their_flight() {
         let script = Script::new((3600, None));
-        script.results.lock().unwrap().push(Err(ProxyError::BadUpstream("x".into())));
+        script
+            .results
+            .lock()
+            .unwrap()
+            .push(Err(ProxyError::BadUpstream("x".into())));
         let cache = cache(&script, 300, 100);
         assert!(cache.get(key(1), "s/.default", None).await.is_err());
         let (_, how) = cache.get(key(1), "s/.default", None).await.unwrap();
@@ -431,7 +448,14 @@ mod tests {
         let cache = cache(&script, 300, 100);
         let (t, _) = cache.get(key(1), "s/.default", None).await.unwrap();
         cache.get(key(1), "s/.default", None).await.unwrap();
-        script.results.lock().unwrap().push(Err(ProxyError::Unavailable { retry_after: 1, description: "down".into() }));
+        script
+            .results
+            .lock()
+            .unwrap()
+            .push(Err(ProxyError::Unavailable {
+                retry_after: 1,
+                description: "down".into(),
+            }));
         assert_eq!(cache.refresh_due(), 1);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let (served, how) = cache.get(key(1), "s/.default", None).await.unwrap();

@@ -15,7 +15,11 @@ pub const PUBLIC_CLOUD: &str = "https://login.microsoftonline.com";
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "api://AKSIdentityBinding";
 
 #[derive(Parser, Debug)]
-#[command(name = "identity-binding-proxy", version, about = "Per-node token proxy for Microsoft Entra workload identity (identity binding)")]
+#[command(
+    name = "identity-binding-proxy",
+    version,
+    about = "Per-node token proxy for Microsoft Entra workload identity (identity binding)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -204,7 +208,8 @@ impl ProxyConfig {
 
 /// An Entra authority host: https, or http on loopback (emulators).
 pub fn parse_authority(s: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(s).map_err(|e| format!("--authority-host '{s}' is not a URL: {e}"))?;
+    let url =
+        url::Url::parse(s).map_err(|e| format!("--authority-host '{s}' is not a URL: {e}"))?;
     let ok = url.scheme() == "https" || (url.scheme() == "http" && crate::http::is_loopback(&url));
     if !ok {
         return Err(format!(
@@ -212,7 +217,9 @@ pub fn parse_authority(s: &str) -> Result<url::Url, String> {
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("--authority-host '{s}' must not have a query or fragment"));
+        return Err(format!(
+            "--authority-host '{s}' must not have a query or fragment"
+        ));
     }
     Ok(url)
 }
@@ -272,7 +279,12 @@ pub struct DevTokenArgs {
     #[arg(long, env = "IBP_AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
     pub audience: String,
     /// Lifetime in seconds; negative gives an already expired token.
-    #[arg(long, env = "IBP_EXPIRES_IN", default_value_t = 3600, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "IBP_EXPIRES_IN",
+        default_value_t = 3600,
+        allow_negative_numbers = true
+    )]
     pub expires_in: i64,
 }
 
@@ -338,7 +350,12 @@ pub struct PublishArgs {
     #[arg(long, env = "IBP_OUT")]
     pub out: PathBuf,
     /// Public key PEM of a cluster (repeatable: one per cluster).
-    #[arg(long = "public-key", env = "IBP_PUBLIC_KEY", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "public-key",
+        env = "IBP_PUBLIC_KEY",
+        value_delimiter = ',',
+        required = true
+    )]
     pub public_keys: Vec<PathBuf>,
     #[arg(long, env = "IBP_BINDINGS")]
     pub bindings: PathBuf,

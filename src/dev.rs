@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::authn::AuthnMode;
 use crate::bindings::BindingSet;
-use crate::config::{DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, ProxyConfig, DEFAULT_TOKEN_AUDIENCE};
+use crate::config::{
+    DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, ProxyConfig, DEFAULT_TOKEN_AUDIENCE,
+};
 use crate::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
 use crate::emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
 use crate::emulators::pki::DevCa;
@@ -96,7 +98,12 @@ fn print_token(t: &DevTokenArgs) -> anyhow::Result<()> {
             pod_name: None,
         },
     )
-    .with_context(|| format!("no dev kube emulator state in {} (run `dev` once first)", t.state_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "no dev kube emulator state in {} (run `dev` once first)",
+            t.state_dir.display()
+        )
+    })?;
     println!("{token}");
     Ok(())
 }
@@ -152,8 +159,10 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     let docs = dir.join("issuer-docs");
     let _ = std::fs::remove_dir_all(&docs);
     std::fs::create_dir_all(&docs)?;
-    let host = crate::emulators::static_host::start(loopback(0), docs.clone(), background.clone()).await?;
-    let issuer_url = IssuerUrl::parse(&format!("http://{host}/{{tenant}}/{{client_id}}")).map_err(anyhow::Error::msg)?;
+    let host =
+        crate::emulators::static_host::start(loopback(0), docs.clone(), background.clone()).await?;
+    let issuer_url = IssuerUrl::parse(&format!("http://{host}/{{tenant}}/{{client_id}}"))
+        .map_err(anyhow::Error::msg)?;
     let bindings_file = dir.join("bindings.yaml");
     if !bindings_file.exists() {
         std::fs::write(
@@ -165,8 +174,13 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         )?;
     }
     let bindings = crate::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
-    crate::issuer::publish(&docs, &[issuer_key.public().clone()], &bindings, &issuer_url)
-        .map_err(anyhow::Error::msg)?;
+    crate::issuer::publish(
+        &docs,
+        &[issuer_key.public().clone()],
+        &bindings,
+        &issuer_url,
+    )
+    .map_err(anyhow::Error::msg)?;
 
     // Entra, with ONE FIC per bound identity.
     let entra = EntraEmulator::start(EntraEmulatorConfig {
@@ -228,7 +242,12 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     let denied_token_file = dir.join("tokens/denied.jwt");
     write_tokens(&kube, &allowed_token_file, &denied_token_file)?;
     tokio::spawn({
-        let (kube, allowed, denied, stop) = (kube.clone(), allowed_token_file.clone(), denied_token_file.clone(), background.clone());
+        let (kube, allowed, denied, stop) = (
+            kube.clone(),
+            allowed_token_file.clone(),
+            denied_token_file.clone(),
+            background.clone(),
+        );
         async move {
             loop {
                 tokio::select! {
@@ -272,7 +291,11 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     })
 }
 
-fn register_fics(entra: &EntraEmulator, bindings: &BindingSet, url: &IssuerUrl) -> anyhow::Result<()> {
+fn register_fics(
+    entra: &EntraEmulator,
+    bindings: &BindingSet,
+    url: &IssuerUrl,
+) -> anyhow::Result<()> {
     for b in bindings.iter() {
         entra
             .add_fic(Fic {
@@ -398,7 +421,11 @@ fn print_banner(info: &DevInfo, state_dir: &Path) {
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 /// Writes through a temporary file and a rename, so readers never see half a file.
@@ -446,7 +473,10 @@ pub async fn emulate_kube(args: EmulateKubeArgs) -> anyhow::Result<()> {
 pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
     let mut fics = Vec::new();
     for f in &args.fic {
-        fics.push(f.parse::<Fic>().map_err(|e| anyhow::anyhow!("--fic '{f}': {e}"))?);
+        fics.push(
+            f.parse::<Fic>()
+                .map_err(|e| anyhow::anyhow!("--fic '{f}': {e}"))?,
+        );
     }
     let entra = EntraEmulator::start(EntraEmulatorConfig {
         listen: args.listen,

@@ -98,8 +98,16 @@ pub struct EntraClient {
 }
 
 impl EntraClient {
-    pub fn new(http: HttpClient, timeout: Duration, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
-        Self { http, timeout, metrics }
+    pub fn new(
+        http: HttpClient,
+        timeout: Duration,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            http,
+            timeout,
+            metrics,
+        }
     }
 
     pub async fn exchange(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
@@ -141,14 +149,21 @@ impl EntraClient {
             .map_err(|e| ProxyError::Internal(format!("building the Entra request: {e}")))?;
         let started = Instant::now();
         let result = fetch(&self.http, req, self.timeout, MAX_RESPONSE).await;
-        self.metrics.entra_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .entra_duration
+            .observe(started.elapsed().as_secs_f64());
         let fetched = match result {
             Ok(f) => f,
             Err(e) => {
-                self.metrics.entra_requests.with_label_values(&["error"]).inc();
+                self.metrics
+                    .entra_requests
+                    .with_label_values(&["error"])
+                    .inc();
                 return Err(ProxyError::Unavailable {
                     retry_after: 5,
-                    description: format!("Entra could not be reached at {url}: {e}. Retry shortly."),
+                    description: format!(
+                        "Entra could not be reached at {url}: {e}. Retry shortly."
+                    ),
                 });
             }
         };
@@ -247,7 +262,13 @@ mod tests {
 
     #[test]
     fn token_fields_accept_integers_and_strings() {
-        let t: RawToken = serde_json::from_str(r#"{"access_token":"x","expires_in":"3599","ext_expires_in":3599}"#).unwrap();
-        assert_eq!((t.expires_in, t.ext_expires_in, t.refresh_in), (3599, Some(3599), None));
+        let t: RawToken = serde_json::from_str(
+            r#"{"access_token":"x","expires_in":"3599","ext_expires_in":3599}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (t.expires_in, t.ext_expires_in, t.refresh_in),
+            (3599, Some(3599), None)
+        );
     }
 }

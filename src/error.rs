@@ -200,7 +200,10 @@ mod tests {
             retry_after: 3,
             description: "slow down".into(),
         };
-        assert_eq!((t.status(), t.retry_after()), (StatusCode::TOO_MANY_REQUESTS, Some(3)));
+        assert_eq!(
+            (t.status(), t.retry_after()),
+            (StatusCode::TOO_MANY_REQUESTS, Some(3))
+        );
         assert_eq!(ProxyError::BadUpstream("x".into()).status(), 502);
     }
 
@@ -222,6 +225,8 @@ mod tests {
         let body = ProxyError::missing("scope").body("c");
         assert_eq!(body.error, "invalid_request");
         assert!(body.error_description.contains("'scope'"));
-        assert!(body.error_description.starts_with("identity-binding-proxy: "));
+        assert!(body
+            .error_description
+            .starts_with("identity-binding-proxy: "));
     }
 }

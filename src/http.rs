@@ -91,8 +91,7 @@ where
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req, peer).await) }
             });
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -110,8 +109,7 @@ where
 
 /// The outbound HTTP client: https through rustls (aws-lc-rs, webpki roots) and plain http
 /// (callers decide whether plain http is allowed for a given URL).
-pub type HttpClient =
-    Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub fn client() -> HttpClient {
     let mut http = HttpConnector::new();

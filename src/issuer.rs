@@ -30,14 +30,17 @@ pub struct IssuerUrl(String);
 impl IssuerUrl {
     pub fn parse(s: &str) -> Result<Self, String> {
         let probe = s.replace("{tenant}", "t").replace("{client_id}", "c");
-        let url = url::Url::parse(&probe).map_err(|e| format!("issuer URL '{s}' is not a URL: {e}"))?;
+        let url =
+            url::Url::parse(&probe).map_err(|e| format!("issuer URL '{s}' is not a URL: {e}"))?;
         if url.scheme() != "https" && !(url.scheme() == "http" && crate::http::is_loopback(&url)) {
             return Err(format!(
                 "issuer URL '{s}' must be https (Entra fetches the issuer documents over https)"
             ));
         }
         if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-            return Err(format!("issuer URL '{s}' must not have a query, fragment or user-info"));
+            return Err(format!(
+                "issuer URL '{s}' must not have a query, fragment or user-info"
+            ));
         }
         if probe.contains(['{', '}']) {
             return Err(format!(
@@ -177,17 +180,27 @@ pub fn publish(
     for issuer in issuers {
         let parsed = url::Url::parse(&issuer).map_err(|e| format!("{issuer}: {e}"))?;
         let mut dir = out.to_path_buf();
-        for seg in parsed.path_segments().into_iter().flatten().filter(|s| !s.is_empty()) {
+        for seg in parsed
+            .path_segments()
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.is_empty())
+        {
             if seg == ".." || seg == "." {
                 return Err(format!("issuer URL {issuer} has a '..' path segment"));
             }
             dir.push(seg);
         }
-        let discovery = serde_json::to_vec_pretty(&discovery_document(&issuer)).map_err(|e| e.to_string())?;
-        for (rel, body) in [(".well-known/openid-configuration", &discovery), ("openid/v1/jwks", &jwks)] {
+        let discovery =
+            serde_json::to_vec_pretty(&discovery_document(&issuer)).map_err(|e| e.to_string())?;
+        for (rel, body) in [
+            (".well-known/openid-configuration", &discovery),
+            ("openid/v1/jwks", &jwks),
+        ] {
             let file = dir.join(rel);
             if let Some(parent) = file.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("{}: {e}", parent.display()))?;
             }
             std::fs::write(&file, body).map_err(|e| format!("{}: {e}", file.display()))?;
             written.push(file);
@@ -201,8 +214,11 @@ fn contains_private_material(jwks: &[u8]) -> bool {
         return true;
     };
     v["keys"].as_array().is_none_or(|keys| {
-        keys.iter()
-            .any(|k| ["d", "p", "q", "dp", "dq", "qi", "k"].iter().any(|f| k.get(f).is_some()))
+        keys.iter().any(|k| {
+            ["d", "p", "q", "dp", "dq", "qi", "k"]
+                .iter()
+                .any(|f| k.get(f).is_some())
+        })
     })
 }
 
@@ -254,7 +270,11 @@ mod tests {
     fn assertion_matches_the_fic_and_is_reused() {
         let key = SigningKey::generate(2048).unwrap();
         let kid = key.kid().to_string();
-        let issuer = Issuer::new(vec![key], IssuerUrl::parse("https://i.example/{tenant}/{client_id}").unwrap()).unwrap();
+        let issuer = Issuer::new(
+            vec![key],
+            IssuerUrl::parse("https://i.example/{tenant}/{client_id}").unwrap(),
+        )
+        .unwrap();
         let a = issuer.assertion(&binding()).unwrap();
         let b = issuer.assertion(&binding()).unwrap();
         assert_eq!(a, b);
@@ -264,12 +284,17 @@ mod tests {
         let payload = a.split('.').nth(1).unwrap();
         use base64::Engine;
         let claims: serde_json::Value = serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap(),
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(claims["aud"], FIC_AUDIENCE);
         assert_eq!(claims["sub"], "shared-subject");
-        assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 600);
+        assert_eq!(
+            claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+            600
+        );
     }
 
     #[test]
@@ -277,24 +302,49 @@ mod tests {
         let old = SigningKey::generate(2048).unwrap();
         let new = SigningKey::generate(2048).unwrap();
         let new_kid = new.kid().to_string();
-        let issuer = Issuer::new(vec![old, new], IssuerUrl::parse("https://i.example/x").unwrap()).unwrap();
+        let issuer = Issuer::new(
+            vec![old, new],
+            IssuerUrl::parse("https://i.example/x").unwrap(),
+        )
+        .unwrap();
         let a = issuer.assertion(&binding()).unwrap();
-        assert_eq!(jsonwebtoken::decode_header(&*a).unwrap().kid.unwrap(), new_kid);
+        assert_eq!(
+            jsonwebtoken::decode_header(&*a).unwrap().kid.unwrap(),
+            new_kid
+        );
     }
 
     #[test]
     fn publish_writes_public_documents_only() {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::generate(2048).unwrap();
-        let set = BindingSet::parse("- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: t.example\n").unwrap();
+        let set = BindingSet::parse(
+            "- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: t.example\n",
+        )
+        .unwrap();
         let url = IssuerUrl::parse("https://i.example/{tenant}/{client_id}").unwrap();
         let files = publish(dir.path(), &[key.public().clone()], &set, &url).unwrap();
         assert_eq!(files.len(), 2);
-        let jwks = std::fs::read_to_string(dir.path().join("t.example/11111111-2222-3333-4444-555555555555/openid/v1/jwks")).unwrap();
+        let jwks = std::fs::read_to_string(
+            dir.path()
+                .join("t.example/11111111-2222-3333-4444-555555555555/openid/v1/jwks"),
+        )
+        .unwrap();
         assert!(jwks.contains(key.kid()));
         assert!(!jwks.contains("\"d\""));
-        let disc: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("t.example/11111111-2222-3333-4444-555555555555/.well-known/openid-configuration")).unwrap()).unwrap();
-        assert_eq!(disc["issuer"], "https://i.example/t.example/11111111-2222-3333-4444-555555555555");
-        assert!(contains_private_material(br#"{"keys":[{"kty":"RSA","d":"x"}]}"#));
+        let disc: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join(
+                "t.example/11111111-2222-3333-4444-555555555555/.well-known/openid-configuration",
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            disc["issuer"],
+            "https://i.example/t.example/11111111-2222-3333-4444-555555555555"
+        );
+        assert!(contains_private_material(
+            br#"{"keys":[{"kty":"RSA","d":"x"}]}"#
+        ));
     }
 }

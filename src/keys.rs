@@ -45,7 +45,12 @@ impl RsaPublicKey {
         let n = URL_SAFE_NO_PAD.encode(strip_leading_zeros(n));
         let e = URL_SAFE_NO_PAD.encode(strip_leading_zeros(e));
         let kid = thumbprint(&n, &e);
-        Self { kid, n, e, spki_der }
+        Self {
+            kid,
+            n,
+            e,
+            spki_der,
+        }
     }
 
     /// Parses a public key from PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`). A private key PEM is

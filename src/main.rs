@@ -23,7 +23,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -57,7 +60,9 @@ fn usage(e: impl std::fmt::Display) -> Failure {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -71,7 +76,9 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let config = ProxyConfig::from_args(&args).map_err(usage)?;
             let stop = tokio_util::sync::CancellationToken::new();
             // Everything `start` refuses is configuration: files, keys, addresses.
-            let running = server::start(config, stop.clone()).await.map_err(|e| usage(format!("{e:#}")))?;
+            let running = server::start(config, stop.clone())
+                .await
+                .map_err(|e| usage(format!("{e:#}")))?;
             signal::shutdown_requested().await;
             tracing::info!("shutdown requested: not ready, draining");
             running.readiness.set_draining();
@@ -82,14 +89,20 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         #[cfg(feature = "emulators")]
         Command::Dev(args) => {
             init_logs(args.log_format);
-            identity_binding_proxy::dev::run(args).await.map_err(Failure::Runtime)
+            identity_binding_proxy::dev::run(args)
+                .await
+                .map_err(Failure::Runtime)
         }
         #[cfg(feature = "emulators")]
         Command::Emulate(cmd) => {
             init_logs(LogFormat::Text);
             match cmd {
-                identity_binding_proxy::config::EmulateCommand::Kube(a) => identity_binding_proxy::dev::emulate_kube(a).await,
-                identity_binding_proxy::config::EmulateCommand::Entra(a) => identity_binding_proxy::dev::emulate_entra(a).await,
+                identity_binding_proxy::config::EmulateCommand::Kube(a) => {
+                    identity_binding_proxy::dev::emulate_kube(a).await
+                }
+                identity_binding_proxy::config::EmulateCommand::Entra(a) => {
+                    identity_binding_proxy::dev::emulate_entra(a).await
+                }
             }
             .map_err(Failure::Runtime)
         }
@@ -103,8 +116,14 @@ fn issuer_command(cmd: IssuerCommand) -> Result<(), Failure> {
             let key = keys::SigningKey::generate(a.bits).map_err(usage)?;
             write_private(&a.out, key.private_pem().as_bytes()).map_err(usage)?;
             let public = a.out.with_extension("pub");
-            std::fs::write(&public, key.public().to_pem()).map_err(|e| usage(format!("{}: {e}", public.display())))?;
-            println!("kid {}\nprivate key {} (0600)\npublic key  {}", key.kid(), a.out.display(), public.display());
+            std::fs::write(&public, key.public().to_pem())
+                .map_err(|e| usage(format!("{}: {e}", public.display())))?;
+            println!(
+                "kid {}\nprivate key {} (0600)\npublic key  {}",
+                key.kid(),
+                a.out.display(),
+                public.display()
+            );
             Ok(())
         }
         IssuerCommand::Publish(a) => {
@@ -112,8 +131,12 @@ fn issuer_command(cmd: IssuerCommand) -> Result<(), Failure> {
             let set = bindings::load(&a.bindings).map_err(usage)?;
             let mut publics = Vec::new();
             for p in &a.public_keys {
-                let pem = std::fs::read_to_string(p).map_err(|e| usage(format!("{}: {e}", p.display())))?;
-                publics.push(keys::RsaPublicKey::from_pem(&pem).map_err(|e| usage(format!("{}: {e}", p.display())))?);
+                let pem = std::fs::read_to_string(p)
+                    .map_err(|e| usage(format!("{}: {e}", p.display())))?;
+                publics.push(
+                    keys::RsaPublicKey::from_pem(&pem)
+                        .map_err(|e| usage(format!("{}: {e}", p.display())))?,
+                );
             }
             let files = issuer::publish(&a.out, &publics, &set, &url).map_err(usage)?;
             for f in files {
@@ -140,6 +163,11 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("cannot create {}: {e} (it must not exist yet)", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot create {}: {e} (it must not exist yet)",
+                path.display()
+            )
+        })?;
     f.write_all(bytes).map_err(|e| e.to_string())
 }

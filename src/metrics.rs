@@ -12,8 +12,8 @@ const PREFIX: &str = "identity_binding_proxy";
 /// of milliseconds, a stalled dependency seconds.
 fn latency_buckets() -> Vec<f64> {
     vec![
-        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-        0.5, 1.0, 2.5, 5.0,
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 5.0,
     ]
 }
 
@@ -44,28 +44,57 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("metric {n}: {e}"));
             c
         };
-        let requests = counter("requests_total", "Token endpoint requests by outcome and HTTP status.", &["outcome", "status"]);
+        let requests = counter(
+            "requests_total",
+            "Token endpoint requests by outcome and HTTP status.",
+            &["outcome", "status"],
+        );
         let cache_lookups = counter("cache_lookups_total", "Token cache lookups.", &["result"]);
-        let cache_refreshes = counter("cache_refreshes_total", "Refresh-ahead attempts of cached tokens.", &["result"]);
-        let entra_requests = counter("entra_requests_total", "Token exchanges sent to Entra, by HTTP status (or 'error').", &["status"]);
-        let kube_reviews = counter("kube_reviews_total", "TokenReviews and SubjectAccessReviews sent to the apiserver.", &["kind", "result"]);
-        let tls_handshake_failures = counter("tls_handshake_failures_total", "Failed TLS handshakes by reason.", &["reason"]);
+        let cache_refreshes = counter(
+            "cache_refreshes_total",
+            "Refresh-ahead attempts of cached tokens.",
+            &["result"],
+        );
+        let entra_requests = counter(
+            "entra_requests_total",
+            "Token exchanges sent to Entra, by HTTP status (or 'error').",
+            &["status"],
+        );
+        let kube_reviews = counter(
+            "kube_reviews_total",
+            "TokenReviews and SubjectAccessReviews sent to the apiserver.",
+            &["kind", "result"],
+        );
+        let tls_handshake_failures = counter(
+            "tls_handshake_failures_total",
+            "Failed TLS handshakes by reason.",
+            &["reason"],
+        );
 
         let request_duration = HistogramVec::new(
-            HistogramOpts::new(name("request_duration_seconds"), "Token endpoint latency by outcome.")
-                .buckets(latency_buckets()),
+            HistogramOpts::new(
+                name("request_duration_seconds"),
+                "Token endpoint latency by outcome.",
+            )
+            .buckets(latency_buckets()),
             &["outcome"],
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
         let entra_duration = Histogram::with_opts(
-            HistogramOpts::new(name("entra_request_duration_seconds"), "Latency of token exchanges with Entra.")
-                .buckets(latency_buckets()),
+            HistogramOpts::new(
+                name("entra_request_duration_seconds"),
+                "Latency of token exchanges with Entra.",
+            )
+            .buckets(latency_buckets()),
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
         let cache_entries = IntGauge::new(name("cache_entries"), "Tokens in the cache.")
             .unwrap_or_else(|e| panic!("metric: {e}"));
         let certificate_expiry = IntGaugeVec::new(
-            Opts::new(name("certificate_expiry_timestamp_seconds"), "Expiry (Unix time) of the serving certificate per SNI name."),
+            Opts::new(
+                name("certificate_expiry_timestamp_seconds"),
+                "Expiry (Unix time) of the serving certificate per SNI name.",
+            ),
             &["sni"],
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
@@ -81,9 +110,13 @@ impl Metrics {
             Box::new(certificate_expiry.clone()),
             Box::new(build_info.clone()),
         ] {
-            registry.register(c).unwrap_or_else(|e| panic!("metric: {e}"));
+            registry
+                .register(c)
+                .unwrap_or_else(|e| panic!("metric: {e}"));
         }
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Self {
             registry,
             requests,

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use futures::future::{BoxFuture, FutureExt};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::authn::{Authenticator, Caller};
@@ -60,7 +60,8 @@ impl App {
                 let outcome = e.outcome();
                 let mut resp = json(e.status(), e.body(&correlation_id).to_json());
                 if let Some(secs) = e.retry_after() {
-                    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 }
                 if e.status().is_server_error() {
                     tracing::warn!(error = %e, "token request failed");
@@ -103,7 +104,12 @@ impl App {
         response
     }
 
-    async fn serve(&self, req: Request<Incoming>, conn: &ConnInfo, trace: &mut Trace) -> Result<Response<Body>> {
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>> {
         let (parts, body) = req.into_parts();
         let path_tenant = match token::route(&parts.method, parts.uri.path()) {
             Route::Token { tenant } => tenant,
@@ -118,7 +124,10 @@ impl App {
                 let host = token::printable(&host, 255);
                 let tenant = token::printable(&tenant, 100);
                 let base = format!("https://{host}{prefix}");
-                return Ok(json_value(StatusCode::OK, &token::discovery_document(&base, &tenant)));
+                return Ok(json_value(
+                    StatusCode::OK,
+                    &token::discovery_document(&base, &tenant),
+                ));
             }
             Route::NotFound => return Err(token::not_found(&parts.method, parts.uri.path())),
             Route::MethodNotAllowed => return Err(token::method_not_allowed(&parts.method)),
@@ -126,14 +135,23 @@ impl App {
         debug_assert_eq!(parts.method, Method::POST);
 
         // 1. Parse.
-        let body = read_body(body, self.max_body_bytes).await.map_err(|e| match e {
-            BodyError::TooLarge(limit) => ProxyError::invalid_request(format!(
+        let body = read_body(body, self.max_body_bytes)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(limit) => ProxyError::invalid_request(format!(
                 "The request body is larger than {limit} bytes. A token request is a small form."
             )),
-            BodyError::Read(e) => ProxyError::invalid_request(format!("The request body could not be read: {e}")),
-        })?;
+                BodyError::Read(e) => {
+                    ProxyError::invalid_request(format!("The request body could not be read: {e}"))
+                }
+            })?;
         if !body.iter().all(u8::is_ascii_whitespace) {
-            token::check_content_type(parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))?;
+            token::check_content_type(
+                parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok()),
+            )?;
         }
         let req = token::parse(path_tenant, parts.uri.query(), &body)?;
         trace.client_id = Some(req.client_id.clone());
@@ -144,14 +162,19 @@ impl App {
         trace.caller = Some(caller.clone());
 
         // 3. Is this identity bound to this cluster, and in the tenant the caller named?
-        let binding = self.bindings.current().get(&req.client_id).cloned().ok_or_else(|| {
-            ProxyError::Unbound(format!(
+        let binding = self
+            .bindings
+            .current()
+            .get(&req.client_id)
+            .cloned()
+            .ok_or_else(|| {
+                ProxyError::Unbound(format!(
                 "Managed identity '{}' is not bound to this cluster: add {{clientId: {}, tenantId: \
                  <tenant>}} to the proxy's bindings file (and its federated identity credential \
                  to the identity) before workloads can use it.",
                 req.client_id, req.client_id
             ))
-        })?;
+            })?;
         if let Some(tenant) = &req.path_tenant {
             if !tenant.eq_ignore_ascii_case(&binding.tenant_id) {
                 return Err(ProxyError::InvalidRequest {
@@ -203,14 +226,20 @@ impl Fetch for Exchanger {
         claims: Option<&str>,
     ) -> BoxFuture<'static, Result<IssuedToken>> {
         let binding = self.bindings.current().get(&key.client_id).cloned();
-        let (issuer, entra, authority) = (self.issuer.clone(), self.entra.clone(), self.authority.clone());
+        let (issuer, entra, authority) = (
+            self.issuer.clone(),
+            self.entra.clone(),
+            self.authority.clone(),
+        );
         let (scope, claims) = (scope.to_string(), claims.map(str::to_string));
         let tenant = key.tenant.clone();
         async move {
             // Bindings may have changed since the request (or the last refresh) started.
-            let binding = binding
-                .filter(|b| b.tenant_id == tenant)
-                .ok_or_else(|| ProxyError::Unbound("The managed identity is no longer bound to this cluster.".into()))?;
+            let binding = binding.filter(|b| b.tenant_id == tenant).ok_or_else(|| {
+                ProxyError::Unbound(
+                    "The managed identity is no longer bound to this cluster.".into(),
+                )
+            })?;
             let assertion = issuer.assertion(&binding)?;
             entra
                 .exchange(&Exchange {

@@ -16,8 +16,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::authn::{AuthnConfig, Authenticator};
-use crate::authz::{AuthzConfig, Authorizer};
+use crate::authn::{Authenticator, AuthnConfig};
+use crate::authz::{Authorizer, AuthzConfig};
 use crate::bindings::Bindings;
 use crate::cache::{CacheConfig, TokenCache};
 use crate::cluster::Cluster;
@@ -67,21 +67,32 @@ impl RunningProxy {
 
 /// Loads everything, binds both listeners, and starts serving. Returns once listening;
 /// readiness follows when the first JWKS arrives.
-pub async fn start(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Result<RunningProxy> {
+pub async fn start(
+    config: ProxyConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningProxy> {
     crate::http::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
 
     let router = Arc::new(
-        SniRouter::load(config.tls.clone(), config.default_sni.clone(), config.handshake_timeout, metrics.clone())
-            .map_err(anyhow::Error::msg)?,
+        SniRouter::load(
+            config.tls.clone(),
+            config.default_sni.clone(),
+            config.handshake_timeout,
+            metrics.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     let mut keys = Vec::new();
     for path in &config.issuer_keys {
         let pem = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read issuer key {}", path.display()))?;
-        keys.push(SigningKey::from_pem(&pem).with_context(|| format!("issuer key {}", path.display()))?);
+        keys.push(
+            SigningKey::from_pem(&pem).with_context(|| format!("issuer key {}", path.display()))?,
+        );
     }
-    let issuer = Arc::new(Issuer::new(keys, config.issuer_url.clone()).map_err(anyhow::Error::msg)?);
+    let issuer =
+        Arc::new(Issuer::new(keys, config.issuer_url.clone()).map_err(anyhow::Error::msg)?);
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
 
     let cluster = Arc::new(Cluster::connect(config.kubeconfig.as_deref()).await?);
@@ -104,7 +115,11 @@ pub async fn start(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::
         },
         metrics.clone(),
     ));
-    let entra = Arc::new(EntraClient::new(crate::http::client(), config.entra_timeout, metrics.clone()));
+    let entra = Arc::new(EntraClient::new(
+        crate::http::client(),
+        config.entra_timeout,
+        metrics.clone(),
+    ));
     let exchanger = Arc::new(Exchanger {
         bindings: bindings.clone(),
         issuer,
@@ -147,18 +162,26 @@ pub async fn start(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::
     tokio::spawn(authz.watch_rbac(background.clone()));
     tokio::spawn(cache.run_refresh(config.refresh_tick, background.clone()));
     tokio::spawn(bindings.watch(config.reload_period, background.clone()));
-    tokio::spawn(router.clone().watch(config.reload_period, background.clone()));
+    tokio::spawn(
+        router
+            .clone()
+            .watch(config.reload_period, background.clone()),
+    );
 
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(crate::http::serve_plain(admin_listener, admin_stop.clone(), {
-        let readiness = readiness.clone();
-        let metrics = metrics.clone();
-        move |req, _peer| {
+    let admin = tokio::spawn(crate::http::serve_plain(
+        admin_listener,
+        admin_stop.clone(),
+        {
             let readiness = readiness.clone();
             let metrics = metrics.clone();
-            async move { admin_response(req.uri().path(), &readiness, &metrics) }
-        }
-    }));
+            move |req, _peer| {
+                let readiness = readiness.clone();
+                let metrics = metrics.clone();
+                async move { admin_response(req.uri().path(), &readiness, &metrics) }
+            }
+        },
+    ));
 
     let done = tokio::spawn({
         let app = app.clone();
@@ -284,7 +307,10 @@ async fn serve_tls(
         });
     }
     tracker.close();
-    if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain deadline passed with requests still in flight");
     }
 }

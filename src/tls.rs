@@ -83,26 +83,51 @@ impl HandshakeError {
 }
 
 fn load_config(entry: &TlsEntry) -> Result<Arc<ServerConfig>, String> {
-    let cert_pem = std::fs::read(&entry.cert)
-        .map_err(|e| format!("{}: cannot read certificate {}: {e}", entry.name, entry.cert.display()))?;
-    let key_pem = std::fs::read(&entry.key)
-        .map_err(|e| format!("{}: cannot read key {}: {e}", entry.name, entry.key.display()))?;
+    let cert_pem = std::fs::read(&entry.cert).map_err(|e| {
+        format!(
+            "{}: cannot read certificate {}: {e}",
+            entry.name,
+            entry.cert.display()
+        )
+    })?;
+    let key_pem = std::fs::read(&entry.key).map_err(|e| {
+        format!(
+            "{}: cannot read key {}: {e}",
+            entry.name,
+            entry.key.display()
+        )
+    })?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: bad certificate PEM: {e}", entry.name))?;
     if certs.is_empty() {
-        return Err(format!("{}: {} holds no certificate", entry.name, entry.cert.display()));
+        return Err(format!(
+            "{}: {} holds no certificate",
+            entry.name,
+            entry.cert.display()
+        ));
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| format!("{}: bad key PEM: {e}", entry.name))?
-        .ok_or_else(|| format!("{}: {} holds no private key", entry.name, entry.key.display()))?;
+        .ok_or_else(|| {
+            format!(
+                "{}: {} holds no private key",
+                entry.name,
+                entry.key.display()
+            )
+        })?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: certificate and key do not fit together: {e}", entry.name))?;
+        .map_err(|e| {
+            format!(
+                "{}: certificate and key do not fit together: {e}",
+                entry.name
+            )
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -134,7 +159,10 @@ impl SniRouter {
         }
         let mut configs = HashMap::new();
         for entry in &entries {
-            if configs.insert(entry.name.clone(), load_config(entry)?).is_some() {
+            if configs
+                .insert(entry.name.clone(), load_config(entry)?)
+                .is_some()
+            {
                 return Err(format!("--tls name '{}' is given twice", entry.name));
             }
         }
@@ -165,7 +193,11 @@ impl SniRouter {
 
     /// Polls the certificate files and reloads when any changes (mounted Secrets change by a
     /// symlink swap, which a poll of the contents always sees).
-    pub async fn watch(self: Arc<Self>, period: Duration, stop: tokio_util::sync::CancellationToken) {
+    pub async fn watch(
+        self: Arc<Self>,
+        period: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let snapshot = |entries: &[TlsEntry]| -> Vec<Option<Vec<u8>>> {
             entries
                 .iter()
@@ -210,7 +242,10 @@ impl SniRouter {
         let mut acceptor = Acceptor::default();
         let mut buf = vec![0u8; 16 * 1024];
         let accepted = loop {
-            let n = tcp.read(&mut buf).await.map_err(|_| HandshakeError::Closed)?;
+            let n = tcp
+                .read(&mut buf)
+                .await
+                .map_err(|_| HandshakeError::Closed)?;
             if n == 0 {
                 return Err(HandshakeError::Closed);
             }
@@ -247,7 +282,11 @@ impl SniRouter {
         let Some(config) = config else {
             let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             let _ = tcp.shutdown().await;
-            return Err(if name.is_some() { HandshakeError::UnknownName } else { HandshakeError::NoName });
+            return Err(if name.is_some() {
+                HandshakeError::UnknownName
+            } else {
+                HandshakeError::NoName
+            });
         };
         StartHandshake::from_parts(accepted, tcp)
             .into_stream(config)

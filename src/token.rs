@@ -40,7 +40,8 @@ pub fn route(method: &Method, path: &str) -> Route {
     // "{tenant}/oauth2/v2.0/token" at the end of the path, after any proxy path prefix.
     let token_tenant = (n >= 4 && segments[n - 3..] == ["oauth2", "v2.0", "token"])
         .then(|| segments[n - 4].to_string());
-    let is_discovery = n >= 4 && segments[n - 3..] == ["v2.0", ".well-known", "openid-configuration"];
+    let is_discovery =
+        n >= 4 && segments[n - 3..] == ["v2.0", ".well-known", "openid-configuration"];
     if *method == Method::POST {
         if is_discovery {
             return Route::MethodNotAllowed;
@@ -126,7 +127,11 @@ pub fn check_content_type(content_type: Option<&str>) -> Result<()> {
 
 /// Reads the parameters of a POST: from the body, or from the query when the body is empty.
 /// Returns `Ok(None)` when this is not a client-credentials request at all.
-pub fn parse(path_tenant: Option<String>, query: Option<&str>, body: &[u8]) -> Result<TokenRequest> {
+pub fn parse(
+    path_tenant: Option<String>,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<TokenRequest> {
     let source: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         query.unwrap_or("").as_bytes()
     } else {
@@ -249,11 +254,7 @@ pub fn parse_guid(s: &str) -> Option<String> {
 /// A value from the request, shortened and stripped of control characters so it can be
 /// quoted safely in an error description.
 pub fn printable(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(max)
-        .collect();
+    let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
     if s.chars().count() > max {
         out.push('…');
     }
@@ -345,17 +346,33 @@ mod tests {
         let tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47";
         assert_eq!(
             route(&Method::POST, &format!("/{tenant}/oauth2/v2.0/token")),
-            Route::Token { tenant: Some(tenant.into()) }
+            Route::Token {
+                tenant: Some(tenant.into())
+            }
         );
         assert_eq!(
-            route(&Method::POST, &format!("/prefix/path/{tenant}/oauth2/v2.0/token")),
-            Route::Token { tenant: Some(tenant.into()) }
+            route(
+                &Method::POST,
+                &format!("/prefix/path/{tenant}/oauth2/v2.0/token")
+            ),
+            Route::Token {
+                tenant: Some(tenant.into())
+            }
         );
         assert_eq!(route(&Method::POST, "/"), Route::Token { tenant: None });
-        assert_eq!(route(&Method::POST, "/some/path"), Route::Token { tenant: None });
         assert_eq!(
-            route(&Method::GET, &format!("/{tenant}/v2.0/.well-known/openid-configuration")),
-            Route::Discovery { tenant: tenant.into(), prefix: String::new() }
+            route(&Method::POST, "/some/path"),
+            Route::Token { tenant: None }
+        );
+        assert_eq!(
+            route(
+                &Method::GET,
+                &format!("/{tenant}/v2.0/.well-known/openid-configuration")
+            ),
+            Route::Discovery {
+                tenant: tenant.into(),
+                prefix: String::new()
+            }
         );
         assert_eq!(
             route(&Method::GET, "/common/discovery/instance"),
@@ -422,7 +439,10 @@ mod tests {
             "https://a/.default https://b/.default"
         );
         assert!(normalize_scopes("https://graph.microsoft.com/User.Read").is_err());
-        let many = (0..100).map(|i| format!("https://r{i}/.default")).collect::<Vec<_>>().join(" ");
+        let many = (0..100)
+            .map(|i| format!("https://r{i}/.default"))
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(normalize_scopes(&many).is_err());
     }
 
@@ -441,7 +461,9 @@ mod tests {
 
     #[test]
     fn content_type_must_be_form() {
-        assert!(check_content_type(Some("application/x-www-form-urlencoded;charset=utf-8")).is_ok());
+        assert!(
+            check_content_type(Some("application/x-www-form-urlencoded;charset=utf-8")).is_ok()
+        );
         assert!(check_content_type(Some("application/json")).is_err());
         assert!(check_content_type(None).is_err());
     }

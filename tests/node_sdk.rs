@@ -19,7 +19,11 @@ fn node_project() -> PathBuf {
     std::fs::copy(&script, dir.join("get_token.js")).unwrap();
     let marker = dir.join(".installed-azure-identity-4.14.1");
     if !marker.exists() {
-        std::fs::write(dir.join("package.json"), br#"{"name":"ibp-sdk-test","private":true}"#).unwrap();
+        std::fs::write(
+            dir.join("package.json"),
+            br#"{"name":"ibp-sdk-test","private":true}"#,
+        )
+        .unwrap();
         let out = Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--silent", SDK])
             .current_dir(&dir)

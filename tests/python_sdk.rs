@@ -25,7 +25,14 @@ fn python_with_sdk() -> PathBuf {
         .expect("python3 must be installed");
     assert!(status.success(), "creating the venv failed");
     let out = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", SDK])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            SDK,
+        ])
         .output()
         .expect("pip runs");
     assert!(

@@ -12,7 +12,13 @@ use http_body_util::Full;
 use identity_binding_proxy::emulators::entra::Fic;
 use identity_binding_proxy::emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
 
-fn mint(sys: &identity_binding_proxy::dev::DevSystem, ns: &str, sa: &str, aud: &str, expires_in: i64) -> String {
+fn mint(
+    sys: &identity_binding_proxy::dev::DevSystem,
+    ns: &str,
+    sa: &str,
+    aud: &str,
+    expires_in: i64,
+) -> String {
     sys.kube
         .mint_token(&MintRequest {
             namespace: ns.into(),
@@ -25,13 +31,25 @@ fn mint(sys: &identity_binding_proxy::dev::DevSystem, ns: &str, sa: &str, aud: &
 }
 
 fn assert_refused(reply: &Reply, status: u16, error: &str, needle: &str) {
-    assert_eq!(reply.status, status, "body: {}", String::from_utf8_lossy(&reply.raw));
+    assert_eq!(
+        reply.status,
+        status,
+        "body: {}",
+        String::from_utf8_lossy(&reply.raw)
+    );
     assert_eq!(reply.json["error"], error, "body: {}", reply.json);
     let d = reply.error_description();
-    assert!(d.contains(needle), "description {d:?} should mention {needle:?}");
+    assert!(
+        d.contains(needle),
+        "description {d:?} should mention {needle:?}"
+    );
     assert!(reply.json.get("access_token").is_none());
-    assert!(reply.json["error_codes"].as_array().is_some_and(|c| !c.is_empty()));
-    assert!(reply.json["correlation_id"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(reply.json["error_codes"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty()));
+    assert!(reply.json["correlation_id"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,11 +62,17 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
 
     // The SDKs' shape: tenant path, form body, assertion with its trailing newline.
     let first = client
-        .post_form(&format!("/{}/oauth2/v2.0/token", info.tenant_id), &token_form(&info.client_id, &assertion))
+        .post_form(
+            &format!("/{}/oauth2/v2.0/token", info.tenant_id),
+            &token_form(&info.client_id, &assertion),
+        )
         .await;
     assert_eq!(first.status, 200, "{}", first.json);
     assert_eq!(first.json["token_type"], "Bearer");
-    assert!(first.json["expires_in"].is_u64(), "expires_in must be an integer");
+    assert!(
+        first.json["expires_in"].is_u64(),
+        "expires_in must be an integer"
+    );
     assert!(first.json["ext_expires_in"].is_u64());
     let token = first.json["access_token"].as_str().unwrap().to_string();
     assert!(token.split('.').count() == 3);
@@ -57,23 +81,40 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     // The same identity and scope again, a little later: served from cache, counting down.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let second = client
-        .post_form(&format!("/{}/oauth2/v2.0/token", info.tenant_id), &token_form(&info.client_id, assertion.trim()))
+        .post_form(
+            &format!("/{}/oauth2/v2.0/token", info.tenant_id),
+            &token_form(&info.client_id, assertion.trim()),
+        )
         .await;
     assert_eq!(second.status, 200);
     assert_eq!(second.json["access_token"], token.as_str());
     assert!(second.json["expires_in"].as_u64() < first.json["expires_in"].as_u64());
-    assert_eq!(sys.entra.stats().tokens_issued, 1, "second request must not reach Entra");
+    assert_eq!(
+        sys.entra.stats().tokens_issued,
+        1,
+        "second request must not reach Entra"
+    );
 
     // Root path (curl how-to, kubelet credential provider), with a proxy path prefix, and
     // Node's query string beside a body.
-    for path in ["/", "/some/proxy/path", &format!("/{}/oauth2/v2.0/token?client-request-id=3f0c5d8e-1111-2222-3333-444455556666", info.tenant_id)] {
-        let r = client.post_form(path, &token_form(&info.client_id, &assertion)).await;
+    for path in [
+        "/",
+        "/some/proxy/path",
+        &format!(
+            "/{}/oauth2/v2.0/token?client-request-id=3f0c5d8e-1111-2222-3333-444455556666",
+            info.tenant_id
+        ),
+    ] {
+        let r = client
+            .post_form(path, &token_form(&info.client_id, &assertion))
+            .await;
         assert_eq!(r.status, 200, "{path}: {}", r.json);
         assert_eq!(r.json["access_token"], token.as_str(), "{path}");
     }
 
     // Parameters in the query string with an empty body (sample Go programs).
-    let query = identity_binding_proxy::http::form_encode(token_form(&info.client_id, assertion.trim()));
+    let query =
+        identity_binding_proxy::http::form_encode(token_form(&info.client_id, assertion.trim()));
     let req = http::Request::post(format!("/?{query}"))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -83,26 +124,38 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     // h2 works too.
     let ca = std::fs::read(&info.ca_file).unwrap();
     let h2 = Client::new(sys.proxy.addr, &info.sni_name, &ca, &[b"h2"]);
-    let r = h2.post_form("/", &token_form(&info.client_id, &assertion)).await;
+    let r = h2
+        .post_form("/", &token_form(&info.client_id, &assertion))
+        .await;
     assert_eq!(r.status, 200, "{}", r.json);
 
     // MSAL for Go's discovery, pointing back at the proxy; instance discovery is 404.
-    let req = http::Request::get(format!("/{}/v2.0/.well-known/openid-configuration", info.tenant_id))
-        .header("host", "127.0.0.1:8443")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = http::Request::get(format!(
+        "/{}/v2.0/.well-known/openid-configuration",
+        info.tenant_id
+    ))
+    .header("host", "127.0.0.1:8443")
+    .body(Full::new(Bytes::new()))
+    .unwrap();
     let r = client.send(req).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json["token_endpoint"],
-        format!("https://127.0.0.1:8443/{}/oauth2/v2.0/token", info.tenant_id)
+        format!(
+            "https://127.0.0.1:8443/{}/oauth2/v2.0/token",
+            info.tenant_id
+        )
     );
     let req = http::Request::get("/common/discovery/instance?api-version=1.1")
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(client.send(req).await.status, 404);
 
-    assert_eq!(sys.entra.stats().tokens_issued, 1, "every shape was served from one exchange");
+    assert_eq!(
+        sys.entra.stats().tokens_issued,
+        1,
+        "every shape was served from one exchange"
+    );
     sys.shutdown().await;
 }
 
@@ -118,28 +171,60 @@ async fn refusals_name_their_cause() {
     // Malformed: JSON instead of a form.
     let req = http::Request::post("/")
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(b"{\"grant_type\":\"client_credentials\"}")))
+        .body(Full::new(Bytes::from_static(
+            b"{\"grant_type\":\"client_credentials\"}",
+        )))
         .unwrap();
-    assert_refused(&client.send(req).await, 400, "invalid_request", "application/x-www-form-urlencoded");
+    assert_refused(
+        &client.send(req).await,
+        400,
+        "invalid_request",
+        "application/x-www-form-urlencoded",
+    );
 
     // A missing field.
     let mut form = token_form(cid, &good);
     form.retain(|(k, _)| *k != "scope");
-    assert_refused(&client.post_form("/", &form).await, 400, "invalid_request", "'scope'");
+    assert_refused(
+        &client.post_form("/", &form).await,
+        400,
+        "invalid_request",
+        "'scope'",
+    );
 
     // client_id that is not a GUID.
-    assert_refused(&client.post_form("/", &token_form("../../etc", &good)).await, 400, "invalid_request", "not a GUID");
+    assert_refused(
+        &client.post_form("/", &token_form("../../etc", &good)).await,
+        400,
+        "invalid_request",
+        "not a GUID",
+    );
 
     // Garbage assertion.
-    assert_refused(&client.post_form("/", &token_form(cid, "garbage")).await, 401, "invalid_client", "not a JWT");
+    assert_refused(
+        &client.post_form("/", &token_form(cid, "garbage")).await,
+        401,
+        "invalid_client",
+        "not a JWT",
+    );
 
     // Expired SA token.
     let expired = mint(&sys, "demo", "demo", "api://AKSIdentityBinding", -3600);
-    assert_refused(&client.post_form("/", &token_form(cid, &expired)).await, 401, "invalid_client", "expired");
+    assert_refused(
+        &client.post_form("/", &token_form(cid, &expired)).await,
+        401,
+        "invalid_client",
+        "expired",
+    );
 
     // Wrong audience.
     let wrong_aud = mint(&sys, "demo", "demo", "https://kubernetes.default.svc", 3600);
-    assert_refused(&client.post_form("/", &token_form(cid, &wrong_aud)).await, 401, "invalid_client", "api://AKSIdentityBinding");
+    assert_refused(
+        &client.post_form("/", &token_form(cid, &wrong_aud)).await,
+        401,
+        "invalid_client",
+        "api://AKSIdentityBinding",
+    );
 
     // A token from another cluster (another issuer and key).
     let other_dir = tempfile::tempdir().unwrap();
@@ -160,34 +245,58 @@ async fn refusals_name_their_cause() {
             pod_name: None,
         })
         .unwrap();
-    assert_refused(&client.post_form("/", &token_form(cid, &foreign)).await, 401, "invalid_client", "does not publish");
+    assert_refused(
+        &client.post_form("/", &token_form(cid, &foreign)).await,
+        401,
+        "invalid_client",
+        "does not publish",
+    );
     other.shutdown().await;
 
     // alg: none, with the claims of a valid token.
     let claims = good.trim().split('.').nth(1).unwrap();
     let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
-    assert_refused(&client.post_form("/", &token_form(cid, &none)).await, 401, "invalid_client", "'none' is refused");
+    assert_refused(
+        &client.post_form("/", &token_form(cid, &none)).await,
+        401,
+        "invalid_client",
+        "'none' is refused",
+    );
 
     // A service account without a grant: 403 naming verb, group and resource.
     let denied = read(&info.denied_token_file);
     let r = client.post_form("/", &token_form(cid, &denied)).await;
     assert_refused(&r, 403, "unauthorized_client", "use-managed-identity");
     let d = r.error_description();
-    assert!(d.contains("cid.wi.aks.azure.com") && d.contains(cid) && d.contains("demo/intruder"), "{d}");
+    assert!(
+        d.contains("cid.wi.aks.azure.com") && d.contains(cid) && d.contains("demo/intruder"),
+        "{d}"
+    );
 
     // A client-id not bound to this cluster.
     let unbound = "99999999-8888-7777-6666-555555555555";
-    assert_refused(&client.post_form("/", &token_form(unbound, &good)).await, 403, "unauthorized_client", "not bound");
+    assert_refused(
+        &client.post_form("/", &token_form(unbound, &good)).await,
+        403,
+        "unauthorized_client",
+        "not bound",
+    );
 
     // A tenant in the path that is not the identity's.
     let r = client
-        .post_form("/00000000-0000-0000-0000-000000000001/oauth2/v2.0/token", &token_form(cid, &good))
+        .post_form(
+            "/00000000-0000-0000-0000-000000000001/oauth2/v2.0/token",
+            &token_form(cid, &good),
+        )
         .await;
     assert_refused(&r, 400, "invalid_request", &info.tenant_id);
 
     // Entra's FIC does not match our assertion: its AADSTS error is passed through.
     assert!(sys.entra.remove_fic(cid, "identity-binding-proxy"));
-    let issuer = info.issuer_url.replace("{tenant}", &info.tenant_id).replace("{client_id}", cid);
+    let issuer = info
+        .issuer_url
+        .replace("{tenant}", &info.tenant_id)
+        .replace("{client_id}", cid);
     sys.entra
         .add_fic(Fic {
             client_id: cid.into(),
@@ -198,13 +307,27 @@ async fn refusals_name_their_cause() {
         })
         .unwrap();
     let r = client.post_form("/", &token_form(cid, &good)).await;
-    assert_eq!(r.status, 401, "Entra's status is passed through: {}", r.json);
+    assert_eq!(
+        r.status, 401,
+        "Entra's status is passed through: {}",
+        r.json
+    );
     assert_eq!(r.json["error"], "invalid_client");
-    assert!(r.json["error_codes"][0].as_u64().is_some_and(|c| c == 700213 || c == 70021), "{}", r.json);
+    assert!(
+        r.json["error_codes"][0]
+            .as_u64()
+            .is_some_and(|c| c == 700213 || c == 70021),
+        "{}",
+        r.json
+    );
     assert!(r.error_description().starts_with("AADSTS"), "{}", r.json);
     assert!(r.json.get("access_token").is_none());
 
-    assert_eq!(sys.entra.stats().tokens_issued, 0, "no refusal may reach a token");
+    assert_eq!(
+        sys.entra.stats().tokens_issued,
+        0,
+        "no refusal may reach a token"
+    );
     sys.shutdown().await;
 }
 
@@ -215,7 +338,10 @@ async fn unknown_sni_is_refused_at_the_handshake() {
     let ca = std::fs::read(&sys.info.ca_file).unwrap();
     let stranger = Client::new(sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
     let err = stranger.connect().await.err().expect("handshake must fail");
-    assert!(err.to_string().to_lowercase().contains("unrecogni"), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("unrecogni"),
+        "{err}"
+    );
     // The served name still works.
     assert!(Client::for_dev(&sys).connect().await.is_ok());
     sys.shutdown().await;
@@ -228,7 +354,9 @@ async fn a_grant_added_to_the_rbac_file_takes_effect() {
     let client = Client::for_dev(&sys);
     let info = sys.info.clone();
     let denied = read(&info.denied_token_file);
-    let r = client.post_form("/", &token_form(&info.client_id, &denied)).await;
+    let r = client
+        .post_form("/", &token_form(&info.client_id, &denied))
+        .await;
     assert_eq!(r.status, 403);
 
     let mut rbac = read(&info.rbac_file);
@@ -237,9 +365,16 @@ async fn a_grant_added_to_the_rbac_file_takes_effect() {
     ));
     std::fs::write(&info.rbac_file, rbac).unwrap();
     let granted = eventually(Duration::from_secs(10), || async {
-        client.post_form("/", &token_form(&info.client_id, &denied)).await.status == 200
+        client
+            .post_form("/", &token_form(&info.client_id, &denied))
+            .await
+            .status
+            == 200
     })
     .await;
-    assert!(granted, "the new RoleBinding must grant within the denied-decision TTL");
+    assert!(
+        granted,
+        "the new RoleBinding must grant within the denied-decision TTL"
+    );
     sys.shutdown().await;
 }

@@ -11,7 +11,11 @@ use tokio_util::sync::CancellationToken;
 use crate::http::{json, text};
 
 /// Serves the files under `root` until `stop` fires. Returns the bound address.
-pub async fn start(listen: SocketAddr, root: PathBuf, stop: CancellationToken) -> anyhow::Result<SocketAddr> {
+pub async fn start(
+    listen: SocketAddr,
+    root: PathBuf,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(crate::http::serve_plain(listener, stop, move |req, _| {
@@ -48,7 +52,10 @@ mod tests {
     #[test]
     fn paths_cannot_escape_the_root() {
         let root = Path::new("/srv");
-        assert_eq!(resolve(root, "/a/.well-known/x"), Some(PathBuf::from("/srv/a/.well-known/x")));
+        assert_eq!(
+            resolve(root, "/a/.well-known/x"),
+            Some(PathBuf::from("/srv/a/.well-known/x"))
+        );
         assert_eq!(resolve(root, "/../etc/passwd"), None);
         assert_eq!(resolve(root, "/a/../../b"), None);
     }

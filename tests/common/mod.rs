@@ -52,7 +52,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn error_description(&self) -> String {
-        self.json["error_description"].as_str().unwrap_or("").to_string()
+        self.json["error_description"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 }
 
@@ -120,14 +123,22 @@ impl Client {
         let headers = resp.headers().clone();
         let raw = resp.into_body().collect().await.unwrap().to_bytes();
         let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-        Reply { status, headers, json, raw }
+        Reply {
+            status,
+            headers,
+            json,
+            raw,
+        }
     }
 
     pub async fn post_form(&self, path: &str, pairs: &[(&str, &str)]) -> Reply {
         let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
         let req = http::Request::post(path)
             .header("host", &self.sni)
-            .header("content-type", "application/x-www-form-urlencoded;charset=utf-8")
+            .header(
+                "content-type",
+                "application/x-www-form-urlencoded;charset=utf-8",
+            )
             .body(Full::new(Bytes::from(body)))
             .unwrap();
         self.send(req).await
@@ -184,20 +195,33 @@ impl DevProcess {
     /// Runs `dev` on ephemeral ports with `state` as its state dir and waits for `dev.json`.
     pub fn start(state: &Path) -> Self {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state-dir"])
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
             .arg(state)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("dev starts");
-        let mut dev = Self { child, info: serde_json::Value::Null };
+        let mut dev = Self {
+            child,
+            info: serde_json::Value::Null,
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let file = state.join("dev.json");
         while !file.exists() {
             if let Ok(Some(status)) = dev.child.try_wait() {
                 panic!("dev exited with {status} before writing dev.json");
             }
-            assert!(std::time::Instant::now() < deadline, "dev.json did not appear within 60 s");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dev.json did not appear within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         dev.info = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -205,7 +229,10 @@ impl DevProcess {
     }
 
     pub fn get(&self, key: &str) -> String {
-        self.info[key].as_str().unwrap_or_else(|| panic!("dev.json has no {key}")).to_string()
+        self.info[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("dev.json has no {key}"))
+            .to_string()
     }
 
     /// The environment the workload identity webhook would inject, with `token_file`
@@ -217,7 +244,10 @@ impl DevProcess {
             ("AZURE_KUBERNETES_CA_FILE", self.get("ca_file")),
             ("AZURE_CLIENT_ID", self.get("client_id")),
             ("AZURE_TENANT_ID", self.get("tenant_id")),
-            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/".into()),
+            (
+                "AZURE_AUTHORITY_HOST",
+                "https://login.microsoftonline.com/".into(),
+            ),
             ("AZURE_FEDERATED_TOKEN_FILE", self.get(token_file)),
         ]
     }
