@@ -123,6 +123,10 @@ pub struct ServeArgs {
     pub drain_timeout_secs: u64,
     #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+    /// Tokio worker threads (default: one per CPU). One thread pinned to one core is how the
+    /// load benchmarks compare the proxy with a single-worker nginx.
+    #[arg(long, env = "IBP_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Writable directory for state that should survive a restart (the cluster JWKS, so
     /// tokens verify even if the apiserver is down when the proxy restarts).
     #[arg(long, env = "IBP_STATE_DIR")]

@@ -420,12 +420,17 @@ fn print_banner(info: &DevInfo, state_dir: &Path) {
     );
 }
 
+/// `p` made absolute, without `.` components (paths land in env files users read).
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if p.is_absolute() {
+    let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
         std::env::current_dir()?.join(p)
-    })
+    };
+    Ok(joined
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect())
 }
 
 /// Writes through a temporary file and a rename, so readers never see half a file.
