@@ -173,7 +173,9 @@ pub struct Authenticator {
     jwks: ArcSwap<Jwks>,
     jwks_loaded: std::sync::atomic::AtomicBool,
     last_refresh: Mutex<Option<Instant>>,
-    reviews: moka::sync::Cache<[u8; 32], (Reviewed, Instant)>,
+    /// TokenReview answers by SHA-256 of the token. Concurrent first requests with one token
+    /// share one review (moka coalesces `try_get_with`).
+    reviews: moka::future::Cache<[u8; 32], (Reviewed, Instant)>,
     metrics: Arc<Metrics>,
 }
 
@@ -187,7 +189,7 @@ impl Authenticator {
             jwks_loaded: Default::default(),
             last_refresh: Mutex::new(None),
             // Bounded: one entry per distinct live token on this node.
-            reviews: moka::sync::Cache::builder()
+            reviews: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
@@ -416,11 +418,22 @@ impl Authenticator {
                 .as_ref()
                 .try_into()
                 .map_err(|_| ProxyError::Internal("digest length".into()))?;
-        if let Some((reviewed, until)) = self.reviews.get(&digest) {
+        if let Some((reviewed, until)) = self.reviews.get(&digest).await {
             if Instant::now() < until {
                 return reviewed_result(reviewed);
             }
+            self.reviews.invalidate(&digest).await;
         }
+        let (reviewed, _) = self
+            .reviews
+            .try_get_with(digest, self.fresh_review(token))
+            .await
+            .map_err(|e: Arc<ProxyError>| (*e).clone())?;
+        reviewed_result(reviewed)
+    }
+
+    /// Asks the apiserver; failures are not cached.
+    async fn fresh_review(&self, token: &str) -> Result<(Reviewed, Instant)> {
         let status = match self
             .cluster
             .token_review(token, &self.config.audience)
@@ -473,9 +486,7 @@ impl Authenticator {
             )
         };
         let ttl = token_ttl(token).min(self.config.review_ttl);
-        self.reviews
-            .insert(digest, (reviewed.clone(), Instant::now() + ttl));
-        reviewed_result(reviewed)
+        Ok((reviewed, Instant::now() + ttl))
     }
 }
 

@@ -29,7 +29,8 @@ pub struct Authorizer {
     /// Bumped on every RBAC change: a review that started before a change must not store its
     /// (possibly stale) answer after the change dropped the cache.
     generation: AtomicU64,
-    decisions: moka::sync::Cache<Key, (bool, Instant)>,
+    /// Decisions per (namespace, SA, client-id); concurrent first requests share one review.
+    decisions: moka::future::Cache<Key, (bool, Instant)>,
     metrics: Arc<Metrics>,
 }
 
@@ -38,7 +39,7 @@ impl Authorizer {
         Self {
             cluster,
             generation: AtomicU64::new(0),
-            decisions: moka::sync::Cache::builder()
+            decisions: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(config.allowed_ttl.max(config.denied_ttl))
                 .build(),
@@ -104,49 +105,60 @@ impl Authorizer {
             caller.service_account.clone(),
             client_id.to_string(),
         );
-        let allowed = match self.decisions.get(&key) {
-            Some((allowed, until)) if Instant::now() < until => allowed,
-            _ => {
-                let generation = self.generation.load(Ordering::Acquire);
-                let subject = Subject {
-                    user: &caller.username,
-                    groups: &caller.groups,
-                    uid: &caller.sa_uid,
-                    namespace: &caller.namespace,
-                };
-                let (allowed, _reason) = match self.cluster.access_review(&subject, client_id).await
-                {
-                    Ok(answer) => {
-                        self.metrics.kube_review("subjectaccessreview", "ok");
-                        answer
-                    }
-                    Err(e) => {
-                        self.metrics.kube_review("subjectaccessreview", "error");
-                        return Err(ProxyError::Unavailable {
-                            retry_after: 2,
-                            description: format!(
-                                "Could not check whether service account {}/{} may use managed \
-                                 identity {client_id}: {e}. Retry shortly.",
-                                caller.namespace, caller.service_account
-                            ),
-                        });
-                    }
-                };
+        if let Some((_, until)) = self.decisions.get(&key).await {
+            if Instant::now() >= until {
+                self.decisions.invalidate(&key).await;
+            }
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let (allowed, _) = self
+            .decisions
+            .try_get_with(key.clone(), self.review(caller, client_id))
+            .await
+            .map_err(|e: Arc<ProxyError>| (*e).clone())?;
+        if self.generation.load(Ordering::Acquire) != generation {
+            // RBAC changed while we asked: this answer may predate the change, so keep it
+            // for this request only.
+            self.decisions.invalidate(&key).await;
+        }
+        if allowed {
+            Ok(())
+        } else {
+            Err(ProxyError::Forbidden(denial(caller, client_id)))
+        }
+    }
+}
+
+impl Authorizer {
+    /// Asks the apiserver; failures are not cached.
+    async fn review(&self, caller: &Caller, client_id: &str) -> Result<(bool, Instant)> {
+        let subject = Subject {
+            user: &caller.username,
+            groups: &caller.groups,
+            uid: &caller.sa_uid,
+            namespace: &caller.namespace,
+        };
+        match self.cluster.access_review(&subject, client_id).await {
+            Ok((allowed, _reason)) => {
+                self.metrics.kube_review("subjectaccessreview", "ok");
                 let ttl = if allowed {
                     self.config.allowed_ttl
                 } else {
                     self.config.denied_ttl
                 };
-                if self.generation.load(Ordering::Acquire) == generation {
-                    self.decisions.insert(key, (allowed, Instant::now() + ttl));
-                }
-                allowed
+                Ok((allowed, Instant::now() + ttl))
             }
-        };
-        if allowed {
-            Ok(())
-        } else {
-            Err(ProxyError::Forbidden(denial(caller, client_id)))
+            Err(e) => {
+                self.metrics.kube_review("subjectaccessreview", "error");
+                Err(ProxyError::Unavailable {
+                    retry_after: 2,
+                    description: format!(
+                        "Could not check whether service account {}/{} may use managed \
+                         identity {client_id}: {e}. Retry shortly.",
+                        caller.namespace, caller.service_account
+                    ),
+                })
+            }
         }
     }
 }
