@@ -290,7 +290,8 @@ pub fn mint_from_state_dir(state_dir: &Path, req: &MintRequest) -> anyhow::Resul
             key_path.display()
         )
     })?;
-    let key = SigningKey::from_pem(&pem).with_context(|| format!("loading {}", key_path.display()))?;
+    let key =
+        SigningKey::from_pem(&pem).with_context(|| format!("loading {}", key_path.display()))?;
     let issuer_path = state_dir.join(ISSUER_FILE);
     let issuer = std::fs::read_to_string(&issuer_path)
         .with_context(|| format!("reading {}", issuer_path.display()))?;
@@ -325,7 +326,9 @@ fn stable_uid(kind: &str, namespace: &str, name: &str) -> String {
 fn load_or_create_key(dir: &Path) -> anyhow::Result<SigningKey> {
     let path = dir.join(KEY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(pem) => SigningKey::from_pem(&pem).with_context(|| format!("loading {}", path.display())),
+        Ok(pem) => {
+            SigningKey::from_pem(&pem).with_context(|| format!("loading {}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::generate(2048).context("generating the SA signing key")?;
             write_private(&path, key.private_pem().as_bytes())?;
@@ -353,7 +356,10 @@ fn resolve_issuer(dir: &Path, configured: Option<&str>) -> anyhow::Result<String
 }
 
 fn default_issuer() -> String {
-    format!("https://oidc.kube-emulator.invalid/{}", uuid::Uuid::new_v4())
+    format!(
+        "https://oidc.kube-emulator.invalid/{}",
+        uuid::Uuid::new_v4()
+    )
 }
 
 /// Writes a file only its owner can read: it holds a private key or a bearer token.
@@ -623,7 +629,10 @@ impl Inner {
                 "authentication.kubernetes.io/pod-name".to_string(),
                 vec![pod_name],
             );
-            extra.insert("authentication.kubernetes.io/pod-uid".to_string(), vec![uid]);
+            extra.insert(
+                "authentication.kubernetes.io/pod-uid".to_string(),
+                vec![uid],
+            );
         }
         if let Some(jti) = claims.get("jti").and_then(Value::as_str) {
             extra.insert(
@@ -819,9 +828,8 @@ fn set_resource_version(object: &mut Value, rv: u64) {
 }
 
 fn rfc3339_now() -> String {
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
-    );
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     time::OffsetDateTime::now_utc()
         .format(&format)
         .unwrap_or_default()
@@ -902,8 +910,14 @@ fn parse_requirement(part: &str) -> Option<Requirement> {
         return valid_key(key).then(|| Requirement::DoesNotExist(key.to_string()));
     }
     for (op, ctor) in [
-        (" notin ", Requirement::NotIn as fn(String, Vec<String>) -> Requirement),
-        (" in ", Requirement::In as fn(String, Vec<String>) -> Requirement),
+        (
+            " notin ",
+            Requirement::NotIn as fn(String, Vec<String>) -> Requirement,
+        ),
+        (
+            " in ",
+            Requirement::In as fn(String, Vec<String>) -> Requirement,
+        ),
     ] {
         if let Some((key, values)) = part.split_once(op) {
             let key = key.trim();
@@ -1009,7 +1023,10 @@ fn status_value(code: StatusCode, reason: &str, message: &str, details: Option<V
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    boxed(h::json_value(code, &status_value(code, reason, message, None)))
+    boxed(h::json_value(
+        code,
+        &status_value(code, reason, message, None),
+    ))
 }
 
 fn not_found_path() -> Response<Body> {
@@ -1196,7 +1213,11 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         }
         _ => {}
     }
-    if !(path == "/api" || path.starts_with("/api/") || path == "/apis" || path.starts_with("/apis/")) {
+    if !(path == "/api"
+        || path.starts_with("/api/")
+        || path == "/apis"
+        || path.starts_with("/apis/"))
+    {
         return not_found_path();
     }
     if !bearer_ok(&inner, &req) {
@@ -1249,9 +1270,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             match name {
                 Some(name) => get_rbac_object(&inner, kind, namespace, name),
                 None => {
-                    let watching = query
-                        .get("watch")
-                        .is_some_and(|w| w == "true" || w == "1");
+                    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
                     if watching {
                         watch_rbac(&inner, kind, namespace, &query)
                     } else {
@@ -1308,8 +1327,7 @@ async fn read_object<T: serde::de::DeserializeOwned>(
             }
         }
     }
-    serde_json::from_value(value)
-        .map_err(|e| bad_request(&format!("unable to decode {kind}: {e}")))
+    serde_json::from_value(value).map_err(|e| bad_request(&format!("unable to decode {kind}: {e}")))
 }
 
 async fn token_review(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
@@ -1350,7 +1368,10 @@ async fn subject_access_review(inner: &Inner, req: Request<Incoming>) -> Respons
     let user = spec.user.clone().unwrap_or_default();
     let groups = spec.groups.clone().unwrap_or_default();
     if user.is_empty() && groups.is_empty() {
-        causes.push(("spec.user", "at least one of user or group must be specified"));
+        causes.push((
+            "spec.user",
+            "at least one of user or group must be specified",
+        ));
     }
     if !causes.is_empty() {
         let messages: Vec<String> = causes
@@ -1626,7 +1647,9 @@ fn watch_rbac(
         .and_then(|t| t.parse::<u64>().ok())
         .filter(|t| *t > 0)
         .unwrap_or(DEFAULT_WATCH_TIMEOUT_SECS);
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
     let send_initial = query.get("sendInitialEvents").is_some_and(|b| b == "true");
     bump(&inner.counters.rbac_watches);
 
@@ -1676,7 +1699,11 @@ fn watch_rbac(
                     pending.push(too_old(last, store.floor));
                     last = u64::MAX;
                 } else {
-                    for ev in store.history.iter().filter(|e| e.rv > last && e.kind == kind) {
+                    for ev in store
+                        .history
+                        .iter()
+                        .filter(|e| e.rv > last && e.kind == kind)
+                    {
                         if let Some((t, obj)) = filtered_event(&filter, ev) {
                             pending.push(event_line(t.as_str(), &obj));
                         }
@@ -1774,9 +1801,10 @@ rules:
     async fn client(emu: &KubeEmulator) -> kube::Client {
         crate::http::install_crypto_provider();
         let kubeconfig = Kubeconfig::read_from(emu.kubeconfig_path()).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .unwrap();
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .unwrap();
         kube::Client::try_from(config).unwrap()
     }
 
@@ -1848,9 +1876,10 @@ rules:
         let req = req
             .body(http_body_util::Full::new(Bytes::from(body.to_string())))
             .unwrap();
-        let fetched = crate::http::fetch(&crate::http::client(), req, Duration::from_secs(5), 1 << 20)
-            .await
-            .unwrap();
+        let fetched =
+            crate::http::fetch(&crate::http::client(), req, Duration::from_secs(5), 1 << 20)
+                .await
+                .unwrap();
         (
             fetched.status,
             serde_json::from_slice(&fetched.body).unwrap_or(Value::Null),
@@ -1867,7 +1896,10 @@ rules:
         assert_eq!(status.authenticated, Some(true), "{status:?}");
         assert_eq!(status.audiences, Some(vec![ENTRA_AUDIENCE.to_string()]));
         let user = status.user.unwrap();
-        assert_eq!(user.username.as_deref(), Some("system:serviceaccount:demo:demo"));
+        assert_eq!(
+            user.username.as_deref(),
+            Some("system:serviceaccount:demo:demo")
+        );
         assert_eq!(user.uid, Some(service_account_uid("demo", "demo")));
         assert_eq!(
             user.groups.unwrap(),
@@ -1878,7 +1910,10 @@ rules:
             ]
         );
         let extra = user.extra.unwrap();
-        assert_eq!(extra["authentication.kubernetes.io/pod-name"], vec!["demo-pod"]);
+        assert_eq!(
+            extra["authentication.kubernetes.io/pod-name"],
+            vec!["demo-pod"]
+        );
         assert_eq!(
             extra["authentication.kubernetes.io/pod-uid"],
             vec![pod_uid("demo", "demo-pod")]
@@ -1908,7 +1943,10 @@ rules:
         assert_eq!(status.authenticated, Some(true), "{status:?}");
         assert_eq!(status.audiences, Some(vec![emu.issuer()]));
         let entra_token = demo_token(&emu, &[ENTRA_AUDIENCE], 600);
-        assert_eq!(review(&client, &entra_token, &[]).await.authenticated, Some(false));
+        assert_eq!(
+            review(&client, &entra_token, &[]).await.authenticated,
+            Some(false)
+        );
         emu.shutdown().await;
     }
 
@@ -1959,22 +1997,31 @@ rules:
         let client = client(&emu).await;
         let foreign = demo_token(&other, &[ENTRA_AUDIENCE], 600);
         assert_eq!(
-            review(&client, &foreign, &[ENTRA_AUDIENCE]).await.authenticated,
+            review(&client, &foreign, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
             Some(false)
         );
         // Same issuer, other key: the signature gives it away.
-        let forged = mint(&other.inner.key, &emu.issuer(), &MintRequest {
-            namespace: "demo".into(),
-            service_account: "demo".into(),
-            audiences: vec![ENTRA_AUDIENCE.into()],
-            expires_in_secs: 600,
-            pod_name: None,
-        })
+        let forged = mint(
+            &other.inner.key,
+            &emu.issuer(),
+            &MintRequest {
+                namespace: "demo".into(),
+                service_account: "demo".into(),
+                audiences: vec![ENTRA_AUDIENCE.into()],
+                expires_in_secs: 600,
+                pod_name: None,
+            },
+        )
         .unwrap();
         let status = review(&client, &forged, &[ENTRA_AUDIENCE]).await;
         assert_eq!(status.authenticated, Some(false));
         assert!(status.error.unwrap().contains("cryptographic"));
-        assert_eq!(review(&client, "not-a-jwt", &[]).await.authenticated, Some(false));
+        assert_eq!(
+            review(&client, "not-a-jwt", &[]).await.authenticated,
+            Some(false)
+        );
         emu.shutdown().await;
         other.shutdown().await;
     }
@@ -2008,9 +2055,19 @@ rules:
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(review(&client, &token, &[ENTRA_AUDIENCE]).await.authenticated, Some(true));
+        assert_eq!(
+            review(&client, &token, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
+            Some(true)
+        );
         emu.delete_service_account("demo", "demo");
-        assert_eq!(review(&client, &token, &[ENTRA_AUDIENCE]).await.authenticated, Some(false));
+        assert_eq!(
+            review(&client, &token, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
+            Some(false)
+        );
         emu.shutdown().await;
     }
 
@@ -2018,7 +2075,8 @@ rules:
     async fn subject_access_review_is_allowed_with_reason_or_denied() {
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
-        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo")).unwrap();
+        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo"))
+            .unwrap();
         let client = client(&emu).await;
         let allowed = sar(&client, "system:serviceaccount:demo:demo").await;
         assert!(allowed.allowed);
@@ -2044,7 +2102,14 @@ rules:
         assert_eq!(body["kind"], "Status");
         assert_eq!(body["reason"], "Invalid");
         assert_eq!(body["code"], 422);
-        let (code, _) = raw(&emu, Method::POST, path, Some(&bearer), r#"{"spec":{"user":"u"}}"#).await;
+        let (code, _) = raw(
+            &emu,
+            Method::POST,
+            path,
+            Some(&bearer),
+            r#"{"spec":{"user":"u"}}"#,
+        )
+        .await;
         assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
         let (code, body) = raw(&emu, Method::POST, path, Some(&bearer), "{not json").await;
         assert_eq!(code, StatusCode::BAD_REQUEST);
@@ -2061,13 +2126,30 @@ rules:
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
         let client = client(&emu).await;
-        assert!(!sar(&client, "system:serviceaccount:demo:demo").await.allowed);
-        emu.set_rbac_yaml(&policy_yaml("b", "demo", "demo")).unwrap();
-        assert!(sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
+        emu.set_rbac_yaml(&policy_yaml("b", "demo", "demo"))
+            .unwrap();
+        assert!(
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         assert!(emu.set_rbac_yaml("kind: [").is_err());
-        assert!(sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         emu.set_rbac_yaml(ROLE_ONLY).unwrap();
-        assert!(!sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         emu.shutdown().await;
     }
 
@@ -2092,19 +2174,31 @@ rules:
         std::fs::write(&rbac, ROLE_ONLY).unwrap();
         let emu = start_in(&dir.path().join("state"), Some(rbac.clone())).await;
         let client = client(&emu).await;
-        assert!(!sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         std::fs::write(&rbac, policy_yaml("b", "demo", "demo")).unwrap();
         eventually("the grant", || async {
-            sar(&client, "system:serviceaccount:demo:demo").await.allowed
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
         })
         .await;
         // A broken edit keeps the last good policy.
         std::fs::write(&rbac, "kind: [").unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         std::fs::write(&rbac, ROLE_ONLY).unwrap();
         eventually("the revocation", || async {
-            !sar(&client, "system:serviceaccount:demo:demo").await.allowed
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
         })
         .await;
         emu.shutdown().await;
@@ -2150,7 +2244,10 @@ rules:
             other => panic!("expected the binding to be deleted, got {other:?}"),
         }
         let counts = emu.counts();
-        assert!(counts.rbac_lists >= 1 && counts.rbac_watches >= 1, "{counts:?}");
+        assert!(
+            counts.rbac_lists >= 1 && counts.rbac_watches >= 1,
+            "{counts:?}"
+        );
         emu.shutdown().await;
     }
 
@@ -2158,7 +2255,8 @@ rules:
     async fn streaming_list_watcher_gets_initial_objects_and_end_bookmark() {
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
-        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo")).unwrap();
+        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo"))
+            .unwrap();
         let client = client(&emu).await;
         let api: Api<ClusterRoleBinding> = Api::all(client);
         let mut events = watcher(api, watcher::Config::default().streaming_lists()).boxed();
@@ -2207,18 +2305,35 @@ metadata: {name: c, namespace: two, labels: {team: x}}
                 .map(|r| r.metadata.name.unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(all.list(&ListParams::default()).await.unwrap()), ["a", "b", "c"]);
         assert_eq!(
-            names(all.list(&ListParams::default().labels("team=x")).await.unwrap()),
+            names(all.list(&ListParams::default()).await.unwrap()),
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            names(
+                all.list(&ListParams::default().labels("team=x"))
+                    .await
+                    .unwrap()
+            ),
             ["a", "c"]
         );
         assert_eq!(
-            names(all.list(&ListParams::default().labels("team notin (x)")).await.unwrap()),
+            names(
+                all.list(&ListParams::default().labels("team notin (x)"))
+                    .await
+                    .unwrap()
+            ),
             ["b"]
         );
         let one: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), "one");
-        assert_eq!(names(one.list(&ListParams::default()).await.unwrap()), ["a", "b"]);
-        assert_eq!(one.get("b").await.unwrap().metadata.namespace.as_deref(), Some("one"));
+        assert_eq!(
+            names(one.list(&ListParams::default()).await.unwrap()),
+            ["a", "b"]
+        );
+        assert_eq!(
+            one.get("b").await.unwrap().metadata.namespace.as_deref(),
+            Some("one")
+        );
         assert!(one.get("c").await.is_err());
 
         let page = all.list(&ListParams::default().limit(2)).await.unwrap();
@@ -2239,7 +2354,8 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         let emu = start_in(dir.path(), None).await;
         // Push the history window past resource version 2.
         for i in 0..(HISTORY_LIMIT / 2 + 1) {
-            emu.set_rbac_yaml(&policy_yaml(&format!("b{i}"), "demo", "demo")).unwrap();
+            emu.set_rbac_yaml(&policy_yaml(&format!("b{i}"), "demo", "demo"))
+                .unwrap();
         }
         let path = "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings?watch=true&resourceVersion=2&timeoutSeconds=1";
         let (code, body) = raw(&emu, Method::GET, path, Some(&bearer_of(&emu)), "").await;
@@ -2262,11 +2378,25 @@ metadata: {name: c, namespace: two, labels: {team: x}}
             assert_eq!(body["reason"], "Unauthorized");
             assert_eq!(body["code"], 401);
         }
-        let (code, body) = raw(&emu, Method::GET, "/apis/nothing/v1/here", Some(&bearer_of(&emu)), "").await;
+        let (code, body) = raw(
+            &emu,
+            Method::GET,
+            "/apis/nothing/v1/here",
+            Some(&bearer_of(&emu)),
+            "",
+        )
+        .await;
         assert_eq!(code, StatusCode::NOT_FOUND);
         assert_eq!(body["reason"], "NotFound");
         // The issuer's discovery documents are public, like a cluster's OIDC issuer.
-        let (code, body) = raw(&emu, Method::GET, "/.well-known/openid-configuration", None, "").await;
+        let (code, body) = raw(
+            &emu,
+            Method::GET,
+            "/.well-known/openid-configuration",
+            None,
+            "",
+        )
+        .await;
         assert_eq!(code, StatusCode::OK);
         assert_eq!(body["issuer"], emu.issuer());
         assert_eq!(body["jwks_uri"], format!("{}/openid/v1/jwks", emu.url()));
@@ -2282,25 +2412,59 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
         let client = client(&emu).await;
+        // kube-rs retries 503 with backoff for minutes by default; see the failure directly.
+        let no_retry = {
+            let kubeconfig = Kubeconfig::read_from(emu.kubeconfig_path()).unwrap();
+            let mut config =
+                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .unwrap();
+            config.default_retry = false;
+            kube::Client::try_from(config).unwrap()
+        };
         emu.set_available(false);
-        let api: Api<TokenReview> = Api::all(client.clone());
+        let (code, body) = raw(
+            &emu,
+            Method::GET,
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            Some(&bearer_of(&emu)),
+            "",
+        )
+        .await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["kind"], "Status");
+        assert_eq!(body["code"], 503);
+        let api: Api<TokenReview> = Api::all(no_retry);
         let err = api
-            .create(&PostParams::default(), &TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some("x".into()),
-                    audiences: None,
+            .create(
+                &PostParams::default(),
+                &TokenReview {
+                    spec: TokenReviewSpec {
+                        token: Some("x".into()),
+                        audiences: None,
+                    },
+                    ..Default::default()
                 },
-                ..Default::default()
-            })
+            )
             .await
             .unwrap_err();
         match err {
             kube::Error::Api(status) => assert_eq!(status.code, 503),
             other => panic!("expected a 503 Status, got {other:?}"),
         }
-        emu.set_available(true);
+        // The default client keeps retrying and gets through once the emulator is back.
         let token = demo_token(&emu, &[], 600);
-        assert_eq!(review(&client, &token, &[]).await.authenticated, Some(true));
+        let pending = tokio::spawn({
+            let client = client.clone();
+            async move { review(&client, &token, &[]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        emu.set_available(true);
+        let status = tokio::time::timeout(Duration::from_secs(20), pending)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.authenticated, Some(true));
         emu.shutdown().await;
     }
 
@@ -2311,23 +2475,34 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         let issuer = first.issuer();
         let kid = first.inner.key.kid().to_string();
         first.shutdown().await;
-        let token = mint_from_state_dir(dir.path(), &MintRequest {
-            namespace: "demo".into(),
-            service_account: "demo".into(),
-            audiences: vec![ENTRA_AUDIENCE.into()],
-            expires_in_secs: 600,
-            pod_name: Some("demo-pod".into()),
-        })
+        let token = mint_from_state_dir(
+            dir.path(),
+            &MintRequest {
+                namespace: "demo".into(),
+                service_account: "demo".into(),
+                audiences: vec![ENTRA_AUDIENCE.into()],
+                expires_in_secs: 600,
+                pod_name: Some("demo-pod".into()),
+            },
+        )
         .unwrap();
         let second = start_in(dir.path(), None).await;
         assert_eq!(second.issuer(), issuer);
         assert_eq!(second.inner.key.kid(), kid);
         let client = client(&second).await;
-        assert_eq!(review(&client, &token, &[ENTRA_AUDIENCE]).await.authenticated, Some(true));
+        assert_eq!(
+            review(&client, &token, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
+            Some(true)
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         second.shutdown().await;
@@ -2352,8 +2527,11 @@ metadata: {name: c, namespace: two, labels: {team: x}}
 
     #[test]
     fn label_selectors_parse_like_the_apiserver() {
-        let labels: BTreeMap<String, String> =
-            [("app".to_string(), "web".to_string()), ("tier".to_string(), "fe".to_string())].into();
+        let labels: BTreeMap<String, String> = [
+            ("app".to_string(), "web".to_string()),
+            ("tier".to_string(), "fe".to_string()),
+        ]
+        .into();
         for (sel, want) in [
             ("", true),
             ("app=web", true),
