@@ -83,7 +83,8 @@ pub struct MintRequest {
     pub service_account: String,
     /// Empty means the API audience (the issuer), as a TokenRequest without audiences gets.
     pub audiences: Vec<String>,
-    /// Zero means one hour. Negative gives a token that expired that many seconds ago.
+    /// Zero means one hour. Negative gives a token that expired that many seconds ago;
+    /// reviews allow 5 s of clock skew, so use -10 or less for a token that must fail.
     pub expires_in_secs: i64,
     /// The pod the token is bound to. Without one the token carries no pod claim, like a
     /// TokenRequest not bound to a pod.
@@ -245,7 +246,8 @@ impl KubeEmulator {
     }
 
     /// Replaces the RBAC objects, exactly as a file reload does (watchers see the diff). On
-    /// invalid YAML the old policy stays and the error is returned.
+    /// invalid YAML the old policy stays and the error is returned. A watched RBAC file
+    /// replaces this policy again the next time its content changes.
     pub fn set_rbac_yaml(&self, yaml: &str) -> anyhow::Result<()> {
         let policy = RbacPolicy::parse(yaml)?;
         self.inner.apply_policy(policy);
@@ -1230,6 +1232,13 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         .map(str::to_string)
         .collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if let Some(doc) = discovery(&inner, &segs) {
+        return if method == Method::GET {
+            boxed(h::json_value(StatusCode::OK, &doc))
+        } else {
+            method_not_allowed()
+        };
+    }
     match segs.as_slice() {
         ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => {
             if method != Method::POST {
@@ -1280,6 +1289,114 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         _ => not_found_path(),
+    }
+}
+
+/// A served resource: plural, kind, namespaced, verbs.
+type ResourceSpec = (&'static str, &'static str, bool, &'static [&'static str]);
+
+/// The API groups served, with their resources.
+const SERVED_GROUPS: [(&str, &[ResourceSpec]); 3] = [
+    (
+        "authentication.k8s.io",
+        &[("tokenreviews", "TokenReview", false, &["create"])],
+    ),
+    (
+        "authorization.k8s.io",
+        &[(
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
+            &["create"],
+        )],
+    ),
+    (
+        RBAC_GROUP,
+        &[
+            (
+                "clusterroles",
+                "ClusterRole",
+                false,
+                &["get", "list", "watch"],
+            ),
+            (
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+                false,
+                &["get", "list", "watch"],
+            ),
+            ("roles", "Role", true, &["get", "list", "watch"]),
+            (
+                "rolebindings",
+                "RoleBinding",
+                true,
+                &["get", "list", "watch"],
+            ),
+        ],
+    ),
+];
+
+fn api_group(name: &str) -> Value {
+    let version = json!({"groupVersion": format!("{name}/v1"), "version": "v1"});
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": name,
+        "versions": [version],
+        "preferredVersion": version,
+    })
+}
+
+/// Legacy (unaggregated) discovery documents, so clients such as kubectl can find the
+/// served resources. The core group serves no resources.
+fn discovery(inner: &Inner, segs: &[&str]) -> Option<Value> {
+    let server_address = inner.url.trim_start_matches("http://");
+    match segs {
+        ["api"] => Some(json!({
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}
+            ],
+        })),
+        ["api", "v1"] => Some(json!({
+            "kind": "APIResourceList",
+            "groupVersion": "v1",
+            "resources": [],
+        })),
+        ["apis"] => Some(json!({
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": SERVED_GROUPS.iter().map(|(g, _)| {
+                let mut group = api_group(g);
+                if let Some(obj) = group.as_object_mut() {
+                    obj.remove("kind");
+                    obj.remove("apiVersion");
+                }
+                group
+            }).collect::<Vec<_>>(),
+        })),
+        ["apis", group] => SERVED_GROUPS
+            .iter()
+            .find(|(g, _)| g == group)
+            .map(|(g, _)| api_group(g)),
+        ["apis", group, "v1"] => SERVED_GROUPS.iter().find(|(g, _)| g == group).map(
+            |(g, resources)| {
+                json!({
+                    "kind": "APIResourceList",
+                    "apiVersion": "v1",
+                    "groupVersion": format!("{g}/v1"),
+                    "resources": resources.iter().map(|(plural, kind, namespaced, verbs)| json!({
+                        "name": plural,
+                        "singularName": kind.to_lowercase(),
+                        "namespaced": namespaced,
+                        "kind": kind,
+                        "verbs": verbs,
+                    })).collect::<Vec<_>>(),
+                })
+            },
+        ),
+        _ => None,
     }
 }
 
@@ -2523,6 +2640,32 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         emu.shutdown().await;
         let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
         assert!(matches!(end, Ok(None) | Ok(Some(Err(_)))), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn discovery_lists_the_served_groups_and_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = start_in(dir.path(), None).await;
+        let client = client(&emu).await;
+        let groups = client.list_api_groups().await.unwrap();
+        let names: Vec<_> = groups.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["authentication.k8s.io", "authorization.k8s.io", RBAC_GROUP]
+        );
+        let rbac = client
+            .list_api_group_resources("rbac.authorization.k8s.io/v1")
+            .await
+            .unwrap();
+        let roles = rbac.resources.iter().find(|r| r.name == "roles").unwrap();
+        assert!(roles.namespaced);
+        assert_eq!(roles.verbs, ["get", "list", "watch"]);
+        assert_eq!(
+            client.list_core_api_versions().await.unwrap().versions,
+            ["v1"]
+        );
+        assert_eq!(client.apiserver_version().await.unwrap().minor, "33");
+        emu.shutdown().await;
     }
 
     #[test]
