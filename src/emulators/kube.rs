@@ -83,7 +83,8 @@ pub struct MintRequest {
     pub service_account: String,
     /// Empty means the API audience (the issuer), as a TokenRequest without audiences gets.
     pub audiences: Vec<String>,
-    /// Zero means one hour. Negative gives a token that expired that many seconds ago.
+    /// Zero means one hour. Negative gives a token that expired that many seconds ago;
+    /// reviews allow 5 s of clock skew, so use -10 or less for a token that must fail.
     pub expires_in_secs: i64,
     /// The pod the token is bound to. Without one the token carries no pod claim, like a
     /// TokenRequest not bound to a pod.
@@ -245,7 +246,8 @@ impl KubeEmulator {
     }
 
     /// Replaces the RBAC objects, exactly as a file reload does (watchers see the diff). On
-    /// invalid YAML the old policy stays and the error is returned.
+    /// invalid YAML the old policy stays and the error is returned. A watched RBAC file
+    /// replaces this policy again the next time its content changes.
     pub fn set_rbac_yaml(&self, yaml: &str) -> anyhow::Result<()> {
         let policy = RbacPolicy::parse(yaml)?;
         self.inner.apply_policy(policy);
@@ -290,7 +292,8 @@ pub fn mint_from_state_dir(state_dir: &Path, req: &MintRequest) -> anyhow::Resul
             key_path.display()
         )
     })?;
-    let key = SigningKey::from_pem(&pem).with_context(|| format!("loading {}", key_path.display()))?;
+    let key =
+        SigningKey::from_pem(&pem).with_context(|| format!("loading {}", key_path.display()))?;
     let issuer_path = state_dir.join(ISSUER_FILE);
     let issuer = std::fs::read_to_string(&issuer_path)
         .with_context(|| format!("reading {}", issuer_path.display()))?;
@@ -325,7 +328,9 @@ fn stable_uid(kind: &str, namespace: &str, name: &str) -> String {
 fn load_or_create_key(dir: &Path) -> anyhow::Result<SigningKey> {
     let path = dir.join(KEY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(pem) => SigningKey::from_pem(&pem).with_context(|| format!("loading {}", path.display())),
+        Ok(pem) => {
+            SigningKey::from_pem(&pem).with_context(|| format!("loading {}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::generate(2048).context("generating the SA signing key")?;
             write_private(&path, key.private_pem().as_bytes())?;
@@ -353,7 +358,10 @@ fn resolve_issuer(dir: &Path, configured: Option<&str>) -> anyhow::Result<String
 }
 
 fn default_issuer() -> String {
-    format!("https://oidc.kube-emulator.invalid/{}", uuid::Uuid::new_v4())
+    format!(
+        "https://oidc.kube-emulator.invalid/{}",
+        uuid::Uuid::new_v4()
+    )
 }
 
 /// Writes a file only its owner can read: it holds a private key or a bearer token.
@@ -623,7 +631,10 @@ impl Inner {
                 "authentication.kubernetes.io/pod-name".to_string(),
                 vec![pod_name],
             );
-            extra.insert("authentication.kubernetes.io/pod-uid".to_string(), vec![uid]);
+            extra.insert(
+                "authentication.kubernetes.io/pod-uid".to_string(),
+                vec![uid],
+            );
         }
         if let Some(jti) = claims.get("jti").and_then(Value::as_str) {
             extra.insert(
@@ -819,9 +830,8 @@ fn set_resource_version(object: &mut Value, rv: u64) {
 }
 
 fn rfc3339_now() -> String {
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
-    );
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     time::OffsetDateTime::now_utc()
         .format(&format)
         .unwrap_or_default()
@@ -902,8 +912,14 @@ fn parse_requirement(part: &str) -> Option<Requirement> {
         return valid_key(key).then(|| Requirement::DoesNotExist(key.to_string()));
     }
     for (op, ctor) in [
-        (" notin ", Requirement::NotIn as fn(String, Vec<String>) -> Requirement),
-        (" in ", Requirement::In as fn(String, Vec<String>) -> Requirement),
+        (
+            " notin ",
+            Requirement::NotIn as fn(String, Vec<String>) -> Requirement,
+        ),
+        (
+            " in ",
+            Requirement::In as fn(String, Vec<String>) -> Requirement,
+        ),
     ] {
         if let Some((key, values)) = part.split_once(op) {
             let key = key.trim();
@@ -1009,7 +1025,10 @@ fn status_value(code: StatusCode, reason: &str, message: &str, details: Option<V
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    boxed(h::json_value(code, &status_value(code, reason, message, None)))
+    boxed(h::json_value(
+        code,
+        &status_value(code, reason, message, None),
+    ))
 }
 
 fn not_found_path() -> Response<Body> {
@@ -1196,7 +1215,11 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         }
         _ => {}
     }
-    if !(path == "/api" || path.starts_with("/api/") || path == "/apis" || path.starts_with("/apis/")) {
+    if !(path == "/api"
+        || path.starts_with("/api/")
+        || path == "/apis"
+        || path.starts_with("/apis/"))
+    {
         return not_found_path();
     }
     if !bearer_ok(&inner, &req) {
@@ -1209,6 +1232,13 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         .map(str::to_string)
         .collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if let Some(doc) = discovery(&inner, &segs) {
+        return if method == Method::GET {
+            boxed(h::json_value(StatusCode::OK, &doc))
+        } else {
+            method_not_allowed()
+        };
+    }
     match segs.as_slice() {
         ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => {
             if method != Method::POST {
@@ -1249,9 +1279,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             match name {
                 Some(name) => get_rbac_object(&inner, kind, namespace, name),
                 None => {
-                    let watching = query
-                        .get("watch")
-                        .is_some_and(|w| w == "true" || w == "1");
+                    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
                     if watching {
                         watch_rbac(&inner, kind, namespace, &query)
                     } else {
@@ -1261,6 +1289,114 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         _ => not_found_path(),
+    }
+}
+
+/// A served resource: plural, kind, namespaced, verbs.
+type ResourceSpec = (&'static str, &'static str, bool, &'static [&'static str]);
+
+/// The API groups served, with their resources.
+const SERVED_GROUPS: [(&str, &[ResourceSpec]); 3] = [
+    (
+        "authentication.k8s.io",
+        &[("tokenreviews", "TokenReview", false, &["create"])],
+    ),
+    (
+        "authorization.k8s.io",
+        &[(
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
+            &["create"],
+        )],
+    ),
+    (
+        RBAC_GROUP,
+        &[
+            (
+                "clusterroles",
+                "ClusterRole",
+                false,
+                &["get", "list", "watch"],
+            ),
+            (
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+                false,
+                &["get", "list", "watch"],
+            ),
+            ("roles", "Role", true, &["get", "list", "watch"]),
+            (
+                "rolebindings",
+                "RoleBinding",
+                true,
+                &["get", "list", "watch"],
+            ),
+        ],
+    ),
+];
+
+fn api_group(name: &str) -> Value {
+    let version = json!({"groupVersion": format!("{name}/v1"), "version": "v1"});
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": name,
+        "versions": [version],
+        "preferredVersion": version,
+    })
+}
+
+/// Legacy (unaggregated) discovery documents, so clients such as kubectl can find the
+/// served resources. The core group serves no resources.
+fn discovery(inner: &Inner, segs: &[&str]) -> Option<Value> {
+    let server_address = inner.url.trim_start_matches("http://");
+    match segs {
+        ["api"] => Some(json!({
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}
+            ],
+        })),
+        ["api", "v1"] => Some(json!({
+            "kind": "APIResourceList",
+            "groupVersion": "v1",
+            "resources": [],
+        })),
+        ["apis"] => Some(json!({
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": SERVED_GROUPS.iter().map(|(g, _)| {
+                let mut group = api_group(g);
+                if let Some(obj) = group.as_object_mut() {
+                    obj.remove("kind");
+                    obj.remove("apiVersion");
+                }
+                group
+            }).collect::<Vec<_>>(),
+        })),
+        ["apis", group] => SERVED_GROUPS
+            .iter()
+            .find(|(g, _)| g == group)
+            .map(|(g, _)| api_group(g)),
+        ["apis", group, "v1"] => SERVED_GROUPS.iter().find(|(g, _)| g == group).map(
+            |(g, resources)| {
+                json!({
+                    "kind": "APIResourceList",
+                    "apiVersion": "v1",
+                    "groupVersion": format!("{g}/v1"),
+                    "resources": resources.iter().map(|(plural, kind, namespaced, verbs)| json!({
+                        "name": plural,
+                        "singularName": kind.to_lowercase(),
+                        "namespaced": namespaced,
+                        "kind": kind,
+                        "verbs": verbs,
+                    })).collect::<Vec<_>>(),
+                })
+            },
+        ),
+        _ => None,
     }
 }
 
@@ -1308,8 +1444,7 @@ async fn read_object<T: serde::de::DeserializeOwned>(
             }
         }
     }
-    serde_json::from_value(value)
-        .map_err(|e| bad_request(&format!("unable to decode {kind}: {e}")))
+    serde_json::from_value(value).map_err(|e| bad_request(&format!("unable to decode {kind}: {e}")))
 }
 
 async fn token_review(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
@@ -1350,7 +1485,10 @@ async fn subject_access_review(inner: &Inner, req: Request<Incoming>) -> Respons
     let user = spec.user.clone().unwrap_or_default();
     let groups = spec.groups.clone().unwrap_or_default();
     if user.is_empty() && groups.is_empty() {
-        causes.push(("spec.user", "at least one of user or group must be specified"));
+        causes.push((
+            "spec.user",
+            "at least one of user or group must be specified",
+        ));
     }
     if !causes.is_empty() {
         let messages: Vec<String> = causes
@@ -1626,7 +1764,9 @@ fn watch_rbac(
         .and_then(|t| t.parse::<u64>().ok())
         .filter(|t| *t > 0)
         .unwrap_or(DEFAULT_WATCH_TIMEOUT_SECS);
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
     let send_initial = query.get("sendInitialEvents").is_some_and(|b| b == "true");
     bump(&inner.counters.rbac_watches);
 
@@ -1676,7 +1816,11 @@ fn watch_rbac(
                     pending.push(too_old(last, store.floor));
                     last = u64::MAX;
                 } else {
-                    for ev in store.history.iter().filter(|e| e.rv > last && e.kind == kind) {
+                    for ev in store
+                        .history
+                        .iter()
+                        .filter(|e| e.rv > last && e.kind == kind)
+                    {
                         if let Some((t, obj)) = filtered_event(&filter, ev) {
                             pending.push(event_line(t.as_str(), &obj));
                         }
@@ -1774,9 +1918,10 @@ rules:
     async fn client(emu: &KubeEmulator) -> kube::Client {
         crate::http::install_crypto_provider();
         let kubeconfig = Kubeconfig::read_from(emu.kubeconfig_path()).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .unwrap();
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .unwrap();
         kube::Client::try_from(config).unwrap()
     }
 
@@ -1848,9 +1993,10 @@ rules:
         let req = req
             .body(http_body_util::Full::new(Bytes::from(body.to_string())))
             .unwrap();
-        let fetched = crate::http::fetch(&crate::http::client(), req, Duration::from_secs(5), 1 << 20)
-            .await
-            .unwrap();
+        let fetched =
+            crate::http::fetch(&crate::http::client(), req, Duration::from_secs(5), 1 << 20)
+                .await
+                .unwrap();
         (
             fetched.status,
             serde_json::from_slice(&fetched.body).unwrap_or(Value::Null),
@@ -1867,7 +2013,10 @@ rules:
         assert_eq!(status.authenticated, Some(true), "{status:?}");
         assert_eq!(status.audiences, Some(vec![ENTRA_AUDIENCE.to_string()]));
         let user = status.user.unwrap();
-        assert_eq!(user.username.as_deref(), Some("system:serviceaccount:demo:demo"));
+        assert_eq!(
+            user.username.as_deref(),
+            Some("system:serviceaccount:demo:demo")
+        );
         assert_eq!(user.uid, Some(service_account_uid("demo", "demo")));
         assert_eq!(
             user.groups.unwrap(),
@@ -1878,7 +2027,10 @@ rules:
             ]
         );
         let extra = user.extra.unwrap();
-        assert_eq!(extra["authentication.kubernetes.io/pod-name"], vec!["demo-pod"]);
+        assert_eq!(
+            extra["authentication.kubernetes.io/pod-name"],
+            vec!["demo-pod"]
+        );
         assert_eq!(
             extra["authentication.kubernetes.io/pod-uid"],
             vec![pod_uid("demo", "demo-pod")]
@@ -1908,7 +2060,10 @@ rules:
         assert_eq!(status.authenticated, Some(true), "{status:?}");
         assert_eq!(status.audiences, Some(vec![emu.issuer()]));
         let entra_token = demo_token(&emu, &[ENTRA_AUDIENCE], 600);
-        assert_eq!(review(&client, &entra_token, &[]).await.authenticated, Some(false));
+        assert_eq!(
+            review(&client, &entra_token, &[]).await.authenticated,
+            Some(false)
+        );
         emu.shutdown().await;
     }
 
@@ -1959,22 +2114,31 @@ rules:
         let client = client(&emu).await;
         let foreign = demo_token(&other, &[ENTRA_AUDIENCE], 600);
         assert_eq!(
-            review(&client, &foreign, &[ENTRA_AUDIENCE]).await.authenticated,
+            review(&client, &foreign, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
             Some(false)
         );
         // Same issuer, other key: the signature gives it away.
-        let forged = mint(&other.inner.key, &emu.issuer(), &MintRequest {
-            namespace: "demo".into(),
-            service_account: "demo".into(),
-            audiences: vec![ENTRA_AUDIENCE.into()],
-            expires_in_secs: 600,
-            pod_name: None,
-        })
+        let forged = mint(
+            &other.inner.key,
+            &emu.issuer(),
+            &MintRequest {
+                namespace: "demo".into(),
+                service_account: "demo".into(),
+                audiences: vec![ENTRA_AUDIENCE.into()],
+                expires_in_secs: 600,
+                pod_name: None,
+            },
+        )
         .unwrap();
         let status = review(&client, &forged, &[ENTRA_AUDIENCE]).await;
         assert_eq!(status.authenticated, Some(false));
         assert!(status.error.unwrap().contains("cryptographic"));
-        assert_eq!(review(&client, "not-a-jwt", &[]).await.authenticated, Some(false));
+        assert_eq!(
+            review(&client, "not-a-jwt", &[]).await.authenticated,
+            Some(false)
+        );
         emu.shutdown().await;
         other.shutdown().await;
     }
@@ -2008,9 +2172,19 @@ rules:
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(review(&client, &token, &[ENTRA_AUDIENCE]).await.authenticated, Some(true));
+        assert_eq!(
+            review(&client, &token, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
+            Some(true)
+        );
         emu.delete_service_account("demo", "demo");
-        assert_eq!(review(&client, &token, &[ENTRA_AUDIENCE]).await.authenticated, Some(false));
+        assert_eq!(
+            review(&client, &token, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
+            Some(false)
+        );
         emu.shutdown().await;
     }
 
@@ -2018,7 +2192,8 @@ rules:
     async fn subject_access_review_is_allowed_with_reason_or_denied() {
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
-        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo")).unwrap();
+        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo"))
+            .unwrap();
         let client = client(&emu).await;
         let allowed = sar(&client, "system:serviceaccount:demo:demo").await;
         assert!(allowed.allowed);
@@ -2044,7 +2219,14 @@ rules:
         assert_eq!(body["kind"], "Status");
         assert_eq!(body["reason"], "Invalid");
         assert_eq!(body["code"], 422);
-        let (code, _) = raw(&emu, Method::POST, path, Some(&bearer), r#"{"spec":{"user":"u"}}"#).await;
+        let (code, _) = raw(
+            &emu,
+            Method::POST,
+            path,
+            Some(&bearer),
+            r#"{"spec":{"user":"u"}}"#,
+        )
+        .await;
         assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
         let (code, body) = raw(&emu, Method::POST, path, Some(&bearer), "{not json").await;
         assert_eq!(code, StatusCode::BAD_REQUEST);
@@ -2061,13 +2243,30 @@ rules:
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
         let client = client(&emu).await;
-        assert!(!sar(&client, "system:serviceaccount:demo:demo").await.allowed);
-        emu.set_rbac_yaml(&policy_yaml("b", "demo", "demo")).unwrap();
-        assert!(sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
+        emu.set_rbac_yaml(&policy_yaml("b", "demo", "demo"))
+            .unwrap();
+        assert!(
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         assert!(emu.set_rbac_yaml("kind: [").is_err());
-        assert!(sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         emu.set_rbac_yaml(ROLE_ONLY).unwrap();
-        assert!(!sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         emu.shutdown().await;
     }
 
@@ -2092,19 +2291,31 @@ rules:
         std::fs::write(&rbac, ROLE_ONLY).unwrap();
         let emu = start_in(&dir.path().join("state"), Some(rbac.clone())).await;
         let client = client(&emu).await;
-        assert!(!sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         std::fs::write(&rbac, policy_yaml("b", "demo", "demo")).unwrap();
         eventually("the grant", || async {
-            sar(&client, "system:serviceaccount:demo:demo").await.allowed
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
         })
         .await;
         // A broken edit keeps the last good policy.
         std::fs::write(&rbac, "kind: [").unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(sar(&client, "system:serviceaccount:demo:demo").await.allowed);
+        assert!(
+            sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
+        );
         std::fs::write(&rbac, ROLE_ONLY).unwrap();
         eventually("the revocation", || async {
-            !sar(&client, "system:serviceaccount:demo:demo").await.allowed
+            !sar(&client, "system:serviceaccount:demo:demo")
+                .await
+                .allowed
         })
         .await;
         emu.shutdown().await;
@@ -2150,7 +2361,10 @@ rules:
             other => panic!("expected the binding to be deleted, got {other:?}"),
         }
         let counts = emu.counts();
-        assert!(counts.rbac_lists >= 1 && counts.rbac_watches >= 1, "{counts:?}");
+        assert!(
+            counts.rbac_lists >= 1 && counts.rbac_watches >= 1,
+            "{counts:?}"
+        );
         emu.shutdown().await;
     }
 
@@ -2158,7 +2372,8 @@ rules:
     async fn streaming_list_watcher_gets_initial_objects_and_end_bookmark() {
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
-        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo")).unwrap();
+        emu.set_rbac_yaml(&policy_yaml("demo-binding", "demo", "demo"))
+            .unwrap();
         let client = client(&emu).await;
         let api: Api<ClusterRoleBinding> = Api::all(client);
         let mut events = watcher(api, watcher::Config::default().streaming_lists()).boxed();
@@ -2207,18 +2422,35 @@ metadata: {name: c, namespace: two, labels: {team: x}}
                 .map(|r| r.metadata.name.unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(all.list(&ListParams::default()).await.unwrap()), ["a", "b", "c"]);
         assert_eq!(
-            names(all.list(&ListParams::default().labels("team=x")).await.unwrap()),
+            names(all.list(&ListParams::default()).await.unwrap()),
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            names(
+                all.list(&ListParams::default().labels("team=x"))
+                    .await
+                    .unwrap()
+            ),
             ["a", "c"]
         );
         assert_eq!(
-            names(all.list(&ListParams::default().labels("team notin (x)")).await.unwrap()),
+            names(
+                all.list(&ListParams::default().labels("team notin (x)"))
+                    .await
+                    .unwrap()
+            ),
             ["b"]
         );
         let one: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), "one");
-        assert_eq!(names(one.list(&ListParams::default()).await.unwrap()), ["a", "b"]);
-        assert_eq!(one.get("b").await.unwrap().metadata.namespace.as_deref(), Some("one"));
+        assert_eq!(
+            names(one.list(&ListParams::default()).await.unwrap()),
+            ["a", "b"]
+        );
+        assert_eq!(
+            one.get("b").await.unwrap().metadata.namespace.as_deref(),
+            Some("one")
+        );
         assert!(one.get("c").await.is_err());
 
         let page = all.list(&ListParams::default().limit(2)).await.unwrap();
@@ -2239,7 +2471,8 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         let emu = start_in(dir.path(), None).await;
         // Push the history window past resource version 2.
         for i in 0..(HISTORY_LIMIT / 2 + 1) {
-            emu.set_rbac_yaml(&policy_yaml(&format!("b{i}"), "demo", "demo")).unwrap();
+            emu.set_rbac_yaml(&policy_yaml(&format!("b{i}"), "demo", "demo"))
+                .unwrap();
         }
         let path = "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings?watch=true&resourceVersion=2&timeoutSeconds=1";
         let (code, body) = raw(&emu, Method::GET, path, Some(&bearer_of(&emu)), "").await;
@@ -2262,11 +2495,25 @@ metadata: {name: c, namespace: two, labels: {team: x}}
             assert_eq!(body["reason"], "Unauthorized");
             assert_eq!(body["code"], 401);
         }
-        let (code, body) = raw(&emu, Method::GET, "/apis/nothing/v1/here", Some(&bearer_of(&emu)), "").await;
+        let (code, body) = raw(
+            &emu,
+            Method::GET,
+            "/apis/nothing/v1/here",
+            Some(&bearer_of(&emu)),
+            "",
+        )
+        .await;
         assert_eq!(code, StatusCode::NOT_FOUND);
         assert_eq!(body["reason"], "NotFound");
         // The issuer's discovery documents are public, like a cluster's OIDC issuer.
-        let (code, body) = raw(&emu, Method::GET, "/.well-known/openid-configuration", None, "").await;
+        let (code, body) = raw(
+            &emu,
+            Method::GET,
+            "/.well-known/openid-configuration",
+            None,
+            "",
+        )
+        .await;
         assert_eq!(code, StatusCode::OK);
         assert_eq!(body["issuer"], emu.issuer());
         assert_eq!(body["jwks_uri"], format!("{}/openid/v1/jwks", emu.url()));
@@ -2282,25 +2529,59 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         let dir = tempfile::tempdir().unwrap();
         let emu = start_in(dir.path(), None).await;
         let client = client(&emu).await;
+        // kube-rs retries 503 with backoff for minutes by default; see the failure directly.
+        let no_retry = {
+            let kubeconfig = Kubeconfig::read_from(emu.kubeconfig_path()).unwrap();
+            let mut config =
+                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .unwrap();
+            config.default_retry = false;
+            kube::Client::try_from(config).unwrap()
+        };
         emu.set_available(false);
-        let api: Api<TokenReview> = Api::all(client.clone());
+        let (code, body) = raw(
+            &emu,
+            Method::GET,
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            Some(&bearer_of(&emu)),
+            "",
+        )
+        .await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["kind"], "Status");
+        assert_eq!(body["code"], 503);
+        let api: Api<TokenReview> = Api::all(no_retry);
         let err = api
-            .create(&PostParams::default(), &TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some("x".into()),
-                    audiences: None,
+            .create(
+                &PostParams::default(),
+                &TokenReview {
+                    spec: TokenReviewSpec {
+                        token: Some("x".into()),
+                        audiences: None,
+                    },
+                    ..Default::default()
                 },
-                ..Default::default()
-            })
+            )
             .await
             .unwrap_err();
         match err {
             kube::Error::Api(status) => assert_eq!(status.code, 503),
             other => panic!("expected a 503 Status, got {other:?}"),
         }
-        emu.set_available(true);
+        // The default client keeps retrying and gets through once the emulator is back.
         let token = demo_token(&emu, &[], 600);
-        assert_eq!(review(&client, &token, &[]).await.authenticated, Some(true));
+        let pending = tokio::spawn({
+            let client = client.clone();
+            async move { review(&client, &token, &[]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        emu.set_available(true);
+        let status = tokio::time::timeout(Duration::from_secs(20), pending)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.authenticated, Some(true));
         emu.shutdown().await;
     }
 
@@ -2311,23 +2592,34 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         let issuer = first.issuer();
         let kid = first.inner.key.kid().to_string();
         first.shutdown().await;
-        let token = mint_from_state_dir(dir.path(), &MintRequest {
-            namespace: "demo".into(),
-            service_account: "demo".into(),
-            audiences: vec![ENTRA_AUDIENCE.into()],
-            expires_in_secs: 600,
-            pod_name: Some("demo-pod".into()),
-        })
+        let token = mint_from_state_dir(
+            dir.path(),
+            &MintRequest {
+                namespace: "demo".into(),
+                service_account: "demo".into(),
+                audiences: vec![ENTRA_AUDIENCE.into()],
+                expires_in_secs: 600,
+                pod_name: Some("demo-pod".into()),
+            },
+        )
         .unwrap();
         let second = start_in(dir.path(), None).await;
         assert_eq!(second.issuer(), issuer);
         assert_eq!(second.inner.key.kid(), kid);
         let client = client(&second).await;
-        assert_eq!(review(&client, &token, &[ENTRA_AUDIENCE]).await.authenticated, Some(true));
+        assert_eq!(
+            review(&client, &token, &[ENTRA_AUDIENCE])
+                .await
+                .authenticated,
+            Some(true)
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         second.shutdown().await;
@@ -2350,10 +2642,39 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         assert!(matches!(end, Ok(None) | Ok(Some(Err(_)))), "{end:?}");
     }
 
+    #[tokio::test]
+    async fn discovery_lists_the_served_groups_and_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = start_in(dir.path(), None).await;
+        let client = client(&emu).await;
+        let groups = client.list_api_groups().await.unwrap();
+        let names: Vec<_> = groups.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["authentication.k8s.io", "authorization.k8s.io", RBAC_GROUP]
+        );
+        let rbac = client
+            .list_api_group_resources("rbac.authorization.k8s.io/v1")
+            .await
+            .unwrap();
+        let roles = rbac.resources.iter().find(|r| r.name == "roles").unwrap();
+        assert!(roles.namespaced);
+        assert_eq!(roles.verbs, ["get", "list", "watch"]);
+        assert_eq!(
+            client.list_core_api_versions().await.unwrap().versions,
+            ["v1"]
+        );
+        assert_eq!(client.apiserver_version().await.unwrap().minor, "33");
+        emu.shutdown().await;
+    }
+
     #[test]
     fn label_selectors_parse_like_the_apiserver() {
-        let labels: BTreeMap<String, String> =
-            [("app".to_string(), "web".to_string()), ("tier".to_string(), "fe".to_string())].into();
+        let labels: BTreeMap<String, String> = [
+            ("app".to_string(), "web".to_string()),
+            ("tier".to_string(), "fe".to_string()),
+        ]
+        .into();
         for (sel, want) in [
             ("", true),
             ("app=web", true),

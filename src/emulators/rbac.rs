@@ -305,14 +305,14 @@ impl RbacPolicy {
             ReviewRequest::NonResource(_) => "",
         };
         if !namespace.is_empty() {
-            for ((ns, name), binding) in self.role_bindings.range(
-                (namespace.to_string(), String::new())..,
-            ) {
+            for ((ns, name), binding) in self
+                .role_bindings
+                .range((namespace.to_string(), String::new())..)
+            {
                 if ns != namespace {
                     break;
                 }
-                let Some(subject) =
-                    matching_subject(binding.subjects.as_deref(), attrs, namespace)
+                let Some(subject) = matching_subject(binding.subjects.as_deref(), attrs, namespace)
                 else {
                     continue;
                 };
@@ -539,7 +539,7 @@ fn matching_subject<'a>(
 fn subject_applies(subject: &Subject, attrs: &ReviewAttributes, namespace: &str) -> bool {
     match subject.kind.as_str() {
         "User" => attrs.user == subject.name,
-        "Group" => attrs.groups.iter().any(|g| *g == subject.name),
+        "Group" => attrs.groups.contains(&subject.name),
         "ServiceAccount" => {
             // A role binding's subjects may leave the namespace out to mean its own.
             let sa_ns = subject
@@ -590,8 +590,7 @@ fn rule_allows(rule: &PolicyRule, request: &ReviewRequest) -> bool {
                 && rule.non_resource_urls.iter().flatten().any(|u| {
                     u == "*"
                         || *u == n.path
-                        || u
-                            .strip_suffix('*')
+                        || u.strip_suffix('*')
                             .is_some_and(|prefix| n.path.starts_with(prefix))
                 })
         }
@@ -743,8 +742,20 @@ subjects:
     fn wrong_verb_group_resource_or_subject_is_denied_with_empty_reason() {
         let policy = RbacPolicy::parse(&managed_identity_policy()).unwrap();
         for attrs in [
-            resource(sa("demo", "demo"), None, "get", "cid.wi.aks.azure.com", DEMO_CLIENT_ID),
-            resource(sa("demo", "demo"), None, "use-managed-identity", "", DEMO_CLIENT_ID),
+            resource(
+                sa("demo", "demo"),
+                None,
+                "get",
+                "cid.wi.aks.azure.com",
+                DEMO_CLIENT_ID,
+            ),
+            resource(
+                sa("demo", "demo"),
+                None,
+                "use-managed-identity",
+                "",
+                DEMO_CLIENT_ID,
+            ),
             resource(
                 sa("demo", "demo"),
                 None,
@@ -790,7 +801,13 @@ subjects:
 "#,
         )
         .unwrap();
-        let d = policy.authorize(&resource(sa("demo", "app"), Some("demo"), "get", "", "configmaps"));
+        let d = policy.authorize(&resource(
+            sa("demo", "app"),
+            Some("demo"),
+            "get",
+            "",
+            "configmaps",
+        ));
         assert_eq!(
             d.reason,
             "RBAC: allowed by RoleBinding \"read/demo\" of Role \"reader\" to ServiceAccount \"app/demo\""
@@ -799,7 +816,13 @@ subjects:
         // Same SA, another namespace: the binding does not reach there.
         assert!(
             !policy
-                .authorize(&resource(sa("demo", "app"), Some("other"), "get", "", "configmaps"))
+                .authorize(&resource(
+                    sa("demo", "app"),
+                    Some("other"),
+                    "get",
+                    "",
+                    "configmaps"
+                ))
                 .allowed
         );
         // Cluster-wide requests are never granted by role bindings.
@@ -811,7 +834,13 @@ subjects:
         // The defaulted SA namespace is the binding's, not the request's.
         assert!(
             !policy
-                .authorize(&resource(sa("other", "app"), Some("demo"), "get", "", "configmaps"))
+                .authorize(&resource(
+                    sa("other", "app"),
+                    Some("demo"),
+                    "get",
+                    "",
+                    "configmaps"
+                ))
                 .allowed
         );
     }
@@ -851,7 +880,11 @@ subjects:
             r.subresource = "exec".into();
         }
         assert!(!policy.authorize(&exec).allowed);
-        assert!(!policy.authorize(&resource(alice, Some("elsewhere"), "get", "", "pods")).allowed);
+        assert!(
+            !policy
+                .authorize(&resource(alice, Some("elsewhere"), "get", "", "pods"))
+                .allowed
+        );
     }
 
     #[test]
@@ -884,7 +917,12 @@ subjects:
         };
         let d = policy.authorize(&attrs(sa("demo", "anything")));
         assert!(d.allowed);
-        assert!(d.reason.ends_with("to Group \"system:serviceaccounts:demo\""), "{}", d.reason);
+        assert!(
+            d.reason
+                .ends_with("to Group \"system:serviceaccounts:demo\""),
+            "{}",
+            d.reason
+        );
         assert!(!policy.authorize(&attrs(sa("prod", "anything"))).allowed);
     }
 
@@ -907,7 +945,11 @@ subjects: [{kind: User, name: root}]
         )
         .unwrap();
         let root = || ("root".to_string(), vec![]);
-        assert!(policy.authorize(&resource(root(), None, "delete", "apps", "deployments")).allowed);
+        assert!(
+            policy
+                .authorize(&resource(root(), None, "delete", "apps", "deployments"))
+                .allowed
+        );
         assert!(
             policy
                 .authorize(&resource(
@@ -1081,17 +1123,26 @@ subjects: [{kind: User, name: u}]
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("document 0") && err.contains("\"Thing\""), "{err}");
+        assert!(
+            err.contains("document 0") && err.contains("\"Thing\""),
+            "{err}"
+        );
 
         let err = RbacPolicy::parse("a: [unclosed").unwrap_err().to_string();
-        assert!(err.contains("document 0") && err.contains("invalid YAML"), "{err}");
+        assert!(
+            err.contains("document 0") && err.contains("invalid YAML"),
+            "{err}"
+        );
 
         let err = RbacPolicy::parse(
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: b}\n",
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("invalid ClusterRoleBinding") && err.contains("roleRef"), "{err}");
+        assert!(
+            err.contains("invalid ClusterRoleBinding") && err.contains("roleRef"),
+            "{err}"
+        );
 
         let err = RbacPolicy::parse(
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: b}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: r}\nsubjects: [{kind: ServiceAccount, name: sa}]\n",
