@@ -61,6 +61,9 @@ impl Cluster {
                 )
             })?,
         };
+        // kube-rs would otherwise retry 429/503/504 for minutes; a caller waiting on us needs
+        // a prompt 503 with Retry-After instead (the SDKs retry themselves).
+        config.default_retry = false;
         config.connect_timeout = Some(Duration::from_secs(5));
         config.read_timeout = Some(Duration::from_secs(10));
         let client = kube::Client::try_from(config)?;

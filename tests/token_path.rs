@@ -337,7 +337,9 @@ async fn unknown_sni_is_refused_at_the_handshake() {
     let sys = start_dev(dir.path()).await;
     let ca = std::fs::read(&sys.info.ca_file).unwrap();
     let stranger = Client::new(sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
-    let err = stranger.connect().await.err().expect("handshake must fail");
+    let Err(err) = stranger.connect().await else {
+        panic!("the handshake must fail for a name we do not serve");
+    };
     assert!(
         err.to_string().to_lowercase().contains("unrecogni"),
         "{err}"
@@ -360,9 +362,9 @@ async fn a_grant_added_to_the_rbac_file_takes_effect() {
     assert_eq!(r.status, 403);
 
     let mut rbac = read(&info.rbac_file);
-    rbac.push_str(&format!(
-        "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: intruder-too\n  namespace: demo\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: use-demo-identity\nsubjects:\n  - kind: ServiceAccount\n    name: intruder\n    namespace: demo\n"
-    ));
+    rbac.push_str(
+        "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: intruder-too\n  namespace: demo\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: use-demo-identity\nsubjects:\n  - kind: ServiceAccount\n    name: intruder\n    namespace: demo\n",
+    );
     std::fs::write(&info.rbac_file, rbac).unwrap();
     let granted = eventually(Duration::from_secs(10), || async {
         client
