@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::authn::{Authenticator, Caller};
 use crate::authz::Authorizer;
@@ -47,7 +46,13 @@ pub struct ConnInfo {
 }
 
 impl App {
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+    /// Serves one request. Generic over the body so benchmarks and tests can drive the
+    /// handler in-process; the server passes hyper's `Incoming`.
+    pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
         let correlation_id = correlation_id(&req);
         let method = req.method().clone();
@@ -104,12 +109,16 @@ impl App {
         response
     }
 
-    async fn serve(
+    async fn serve<B>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         conn: &ConnInfo,
         trace: &mut Trace,
-    ) -> Result<Response<Body>> {
+    ) -> Result<Response<Body>>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let (parts, body) = req.into_parts();
         let path_tenant = match token::route(&parts.method, parts.uri.path()) {
             Route::Token { tenant } => tenant,
@@ -270,7 +279,7 @@ fn token_response(t: &IssuedToken) -> Response<Body> {
 }
 
 /// The client's `client-request-id` when it is a sane GUID-like value, else a fresh one.
-fn correlation_id(req: &Request<Incoming>) -> String {
+fn correlation_id<B>(req: &Request<B>) -> String {
     req.headers()
         .get("client-request-id")
         .and_then(|v| v.to_str().ok())
