@@ -254,12 +254,18 @@ pub struct DevArgs {
     /// Cached tokens with less than this left are not served.
     #[arg(long, env = "IBP_CACHE_MIN_REMAINING_SECS", default_value_t = 300)]
     pub cache_min_remaining_secs: u64,
-    /// How long a denying SubjectAccessReview is reused.
-    #[arg(long, env = "IBP_AUTHZ_DENIED_TTL_SECS", default_value_t = 2)]
+    /// How long a denying SubjectAccessReview is reused (RBAC edits also drop it at once).
+    #[arg(long, env = "IBP_AUTHZ_DENIED_TTL_SECS", default_value_t = 30)]
     pub authz_denied_ttl_secs: u64,
-    /// How long an allowing SubjectAccessReview is reused.
-    #[arg(long, env = "IBP_AUTHZ_ALLOWED_TTL_SECS", default_value_t = 2)]
+    /// How long an allowing SubjectAccessReview is reused (RBAC edits also drop it at once).
+    #[arg(long, env = "IBP_AUTHZ_ALLOWED_TTL_SECS", default_value_t = 300)]
     pub authz_allowed_ttl_secs: u64,
+    /// Longest time a TokenReview answer is reused.
+    #[arg(long, env = "IBP_TOKENREVIEW_TTL_SECS", default_value_t = 120)]
+    pub tokenreview_ttl_secs: u64,
+    /// Most tokens kept in the cache.
+    #[arg(long, env = "IBP_CACHE_CAPACITY", default_value_t = 10_000)]
+    pub cache_capacity: u64,
     #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }

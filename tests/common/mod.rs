@@ -34,8 +34,10 @@ pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> Dev
         entra_latency_ms: 0,
         entra_token_lifetime_secs: 3599,
         cache_min_remaining_secs: 300,
-        authz_denied_ttl_secs: 1,
-        authz_allowed_ttl_secs: 1,
+        authz_denied_ttl_secs: 30,
+        authz_allowed_ttl_secs: 300,
+        tokenreview_ttl_secs: 120,
+        cache_capacity: 10_000,
         log_format: LogFormat::Text,
     };
     tweak(&mut args);
@@ -129,6 +131,24 @@ impl Client {
             json,
             raw,
         }
+    }
+
+    /// An h2 connection whose sender can be cloned for many concurrent streams.
+    pub async fn h2_sender(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let tls = self.connect().await.expect("TLS handshake");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "h2 negotiated"
+        );
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        sender
     }
 
     pub async fn post_form(&self, path: &str, pairs: &[(&str, &str)]) -> Reply {
@@ -286,4 +306,66 @@ pub fn run_sdk_script(program: &Path, args: &[&Path], env: &[(&str, String)]) ->
             String::from_utf8_lossy(&out.stderr)
         )
     })
+}
+
+/// A form POST to `/` for an h2 sender.
+pub fn form_request(pairs: &[(&str, &str)]) -> http::Request<Full<Bytes>> {
+    let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+    http::Request::post("https://identity-binding-proxy.dev.local/")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// Sends on an h2 sender and reads the whole reply.
+pub async fn send_h2(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> Reply {
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let raw = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+    Reply {
+        status,
+        headers,
+        json,
+        raw,
+    }
+}
+
+/// The value of one sample in a Prometheus text scrape (0 when absent).
+pub async fn metric(admin: std::net::SocketAddr, series: &str) -> f64 {
+    let text = scrape(admin).await;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The admin server's `/metrics` text.
+pub async fn scrape(admin: std::net::SocketAddr) -> String {
+    let tcp = TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/metrics")
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
 }
