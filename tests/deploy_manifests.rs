@@ -1,0 +1,662 @@
+//! The deployment in `deploy/`, rendered with `kubectl kustomize` exactly as `kubectl apply -k`
+//! would, and held to the properties an operator relies on: Pod Security "restricted", a
+//! node-local Service, a rollout that never leaves a node without a proxy, RBAC limited to
+//! what the proxy calls, a certificate that names the SNI and the Service, and webhook
+//! settings that point at all of it. Schema validity is `deploy/check.sh`'s job.
+//!
+//! Needs `kubectl` on the PATH; without it these tests fail, they do not skip.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+const NAMESPACE: &str = "identity-binding-proxy";
+const PROXY: &str = "identity-binding-proxy";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `kubectl kustomize DIR`, parsed into one JSON value per object.
+fn render(dir: &Path) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running `kubectl kustomize {}`: {e} (kubectl must be installed)",
+                dir.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "`kubectl kustomize {}` failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("kustomize prints UTF-8");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            let yaml = serde_yaml::Value::deserialize(doc).expect("kustomize prints valid YAML");
+            serde_json::to_value(yaml).expect("Kubernetes objects are JSON-compatible")
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn overlay_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/overlays"))
+        .expect("deploy/overlays exists")
+        .map(|e| e.expect("readable directory entry").path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no overlays under deploy/overlays");
+    dirs
+}
+
+/// Every rendering: the base and each overlay, named for messages.
+fn renderings() -> Vec<(String, Vec<Value>)> {
+    let mut all = vec![(
+        "deploy/base".to_string(),
+        render(&repo().join("deploy/base")),
+    )];
+    for dir in overlay_dirs() {
+        let name = dir
+            .strip_prefix(repo())
+            .unwrap_or(&dir)
+            .display()
+            .to_string();
+        all.push((name, render(&dir)));
+    }
+    all
+}
+
+/// The rendering that installs the proxy with its certificate.
+fn cert_manager() -> Vec<Value> {
+    render(&repo().join("deploy/overlays/cert-manager"))
+}
+
+fn example_app() -> Vec<Value> {
+    render(&repo().join("deploy/overlays/example-app"))
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn named<'a>(docs: &'a [Value], k: &str, name: &str) -> &'a Value {
+    kind(docs, k)
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {k} named {name}"))
+}
+
+fn name(doc: &Value) -> String {
+    format!(
+        "{}/{}",
+        doc["kind"].as_str().unwrap_or("?"),
+        doc["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn array(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// Every pod spec in a rendering (bare Pods and workload templates), with its owner's name.
+fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
+    docs.iter()
+        .filter_map(|d| match str_of(&d["kind"]) {
+            "Pod" => Some((name(d), &d["spec"])),
+            "DaemonSet" | "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
+                Some((name(d), &d["spec"]["template"]["spec"]))
+            }
+            "CronJob" => Some((
+                name(d),
+                &d["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn containers(spec: &Value) -> impl Iterator<Item = &Value> {
+    array(&spec["initContainers"])
+        .iter()
+        .chain(array(&spec["containers"]))
+}
+
+fn daemonset(docs: &[Value]) -> &Value {
+    named(docs, "DaemonSet", PROXY)
+}
+
+fn proxy_container(docs: &[Value]) -> &Value {
+    let spec = &daemonset(docs)["spec"]["template"]["spec"];
+    array(&spec["containers"])
+        .iter()
+        .find(|c| c["name"] == "proxy")
+        .expect("the DaemonSet has a container named proxy")
+}
+
+/// The proxy's effective `IBP_*` environment: envFrom ConfigMaps, then explicit `env`.
+fn proxy_env(docs: &[Value]) -> HashMap<String, String> {
+    let c = proxy_container(docs);
+    let mut env = HashMap::new();
+    for from in array(&c["envFrom"]) {
+        let cm = named(docs, "ConfigMap", str_of(&from["configMapRef"]["name"]));
+        for (k, v) in cm["data"].as_object().into_iter().flatten() {
+            env.insert(k.clone(), str_of(v).to_string());
+        }
+    }
+    for e in array(&c["env"]) {
+        env.insert(
+            str_of(&e["name"]).to_string(),
+            str_of(&e["value"]).to_string(),
+        );
+    }
+    env
+}
+
+/// The SNI names the proxy serves, from `IBP_TLS` (`NAME=CERT,KEY;...`) and `IBP_DEFAULT_SNI`.
+fn sni_names(docs: &[Value]) -> BTreeSet<String> {
+    let env = proxy_env(docs);
+    let tls = env.get("IBP_TLS").expect("IBP_TLS is set");
+    let mut names: BTreeSet<String> = tls
+        .split(';')
+        .map(|e| e.split_once('=').expect("NAME=CERT,KEY").0.to_string())
+        .collect();
+    names.extend(env.get("IBP_DEFAULT_SNI").cloned());
+    names
+}
+
+fn port_of(listen: &str) -> u64 {
+    listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("ADDR:PORT")
+}
+
+/// A probe's or Service's port, resolved through the container's named ports.
+fn container_port(container: &Value, port: &Value) -> u64 {
+    if let Some(n) = port.as_u64() {
+        return n;
+    }
+    array(&container["ports"])
+        .iter()
+        .find(|p| p["name"] == *port)
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("container has no port named {port}"))
+}
+
+#[test]
+fn every_pod_and_container_meets_pod_security_restricted() {
+    for (rendering, docs) in renderings() {
+        for (owner, spec) in pod_specs(&docs) {
+            let pod = &spec["securityContext"];
+            for c in containers(spec) {
+                let sc = &c["securityContext"];
+                let at = format!("{rendering}: {owner} container {}", c["name"]);
+                let either = |field: &str| {
+                    if sc[field].is_null() {
+                        &pod[field]
+                    } else {
+                        &sc[field]
+                    }
+                };
+                assert_eq!(either("runAsNonRoot"), true, "{at}: runAsNonRoot");
+                assert_ne!(either("runAsUser"), 0, "{at}: runs as root");
+                assert_eq!(
+                    either("seccompProfile")["type"],
+                    "RuntimeDefault",
+                    "{at}: seccompProfile"
+                );
+                assert_eq!(
+                    sc["allowPrivilegeEscalation"], false,
+                    "{at}: allowPrivilegeEscalation"
+                );
+                assert_ne!(sc["privileged"], true, "{at}: privileged");
+                assert_eq!(
+                    sc["readOnlyRootFilesystem"], true,
+                    "{at}: readOnlyRootFilesystem"
+                );
+                assert!(
+                    array(&sc["capabilities"]["drop"]).contains(&Value::from("ALL")),
+                    "{at}: must drop ALL"
+                );
+                assert!(
+                    array(&sc["capabilities"]["add"]).is_empty(),
+                    "{at}: adds capabilities"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn proxy_runs_as_the_distroless_nonroot_user() {
+    let docs = cert_manager();
+    let spec = &daemonset(&docs)["spec"]["template"]["spec"];
+    assert_eq!(spec["securityContext"]["runAsUser"], 65532);
+    assert_eq!(
+        proxy_container(&docs)["securityContext"]["runAsUser"],
+        65532
+    );
+}
+
+#[test]
+fn no_pod_uses_host_namespaces_host_paths_or_host_ports() {
+    for (rendering, docs) in renderings() {
+        for (owner, spec) in pod_specs(&docs) {
+            for field in ["hostNetwork", "hostPID", "hostIPC"] {
+                assert_ne!(spec[field], true, "{rendering}: {owner} sets {field}");
+            }
+            for v in array(&spec["volumes"]) {
+                assert!(
+                    v["hostPath"].is_null(),
+                    "{rendering}: {owner} mounts a hostPath"
+                );
+            }
+            for c in containers(spec) {
+                for p in array(&c["ports"]) {
+                    assert!(
+                        p["hostPort"].is_null(),
+                        "{rendering}: {owner} uses hostPort"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn proxy_service_keeps_token_traffic_on_the_callers_node() {
+    let docs = cert_manager();
+    let svc = named(&docs, "Service", PROXY);
+    assert_eq!(svc["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(svc["spec"]["internalTrafficPolicy"], "Local");
+    let ports = array(&svc["spec"]["ports"]);
+    assert_eq!(ports.len(), 1, "only the token endpoint is exposed");
+    assert_eq!(ports[0]["port"], 443);
+    let target = container_port(proxy_container(&docs), &ports[0]["targetPort"]);
+    assert_eq!(
+        target,
+        port_of(&proxy_env(&docs)["IBP_LISTEN"]),
+        "Service targets the proxy's --listen port"
+    );
+    let labels = &daemonset(&docs)["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in svc["spec"]["selector"]
+        .as_object()
+        .expect("Service has a selector")
+    {
+        assert_eq!(
+            &labels[k], v,
+            "Service selector {k} matches the DaemonSet's pods"
+        );
+    }
+}
+
+#[test]
+fn proxy_rollout_starts_the_new_pod_before_stopping_the_old() {
+    let docs = cert_manager();
+    let strategy = &daemonset(&docs)["spec"]["updateStrategy"];
+    assert_eq!(strategy["type"], "RollingUpdate");
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 0);
+}
+
+#[test]
+fn proxy_is_node_critical_and_tolerates_every_taint() {
+    let docs = cert_manager();
+    let spec = &daemonset(&docs)["spec"]["template"]["spec"];
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert!(
+        array(&spec["tolerations"])
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t["key"].is_null() && t["effect"].is_null()),
+        "a toleration with operator Exists and no key or effect lets the proxy on every node"
+    );
+}
+
+#[test]
+fn proxy_probes_livez_and_readyz_on_the_admin_port() {
+    let docs = cert_manager();
+    let c = proxy_container(&docs);
+    let admin = port_of(&proxy_env(&docs)["IBP_ADMIN_LISTEN"]);
+    for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe} path");
+        assert_eq!(
+            container_port(c, &get["port"]),
+            admin,
+            "{probe} targets the admin port"
+        );
+        assert!(
+            get["scheme"].is_null() || get["scheme"] == "HTTP",
+            "the admin port is plain HTTP"
+        );
+    }
+}
+
+#[test]
+fn proxy_declares_resource_requests_and_limits() {
+    let docs = cert_manager();
+    let r = &proxy_container(&docs)["resources"];
+    for field in ["requests", "limits"] {
+        for res in ["cpu", "memory"] {
+            assert!(r[field][res].is_string(), "resources.{field}.{res} is set");
+        }
+    }
+}
+
+#[test]
+fn mounted_secrets_and_configmaps_are_whole_volumes_never_subpath() {
+    for (rendering, docs) in renderings() {
+        for (owner, spec) in pod_specs(&docs) {
+            for c in containers(spec) {
+                for m in array(&c["volumeMounts"]) {
+                    assert!(
+                        m["subPath"].is_null() && m["subPathExpr"].is_null(),
+                        "{rendering}: {owner} mounts {} with subPath: updates would never reach the pod",
+                        m["name"]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn proxy_files_named_in_its_flags_are_on_mounted_volumes() {
+    let docs = cert_manager();
+    let env = proxy_env(&docs);
+    let c = proxy_container(&docs);
+    let mounts: Vec<&str> = array(&c["volumeMounts"])
+        .iter()
+        .map(|m| str_of(&m["mountPath"]))
+        .collect();
+    let mut files: Vec<String> = env["IBP_TLS"]
+        .split(';')
+        .flat_map(|e| e.split_once('=').expect("NAME=CERT,KEY").1.split(','))
+        .map(str::to_string)
+        .collect();
+    files.extend(env["IBP_ISSUER_KEY"].split(',').map(str::to_string));
+    files.push(env["IBP_BINDINGS"].clone());
+    for file in files {
+        assert!(
+            mounts
+                .iter()
+                .any(|m| Path::new(&file).parent() == Some(Path::new(m))),
+            "{file} is not directly inside a mounted volume"
+        );
+    }
+}
+
+#[test]
+fn state_dir_is_a_writable_empty_dir() {
+    let docs = cert_manager();
+    let dir = proxy_env(&docs)["IBP_STATE_DIR"].clone();
+    let c = proxy_container(&docs);
+    let mount = array(&c["volumeMounts"])
+        .iter()
+        .find(|m| m["mountPath"] == dir.as_str())
+        .expect("state dir is mounted");
+    assert_ne!(mount["readOnly"], true, "state dir must be writable");
+    let spec = &daemonset(&docs)["spec"]["template"]["spec"];
+    let volume = array(&spec["volumes"])
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("state volume");
+    assert!(volume["emptyDir"].is_object(), "state dir is an emptyDir");
+}
+
+#[test]
+fn proxy_uses_its_service_account_token_for_the_apiserver() {
+    let docs = cert_manager();
+    let spec = &daemonset(&docs)["spec"]["template"]["spec"];
+    assert_eq!(spec["serviceAccountName"], PROXY);
+    assert_eq!(spec["automountServiceAccountToken"], true);
+}
+
+#[test]
+fn termination_grace_outlasts_shutdown_delay_plus_drain() {
+    let docs = cert_manager();
+    let env = proxy_env(&docs);
+    let secs = |k: &str, default: u64| {
+        env.get(k)
+            .map_or(default, |v| v.parse().expect("a number of seconds"))
+    };
+    let needed = secs("IBP_SHUTDOWN_DELAY_SECS", 5) + secs("IBP_DRAIN_TIMEOUT_SECS", 20);
+    let grace = daemonset(&docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds is set");
+    assert!(
+        grace > 25 && grace > needed,
+        "grace {grace}s must exceed shutdown delay + drain ({needed}s)"
+    );
+}
+
+/// A ClusterRole's rules as flat (apiGroup, resource, verb) and (nonResourceURL, verb) grants.
+fn grants(role: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for rule in array(&role["rules"]) {
+        for verb in array(&rule["verbs"]) {
+            for group in array(&rule["apiGroups"]) {
+                for resource in array(&rule["resources"]) {
+                    out.insert(format!(
+                        "{}/{} {}",
+                        str_of(group),
+                        str_of(resource),
+                        str_of(verb)
+                    ));
+                }
+            }
+            for url in array(&rule["nonResourceURLs"]) {
+                out.insert(format!("{} {}", str_of(url), str_of(verb)));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn proxy_cluster_role_grants_exactly_reviews_rbac_watch_and_jwks() {
+    let docs = cert_manager();
+    let role = named(&docs, "ClusterRole", PROXY);
+    let mut expected: BTreeSet<String> = [
+        "authentication.k8s.io/tokenreviews create",
+        "authorization.k8s.io/subjectaccessreviews create",
+        "/openid/v1/jwks get",
+        "/.well-known/openid-configuration get",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect();
+    for resource in [
+        "clusterroles",
+        "clusterrolebindings",
+        "roles",
+        "rolebindings",
+    ] {
+        for verb in ["get", "list", "watch"] {
+            expected.insert(format!("rbac.authorization.k8s.io/{resource} {verb}"));
+        }
+    }
+    assert_eq!(grants(role), expected);
+    for rule in array(&role["rules"]) {
+        assert!(rule["resourceNames"].is_null(), "no resourceNames needed");
+    }
+    let binding = named(&docs, "ClusterRoleBinding", PROXY);
+    assert_eq!(binding["roleRef"]["name"], PROXY);
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": PROXY, "namespace": NAMESPACE}])
+    );
+}
+
+#[test]
+fn no_role_grants_wildcards_or_secrets() {
+    for (rendering, docs) in renderings() {
+        for role in kind(&docs, "ClusterRole")
+            .into_iter()
+            .chain(kind(&docs, "Role"))
+        {
+            for g in grants(role) {
+                assert!(
+                    !g.contains('*'),
+                    "{rendering}: {} grants a wildcard: {g}",
+                    name(role)
+                );
+                assert!(
+                    !g.starts_with("/secrets "),
+                    "{rendering}: {} grants Secrets: {g}",
+                    name(role)
+                );
+                for verb in ["escalate", "bind", "impersonate"] {
+                    assert!(
+                        !g.ends_with(&format!(" {verb}")),
+                        "{rendering}: {} grants {verb}",
+                        name(role)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn serving_certificate_names_the_sni_and_the_service_and_is_what_the_proxy_mounts() {
+    let docs = cert_manager();
+    let spec = &daemonset(&docs)["spec"]["template"]["spec"];
+    let tls_dir = Path::new(
+        proxy_env(&docs)["IBP_TLS"]
+            .split_once('=')
+            .expect("NAME=CERT,KEY")
+            .1
+            .split(',')
+            .next()
+            .unwrap_or(""),
+    )
+    .parent()
+    .expect("certificate path has a directory")
+    .to_path_buf();
+    let mount = array(&proxy_container(&docs)["volumeMounts"])
+        .iter()
+        .find(|m| Path::new(str_of(&m["mountPath"])) == tls_dir)
+        .expect("the certificate directory is mounted");
+    let volume = array(&spec["volumes"])
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("tls volume");
+    let secret = str_of(&volume["secret"]["secretName"]);
+    let cert = kind(&docs, "Certificate")
+        .into_iter()
+        .find(|c| c["spec"]["secretName"] == secret)
+        .unwrap_or_else(|| {
+            panic!("no cert-manager Certificate writes the mounted Secret {secret}")
+        });
+    let dns: BTreeSet<String> = array(&cert["spec"]["dnsNames"])
+        .iter()
+        .map(|n| str_of(n).to_string())
+        .collect();
+    let mut required = sni_names(&docs);
+    required.insert(format!("{PROXY}.{NAMESPACE}.svc"));
+    required.insert(format!("{PROXY}.{NAMESPACE}.svc.cluster.local"));
+    let missing: Vec<_> = required.difference(&dns).collect();
+    assert!(missing.is_empty(), "Certificate dnsNames lack {missing:?}");
+    assert!(
+        dns.iter().all(|n| !n.contains('*')),
+        "exact names only: Java does not match wildcards"
+    );
+    assert_eq!(cert["metadata"]["namespace"], NAMESPACE);
+}
+
+fn webhook_values() -> Value {
+    let text = std::fs::read_to_string(repo().join("deploy/webhook/values.yaml"))
+        .expect("deploy/webhook/values.yaml");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("values.yaml is YAML");
+    serde_json::to_value(yaml).expect("JSON-compatible")
+}
+
+#[test]
+fn webhook_values_point_pods_at_the_service_sni_audience_and_ca() {
+    let docs = cert_manager();
+    let v = &webhook_values()["customTokenEndpoint"];
+    assert_eq!(
+        v["azureKubernetesTokenProxy"],
+        format!("https://{PROXY}.{NAMESPACE}.svc").as_str()
+    );
+    assert!(
+        sni_names(&docs).contains(str_of(&v["azureKubernetesSniName"])),
+        "SNI name is one the proxy serves"
+    );
+    let audience = proxy_env(&docs)
+        .get("IBP_TOKEN_AUDIENCE")
+        .cloned()
+        .unwrap_or_else(|| "api://AKSIdentityBinding".into());
+    assert_eq!(
+        str_of(&v["audience"]),
+        audience,
+        "SA tokens carry the audience the proxy requires"
+    );
+    let ca = named(
+        &docs,
+        "ConfigMap",
+        str_of(&v["azureKubernetesCAConfigMapName"]),
+    );
+    assert!(
+        ca["data"]["ca.crt"].is_string(),
+        "the CA ConfigMap holds key ca.crt, which the webhook projects"
+    );
+    assert!(
+        !str_of(&v["annotationSuffix"]).is_empty(),
+        "an empty suffix turns the feature off"
+    );
+}
+
+#[test]
+fn example_app_pod_opts_into_identity_binding_and_is_granted_its_identity() {
+    let docs = example_app();
+    let suffix = str_of(&webhook_values()["customTokenEndpoint"]["annotationSuffix"]).to_string();
+    let pod = kind(&docs, "Pod")
+        .into_iter()
+        .next()
+        .expect("example app has a pod");
+    assert_eq!(
+        pod["metadata"]["labels"]["azure.workload.identity/use"],
+        "true"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"][format!("azure.workload.identity/{suffix}")],
+        "true"
+    );
+
+    let ns = str_of(&pod["metadata"]["namespace"]);
+    let sa_name = str_of(&pod["spec"]["serviceAccountName"]);
+    let sa = named(&docs, "ServiceAccount", sa_name);
+    let client_id = str_of(&sa["metadata"]["annotations"]["azure.workload.identity/client-id"]);
+    assert_eq!(client_id.len(), 36, "client-id annotation is a GUID");
+
+    let wanted = format!("cid.wi.aks.azure.com/{client_id} use-managed-identity");
+    let granted = kind(&docs, "ClusterRoleBinding").into_iter().any(|b| {
+        let role = named(&docs, "ClusterRole", str_of(&b["roleRef"]["name"]));
+        grants(role) == BTreeSet::from([wanted.clone()])
+            && array(&b["subjects"]).iter().any(|s| {
+                s["kind"] == "ServiceAccount" && s["name"] == sa_name && s["namespace"] == ns
+            })
+    });
+    assert!(
+        granted,
+        "a ClusterRoleBinding grants {sa_name} in {ns} exactly `{wanted}`"
+    );
+}
