@@ -40,7 +40,12 @@ const ENTRIES: usize = 100_000;
 struct FixedToken;
 
 impl Fetch for FixedToken {
-    fn fetch(&self, _: &CacheKey, _: &str, _: Option<&str>) -> BoxFuture<'static, Result<IssuedToken, ProxyError>> {
+    fn fetch(
+        &self,
+        _: &CacheKey,
+        _: &str,
+        _: Option<&str>,
+    ) -> BoxFuture<'static, Result<IssuedToken, ProxyError>> {
         async {
             Ok(IssuedToken {
                 access_token: "x".repeat(TOKEN_BYTES).into(),
@@ -55,10 +60,16 @@ impl Fetch for FixedToken {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let cache = Arc::new(TokenCache::new(
-            CacheConfig { capacity: 1_000_000, min_remaining: Duration::from_secs(300) },
+            CacheConfig {
+                capacity: 1_000_000,
+                min_remaining: Duration::from_secs(300),
+            },
             Arc::new(FixedToken),
             Arc::new(Metrics::new()),
         ));

@@ -71,6 +71,11 @@ pub struct ServeArgs {
     /// Entra authority host.
     #[arg(long, env = "IBP_AUTHORITY_HOST", default_value = PUBLIC_CLOUD)]
     pub authority_host: String,
+    /// Per-SNI profile: NAME=cloud=public|usgov|china or NAME=authority=URL, optionally
+    /// followed by ,tenant=ID (the tenant assumed when the request path names none; identities
+    /// of other tenants are refused on that name). Repeatable (';' in the environment).
+    #[arg(long = "sni-profile", env = "IBP_SNI_PROFILE", value_delimiter = ';')]
+    pub sni_profiles: Vec<SniProfile>,
     /// Audience required on service-account tokens.
     #[arg(long, env = "IBP_TOKEN_AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
     pub token_audience: String,
@@ -143,6 +148,7 @@ pub struct ProxyConfig {
     pub issuer_url: IssuerUrl,
     pub bindings: PathBuf,
     pub authority_host: url::Url,
+    pub sni_profiles: Vec<SniProfile>,
     pub token_audience: String,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -167,10 +173,39 @@ pub struct ProxyConfig {
     pub state_dir: Option<PathBuf>,
 }
 
+/// `serve`'s flags alone, for building a configuration from a flag list.
+#[derive(Parser, Debug)]
+#[command(name = "serve")]
+struct ServeFlags {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
 impl ProxyConfig {
+    /// A configuration from `serve` flags (e.g. `["--tls", "n=c.pem,k.pem", ...]`), with every
+    /// default exactly as `serve` has it. `dev` and the tests build their proxies this way.
+    pub fn from_flags<I, T>(flags: I) -> Result<Self, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv = std::iter::once(std::ffi::OsString::from("serve"))
+            .chain(flags.into_iter().map(Into::into));
+        let parsed = ServeFlags::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Self::from_args(&parsed.args)
+    }
+
     pub fn from_args(a: &ServeArgs) -> Result<Self, String> {
         let authority_host = parse_authority(&a.authority_host)?;
         let issuer_url = IssuerUrl::parse(&a.issuer_url)?;
+        for p in &a.sni_profiles {
+            if !a.tls.iter().any(|t| t.name == p.name) {
+                return Err(format!(
+                    "--sni-profile '{}' names no --tls entry; profiles apply to served SNI names",
+                    p.name
+                ));
+            }
+        }
         if a.token_audience.trim().is_empty() {
             return Err("--token-audience must not be empty".into());
         }
@@ -186,6 +221,7 @@ impl ProxyConfig {
             issuer_url,
             bindings: a.bindings.clone(),
             authority_host,
+            sni_profiles: a.sni_profiles.clone(),
             token_audience: a.token_audience.trim().to_string(),
             listen: a.listen,
             admin_listen: a.admin_listen,
@@ -210,6 +246,64 @@ impl ProxyConfig {
     }
 }
 
+/// Authority hosts of the sovereign clouds, by the names operators use.
+pub fn cloud_authority(cloud: &str) -> Option<&'static str> {
+    match cloud.to_ascii_lowercase().as_str() {
+        "public" | "azurepubliccloud" => Some(PUBLIC_CLOUD),
+        "usgov" | "azureusgovernment" => Some("https://login.microsoftonline.us"),
+        "china" | "azurechinacloud" => Some("https://login.chinacloudapi.cn"),
+        _ => None,
+    }
+}
+
+/// The Entra settings of one SNI name: which cloud its identities live in, and the tenant
+/// assumed for requests whose path names none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniProfile {
+    pub name: String,
+    pub authority: url::Url,
+    pub tenant: Option<String>,
+}
+
+impl std::str::FromStr for SniProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("--sni-profile '{s}': {why}");
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| bad("expected NAME=cloud=..|authority=..[,tenant=..]"))?;
+        let mut authority = None;
+        let mut tenant = None;
+        for pair in rest.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("'{pair}' is not key=value")))?;
+            match k.trim() {
+                "cloud" => {
+                    let host = cloud_authority(v.trim()).ok_or_else(|| {
+                        bad(&format!("unknown cloud '{v}' (public, usgov or china)"))
+                    })?;
+                    authority = Some(parse_authority(host)?);
+                }
+                "authority" => authority = Some(parse_authority(v.trim())?),
+                "tenant" => {
+                    let t = v.trim().to_ascii_lowercase();
+                    if crate::token::parse_guid(&t).is_none() && !t.contains('.') {
+                        return Err(bad("tenant must be a GUID or a domain"));
+                    }
+                    tenant = Some(t);
+                }
+                other => return Err(bad(&format!("unknown key '{other}'"))),
+            }
+        }
+        Ok(Self {
+            name: name.trim().to_ascii_lowercase(),
+            authority: authority.ok_or_else(|| bad("cloud= or authority= is required"))?,
+            tenant,
+        })
+    }
+}
+
 /// An Entra authority host: https, or http on loopback (emulators).
 pub fn parse_authority(s: &str) -> Result<url::Url, String> {
     let url =
@@ -226,6 +320,28 @@ pub fn parse_authority(s: &str) -> Result<url::Url, String> {
         ));
     }
     Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_profiles_parse_clouds_authorities_and_tenants() {
+        let p: SniProfile = "gov.example=cloud=usgov,tenant=contoso.onmicrosoft.us"
+            .parse()
+            .unwrap();
+        assert_eq!(p.authority.as_str(), "https://login.microsoftonline.us/");
+        assert_eq!(p.tenant.as_deref(), Some("contoso.onmicrosoft.us"));
+        let p: SniProfile = "a=authority=http://127.0.0.1:9000".parse().unwrap();
+        assert_eq!(p.tenant, None);
+        assert!("a=cloud=mars".parse::<SniProfile>().is_err());
+        assert!("a=authority=http://login.example"
+            .parse::<SniProfile>()
+            .is_err());
+        assert!("a=tenant=x.example".parse::<SniProfile>().is_err());
+        assert!("a=cloud=china,color=blue".parse::<SniProfile>().is_err());
+    }
 }
 
 #[cfg(feature = "emulators")]
@@ -268,6 +384,9 @@ pub struct DevArgs {
     pub cache_capacity: u64,
     #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Further `serve` flags for the dev proxy, after `--` (e.g. `-- --authn-mode local`).
+    #[arg(last = true)]
+    pub proxy_flags: Vec<String>,
 }
 
 #[cfg(feature = "emulators")]

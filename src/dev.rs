@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::authn::AuthnMode;
 use crate::bindings::BindingSet;
 use crate::config::{
     DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, ProxyConfig, DEFAULT_TOKEN_AUDIENCE,
@@ -20,7 +19,6 @@ use crate::emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConf
 use crate::emulators::pki::DevCa;
 use crate::issuer::{IssuerUrl, FIC_AUDIENCE};
 use crate::keys::SigningKey;
-use crate::tls::TlsEntry;
 
 /// The SNI name the dev proxy serves and clients send.
 pub const DEV_SNI_NAME: &str = "identity-binding-proxy.dev.local";
@@ -194,39 +192,36 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     register_fics(&entra, &bindings, &issuer_url)?;
 
     // The proxy, through the same start-up as `serve`.
-    let config = ProxyConfig {
-        kubeconfig: Some(kube.kubeconfig_path()),
-        tls: vec![TlsEntry {
-            name: DEV_SNI_NAME.into(),
-            cert: cert_file,
-            key: key_file,
-        }],
-        default_sni: Some(DEV_SNI_NAME.into()),
-        issuer_keys: vec![issuer_key_file],
-        issuer_url: issuer_url.clone(),
-        bindings: bindings_file,
-        authority_host: crate::config::parse_authority(&entra.url()).map_err(anyhow::Error::msg)?,
-        token_audience: DEFAULT_TOKEN_AUDIENCE.into(),
-        listen: args.listen,
-        admin_listen: args.admin_listen,
-        authn_mode: AuthnMode::Both,
-        tokenreview_ttl: Duration::from_secs(args.tokenreview_ttl_secs),
-        authz_allowed_ttl: Duration::from_secs(args.authz_allowed_ttl_secs),
-        authz_denied_ttl: Duration::from_secs(args.authz_denied_ttl_secs),
-        cache_capacity: args.cache_capacity.max(1),
-        cache_min_remaining: Duration::from_secs(args.cache_min_remaining_secs),
-        entra_timeout: Duration::from_secs(10),
-        max_body_bytes: 64 * 1024,
-        handshake_timeout: Duration::from_secs(10),
-        header_read_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(60),
-        max_connections: 4096,
-        h2_max_streams: 128,
-        drain_timeout: Duration::from_secs(10),
-        reload_period: Duration::from_millis(500),
-        refresh_tick: Duration::from_millis(250),
-        state_dir: Some(dir.join("proxy")),
-    };
+    let mut flags: Vec<String> = vec![
+        format!("--kubeconfig={}", kube.kubeconfig_path().display()),
+        format!(
+            "--tls={DEV_SNI_NAME}={},{}",
+            cert_file.display(),
+            key_file.display()
+        ),
+        format!("--default-sni={DEV_SNI_NAME}"),
+        format!("--issuer-key={}", issuer_key_file.display()),
+        format!("--issuer-url={}", issuer_url.template()),
+        format!("--bindings={}", bindings_file.display()),
+        format!("--authority-host={}", entra.url()),
+        format!("--listen={}", args.listen),
+        format!("--admin-listen={}", args.admin_listen),
+        format!("--tokenreview-ttl-secs={}", args.tokenreview_ttl_secs),
+        format!("--authz-allowed-ttl-secs={}", args.authz_allowed_ttl_secs),
+        format!("--authz-denied-ttl-secs={}", args.authz_denied_ttl_secs),
+        format!("--cache-capacity={}", args.cache_capacity.max(1)),
+        format!(
+            "--cache-min-remaining-secs={}",
+            args.cache_min_remaining_secs
+        ),
+        format!("--drain-timeout-secs=10"),
+        format!("--state-dir={}", dir.join("proxy").display()),
+    ];
+    flags.extend(args.proxy_flags.iter().cloned());
+    let mut config = ProxyConfig::from_flags(&flags).map_err(anyhow::Error::msg)?;
+    // Edits in the state dir should show at once when someone is trying things out.
+    config.reload_period = Duration::from_millis(500);
+    config.refresh_tick = Duration::from_millis(250);
     let stop = CancellationToken::new();
     let proxy = crate::server::start(config, stop.clone()).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

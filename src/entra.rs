@@ -83,7 +83,8 @@ fn opt_int_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u6
 }
 
 pub struct Exchange<'a> {
-    pub authority: &'a url::Url,
+    /// The authority host, e.g. `https://login.microsoftonline.com`.
+    pub authority: &'a str,
     pub tenant: &'a str,
     pub client_id: &'a str,
     pub scope: &'a str,
@@ -113,7 +114,7 @@ impl EntraClient {
     pub async fn exchange(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
-            ex.authority.as_str().trim_end_matches('/'),
+            ex.authority.trim_end_matches('/'),
             ex.tenant
         );
         let mut form = vec![

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use serde::Serialize;
 
@@ -75,11 +76,14 @@ struct AssertionClaims<'a> {
 
 /// Signs and caches our assertions, one per (tenant, client-id).
 pub struct Issuer {
-    /// Loaded keys; the last one is the newest and signs. The others are kept so operators can
-    /// see which keys this proxy knows during a rotation.
-    keys: Vec<SigningKey>,
+    /// Loaded keys; the last one is the newest and signs. The others stay loaded so a
+    /// rotation is visible in logs; they are published, not used, during the overlap.
+    keys: ArcSwap<Vec<SigningKey>>,
+    /// Where the keys come from (empty for in-memory keys); re-read when they change.
+    files: Vec<PathBuf>,
     url: IssuerUrl,
-    assertions: DashMap<(String, String), (Arc<str>, Instant)>,
+    /// Per (tenant, client-id): the assertion, the `kid` that signed it, and its expiry.
+    assertions: DashMap<(String, String), (Arc<str>, String, Instant)>,
 }
 
 impl Issuer {
@@ -88,27 +92,41 @@ impl Issuer {
             return Err("at least one issuer key is needed (--issuer-key)".into());
         }
         Ok(Self {
-            keys,
+            keys: ArcSwap::from_pointee(keys),
+            files: Vec::new(),
             url,
             assertions: DashMap::new(),
         })
     }
 
-    pub fn signing_key(&self) -> &SigningKey {
-        // `new` refuses an empty key list.
-        &self.keys[self.keys.len() - 1]
+    /// Loads the keys from PEM files (the last file's key signs); see [`Issuer::watch`].
+    pub fn from_files(files: &[PathBuf], url: IssuerUrl) -> Result<Self, String> {
+        let mut issuer = Self::new(load_keys(files)?, url)?;
+        issuer.files = files.to_vec();
+        Ok(issuer)
+    }
+
+    /// The `kid` of the key that signs new assertions.
+    pub fn signing_kid(&self) -> String {
+        let keys = self.keys.load();
+        keys.last().map(|k| k.kid().to_string()).unwrap_or_default()
     }
 
     pub fn url(&self) -> &IssuerUrl {
         &self.url
     }
 
-    /// An assertion for `binding`, reused until 2 minutes before it expires.
+    /// An assertion for `binding`, reused until 2 minutes before it expires or until the
+    /// signing key changes.
     pub fn assertion(&self, binding: &Binding) -> Result<Arc<str>, ProxyError> {
+        let keys = self.keys.load();
+        let signer = keys
+            .last()
+            .ok_or_else(|| ProxyError::Internal("no issuer key loaded".into()))?;
         let key = (binding.tenant_id.clone(), binding.client_id.clone());
         if let Some(entry) = self.assertions.get(&key) {
-            let (jwt, expires) = entry.value();
-            if Instant::now() + ASSERTION_MIN_REMAINING < *expires {
+            let (jwt, kid, expires) = entry.value();
+            if kid == signer.kid() && Instant::now() + ASSERTION_MIN_REMAINING < *expires {
                 return Ok(jwt.clone());
             }
         }
@@ -126,15 +144,69 @@ impl Issuer {
             exp: now + ASSERTION_LIFETIME.as_secs(),
             jti: uuid::Uuid::new_v4().to_string(),
         };
-        let jwt: Arc<str> = self
-            .signing_key()
+        let jwt: Arc<str> = signer
             .sign(&claims)
             .map_err(|e| ProxyError::Internal(format!("signing our assertion failed: {e}")))?
             .into();
-        self.assertions
-            .insert(key, (jwt.clone(), Instant::now() + ASSERTION_LIFETIME));
+        self.assertions.insert(
+            key,
+            (
+                jwt.clone(),
+                signer.kid().to_string(),
+                Instant::now() + ASSERTION_LIFETIME,
+            ),
+        );
         Ok(jwt)
     }
+
+    /// Re-reads the key files when they change (a mounted Secret is updated by a symlink
+    /// swap; a poll of the contents sees every kind of update). A file that fails to load
+    /// keeps the previous keys in service.
+    pub async fn watch(
+        self: Arc<Self>,
+        period: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        if self.files.is_empty() {
+            return;
+        }
+        let snapshot = |files: &[PathBuf]| -> Vec<Option<Vec<u8>>> {
+            files.iter().map(|f| std::fs::read(f).ok()).collect()
+        };
+        let mut last = snapshot(&self.files);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let now = snapshot(&self.files);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match load_keys(&self.files) {
+                Ok(keys) => {
+                    let kids: Vec<String> = keys.iter().map(|k| k.kid().to_string()).collect();
+                    self.keys.store(Arc::new(keys));
+                    tracing::info!(?kids, signing = %self.signing_kid(), "issuer keys reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "issuer keys not reloaded; the previous keys keep signing")
+                }
+            }
+        }
+    }
+}
+
+fn load_keys(files: &[PathBuf]) -> Result<Vec<SigningKey>, String> {
+    files
+        .iter()
+        .map(|path| {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read issuer key {}: {e}", path.display()))?;
+            SigningKey::from_pem(&pem).map_err(|e| format!("issuer key {}: {e}", path.display()))
+        })
+        .collect()
 }
 
 /// The OIDC discovery document of one issuer URL.
@@ -202,7 +274,12 @@ pub fn publish(
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("{}: {e}", parent.display()))?;
             }
-            std::fs::write(&file, body).map_err(|e| format!("{}: {e}", file.display()))?;
+            // Through a temporary file and a rename: a host serving this directory never
+            // hands out half a JWKS while it is being republished.
+            let tmp = file.with_extension("tmp");
+            std::fs::write(&tmp, body)
+                .and_then(|()| std::fs::rename(&tmp, &file))
+                .map_err(|e| format!("{}: {e}", file.display()))?;
             written.push(file);
         }
     }
@@ -312,6 +389,47 @@ mod tests {
             jsonwebtoken::decode_header(&*a).unwrap().kid.unwrap(),
             new_kid
         );
+    }
+
+    #[tokio::test]
+    async fn rotated_key_files_sign_the_next_assertion() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            SigningKey::generate(2048).unwrap(),
+            SigningKey::generate(2048).unwrap(),
+        );
+        let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+        std::fs::write(&a, old.private_pem()).unwrap();
+        std::fs::write(&b, old.private_pem()).unwrap();
+        let issuer = Arc::new(
+            Issuer::from_files(
+                &[a, b.clone()],
+                IssuerUrl::parse("https://i.example/x").unwrap(),
+            )
+            .unwrap(),
+        );
+        let first = issuer.assertion(&binding()).unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(
+            issuer
+                .clone()
+                .watch(Duration::from_millis(20), stop.clone()),
+        );
+        std::fs::write(&b, "garbage").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            issuer.assertion(&binding()).unwrap(),
+            first,
+            "a broken file keeps the old key"
+        );
+        std::fs::write(&b, new.private_pem()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = issuer.assertion(&binding()).unwrap();
+        assert_eq!(
+            jsonwebtoken::decode_header(&*second).unwrap().kid.unwrap(),
+            new.kid()
+        );
+        stop.cancel();
     }
 
     #[test]

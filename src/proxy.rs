@@ -2,6 +2,7 @@
 //! cache/exchange → respond. Each step lives in its own module; this file only calls them in
 //! order and turns the outcome into a response, a metric and one log line.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,9 +26,38 @@ pub struct App {
     pub authz: Arc<Authorizer>,
     pub bindings: Arc<Bindings>,
     pub cache: Arc<TokenCache>,
+    /// Our issuer (the key that signs assertions); used by the cache's exchanger.
+    pub issuer: Arc<Issuer>,
     pub metrics: Arc<Metrics>,
-    pub authority_key: Arc<str>,
+    /// Entra settings per SNI name, and for every other name.
+    pub profiles: HashMap<String, Profile>,
+    pub default_profile: Profile,
     pub max_body_bytes: usize,
+}
+
+/// The Entra settings a connection's SNI name selects.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// The authority host, as the cache key and the exchange use it.
+    pub authority_key: Arc<str>,
+    /// The tenant assumed when the path names none.
+    pub tenant: Option<String>,
+}
+
+impl Profile {
+    pub fn new(authority: &url::Url, tenant: Option<String>) -> Self {
+        Self {
+            authority_key: authority.as_str().trim_end_matches('/').into(),
+            tenant,
+        }
+    }
+}
+
+/// Tenants match when equal; a GUID and a domain name cannot be compared here, so that pair is
+/// left to Entra, which refuses a wrong one.
+fn same_tenant(a: &str, b: &str) -> bool {
+    let guid = |t: &str| token::parse_guid(t).is_some();
+    a.eq_ignore_ascii_case(b) || guid(a) != guid(b)
 }
 
 /// What one request did, for its log line. Never holds a credential.
@@ -46,6 +76,11 @@ pub struct ConnInfo {
 }
 
 impl App {
+    fn profile(&self, sni: Option<&str>) -> &Profile {
+        sni.and_then(|n| self.profiles.get(n))
+            .unwrap_or(&self.default_profile)
+    }
+
     /// Serves one request. Generic over the body so benchmarks and tests can drive the
     /// handler in-process; the server passes hyper's `Incoming`.
     pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<Body>
@@ -184,13 +219,15 @@ impl App {
                 req.client_id, req.client_id
             ))
             })?;
-        if let Some(tenant) = &req.path_tenant {
-            if !tenant.eq_ignore_ascii_case(&binding.tenant_id) {
+        let profile = self.profile(conn.sni.as_deref());
+        if let Some(tenant) = req.path_tenant.as_ref().or(profile.tenant.as_ref()) {
+            if !same_tenant(tenant, &binding.tenant_id) {
                 return Err(ProxyError::InvalidRequest {
                     code: crate::error::codes::TENANT_MISMATCH,
                     description: format!(
-                        "The request names tenant '{}', but managed identity '{}' is bound to \
-                         tenant '{}'. Set AZURE_TENANT_ID to '{}'.",
+                        "The request is for tenant '{}', but managed identity '{}' is bound to \
+                         tenant '{}'. Set AZURE_TENANT_ID to '{}' (or use the SNI name of that \
+                         tenant's profile).",
                         token::printable(tenant, 100),
                         binding.client_id,
                         binding.tenant_id,
@@ -205,7 +242,7 @@ impl App {
 
         // 5. Cache, or exchange with Entra through the identity's one FIC.
         let key = CacheKey {
-            authority: self.authority_key.clone(),
+            authority: profile.authority_key.clone(),
             tenant: binding.tenant_id.clone(),
             client_id: binding.client_id.clone(),
             scopes: req.scope_key.clone(),
@@ -224,7 +261,6 @@ pub struct Exchanger {
     pub bindings: Arc<Bindings>,
     pub issuer: Arc<Issuer>,
     pub entra: Arc<EntraClient>,
-    pub authority: url::Url,
 }
 
 impl Fetch for Exchanger {
@@ -235,11 +271,8 @@ impl Fetch for Exchanger {
         claims: Option<&str>,
     ) -> BoxFuture<'static, Result<IssuedToken>> {
         let binding = self.bindings.current().get(&key.client_id).cloned();
-        let (issuer, entra, authority) = (
-            self.issuer.clone(),
-            self.entra.clone(),
-            self.authority.clone(),
-        );
+        let (issuer, entra) = (self.issuer.clone(), self.entra.clone());
+        let authority = key.authority.clone();
         let (scope, claims) = (scope.to_string(), claims.map(str::to_string));
         let tenant = key.tenant.clone();
         async move {

@@ -25,9 +25,8 @@ use crate::config::ProxyConfig;
 use crate::entra::EntraClient;
 use crate::http::{json, text, Body};
 use crate::issuer::Issuer;
-use crate::keys::SigningKey;
 use crate::metrics::Metrics;
-use crate::proxy::{App, ConnInfo, Exchanger};
+use crate::proxy::{App, ConnInfo, Exchanger, Profile};
 use crate::tls::SniRouter;
 
 /// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
@@ -83,16 +82,10 @@ pub async fn start(
         )
         .map_err(anyhow::Error::msg)?,
     );
-    let mut keys = Vec::new();
-    for path in &config.issuer_keys {
-        let pem = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read issuer key {}", path.display()))?;
-        keys.push(
-            SigningKey::from_pem(&pem).with_context(|| format!("issuer key {}", path.display()))?,
-        );
-    }
-    let issuer =
-        Arc::new(Issuer::new(keys, config.issuer_url.clone()).map_err(anyhow::Error::msg)?);
+    let issuer = Arc::new(
+        Issuer::from_files(&config.issuer_keys, config.issuer_url.clone())
+            .map_err(anyhow::Error::msg)?,
+    );
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
 
     let cluster = Arc::new(Cluster::connect(config.kubeconfig.as_deref()).await?);
@@ -122,9 +115,8 @@ pub async fn start(
     ));
     let exchanger = Arc::new(Exchanger {
         bindings: bindings.clone(),
-        issuer,
+        issuer: issuer.clone(),
         entra,
-        authority: config.authority_host.clone(),
     });
     let cache = Arc::new(TokenCache::new(
         CacheConfig {
@@ -139,8 +131,14 @@ pub async fn start(
         authz: authz.clone(),
         bindings: bindings.clone(),
         cache: cache.clone(),
+        issuer: issuer.clone(),
         metrics: metrics.clone(),
-        authority_key: config.authority_host.as_str().trim_end_matches('/').into(),
+        profiles: config
+            .sni_profiles
+            .iter()
+            .map(|p| (p.name.clone(), Profile::new(&p.authority, p.tenant.clone())))
+            .collect(),
+        default_profile: Profile::new(&config.authority_host, None),
         max_body_bytes: config.max_body_bytes,
     });
     let readiness = Arc::new(Readiness {
@@ -161,6 +159,11 @@ pub async fn start(
     tokio::spawn(authn.clone().run_refresh(JWKS_REFRESH, background.clone()));
     tokio::spawn(authz.watch_rbac(background.clone()));
     tokio::spawn(cache.run_refresh(config.refresh_tick, background.clone()));
+    tokio::spawn(
+        issuer
+            .clone()
+            .watch(config.reload_period, background.clone()),
+    );
     tokio::spawn(bindings.watch(config.reload_period, background.clone()));
     tokio::spawn(
         router

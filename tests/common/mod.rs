@@ -39,6 +39,7 @@ pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> Dev
         tokenreview_ttl_secs: 120,
         cache_capacity: 10_000,
         log_format: LogFormat::Text,
+        proxy_flags: Vec::new(),
     };
     tweak(&mut args);
     dev::start(&args).await.expect("dev system starts")

@@ -1,0 +1,368 @@
+//! Many clusters, one FIC: three clusters (each with its own service-account issuer and its
+//! own proxy issuer key) get tokens for the same managed identity through ONE federated
+//! identity credential, whose issuer publishes all three public keys. Removing one cluster's
+//! key cuts off that cluster only; rotating a cluster's key never interrupts its tokens.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{token_form, Client};
+use identity_binding_proxy::bindings::BindingSet;
+use identity_binding_proxy::config::ProxyConfig;
+use identity_binding_proxy::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic, FicError};
+use identity_binding_proxy::emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
+use identity_binding_proxy::emulators::pki::DevCa;
+use identity_binding_proxy::issuer::{self, IssuerUrl, FIC_AUDIENCE};
+use identity_binding_proxy::keys::{RsaPublicKey, SigningKey};
+use identity_binding_proxy::server::{self, RunningProxy};
+use tokio_util::sync::CancellationToken;
+
+const SNI: &str = "proxy.cluster.internal";
+const CLIENT_ID: &str = "7d1f9c4e-0b3a-4c55-9e2d-3f6a8b1c2d4e";
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+fn rbac(client_id: &str) -> String {
+    format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: use-identity\nrules:\n  - apiGroups: [\"cid.wi.aks.azure.com\"]\n    resources: [\"{client_id}\"]\n    verbs: [\"use-managed-identity\"]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: worker-uses-identity\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: use-identity\nsubjects:\n  - kind: ServiceAccount\n    name: worker\n    namespace: apps\n"
+    )
+}
+
+/// One cluster: its apiserver, its proxy with its own issuer key, and a client for it.
+struct Cluster {
+    kube: KubeEmulator,
+    proxy: RunningProxy,
+    stop: CancellationToken,
+    client: Client,
+    key_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(
+        n: usize,
+        ca: &DevCa,
+        entra: &EntraEmulator,
+        issuer_url: &IssuerUrl,
+        bindings: &Path,
+        key: &SigningKey,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rbac_file = dir.path().join("rbac.yaml");
+        std::fs::write(&rbac_file, rbac(CLIENT_ID)).unwrap();
+        let kube = KubeEmulator::start(KubeEmulatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.path().join("kube"),
+            rbac_file: Some(rbac_file),
+            issuer: Some(format!("https://oidc.cluster-{n}.example/issuer")),
+        })
+        .await
+        .unwrap();
+        let serving = ca.issue(&[SNI]).unwrap();
+        let (cert, tls_key, key_file) = (
+            dir.path().join("tls.crt"),
+            dir.path().join("tls.key"),
+            dir.path().join("issuer.key"),
+        );
+        std::fs::write(&cert, serving.cert_pem).unwrap();
+        std::fs::write(&tls_key, serving.key_pem).unwrap();
+        std::fs::write(&key_file, key.private_pem()).unwrap();
+        let mut config = ProxyConfig::from_flags([
+            format!("--kubeconfig={}", kube.kubeconfig_path().display()),
+            format!("--tls={SNI}={},{}", cert.display(), tls_key.display()),
+            format!("--issuer-key={}", key_file.display()),
+            format!("--issuer-url={}", issuer_url.template()),
+            format!("--bindings={}", bindings.display()),
+            format!("--authority-host={}", entra.url()),
+            "--listen=127.0.0.1:0".into(),
+            "--admin-listen=127.0.0.1:0".into(),
+        ])
+        .unwrap();
+        config.reload_period = Duration::from_millis(100);
+        let stop = CancellationToken::new();
+        let proxy = server::start(config, stop.clone()).await.unwrap();
+        assert!(
+            common::eventually(Duration::from_secs(10), || async {
+                proxy.readiness.is_ready()
+            })
+            .await
+        );
+        let client = Client::new(proxy.addr, SNI, ca.cert_pem.as_bytes(), &[b"http/1.1"]);
+        Self {
+            kube,
+            proxy,
+            stop,
+            client,
+            key_file,
+            _dir: dir,
+        }
+    }
+
+    fn sa_token(&self) -> String {
+        self.kube
+            .mint_token(&MintRequest {
+                namespace: "apps".into(),
+                service_account: "worker".into(),
+                audiences: vec!["api://AKSIdentityBinding".into()],
+                expires_in_secs: 3600,
+                pod_name: Some("worker-0".into()),
+            })
+            .unwrap()
+    }
+
+    async fn request(&self, scope: &str) -> common::Reply {
+        let token = self.sa_token();
+        let mut form = token_form(CLIENT_ID, &token);
+        form[2] = ("scope", scope);
+        self.client
+            .post_form(&format!("/{TENANT}/oauth2/v2.0/token"), &form)
+            .await
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.proxy.wait().await;
+        self.kube.shutdown().await;
+    }
+}
+
+/// The issuer side: a static host serving what `issuer publish` writes.
+struct IssuerSite {
+    docs: tempfile::TempDir,
+    url: IssuerUrl,
+    bindings_file: PathBuf,
+    stop: CancellationToken,
+}
+
+impl IssuerSite {
+    async fn start() -> Self {
+        let docs = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let addr = identity_binding_proxy::emulators::static_host::start(
+            "127.0.0.1:0".parse().unwrap(),
+            docs.path().to_path_buf(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let url = IssuerUrl::parse(&format!("http://{addr}/{{tenant}}/{{client_id}}")).unwrap();
+        let bindings_file = docs.path().join("bindings.yaml");
+        std::fs::write(
+            &bindings_file,
+            format!("bindings:\n  - clientId: {CLIENT_ID}\n    tenantId: {TENANT}\n"),
+        )
+        .unwrap();
+        Self {
+            docs,
+            url,
+            bindings_file,
+            stop,
+        }
+    }
+
+    fn bindings(&self) -> BindingSet {
+        identity_binding_proxy::bindings::load(&self.bindings_file).unwrap()
+    }
+
+    /// Publishes exactly these public keys in the issuer's JWKS.
+    fn publish(&self, keys: &[RsaPublicKey]) {
+        issuer::publish(self.docs.path(), keys, &self.bindings(), &self.url).unwrap();
+    }
+
+    fn one_fic(&self) -> Fic {
+        let binding = self.bindings().get(CLIENT_ID).unwrap().clone();
+        Fic {
+            client_id: CLIENT_ID.into(),
+            issuer: self.url.for_binding(&binding),
+            subject: binding.subject,
+            audience: FIC_AUDIENCE.into(),
+            name: "identity-binding-proxy".into(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_cluster() {
+    identity_binding_proxy::http::install_crypto_provider();
+    let site = IssuerSite::start().await;
+    let entra = EntraEmulator::start(EntraEmulatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    entra.add_fic(site.one_fic()).unwrap();
+    let ca = DevCa::generate("multi-cluster test CA").unwrap();
+    let keys: Vec<SigningKey> = (0..3)
+        .map(|_| SigningKey::generate(2048).unwrap())
+        .collect();
+    site.publish(&keys.iter().map(|k| k.public().clone()).collect::<Vec<_>>());
+    let mut clusters = Vec::new();
+    for (n, key) in keys.iter().enumerate() {
+        clusters
+            .push(Cluster::start(n + 1, &ca, &entra, &site.url, &site.bindings_file, key).await);
+    }
+
+    // Different clusters really are different: each one's SA tokens are refused by the others.
+    let foreign = clusters[0].sa_token();
+    let r = clusters[1]
+        .client
+        .post_form("/", &token_form(CLIENT_ID, &foreign))
+        .await;
+    assert_eq!(r.status, 401, "{}", r.json);
+
+    for (n, c) in clusters.iter().enumerate() {
+        let r = c.request("https://vault.azure.net/.default").await;
+        assert_eq!(r.status, 200, "cluster {}: {}", n + 1, r.json);
+        assert_eq!(
+            common::jwt_claims(r.json["access_token"].as_str().unwrap())["appid"],
+            CLIENT_ID
+        );
+    }
+    assert_eq!(entra.stats().tokens_issued, 3);
+    assert_eq!(
+        entra.fics(CLIENT_ID).len(),
+        1,
+        "one FIC served all three clusters"
+    );
+
+    // Cluster 2 is compromised: its key leaves the published JWKS.
+    site.publish(&[keys[0].public().clone(), keys[2].public().clone()]);
+    let cut = clusters[1]
+        .request("https://storage.azure.com/.default")
+        .await;
+    assert_eq!(cut.status, 401, "{}", cut.json);
+    assert_eq!(
+        cut.json["error_codes"][0], 700027,
+        "Entra's own code passes through: {}",
+        cut.json
+    );
+    assert!(
+        cut.error_description().starts_with("AADSTS700027"),
+        "{}",
+        cut.json
+    );
+    assert!(cut.json.get("access_token").is_none());
+    for n in [0, 2] {
+        let r = clusters[n]
+            .request("https://storage.azure.com/.default")
+            .await;
+        assert_eq!(r.status, 200, "cluster {} goes on: {}", n + 1, r.json);
+    }
+
+    // Why one FIC matters: classic workload identity needs one per (cluster, namespace, SA),
+    // and Entra stops at 20 per identity.
+    for i in 2..=20 {
+        entra
+            .add_fic(Fic {
+                client_id: CLIENT_ID.into(),
+                issuer: format!("https://oidc.classic-{i}.example/issuer"),
+                subject: "system:serviceaccount:apps:worker".into(),
+                audience: FIC_AUDIENCE.into(),
+                name: format!("classic-{i}"),
+            })
+            .unwrap();
+    }
+    let refused = entra.add_fic(Fic {
+        client_id: CLIENT_ID.into(),
+        issuer: "https://oidc.classic-21.example/issuer".into(),
+        subject: "system:serviceaccount:apps:worker".into(),
+        audience: FIC_AUDIENCE.into(),
+        name: "classic-21".into(),
+    });
+    assert!(
+        matches!(refused, Err(FicError::LimitReached { .. })),
+        "{refused:?}"
+    );
+
+    for c in clusters {
+        c.shutdown().await;
+    }
+    entra.shutdown().await;
+    site.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_keep_flowing_while_the_signing_key_rotates() {
+    identity_binding_proxy::http::install_crypto_provider();
+    let site = IssuerSite::start().await;
+    let entra = EntraEmulator::start(EntraEmulatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    entra.add_fic(site.one_fic()).unwrap();
+    let ca = DevCa::generate("rotation test CA").unwrap();
+    let (old, new) = (
+        SigningKey::generate(2048).unwrap(),
+        SigningKey::generate(2048).unwrap(),
+    );
+    site.publish(&[old.public().clone()]);
+    let cluster = Cluster::start(1, &ca, &entra, &site.url, &site.bindings_file, &old).await;
+    let old_kid = old.kid().to_string();
+
+    // Continuous traffic that reaches Entra on every request (a CAE `claims` challenge
+    // bypasses the token cache), for the whole rotation.
+    let stop_traffic = CancellationToken::new();
+    let traffic = {
+        let (client, token, stop) = (
+            Client::new(
+                cluster.proxy.addr,
+                SNI,
+                ca.cert_pem.as_bytes(),
+                &[b"http/1.1"],
+            ),
+            cluster.sa_token(),
+            stop_traffic.clone(),
+        );
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.is_cancelled() {
+                let mut form = token_form(CLIENT_ID, &token);
+                form.push(("claims", "{\"access_token\":{}}"));
+                let r = client.post_form("/", &form).await;
+                if r.status == 200 {
+                    ok += 1
+                } else {
+                    failed.push(r.json.to_string())
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // The documented procedure: 1. publish the new key beside the old one; 2. roll the proxy
+    // onto the new key; 3. after the old assertions expired, remove the old key.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    site.publish(&[old.public().clone(), new.public().clone()]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&cluster.key_file, new.private_pem()).unwrap();
+    let rolled = common::eventually(Duration::from_secs(5), || async {
+        cluster.proxy.app.issuer.signing_kid() == new.kid()
+    })
+    .await;
+    assert!(rolled, "the proxy signs with the new key");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    site.publish(&[new.public().clone()]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    stop_traffic.cancel();
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed during the rotation: {failed:?}",
+        failed.len()
+    );
+    assert!(ok > 10, "traffic flowed ({ok} requests)");
+    assert_ne!(old_kid, new.kid());
+    // After the rotation only the new key is published, and tokens still come.
+    let r = cluster
+        .request("https://management.azure.com/.default")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    cluster.shutdown().await;
+    entra.shutdown().await;
+    site.stop.cancel();
+}
