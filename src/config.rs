@@ -424,6 +424,19 @@ pub enum EmulateCommand {
     Kube(EmulateKubeArgs),
     /// The Entra emulator: client credentials with federated assertions.
     Entra(EmulateEntraArgs),
+    /// A static file host (plain HTTP, loopback): serves `issuer publish` output to the Entra
+    /// emulator, standing in for the HTTPS host a real issuer uses.
+    Static(EmulateStaticArgs),
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Args, Debug)]
+pub struct EmulateStaticArgs {
+    #[arg(long, env = "IBP_LISTEN", default_value = "127.0.0.1:8480")]
+    pub listen: SocketAddr,
+    /// The directory to serve (e.g. the `issuer publish --out` directory).
+    #[arg(long, env = "IBP_DIR")]
+    pub dir: PathBuf,
 }
 
 #[cfg(feature = "emulators")]

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bindings::BindingSet;
 use crate::config::{
-    DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, ProxyConfig, DEFAULT_TOKEN_AUDIENCE,
+    DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, EmulateStaticArgs, ProxyConfig,
+    DEFAULT_TOKEN_AUDIENCE,
 };
 use crate::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
 use crate::emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
@@ -488,5 +489,22 @@ pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
     println!("Entra emulator on {}", entra.url());
     crate::signal::shutdown_requested().await;
     entra.shutdown().await;
+    Ok(())
+}
+
+pub async fn emulate_static(args: EmulateStaticArgs) -> anyhow::Result<()> {
+    if !args.listen.ip().is_loopback() {
+        anyhow::bail!("the static host is a test double: listen on a loopback address only");
+    }
+    let stop = CancellationToken::new();
+    let addr =
+        crate::emulators::static_host::start(args.listen, absolute(&args.dir)?, stop.clone())
+            .await?;
+    println!(
+        "static host on http://{addr} serving {}",
+        args.dir.display()
+    );
+    crate::signal::shutdown_requested().await;
+    stop.cancel();
     Ok(())
 }

@@ -103,6 +103,9 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 identity_binding_proxy::config::EmulateCommand::Entra(a) => {
                     identity_binding_proxy::dev::emulate_entra(a).await
                 }
+                identity_binding_proxy::config::EmulateCommand::Static(a) => {
+                    identity_binding_proxy::dev::emulate_static(a).await
+                }
             }
             .map_err(Failure::Runtime)
         }
