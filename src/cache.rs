@@ -192,6 +192,8 @@ impl TokenCache {
             let result = fetch.await.map(Arc::new);
             if let Ok(token) = &result {
                 entries.insert(key.clone(), Arc::new(Entry::new(token.clone(), scope)));
+                // moka counts lazily; settle it so the gauge is exact (misses are rare).
+                entries.run_pending_tasks();
                 metrics.cache_entries.set(entries.entry_count() as i64);
             }
             flights
@@ -277,6 +279,7 @@ impl TokenCache {
     }
 
     fn update_gauge(&self) {
+        self.entries.run_pending_tasks();
         self.metrics
             .cache_entries
             .set(self.entries.entry_count() as i64);

@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish at shutdown.
     #[arg(long, env = "IBP_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
+    /// After SIGTERM, how long to keep serving while not ready, so Service endpoints drop this
+    /// pod before it stops accepting (SIGINT skips the delay).
+    #[arg(long, env = "IBP_SHUTDOWN_DELAY_SECS", default_value_t = 5)]
+    pub shutdown_delay_secs: u64,
     #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
     /// Tokio worker threads (default: one per CPU). One thread pinned to one core is how the
@@ -166,6 +170,7 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub h2_max_streams: u32,
     pub drain_timeout: Duration,
+    pub shutdown_delay: Duration,
     /// How often files (bindings, certificates) are checked for changes.
     pub reload_period: Duration,
     /// How often the token cache looks for refreshes that are due.
@@ -175,7 +180,7 @@ pub struct ProxyConfig {
 
 /// `serve`'s flags alone, for building a configuration from a flag list.
 #[derive(Parser, Debug)]
-#[command(name = "serve")]
+#[command(name = "serve", args_override_self = true)]
 struct ServeFlags {
     #[command(flatten)]
     args: ServeArgs,
@@ -239,6 +244,7 @@ impl ProxyConfig {
             max_connections: a.max_connections,
             h2_max_streams: a.h2_max_streams.max(1),
             drain_timeout: secs(a.drain_timeout_secs),
+            shutdown_delay: secs(a.shutdown_delay_secs),
             reload_period: Duration::from_secs(2),
             refresh_tick: Duration::from_secs(1),
             state_dir: a.state_dir.clone(),
@@ -384,7 +390,8 @@ pub struct DevArgs {
     pub cache_capacity: u64,
     #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Further `serve` flags for the dev proxy, after `--` (e.g. `-- --authn-mode local`).
+    /// Further `serve` flags for the dev proxy, after `--` (e.g. `-- --authn-mode local`);
+    /// they override dev's own choices.
     #[arg(last = true)]
     pub proxy_flags: Vec<String>,
 }

@@ -61,9 +61,23 @@ pub struct DevSystem {
     pub proxy: crate::server::RunningProxy,
     stop: CancellationToken,
     background: CancellationToken,
+    shutdown_delay: Duration,
 }
 
 impl DevSystem {
+    /// Stops like `serve` does (the proxy first, with its shutdown delay on SIGTERM), then
+    /// the emulators the draining requests still need.
+    pub async fn stop_gracefully(self, how: crate::signal::Stop) {
+        let delay = match how {
+            crate::signal::Stop::Terminate => self.shutdown_delay,
+            crate::signal::Stop::Interrupt => Duration::ZERO,
+        };
+        self.proxy.stop_gracefully(&self.stop, delay).await;
+        self.background.cancel();
+        self.kube.shutdown().await;
+        self.entra.shutdown().await;
+    }
+
     pub async fn shutdown(self) {
         self.background.cancel();
         self.stop.cancel();
@@ -79,10 +93,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let system = start(&args).await?;
     print_banner(&system.info, &args.state_dir);
-    crate::signal::shutdown_requested().await;
+    let how = crate::signal::shutdown_requested().await;
     tracing::info!("stopping dev");
-    system.proxy.readiness.set_draining();
-    system.shutdown().await;
+    system.stop_gracefully(how).await;
     Ok(())
 }
 
@@ -215,7 +228,8 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
             "--cache-min-remaining-secs={}",
             args.cache_min_remaining_secs
         ),
-        format!("--drain-timeout-secs=10"),
+        "--drain-timeout-secs=10".to_string(),
+        "--shutdown-delay-secs=1".to_string(),
         format!("--state-dir={}", dir.join("proxy").display()),
     ];
     flags.extend(args.proxy_flags.iter().cloned());
@@ -223,6 +237,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     // Edits in the state dir should show at once when someone is trying things out.
     config.reload_period = Duration::from_millis(500);
     config.refresh_tick = Duration::from_millis(250);
+    let config_shutdown_delay = config.shutdown_delay;
     let stop = CancellationToken::new();
     let proxy = crate::server::start(config, stop.clone()).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -284,6 +299,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         proxy,
         stop,
         background,
+        shutdown_delay: config_shutdown_delay,
     })
 }
 
@@ -466,7 +482,7 @@ pub async fn emulate_kube(args: EmulateKubeArgs) -> anyhow::Result<()> {
         kube.issuer(),
         kube.kubeconfig_path().display()
     );
-    crate::signal::shutdown_requested().await;
+    let _ = crate::signal::shutdown_requested().await;
     kube.shutdown().await;
     Ok(())
 }
@@ -487,7 +503,7 @@ pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!("Entra emulator on {}", entra.url());
-    crate::signal::shutdown_requested().await;
+    let _ = crate::signal::shutdown_requested().await;
     entra.shutdown().await;
     Ok(())
 }
@@ -504,7 +520,7 @@ pub async fn emulate_static(args: EmulateStaticArgs) -> anyhow::Result<()> {
         "static host on http://{addr} serving {}",
         args.dir.display()
     );
-    crate::signal::shutdown_requested().await;
+    let _ = crate::signal::shutdown_requested().await;
     stop.cancel();
     Ok(())
 }

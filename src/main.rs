@@ -79,11 +79,11 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let running = server::start(config, stop.clone())
                 .await
                 .map_err(|e| usage(format!("{e:#}")))?;
-            signal::shutdown_requested().await;
-            tracing::info!("shutdown requested: not ready, draining");
-            running.readiness.set_draining();
-            stop.cancel();
-            running.wait().await;
+            let delay = match signal::shutdown_requested().await {
+                signal::Stop::Terminate => std::time::Duration::from_secs(args.shutdown_delay_secs),
+                signal::Stop::Interrupt => std::time::Duration::ZERO,
+            };
+            running.stop_gracefully(&stop, delay).await;
             Ok(())
         }
         #[cfg(feature = "emulators")]

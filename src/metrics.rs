@@ -28,6 +28,7 @@ pub struct Metrics {
     pub entra_duration: Histogram,
     pub kube_reviews: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
@@ -64,6 +65,11 @@ impl Metrics {
             "kube_reviews_total",
             "TokenReviews and SubjectAccessReviews sent to the apiserver.",
             &["kind", "result"],
+        );
+        let certificate_reloads = counter(
+            "certificate_reloads_total",
+            "Reloads of serving certificates after their files changed, by result (a failed reload keeps the previous certificate).",
+            &["result"],
         );
         let tls_handshake_failures = counter(
             "tls_handshake_failures_total",
@@ -117,6 +123,45 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Every series a dashboard or alert expects exists from the start, at zero, so a
+        // scrape right after start carries every name and rates have a baseline.
+        for outcome in [
+            "success",
+            "invalid_request",
+            "unauthenticated",
+            "forbidden",
+            "unbound",
+            "upstream_error",
+            "throttled",
+            "unavailable",
+            "bad_upstream",
+        ] {
+            request_duration.with_label_values(&[outcome]);
+        }
+        requests.with_label_values(&["success", "200"]);
+        for result in ["hit", "miss", "bypass"] {
+            cache_lookups.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            cache_refreshes.with_label_values(&[result]);
+            certificate_reloads.with_label_values(&[result]);
+        }
+        entra_requests.with_label_values(&["200"]);
+        for kind in ["tokenreview", "subjectaccessreview"] {
+            for result in ["ok", "error"] {
+                kube_reviews.with_label_values(&[kind, result]);
+            }
+        }
+        for reason in [
+            "unknown_sni",
+            "no_sni",
+            "tls_error",
+            "timeout",
+            "closed",
+            "connection_limit",
+        ] {
+            tls_handshake_failures.with_label_values(&[reason]);
+        }
         Self {
             registry,
             requests,
@@ -128,6 +173,7 @@ impl Metrics {
             entra_duration,
             kube_reviews,
             tls_handshake_failures,
+            certificate_reloads,
             certificate_expiry,
             build_info,
         }

@@ -67,6 +67,8 @@ struct Trace {
     client_id: Option<String>,
     scope: Option<String>,
     cache: Option<Lookup>,
+    /// Entra's HTTP status when this request went to Entra.
+    upstream: Option<u16>,
 }
 
 /// Where a connection came from, for logs and the discovery document.
@@ -97,6 +99,9 @@ impl App {
         let (response, outcome) = match result {
             Ok(resp) => (resp, "success"),
             Err(e) => {
+                if let ProxyError::Upstream { status, .. } = &e {
+                    trace.upstream = Some(status.as_u16());
+                }
                 let outcome = e.outcome();
                 let mut resp = json(e.status(), e.body(&correlation_id).to_json());
                 if let Some(secs) = e.retry_after() {
@@ -132,6 +137,7 @@ impl App {
             client_id = trace.client_id.as_deref().unwrap_or(""),
             scope = trace.scope.as_deref().unwrap_or(""),
             cache = trace.cache.map(Lookup::as_str).unwrap_or(""),
+            upstream_status = trace.upstream.unwrap_or(0),
             latency_us = elapsed.as_micros() as u64,
             correlation_id = %correlation_id,
             peer = %conn.peer,
@@ -252,6 +258,9 @@ impl App {
             .get(key, &req.scope, req.claims.as_deref())
             .await?;
         trace.cache = Some(lookup);
+        if lookup != Lookup::Hit {
+            trace.upstream = Some(200);
+        }
         Ok(token_response(&issued))
     }
 }

@@ -62,6 +62,22 @@ impl RunningProxy {
     pub async fn wait(self) {
         let _ = self.done.await;
     }
+
+    /// The graceful stop: `/readyz` turns not-ready at once, the proxy keeps serving for
+    /// `delay` (so endpoints and load balancers stop sending new callers), then stops
+    /// accepting and drains in-flight requests within the drain deadline.
+    pub async fn stop_gracefully(self, stop: &CancellationToken, delay: Duration) {
+        self.readiness.set_draining();
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "not ready; serving on until the shutdown delay passes"
+        );
+        tokio::time::sleep(delay).await;
+        tracing::info!("draining in-flight requests");
+        stop.cancel();
+        self.wait().await;
+        tracing::info!("stopped");
+    }
 }
 
 /// Loads everything, binds both listeners, and starts serving. Returns once listening;
@@ -248,10 +264,6 @@ async fn serve_tls(
     let builder = Arc::new(builder);
     let request_timeout = config.request_timeout;
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -262,6 +274,17 @@ async fn serve_tls(
                     continue;
                 }
             },
+        };
+        // Over the connection limit: a clean close at once, rather than a queue that hides
+        // overload from the client and from the metrics.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            app.metrics
+                .tls_handshake_failures
+                .with_label_values(&["connection_limit"])
+                .inc();
+            tracing::warn!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let router = router.clone();

@@ -1,7 +1,16 @@
-//! The shutdown signal: SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+//! The shutdown signals: SIGTERM (Kubernetes stopping the pod) and SIGINT (Ctrl-C).
 
-/// Completes when the process is asked to stop.
-pub async fn shutdown_requested() {
+/// Which signal asked us to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: the orchestrator is replacing us; give endpoints time to update.
+    Terminate,
+    /// SIGINT: a person pressed Ctrl-C; stop promptly.
+    Interrupt,
+}
+
+/// Completes when the process is asked to stop, saying how.
+pub async fn shutdown_requested() -> Stop {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -11,17 +20,19 @@ pub async fn shutdown_requested() {
         ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+                    _ = term.recv() => Stop::Terminate,
+                    _ = int.recv() => Stop::Interrupt,
                 }
             }
             _ => {
                 let _ = tokio::signal::ctrl_c().await;
+                Stop::Interrupt
             }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        Stop::Interrupt
     }
 }

@@ -82,7 +82,19 @@ impl HandshakeError {
     }
 }
 
-fn load_config(entry: &TlsEntry) -> Result<Arc<ServerConfig>, String> {
+/// The `notAfter` of the first (leaf) certificate, as Unix seconds.
+fn leaf_expiry(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// A loaded serving configuration and its leaf certificate's expiry.
+struct Loaded {
+    config: Arc<ServerConfig>,
+    expiry: Option<i64>,
+}
+
+fn load_config(entry: &TlsEntry) -> Result<Loaded, String> {
     let cert_pem = std::fs::read(&entry.cert).map_err(|e| {
         format!(
             "{}: cannot read certificate {}: {e}",
@@ -107,6 +119,7 @@ fn load_config(entry: &TlsEntry) -> Result<Arc<ServerConfig>, String> {
             entry.cert.display()
         ));
     }
+    let leaf_der = certs.first().map(|c| c.as_ref().to_vec());
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| format!("{}: bad key PEM: {e}", entry.name))?
         .ok_or_else(|| {
@@ -129,7 +142,17 @@ fn load_config(entry: &TlsEntry) -> Result<Arc<ServerConfig>, String> {
             )
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Loaded {
+        config: Arc::new(config),
+        expiry: leaf_der.as_deref().and_then(leaf_expiry),
+    })
+}
+
+/// Exports a certificate's expiry under its SNI name (a configured name: bounded).
+fn record_expiry(metrics: &Metrics, name: &str, expiry: Option<i64>) {
+    if let Some(t) = expiry {
+        metrics.certificate_expiry.with_label_values(&[name]).set(t);
+    }
 }
 
 /// The serving configurations by SNI name, hot-swappable.
@@ -159,10 +182,9 @@ impl SniRouter {
         }
         let mut configs = HashMap::new();
         for entry in &entries {
-            if configs
-                .insert(entry.name.clone(), load_config(entry)?)
-                .is_some()
-            {
+            let loaded = load_config(entry)?;
+            record_expiry(&metrics, &entry.name, loaded.expiry);
+            if configs.insert(entry.name.clone(), loaded.config).is_some() {
                 return Err(format!("--tls name '{}' is given twice", entry.name));
             }
         }
@@ -181,10 +203,21 @@ impl SniRouter {
         let mut errors = Vec::new();
         for entry in &self.entries {
             match load_config(entry) {
-                Ok(c) => {
-                    configs.insert(entry.name.clone(), c);
+                Ok(loaded) => {
+                    record_expiry(&self.metrics, &entry.name, loaded.expiry);
+                    configs.insert(entry.name.clone(), loaded.config);
+                    self.metrics
+                        .certificate_reloads
+                        .with_label_values(&["ok"])
+                        .inc();
                 }
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    self.metrics
+                        .certificate_reloads
+                        .with_label_values(&["error"])
+                        .inc();
+                    errors.push(e);
+                }
             }
         }
         self.configs.store(Arc::new(configs));

@@ -229,6 +229,11 @@ impl DevProcess {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("dev starts");
+        Self::adopt(child, state)
+    }
+
+    /// Waits for `dev.json` of an already spawned `dev` process.
+    pub fn adopt(child: std::process::Child, state: &Path) -> Self {
         let mut dev = Self {
             child,
             info: serde_json::Value::Null,
@@ -247,6 +252,28 @@ impl DevProcess {
         }
         dev.info = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         dev
+    }
+
+    /// Sends a signal (e.g. "TERM") to the process.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn get(&self, key: &str) -> String {
