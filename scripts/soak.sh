@@ -81,8 +81,8 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$dev_pid/status"; }
 ) &
 sampler_pid=$!
 
-duration=$(( minutes * 60 ))
-echo "soak: ${minutes} min, ${clients} clients x ${rps_per_client} req/s against ${proxy_url} (SNI ${sni}), dev pid ${dev_pid}"
+duration="${SOAK_SECS:-$(( minutes * 60 ))}"
+echo "soak: ${duration} s, ${clients} clients x ${rps_per_client} req/s against ${proxy_url} (SNI ${sni}), dev pid ${dev_pid}"
 h2load --connect-to="127.0.0.1:${port}" \
     -c "$clients" --rps "$rps_per_client" -D "$duration" \
     -d "$work/body" \

@@ -368,20 +368,15 @@ impl Authenticator {
                     .into(),
             };
         }
-        let Some(kid) = header.kid.as_deref() else {
+        let Some(raw_kid) = header.kid.as_deref() else {
             return ProxyError::invalid_assertion(
                 "The service-account token names no signing key (its header has no 'kid'), \
                  and this cluster's service-account issuer has no key without one. Use the \
                  token projected by this cluster (AZURE_FEDERATED_TOKEN_FILE).",
             );
         };
-        let kid = crate::token::printable(kid, 64);
-        if let Some((_, key_alg)) = self
-            .jwks
-            .load()
-            .keys
-            .get(header.kid.as_deref().unwrap_or(""))
-        {
+        let kid = crate::token::printable(raw_kid, 64);
+        if let Some((_, key_alg)) = self.jwks.load().keys.get(raw_kid) {
             return ProxyError::invalid_assertion(format!(
                 "The service-account token's algorithm '{:?}' does not match key '{kid}' of this \
                  cluster's service-account issuer, which signs with {key_alg:?}. The token was \

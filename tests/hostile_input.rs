@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 const AUD: &str = "api://AKSIdentityBinding";
 
 /// How a case reaches the proxy.
+#[allow(clippy::large_enum_variant)] // a test table: a few hundred values at most
 enum Send {
     /// A form POST to `path` (HTTP/1.1 through hyper's client).
     Form(String, Vec<(String, String)>),
