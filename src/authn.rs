@@ -172,6 +172,9 @@ pub struct Authenticator {
     issuer: ArcSwap<String>,
     jwks: ArcSwap<Jwks>,
     jwks_loaded: std::sync::atomic::AtomicBool,
+    /// Whether the latest JWKS fetch succeeded: an unknown `kid` proves a forged or foreign
+    /// token only while we can see the apiserver's current keys.
+    jwks_fresh: std::sync::atomic::AtomicBool,
     last_refresh: Mutex<Option<Instant>>,
     /// TokenReview answers by SHA-256 of the token. Concurrent first requests with one token
     /// share one review (moka coalesces `try_get_with`).
@@ -187,6 +190,7 @@ impl Authenticator {
             issuer: ArcSwap::from_pointee(String::new()),
             jwks: ArcSwap::from_pointee(Jwks::default()),
             jwks_loaded: Default::default(),
+            jwks_fresh: Default::default(),
             last_refresh: Mutex::new(None),
             // Bounded: one entry per distinct live token on this node.
             reviews: moka::future::Cache::builder()
@@ -205,10 +209,17 @@ impl Authenticator {
     /// Fetches the issuer and the JWKS from the apiserver (and persists them).
     pub async fn refresh_keys(&self) -> std::result::Result<(), ClusterError> {
         *self.last_refresh.lock().await = Some(Instant::now());
-        let issuer = self.cluster.issuer().await?;
-        let text = self.cluster.jwks().await?;
-        self.install_keys(&issuer, &text)
-            .map_err(ClusterError::Unexpected)?;
+        let fetched = async {
+            let issuer = self.cluster.issuer().await?;
+            let text = self.cluster.jwks().await?;
+            self.install_keys(&issuer, &text)
+                .map_err(ClusterError::Unexpected)?;
+            Ok::<_, ClusterError>((issuer, text))
+        }
+        .await;
+        self.jwks_fresh
+            .store(fetched.is_ok(), std::sync::atomic::Ordering::Release);
+        let (issuer, text) = fetched?;
         if let Some(dir) = &self.config.persist_dir {
             let persisted = PersistedKeys { issuer, jwks: text };
             if let Err(e) = persist(dir, &persisted) {
@@ -310,15 +321,7 @@ impl Authenticator {
             None => {
                 self.refresh_for_unknown_kid().await;
                 self.find_key(header.kid.as_deref(), header.alg)
-                    .ok_or_else(|| {
-                        ProxyError::invalid_assertion(format!(
-                            "The service-account token is signed with key '{}', which this \
-                         cluster's service-account issuer does not publish. Use a token \
-                         projected by this cluster (AZURE_FEDERATED_TOKEN_FILE), not one from \
-                         another cluster.",
-                            crate::token::printable(header.kid.as_deref().unwrap_or("<none>"), 64)
-                        ))
-                    })?
+                    .ok_or_else(|| self.describe_missing_key(&header))?
             }
         };
         let mut validation = Validation::new(header.alg);
@@ -348,6 +351,44 @@ impl Authenticator {
                 .find(|(_, a)| family_ok(*a))
                 .map(|(k, _)| k.clone()),
         }
+    }
+
+    /// Why no key verifies this header: no `kid`, a `kid` we do not know, or a known key of
+    /// another algorithm family (an RSA key cannot check an ES256 signature).
+    fn describe_missing_key(&self, header: &PreHeader) -> ProxyError {
+        if !self.jwks_fresh.load(std::sync::atomic::Ordering::Acquire) {
+            // The key may simply be new (rotation): refusing would make the SDK give up on
+            // a token that is probably fine, so ask it to retry instead.
+            return ProxyError::Unavailable {
+                retry_after: 2,
+                description: "The service-account token cannot be verified now: its signing key \
+                              is not among the cluster keys this proxy holds, and the \
+                              Kubernetes API server's JWKS (/openid/v1/jwks) cannot be fetched. \
+                              Retry shortly."
+                    .into(),
+            };
+        }
+        let Some(raw_kid) = header.kid.as_deref() else {
+            return ProxyError::invalid_assertion(
+                "The service-account token names no signing key (its header has no 'kid'), \
+                 and this cluster's service-account issuer has no key without one. Use the \
+                 token projected by this cluster (AZURE_FEDERATED_TOKEN_FILE).",
+            );
+        };
+        let kid = crate::token::printable(raw_kid, 64);
+        if let Some((_, key_alg)) = self.jwks.load().keys.get(raw_kid) {
+            return ProxyError::invalid_assertion(format!(
+                "The service-account token's algorithm '{:?}' does not match key '{kid}' of this \
+                 cluster's service-account issuer, which signs with {key_alg:?}. The token was \
+                 altered; use the unmodified token from AZURE_FEDERATED_TOKEN_FILE.",
+                header.alg
+            ));
+        }
+        ProxyError::invalid_assertion(format!(
+            "The service-account token is signed with key '{kid}', which this cluster's \
+             service-account issuer does not publish. Use a token projected by this cluster \
+             (AZURE_FEDERATED_TOKEN_FILE), not one from another cluster."
+        ))
     }
 
     async fn refresh_for_unknown_kid(&self) {
@@ -406,10 +447,21 @@ impl Authenticator {
                  service-account issuer key. Use the unmodified token from \
                  AZURE_FEDERATED_TOKEN_FILE.",
             ),
-            _ => ProxyError::invalid_assertion(
-                "The service-account token could not be read as a signed JWT. Send the \
-                 projected token from AZURE_FEDERATED_TOKEN_FILE as client_assertion.",
-            ),
+            // The claims are deserialized before jsonwebtoken checks required claims, so a
+            // missing `exp` surfaces as a JSON error: name the claim instead.
+            _ => match ["exp", "iss", "aud", "sub"]
+                .into_iter()
+                .find(|c| unverified.is_object() && unverified.get(c).is_none())
+            {
+                Some(claim) => ProxyError::invalid_assertion(format!(
+                    "The service-account token has no '{claim}' claim; it is not a projected \
+                     service-account token."
+                )),
+                None => ProxyError::invalid_assertion(
+                    "The service-account token could not be read as a signed JWT. Send the \
+                     projected token from AZURE_FEDERATED_TOKEN_FILE as client_assertion.",
+                ),
+            },
         }
     }
 
@@ -545,14 +597,16 @@ fn caller_from_claims(claims: &SaClaims) -> Result<Caller> {
     Ok(caller)
 }
 
-struct PreHeader {
-    alg: Algorithm,
-    kid: Option<String>,
+/// The JOSE header fields read before verification.
+#[derive(Debug)]
+pub struct PreHeader {
+    pub alg: Algorithm,
+    pub kid: Option<String>,
 }
 
 /// Reads the JOSE header before any verification, to refuse `none` and HMAC outright with a
-/// clear message (jsonwebtoken would only say "invalid algorithm").
-fn pre_parse_header(token: &str) -> Result<PreHeader> {
+/// clear message (jsonwebtoken would only say "invalid algorithm"). Public for the fuzzers.
+pub fn pre_parse_header(token: &str) -> Result<PreHeader> {
     let not_jwt = || {
         ProxyError::invalid_assertion(
             "client_assertion is not a JWT. Send the projected service-account token from \

@@ -104,6 +104,17 @@ impl App {
                 }
                 let outcome = e.outcome();
                 let mut resp = json(e.status(), e.body(&correlation_id).to_json());
+                if e.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    // RFC 9110 §15.5.6: a 405 names the allowed method. Only two routes answer
+                    // 405: POST on the discovery path, anything but POST on the token path.
+                    let allow = if method == Method::POST {
+                        "GET"
+                    } else {
+                        "POST"
+                    };
+                    resp.headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static(allow));
+                }
                 if let Some(secs) = e.retry_after() {
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from(secs));

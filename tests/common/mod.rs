@@ -397,3 +397,148 @@ pub async fn scrape(admin: std::net::SocketAddr) -> String {
     )
     .unwrap()
 }
+
+/// Mints a projected SA token from the dev system's kube emulator.
+pub fn mint_sa(sys: &DevSystem, ns: &str, sa: &str, aud: &[&str], expires_in: i64) -> String {
+    sys.kube
+        .mint_token(&identity_binding_proxy::emulators::kube::MintRequest {
+            namespace: ns.into(),
+            service_account: sa.into(),
+            audiences: aud.iter().map(|a| a.to_string()).collect(),
+            expires_in_secs: expires_in,
+            pod_name: Some(format!("{sa}-pod")),
+        })
+        .unwrap()
+}
+
+/// An HTTP/1.x response read off a raw connection.
+pub struct RawReply {
+    pub status: u16,
+    pub version: String,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub json: serde_json::Value,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Writes `bytes` on a fresh TLS connection (ALPN http/1.1) and reads up to `responses`
+/// HTTP/1.x responses, or fewer if the server closes first. Writing happens concurrently
+/// with reading, so a server that answers before reading a whole body is not deadlocked.
+pub async fn raw_exchange(client: &Client, bytes: Vec<u8>, responses: usize) -> Vec<RawReply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = client.connect().await.expect("TLS handshake");
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&bytes).await;
+        let _ = wr.flush().await;
+        wr
+    });
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while out.len() < responses {
+        if let Some((reply, used)) = parse_response(&buf) {
+            buf.drain(..used);
+            out.push(reply);
+            continue;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout_at(deadline, rd.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    writer.abort();
+    out
+}
+
+/// One complete response at the start of `buf` (Content-Length or chunked bodies), with the
+/// number of bytes it took.
+fn parse_response(buf: &[u8]) -> Option<(RawReply, usize)> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next()?.to_string();
+    let status: u16 = parts.next()?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let (body, used) = if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        let mut body = Vec::new();
+        let mut at = head_end;
+        loop {
+            let line_end = buf[at..].windows(2).position(|w| w == b"\r\n")? + at;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&buf[at..line_end]).ok()?.trim(), 16)
+                    .ok()?;
+            at = line_end + 2;
+            if size == 0 {
+                at += 2;
+                break;
+            }
+            if buf.len() < at + size + 2 {
+                return None;
+            }
+            body.extend_from_slice(&buf[at..at + size]);
+            at += size + 2;
+        }
+        (body, at)
+    } else {
+        let len: usize = get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if buf.len() < head_end + len {
+            return None;
+        }
+        (buf[head_end..head_end + len].to_vec(), head_end + len)
+    };
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    Some((
+        RawReply {
+            status,
+            version,
+            headers,
+            body,
+            json,
+        },
+        used,
+    ))
+}
+
+/// A raw HTTP/1.1 POST of a form body with Content-Length.
+pub fn raw_post(version: &str, path: &str, host: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} {version}\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Scrapes the admin port's `/metrics` text.
+pub async fn scrape_metrics(sys: &DevSystem) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(sys.proxy.admin_addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,373 @@
+//! What callers see when Entra or the Kubernetes API server misbehaves: throttling passed
+//! through with its Retry-After and no retry storm, bounded jittered retries of 5xx, timeouts
+//! on stalls, 503 when Entra is gone while cached tokens keep flowing, 502 on garbage; and on
+//! the Kubernetes side, cached reviews keep serving during an apiserver outage, new callers get
+//! a clear 503, unknown key ids cost one rate-limited JWKS refresh, and a proxy restarted while
+//! the apiserver is gone starts from its persisted JWKS.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use identity_binding_proxy::config::ProxyConfig;
+use identity_binding_proxy::dev::DevSystem;
+use identity_binding_proxy::emulators::entra::Fault;
+use tokio_util::sync::CancellationToken;
+
+const AUD: &str = "api://AKSIdentityBinding";
+const MGMT_SCOPE: &str = "https://management.azure.com/.default";
+
+fn status_fault(status: u16, retry_after: Option<u64>) -> Fault {
+    Fault::Status {
+        status,
+        retry_after,
+    }
+}
+
+/// A token request for `scope` (another scope is another cache key).
+async fn ask(client: &Client, sys: &DevSystem, token: &str, scope: &str) -> Reply {
+    let mut form = token_form(&sys.info.client_id, token);
+    form.retain(|(k, _)| *k != "scope");
+    form.push(("scope", scope));
+    client
+        .post_form(&format!("/{}/oauth2/v2.0/token", sys.info.tenant_id), &form)
+        .await
+}
+
+fn calls(sys: &DevSystem) -> u64 {
+    sys.entra.stats().token_requests
+}
+
+fn assert_error(r: &Reply, status: u16, error: &str, needle: &str) {
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.raw));
+    assert_eq!(r.json["error"], error, "{}", r.json);
+    let d = r.error_description();
+    assert!(d.contains(needle), "{d:?} should mention {needle:?}");
+    assert!(r.json.get("access_token").is_none());
+}
+
+fn retry_after(r: &Reply) -> Option<u64> {
+    r.headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_passed_through_with_retry_after_and_never_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+
+    sys.entra.push_faults([status_fault(429, Some(7))]);
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_error(&r, 429, "temporarily_unavailable", "throttling");
+    assert_eq!(
+        retry_after(&r),
+        Some(7),
+        "Entra's Retry-After reaches the caller"
+    );
+    assert_eq!(calls(&sys), 1, "a 429 is never retried by the proxy");
+
+    // A burst of callers during throttling: one flight, one upstream call, all told to wait.
+    sys.entra.set_latency(Duration::from_millis(300));
+    sys.entra.push_faults([status_fault(429, Some(3))]);
+    let burst =
+        futures::future::join_all((0..20).map(|_| ask(&client, &sys, &token, VAULT_SCOPE))).await;
+    for r in &burst {
+        assert_error(r, 429, "temporarily_unavailable", "throttling");
+        assert_eq!(retry_after(r), Some(3));
+    }
+    assert_eq!(calls(&sys), 2, "20 throttled callers cost one Entra call");
+
+    // Throttling over: the next caller gets a token with one more call.
+    sys.entra.set_latency(Duration::ZERO);
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(calls(&sys), 3);
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_a_bounded_number_of_times_with_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+
+    // Two 5xx then success: the caller never sees the blips.
+    sys.entra
+        .push_faults([status_fault(500, None), status_fault(503, Some(1))]);
+    let started = Instant::now();
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(calls(&sys), 3, "two retries after two server errors");
+    // Backoff 200 ms then 400 ms, each ±50 %: at least 300 ms in all.
+    assert!(
+        took >= Duration::from_millis(300),
+        "retries waited {took:?}"
+    );
+
+    // A persistent outage: exactly 3 attempts, then 503 with Retry-After.
+    let before = calls(&sys);
+    sys.entra.push_faults([
+        status_fault(503, Some(4)),
+        status_fault(503, Some(4)),
+        status_fault(503, Some(4)),
+        status_fault(503, Some(4)),
+    ]);
+    let r = ask(&client, &sys, &token, MGMT_SCOPE).await;
+    assert_error(&r, 503, "temporarily_unavailable", "503");
+    assert_eq!(retry_after(&r), Some(4));
+    assert_eq!(calls(&sys) - before, 3, "bounded: 3 attempts, not more");
+
+    // The jitter: repeated retry sequences do not all take the same time.
+    let mut waits = Vec::new();
+    for i in 0..4 {
+        sys.entra.push_faults([status_fault(500, None)]);
+        let started = Instant::now();
+        let r = ask(
+            &client,
+            &sys,
+            &token,
+            &format!("https://r{i}.example/.default"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        waits.push(started.elapsed().as_millis());
+    }
+    let spread = waits.iter().max().unwrap() - waits.iter().min().unwrap();
+    assert!(spread >= 5, "retry waits show no jitter: {waits:?}");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_entra_hits_the_timeout_and_the_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+
+    // The dev proxy's Entra timeout is 10 s; a 30 s stall must not hold the caller 30 s.
+    sys.entra
+        .push_faults([Fault::Stall(Duration::from_secs(30))]);
+    let started = Instant::now();
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(16),
+        "took {took:?}"
+    );
+    assert_eq!(calls(&sys), 2, "the stalled call, then one retry");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_entra_is_a_502_and_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    sys.entra.push_faults([Fault::Garbage]);
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_error(&r, 502, "server_error", "not with a token response");
+    assert_eq!(calls(&sys), 1);
+    // Nothing was cached: the next request gets a real token.
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_down_gives_503_with_retry_after_while_cached_tokens_keep_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    let cached = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_eq!(cached.status, 200);
+
+    // Entra goes away: connection refused.
+    sys.entra.shutdown().await;
+    let started = Instant::now();
+    let r = ask(&client, &sys, &token, MGMT_SCOPE).await;
+    assert_error(&r, 503, "temporarily_unavailable", "could not be reached");
+    assert!(retry_after(&r).is_some_and(|s| s > 0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused connections fail fast"
+    );
+
+    // The token cached before the outage is still served, to many callers.
+    let replies =
+        futures::future::join_all((0..20).map(|_| ask(&client, &sys, &token, VAULT_SCOPE))).await;
+    for r in replies {
+        assert_eq!(r.status, 200, "{}", r.json);
+        assert_eq!(r.json["access_token"], cached.json["access_token"]);
+    }
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_down_serves_cached_callers_and_tells_new_ones_to_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev_with(dir.path(), |a| a.authz_allowed_ttl_secs = 300).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    let first = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_eq!(first.status, 200);
+
+    sys.kube.set_available(false);
+    // Known caller: TokenReview and SubjectAccessReview answers are cached, and so is the token.
+    for _ in 0..5 {
+        let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    // A known caller asking for a new scope: reviews cached, Entra reachable: served.
+    let r = ask(&client, &sys, &token, MGMT_SCOPE).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+
+    // A new caller (a fresh token needs a TokenReview): 503, with the cause and Retry-After.
+    let fresh = mint_sa(&sys, "demo", "demo", &[AUD], 3600);
+    let r = ask(&client, &sys, &fresh, VAULT_SCOPE).await;
+    assert_error(&r, 503, "temporarily_unavailable", "TokenReview");
+    assert!(retry_after(&r).is_some());
+
+    // Forged tokens are still refused locally (401), not blamed on the outage.
+    let expired = mint_sa(&sys, "demo", "demo", &[AUD], -3600);
+    let r = ask(&client, &sys, &expired, VAULT_SCOPE).await;
+    assert_error(&r, 401, "invalid_client", "expired");
+
+    // Back up: the new caller is served.
+    sys.kube.set_available(true);
+    let r = ask(&client, &sys, &fresh, VAULT_SCOPE).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_key_ids_costs_one_jwks_refresh() {
+    // The kube emulator signs with one fixed key and cannot rotate it, so key rotation is
+    // exercised through its observable half: an unknown kid triggers a JWKS refresh, which is
+    // rate limited so forged kids cannot turn into apiserver load.
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let pem = std::fs::read_to_string(dir.path().join("kube/sa-signing-key.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+    let good = read(&sys.info.allowed_token_file);
+    let claims = jwt_claims(good.trim());
+    let before = sys.kube.counts().jwks_requests;
+    let forged = futures::future::join_all((0..50).map(|i| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(format!("rotated-key-{i}"));
+        let t = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        let client = &client;
+        let sys = &sys;
+        async move { ask(client, sys, &t, VAULT_SCOPE).await }
+    }))
+    .await;
+    for r in &forged {
+        assert_error(r, 401, "invalid_client", "does not publish");
+    }
+    let refreshes = sys.kube.counts().jwks_requests - before;
+    assert!(
+        refreshes <= 1,
+        "{refreshes} JWKS fetches for 50 unknown kids"
+    );
+    // Traffic with the real key flows throughout.
+    let r = ask(&client, &sys, &good, VAULT_SCOPE).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    sys.shutdown().await;
+}
+
+/// The dev proxy's configuration, to start a second proxy process-alike on the same state.
+fn dev_proxy_config(
+    sys: &DevSystem,
+    dir: &std::path::Path,
+    state: &std::path::Path,
+) -> ProxyConfig {
+    let mut config = ProxyConfig::from_flags([
+        format!("--kubeconfig={}", sys.kube.kubeconfig_path().display()),
+        format!(
+            "--tls={}={},{}",
+            sys.info.sni_name,
+            dir.join("tls/tls.crt").display(),
+            dir.join("tls/tls.key").display()
+        ),
+        format!("--default-sni={}", sys.info.sni_name),
+        format!("--issuer-key={}", dir.join("issuer.key").display()),
+        format!("--issuer-url={}", sys.info.issuer_url),
+        format!("--bindings={}", dir.join("bindings.yaml").display()),
+        format!("--authority-host={}", sys.entra.url()),
+        "--listen=127.0.0.1:0".into(),
+        "--admin-listen=127.0.0.1:0".into(),
+        "--authz-allowed-ttl-secs=60".into(),
+        "--authz-denied-ttl-secs=1".into(),
+        "--drain-timeout-secs=2".into(),
+        format!("--state-dir={}", state.display()),
+    ])
+    .unwrap();
+    config.reload_period = Duration::from_millis(500);
+    config.refresh_tick = Duration::from_millis(250);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted_jwks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    assert!(
+        dir.path().join("proxy/cluster-jwks.json").exists(),
+        "the dev proxy persists the JWKS in <state>/proxy"
+    );
+    let good = read(&sys.info.allowed_token_file);
+    let expired = mint_sa(&sys, "demo", "demo", &[AUD], -3600);
+    let config = dev_proxy_config(&sys, dir.path(), &dir.path().join("proxy"));
+    let mut empty_state = config.clone();
+    let blank = tempfile::tempdir().unwrap();
+    empty_state.state_dir = Some(blank.path().to_path_buf());
+
+    // The apiserver disappears entirely (connection refused: JWKS, reviews, everything).
+    sys.kube.shutdown().await;
+
+    // Restarted with the persisted JWKS: ready at once, local verification works.
+    let stop = CancellationToken::new();
+    let proxy = identity_binding_proxy::server::start(config, stop.clone())
+        .await
+        .unwrap();
+    assert!(
+        proxy.readiness.is_ready(),
+        "ready from the persisted JWKS, without the apiserver"
+    );
+    let ca = std::fs::read(&sys.info.ca_file).unwrap();
+    let client = Client::new(proxy.addr, &sys.info.sni_name, &ca, &[b"http/1.1"]);
+    let r = ask(&client, &sys, &expired, VAULT_SCOPE).await;
+    assert_error(&r, 401, "invalid_client", "expired");
+    // A valid token still needs its TokenReview: a clear 503, not a refusal.
+    let r = ask(&client, &sys, &good, VAULT_SCOPE).await;
+    assert_error(&r, 503, "temporarily_unavailable", "TokenReview");
+    assert!(retry_after(&r).is_some());
+    stop.cancel();
+    proxy.wait().await;
+
+    // Without persisted keys the same restart is not ready, and a valid token is told to
+    // retry (503), never refused as if it came from another cluster.
+    let stop = CancellationToken::new();
+    let proxy = identity_binding_proxy::server::start(empty_state, stop.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!proxy.readiness.is_ready());
+    let client = Client::new(proxy.addr, &sys.info.sni_name, &ca, &[b"http/1.1"]);
+    let r = ask(&client, &sys, &good, VAULT_SCOPE).await;
+    assert_error(&r, 503, "temporarily_unavailable", "JWKS");
+    assert!(retry_after(&r).is_some());
+    stop.cancel();
+    proxy.wait().await;
+    sys.shutdown().await;
+}
