@@ -706,11 +706,13 @@ def fill_entries(sysm, url, path, prefix, suffix, n, entries0):
     started = time.monotonic()
     admin = sysm.ports["admin"]
     last_report = started
-    entries = entries0
+    entries, still = entries0, 0
     while time.monotonic() - started < 590:
         time.sleep(0.5)
-        entries = metric(admin, "identity_binding_proxy_cache_entries")
-        if entries - entries0 >= n:
+        previous, entries = entries, metric(admin, "identity_binding_proxy_cache_entries")
+        # The gauge is moka's eventually consistent count: it may stop a few entries short.
+        still = still + 1 if entries == previous else 0
+        if entries - entries0 >= n or (entries - entries0 >= 0.99 * n and still >= 6):
             break
         if time.monotonic() - last_report > 10:
             last_report = time.monotonic()
@@ -756,18 +758,18 @@ def report(results):
                                ("c_new_conn", "(c) new TLS conn per request", 0.9)):
         r = ratio(S[key]["ours"]["rps"], S[key]["nginx"]["rps"])
         rows.append((label, "req/s", fmt_rps(S[key]["ours"]["rps"]),
-                     fmt_rps(S[key]["nginx"]["rps"]), f"{r:.2f}x",
+                     fmt_rps(S[key]["nginx"]["rps"]), f"{r:.3f}x",
                      f">= {target}x" if target else "-", "yes" if target and r >= target else
                      ("-" if not target else "NO")))
     rows.append(("(a) hit, HTTP/1.1 keep-alive", "p99 latency (32 conns, saturated)",
                  f"{a['ours']['p99_us'] / 1000:.2f} ms", f"{a['nginx']['p99_us'] / 1000:.2f} ms",
-                 f"{ratio(a['ours']['p99_us'], a['nginx']['p99_us']):.2f}x", "-", "-"))
+                 f"{ratio(a['ours']['p99_us'], a['nginx']['p99_us']):.3f}x", "-", "-"))
     for q, lab in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
         target = "<= 1 ms" if q == "p99_us" else "-"
         met = ("yes" if d["ours"][q] <= 1000 else "NO") if q == "p99_us" else "-"
         rows.append((f"(d) {d['rate']:,} req/s (50 % of ours (a))", lab,
                      f"{d['ours'][q] / 1000:.3f} ms", f"{d['nginx'][q] / 1000:.3f} ms",
-                     f"{ratio(d['ours'][q], d['nginx'][q]):.2f}x", target, met))
+                     f"{ratio(d['ours'][q], d['nginx'][q]):.3f}x", target, met))
     e = S["e_cold_fanin"]
     rows.append(("(e) 1000 concurrent, one cold key, Entra 100 ms", "Entra calls",
                  str(e["entra_calls"]), "n/a", "-", "exactly 1",
