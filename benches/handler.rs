@@ -1,0 +1,98 @@
+//! The whole request handler in-process, on a cache hit: `App::handle` of a `dev` system
+//! (kube and Entra emulators, proxy) with a form body, no sockets and no TLS. This is the
+//! proxy's own cost per request: parse, local verification + cached TokenReview, bindings,
+//! cached SubjectAccessReview, token-cache hit, JSON response, metrics, log line (no
+//! subscriber installed, as with `RUST_LOG=warn`). Run with `cargo bench --bench handler`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http_body_util::Full;
+use identity_binding_proxy::config::{DevArgs, LogFormat};
+use identity_binding_proxy::proxy::ConnInfo;
+
+const SCOPE: &str = "https://vault.azure.net/.default";
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+fn handle_cache_hit(c: &mut Criterion) {
+    identity_binding_proxy::http::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = DevArgs {
+        command: None,
+        state_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        rbac: None,
+        entra_latency_ms: 0,
+        entra_token_lifetime_secs: 3599,
+        cache_min_remaining_secs: 300,
+        authz_denied_ttl_secs: 30,
+        // Longer than the bench, so every timed request is an authorization-cache hit.
+        authz_allowed_ttl_secs: 300,
+        tokenreview_ttl_secs: 120,
+        cache_capacity: 10_000,
+        log_format: LogFormat::Json,
+        proxy_flags: Vec::new(),
+    };
+    let system = rt
+        .block_on(identity_binding_proxy::dev::start(&args))
+        .unwrap();
+    let app = system.proxy.app.clone();
+    let token = std::fs::read_to_string(&system.info.allowed_token_file).unwrap();
+    let body = Bytes::from(identity_binding_proxy::http::form_encode([
+        ("grant_type", "client_credentials"),
+        ("client_id", system.info.client_id.as_str()),
+        ("scope", SCOPE),
+        ("client_assertion_type", ASSERTION_TYPE),
+        ("client_assertion", token.as_str()),
+        ("client_info", "1"),
+    ]));
+    let path = format!("/{}/oauth2/v2.0/token", system.info.tenant_id);
+    let conn = ConnInfo {
+        peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        sni: Some(system.info.sni_name.clone()),
+    };
+    let request = || {
+        http::Request::post(path.as_str())
+            .header("host", system.info.sni_name.as_str())
+            .header(
+                "content-type",
+                "application/x-www-form-urlencoded;charset=utf-8",
+            )
+            .body(Full::new(body.clone()))
+            .unwrap()
+    };
+    // The first request fills every cache (TokenReview, SubjectAccessReview, token).
+    let first = rt.block_on(app.handle(request(), &conn));
+    assert_eq!(first.status(), 200);
+    let issued_before = system.entra.stats().tokens_issued;
+
+    let mut g = c.benchmark_group("handler");
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(50);
+    g.bench_function("handle_cache_hit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let resp = app.handle(request(), &conn).await;
+            debug_assert_eq!(resp.status(), 200);
+            resp
+        })
+    });
+    g.finish();
+    assert_eq!(
+        system.entra.stats().tokens_issued,
+        issued_before,
+        "every timed request was a cache hit"
+    );
+    rt.block_on(system.shutdown());
+}
+
+criterion_group!(benches, handle_cache_hit);
+criterion_main!(benches);

@@ -1,0 +1,881 @@
+#!/usr/bin/env python3
+"""Load harness of identity-binding-proxy: runs the system as separate processes (kube and
+Entra emulators, a static host for the issuer documents, the proxy in `serve` mode) next to an
+nginx answering a static JSON of the same size, drives both with wrk and h2load, and writes
+target/bench/results.json and target/bench/results.svg. Python 3 standard library only.
+
+Started by benches/load/run.sh, which builds the release binary and installs the tools.
+Servers are pinned to core 0, emulators and load generators to core 1. Numbers from one run
+are comparable with each other (ours / nginx), not across machines or runs.
+"""
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+OUT = os.path.join(ROOT, "target", "bench")
+WORK = os.path.join(OUT, "work")
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+SCOPE = "https://vault.azure.net/.default"
+T0 = time.monotonic()
+
+
+def log(msg):
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pin(core):
+    """taskset prefix: servers on core 0, everything else on core 1 (core 0 on one core)."""
+    return ["taskset", "-c", str(min(core, (os.cpu_count() or 1) - 1))]
+
+
+class Procs:
+    """Every process this harness started, stopped by pid at the end."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, argv, env=None, **kw):
+        logf = open(os.path.join(WORK, f"{name}.log"), "ab")
+        p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True, **kw)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM):
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def stop_all(self):
+        for _, p in reversed(self.procs):
+            self.stop(p)
+
+
+def wait_port(port, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.01)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def http_get(url, timeout=2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def http_post_json(url, value):
+    req = urllib.request.Request(url, data=json.dumps(value).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def metric(admin, name, labels=""):
+    """Sum of the samples of one Prometheus metric whose labels contain `labels`."""
+    _, body = http_get(f"http://127.0.0.1:{admin}/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name) and (line[len(name)] in " {") and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def form(client_id, scope, token):
+    return urllib.parse.urlencode([
+        ("grant_type", "client_credentials"), ("client_id", client_id), ("scope", scope),
+        ("client_assertion_type", ASSERTION_TYPE), ("client_assertion", token),
+        ("client_info", "1"),
+    ])
+
+
+class TlsClient:
+    """HTTP/1.1 keep-alive over TLS to 127.0.0.1 with a chosen SNI name (certs not verified:
+    the load tools do not verify either)."""
+
+    def __init__(self, port, sni):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.port, self.sni, self.ctx = port, sni, ctx
+        self.conn = None
+
+    def _connect(self):
+        conn = http.client.HTTPSConnection(self.sni, self.port, context=self.ctx, timeout=30)
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        conn.sock = self.ctx.wrap_socket(sock, server_hostname=self.sni)
+        return conn
+
+    def post(self, path, body):
+        for attempt in range(2):
+            if self.conn is None:
+                self.conn = self._connect()
+            try:
+                self.conn.request("POST", path, body=body, headers={
+                    "content-type": "application/x-www-form-urlencoded"})
+                r = self.conn.getresponse()
+                return r.status, r.read()
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        raise RuntimeError("unreachable")
+
+
+# ---------------------------------------------------------------- load generators
+
+WRK_DONE = r'''
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"errors\":%d,\"status_errors\":%d," ..
+    "\"p50_us\":%d,\"p90_us\":%d,\"p99_us\":%d,\"p999_us\":%d,\"max_us\":%d,\"mean_us\":%.1f}\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max, latency.mean))
+end
+'''
+
+
+def lua_static(path, body, close=False):
+    extra = 'wrk.headers["Connection"] = "close"\n' if close else ""
+    return (f'wrk.method = "POST"\nwrk.path = "{path}"\n'
+            'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n'
+            f'{extra}wrk.body = [==[{body}]==]\n' + WRK_DONE)
+
+
+def lua_rotating(path, bodies_file):
+    """Round-robin over one form body per line of `bodies_file`."""
+    return (f'wrk.method = "POST"\nwrk.path = "{path}"\n'
+            'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n'
+            f'local bodies = {{}}\nfor line in io.lines("{bodies_file}") do bodies[#bodies + 1] = line end\n'
+            'local i = 0\n'
+            'init = function(args) i = math.random(#bodies) end\n'
+            'request = function()\n  i = i % #bodies + 1\n'
+            '  return wrk.format(nil, nil, nil, bodies[i])\nend\n' + WRK_DONE)
+
+
+def lua_distinct_scopes(path, prefix, suffix, run_id, limit):
+    """A new scope (cache key) per request, up to `limit` per thread, then repeats the last."""
+    return (f'wrk.method = "POST"\nwrk.path = "{path}"\n'
+            'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n'
+            'local n = 0\n'
+            'request = function()\n'
+            f'  if n < {limit} then n = n + 1 end\n'
+            f'  local body = [==[{prefix}]==] .. "https%3A%2F%2Fr{run_id}-" .. n .. ".example%2F.default" .. [==[{suffix}]==]\n'
+            '  return wrk.format(nil, nil, nil, body)\nend\n' + WRK_DONE)
+
+
+def run_wrk(name, url, script, duration, conns, timeout=None):
+    lua = os.path.join(WORK, f"{name}.lua")
+    with open(lua, "w") as f:
+        f.write(script)
+    argv = pin(1) + ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "10s",
+                     "--latency", "-s", lua, url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or duration + 60)
+    with open(os.path.join(WORK, f"{name}.wrk.txt"), "w") as f:
+        f.write(out.stdout + out.stderr)
+    m = re.search(r"^WRKJSON (.*)$", out.stdout, re.M)
+    if not m:
+        raise SystemExit(f"wrk {name} failed:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return 0
+    k = min(len(sorted_values) - 1, max(0, int(round(p / 100.0 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+def run_h2load(name, url, body_file, extra, timeout=120):
+    logf = os.path.join(WORK, f"{name}.h2load.log")
+    argv = (pin(1) + ["h2load", "-d", body_file, "-H",
+                      "content-type: application/x-www-form-urlencoded",
+                      f"--log-file={logf}"] + extra + [url])
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    with open(os.path.join(WORK, f"{name}.h2load.txt"), "w") as f:
+        f.write(out.stdout + out.stderr)
+    rows = []
+    with open(logf) as f:
+        for line in f:
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    ok = [r for r in rows if 200 <= r[1] < 300]
+    lat = sorted(r[2] for r in ok)
+    m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out.stdout)
+    res = {
+        "requests": len(rows), "succeeded": len(ok), "failed": len(rows) - len(ok),
+        "rps": float(m.group(3)) if m else 0.0,
+        "p50_us": percentile(lat, 50), "p99_us": percentile(lat, 99),
+        "p999_us": percentile(lat, 99.9), "max_us": lat[-1] if lat else 0,
+    }
+    if rows:
+        first = min(r[0] for r in rows)
+        last = max(r[0] + r[2] for r in rows)
+        res["span_us"] = last - first
+        if res["rps"] == 0.0 and res["span_us"]:
+            res["rps"] = len(ok) / (res["span_us"] / 1e6)
+    return res
+
+
+# ---------------------------------------------------------------- the system under test
+
+RBAC = """apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: use-bench-identity
+rules:
+  - apiGroups: ["cid.wi.aks.azure.com"]
+    resources: ["{client_id}"]
+    verbs: ["use-managed-identity"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: bench-uses-bench-identity
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: use-bench-identity
+subjects:
+  - kind: ServiceAccount
+    name: demo
+    namespace: demo
+  - kind: Group
+    name: system:serviceaccounts:load
+"""
+
+NGINX_CONF = """daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_timeout 120s;
+    keepalive_requests 100000000;
+    http2_max_concurrent_streams 128;
+    server {{
+        listen 127.0.0.1:{port} ssl {http2_listen};
+        {http2_directive}
+        server_name {sni};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
+def nginx_version():
+    out = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out.stderr + out.stdout)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
+
+class System:
+    def __init__(self, args, procs):
+        self.args, self.procs = args, procs
+        self.bin = os.path.abspath(args.bin)
+        self.sni = args.sni
+        self.tenant = str(uuid.uuid4())
+        self.client_id = str(uuid.uuid4())
+        self.ports = {k: free_port() for k in ("kube", "entra", "docs", "proxy", "admin", "nginx")}
+        self.proxy = None
+
+    def run(self, *argv):
+        return subprocess.run([self.bin, *argv], check=True, capture_output=True, text=True).stdout
+
+    def setup(self):
+        p = self.ports
+        self.cert, self.key = os.path.join(WORK, "tls.crt"), os.path.join(WORK, "tls.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-keyout", self.key, "-out",
+                        self.cert, "-days", "2", "-subj", f"/CN={self.sni}", "-addext",
+                        f"subjectAltName=DNS:{self.sni}"], check=True, capture_output=True)
+        log(f"ECDSA P-256 certificate for {self.sni}")
+        rbac = os.path.join(WORK, "rbac.yaml")
+        with open(rbac, "w") as f:
+            f.write(RBAC.format(client_id=self.client_id))
+        self.procs.start("kube", pin(1) + [self.bin, "emulate", "kube", "--listen",
+                         f"127.0.0.1:{p['kube']}", "--state-dir", os.path.join(WORK, "kube"),
+                         "--rbac", rbac])
+        wait_port(p["kube"])
+        log(f"kube emulator on 127.0.0.1:{p['kube']}")
+        self.run("issuer", "keygen", "--out", os.path.join(WORK, "issuer.key"))
+        self.bindings = os.path.join(WORK, "bindings.yaml")
+        with open(self.bindings, "w") as f:
+            f.write(f"bindings:\n  - clientId: {self.client_id}\n    tenantId: {self.tenant}\n")
+        self.issuer_url = f"http://127.0.0.1:{p['docs']}/{{tenant}}/{{client_id}}"
+        docs = os.path.join(WORK, "issuer-docs")
+        self.run("issuer", "publish", "--out", docs, "--public-key",
+                 os.path.join(WORK, "issuer.pub"), "--bindings", self.bindings,
+                 "--issuer-url", self.issuer_url)
+        self.procs.start("issuer-docs", pin(1) + [sys.executable, "-m", "http.server",
+                         str(p["docs"]), "--bind", "127.0.0.1", "--directory", docs])
+        wait_port(p["docs"])
+        log(f"issuer documents on http://127.0.0.1:{p['docs']} (python3 -m http.server)")
+        issuer = f"http://127.0.0.1:{p['docs']}/{self.tenant}/{self.client_id}"
+        self.procs.start("entra", pin(1) + [self.bin, "emulate", "entra", "--listen",
+                         f"127.0.0.1:{p['entra']}", "--fic",
+                         f"client_id={self.client_id},issuer={issuer},subject={self.client_id},"
+                         "audience=api://AzureADTokenExchange", "--latency-ms", "0"])
+        wait_port(p["entra"])
+        log(f"Entra emulator on 127.0.0.1:{p['entra']}")
+        self.token = self.mint("demo", "demo")
+
+    def mint(self, namespace, sa):
+        return self.run("dev", "token", "--state-dir", WORK, "--namespace", namespace,
+                        "--service-account", sa, "--expires-in", "7200").strip()
+
+    def entra(self, path):
+        return f"http://127.0.0.1:{self.ports['entra']}/_emulator/{path}"
+
+    def entra_stats(self):
+        return json.loads(http_get(self.entra("stats"))[1])
+
+    def set_entra_latency(self, ms):
+        http_post_json(self.entra("config"), {"latency_ms": ms})
+
+    def start_proxy(self):
+        """Starts `serve`; returns the milliseconds from process start to /readyz = 200."""
+        p = self.ports
+        env = dict(os.environ, RUST_LOG="warn")
+        argv = pin(0) + [
+            self.bin, "serve", "--kubeconfig", os.path.join(WORK, "kube", "kubeconfig"),
+            "--tls", f"{self.sni}={self.cert},{self.key}",
+            "--issuer-key", os.path.join(WORK, "issuer.key"), "--issuer-url", self.issuer_url,
+            "--bindings", self.bindings, "--authority-host", f"http://127.0.0.1:{p['entra']}",
+            "--listen", f"127.0.0.1:{p['proxy']}", "--admin-listen", f"127.0.0.1:{p['admin']}",
+            "--worker-threads", "1", "--log-format", "json",
+            # Room for scenario (h)'s distinct entries without eviction.
+            "--cache-capacity", str(self.args.entries * 2 + 10_000),
+        ]
+        started = time.monotonic()
+        self.proxy = self.procs.start("proxy", argv, env=env)
+        url = f"http://127.0.0.1:{p['admin']}/readyz"
+        while True:
+            if self.proxy.poll() is not None:
+                raise SystemExit(f"the proxy exited ({self.proxy.returncode}); see {WORK}/proxy.log")
+            try:
+                if http_get(url, timeout=0.5)[0] == 200:
+                    return (time.monotonic() - started) * 1000
+            except OSError:
+                pass
+            if time.monotonic() - started > 30:
+                raise SystemExit("the proxy was not ready within 30 s")
+            time.sleep(0.002)
+
+    def stop_proxy(self):
+        self.procs.stop(self.proxy)
+        self.proxy = None
+
+    def start_nginx(self, body):
+        d = os.path.join(WORK, "nginx")
+        os.makedirs(d, exist_ok=True)
+        new_syntax = nginx_version() >= (1, 25, 1)
+        conf = NGINX_CONF.format(
+            dir=d, port=self.ports["nginx"], sni=self.sni, cert=self.cert, key=self.key,
+            body=body, http2_listen="" if new_syntax else "http2",
+            http2_directive="http2 on;" if new_syntax else "")
+        path = os.path.join(d, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(conf)
+        self.nginx = self.procs.start("nginx", pin(0) + ["nginx", "-p", d, "-c", path])
+        wait_port(self.ports["nginx"])
+
+
+# ---------------------------------------------------------------- scenarios
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--sni", required=True)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    quick = args.quick
+    D = 3 if quick else 10                   # seconds per throughput run
+    args.entries = 20_000 if quick else 100_000
+    n_tokens = 2_000 if quick else 10_000
+    conns = 32
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    procs = Procs()
+    results = {"quick": quick, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "machine": machine(), "scenarios": {}}
+    S = results["scenarios"]
+    try:
+        sysm = System(args, procs)
+        sysm.setup()
+
+        # (i) start-up, three times; the last instance stays up.
+        times = []
+        for i in range(3):
+            times.append(sysm.start_proxy())
+            if i < 2:
+                sysm.stop_proxy()
+        S["i_startup"] = {"ms_runs": [round(t, 1) for t in times],
+                          "ms_median": round(statistics.median(times), 1)}
+        log(f"(i) start-up to /readyz: {S['i_startup']['ms_runs']} ms")
+        time.sleep(1.0)
+        idle_rss = rss_kib(sysm.proxy.pid)
+        log(f"(h) idle RSS {idle_rss} KiB")
+
+        p = sysm.ports
+        path = f"/{sysm.tenant}/oauth2/v2.0/token"
+        body = form(sysm.client_id, SCOPE, sysm.token)
+        body_file = os.path.join(WORK, "body.form")
+        with open(body_file, "w") as f:
+            f.write(body)
+        client = TlsClient(p["proxy"], sysm.sni)
+        status, resp = client.post(path, body)
+        if status != 200:
+            raise SystemExit(f"the proxy refused the load request: {status} {resp[:300]!r}")
+        token_len = len(json.loads(resp)["access_token"])
+        # nginx answers a static JSON of the same length as our answer.
+        pad = len(resp) - len(b'{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,'
+                              b'"refresh_in":1799,"access_token":""}')
+        static = ('{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,'
+                  '"refresh_in":1799,"access_token":"' + "x" * max(pad, 0) + '"}')
+        sysm.start_nginx(static)
+        log(f"nginx on 127.0.0.1:{p['nginx']}: static JSON of {len(static)} bytes "
+            f"(ours {len(resp)} bytes; emulator access token {token_len} bytes)")
+        ours_url = f"https://{sysm.sni}:{p['proxy']}{path}"
+        nginx_url = f"https://{sysm.sni}:{p['nginx']}{path}"
+        servers = [("ours", ours_url), ("nginx", nginx_url)]
+
+        # (a) cache hit, HTTP/1.1 keep-alive, one SA token.
+        S["a_h1_keepalive"] = {}
+        for name, url in servers:
+            log(f"(a) HTTP/1.1 keep-alive, {conns} connections, {D}s: {name}")
+            S["a_h1_keepalive"][name] = run_wrk(f"a-{name}", url, lua_static(path, body), D, conns)
+            log(f"    {S['a_h1_keepalive'][name]['rps']:.0f} req/s")
+
+        # (b) cache hit over h2: 4 connections x 32 streams.
+        S["b_h2"] = {}
+        for name, url in servers:
+            log(f"(b) h2, 4 connections x 32 streams, {D}s: {name}")
+            S["b_h2"][name] = run_h2load(f"b-{name}", url, body_file,
+                                         ["-c", "4", "-m", "32", "-t", "1", "-D", str(D)])
+            log(f"    {S['b_h2'][name]['rps']:.0f} req/s")
+
+        # (c) a new TLS connection (full TLS 1.3 handshake) per request.
+        S["c_new_conn"] = {}
+        for name, url in servers:
+            log(f"(c) new TLS connection per request, {conns} connections, {D}s: {name}")
+            S["c_new_conn"][name] = run_wrk(f"c-{name}", url, lua_static(path, body, close=True),
+                                            D, conns)
+            log(f"    {S['c_new_conn'][name]['rps']:.0f} req/s")
+
+        # (d) latency at 50 % of our (a) rate, HTTP/1.1, 8 connections, both servers.
+        rate = max(8, int(S["a_h1_keepalive"]["ours"]["rps"] * 0.5))
+        S["d_latency_half_load"] = {"rate": rate}
+        for name, url in servers:
+            log(f"(d) {rate} req/s (50 % of ours (a)), HTTP/1.1, {D}s: {name}")
+            S["d_latency_half_load"][name] = run_h2load(
+                f"d-{name}", url, body_file,
+                ["--h1", "-c", "8", "-t", "1", "--rps", str(max(1, rate // 8)), "-D", str(D)])
+            r = S["d_latency_half_load"][name]
+            log(f"    p50 {r['p50_us']} us  p99 {r['p99_us']} us  p99.9 {r['p999_us']} us")
+
+        # (g) many distinct SA tokens (100 service accounts) round-robin.
+        log(f"(g) minting {n_tokens} SA tokens for 100 service accounts")
+        started = time.monotonic()
+        tokens = mint_many(sysm, n_tokens, 100)
+        log(f"    minted in {time.monotonic() - started:.1f}s")
+        bodies = os.path.join(WORK, "bodies.form")
+        with open(bodies, "w") as f:
+            for t in tokens:
+                f.write(form(sysm.client_id, SCOPE, t) + "\n")
+        one_body = os.path.join(WORK, "one-body.form")
+        with open(one_body, "w") as f:
+            f.write(body + "\n")
+        log("(g) warming: each token once (TokenReview + SubjectAccessReview per SA)")
+        started = time.monotonic()
+        warm(p["proxy"], sysm.sni, path, [form(sysm.client_id, SCOPE, t) for t in tokens])
+        log(f"    warmed in {time.monotonic() - started:.1f}s")
+        S["g_distinct_tokens"] = {"tokens": n_tokens}
+        log(f"(g) {n_tokens} tokens round-robin, {D}s")
+        S["g_distinct_tokens"]["ours"] = run_wrk("g-many", ours_url, lua_rotating(path, bodies),
+                                                 D, conns)
+        log(f"(g) control: the same script with one token, {D}s")
+        S["g_distinct_tokens"]["ours_one_token"] = run_wrk(
+            "g-one", ours_url, lua_rotating(path, one_body), D, conns)
+        log(f"    {S['g_distinct_tokens']['ours']['rps']:.0f} vs "
+            f"{S['g_distinct_tokens']['ours_one_token']['rps']:.0f} req/s")
+
+        # (e) cold fan-in: 1000 concurrent requests for one uncached key, Entra at 100 ms.
+        sysm.set_entra_latency(100)
+        fanin = os.path.join(WORK, "fanin.form")
+        with open(fanin, "w") as f:
+            f.write(form(sysm.client_id, f"https://fanin-{uuid.uuid4().hex[:8]}.example/.default",
+                         sysm.token))
+        before = sysm.entra_stats()["tokens_issued"]
+        log("(e) 1000 concurrent requests for one uncached key (10 h2 connections x 100 streams)")
+        e = run_h2load("e-fanin", ours_url, fanin, ["-n", "1000", "-c", "10", "-m", "100", "-t", "1"])
+        e["entra_calls"] = sysm.entra_stats()["tokens_issued"] - before
+        S["e_cold_fanin"] = e
+        log(f"    {e['succeeded']}/1000 ok, Entra calls {e['entra_calls']}, "
+            f"all done within {e.get('span_us', 0) / 1000:.0f} ms of the first request")
+
+        # (f) miss overhead: a new scope per request, Entra at 100 ms.
+        up_sum0 = metric(p["admin"], "identity_binding_proxy_entra_request_duration_seconds_sum")
+        up_cnt0 = metric(p["admin"], "identity_binding_proxy_entra_request_duration_seconds_count")
+        prefix, suffix = body.split("scope=")[0] + "scope=", "&" + body.split("scope=")[1].split("&", 1)[1]
+        log(f"(f) cache misses (new scope each), 4 connections, {D}s")
+        f_res = run_wrk("f-miss", ours_url, lua_distinct_scopes(
+            path, prefix, suffix, uuid.uuid4().hex[:8], 10_000_000), D, 4)
+        up_sum = metric(p["admin"], "identity_binding_proxy_entra_request_duration_seconds_sum") - up_sum0
+        up_cnt = metric(p["admin"], "identity_binding_proxy_entra_request_duration_seconds_count") - up_cnt0
+        f_res["entra_latency_ms"] = 100
+        f_res["upstream_mean_us"] = up_sum / up_cnt * 1e6 if up_cnt else 0
+        f_res["overhead_p50_us"] = f_res["p50_us"] - 100_000
+        f_res["overhead_p99_us"] = f_res["p99_us"] - 100_000
+        f_res["overhead_mean_vs_upstream_us"] = f_res["mean_us"] - f_res["upstream_mean_us"]
+        S["f_miss_overhead"] = f_res
+        log(f"    overhead p50 {f_res['overhead_p50_us'] / 1000:.2f} ms, "
+            f"p99 {f_res['overhead_p99_us'] / 1000:.2f} ms (includes the emulator's own work)")
+
+        # (h) memory: idle, then after N distinct cached (client-id, scope) entries.
+        sysm.set_entra_latency(0)
+        n = args.entries
+        entries0 = metric(p["admin"], "identity_binding_proxy_cache_entries")
+        rss0 = rss_kib(sysm.proxy.pid)
+        log(f"(h) filling {n} distinct cache entries (Entra latency 0); RSS before {rss0} KiB")
+        h = fill_entries(sysm, ours_url, path, prefix, suffix, n, entries0)
+        rss1 = rss_kib(sysm.proxy.pid)
+        added = h["entries_added"]
+        per_entry = (rss1 - rss0) * 1024 / added if added else 0
+        S["h_memory"] = {"idle_rss_kib": idle_rss, "rss_before_kib": rss0, "rss_after_kib": rss1,
+                         "entries_added": added, "fill_seconds": h["seconds"],
+                         "token_bytes": token_len, "bytes_per_entry": round(per_entry),
+                         "bytes_per_entry_beyond_token": round(per_entry - token_len)}
+        log(f"    {added} entries in {h['seconds']:.0f}s; RSS {rss1} KiB; "
+            f"{per_entry:.0f} B/entry ({per_entry - token_len:.0f} B beyond the {token_len} B token)")
+    finally:
+        procs.stop_all()
+
+    report(results)
+
+
+# PKCS#1 v1.5 DigestInfo prefix of SHA-256.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def rsa_key(pem_file):
+    """The CRT parameters of an RSA private key, read through `openssl rsa -text`."""
+    text = subprocess.run(["openssl", "rsa", "-in", pem_file, "-noout", "-text"], check=True,
+                          capture_output=True, text=True).stdout
+    fields, name = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^(\w+):\s*(.*)$", line)
+        if m:
+            name = m.group(1)
+            fields[name] = m.group(2).split(" ")[0] if m.group(2) else ""
+        elif name and line.startswith(" "):
+            fields[name] += line.strip()
+    num = lambda k: int(fields[k].replace(":", ""), 16)
+    return {"n": num("modulus"), "p": num("prime1"), "q": num("prime2"), "dp": num("exponent1"),
+            "dq": num("exponent2"), "qinv": num("coefficient")}
+
+
+def rs256(key, signing_input):
+    import hashlib
+    size = (key["n"].bit_length() + 7) // 8
+    t = SHA256_DIGEST_INFO + hashlib.sha256(signing_input).digest()
+    m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - len(t) - 3) + b"\x00" + t, "big")
+    m1, m2 = pow(m, key["dp"], key["p"]), pow(m, key["dq"], key["q"])
+    s = m2 + (key["qinv"] * (m1 - m2) % key["p"]) * key["q"]
+    return s.to_bytes(size, "big")
+
+
+def b64url(b):
+    import base64
+    return base64.urlsafe_b64encode(b).rstrip(b"=")
+
+
+def b64url_decode(s):
+    import base64
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def resign(args):
+    """A copy of a minted token with a fresh jti, signed with the kube emulator's key: the
+    same claims `dev token` writes, at a fraction of a process start each."""
+    key, template, count = args
+    header, payload, _ = template.split(".")
+    claims = json.loads(b64url_decode(payload))
+    out = []
+    for _ in range(count):
+        claims["jti"] = str(uuid.uuid4())
+        signing_input = header.encode() + b"." + b64url(json.dumps(claims, separators=(",", ":")).encode())
+        out.append((signing_input + b"." + b64url(rs256(key, signing_input))).decode())
+    return out
+
+
+def mint_many(sysm, n, accounts):
+    """n distinct SA tokens for `accounts` service accounts of namespace `load`: one minted
+    by `dev token` per account, the rest re-signed copies of it with fresh jti."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        templates = list(pool.map(lambda i: sysm.mint("load", f"sa-{i}"), range(accounts)))
+    key = rsa_key(os.path.join(WORK, "kube", "sa-signing-key.pem"))
+    per = [n // accounts + (1 if i < n % accounts else 0) for i in range(accounts)]
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        batches = list(pool.map(resign, [(key, t, c) for t, c in zip(templates, per)]))
+    tokens = [t for batch in batches for t in batch]
+    # Interleave the accounts, as pods of a node would.
+    tokens.sort(key=lambda t: t[-12:])
+    return tokens
+
+
+def warm(port, sni, path, bodies):
+    def worker(chunk):
+        c = TlsClient(port, sni)
+        bad = 0
+        for b in chunk:
+            status, _ = c.post(path, b)
+            bad += status != 200
+        return bad
+    chunks = [bodies[i::4] for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        bad = sum(pool.map(worker, chunks))
+    if bad:
+        raise SystemExit(f"{bad} warm-up requests failed")
+
+
+def fill_entries(sysm, url, path, prefix, suffix, n, entries0):
+    """wrk with a new scope per request until the cache holds n more entries."""
+    lua = os.path.join(WORK, "h-fill.lua")
+    with open(lua, "w") as f:
+        f.write(lua_distinct_scopes(path, prefix, suffix, uuid.uuid4().hex[:8], n))
+    wrk = subprocess.Popen(pin(1) + ["wrk", "-t1", "-c16", "-d600s", "--timeout", "10s", "-s",
+                                     lua, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    admin = sysm.ports["admin"]
+    last_report = started
+    entries, still = entries0, 0
+    while time.monotonic() - started < 590:
+        time.sleep(0.5)
+        previous, entries = entries, metric(admin, "identity_binding_proxy_cache_entries")
+        # The gauge is moka's eventually consistent count: it may stop a few entries short.
+        still = still + 1 if entries == previous else 0
+        if entries - entries0 >= n or (entries - entries0 >= 0.99 * n and still >= 6):
+            break
+        if time.monotonic() - last_report > 10:
+            last_report = time.monotonic()
+            log(f"    {int(entries - entries0)} entries")
+    wrk.send_signal(signal.SIGINT)
+    try:
+        wrk.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        wrk.kill()
+        wrk.wait()
+    time.sleep(1.0)
+    entries = metric(admin, "identity_binding_proxy_cache_entries")
+    return {"entries_added": int(entries - entries0), "seconds": time.monotonic() - started}
+
+
+def machine():
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        m = re.search(r"Model name:\s*(.*)", out)
+        model = m.group(1).strip() if m else ""
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "kernel": os.uname().release}
+
+
+# ---------------------------------------------------------------- report
+
+def ratio(a, b):
+    return a / b if b else float("nan")
+
+
+def report(results):
+    S = results["scenarios"]
+    rows = []  # (scenario, metric, ours, nginx, ratio, target, met)
+
+    def fmt_rps(v):
+        return f"{v:,.0f}"
+
+    a, b, c, d = S["a_h1_keepalive"], S["b_h2"], S["c_new_conn"], S["d_latency_half_load"]
+    for key, label, target in (("a_h1_keepalive", "(a) hit, HTTP/1.1 keep-alive", 0.8),
+                               ("b_h2", "(b) hit, h2", None),
+                               ("c_new_conn", "(c) new TLS conn per request", 0.9)):
+        r = ratio(S[key]["ours"]["rps"], S[key]["nginx"]["rps"])
+        rows.append((label, "req/s", fmt_rps(S[key]["ours"]["rps"]),
+                     fmt_rps(S[key]["nginx"]["rps"]), f"{r:.3f}x",
+                     f">= {target}x" if target else "-", "yes" if target and r >= target else
+                     ("-" if not target else "NO")))
+    rows.append(("(a) hit, HTTP/1.1 keep-alive", "p99 latency (32 conns, saturated)",
+                 f"{a['ours']['p99_us'] / 1000:.2f} ms", f"{a['nginx']['p99_us'] / 1000:.2f} ms",
+                 f"{ratio(a['ours']['p99_us'], a['nginx']['p99_us']):.3f}x", "-", "-"))
+    for q, lab in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+        target = "<= 1 ms" if q == "p99_us" else "-"
+        met = ("yes" if d["ours"][q] <= 1000 else "NO") if q == "p99_us" else "-"
+        rows.append((f"(d) {d['rate']:,} req/s (50 % of ours (a))", lab,
+                     f"{d['ours'][q] / 1000:.3f} ms", f"{d['nginx'][q] / 1000:.3f} ms",
+                     f"{ratio(d['ours'][q], d['nginx'][q]):.3f}x", target, met))
+    e = S["e_cold_fanin"]
+    rows.append(("(e) 1000 concurrent, one cold key, Entra 100 ms", "Entra calls",
+                 str(e["entra_calls"]), "n/a", "-", "exactly 1",
+                 "yes" if e["entra_calls"] == 1 else "NO"))
+    span = e.get("span_us", 0) / 1000
+    rows.append(("(e) 1000 concurrent, one cold key, Entra 100 ms", "all complete within",
+                 f"{span:.0f} ms ({e['succeeded']}/1000 ok)", "n/a", "-", "<= 300 ms",
+                 "yes" if span <= 300 and e["succeeded"] == 1000 else "NO"))
+    f = S["f_miss_overhead"]
+    rows.append(("(f) miss overhead (latency - 100 ms)", "p50 / p99",
+                 f"{f['overhead_p50_us'] / 1000:.2f} / {f['overhead_p99_us'] / 1000:.2f} ms",
+                 "n/a", "-", "p99 <= 2 ms", "yes" if f["overhead_p99_us"] <= 2000 else "NO"))
+    rows.append(("(f) miss overhead (mean - measured upstream mean)", "mean",
+                 f"{f['overhead_mean_vs_upstream_us'] / 1000:.2f} ms", "n/a", "-", "-", "-"))
+    g = S["g_distinct_tokens"]
+    rg = ratio(g["ours"]["rps"], a["ours"]["rps"])
+    rows.append((f"(g) {g['tokens']:,} distinct SA tokens round-robin", "req/s vs (a)",
+                 fmt_rps(g["ours"]["rps"]), "n/a", f"{rg:.2f}x of (a)", ">= 0.7x (a)",
+                 "yes" if rg >= 0.7 else "NO"))
+    rows.append((f"(g) same script, one token (control)", "req/s",
+                 fmt_rps(g["ours_one_token"]["rps"]), "n/a",
+                 f"(g) = {ratio(g['ours']['rps'], g['ours_one_token']['rps']):.2f}x of this",
+                 "-", "-"))
+    h = S["h_memory"]
+    rows.append(("(h) memory", "idle RSS", f"{h['idle_rss_kib'] / 1024:.1f} MiB", "n/a", "-",
+                 "<= 32 MiB", "yes" if h["idle_rss_kib"] <= 32 * 1024 else "NO"))
+    rows.append((f"(h) memory, +{h['entries_added']:,} cached entries", "bytes/entry beyond token",
+                 f"{h['bytes_per_entry_beyond_token']:,} B (token {h['token_bytes']} B)", "n/a",
+                 "-", "<= 1024 B", "yes" if h["bytes_per_entry_beyond_token"] <= 1024 else "NO"))
+    i = S["i_startup"]
+    rows.append(("(i) start-up to /readyz", "median of 3", f"{i['ms_median']:.0f} ms "
+                 f"({', '.join(f'{x:.0f}' for x in i['ms_runs'])})", "n/a", "-", "<= 250 ms",
+                 "yes" if i["ms_median"] <= 250 else "NO"))
+    results["table"] = [dict(zip(("scenario", "metric", "ours", "nginx", "ratio", "target", "met"), r))
+                        for r in rows]
+
+    headers = ("scenario", "metric", "ours", "nginx", "ours/nginx", "target", "met")
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    table = "\n".join(md)
+    results["table_markdown"] = table
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    with open(os.path.join(OUT, "results.md"), "w") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(OUT, "results.svg"), "w") as fh:
+        fh.write(svg(S))
+    m = results["machine"]
+    print(f"\nidentity-binding-proxy load harness, {results['date']}, {m['nproc']} cores "
+          f"({m['cpu']}){' --quick' if results['quick'] else ''}. Ratios are from this one run "
+          "(servers on core 0, load on core 1).\n")
+    print(table)
+    print(f"\nwrote {OUT}/results.json, results.md, results.svg (raw tool output in {WORK}/)")
+
+
+def svg(S):
+    """Two panels: throughput (req/s) and latency (ms), ours next to nginx."""
+    W, H, PAD = 980, 420, 60
+    ours_c, nginx_c = "#2b6cb0", "#a0aec0"
+    tp = [("(a) h1 keep-alive", S["a_h1_keepalive"]), ("(b) h2", S["b_h2"]),
+          ("(c) new conn/req", S["c_new_conn"])]
+    lat = [("(a) p50", S["a_h1_keepalive"], "p50_us"), ("(a) p99", S["a_h1_keepalive"], "p99_us"),
+           ("(d) p50", S["d_latency_half_load"], "p50_us"),
+           ("(d) p99", S["d_latency_half_load"], "p99_us"),
+           ("(d) p99.9", S["d_latency_half_load"], "p999_us")]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">identity-binding-proxy '
+           'vs nginx (static JSON), one core each, same run</text>',
+           f'<rect x="{W - 190}" y="34" width="12" height="12" fill="{ours_c}"/>'
+           f'<text x="{W - 172}" y="45">identity-binding-proxy</text>',
+           f'<rect x="{W - 190}" y="52" width="12" height="12" fill="{nginx_c}"/>'
+           f'<text x="{W - 172}" y="63">nginx</text>']
+
+    def panel(x0, width, title, groups, unit):
+        top, bottom = 80, H - PAD
+        vmax = max(max(o, n) for _, o, n in groups) or 1
+        out.append(f'<text x="{x0 + width / 2}" y="{top - 10}" text-anchor="middle" '
+                   f'font-weight="bold">{title}</text>')
+        out.append(f'<line x1="{x0}" y1="{bottom}" x2="{x0 + width}" y2="{bottom}" stroke="black"/>')
+        gw = width / len(groups)
+        for k, (label, o, n) in enumerate(groups):
+            gx = x0 + k * gw
+            bw = gw * 0.32
+            for j, (v, col) in enumerate(((o, ours_c), (n, nginx_c))):
+                h = (bottom - top - 20) * v / vmax
+                x = gx + gw * 0.15 + j * (bw + 4)
+                out.append(f'<rect x="{x:.1f}" y="{bottom - h:.1f}" width="{bw:.1f}" '
+                           f'height="{h:.1f}" fill="{col}"/>')
+                txt = f"{v:,.0f}" if unit == "req/s" else f"{v:.2f}"
+                out.append(f'<text x="{x + bw / 2:.1f}" y="{bottom - h - 4:.1f}" '
+                           f'text-anchor="middle" font-size="10">{txt}</text>')
+            out.append(f'<text x="{gx + gw / 2:.1f}" y="{bottom + 16}" text-anchor="middle">'
+                       f'{label}</text>')
+        out.append(f'<text x="{x0 + width / 2}" y="{bottom + 34}" text-anchor="middle" '
+                   f'fill="#555">{unit}</text>')
+
+    panel(PAD, W / 2 - PAD * 1.5, "Throughput (higher is better)",
+          [(lbl, s["ours"]["rps"], s["nginx"]["rps"]) for lbl, s in tp], "req/s")
+    panel(W / 2 + PAD / 2, W / 2 - PAD * 1.5, "Latency (lower is better)",
+          [(lbl, s["ours"][q] / 1000, s["nginx"][q] / 1000) for lbl, s, q in lat], "ms")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
