@@ -129,14 +129,18 @@ impl EntraClient {
         }
         let body = Bytes::from(form_encode(form));
         let mut attempt = 0;
+        let started = Instant::now();
         loop {
             attempt += 1;
             let outcome = self.attempt(&url, body.clone()).await;
             let retryable = matches!(&outcome, Err(ProxyError::Unavailable { .. }));
-            if !retryable || attempt >= MAX_ATTEMPTS {
+            let base = BACKOFF * 2u32.pow(attempt - 1);
+            // The whole exchange stays within two timeouts: a caller (and the SDK's own retry)
+            // is better served by a prompt 503 than by a third stalled attempt.
+            let over_budget = started.elapsed() + base >= self.timeout * 2;
+            if !retryable || attempt >= MAX_ATTEMPTS || over_budget {
                 return outcome;
             }
-            let base = BACKOFF * 2u32.pow(attempt - 1);
             let jitter = rand::rng().random_range(0.5..1.5);
             tokio::time::sleep(base.mul_f64(jitter)).await;
         }

@@ -175,10 +175,17 @@ impl App {
         let path_tenant = match token::route(&parts.method, parts.uri.path()) {
             Route::Token { tenant } => tenant,
             Route::Discovery { tenant, prefix } => {
+                // Only a plausible authority is echoed back; anything else falls back to SNI.
                 let host = parts
                     .headers
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
+                    .filter(|h| {
+                        !h.is_empty()
+                            && h.len() <= 255
+                            && h.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                    })
                     .map(str::to_string)
                     .or_else(|| conn.sni.clone())
                     .unwrap_or_else(|| "localhost".into());

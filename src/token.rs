@@ -150,6 +150,13 @@ pub fn parse(
                     "The parameter '{key}' was given more than once. Send each parameter once."
                 )));
             }
+            // form_urlencoded replaces invalid percent-encoded UTF-8 with U+FFFD; a credential
+            // or identifier altered that way must be refused, not guessed at.
+            if value.contains('\u{FFFD}') {
+                return Err(ProxyError::invalid_request(format!(
+                    "The parameter '{key}' is not valid UTF-8 once percent-decoded."
+                )));
+            }
             fields[i] = Some(value.into_owned());
         }
     }
@@ -411,6 +418,16 @@ mod tests {
         pairs.push(("client_id", "99999999-2222-3333-4444-555555555555"));
         let err = parse(None, None, &form(&pairs)).unwrap_err();
         assert!(err.to_string().contains("more than once"), "{err}");
+    }
+
+    #[test]
+    fn percent_encoded_invalid_utf8_is_refused() {
+        let body = b"grant_type=client_credentials&client_id=%FF%FE&scope=x";
+        let err = parse(None, None, body).unwrap_err();
+        assert!(
+            err.to_string().contains("'client_id' is not valid UTF-8"),
+            "{err}"
+        );
     }
 
     #[test]

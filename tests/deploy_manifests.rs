@@ -660,3 +660,41 @@ fn example_app_pod_opts_into_identity_binding_and_is_granted_its_identity() {
         "a ClusterRoleBinding grants {sa_name} in {ns} exactly `{wanted}`"
     );
 }
+
+/// The Grafana dashboard parses and every query uses only metrics the proxy exports.
+#[test]
+fn grafana_dashboard_queries_only_exported_metrics() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/identity-binding-proxy.json"
+    );
+    let dash: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let metrics = identity_binding_proxy::metrics::Metrics::new();
+    // The one series that exists only once a certificate is loaded.
+    metrics
+        .certificate_expiry
+        .with_label_values(&["proxy.example"])
+        .set(1);
+    let exported = metrics.render();
+    let exported = String::from_utf8(exported).unwrap();
+    let mut queries = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            queries += 1;
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(rest) = word.strip_prefix("identity_binding_proxy_") {
+                    let base = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .fold(rest, |n, s| n.strip_suffix(s).unwrap_or(n));
+                    assert!(
+                        exported.contains(&format!("# TYPE identity_binding_proxy_{base} ")),
+                        "panel '{}' queries identity_binding_proxy_{rest}, which is not exported",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(queries >= 10, "{queries} queries");
+}
