@@ -256,11 +256,12 @@ impl DevProcess {
 
     /// Sends a signal (e.g. "TERM") to the process.
     pub fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
+        // The shell's builtin `kill`: no procps needed on a minimal machine.
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{name} {}", self.child.id()))
             .status()
-            .expect("kill runs");
+            .expect("sh runs");
         assert!(status.success());
     }
 
