@@ -106,7 +106,8 @@ impl BindingSet {
     }
 }
 
-fn is_domain(s: &str) -> bool {
+/// A DNS name such as `contoso.onmicrosoft.com` (the other form of a tenant id).
+pub fn is_domain(s: &str) -> bool {
     s.contains('.')
         && s.len() <= 253
         && s.split('.')

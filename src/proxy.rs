@@ -53,11 +53,30 @@ impl Profile {
     }
 }
 
-/// Tenants match when equal; a GUID and a domain name cannot be compared here, so that pair is
-/// left to Entra, which refuses a wrong one.
+/// Tenants match when equal. A GUID and a domain name (e.g. contoso.onmicrosoft.com) cannot
+/// be compared here, so that pair is left to Entra, which refuses a wrong one; anything else
+/// (e.g. `organizations`, `common`) must equal the binding's tenant.
 fn same_tenant(a: &str, b: &str) -> bool {
     let guid = |t: &str| token::parse_guid(t).is_some();
-    a.eq_ignore_ascii_case(b) || guid(a) != guid(b)
+    let domain = |t: &str| !guid(t) && crate::bindings::is_domain(t);
+    a.eq_ignore_ascii_case(b) || (guid(a) && domain(b)) || (domain(a) && guid(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_tenant;
+
+    #[test]
+    fn tenants_compare_strictly_except_guid_against_domain() {
+        let g = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+        assert!(same_tenant(g, &g.to_uppercase()));
+        assert!(same_tenant(g, "contoso.onmicrosoft.com"));
+        assert!(!same_tenant("organizations", g));
+        assert!(!same_tenant("common", g));
+        assert!(!same_tenant("00000000-0000-0000-0000-000000000001", g));
+        assert!(!same_tenant("fabrikam.com", "contoso.com"));
+        assert!(!same_tenant("..%2F..%2Fetc", g));
+    }
 }
 
 /// What one request did, for its log line. Never holds a credential.
