@@ -105,22 +105,27 @@ impl Authorizer {
             caller.service_account.clone(),
             client_id.to_string(),
         );
-        if let Some((_, until)) = self.decisions.get(&key).await {
-            if Instant::now() >= until {
-                self.decisions.invalidate(&key).await;
+        let allowed = match self.decisions.get(&key).await {
+            // The hot path: one lookup, no second pass through the coalescing entry.
+            Some((allowed, until)) if Instant::now() < until => allowed,
+            stale => {
+                if stale.is_some() {
+                    self.decisions.invalidate(&key).await;
+                }
+                let generation = self.generation.load(Ordering::Acquire);
+                let (allowed, _) = self
+                    .decisions
+                    .try_get_with(key.clone(), self.review(caller, client_id))
+                    .await
+                    .map_err(|e: Arc<ProxyError>| (*e).clone())?;
+                if self.generation.load(Ordering::Acquire) != generation {
+                    // RBAC changed while we asked: this answer may predate the change, so
+                    // keep it for this request only.
+                    self.decisions.invalidate(&key).await;
+                }
+                allowed
             }
-        }
-        let generation = self.generation.load(Ordering::Acquire);
-        let (allowed, _) = self
-            .decisions
-            .try_get_with(key.clone(), self.review(caller, client_id))
-            .await
-            .map_err(|e: Arc<ProxyError>| (*e).clone())?;
-        if self.generation.load(Ordering::Acquire) != generation {
-            // RBAC changed while we asked: this answer may predate the change, so keep it
-            // for this request only.
-            self.decisions.invalidate(&key).await;
-        }
+        };
         if allowed {
             Ok(())
         } else {
