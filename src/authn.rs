@@ -144,7 +144,7 @@ impl AlgorithmExt for Algorithm {
 /// A cached TokenReview answer.
 #[derive(Clone)]
 enum Reviewed {
-    Authenticated(Caller),
+    Authenticated(Arc<Caller>),
     Refused(String),
 }
 
@@ -180,7 +180,7 @@ pub struct Authenticator {
     /// share one review (moka coalesces `try_get_with`).
     reviews: moka::future::Cache<[u8; 32], (Reviewed, Instant)>,
     /// Callers whose tokens passed local verification, by SHA-256 of the token.
-    verified: moka::sync::Cache<[u8; 32], (Caller, Instant)>,
+    verified: moka::sync::Cache<[u8; 32], (Arc<Caller>, Instant)>,
     metrics: Arc<Metrics>,
 }
 
@@ -296,7 +296,7 @@ impl Authenticator {
     }
 
     /// Authenticates a service-account token.
-    pub async fn authenticate(&self, token: &str) -> Result<Caller> {
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Caller>> {
         let digest = token_digest(token);
         let local = match self.config.mode {
             AuthnMode::Tokenreview => None,
@@ -325,13 +325,13 @@ impl Authenticator {
     /// Local verification, remembered by SHA-256 of the token until the token expires: a
     /// signature check costs ~30 µs, more than the rest of a cache hit together. The memory is
     /// dropped whenever the cluster's keys change.
-    async fn verify_cached(&self, token: &str, digest: &[u8; 32]) -> Result<Caller> {
+    async fn verify_cached(&self, token: &str, digest: &[u8; 32]) -> Result<Arc<Caller>> {
         if let Some((caller, until)) = self.verified.get(digest) {
             if Instant::now() < until {
                 return Ok(caller);
             }
         }
-        let caller = self.verify_locally(token).await?;
+        let caller = Arc::new(self.verify_locally(token).await?);
         self.verified
             .insert(*digest, (caller.clone(), Instant::now() + token_ttl(token)));
         Ok(caller)
@@ -489,7 +489,7 @@ impl Authenticator {
         }
     }
 
-    async fn review(&self, token: &str, digest: [u8; 32]) -> Result<Caller> {
+    async fn review(&self, token: &str, digest: [u8; 32]) -> Result<Arc<Caller>> {
         if let Some((reviewed, until)) = self.reviews.get(&digest).await {
             if Instant::now() < until {
                 return reviewed_result(reviewed);
@@ -543,7 +543,7 @@ impl Authenticator {
                             .get("authentication.kubernetes.io/pod-uid")
                             .and_then(|v| v.first().cloned());
                     }
-                    Reviewed::Authenticated(caller)
+                    Reviewed::Authenticated(Arc::new(caller))
                 }
                 None => Reviewed::Refused(format!(
                     "the token belongs to '{}', not to a service account",
@@ -576,7 +576,7 @@ fn persist(dir: &std::path::Path, keys: &PersistedKeys) -> std::io::Result<()> {
     std::fs::rename(tmp, dir.join(PERSIST_FILE))
 }
 
-fn reviewed_result(reviewed: Reviewed) -> Result<Caller> {
+fn reviewed_result(reviewed: Reviewed) -> Result<Arc<Caller>> {
     match reviewed {
         Reviewed::Authenticated(c) => Ok(c),
         Reviewed::Refused(why) => Err(ProxyError::invalid_assertion(format!(

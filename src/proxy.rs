@@ -82,7 +82,7 @@ mod tests {
 /// What one request did, for its log line. Never holds a credential.
 #[derive(Default)]
 struct Trace {
-    caller: Option<Caller>,
+    caller: Option<Arc<Caller>>,
     client_id: Option<String>,
     scope: Option<String>,
     cache: Option<Lookup>,
@@ -354,7 +354,7 @@ fn token_response(t: &IssuedToken) -> Response<Body> {
         refresh_in: t.refresh_in.map(|r| r.saturating_sub(elapsed).max(1)),
         access_token: &t.access_token,
     };
-    json_value(StatusCode::OK, &body)
+    json(StatusCode::OK, body.to_json())
 }
 
 /// The client's `client-request-id` when it is a sane GUID-like value, else a fresh one.

@@ -5,6 +5,7 @@
 //! on the end of the path and read parameters from the body (or from the query only when the
 //! body is empty, never merged). Everything here is pure and unit-tested.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use http::{Method, StatusCode};
@@ -137,28 +138,28 @@ pub fn parse(
     } else {
         body
     };
-    if std::str::from_utf8(source).is_err() {
-        return Err(ProxyError::invalid_request(
-            "The request parameters are not valid UTF-8.",
-        ));
-    }
-    let mut fields: [Option<String>; 6] = Default::default();
-    for (key, value) in form_urlencoded::parse(source) {
-        if let Some(i) = SINGLE_FIELDS.iter().position(|f| *f == key) {
-            if fields[i].is_some() {
-                return Err(ProxyError::invalid_request(format!(
-                    "The parameter '{key}' was given more than once. Send each parameter once."
-                )));
-            }
-            // form_urlencoded replaces invalid percent-encoded UTF-8 with U+FFFD; a credential
-            // or identifier altered that way must be refused, not guessed at.
-            if value.contains('\u{FFFD}') {
-                return Err(ProxyError::invalid_request(format!(
-                    "The parameter '{key}' is not valid UTF-8 once percent-decoded."
-                )));
-            }
-            fields[i] = Some(value.into_owned());
+    let source = std::str::from_utf8(source)
+        .map_err(|_| ProxyError::invalid_request("The request parameters are not valid UTF-8."))?;
+    let mut fields: [Option<Cow<'_, str>>; 6] = Default::default();
+    for (key, value) in form_pairs(source) {
+        let Some(i) = SINGLE_FIELDS.iter().position(|f| *f == key) else {
+            continue;
+        };
+        if fields[i].is_some() {
+            return Err(ProxyError::invalid_request(format!(
+                "The parameter '{}' was given more than once. Send each parameter once.",
+                SINGLE_FIELDS[i]
+            )));
         }
+        // A credential or identifier whose percent-decoding is not UTF-8 is refused, not
+        // guessed at.
+        let value = form_decode(value).ok_or_else(|| {
+            ProxyError::invalid_request(format!(
+                "The parameter '{}' is not valid UTF-8 once percent-decoded.",
+                SINGLE_FIELDS[i]
+            ))
+        })?;
+        fields[i] = Some(value);
     }
     let [grant_type, assertion_type, assertion, client_id, scope, claims] = fields;
 
@@ -201,7 +202,7 @@ pub fn parse(
     }
     let scope = scope.ok_or_else(|| ProxyError::missing("scope"))?;
     let scope_key = normalize_scopes(&scope)?;
-    let claims = claims.filter(|c| !c.trim().is_empty());
+    let claims = claims.filter(|c| !c.trim().is_empty()).map(Cow::into_owned);
     Ok(TokenRequest {
         path_tenant,
         client_id,
@@ -212,8 +213,60 @@ pub fn parse(
     })
 }
 
+/// The `key=value` pairs of an `application/x-www-form-urlencoded` string, keys decoded, values
+/// raw: empty pieces are skipped and a piece without `=` has an empty value (WHATWG URL §5.1).
+fn form_pairs(source: &str) -> impl Iterator<Item = (Cow<'_, str>, &str)> {
+    source.split('&').filter(|p| !p.is_empty()).map(|piece| {
+        let (key, value) = piece.split_once('=').unwrap_or((piece, ""));
+        // A key that does not decode is no parameter we know.
+        (form_decode(key).unwrap_or(Cow::Borrowed("")), value)
+    })
+}
+
+/// Decodes one form value: `+` is a space and `%XX` a byte; a `%` not followed by two hex
+/// digits stays as it is. Borrowed when there is nothing to decode (an SA token never has
+/// anything), `None` when the decoded bytes are not UTF-8.
+fn form_decode(raw: &str) -> Option<Cow<'_, str>> {
+    let bytes = raw.as_bytes();
+    let Some(first) = memchr::memchr2(b'%', b'+', bytes) else {
+        return Some(Cow::Borrowed(raw));
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..first]);
+    let mut i = first;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) {
+                    (Some(hi), Some(lo)) => {
+                        out.push((hi * 16 + lo) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
+}
+
 /// Lower-case, de-duplicate and sort scopes; each must be an app-only `.default` scope.
 fn normalize_scopes(scope: &str) -> Result<String> {
+    // The common case, one scope, without building a set.
+    let one = scope.trim_matches(|c: char| c.is_ascii_whitespace());
+    if !one.is_empty()
+        && !one.contains(|c: char| c.is_ascii_whitespace())
+        && one.ends_with("/.default")
+    {
+        return Ok(one.to_ascii_lowercase());
+    }
     let set: BTreeSet<String> = scope
         .split_ascii_whitespace()
         .map(|s| s.to_ascii_lowercase())
@@ -279,6 +332,33 @@ pub struct TokenResponse<'a> {
     pub access_token: &'a str,
 }
 
+impl TokenResponse<'_> {
+    /// The body, byte for byte what `serde_json` writes, without its per-character escaping
+    /// pass over the token on every cache hit (a JWT has nothing to escape).
+    pub fn to_json(&self) -> Vec<u8> {
+        let plain = |s: &str| s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+        if !plain(self.access_token) || !plain(self.token_type) {
+            return serde_json::to_vec(self).unwrap_or_default();
+        }
+        let mut out = Vec::with_capacity(self.access_token.len() + 128);
+        let mut num = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"token_type\":\"");
+        out.extend_from_slice(self.token_type.as_bytes());
+        out.extend_from_slice(b"\",\"expires_in\":");
+        out.extend_from_slice(num.format(self.expires_in).as_bytes());
+        out.extend_from_slice(b",\"ext_expires_in\":");
+        out.extend_from_slice(num.format(self.ext_expires_in).as_bytes());
+        if let Some(refresh_in) = self.refresh_in {
+            out.extend_from_slice(b",\"refresh_in\":");
+            out.extend_from_slice(num.format(refresh_in).as_bytes());
+        }
+        out.extend_from_slice(b",\"access_token\":\"");
+        out.extend_from_slice(self.access_token.as_bytes());
+        out.extend_from_slice(b"\"}");
+        out
+    }
+}
+
 /// The static OpenID configuration MSAL for Go reads before its first token request; its
 /// endpoints point back at this proxy with the same path layout.
 pub fn discovery_document(base: &str, tenant: &str) -> serde_json::Value {
@@ -336,6 +416,69 @@ mod tests {
 
     fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
         crate::http::form_encode(pairs.iter().copied()).into_bytes()
+    }
+
+    #[test]
+    fn form_decode_borrows_plain_values_and_decodes_plus_and_percent() {
+        assert!(matches!(
+            form_decode("eyJhbGci.eyJ-_x"),
+            Some(Cow::Borrowed(_))
+        ));
+        assert_eq!(form_decode("a+b%2Fc%3a").unwrap(), "a b/c:");
+        // A '%' without two hex digits stays literal, as browsers and form_urlencoded do.
+        assert_eq!(form_decode("100%").unwrap(), "100%");
+        assert_eq!(form_decode("%zz%4").unwrap(), "%zz%4");
+        assert_eq!(form_decode("%C3%A9").unwrap(), "é");
+        // Decoded bytes that are not UTF-8 are refused rather than replaced.
+        assert_eq!(form_decode("%FF"), None);
+        assert_eq!(form_decode("%C3"), None);
+    }
+
+    proptest::proptest! {
+        /// Our decoder agrees with the `form_urlencoded` crate on every input whose decoding is
+        /// UTF-8, and refuses exactly the inputs that crate would have to repair.
+        #[test]
+        fn form_decode_matches_the_reference_decoder(raw in "([a-zA-Z0-9+%=&._~-]|%[0-9a-fA-F]{2}|é)*") {
+            let reference: Vec<(String, String)> = form_urlencoded::parse(raw.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            let ours: Vec<(String, Option<String>)> = form_pairs(&raw)
+                .map(|(k, v)| (k.into_owned(), form_decode(v).map(Cow::into_owned)))
+                .collect();
+            proptest::prop_assert_eq!(reference.len(), ours.len());
+            for ((rk, rv), (ok, ov)) in reference.iter().zip(&ours) {
+                if !rk.contains(char::REPLACEMENT_CHARACTER) {
+                    proptest::prop_assert_eq!(rk, ok);
+                }
+                match ov {
+                    Some(v) => proptest::prop_assert_eq!(rv, v),
+                    None => proptest::prop_assert!(rv.contains(char::REPLACEMENT_CHARACTER)),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn token_response_json_is_what_serde_writes() {
+        for token in [
+            "eyJ0eXAiOiJKV1QifQ.e30.c2ln",
+            "needs \"escaping\" \\ \n here",
+            "",
+        ] {
+            for refresh_in in [None, Some(1799)] {
+                let body = TokenResponse {
+                    token_type: "Bearer",
+                    expires_in: 3599,
+                    ext_expires_in: 0,
+                    refresh_in,
+                    access_token: token,
+                };
+                assert_eq!(
+                    String::from_utf8(body.to_json()).unwrap(),
+                    serde_json::to_string(&body).unwrap()
+                );
+            }
+        }
     }
 
     fn good() -> Vec<(&'static str, &'static str)> {

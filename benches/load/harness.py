@@ -439,11 +439,25 @@ class System:
 
 # ---------------------------------------------------------------- scenarios
 
+def hold(sysm, ours_url, nginx_url, path, body):
+    """Keeps the system up, with the load script written out, until interrupted."""
+    lua = os.path.join(WORK, "hold.lua")
+    with open(lua, "w") as f:
+        f.write(lua_static(path, body))
+    log(f"holding: proxy pid {sysm.proxy.pid}, load script {lua}")
+    log(f"    e.g. taskset -c 1 wrk -t1 -c32 -d10s -s {lua} {ours_url}")
+    log(f"    nginx: {nginx_url}; Ctrl-C to stop")
+    while True:
+        time.sleep(3600)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--sni", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--hold", action="store_true",
+                    help="after (a), keep every server up for profiling until interrupted")
     args = ap.parse_args()
     quick = args.quick
     D = 3 if quick else 10                   # seconds per throughput run
@@ -503,6 +517,8 @@ def main():
             log(f"(a) HTTP/1.1 keep-alive, {conns} connections, {D}s: {name}")
             S["a_h1_keepalive"][name] = run_wrk(f"a-{name}", url, lua_static(path, body), D, conns)
             log(f"    {S['a_h1_keepalive'][name]['rps']:.0f} req/s")
+        if args.hold:
+            hold(sysm, ours_url, nginx_url, path, body)
 
         # (b) cache hit over h2: 4 connections x 32 streams.
         S["b_h2"] = {}

@@ -4,6 +4,7 @@
 #
 #   bash benches/load/run.sh            # full run, about 8-10 minutes
 #   bash benches/load/run.sh --quick    # shorter runs and fewer entries, about 3 minutes
+#   bash benches/load/run.sh --quick --hold   # after (a), keep everything up for profiling
 #
 # Builds the release binary, installs nginx/wrk/h2load from Debian if missing, maps the SNI
 # name to 127.0.0.1 in /etc/hosts (wrk and h2load take SNI from the URL host), then hands over
@@ -15,8 +16,8 @@ cd "$(dirname "$0")/../.."
 quick=()
 for arg in "$@"; do
     case "$arg" in
-        --quick) quick=(--quick) ;;
-        *) echo "usage: bash benches/load/run.sh [--quick]" >&2; exit 64 ;;
+        --quick | --hold) quick+=("$arg") ;;
+        *) echo "usage: bash benches/load/run.sh [--quick] [--hold]" >&2; exit 64 ;;
     esac
 done
 
