@@ -151,7 +151,7 @@ impl TokenCache {
             return Ok((token, Lookup::Bypass));
         }
         if let Some(t) = self.fresh(&key) {
-            self.metrics.cache_lookups.with_label_values(&["hit"]).inc();
+            self.metrics.cache_hits.inc();
             return Ok((t, Lookup::Hit));
         }
         let flight = {
@@ -160,7 +160,7 @@ impl TokenCache {
             // map, so we either see the token or join the flight — never start a second one.
             if let Some(t) = self.fresh(&key) {
                 drop(flights);
-                self.metrics.cache_lookups.with_label_values(&["hit"]).inc();
+                self.metrics.cache_hits.inc();
                 return Ok((t, Lookup::Hit));
             }
             match flights.get(&key) {

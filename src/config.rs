@@ -132,8 +132,9 @@ pub struct ServeArgs {
     pub shutdown_delay_secs: u64,
     #[arg(long, env = "IBP_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
-    /// Tokio worker threads (default: one per CPU). One thread pinned to one core is how the
-    /// load benchmarks compare the proxy with a single-worker nginx.
+    /// Tokio worker threads (default: one per CPU). With 1, every task runs on the main
+    /// thread (tokio's current-thread scheduler): the cheapest setting for a proxy limited to
+    /// one CPU, and how the load benchmarks compare it with a single-worker nginx.
     #[arg(long, env = "IBP_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Writable directory for state that should survive a restart (the cluster JWKS, so

@@ -23,12 +23,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Serve(args) = &cli.command {
-        if let Some(n) = args.worker_threads.filter(|n| *n > 0) {
-            builder.worker_threads(n);
+    let workers = match &cli.command {
+        Command::Serve(args) => args.worker_threads.filter(|n| *n > 0),
+        _ => None,
+    };
+    // One worker asked for: the current-thread scheduler, which has no work-stealing
+    // machinery to pay for on every wake-up (the same threads do the same work otherwise).
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
-    }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -2,8 +2,8 @@
 //! depend on them). Labels are bounded: never a raw value from an unauthenticated request.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const PREFIX: &str = "identity_binding_proxy";
@@ -31,6 +31,10 @@ pub struct Metrics {
     pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    /// The series a cache hit touches, resolved once: a label lookup hashes its values.
+    pub served: IntCounter,
+    pub served_duration: Histogram,
+    pub cache_hits: IntCounter,
 }
 
 impl Metrics {
@@ -164,6 +168,9 @@ impl Metrics {
         }
         Self {
             registry,
+            served: requests.with_label_values(&["success", "200"]),
+            served_duration: request_duration.with_label_values(&["success"]),
+            cache_hits: cache_lookups.with_label_values(&["hit"]),
             requests,
             request_duration,
             cache_lookups,

@@ -145,14 +145,19 @@ impl App {
             }
         };
         let status = response.status();
-        self.metrics
-            .requests
-            .with_label_values(&[outcome, status.as_str()])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[outcome])
-            .observe(elapsed.as_secs_f64());
+        if outcome == "success" && status == StatusCode::OK {
+            self.metrics.served.inc();
+            self.metrics.served_duration.observe(elapsed.as_secs_f64());
+        } else {
+            self.metrics
+                .requests
+                .with_label_values(&[outcome, status.as_str()])
+                .inc();
+            self.metrics
+                .request_duration
+                .with_label_values(&[outcome])
+                .observe(elapsed.as_secs_f64());
+        }
         let (ns, sa) = trace
             .caller
             .as_ref()

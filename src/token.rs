@@ -336,7 +336,11 @@ impl TokenResponse<'_> {
     /// The body, byte for byte what `serde_json` writes, without its per-character escaping
     /// pass over the token on every cache hit (a JWT has nothing to escape).
     pub fn to_json(&self) -> Vec<u8> {
-        let plain = |s: &str| s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+        // A fold without early exit, so the compiler vectorizes it.
+        let plain = |s: &str| {
+            s.bytes()
+                .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'))
+        };
         if !plain(self.access_token) || !plain(self.token_type) {
             return serde_json::to_vec(self).unwrap_or_default();
         }
