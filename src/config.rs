@@ -474,6 +474,10 @@ pub struct EmulateEntraArgs {
     pub token_lifetime_secs: u64,
     #[arg(long, env = "IBP_LATENCY_MS", default_value_t = 0)]
     pub latency_ms: u64,
+    /// Reuse an assertion issuer's discovery document and JWKS for this long, as Entra does
+    /// (0: fetch them for every exchange, so a removed key fails the next call at once).
+    #[arg(long, env = "IBP_ISSUER_METADATA_TTL_SECS", default_value_t = 0)]
+    pub issuer_metadata_ttl_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]

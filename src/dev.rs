@@ -500,6 +500,7 @@ pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
         token_lifetime: Duration::from_secs(args.token_lifetime_secs),
         latency: Duration::from_millis(args.latency_ms),
         fics,
+        issuer_metadata_ttl: Duration::from_secs(args.issuer_metadata_ttl_secs),
     })
     .await?;
     println!("Entra emulator on {}", entra.url());

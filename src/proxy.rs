@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -88,6 +88,8 @@ struct Trace {
     cache: Option<Lookup>,
     /// Entra's HTTP status when this request went to Entra.
     upstream: Option<u16>,
+    /// How long this request waited for Entra (its own call, or the one it joined).
+    upstream_wait: Option<Duration>,
 }
 
 /// Where a connection came from, for logs and the discovery document.
@@ -173,6 +175,7 @@ impl App {
             scope = trace.scope.as_deref().unwrap_or(""),
             cache = trace.cache.map(Lookup::as_str).unwrap_or(""),
             upstream_status = trace.upstream.unwrap_or(0),
+            upstream_us = trace.upstream_wait.map_or(0, |d| d.as_micros() as u64),
             latency_us = elapsed.as_micros() as u64,
             correlation_id = %correlation_id,
             peer = %conn.peer,
@@ -295,6 +298,7 @@ impl App {
             client_id: binding.client_id.clone(),
             scopes: req.scope_key.clone(),
         };
+        let asked = Instant::now();
         let (issued, lookup) = self
             .cache
             .get(key, &req.scope, req.claims.as_deref())
@@ -302,6 +306,7 @@ impl App {
         trace.cache = Some(lookup);
         if lookup != Lookup::Hit {
             trace.upstream = Some(200);
+            trace.upstream_wait = Some(asked.elapsed());
         }
         Ok(token_response(&issued))
     }

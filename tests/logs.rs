@@ -140,4 +140,25 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
     for (secret, what) in &secrets {
         assert_absent(&logs, secret, what);
     }
+
+    // One line per request: the first success went to Entra and says how long it waited for
+    // it; the next ones were served from the cache and waited for nobody.
+    let requests: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "token request")
+        .map(|v| v["fields"].clone())
+        .collect();
+    let successes: Vec<&serde_json::Value> = requests
+        .iter()
+        .filter(|f| f["outcome"] == "success")
+        .collect();
+    assert_eq!(successes[0]["cache"], "miss", "{:?}", successes[0]);
+    let waited = successes[0]["upstream_us"].as_u64().unwrap();
+    let total = successes[0]["latency_us"].as_u64().unwrap();
+    assert!(waited > 0 && waited <= total, "{:?}", successes[0]);
+    for hit in &successes[1..3] {
+        assert_eq!(hit["cache"], "hit", "{hit:?}");
+        assert_eq!(hit["upstream_us"], 0, "{hit:?}");
+    }
 }

@@ -13,11 +13,11 @@
 //! token call, and `/_emulator/*` control endpoints expose the same knobs to tests that run the
 //! emulator as a separate process (`emulate entra`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -68,6 +68,11 @@ pub struct EntraEmulatorConfig {
     pub latency: Duration,
     /// Registered at start, with the same checks as [`EntraEmulator::add_fic`].
     pub fics: Vec<Fic>,
+    /// How long an assertion issuer's discovery document and JWKS are reused. Entra caches
+    /// them for a while (how long is not published); zero, the default, fetches them for every
+    /// exchange so a key removed from the issuer fails the very next call. Either way an
+    /// assertion signed by a key the cached JWKS lacks triggers a fresh fetch (key rotation).
+    pub issuer_metadata_ttl: Duration,
 }
 
 impl Default for EntraEmulatorConfig {
@@ -77,6 +82,7 @@ impl Default for EntraEmulatorConfig {
             token_lifetime: Duration::from_secs(3599),
             latency: Duration::ZERO,
             fics: Vec::new(),
+            issuer_metadata_ttl: Duration::ZERO,
         }
     }
 }
@@ -286,6 +292,9 @@ struct Shared {
     signing: SigningKey,
     client: HttpClient,
     state: Mutex<State>,
+    issuer_metadata_ttl: Duration,
+    /// Issuer JWKS by issuer URL, with the time they were fetched.
+    issuer_metadata: Mutex<HashMap<String, (Value, Instant)>>,
 }
 
 struct State {
@@ -314,6 +323,8 @@ impl EntraEmulator {
             base_url: format!("http://{addr}"),
             signing,
             client: crate::http::client(),
+            issuer_metadata_ttl: cfg.issuer_metadata_ttl,
+            issuer_metadata: Mutex::default(),
             state: Mutex::new(State {
                 fics: BTreeMap::new(),
                 faults: VecDeque::new(),
@@ -683,8 +694,11 @@ impl Shared {
             ));
         }
 
-        let jwks = self.issuer_jwks(iss).await?;
-        jwt.verify(&jwks)?;
+        let cached = self.cached_issuer_jwks(iss);
+        if cached.is_none_or(|jwks| jwt.verify(&jwks).is_err()) {
+            let jwks = self.issuer_jwks(iss).await?;
+            jwt.verify(&jwks)?;
+        }
         jwt.check_times(now_secs())?;
 
         let audiences = jwt.audiences();
@@ -726,9 +740,15 @@ impl Shared {
         self.issue(&tid, client_id, resource)
     }
 
-    /// Fetches the issuer's discovery document, then its JWKS. Deliberately uncached (Entra
-    /// caches for a while): a key removed from the issuer must fail the very next exchange,
-    /// so tests of key rotation and revocation need no waiting.
+    /// The issuer's JWKS from an earlier fetch, while `issuer_metadata_ttl` lasts.
+    fn cached_issuer_jwks(&self, iss: &str) -> Option<Value> {
+        let cache = lock(&self.issuer_metadata);
+        let (jwks, fetched) = cache.get(iss)?;
+        (fetched.elapsed() < self.issuer_metadata_ttl).then(|| jwks.clone())
+    }
+
+    /// Fetches the issuer's discovery document, then its JWKS (remembered when
+    /// `issuer_metadata_ttl` is set).
     async fn issuer_jwks(&self, iss: &str) -> Result<Value, Rejection> {
         lock(&self.state).stats.issuer_metadata_fetches += 1;
         // Kubernetes-style issuers end in '/', and their discovery document sits right below.
@@ -766,6 +786,9 @@ impl Shared {
         let jwks = fetch(jwks_uri).await.map_err(unreachable)?;
         if !jwks.get("keys").is_some_and(Value::is_array) {
             return Err(unreachable(format!("{iss}: JWKS has no keys array")));
+        }
+        if !self.issuer_metadata_ttl.is_zero() {
+            lock(&self.issuer_metadata).insert(iss.to_string(), (jwks.clone(), Instant::now()));
         }
         Ok(jwks)
     }
@@ -1807,6 +1830,41 @@ mod tests {
         f.issuer.publish(&f.key);
         assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
         assert_eq!(f.emu.stats().issuer_metadata_fetches, 3);
+    }
+
+    #[tokio::test]
+    async fn issuer_metadata_is_reused_within_its_ttl_and_refetched_for_a_new_key() {
+        let issuer = TestIssuer::start(false).await;
+        let key = SigningKey::generate(2048).unwrap();
+        issuer.publish(&key);
+        let emu = EntraEmulator::start(EntraEmulatorConfig {
+            fics: vec![Fic {
+                client_id: CLIENT.into(),
+                issuer: issuer.url.clone(),
+                subject: SUBJECT.into(),
+                audience: DEFAULT_FIC_AUDIENCE.into(),
+                name: "workload".into(),
+            }],
+            issuer_metadata_ttl: Duration::from_secs(300),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let f = Fixture { emu, issuer, key };
+        for _ in 0..3 {
+            assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
+        }
+        assert_eq!(f.emu.stats().issuer_metadata_fetches, 1);
+        // Within the TTL a removed key still verifies, as with Entra's own cache.
+        f.issuer.unpublish(&f.key);
+        assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
+        assert_eq!(f.emu.stats().issuer_metadata_fetches, 1);
+        // A rotated-in key is not in the cached JWKS: fetched again at once.
+        let rotated = SigningKey::generate(2048).unwrap();
+        f.issuer.publish(&rotated);
+        let f = Fixture { key: rotated, ..f };
+        assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
+        assert_eq!(f.emu.stats().issuer_metadata_fetches, 2);
     }
 
     #[tokio::test]
