@@ -767,6 +767,21 @@ def mint_many(sysm, n, accounts):
     return tokens
 
 
+def start_wrk(lua, url):
+    """wrk in the background (16 connections, up to 10 minutes) until `stop_wrk`."""
+    return subprocess.Popen(pin(1) + ["wrk", "-t1", "-c16", "-d600s", "--timeout", "10s", "-s",
+                                      lua, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def stop_wrk(wrk):
+    wrk.send_signal(signal.SIGINT)
+    try:
+        wrk.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        wrk.kill()
+        wrk.wait()
+
+
 def warm(admin, url, path, bodies_file, n):
     """wrk round-robin over the bodies until the proxy has made n more TokenReviews: every
     token reviewed once, quickly enough that no review has expired when (g) runs."""
@@ -776,8 +791,7 @@ def warm(admin, url, path, bodies_file, n):
     lua = os.path.join(WORK, "g-warm.lua")
     with open(lua, "w") as f:
         f.write(lua_rotating(path, bodies_file))
-    wrk = subprocess.Popen(pin(1) + ["wrk", "-t1", "-c16", "-d600s", "--timeout", "10s", "-s",
-                                     lua, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wrk = start_wrk(lua, url)
     started = time.monotonic()
     try:
         while metric(admin, reviews, ok) - start < n:
@@ -786,12 +800,7 @@ def warm(admin, url, path, bodies_file, n):
                                  "tokens reviewed")
             time.sleep(0.2)
     finally:
-        wrk.send_signal(signal.SIGINT)
-        try:
-            wrk.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            wrk.kill()
-            wrk.wait()
+        stop_wrk(wrk)
 
 
 def fill_entries(sysm, url, path, prefix, suffix, n, entries0):
@@ -799,8 +808,7 @@ def fill_entries(sysm, url, path, prefix, suffix, n, entries0):
     lua = os.path.join(WORK, "h-fill.lua")
     with open(lua, "w") as f:
         f.write(lua_distinct_scopes(path, prefix, suffix, uuid.uuid4().hex[:8], n))
-    wrk = subprocess.Popen(pin(1) + ["wrk", "-t1", "-c16", "-d600s", "--timeout", "10s", "-s",
-                                     lua, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wrk = start_wrk(lua, url)
     started = time.monotonic()
     admin = sysm.ports["admin"]
     last_report = started
@@ -815,12 +823,7 @@ def fill_entries(sysm, url, path, prefix, suffix, n, entries0):
         if time.monotonic() - last_report > 10:
             last_report = time.monotonic()
             log(f"    {int(entries - entries0)} entries")
-    wrk.send_signal(signal.SIGINT)
-    try:
-        wrk.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        wrk.kill()
-        wrk.wait()
+    stop_wrk(wrk)
     time.sleep(1.0)
     entries = metric(admin, "identity_binding_proxy_cache_entries")
     return {"entries_added": int(entries - entries0), "seconds": time.monotonic() - started}

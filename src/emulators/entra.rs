@@ -1423,6 +1423,10 @@ mod tests {
     }
 
     async fn fixture_with(trailing_slash: bool) -> Fixture {
+        fixture_caching(trailing_slash, Duration::ZERO).await
+    }
+
+    async fn fixture_caching(trailing_slash: bool, issuer_metadata_ttl: Duration) -> Fixture {
         let issuer = TestIssuer::start(trailing_slash).await;
         let key = SigningKey::generate(2048).unwrap();
         issuer.publish(&key);
@@ -1434,6 +1438,7 @@ mod tests {
                 audience: DEFAULT_FIC_AUDIENCE.into(),
                 name: "workload".into(),
             }],
+            issuer_metadata_ttl,
             ..Default::default()
         })
         .await
@@ -1834,23 +1839,7 @@ mod tests {
 
     #[tokio::test]
     async fn issuer_metadata_is_reused_within_its_ttl_and_refetched_for_a_new_key() {
-        let issuer = TestIssuer::start(false).await;
-        let key = SigningKey::generate(2048).unwrap();
-        issuer.publish(&key);
-        let emu = EntraEmulator::start(EntraEmulatorConfig {
-            fics: vec![Fic {
-                client_id: CLIENT.into(),
-                issuer: issuer.url.clone(),
-                subject: SUBJECT.into(),
-                audience: DEFAULT_FIC_AUDIENCE.into(),
-                name: "workload".into(),
-            }],
-            issuer_metadata_ttl: Duration::from_secs(300),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let f = Fixture { emu, issuer, key };
+        let f = fixture_caching(false, Duration::from_secs(300)).await;
         for _ in 0..3 {
             assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
         }
