@@ -228,15 +228,12 @@ async fn tokens_of_deleted_pods_are_refused_within_the_review_ttl() {
             .unwrap()
     };
     let live = mint("web-1");
-    assert_eq!(
-        client.post_form("/", &token_form(&cid, &live)).await.status,
-        200
-    );
+    assert_eq!(client.post_token(&cid, &live).await.status, 200);
 
     // A pod deleted before its token is first seen: refused at once, though the signature is valid.
     let gone = mint("web-2");
     sys.kube.delete_pod("demo", "web-2");
-    let r = client.post_form("/", &token_form(&cid, &gone)).await;
+    let r = client.post_token(&cid, &gone).await;
     assert_eq!(r.status, 401, "{}", r.json);
     assert!(
         r.error_description().contains("deleted"),
@@ -247,7 +244,7 @@ async fn tokens_of_deleted_pods_are_refused_within_the_review_ttl() {
     // A pod deleted after its token was reviewed: refused once the review expires.
     sys.kube.delete_pod("demo", "web-1");
     let refused = eventually(Duration::from_secs(4), || async {
-        client.post_form("/", &token_form(&cid, &live)).await.status == 401
+        client.post_token(&cid, &live).await.status == 401
     })
     .await;
     assert!(

@@ -1031,15 +1031,8 @@ async fn hostile_requests_are_refused_precisely_and_the_proxy_stays_healthy() {
     // ---- h2: many concurrent streams on one connection, good and denied interleaved.
     let ca = std::fs::read(&info.ca_file).unwrap();
     let h2 = Client::new(sys.proxy.addr, &info.sni_name, &ca, &[b"h2"]);
-    let tls = h2.connect().await.unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    // Asserts that ALPN chose h2.
+    let sender = h2.h2_sender().await;
     let streams = 400;
     let mut tasks = Vec::new();
     for i in 0..streams {

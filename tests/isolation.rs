@@ -17,16 +17,9 @@ const AUD: &str = "api://AKSIdentityBinding";
 /// One h2 connection for many concurrent requests.
 async fn h2_sender(sys: &DevSystem) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let ca = std::fs::read(&sys.info.ca_file).unwrap();
-    let h2 = Client::new(sys.proxy.addr, &sys.info.sni_name, &ca, &[b"h2"]);
-    let tls = h2.connect().await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    sender
+    Client::new(sys.proxy.addr, &sys.info.sni_name, &ca, &[b"h2"])
+        .h2_sender()
+        .await
 }
 
 async fn h2_post(

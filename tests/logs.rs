@@ -85,26 +85,14 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
         "a CAE access token",
     ));
     assert_eq!(
-        client
-            .post_form("/", &token_form(&info.client_id, &denied))
-            .await
-            .status,
+        client.post_token(&info.client_id, &denied).await.status,
         403
     );
     let unbound = uuid::Uuid::new_v4().to_string();
-    assert_eq!(
-        client
-            .post_form("/", &token_form(&unbound, &allowed))
-            .await
-            .status,
-        403
-    );
+    assert_eq!(client.post_token(&unbound, &allowed).await.status, 403);
     let tampered = format!("{}x", allowed.trim());
     assert_eq!(
-        client
-            .post_form("/", &token_form(&info.client_id, &tampered))
-            .await
-            .status,
+        client.post_token(&info.client_id, &tampered).await.status,
         401
     );
     // Entra refuses: its error passes through.

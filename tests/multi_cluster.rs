@@ -182,8 +182,8 @@ impl IssuerSite {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_cluster() {
+/// The issuer site, an Entra emulator holding the site's ONE FIC, and a CA for the clusters.
+async fn one_fic_world(ca_name: &str) -> (IssuerSite, EntraEmulator, DevCa) {
     identity_binding_proxy::http::install_crypto_provider();
     let site = IssuerSite::start().await;
     let entra = EntraEmulator::start(EntraEmulatorConfig {
@@ -193,7 +193,13 @@ async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_clus
     .await
     .unwrap();
     entra.add_fic(site.one_fic()).unwrap();
-    let ca = DevCa::generate("multi-cluster test CA").unwrap();
+    let ca = DevCa::generate(ca_name).unwrap();
+    (site, entra, ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_cluster() {
+    let (site, entra, ca) = one_fic_world("multi-cluster test CA").await;
     let keys: Vec<SigningKey> = (0..3)
         .map(|_| SigningKey::generate(2048).unwrap())
         .collect();
@@ -206,10 +212,7 @@ async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_clus
 
     // Different clusters really are different: each one's SA tokens are refused by the others.
     let foreign = clusters[0].sa_token();
-    let r = clusters[1]
-        .client
-        .post_form("/", &token_form(CLIENT_ID, &foreign))
-        .await;
+    let r = clusters[1].client.post_token(CLIENT_ID, &foreign).await;
     assert_eq!(r.status, 401, "{}", r.json);
 
     for (n, c) in clusters.iter().enumerate() {
@@ -285,16 +288,7 @@ async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_clus
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_keep_flowing_while_the_signing_key_rotates() {
-    identity_binding_proxy::http::install_crypto_provider();
-    let site = IssuerSite::start().await;
-    let entra = EntraEmulator::start(EntraEmulatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    entra.add_fic(site.one_fic()).unwrap();
-    let ca = DevCa::generate("rotation test CA").unwrap();
+    let (site, entra, ca) = one_fic_world("rotation test CA").await;
     let (old, new) = (
         SigningKey::generate(2048).unwrap(),
         SigningKey::generate(2048).unwrap(),

@@ -97,26 +97,11 @@ async fn metrics_carry_every_contract_name_move_with_traffic_and_stay_bounded() 
     )));
 
     let m = |s: &'static str| async move { metric(admin, s).await };
-    assert_eq!(
-        client
-            .post_form("/", &token_form(&info.client_id, &token))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        client
-            .post_form("/", &token_form(&info.client_id, &token))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(client.post_token(&info.client_id, &token).await.status, 200);
+    assert_eq!(client.post_token(&info.client_id, &token).await.status, 200);
     let denied = read(&info.denied_token_file);
     assert_eq!(
-        client
-            .post_form("/", &token_form(&info.client_id, &denied))
-            .await
-            .status,
+        client.post_token(&info.client_id, &denied).await.status,
         403
     );
     assert_eq!(
@@ -218,11 +203,7 @@ async fn a_rotated_certificate_is_served_to_new_handshakes_without_a_failed_requ
         tokio::spawn(async move {
             let (mut ok, mut failed) = (0u32, 0u32);
             while !stop.is_cancelled() {
-                match client
-                    .post_form("/", &token_form(&cid, &token))
-                    .await
-                    .status
-                {
+                match client.post_token(&cid, &token).await.status {
                     200 => ok += 1,
                     _ => failed += 1,
                 }
@@ -348,24 +329,16 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Durati
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_not_ready_first_and_drains_every_request_in_flight() {
     let state = tempfile::tempdir().unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
+    let mut dev = common::DevProcess::start_with(
+        state.path(),
+        &[
             "--entra-latency-ms",
             "1500",
-            "--state-dir",
-        ])
-        .arg(state.path())
-        .args(["--", "--shutdown-delay-secs=1", "--drain-timeout-secs=15"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut dev = common::DevProcess::adopt(child, state.path());
+            "--",
+            "--shutdown-delay-secs=1",
+            "--drain-timeout-secs=15",
+        ],
+    );
     let proxy: std::net::SocketAddr = dev
         .get("proxy_url")
         .trim_start_matches("https://")

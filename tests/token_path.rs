@@ -124,9 +124,7 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     // h2 works too.
     let ca = std::fs::read(&info.ca_file).unwrap();
     let h2 = Client::new(sys.proxy.addr, &info.sni_name, &ca, &[b"h2"]);
-    let r = h2
-        .post_form("/", &token_form(&info.client_id, &assertion))
-        .await;
+    let r = h2.post_token(&info.client_id, &assertion).await;
     assert_eq!(r.status, 200, "{}", r.json);
 
     // MSAL for Go's discovery, pointing back at the proxy; instance discovery is 404.
@@ -194,7 +192,7 @@ async fn refusals_name_their_cause() {
 
     // client_id that is not a GUID.
     assert_refused(
-        &client.post_form("/", &token_form("../../etc", &good)).await,
+        &client.post_token("../../etc", &good).await,
         400,
         "invalid_request",
         "not a GUID",
@@ -202,7 +200,7 @@ async fn refusals_name_their_cause() {
 
     // Garbage assertion.
     assert_refused(
-        &client.post_form("/", &token_form(cid, "garbage")).await,
+        &client.post_token(cid, "garbage").await,
         401,
         "invalid_client",
         "not a JWT",
@@ -211,7 +209,7 @@ async fn refusals_name_their_cause() {
     // Expired SA token.
     let expired = mint(&sys, "demo", "demo", "api://AKSIdentityBinding", -3600);
     assert_refused(
-        &client.post_form("/", &token_form(cid, &expired)).await,
+        &client.post_token(cid, &expired).await,
         401,
         "invalid_client",
         "expired",
@@ -220,7 +218,7 @@ async fn refusals_name_their_cause() {
     // Wrong audience.
     let wrong_aud = mint(&sys, "demo", "demo", "https://kubernetes.default.svc", 3600);
     assert_refused(
-        &client.post_form("/", &token_form(cid, &wrong_aud)).await,
+        &client.post_token(cid, &wrong_aud).await,
         401,
         "invalid_client",
         "api://AKSIdentityBinding",
@@ -246,7 +244,7 @@ async fn refusals_name_their_cause() {
         })
         .unwrap();
     assert_refused(
-        &client.post_form("/", &token_form(cid, &foreign)).await,
+        &client.post_token(cid, &foreign).await,
         401,
         "invalid_client",
         "does not publish",
@@ -257,7 +255,7 @@ async fn refusals_name_their_cause() {
     let claims = good.trim().split('.').nth(1).unwrap();
     let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
     assert_refused(
-        &client.post_form("/", &token_form(cid, &none)).await,
+        &client.post_token(cid, &none).await,
         401,
         "invalid_client",
         "'none' is refused",
@@ -265,7 +263,7 @@ async fn refusals_name_their_cause() {
 
     // A service account without a grant: 403 naming verb, group and resource.
     let denied = read(&info.denied_token_file);
-    let r = client.post_form("/", &token_form(cid, &denied)).await;
+    let r = client.post_token(cid, &denied).await;
     assert_refused(&r, 403, "unauthorized_client", "use-managed-identity");
     let d = r.error_description();
     assert!(
@@ -276,7 +274,7 @@ async fn refusals_name_their_cause() {
     // A client-id not bound to this cluster.
     let unbound = "99999999-8888-7777-6666-555555555555";
     assert_refused(
-        &client.post_form("/", &token_form(unbound, &good)).await,
+        &client.post_token(unbound, &good).await,
         403,
         "unauthorized_client",
         "not bound",
@@ -306,7 +304,7 @@ async fn refusals_name_their_cause() {
             name: "wrong-subject".into(),
         })
         .unwrap();
-    let r = client.post_form("/", &token_form(cid, &good)).await;
+    let r = client.post_token(cid, &good).await;
     assert_eq!(
         r.status, 401,
         "Entra's status is passed through: {}",
@@ -356,9 +354,7 @@ async fn a_grant_added_to_the_rbac_file_takes_effect() {
     let client = Client::for_dev(&sys);
     let info = sys.info.clone();
     let denied = read(&info.denied_token_file);
-    let r = client
-        .post_form("/", &token_form(&info.client_id, &denied))
-        .await;
+    let r = client.post_token(&info.client_id, &denied).await;
     assert_eq!(r.status, 403);
 
     let mut rbac = read(&info.rbac_file);
@@ -367,11 +363,7 @@ async fn a_grant_added_to_the_rbac_file_takes_effect() {
     );
     std::fs::write(&info.rbac_file, rbac).unwrap();
     let granted = eventually(Duration::from_secs(10), || async {
-        client
-            .post_form("/", &token_form(&info.client_id, &denied))
-            .await
-            .status
-            == 200
+        client.post_token(&info.client_id, &denied).await.status == 200
     })
     .await;
     assert!(

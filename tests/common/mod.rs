@@ -152,6 +152,11 @@ impl Client {
         sender
     }
 
+    /// The SDK's token request (`token_form`) to the root path.
+    pub async fn post_token(&self, client_id: &str, assertion: &str) -> Reply {
+        self.post_form("/", &token_form(client_id, assertion)).await
+    }
+
     pub async fn post_form(&self, path: &str, pairs: &[(&str, &str)]) -> Reply {
         let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
         let req = http::Request::post(path)
@@ -215,6 +220,12 @@ impl Drop for DevProcess {
 impl DevProcess {
     /// Runs `dev` on ephemeral ports with `state` as its state dir and waits for `dev.json`.
     pub fn start(state: &Path) -> Self {
+        Self::start_with(state, &[])
+    }
+
+    /// The same with more arguments after the state dir (`dev` flags, then `--` and `serve`
+    /// flags).
+    pub fn start_with(state: &Path, more: &[&str]) -> Self {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
             .args([
                 "dev",
@@ -225,6 +236,7 @@ impl DevProcess {
                 "--state-dir",
             ])
             .arg(state)
+            .args(more)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
