@@ -520,6 +520,10 @@ def main():
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
     procs = Procs()
+    # SIGTERM or a closed terminal stops every server too, as Ctrl-C does (a background job
+    # ignores SIGINT, so `--hold` started with `&` is stopped with `kill`).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     results = {"quick": quick, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "machine": machine(), "scenarios": {}}
     S = results["scenarios"]
