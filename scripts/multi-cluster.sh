@@ -22,9 +22,11 @@ STATIC=$((BASE_PORT + 10)); ENTRA=$((BASE_PORT + 11))
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-wait_for() { # URL
+wait_for() { # URL [LOG]: on a timeout, the log of the process that should answer
   for _ in $(seq 1 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.05; done
-  echo "timed out waiting for $1" >&2; return 1
+  echo "timed out waiting for $1" >&2
+  if [ -n "${2:-}" ]; then echo "--- $2" >&2; tail -n 30 "$2" >&2; fi
+  return 1
 }
 
 [ -x "$BIN" ] || { echo "no binary at $BIN: run cargo build --release first" >&2; exit 1; }
@@ -44,13 +46,13 @@ echo "2. publish one JWKS with all three public keys, and serve it"
 ISSUER_URL="http://127.0.0.1:$STATIC/{tenant}/{client_id}"
 "$BIN" issuer publish --out "$WORK/site" --bindings "$WORK/bindings.yaml" --issuer-url "$ISSUER_URL" \
   --public-key "$WORK/c1/issuer.pub" --public-key "$WORK/c2/issuer.pub" --public-key "$WORK/c3/issuer.pub" >/dev/null
-"$BIN" emulate static --listen "127.0.0.1:$STATIC" --dir "$WORK/site" >/dev/null 2>&1 & pids+=($!)
+"$BIN" emulate static --listen "127.0.0.1:$STATIC" --dir "$WORK/site" >"$WORK/static.log" 2>&1 & pids+=($!)
 "$BIN" issuer fic --bindings "$WORK/bindings.yaml" --issuer-url "$ISSUER_URL" | sed 's/^/   /'
 
 echo "3. Entra with exactly ONE FIC on the identity"
 "$BIN" emulate entra --listen "127.0.0.1:$ENTRA" \
   --fic "client_id=$CLIENT_ID,issuer=http://127.0.0.1:$STATIC/$TENANT/$CLIENT_ID,subject=$CLIENT_ID,audience=api://AzureADTokenExchange" \
-  >/dev/null 2>&1 & pids+=($!)
+  >"$WORK/entra.log" 2>&1 & pids+=($!)
 
 echo "4. three clusters: apiserver emulator and proxy each"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj "/CN=$SNI" \
@@ -73,11 +75,11 @@ subjects:
 YAML
 for i in 1 2 3; do
   "$BIN" emulate kube --listen "127.0.0.1:$((BASE_PORT + i))" --state-dir "$WORK/c$i/kube" \
-    --rbac "$WORK/rbac.yaml" --issuer "https://oidc.cluster-$i.example/issuer" >/dev/null 2>&1 & pids+=($!)
+    --rbac "$WORK/rbac.yaml" --issuer "https://oidc.cluster-$i.example/issuer" >"$WORK/c$i/kube.log" 2>&1 & pids+=($!)
 done
-wait_for "http://127.0.0.1:$ENTRA/_emulator/stats"
+wait_for "http://127.0.0.1:$ENTRA/_emulator/stats" "$WORK/entra.log"
 for i in 1 2 3; do
-  wait_for "http://127.0.0.1:$((BASE_PORT + i))/.well-known/openid-configuration"
+  wait_for "http://127.0.0.1:$((BASE_PORT + i))/.well-known/openid-configuration" "$WORK/c$i/kube.log"
   RUST_LOG=warn "$BIN" serve --kubeconfig "$WORK/c$i/kube/kubeconfig" \
     --tls "$SNI=$WORK/tls.crt,$WORK/tls.key" --issuer-key "$WORK/c$i/issuer.key" \
     --issuer-url "$ISSUER_URL" --bindings "$WORK/bindings.yaml" \
@@ -85,7 +87,7 @@ for i in 1 2 3; do
     --listen "127.0.0.1:$((BASE_PORT + 20 + i))" --admin-listen "127.0.0.1:$((BASE_PORT + 30 + i))" \
     >"$WORK/c$i/proxy.log" 2>&1 & pids+=($!)
 done
-for i in 1 2 3; do wait_for "http://127.0.0.1:$((BASE_PORT + 30 + i))/readyz"; done
+for i in 1 2 3; do wait_for "http://127.0.0.1:$((BASE_PORT + 30 + i))/readyz" "$WORK/c$i/proxy.log"; done
 
 echo "5. a token for the same identity in every cluster"
 for i in 1 2 3; do
