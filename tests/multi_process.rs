@@ -7,8 +7,8 @@ use std::process::Command;
 #[test]
 fn three_clusters_from_the_command_line_get_tokens_through_one_fic() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/multi-cluster.sh");
-    // A port range of our own, so parallel test binaries do not collide; below the kernel's
-    // ephemeral range (32768-60999), so no outgoing connection can hold one of these ports.
+    // A port range of our own, so parallel test binaries do not collide; below Linux's default
+    // ephemeral range (32768-60999), where an outgoing connection could hold one of the ports.
     let base = 10_000 + (std::process::id() % 2_000) * 10;
     let out = Command::new("bash")
         .arg(script)
