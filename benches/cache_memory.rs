@@ -13,6 +13,7 @@ use futures::future::{BoxFuture, FutureExt};
 use identity_binding_proxy::cache::{CacheConfig, CacheKey, Fetch, TokenCache};
 use identity_binding_proxy::entra::IssuedToken;
 use identity_binding_proxy::error::ProxyError;
+use identity_binding_proxy::limits::CallerBudgets;
 use identity_binding_proxy::metrics::Metrics;
 
 struct Counting;
@@ -43,7 +44,6 @@ impl Fetch for FixedToken {
     fn fetch(
         &self,
         _: &CacheKey,
-        _: &str,
         _: Option<&str>,
     ) -> BoxFuture<'static, Result<IssuedToken, ProxyError>> {
         async {
@@ -69,7 +69,9 @@ fn main() {
             CacheConfig {
                 capacity: 1_000_000,
                 min_remaining: Duration::from_secs(300),
+                max_keys_per_identity: usize::MAX,
             },
+            Arc::new(CallerBudgets::new(u32::MAX, u32::MAX)),
             Arc::new(FixedToken),
             Arc::new(Metrics::new()),
         ));
@@ -89,8 +91,8 @@ fn main() {
             })
             .collect();
         let before = LIVE.load(Ordering::Relaxed);
-        for (key, scope) in requests.iter() {
-            cache.get(key.clone(), scope, None).await.unwrap();
+        for (key, _) in requests.iter() {
+            cache.get(key.clone(), None, "bench").await.unwrap();
         }
         let entries = cache.len() as isize;
         // The keys cloned into the cache are its memory; the originals are still held by

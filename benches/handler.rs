@@ -55,10 +55,10 @@ fn handle_cache_hit(c: &mut Criterion) {
         ("client_info", "1"),
     ]));
     let path = format!("/{}/oauth2/v2.0/token", system.info.tenant_id);
-    let conn = ConnInfo {
-        peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
-        sni: Some(system.info.sni_name.clone()),
-    };
+    let conn = ConnInfo::detached(
+        SocketAddr::from(([127, 0, 0, 1], 40000)),
+        Some(system.info.sni_name.clone()),
+    );
     let request = || {
         http::Request::post(path.as_str())
             .header("host", system.info.sni_name.as_str())

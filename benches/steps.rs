@@ -16,8 +16,12 @@ use identity_binding_proxy::entra::IssuedToken;
 use identity_binding_proxy::error::ProxyError;
 use identity_binding_proxy::issuer::{Issuer, IssuerUrl};
 use identity_binding_proxy::keys::SigningKey;
+use identity_binding_proxy::limits::CallerBudgets;
 use identity_binding_proxy::metrics::Metrics;
 use identity_binding_proxy::token;
+
+/// The caller the cache charges (budgets are unbounded here).
+const CALLER: &str = "system:serviceaccount:bench:bench";
 
 use common::{Es256Cluster, Kube, CLIENT_ID, SCOPE, TENANT_ID};
 
@@ -85,7 +89,6 @@ impl Fetch for StaticFetch {
     fn fetch(
         &self,
         _key: &CacheKey,
-        _scope: &str,
         _claims: Option<&str>,
     ) -> BoxFuture<'static, Result<IssuedToken, ProxyError>> {
         async {
@@ -108,7 +111,9 @@ fn caches(c: &mut Criterion) {
         CacheConfig {
             capacity: 10_000,
             min_remaining: Duration::from_secs(300),
+            max_keys_per_identity: usize::MAX,
         },
+        Arc::new(CallerBudgets::new(u32::MAX, u32::MAX)),
         Arc::new(StaticFetch),
         Arc::new(Metrics::new()),
     );
@@ -118,7 +123,7 @@ fn caches(c: &mut Criterion) {
         client_id: CLIENT_ID.into(),
         scopes: SCOPE.into(),
     };
-    let (_, first) = rt.block_on(cache.get(key.clone(), SCOPE, None)).unwrap();
+    let (_, first) = rt.block_on(cache.get(key.clone(), None, CALLER)).unwrap();
     assert_eq!(first, Lookup::Miss);
 
     let authn = rt.block_on(kube.authenticator());
@@ -128,7 +133,9 @@ fn caches(c: &mut Criterion) {
         AuthzConfig {
             allowed_ttl: Duration::from_secs(300),
             denied_ttl: Duration::from_secs(30),
+            allow_wildcard_grants: false,
         },
+        Arc::new(CallerBudgets::new(u32::MAX, u32::MAX)),
         Arc::new(Metrics::new()),
     );
     rt.block_on(authz.authorize(&caller, CLIENT_ID)).unwrap();
@@ -136,7 +143,7 @@ fn caches(c: &mut Criterion) {
     let mut g = quick(c);
     g.bench_function("token_cache_hit", |b| {
         b.to_async(&rt).iter(|| async {
-            let (t, lookup) = cache.get(key.clone(), SCOPE, None).await.unwrap();
+            let (t, lookup) = cache.get(key.clone(), None, CALLER).await.unwrap();
             debug_assert_eq!(lookup, Lookup::Hit);
             t
         })

@@ -93,6 +93,21 @@ struct NamedRef {
 struct Jwks {
     keys: HashMap<String, (DecodingKey, Algorithm)>,
     unnamed: Vec<(DecodingKey, Algorithm)>,
+    /// Each key's JWK as published, by `kid` (and the unnamed ones in order): what tells a
+    /// refresh which keys left or changed.
+    published: HashMap<String, String>,
+    unnamed_published: Vec<String>,
+}
+
+impl Jwks {
+    /// The `kid`s of `self` that `next` no longer publishes as they were.
+    fn gone_in(&self, next: &Jwks) -> std::collections::HashSet<String> {
+        self.published
+            .iter()
+            .filter(|(kid, jwk)| next.published.get(*kid) != Some(*jwk))
+            .map(|(kid, _)| kid.clone())
+            .collect()
+    }
 }
 
 impl Jwks {
@@ -117,11 +132,16 @@ impl Jwks {
                 .key_algorithm
                 .and_then(|a| Algorithm::from_str_opt(&a.to_string()))
                 .unwrap_or(alg);
+            let published = serde_json::to_string(jwk).unwrap_or_default();
             match &jwk.common.key_id {
                 Some(kid) => {
                     jwks.keys.insert(kid.clone(), (key, alg));
+                    jwks.published.insert(kid.clone(), published);
                 }
-                None => jwks.unnamed.push((key, alg)),
+                None => {
+                    jwks.unnamed.push((key, alg));
+                    jwks.unnamed_published.push(published);
+                }
             }
         }
         if jwks.keys.is_empty() && jwks.unnamed.is_empty() {
@@ -139,6 +159,14 @@ impl AlgorithmExt for Algorithm {
     fn from_str_opt(s: &str) -> Option<Self> {
         s.parse().ok()
     }
+}
+
+/// A locally verified token: who, until when, and the `kid` of the key that vouched for it.
+#[derive(Clone)]
+struct Verified {
+    caller: Arc<Caller>,
+    until: Instant,
+    kid: Option<Arc<str>>,
 }
 
 /// A cached TokenReview answer.
@@ -179,8 +207,9 @@ pub struct Authenticator {
     /// TokenReview answers by SHA-256 of the token. Concurrent first requests with one token
     /// share one review (moka coalesces `try_get_with`).
     reviews: moka::future::Cache<[u8; 32], (Reviewed, Instant)>,
-    /// Callers whose tokens passed local verification, by SHA-256 of the token.
-    verified: moka::sync::Cache<[u8; 32], (Arc<Caller>, Instant)>,
+    /// Callers whose tokens passed local verification, by SHA-256 of the token, with the
+    /// `kid` of the key that verified them.
+    verified: moka::sync::Cache<[u8; 32], Verified>,
     metrics: Arc<Metrics>,
 }
 
@@ -198,6 +227,7 @@ impl Authenticator {
             verified: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
+                .support_invalidation_closures()
                 .build(),
             reviews: moka::future::Cache::builder()
                 .max_capacity(100_000)
@@ -205,6 +235,12 @@ impl Authenticator {
                 .build(),
             metrics,
         }
+    }
+
+    /// Tokens whose local verification is remembered now.
+    pub fn verified_tokens(&self) -> u64 {
+        self.verified.run_pending_tasks();
+        self.verified.entry_count()
     }
 
     /// True once the issuer and a JWKS have been loaded (readiness).
@@ -237,10 +273,27 @@ impl Authenticator {
 
     fn install_keys(&self, issuer: &str, jwks_text: &str) -> std::result::Result<(), String> {
         let jwks = Jwks::parse(jwks_text)?;
+        let old = self.jwks.load_full();
+        let issuer_changed = **self.issuer.load() != issuer;
+        let gone = old.gone_in(&jwks);
+        let unnamed_changed = old.unnamed_published != jwks.unnamed_published;
         self.issuer.store(Arc::new(issuer.to_string()));
         self.jwks.store(Arc::new(jwks));
-        // A key that left the JWKS must not keep vouching for tokens it signed.
-        self.verified.invalidate_all();
+        // A key that left the JWKS (or changed under its kid) must not keep vouching for
+        // tokens it signed; tokens of the keys still published stay verified, so a refresh —
+        // which a forged kid can trigger — costs no signature checks.
+        if issuer_changed {
+            self.verified.invalidate_all();
+        } else if !gone.is_empty() || unnamed_changed {
+            let dropped = self.verified.invalidate_entries_if(move |_, v| match &v.kid {
+                Some(kid) => gone.contains(kid.as_ref()),
+                None => unnamed_changed,
+            });
+            if let Err(e) = dropped {
+                tracing::warn!(error = %e, "dropping every verified token instead");
+                self.verified.invalidate_all();
+            }
+        }
         self.jwks_loaded
             .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
@@ -326,14 +379,21 @@ impl Authenticator {
     /// signature check costs ~30 µs, more than the rest of a cache hit together. The memory is
     /// dropped whenever the cluster's keys change.
     async fn verify_cached(&self, token: &str, digest: &[u8; 32]) -> Result<Arc<Caller>> {
-        if let Some((caller, until)) = self.verified.get(digest) {
-            if Instant::now() < until {
-                return Ok(caller);
+        if let Some(v) = self.verified.get(digest) {
+            if Instant::now() < v.until {
+                return Ok(v.caller);
             }
         }
         let caller = Arc::new(self.verify_locally(token).await?);
-        self.verified
-            .insert(*digest, (caller.clone(), Instant::now() + token_ttl(token)));
+        let kid = pre_parse_header(token).ok().and_then(|h| h.kid).map(Arc::from);
+        self.verified.insert(
+            *digest,
+            Verified {
+                caller: caller.clone(),
+                until: Instant::now() + token_ttl(token),
+                kid,
+            },
+        );
         Ok(caller)
     }
 
@@ -697,6 +757,34 @@ fn unverified_claims(token: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refresh_names_only_the_keys_that_left_or_changed() {
+        let a = crate::keys::SigningKey::generate(2048).unwrap();
+        let b = crate::keys::SigningKey::generate(2048).unwrap();
+        let c = crate::keys::SigningKey::generate(2048).unwrap();
+        let set = |keys: &[(&str, &crate::keys::SigningKey)]| {
+            let keys: Vec<serde_json::Value> = keys
+                .iter()
+                .map(|(kid, k)| {
+                    let mut jwk = k.public().jwk();
+                    jwk["kid"] = serde_json::json!(kid);
+                    jwk
+                })
+                .collect();
+            Jwks::parse(&serde_json::json!({ "keys": keys }).to_string()).unwrap()
+        };
+        let before = set(&[("a", &a), ("b", &b)]);
+        assert!(before.gone_in(&set(&[("a", &a), ("b", &b)])).is_empty());
+        assert!(before
+            .gone_in(&set(&[("a", &a), ("b", &b), ("c", &c)]))
+            .is_empty());
+        let gone = before.gone_in(&set(&[("b", &b), ("c", &c)]));
+        assert_eq!(gone.into_iter().collect::<Vec<_>>(), vec!["a".to_string()]);
+        // The same kid with other key material is a key that left.
+        let gone = before.gone_in(&set(&[("a", &c), ("b", &b)]));
+        assert_eq!(gone.into_iter().collect::<Vec<_>>(), vec!["a".to_string()]);
+    }
 
     fn b64(v: &serde_json::Value) -> String {
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::authn::Caller;
 use crate::cluster::{Cluster, Subject, GRANT_GROUP, GRANT_VERB};
 use crate::error::{ProxyError, Result};
+use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
 
 pub struct AuthzConfig {
@@ -19,9 +20,24 @@ pub struct AuthzConfig {
     pub allowed_ttl: Duration,
     /// How long a deny is trusted: short, so a newly added grant works quickly.
     pub denied_ttl: Duration,
+    /// Whether a grant that covers every identity (a `*` rule, e.g. `cluster-admin`) is
+    /// honoured. Off by default: such grants are rarely meant to hand out managed identities.
+    pub allow_wildcard_grants: bool,
 }
 
+/// A resource name no managed identity can have (client ids are GUIDs): a caller allowed
+/// this is allowed every identity, through a `*` rule.
+pub const WILDCARD_PROBE: &str = "wildcard-probe.invalid";
+
 type Key = (String, String, String);
+
+/// A cached answer: allowed or not, the apiserver's reason, and until when it is trusted.
+#[derive(Clone)]
+struct Decision {
+    allowed: bool,
+    reason: Arc<str>,
+    until: Instant,
+}
 
 pub struct Authorizer {
     cluster: Arc<Cluster>,
@@ -30,12 +46,19 @@ pub struct Authorizer {
     /// (possibly stale) answer after the change dropped the cache.
     generation: AtomicU64,
     /// Decisions per (namespace, SA, client-id); concurrent first requests share one review.
-    decisions: moka::future::Cache<Key, (bool, Instant)>,
+    decisions: moka::future::Cache<Key, Decision>,
+    /// Each caller's budget of decisions not in the cache.
+    budgets: Arc<CallerBudgets>,
     metrics: Arc<Metrics>,
 }
 
 impl Authorizer {
-    pub fn new(cluster: Arc<Cluster>, config: AuthzConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        config: AuthzConfig,
+        budgets: Arc<CallerBudgets>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             cluster,
             generation: AtomicU64::new(0),
@@ -44,6 +67,7 @@ impl Authorizer {
                 .time_to_live(config.allowed_ttl.max(config.denied_ttl))
                 .build(),
             config,
+            budgets,
             metrics,
         }
     }
@@ -99,23 +123,54 @@ impl Authorizer {
     }
 
     /// Allows or refuses `caller` the identity `client_id` (already validated as a GUID).
+    /// Unless wildcard grants are allowed, an allowed caller is also asked about
+    /// [`WILDCARD_PROBE`]: allowed that too, it holds a grant for every identity and is refused.
     pub async fn authorize(&self, caller: &Caller, client_id: &str) -> Result<()> {
+        let decision = self.decide(caller, client_id).await?;
+        if !decision.allowed {
+            return Err(ProxyError::Forbidden(denial(caller, client_id)));
+        }
+        if self.config.allow_wildcard_grants {
+            return Ok(());
+        }
+        let probe = self.decide(caller, WILDCARD_PROBE).await?;
+        if probe.allowed {
+            return Err(ProxyError::Forbidden(wildcard_denial(
+                caller,
+                client_id,
+                &probe.reason,
+            )));
+        }
+        Ok(())
+    }
+
+    /// The cached decision for (caller, resource), or a fresh review shared by every
+    /// concurrent request that needs it.
+    async fn decide(&self, caller: &Caller, resource: &str) -> Result<Decision> {
         let key = (
             caller.namespace.clone(),
             caller.service_account.clone(),
-            client_id.to_string(),
+            resource.to_string(),
         );
-        let allowed = match self.decisions.get(&key).await {
+        match self.decisions.get(&key).await {
             // The hot path: one lookup, no second pass through the coalescing entry.
-            Some((allowed, until)) if Instant::now() < until => allowed,
+            Some(d) if Instant::now() < d.until => Ok(d),
             stale => {
                 if stale.is_some() {
                     self.decisions.invalidate(&key).await;
                 }
+                self.budgets
+                    .spend(&caller.username, Spend::Review)
+                    .inspect_err(|_| {
+                        self.metrics
+                            .caller_budget_exceeded
+                            .with_label_values(&[Spend::Review.label()])
+                            .inc();
+                    })?;
                 let generation = self.generation.load(Ordering::Acquire);
-                let (allowed, _) = self
+                let decision = self
                     .decisions
-                    .try_get_with(key.clone(), self.review(caller, client_id))
+                    .try_get_with(key.clone(), self.review(caller, resource))
                     .await
                     .map_err(|e: Arc<ProxyError>| (*e).clone())?;
                 if self.generation.load(Ordering::Acquire) != generation {
@@ -123,35 +178,34 @@ impl Authorizer {
                     // keep it for this request only.
                     self.decisions.invalidate(&key).await;
                 }
-                allowed
+                Ok(decision)
             }
-        };
-        if allowed {
-            Ok(())
-        } else {
-            Err(ProxyError::Forbidden(denial(caller, client_id)))
         }
     }
 }
 
 impl Authorizer {
     /// Asks the apiserver; failures are not cached.
-    async fn review(&self, caller: &Caller, client_id: &str) -> Result<(bool, Instant)> {
+    async fn review(&self, caller: &Caller, resource: &str) -> Result<Decision> {
         let subject = Subject {
             user: &caller.username,
             groups: &caller.groups,
             uid: &caller.sa_uid,
             namespace: &caller.namespace,
         };
-        match self.cluster.access_review(&subject, client_id).await {
-            Ok((allowed, _reason)) => {
+        match self.cluster.access_review(&subject, resource).await {
+            Ok((allowed, reason)) => {
                 self.metrics.kube_review("subjectaccessreview", "ok");
                 let ttl = if allowed {
                     self.config.allowed_ttl
                 } else {
                     self.config.denied_ttl
                 };
-                Ok((allowed, Instant::now() + ttl))
+                Ok(Decision {
+                    allowed,
+                    reason: reason.into(),
+                    until: Instant::now() + ttl,
+                })
             }
             Err(e) => {
                 self.metrics.kube_review("subjectaccessreview", "error");
@@ -159,13 +213,31 @@ impl Authorizer {
                     retry_after: 2,
                     description: format!(
                         "Could not check whether service account {}/{} may use managed \
-                         identity {client_id}: {e}. Retry shortly.",
+                         identity {resource}: {e}. Retry shortly.",
                         caller.namespace, caller.service_account
                     ),
                 })
             }
         }
     }
+}
+
+/// Names the grant that covers every identity, and the two ways out.
+pub fn wildcard_denial(caller: &Caller, client_id: &str, reason: &str) -> String {
+    let by = if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" (the apiserver says: {})", crate::token::printable(reason, 300))
+    };
+    format!(
+        "Service account '{ns}/{sa}' is allowed to use EVERY managed identity, not only \
+         '{client_id}': a rule with '*' (resources, verbs or API groups) grants it \
+         '{GRANT_VERB}' on '{GRANT_GROUP}'{by}. Such grants are refused by default. Grant \
+         resource '{client_id}' by name instead of the wildcard, or start the proxy with \
+         --allow-wildcard-grants to accept them.",
+        ns = caller.namespace,
+        sa = caller.service_account,
+    )
 }
 
 /// Names exactly what grant is missing and how to add it.

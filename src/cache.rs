@@ -1,9 +1,15 @@
-//! Step 4: the access-token cache, keyed by (authority, tenant, client-id, normalized scopes).
+//! Step 4: the access-token cache, keyed by (authority, tenant, client-id, canonical scopes).
 //!
 //! - Concurrent misses for one key share ONE upstream call (single flight); an error is shared
 //!   by that flight only and never cached.
 //! - A token with less than `min_remaining` left is not served; the caller waits for a fresh one.
-//! - `claims` (CAE challenges) bypass the cache, and the fresh token replaces the entry.
+//! - `claims` (CAE challenges) bypass the cache: concurrent requests of one caller with the same
+//!   key and claims share one call, and the token goes to that caller only — it never replaces
+//!   the entry everyone else is served from.
+//! - Fairness: a caller that starts a flight (a miss nobody else is already fetching) or sends
+//!   `claims` spends its per-minute budget ([`CallerBudgets`]); one identity holds at most
+//!   `max_keys_per_identity` entries (a token beyond that is served but not cached), so one
+//!   caller's new keys cannot evict other identities' tokens.
 //! - Refresh ahead: at Entra's `refresh_in` (else half the lifetime), minus up to 10 % jitter,
 //!   and only for keys used since their last refresh, so identities nobody uses are not
 //!   renewed. While a refresh fails the still-valid token keeps being served.
@@ -21,6 +27,7 @@ use rand::Rng;
 
 use crate::entra::IssuedToken;
 use crate::error::ProxyError;
+use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -28,9 +35,18 @@ pub struct CacheKey {
     pub authority: Arc<str>,
     pub tenant: String,
     pub client_id: String,
-    /// Lower-cased, de-duplicated, sorted scopes.
+    /// The canonical scope set: also what is sent to Entra.
     pub scopes: String,
 }
+
+impl CacheKey {
+    /// The identity this key belongs to.
+    fn identity(&self) -> Identity {
+        (self.authority.clone(), self.tenant.clone(), self.client_id.clone())
+    }
+}
+
+type Identity = (Arc<str>, String, String);
 
 /// How a request was served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,38 +68,40 @@ impl Lookup {
 
 /// Gets a token from upstream for a key (the exchange with Entra, in production).
 pub trait Fetch: Send + Sync + 'static {
-    /// `scope` is the scope string as a caller sent it; `claims` a CAE challenge.
+    /// `key.scopes` is sent upstream as it is; `claims` is a CAE challenge.
     fn fetch(
         &self,
         key: &CacheKey,
-        scope: &str,
         claims: Option<&str>,
     ) -> BoxFuture<'static, Result<IssuedToken, ProxyError>>;
 }
 
 type Flight = Shared<BoxFuture<'static, Result<Arc<IssuedToken>, ProxyError>>>;
 
+/// A `claims` flight: one caller, one key, one challenge.
+type ClaimsKey = (CacheKey, Arc<str>, Box<str>);
+
 /// A cached token and its refresh bookkeeping.
 struct Entry {
     token: Arc<IssuedToken>,
-    /// The scope string to send upstream on refresh.
-    scope: Arc<str>,
     refresh_at: Mutex<Instant>,
     /// Served since the last refresh started.
     used: AtomicBool,
 }
 
 impl Entry {
-    fn new(token: Arc<IssuedToken>, scope: Arc<str>) -> Self {
+    fn new(token: Arc<IssuedToken>) -> Self {
         let base = token
             .refresh_in
             .filter(|r| *r < token.expires_in)
             .unwrap_or(token.expires_in / 2);
         let jitter = rand::rng().random_range(0.9..=1.0);
-        let refresh_at = token.received + Duration::from_secs(base).mul_f64(jitter);
+        let refresh_at = token
+            .received
+            .checked_add(Duration::from_secs(base).mul_f64(jitter))
+            .unwrap_or(token.received);
         Self {
             token,
-            scope,
             refresh_at: Mutex::new(refresh_at),
             used: AtomicBool::new(false),
         }
@@ -96,6 +114,8 @@ pub struct CacheConfig {
     /// Tokens with less than this left are not served (5 minutes: enough for the caller to
     /// use the token for a typical operation after receiving it).
     pub min_remaining: Duration,
+    /// Most entries (distinct scope sets) one identity may hold.
+    pub max_keys_per_identity: usize,
 }
 
 /// After a failed refresh, wait this long before trying again (the token is still served).
@@ -104,18 +124,47 @@ const REFRESH_RETRY: Duration = Duration::from_secs(10);
 pub struct TokenCache {
     entries: moka::sync::Cache<CacheKey, Arc<Entry>>,
     flights: Arc<Mutex<HashMap<CacheKey, Flight>>>,
+    claims_flights: Arc<Mutex<HashMap<ClaimsKey, Flight>>>,
+    /// Entries per identity; kept by `insert` and moka's eviction listener.
+    per_identity: Arc<Mutex<HashMap<Identity, usize>>>,
+    max_keys_per_identity: usize,
+    budgets: Arc<CallerBudgets>,
     fetcher: Arc<dyn Fetch>,
     min_remaining: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl TokenCache {
-    pub fn new(config: CacheConfig, fetcher: Arc<dyn Fetch>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: CacheConfig,
+        budgets: Arc<CallerBudgets>,
+        fetcher: Arc<dyn Fetch>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let per_identity: Arc<Mutex<HashMap<Identity, usize>>> = Default::default();
+        let counts = per_identity.clone();
         Self {
             entries: moka::sync::Cache::builder()
                 .max_capacity(config.capacity)
+                .eviction_listener(move |key: Arc<CacheKey>, _, cause| {
+                    if cause == moka::notification::RemovalCause::Replaced {
+                        return;
+                    }
+                    let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+                    let identity = key.identity();
+                    if let Some(n) = counts.get_mut(&identity) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            counts.remove(&identity);
+                        }
+                    }
+                })
                 .build(),
             flights: Arc::new(Mutex::new(HashMap::new())),
+            claims_flights: Arc::new(Mutex::new(HashMap::new())),
+            per_identity,
+            max_keys_per_identity: config.max_keys_per_identity.max(1),
+            budgets,
             fetcher,
             min_remaining: config.min_remaining,
             metrics,
@@ -132,22 +181,20 @@ impl TokenCache {
     }
 
     /// Serves the cached token for `key`, or fetches it once for every concurrent caller.
-    /// With `claims`, always fetches and replaces the entry.
+    /// With `claims`, fetches for `caller` alone. `caller` (`system:serviceaccount:ns:sa`)
+    /// pays from its budget for every flight it starts and every `claims` request.
     pub async fn get(
         &self,
         key: CacheKey,
-        scope: &str,
         claims: Option<&str>,
+        caller: &str,
     ) -> Result<(Arc<IssuedToken>, Lookup), ProxyError> {
-        if claims.is_some() {
+        if let Some(claims) = claims {
             self.metrics
                 .cache_lookups
                 .with_label_values(&["bypass"])
                 .inc();
-            let token = Arc::new(self.fetcher.fetch(&key, scope, claims).await?);
-            self.entries
-                .insert(key, Arc::new(Entry::new(token.clone(), scope.into())));
-            self.update_gauge();
+            let token = self.claims_flight(key, claims, caller)?.await?;
             return Ok((token, Lookup::Bypass));
         }
         if let Some(t) = self.fresh(&key) {
@@ -166,7 +213,8 @@ impl TokenCache {
             match flights.get(&key) {
                 Some(f) => f.clone(),
                 None => {
-                    let f = self.start_flight(key.clone(), scope.into());
+                    self.spend(caller, Spend::Miss)?;
+                    let f = self.start_flight(key.clone());
                     flights.insert(key, f.clone());
                     f
                 }
@@ -179,22 +227,66 @@ impl TokenCache {
         flight.await.map(|t| (t, Lookup::Miss))
     }
 
+    fn spend(&self, caller: &str, what: Spend) -> Result<(), ProxyError> {
+        self.budgets.spend(caller, what).inspect_err(|_| {
+            self.metrics
+                .caller_budget_exceeded
+                .with_label_values(&[what.label()])
+                .inc();
+        })
+    }
+
+    /// The flight of this caller's `claims` request: joined if the same caller is already
+    /// asking with the same key and claims, else started. Its token is never cached.
+    fn claims_flight(&self, key: CacheKey, claims: &str, caller: &str) -> Result<Flight, ProxyError> {
+        self.spend(caller, Spend::Claims)?;
+        let flight_key: ClaimsKey = (key, caller.into(), claims.into());
+        let mut flights = self.claims_flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = flights.get(&flight_key) {
+            return Ok(f.clone());
+        }
+        let fetch = self.fetcher.fetch(&flight_key.0, Some(claims));
+        let map = self.claims_flights.clone();
+        let done_key = flight_key.clone();
+        let task = tokio::spawn(async move {
+            let result = fetch.await.map(Arc::new);
+            map.lock().unwrap_or_else(|p| p.into_inner()).remove(&done_key);
+            result
+        });
+        let f = joined(task);
+        flights.insert(flight_key, f.clone());
+        Ok(f)
+    }
+
     /// Runs the fetch on its own task, so it completes (and is cached) even if every caller
     /// that waited for it has gone away.
     /// The new entry counts as unused: a token fetched once and never served again is not
     /// renewed.
-    fn start_flight(&self, key: CacheKey, scope: Arc<str>) -> Flight {
+    fn start_flight(&self, key: CacheKey) -> Flight {
         let entries = self.entries.clone();
         let flights = self.flights.clone();
+        let per_identity = self.per_identity.clone();
+        let max_keys = self.max_keys_per_identity;
         let metrics = self.metrics.clone();
-        let fetch = self.fetcher.fetch(&key, &scope, None);
+        let fetch = self.fetcher.fetch(&key, None);
         let task = tokio::spawn(async move {
             let result = fetch.await.map(Arc::new);
             if let Ok(token) = &result {
-                entries.insert(key.clone(), Arc::new(Entry::new(token.clone(), scope)));
-                // moka counts lazily; settle it so the gauge is exact (misses are rare).
-                entries.run_pending_tasks();
-                metrics.cache_entries.set(entries.entry_count() as i64);
+                // A key the cache does not hold yet takes one of its identity's places; with
+                // none left the token is served to this flight's callers but not cached.
+                let admitted = entries.contains_key(&key) || {
+                    let mut counts = per_identity.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = counts.entry(key.identity()).or_insert(0);
+                    (*n < max_keys).then(|| *n += 1).is_some()
+                };
+                if admitted {
+                    entries.insert(key.clone(), Arc::new(Entry::new(token.clone())));
+                    // moka counts lazily; settle it so the gauge is exact (misses are rare).
+                    entries.run_pending_tasks();
+                    metrics.cache_entries.set(entries.entry_count() as i64);
+                } else {
+                    tracing::debug!(client_id = %key.client_id, max_keys, "identity holds its most cache entries; token served uncached");
+                }
             }
             flights
                 .lock()
@@ -202,12 +294,7 @@ impl TokenCache {
                 .remove(&key);
             result
         });
-        async move {
-            task.await
-                .unwrap_or_else(|e| Err(ProxyError::Internal(format!("token fetch failed: {e}"))))
-        }
-        .boxed()
-        .shared()
+        joined(task)
     }
 
     /// Starts the refreshes that are due; returns how many were started.
@@ -228,7 +315,7 @@ impl TokenCache {
                     continue;
                 }
                 entry.used.store(false, Ordering::Relaxed);
-                let f = self.start_flight((*key).clone(), entry.scope.clone());
+                let f = self.start_flight((*key).clone());
                 flights.insert((*key).clone(), f.clone());
                 f
             };
@@ -295,6 +382,16 @@ impl TokenCache {
     }
 }
 
+/// A fetch task as a future every waiter can share.
+fn joined(task: tokio::task::JoinHandle<Result<Arc<IssuedToken>, ProxyError>>) -> Flight {
+    async move {
+        task.await
+            .unwrap_or_else(|e| Err(ProxyError::Internal(format!("token fetch failed: {e}"))))
+    }
+    .boxed()
+    .shared()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +442,6 @@ mod tests {
         fn fetch(
             &self,
             _: &CacheKey,
-            _: &str,
             _: Option<&str>,
         ) -> BoxFuture<'static, Result<IssuedToken, ProxyError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
@@ -361,14 +457,36 @@ mod tests {
     }
 
     fn cache(script: &Arc<Script>, min_remaining: u64, capacity: u64) -> Arc<TokenCache> {
+        cache_with(script, min_remaining, capacity, 1000, 1000)
+    }
+
+    fn cache_with(
+        script: &Arc<Script>,
+        min_remaining: u64,
+        capacity: u64,
+        max_keys_per_identity: usize,
+        budget: u32,
+    ) -> Arc<TokenCache> {
         Arc::new(TokenCache::new(
             CacheConfig {
                 capacity,
                 min_remaining: Duration::from_secs(min_remaining),
+                max_keys_per_identity,
             },
+            Arc::new(CallerBudgets::new(budget, budget)),
             script.clone(),
             Arc::new(Metrics::new()),
         ))
+    }
+
+    const ME: &str = "system:serviceaccount:ns:me";
+    const OTHER: &str = "system:serviceaccount:ns:other";
+
+    fn scoped(n: u32, scope: u32) -> CacheKey {
+        CacheKey {
+            scopes: format!("https://r{scope}/.default"),
+            ..key(n)
+        }
     }
 
     #[tokio::test]
@@ -379,7 +497,7 @@ mod tests {
         for _ in 0..200 {
             let cache = cache.clone();
             tasks.push(tokio::spawn(async move {
-                cache.get(key(1), "s/.default", None).await
+                cache.get(key(1), None, ME).await
             }));
         }
         let mut tokens = std::collections::HashSet::new();
@@ -387,7 +505,7 @@ mod tests {
             tokens.insert(t.await.unwrap().unwrap().0.access_token.clone());
         }
         assert_eq!((script.calls(), tokens.len()), (1, 1));
-        let (_, how) = cache.get(key(1), "s/.default", None).await.unwrap();
+        let (_, how) = cache.get(key(1), None, ME).await.unwrap();
         assert_eq!(how, Lookup::Hit);
     }
 
@@ -400,8 +518,8 @@ mod tests {
             .unwrap()
             .push(Err(ProxyError::BadUpstream("x".into())));
         let cache = cache(&script, 300, 100);
-        assert!(cache.get(key(1), "s/.default", None).await.is_err());
-        let (_, how) = cache.get(key(1), "s/.default", None).await.unwrap();
+        assert!(cache.get(key(1), None, ME).await.is_err());
+        let (_, how) = cache.get(key(1), None, ME).await.unwrap();
         assert_eq!((how, script.calls()), (Lookup::Miss, 2));
     }
 
@@ -410,23 +528,87 @@ mod tests {
         let script = Script::new((3600, None));
         script.results.lock().unwrap().push(Ok(token(200, None)));
         let cache = cache(&script, 300, 100);
-        cache.get(key(1), "s/.default", None).await.unwrap();
-        let (t, how) = cache.get(key(1), "s/.default", None).await.unwrap();
+        cache.get(key(1), None, ME).await.unwrap();
+        let (t, how) = cache.get(key(1), None, ME).await.unwrap();
         assert_eq!((how, t.expires_in), (Lookup::Miss, 3600));
     }
 
     #[tokio::test]
-    async fn claims_always_fetch_and_replace_the_entry() {
+    async fn claims_fetch_for_their_caller_and_never_replace_the_shared_entry() {
         let script = Script::new((3600, None));
         let cache = cache(&script, 300, 100);
-        let (first, _) = cache.get(key(1), "s/.default", None).await.unwrap();
-        let (bypassed, how) = cache.get(key(1), "s/.default", Some("{}")).await.unwrap();
+        let (first, _) = cache.get(key(1), None, ME).await.unwrap();
+        let (bypassed, how) = cache.get(key(1), Some("{}"), ME).await.unwrap();
         assert_eq!(how, Lookup::Bypass);
         assert_ne!(first.access_token, bypassed.access_token);
-        let (again, how) = cache.get(key(1), "s/.default", Some("{}")).await.unwrap();
-        assert_eq!((how, script.calls()), (Lookup::Bypass, 3));
-        let (hit, how) = cache.get(key(1), "s/.default", None).await.unwrap();
-        assert_eq!((how, &hit.access_token), (Lookup::Hit, &again.access_token));
+        let (hit, how) = cache.get(key(1), None, OTHER).await.unwrap();
+        assert_eq!((how, &hit.access_token), (Lookup::Hit, &first.access_token));
+        assert_eq!(script.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_of_one_caller_share_one_call_but_not_with_others() {
+        let script = Script::new((3600, None));
+        let cache = cache(&script, 300, 100);
+        let mut tasks = Vec::new();
+        for who in [ME, ME, ME, OTHER, OTHER] {
+            let cache = cache.clone();
+            tasks.push(tokio::spawn(async move {
+                let (t, _) = cache.get(key(1), Some("{\"c\":1}"), who).await.unwrap();
+                (who, t.access_token.clone())
+            }));
+        }
+        let mut by_caller: HashMap<&str, std::collections::HashSet<Box<str>>> = HashMap::new();
+        for t in tasks {
+            let (who, token) = t.await.unwrap();
+            by_caller.entry(who).or_default().insert(token);
+        }
+        assert_eq!(script.calls(), 2, "one call per caller");
+        assert_eq!((by_caller[ME].len(), by_caller[OTHER].len()), (1, 1));
+        assert!(by_caller[ME].is_disjoint(&by_caller[OTHER]));
+    }
+
+    #[tokio::test]
+    async fn a_caller_over_its_budget_gets_429_and_others_do_not() {
+        let script = Script::new((3600, None));
+        let cache = cache_with(&script, 300, 100, 1000, 3);
+        for scope in 0..3 {
+            cache.get(scoped(1, scope), None, ME).await.unwrap();
+        }
+        let err = cache.get(scoped(1, 3), None, ME).await.unwrap_err();
+        assert_eq!(err.status(), 429);
+        assert!(err.retry_after().is_some_and(|s| (1..=60).contains(&s)));
+        assert!(err.to_string().contains(ME), "{err}");
+        // Hits cost nothing; another caller has its own budget.
+        assert_eq!(cache.get(scoped(1, 0), None, ME).await.unwrap().1, Lookup::Hit);
+        cache.get(scoped(1, 3), None, OTHER).await.unwrap();
+        for _ in 0..3 {
+            cache.get(key(1), Some("{}"), OTHER).await.unwrap();
+        }
+        assert_eq!(cache.get(key(1), Some("{}"), OTHER).await.unwrap_err().status(), 429);
+    }
+
+    #[tokio::test]
+    async fn one_identity_cannot_evict_the_tokens_of_others() {
+        let script = Arc::new(Script {
+            delay: Duration::ZERO,
+            ..Arc::into_inner(Script::new((3600, None))).unwrap()
+        });
+        let cache = cache_with(&script, 300, 50, 10, 10_000);
+        for n in 100..120 {
+            cache.get(key(n), None, OTHER).await.unwrap();
+        }
+        for scope in 0..200 {
+            let (_, how) = cache.get(scoped(1, scope), None, ME).await.unwrap();
+            assert_eq!(how, Lookup::Miss);
+        }
+        let calls = script.calls();
+        for n in 100..120 {
+            let (_, how) = cache.get(key(n), None, OTHER).await.unwrap();
+            assert_eq!(how, Lookup::Hit, "identity c{n} was evicted");
+        }
+        assert_eq!(script.calls(), calls);
+        assert_eq!(cache.len(), 30);
     }
 
     #[tokio::test]
@@ -434,10 +616,10 @@ mod tests {
         // refresh_in 0 s: due at once.
         let script = Script::new((3600, Some(0)));
         let cache = cache(&script, 300, 100);
-        cache.get(key(1), "s/.default", None).await.unwrap();
-        cache.get(key(2), "s/.default", None).await.unwrap();
+        cache.get(key(1), None, ME).await.unwrap();
+        cache.get(key(2), None, ME).await.unwrap();
         // Key 1 is used after its fetch; key 2 is not.
-        cache.get(key(1), "s/.default", None).await.unwrap();
+        cache.get(key(1), None, ME).await.unwrap();
         assert_eq!(cache.refresh_due(), 1);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(script.calls(), 3);
@@ -449,8 +631,8 @@ mod tests {
     async fn a_failed_refresh_keeps_serving_the_valid_token() {
         let script = Script::new((3600, Some(0)));
         let cache = cache(&script, 300, 100);
-        let (t, _) = cache.get(key(1), "s/.default", None).await.unwrap();
-        cache.get(key(1), "s/.default", None).await.unwrap();
+        let (t, _) = cache.get(key(1), None, ME).await.unwrap();
+        cache.get(key(1), None, ME).await.unwrap();
         script
             .results
             .lock()
@@ -461,7 +643,7 @@ mod tests {
             }));
         assert_eq!(cache.refresh_due(), 1);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let (served, how) = cache.get(key(1), "s/.default", None).await.unwrap();
+        let (served, how) = cache.get(key(1), None, ME).await.unwrap();
         assert_eq!((how, &served.access_token), (Lookup::Hit, &t.access_token));
     }
 
@@ -473,7 +655,7 @@ mod tests {
         });
         let cache = cache(&script, 300, 50);
         for n in 0..500 {
-            cache.get(key(n), "s/.default", None).await.unwrap();
+            cache.get(key(n), None, ME).await.unwrap();
         }
         assert!(cache.len() <= 50, "{} entries", cache.len());
     }

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::authn::AuthnMode;
 use crate::issuer::IssuerUrl;
+use crate::limits::LimitsConfig;
 use crate::tls::TlsEntry;
 
 pub const PUBLIC_CLOUD: &str = "https://login.microsoftonline.com";
@@ -105,9 +106,49 @@ pub struct ServeArgs {
     /// Timeout of one call to Entra.
     #[arg(long, env = "IBP_ENTRA_TIMEOUT_SECS", default_value_t = 10)]
     pub entra_timeout_secs: u64,
-    /// Largest accepted request body.
-    #[arg(long, env = "IBP_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    /// Largest accepted request body: the largest service-account token accepted (16 KiB)
+    /// plus room for the rest of the form.
+    #[arg(long, env = "IBP_MAX_BODY_BYTES", default_value_t = 20 * 1024)]
     pub max_body_bytes: usize,
+    /// Deadline for a request's whole body, from its head.
+    #[arg(long, env = "IBP_BODY_TIMEOUT_SECS", default_value_t = 10)]
+    pub body_timeout_secs: u64,
+    /// A connection without a request in flight for this long is closed.
+    #[arg(long, env = "IBP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Most connections one peer address (one pod) may hold open.
+    #[arg(long, env = "IBP_MAX_CONNECTIONS_PER_PEER", default_value_t = 128)]
+    pub max_connections_per_peer: usize,
+    /// Most requests in flight at once, process-wide.
+    #[arg(long, env = "IBP_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+    /// Most requests in flight at once from one peer address.
+    #[arg(long, env = "IBP_MAX_IN_FLIGHT_PER_PEER", default_value_t = 1024)]
+    pub max_in_flight_per_peer: usize,
+    /// Most request-body bytes buffered at once, process-wide.
+    #[arg(long, env = "IBP_MAX_BUFFERED_BYTES", default_value_t = 16 << 20)]
+    pub max_buffered_bytes: usize,
+    /// Most request-body bytes buffered at once for one peer address.
+    #[arg(long, env = "IBP_MAX_BUFFERED_BYTES_PER_PEER", default_value_t = 2 << 20)]
+    pub max_buffered_bytes_per_peer: usize,
+    /// Token requests per minute that one caller (namespace/service account) may send to
+    /// Entra through cache misses; over it, 429 with Retry-After.
+    #[arg(long, env = "IBP_CALLER_MISS_BUDGET", default_value_t = 120)]
+    pub caller_miss_budget: u32,
+    /// Token requests with `claims` per minute that one caller may send; over it, 429.
+    #[arg(long, env = "IBP_CALLER_CLAIMS_BUDGET", default_value_t = 30)]
+    pub caller_claims_budget: u32,
+    /// Most cached tokens (distinct scope sets) one identity may hold; beyond it a token is
+    /// served but not cached, so one identity cannot evict the others.
+    #[arg(long, env = "IBP_CACHE_MAX_KEYS_PER_IDENTITY", default_value_t = 64)]
+    pub cache_max_keys_per_identity: usize,
+    /// Honour grants that cover every identity (a `*` rule such as cluster-admin's). Off: a
+    /// caller holding one is refused with 403 naming the rule.
+    #[arg(long, env = "IBP_ALLOW_WILDCARD_GRANTS")]
+    pub allow_wildcard_grants: bool,
+    /// Most connections to the admin server at once (and a quarter of that per peer).
+    #[arg(long, env = "IBP_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: usize,
     /// Deadline for a TLS handshake.
     #[arg(long, env = "IBP_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     pub handshake_timeout_secs: u64,
@@ -165,10 +206,17 @@ pub struct ProxyConfig {
     pub cache_min_remaining: Duration,
     pub entra_timeout: Duration,
     pub max_body_bytes: usize,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub limits: LimitsConfig,
+    pub caller_miss_budget: u32,
+    pub caller_claims_budget: u32,
+    pub cache_max_keys_per_identity: usize,
+    pub allow_wildcard_grants: bool,
+    pub admin_limits: LimitsConfig,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
-    pub max_connections: usize,
     pub h2_max_streams: u32,
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
@@ -218,6 +266,23 @@ impl ProxyConfig {
         if a.cache_capacity == 0 || a.max_connections == 0 || a.max_body_bytes < 1024 {
             return Err("--cache-capacity and --max-connections must be positive and --max-body-bytes at least 1024".into());
         }
+        let positive = [
+            ("--max-connections-per-peer", a.max_connections_per_peer),
+            ("--max-in-flight", a.max_in_flight),
+            ("--max-in-flight-per-peer", a.max_in_flight_per_peer),
+            ("--max-buffered-bytes-per-peer", a.max_buffered_bytes_per_peer),
+            ("--cache-max-keys-per-identity", a.cache_max_keys_per_identity),
+            ("--admin-max-connections", a.admin_max_connections),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{flag} must be positive"));
+        }
+        if a.max_buffered_bytes_per_peer.min(a.max_buffered_bytes) < a.max_body_bytes {
+            return Err(format!(
+                "--max-buffered-bytes-per-peer and --max-buffered-bytes must each hold at least one body of --max-body-bytes ({})",
+                a.max_body_bytes
+            ));
+        }
         let secs = Duration::from_secs;
         Ok(Self {
             kubeconfig: a.kubeconfig.clone(),
@@ -239,10 +304,33 @@ impl ProxyConfig {
             cache_min_remaining: secs(a.cache_min_remaining_secs),
             entra_timeout: secs(a.entra_timeout_secs.max(1)),
             max_body_bytes: a.max_body_bytes,
+            body_timeout: secs(a.body_timeout_secs.max(1)),
+            idle_timeout: secs(a.idle_timeout_secs.max(1)),
+            limits: LimitsConfig {
+                // A per-peer share never exceeds the whole (lowering a global limit alone
+                // lowers the shares with it).
+                max_connections: a.max_connections,
+                max_connections_per_peer: a.max_connections_per_peer.min(a.max_connections),
+                max_in_flight: a.max_in_flight,
+                max_in_flight_per_peer: a.max_in_flight_per_peer.min(a.max_in_flight),
+                max_buffered_bytes: a.max_buffered_bytes,
+                max_buffered_bytes_per_peer: a
+                    .max_buffered_bytes_per_peer
+                    .min(a.max_buffered_bytes),
+            },
+            caller_miss_budget: a.caller_miss_budget,
+            caller_claims_budget: a.caller_claims_budget,
+            cache_max_keys_per_identity: a.cache_max_keys_per_identity,
+            allow_wildcard_grants: a.allow_wildcard_grants,
+            // The admin server answers probes and scrapes: small, and no peer takes it all.
+            admin_limits: LimitsConfig {
+                max_connections: a.admin_max_connections,
+                max_connections_per_peer: (a.admin_max_connections / 4).max(1),
+                ..LimitsConfig::unbounded()
+            },
             handshake_timeout: secs(a.handshake_timeout_secs.max(1)),
             header_read_timeout: secs(a.header_read_timeout_secs.max(1)),
             request_timeout: secs(a.request_timeout_secs.max(1)),
-            max_connections: a.max_connections,
             h2_max_streams: a.h2_max_streams.max(1),
             drain_timeout: secs(a.drain_timeout_secs),
             shutdown_delay: secs(a.shutdown_delay_secs),

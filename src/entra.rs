@@ -43,9 +43,15 @@ impl std::fmt::Debug for IssuedToken {
     }
 }
 
+/// The longest lifetime accepted from Entra: its access tokens live 1 to 24 hours. Anything
+/// longer is clamped, so no answer can push an `Instant` out of range.
+pub const MAX_LIFETIME_SECS: u64 = 24 * 3600;
+
 impl IssuedToken {
     pub fn expires_at(&self) -> Instant {
-        self.received + Duration::from_secs(self.expires_in)
+        self.received
+            .checked_add(Duration::from_secs(self.expires_in))
+            .unwrap_or(self.received)
     }
 
     pub fn remaining(&self) -> Duration {
@@ -179,24 +185,7 @@ impl EntraClient {
         let received = Instant::now();
         let status = fetched.status;
         if status == StatusCode::OK {
-            let raw: RawToken = serde_json::from_slice(&fetched.body).map_err(|e| {
-                ProxyError::BadUpstream(format!(
-                    "Entra answered 200 but not with a token response ({e}). Retry later; if it \
-                     persists, check --authority-host."
-                ))
-            })?;
-            if raw.access_token.is_empty() || raw.expires_in == 0 {
-                return Err(ProxyError::BadUpstream(
-                    "Entra answered a token response without a usable access token.".into(),
-                ));
-            }
-            return Ok(IssuedToken {
-                access_token: raw.access_token.into(),
-                expires_in: raw.expires_in,
-                ext_expires_in: raw.ext_expires_in.unwrap_or(raw.expires_in),
-                refresh_in: raw.refresh_in,
-                received,
-            });
+            return parse_token(&fetched.body, received);
         }
         let retry_after = fetched
             .headers
@@ -241,6 +230,41 @@ impl EntraClient {
     }
 }
 
+/// Reads Entra's 200 answer. Lifetimes must be positive; above [`MAX_LIFETIME_SECS`] they are
+/// clamped (and `refresh_in` to the lifetime), so a wrong value upstream cannot panic the
+/// proxy or keep a token past its real expiry by more than that bound.
+pub fn parse_token(body: &[u8], received: Instant) -> Result<IssuedToken, ProxyError> {
+    let raw: RawToken = serde_json::from_slice(body).map_err(|e| {
+        ProxyError::BadUpstream(format!(
+            "Entra answered 200 but not with a token response ({e}). Retry later; if it \
+             persists, check --authority-host."
+        ))
+    })?;
+    if raw.access_token.is_empty() || raw.expires_in == 0 {
+        return Err(ProxyError::BadUpstream(
+            "Entra answered a token response without a usable access token or lifetime.".into(),
+        ));
+    }
+    let expires_in = raw.expires_in.min(MAX_LIFETIME_SECS);
+    if expires_in != raw.expires_in {
+        tracing::warn!(
+            expires_in = raw.expires_in,
+            clamped = expires_in,
+            "Entra answered a lifetime over 24 h; clamped"
+        );
+    }
+    Ok(IssuedToken {
+        access_token: raw.access_token.into(),
+        expires_in,
+        ext_expires_in: raw
+            .ext_expires_in
+            .unwrap_or(expires_in)
+            .min(MAX_LIFETIME_SECS),
+        refresh_in: raw.refresh_in.map(|r| r.min(expires_in)),
+        received,
+    })
+}
+
 fn status_label(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200 => "200",
@@ -264,6 +288,25 @@ fn first_line(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_lifetimes_are_clamped_and_zero_is_refused() {
+        let now = Instant::now();
+        let t = parse_token(
+            br#"{"access_token":"x","expires_in":18446744073709551615,"ext_expires_in":18446744073709551615,"refresh_in":18446744073709551615}"#,
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            (t.expires_in, t.ext_expires_in, t.refresh_in),
+            (MAX_LIFETIME_SECS, MAX_LIFETIME_SECS, Some(MAX_LIFETIME_SECS))
+        );
+        assert!(t.remaining() <= Duration::from_secs(MAX_LIFETIME_SECS));
+        let zero = parse_token(br#"{"access_token":"x","expires_in":0}"#, now).unwrap_err();
+        assert_eq!(zero.status(), 502);
+        let negative = parse_token(br#"{"access_token":"x","expires_in":-5}"#, now).unwrap_err();
+        assert_eq!(negative.status(), 502);
+    }
 
     #[test]
     fn token_fields_accept_integers_and_strings() {

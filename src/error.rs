@@ -60,6 +60,16 @@ pub enum ProxyError {
         status: StatusCode,
         body: Box<ErrorBody>,
     },
+    /// The caller (namespace/service account) spent its budget of cache misses or `claims`
+    /// requests (429 with Retry-After).
+    #[error("{description}")]
+    OverBudget {
+        retry_after: u64,
+        description: String,
+    },
+    /// The request did not arrive in time (408).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// Entra throttled us (429 with Retry-After).
     #[error("{description}")]
     Throttled {
@@ -120,7 +130,8 @@ impl ProxyError {
             Self::InvalidAssertion { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) | Self::Unbound(_) => StatusCode::FORBIDDEN,
             Self::Upstream { status, .. } => *status,
-            Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Throttled { .. } | Self::OverBudget { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadUpstream(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -131,9 +142,9 @@ impl ProxyError {
     /// Seconds for a `Retry-After` header, where the client should retry.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::Throttled { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::Throttled { retry_after, .. }
+            | Self::Unavailable { retry_after, .. }
+            | Self::OverBudget { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -149,6 +160,8 @@ impl ProxyError {
             Self::Unbound(_) => "unbound",
             Self::Upstream { .. } => "upstream_error",
             Self::Throttled { .. } => "throttled",
+            Self::OverBudget { .. } => "over_budget",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::Unavailable { .. } => "unavailable",
             Self::BadUpstream(_) => "bad_upstream",
             Self::Internal(_) => "internal",
@@ -170,7 +183,10 @@ impl ProxyError {
                 body.correlation_id = correlation_id.to_string();
                 return body;
             }
-            Self::Throttled { .. } => ("temporarily_unavailable", codes::UNAVAILABLE),
+            Self::Throttled { .. } | Self::OverBudget { .. } => {
+                ("temporarily_unavailable", codes::UNAVAILABLE)
+            }
+            Self::RequestTimeout(_) => ("invalid_request", codes::INVALID_REQUEST),
             Self::Unavailable { .. } => ("temporarily_unavailable", codes::UNAVAILABLE),
             Self::BadUpstream(_) | Self::Internal(_) => ("server_error", codes::UNAVAILABLE),
             Self::NotFound { .. } => ("invalid_request", codes::INVALID_REQUEST),

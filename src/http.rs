@@ -4,6 +4,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,9 +14,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::error::ProxyError;
+use crate::limits::{Limits, RequestPermit};
 
 pub type Body = Full<Bytes>;
 
@@ -47,7 +53,7 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     resp
 }
 
-/// Reads a whole request body, refusing more than `limit` bytes.
+/// Reads a whole request body, refusing more than `limit` bytes (the emulators' reader).
 pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
 where
     B: hyper::body::Body<Data = Bytes>,
@@ -68,14 +74,215 @@ pub enum BodyError {
     Read(String),
 }
 
-/// Serves plain HTTP/1.1 (and h2c by prior knowledge) on `listener` until `shutdown` fires.
-/// Used by the admin server and the emulators; the proxy's TLS listener lives in `server`.
-pub async fn serve_plain<F, Fut>(listener: TcpListener, shutdown: CancellationToken, handler: F)
+/// Reads a token request's body: at most `limit` bytes, each one accounted in `permit` (the
+/// process's and the peer's budget of buffered bytes) as it arrives, all within `deadline`.
+pub async fn read_request_body<B>(
+    body: B,
+    limit: usize,
+    deadline: Duration,
+    permit: &mut RequestPermit,
+) -> Result<Bytes, ProxyError>
 where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                ProxyError::invalid_request(format!("The request body could not be read: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers carry nothing we read
+            };
+            total = total.saturating_add(data.len());
+            if total > limit {
+                return Err(ProxyError::invalid_request(format!(
+                    "The request body is larger than {limit} bytes. A token request is a small \
+                     form: its largest part is the service-account token."
+                )));
+            }
+            permit.buffer(data.len())?;
+            chunks.push(data);
+        }
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => Bytes::from(chunks.concat()),
+        })
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyError::RequestTimeout(format!(
+            "The request body did not arrive within {} s. Send the whole form at once.",
+            deadline.as_secs()
+        ))),
+    }
+}
+
+/// The deadlines of one connection (SPEC §11): a peer that connects and then sends nothing,
+/// or keeps a connection open without using it, gives its place back.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnTimeouts {
+    /// A complete first request head must arrive within this after the connection is set up
+    /// (the TLS handshake done): covers hyper's protocol detection, which waits for the first
+    /// bytes without a deadline of its own.
+    pub first_request: Option<Duration>,
+    /// A connection with no request in flight for this long is closed (gracefully: h2 gets a
+    /// GOAWAY).
+    pub idle: Option<Duration>,
+}
+
+impl ConnTimeouts {
+    pub const NONE: Self = Self {
+        first_request: None,
+        idle: None,
+    };
+}
+
+/// Requests on one connection, for its deadlines.
+struct Activity {
+    opened: tokio::time::Instant,
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened` when the last request finished.
+    last_done_ms: AtomicU64,
+}
+
+/// Why a connection's deadline closed it.
+enum Expiry {
+    NoRequest,
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: tokio::time::Instant::now(),
+            started: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        ActivityGuard(self.clone())
+    }
+
+    /// Completes when the connection has passed one of its deadlines. A busy connection is
+    /// looked at again every idle period, so an idle one closes on time without any wake-up
+    /// per request.
+    async fn expired(&self, timeouts: ConnTimeouts) -> Expiry {
+        loop {
+            let now = tokio::time::Instant::now();
+            let started = self.started.load(Ordering::Acquire) > 0;
+            let next = match (started, timeouts.first_request, timeouts.idle) {
+                (false, Some(first), _) => {
+                    let deadline = self.opened + first;
+                    if now >= deadline {
+                        return Expiry::NoRequest;
+                    }
+                    deadline
+                }
+                _ if self.in_flight.load(Ordering::Acquire) > 0 => {
+                    now + timeouts.idle.unwrap_or(IDLE_RECHECK)
+                }
+                (_, _, Some(idle)) => {
+                    let done = Duration::from_millis(self.last_done_ms.load(Ordering::Acquire));
+                    let deadline = self.opened + done + idle;
+                    if now >= deadline {
+                        return Expiry::Idle;
+                    }
+                    deadline
+                }
+                (_, _, None) => now + IDLE_RECHECK,
+            };
+            tokio::time::sleep_until(next).await;
+        }
+    }
+}
+
+/// How often a connection without deadlines, or a busy one, looks at its state again.
+const IDLE_RECHECK: Duration = Duration::from_secs(3600);
+/// How long a connection closed by a deadline or shutdown may take to finish cleanly.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_done_ms.store(ms, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one accepted connection (plain or TLS) with `builder` until the peer closes it, a
+/// deadline of `timeouts` passes, or `shutdown` fires (then in-flight requests finish within a
+/// grace period). The one connection driver of the proxy, its admin server and the emulators.
+pub async fn serve_connection<I, F, Fut>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    timeouts: ConnTimeouts,
+    shutdown: &CancellationToken,
+    handler: F,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| {
+            let guard = activity.begin();
+            let response = handler(req);
+            async move {
+                let response = response.await;
+                drop(guard);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        expiry = activity.expired(timeouts) => match expiry {
+            // Nothing was asked: nothing to finish.
+            Expiry::NoRequest => return,
+            Expiry::Idle => conn.as_mut().graceful_shutdown(),
+        },
+        _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+}
+
+/// Serves plain HTTP/1.1 (and h2c by prior knowledge) on `listener` until `shutdown` fires,
+/// within `limits` and `timeouts`. The admin server and the emulators use it; the proxy's TLS
+/// listener lives in `server`.
+pub async fn serve_plain<F, Fut>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    limits: Arc<Limits>,
+    timeouts: ConnTimeouts,
+    handler: F,
+) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let tracker = tokio_util::task::TaskTracker::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    if let Some(t) = timeouts.first_request {
+        builder.http1().header_read_timeout(t);
+    }
+    let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -88,23 +295,20 @@ where
                 }
             },
         };
+        let permit = match limits.connect(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                tracing::warn!(%peer, limit = refusal.label(), "connection refused: limit reached");
+                continue;
+            }
+        };
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let builder = builder.clone();
         tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req, peer).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
+            let _permit = permit;
+            let handler = move |req| handler(req, peer);
+            serve_connection(&builder, stream, timeouts, &shutdown, handler).await;
         });
     }
     tracker.close();

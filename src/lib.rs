@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod issuer;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;

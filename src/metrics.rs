@@ -28,6 +28,7 @@ pub struct Metrics {
     pub entra_duration: Histogram,
     pub kube_reviews: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub caller_budget_exceeded: IntCounterVec,
     pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
@@ -79,6 +80,11 @@ impl Metrics {
             "tls_handshake_failures_total",
             "Failed TLS handshakes by reason.",
             &["reason"],
+        );
+        let caller_budget_exceeded = counter(
+            "caller_budget_exceeded_total",
+            "Requests refused with 429 because their caller (namespace/service account) spent its per-minute budget, by budget ('miss', 'claims' or 'review').",
+            &["kind"],
         );
 
         let request_duration = HistogramVec::new(
@@ -137,6 +143,8 @@ impl Metrics {
             "unbound",
             "upstream_error",
             "throttled",
+            "over_budget",
+            "request_timeout",
             "unavailable",
             "bad_upstream",
         ] {
@@ -163,8 +171,12 @@ impl Metrics {
             "timeout",
             "closed",
             "connection_limit",
+            "peer_connection_limit",
         ] {
             tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for kind in ["miss", "claims", "review"] {
+            caller_budget_exceeded.with_label_values(&[kind]);
         }
         Self {
             registry,
@@ -180,6 +192,7 @@ impl Metrics {
             entra_duration,
             kube_reviews,
             tls_handshake_failures,
+            caller_budget_exceeded,
             certificate_reloads,
             certificate_expiry,
             build_info,

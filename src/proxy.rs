@@ -15,7 +15,8 @@ use crate::bindings::Bindings;
 use crate::cache::{CacheKey, Fetch, Lookup, TokenCache};
 use crate::entra::{EntraClient, Exchange, IssuedToken};
 use crate::error::{ProxyError, Result};
-use crate::http::{json, json_value, read_body, Body, BodyError};
+use crate::http::{json, json_value, read_request_body, Body};
+use crate::limits::{ConnectionPermit, RequestPermit};
 use crate::issuer::Issuer;
 use crate::metrics::Metrics;
 use crate::token::{self, Route, TokenResponse};
@@ -33,6 +34,8 @@ pub struct App {
     pub profiles: HashMap<String, Profile>,
     pub default_profile: Profile,
     pub max_body_bytes: usize,
+    /// Deadline for a request's whole body, from its head.
+    pub body_timeout: Duration,
 }
 
 /// The Entra settings a connection's SNI name selects.
@@ -53,32 +56,6 @@ impl Profile {
     }
 }
 
-/// Tenants match when equal. A GUID and a domain name (e.g. contoso.onmicrosoft.com) cannot
-/// be compared here, so that pair is left to Entra, which refuses a wrong one; anything else
-/// (e.g. `organizations`, `common`) must equal the binding's tenant.
-fn same_tenant(a: &str, b: &str) -> bool {
-    let guid = |t: &str| token::parse_guid(t).is_some();
-    let domain = |t: &str| !guid(t) && crate::bindings::is_domain(t);
-    a.eq_ignore_ascii_case(b) || (guid(a) && domain(b)) || (domain(a) && guid(b))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_tenant;
-
-    #[test]
-    fn tenants_compare_strictly_except_guid_against_domain() {
-        let g = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-        assert!(same_tenant(g, &g.to_uppercase()));
-        assert!(same_tenant(g, "contoso.onmicrosoft.com"));
-        assert!(!same_tenant("organizations", g));
-        assert!(!same_tenant("common", g));
-        assert!(!same_tenant("00000000-0000-0000-0000-000000000001", g));
-        assert!(!same_tenant("fabrikam.com", "contoso.com"));
-        assert!(!same_tenant("..%2F..%2Fetc", g));
-    }
-}
-
 /// What one request did, for its log line. Never holds a credential.
 #[derive(Default)]
 struct Trace {
@@ -92,10 +69,24 @@ struct Trace {
     upstream_wait: Option<Duration>,
 }
 
-/// Where a connection came from, for logs and the discovery document.
+/// Where a connection came from, the name it is served under, and its share of the limits.
 pub struct ConnInfo {
     pub peer: std::net::SocketAddr,
+    /// The SNI name the connection is served under: the client's, or the default name for a
+    /// client that sent none (so it gets that name's profile, never a looser one).
     pub sni: Option<String>,
+    pub permit: ConnectionPermit,
+}
+
+impl ConnInfo {
+    /// A connection for an in-process caller (benchmarks, tests), outside any accept loop.
+    pub fn detached(peer: std::net::SocketAddr, sni: Option<String>) -> Self {
+        Self {
+            peer,
+            sni,
+            permit: ConnectionPermit::detached(peer.ip()),
+        }
+    }
 }
 
 impl App {
@@ -115,7 +106,10 @@ impl App {
         let correlation_id = correlation_id(&req);
         let method = req.method().clone();
         let mut trace = Trace::default();
-        let result = self.serve(req, conn, &mut trace).await;
+        let result = match conn.permit.request() {
+            Ok(mut permit) => self.serve(req, conn, &mut permit, &mut trace).await,
+            Err(e) => Err(e),
+        };
         let elapsed = started.elapsed();
         let (response, outcome) = match result {
             Ok(resp) => (resp, "success"),
@@ -192,6 +186,7 @@ impl App {
         &self,
         req: Request<B>,
         conn: &ConnInfo,
+        permit: &mut RequestPermit,
         trace: &mut Trace,
     ) -> Result<Response<Body>>
     where
@@ -202,21 +197,8 @@ impl App {
         let path_tenant = match token::route(&parts.method, parts.uri.path()) {
             Route::Token { tenant } => tenant,
             Route::Discovery { tenant, prefix } => {
-                // Only a plausible authority is echoed back; anything else falls back to SNI.
-                let host = parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .filter(|h| {
-                        !h.is_empty()
-                            && h.len() <= 255
-                            && h.chars()
-                                .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
-                    })
-                    .map(str::to_string)
-                    .or_else(|| conn.sni.clone())
-                    .unwrap_or_else(|| "localhost".into());
-                let host = token::printable(&host, 255);
+                // Built from the name the connection is served under, never from Host.
+                let host = conn.sni.as_deref().unwrap_or("localhost");
                 let tenant = token::printable(&tenant, 100);
                 let base = format!("https://{host}{prefix}");
                 return Ok(json_value(
@@ -230,16 +212,8 @@ impl App {
         debug_assert_eq!(parts.method, Method::POST);
 
         // 1. Parse.
-        let body = read_body(body, self.max_body_bytes)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge(limit) => ProxyError::invalid_request(format!(
-                "The request body is larger than {limit} bytes. A token request is a small form."
-            )),
-                BodyError::Read(e) => {
-                    ProxyError::invalid_request(format!("The request body could not be read: {e}"))
-                }
-            })?;
+        let body =
+            read_request_body(body, self.max_body_bytes, self.body_timeout, permit).await?;
         if !body.iter().all(u8::is_ascii_whitespace) {
             token::check_content_type(
                 parts
@@ -250,13 +224,18 @@ impl App {
         }
         let req = token::parse(path_tenant, parts.uri.query(), &body)?;
         trace.client_id = Some(req.client_id.clone());
-        trace.scope = Some(req.scope_key.clone());
+        trace.scope = Some(req.scope.clone());
 
         // 2. Authenticate the service-account token.
         let caller = self.authn.authenticate(&req.assertion).await?;
         trace.caller = Some(caller.clone());
 
-        // 3. Is this identity bound to this cluster, and in the tenant the caller named?
+        // 3. Authorize: on EVERY request, before the cache is consulted, and before anything
+        //    that could tell an unauthorized caller whether or where this identity is bound.
+        self.authz.authorize(&caller, &req.client_id).await?;
+
+        // 4. Is this identity bound to this cluster, in the tenant the caller and the SNI
+        //    name's profile ask for?
         let binding = self
             .bindings
             .current()
@@ -271,14 +250,19 @@ impl App {
             ))
             })?;
         let profile = self.profile(conn.sni.as_deref());
-        if let Some(tenant) = req.path_tenant.as_ref().or(profile.tenant.as_ref()) {
-            if !same_tenant(tenant, &binding.tenant_id) {
+        let asked = [
+            (profile.tenant.as_deref(), "this SNI name's profile"),
+            (req.path_tenant.as_deref(), "the request"),
+        ];
+        for (tenant, whose) in asked {
+            let Some(tenant) = tenant else { continue };
+            if !tenant.eq_ignore_ascii_case(&binding.tenant_id) {
                 return Err(ProxyError::InvalidRequest {
                     code: crate::error::codes::TENANT_MISMATCH,
                     description: format!(
-                        "The request is for tenant '{}', but managed identity '{}' is bound to \
-                         tenant '{}'. Set AZURE_TENANT_ID to '{}' (or use the SNI name of that \
-                         tenant's profile).",
+                        "Tenant '{}' (from {whose}) is not this identity's: managed identity \
+                         '{}' is bound to tenant '{}'. Set AZURE_TENANT_ID to '{}' (or use the \
+                         SNI name of that tenant's profile).",
                         token::printable(tenant, 100),
                         binding.client_id,
                         binding.tenant_id,
@@ -288,20 +272,17 @@ impl App {
             }
         }
 
-        // 4. Authorize: on EVERY request, before the cache is consulted.
-        self.authz.authorize(&caller, &req.client_id).await?;
-
         // 5. Cache, or exchange with Entra through the identity's one FIC.
         let key = CacheKey {
             authority: profile.authority_key.clone(),
             tenant: binding.tenant_id.clone(),
             client_id: binding.client_id.clone(),
-            scopes: req.scope_key.clone(),
+            scopes: req.scope,
         };
         let asked = Instant::now();
         let (issued, lookup) = self
             .cache
-            .get(key, &req.scope, req.claims.as_deref())
+            .get(key, req.claims.as_deref(), &caller.username)
             .await?;
         trace.cache = Some(lookup);
         if lookup != Lookup::Hit {
@@ -320,16 +301,11 @@ pub struct Exchanger {
 }
 
 impl Fetch for Exchanger {
-    fn fetch(
-        &self,
-        key: &CacheKey,
-        scope: &str,
-        claims: Option<&str>,
-    ) -> BoxFuture<'static, Result<IssuedToken>> {
+    fn fetch(&self, key: &CacheKey, claims: Option<&str>) -> BoxFuture<'static, Result<IssuedToken>> {
         let binding = self.bindings.current().get(&key.client_id).cloned();
         let (issuer, entra) = (self.issuer.clone(), self.entra.clone());
         let authority = key.authority.clone();
-        let (scope, claims) = (scope.to_string(), claims.map(str::to_string));
+        let (scope, claims) = (key.scopes.clone(), claims.map(str::to_string));
         let tenant = key.tenant.clone();
         async move {
             // Bindings may have changed since the request (or the last refresh) started.

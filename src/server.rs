@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use http::{Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,7 +22,8 @@ use crate::cache::{CacheConfig, TokenCache};
 use crate::cluster::Cluster;
 use crate::config::ProxyConfig;
 use crate::entra::EntraClient;
-use crate::http::{json, text, Body};
+use crate::http::{json, serve_connection, text, Body, ConnTimeouts};
+use crate::limits::{CallerBudgets, Limits};
 use crate::issuer::Issuer;
 use crate::metrics::Metrics;
 use crate::proxy::{App, ConnInfo, Exchanger, Profile};
@@ -116,12 +116,18 @@ pub async fn start(
         metrics.clone(),
     ));
     authn.load_persisted();
+    let budgets = Arc::new(CallerBudgets::new(
+        config.caller_miss_budget,
+        config.caller_claims_budget,
+    ));
     let authz = Arc::new(Authorizer::new(
         cluster.clone(),
         AuthzConfig {
             allowed_ttl: config.authz_allowed_ttl,
             denied_ttl: config.authz_denied_ttl,
+            allow_wildcard_grants: config.allow_wildcard_grants,
         },
+        budgets.clone(),
         metrics.clone(),
     ));
     let entra = Arc::new(EntraClient::new(
@@ -138,7 +144,9 @@ pub async fn start(
         CacheConfig {
             capacity: config.cache_capacity,
             min_remaining: config.cache_min_remaining,
+            max_keys_per_identity: config.cache_max_keys_per_identity,
         },
+        budgets,
         exchanger,
         metrics.clone(),
     ));
@@ -156,6 +164,7 @@ pub async fn start(
             .collect(),
         default_profile: Profile::new(&config.authority_host, None),
         max_body_bytes: config.max_body_bytes,
+        body_timeout: config.body_timeout,
     });
     let readiness = Arc::new(Readiness {
         authn: authn.clone(),
@@ -191,6 +200,11 @@ pub async fn start(
     let admin = tokio::spawn(crate::http::serve_plain(
         admin_listener,
         admin_stop.clone(),
+        Limits::new(config.admin_limits.clone()),
+        ConnTimeouts {
+            first_request: Some(config.header_read_timeout),
+            idle: Some(config.idle_timeout),
+        },
         {
             let readiness = readiness.clone();
             let metrics = metrics.clone();
@@ -240,6 +254,39 @@ fn admin_response(path: &str, readiness: &Readiness, metrics: &Metrics) -> Respo
     }
 }
 
+/// How often an idle h2 connection is pinged, and how long the answer may take: a peer that
+/// vanished without closing is found within a minute.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's HTTP/1 read buffer: a request head plus a body chunk; its default (~400 KiB) is
+/// room an unauthenticated peer could fill on every connection.
+const H1_MAX_BUF: usize = 32 * 1024;
+/// The largest h2 header block accepted (hyper's default; stated so it is visibly bounded).
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// The HTTP settings of the token port, sized to a token request (SPEC §11): an h2 stream's
+/// window holds one body, a connection's window a few.
+fn token_port_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let body_window = u32::try_from(config.max_body_bytes).unwrap_or(u32::MAX);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(H1_MAX_BUF)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.h2_max_streams)
+        .initial_stream_window_size(body_window)
+        .initial_connection_window_size(body_window.saturating_mul(4).max(65_535))
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    builder
+}
+
 /// The TLS accept loop. On `shutdown`: stop accepting, let in-flight requests finish within
 /// the drain deadline, then return.
 async fn serve_tls(
@@ -249,19 +296,13 @@ async fn serve_tls(
     config: &ProxyConfig,
     shutdown: CancellationToken,
 ) {
-    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let limits = Limits::new(config.limits.clone());
     let tracker = TaskTracker::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(config.h2_max_streams);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(token_port_builder(config));
+    let timeouts = ConnTimeouts {
+        first_request: Some(config.header_read_timeout),
+        idle: Some(config.idle_timeout),
+    };
     let request_timeout = config.request_timeout;
     loop {
         let (tcp, peer) = tokio::select! {
@@ -275,16 +316,19 @@ async fn serve_tls(
                 }
             },
         };
-        // Over the connection limit: a clean close at once, rather than a queue that hides
+        // Over a connection limit: a clean close at once, rather than a queue that hides
         // overload from the client and from the metrics.
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            app.metrics
-                .tls_handshake_failures
-                .with_label_values(&["connection_limit"])
-                .inc();
-            tracing::warn!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
-            drop(tcp);
-            continue;
+        let permit = match limits.connect(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                app.metrics
+                    .tls_handshake_failures
+                    .with_label_values(&[refusal.label()])
+                    .inc();
+                tracing::warn!(%peer, limit = refusal.label(), "connection limit reached; closing new connection");
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let router = router.clone();
@@ -292,7 +336,6 @@ async fn serve_tls(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let _permit = permit;
             let tls = match router.accept(tcp).await {
                 Ok(tls) => tls,
                 Err(e) => {
@@ -302,13 +345,14 @@ async fn serve_tls(
             };
             let conn_info = Arc::new(ConnInfo {
                 peer,
-                sni: tls.get_ref().1.server_name().map(str::to_string),
+                sni: router.served_name(tls.get_ref().1.server_name()),
+                permit,
             });
-            let service = hyper::service::service_fn(move |req| {
+            let handler = move |req| {
                 let app = app.clone();
                 let conn_info = conn_info.clone();
                 async move {
-                    let resp = match tokio::time::timeout(request_timeout, app.handle(req, &conn_info)).await {
+                    match tokio::time::timeout(request_timeout, app.handle(req, &conn_info)).await {
                         Ok(resp) => resp,
                         Err(_) => {
                             let e = crate::error::ProxyError::Unavailable {
@@ -317,19 +361,10 @@ async fn serve_tls(
                             };
                             json(e.status(), e.body("").to_json())
                         }
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
+                    }
                 }
-            });
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            };
+            serve_connection(&builder, tls, timeouts, &shutdown, handler).await;
         });
     }
     tracker.close();

@@ -258,6 +258,13 @@ impl SniRouter {
         }
     }
 
+    /// The name a connection is served under: the SNI name it sent, or the default name when
+    /// it sent none (the handshake refused anything else).
+    pub fn served_name(&self, sni: Option<&str>) -> Option<String> {
+        sni.map(str::to_ascii_lowercase)
+            .or_else(|| self.default_name.clone())
+    }
+
     /// Accepts one TLS connection, choosing the configuration by SNI.
     pub async fn accept(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
         let result = tokio::time::timeout(self.handshake_timeout, self.handshake(tcp)).await;

@@ -74,10 +74,9 @@ pub struct TokenRequest {
     pub path_tenant: Option<String>,
     /// Lower-case GUID.
     pub client_id: String,
-    /// Scopes as sent, in order (for the upstream call).
+    /// The canonical scope set (see [`canonical_scopes`]): the cache key AND what is sent to
+    /// Entra, so two spellings of one scope can never become two entries or two calls.
     pub scope: String,
-    /// Normalized scope set: lower-cased, de-duplicated, sorted (for the cache key).
-    pub scope_key: String,
     /// The SA token, trimmed.
     pub assertion: String,
     /// A CAE claims challenge: never served from cache.
@@ -201,13 +200,12 @@ pub fn parse(
         )));
     }
     let scope = scope.ok_or_else(|| ProxyError::missing("scope"))?;
-    let scope_key = normalize_scopes(&scope)?;
+    let scope = canonical_scopes(&scope)?;
     let claims = claims.filter(|c| !c.trim().is_empty()).map(Cow::into_owned);
     Ok(TokenRequest {
         path_tenant,
         client_id,
-        scope: scope.trim().to_string(),
-        scope_key,
+        scope,
         assertion: assertion.to_string(),
         claims,
     })
@@ -257,39 +255,77 @@ fn form_decode(raw: &str) -> Option<Cow<'_, str>> {
     String::from_utf8(out).ok().map(Cow::Owned)
 }
 
-/// Lower-case, de-duplicate and sort scopes; each must be an app-only `.default` scope.
-fn normalize_scopes(scope: &str) -> Result<String> {
-    // The common case, one scope, without building a set.
-    let one = scope.trim_matches(|c: char| c.is_ascii_whitespace());
-    if !one.is_empty()
-        && !one.contains(|c: char| c.is_ascii_whitespace())
-        && one.ends_with("/.default")
+/// The canonical form of a scope parameter: split on ASCII white space, each scope's scheme and
+/// host lower-cased (resource hosts are case-insensitive; the path is kept, since Entra copies
+/// the resource's spelling into the token's `aud`), its `/.default` suffix lower-cased,
+/// de-duplicated, sorted, joined by one space. Each must be an app-only `.default` scope. Non-ASCII
+/// and control characters are refused: no resource identifier contains them, and accepting them
+/// would let one scope be spelled many ways.
+pub fn canonical_scopes(scope: &str) -> Result<String> {
+    if let Some(bad) = scope
+        .chars()
+        .find(|c| !c.is_ascii() || (c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\r')))
     {
-        return Ok(one.to_ascii_lowercase());
+        return Err(ProxyError::InvalidScope(format!(
+            "The scope contains the character U+{:04X}, which no resource identifier has. Send \
+             exactly '<resource>/.default' in plain ASCII, e.g. \
+             'https://management.azure.com/.default'.",
+            bad as u32
+        )));
     }
-    let set: BTreeSet<String> = scope
-        .split_ascii_whitespace()
-        .map(|s| s.to_ascii_lowercase())
-        .collect();
+    // The common case, one scope already in canonical form, without building a set.
+    let one = scope.trim_ascii();
+    if !one.is_empty() && !one.contains(|c: char| c.is_ascii_whitespace()) {
+        return canonical_scope(one).map(Cow::into_owned);
+    }
+    let mut set = BTreeSet::new();
+    for s in scope.split_ascii_whitespace() {
+        if set.len() == MAX_SCOPES {
+            return Err(ProxyError::InvalidScope(format!(
+                "More than {MAX_SCOPES} scopes were requested. Client credentials use exactly \
+                 one '<resource>/.default' scope."
+            )));
+        }
+        set.insert(canonical_scope(s)?);
+    }
     if set.is_empty() {
         return Err(ProxyError::missing("scope"));
     }
-    if set.len() > MAX_SCOPES {
-        return Err(ProxyError::InvalidScope(format!(
-            "{} scopes were requested; at most {MAX_SCOPES} are accepted. Client credentials \
-             use exactly one '<resource>/.default' scope.",
-            set.len()
-        )));
-    }
-    if let Some(bad) = set.iter().find(|s| !s.ends_with("/.default")) {
-        return Err(ProxyError::InvalidScope(format!(
-            "scope '{}' is not a '<resource>/.default' scope. An application token \
-             (client credentials) must request '<resource>/.default', e.g. \
-             'https://management.azure.com/.default'.",
-            printable(bad, 120)
-        )));
-    }
     Ok(set.into_iter().collect::<Vec<_>>().join(" "))
+}
+
+/// One scope in canonical form; borrowed when it already is.
+fn canonical_scope(s: &str) -> Result<Cow<'_, str>> {
+    const SUFFIX: &str = "/.default";
+    let ok_suffix = s.len() > SUFFIX.len()
+        && s.is_char_boundary(s.len() - SUFFIX.len())
+        && s[s.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX);
+    if !ok_suffix {
+        return Err(ProxyError::InvalidScope(format!(
+            "scope '{}' is not a '<resource>/.default' scope. An application token (client \
+             credentials) must request '<resource>/.default', e.g. \
+             'https://management.azure.com/.default'.",
+            printable(s, 120)
+        )));
+    }
+    // The part to lower-case: "scheme://host" of a URI, or the first segment of a bare
+    // resource such as an application id.
+    let host_end = match s.find("://") {
+        Some(i) => s[i + 3..].find('/').map_or(s.len(), |j| i + 3 + j),
+        None => s.find('/').unwrap_or(s.len()),
+    };
+    let suffix_start = s.len() - SUFFIX.len();
+    let canonical = |range: &str| !range.bytes().any(|b| b.is_ascii_uppercase());
+    if canonical(&s[..host_end]) && canonical(&s[suffix_start..]) {
+        return Ok(Cow::Borrowed(s));
+    }
+    let mut out = String::with_capacity(s.len());
+    out.push_str(&s[..host_end].to_ascii_lowercase());
+    if host_end < suffix_start {
+        out.push_str(&s[host_end..suffix_start]);
+    }
+    out.push_str(SUFFIX);
+    Ok(Cow::Owned(out))
 }
 
 /// A canonical lower-case GUID, or `None`.
@@ -543,7 +579,7 @@ mod tests {
         let req = parse(None, None, &form(&good())).unwrap();
         assert_eq!(req.client_id, CID);
         assert_eq!(req.assertion, "a.b.c");
-        assert_eq!(req.scope_key, "https://vault.azure.net/.default");
+        assert_eq!(req.scope, "https://vault.azure.net/.default");
         assert!(req.claims.is_none());
     }
 
@@ -597,17 +633,55 @@ mod tests {
     }
 
     #[test]
-    fn scopes_are_normalized_and_must_be_default_scopes() {
+    fn scopes_are_canonical_and_must_be_default_scopes() {
         assert_eq!(
-            normalize_scopes(" https://B/.default  https://a/.default https://b/.default").unwrap(),
+            canonical_scopes(" https://B/.default \t https://a/.default https://b/.DEFAULT\n")
+                .unwrap(),
             "https://a/.default https://b/.default"
         );
-        assert!(normalize_scopes("https://graph.microsoft.com/User.Read").is_err());
+        // Scheme and host are lower-cased; the path keeps its spelling (it becomes `aud`).
+        assert_eq!(
+            canonical_scopes("HTTPS://Contoso.COM/MyApi/.Default").unwrap(),
+            "https://contoso.com/MyApi/.default"
+        );
+        assert_eq!(
+            canonical_scopes("API://MyApp/.default").unwrap(),
+            "api://myapp/.default"
+        );
+        assert_eq!(
+            canonical_scopes("00000003-0000-0000-C000-000000000000/.default").unwrap(),
+            "00000003-0000-0000-c000-000000000000/.default"
+        );
+        assert!(matches!(
+            canonical_scopes("https://management.azure.com/.default"),
+            Ok(s) if s == "https://management.azure.com/.default"
+        ));
+        assert!(canonical_scopes("https://graph.microsoft.com/User.Read").is_err());
+        assert!(canonical_scopes("/.default").is_err());
         let many = (0..100)
             .map(|i| format!("https://r{i}/.default"))
             .collect::<Vec<_>>()
             .join(" ");
-        assert!(normalize_scopes(&many).is_err());
+        assert!(canonical_scopes(&many).is_err());
+        // Repetition is not "many scopes": one scope sent 100 times is one scope.
+        let repeated = vec!["https://a/.default"; 100].join(" ");
+        assert_eq!(canonical_scopes(&repeated).unwrap(), "https://a/.default");
+    }
+
+    #[test]
+    fn scopes_with_non_ascii_or_control_characters_are_refused_by_name() {
+        for bad in [
+            "\u{a0}https://management.azure.com/.default",
+            "\u{2003}https://management.azure.com/.default",
+            "https://management.azure.com/.default\u{200b}",
+            "https://managem\u{0435}nt.azure.com/.default",
+            "https://management.azure.com/.default\u{0}",
+            "\u{1b}https://management.azure.com/.default",
+        ] {
+            let err = canonical_scopes(bad).unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(err.to_string().contains("U+"), "{err}");
+        }
     }
 
     #[test]

@@ -307,6 +307,50 @@ fn proxy_service_keeps_token_traffic_on_the_callers_node() {
 }
 
 #[test]
+fn network_policy_admits_pods_to_the_token_port_and_only_monitoring_to_admin() {
+    let docs = cert_manager();
+    let policy = named(&docs, "NetworkPolicy", PROXY);
+    assert_eq!(policy["metadata"]["namespace"], NAMESPACE);
+    let labels = &daemonset(&docs)["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .expect("the policy selects pods by label")
+    {
+        assert_eq!(&labels[k], v, "policy selector {k} matches the proxy's pods");
+    }
+    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    let container = proxy_container(&docs);
+    let env = proxy_env(&docs);
+    let rules = array(&policy["spec"]["ingress"]);
+    let rule_for = |listen: &str| {
+        let port = port_of(&env[listen]);
+        let matching: Vec<&Value> = rules
+            .iter()
+            .filter(|r| {
+                array(&r["ports"])
+                    .iter()
+                    .any(|p| container_port(container, &p["port"]) == port)
+            })
+            .collect();
+        assert_eq!(matching.len(), 1, "exactly one rule admits {listen}'s port {port}");
+        matching[0]
+    };
+    let token = rule_for("IBP_LISTEN");
+    assert_eq!(
+        token["from"],
+        serde_json::json!([{"namespaceSelector": {}}]),
+        "every namespace's pods reach the token port"
+    );
+    let admin = rule_for("IBP_ADMIN_LISTEN");
+    assert_eq!(
+        admin["from"],
+        serde_json::json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]),
+        "only the monitoring namespace reaches the admin port"
+    );
+    assert_eq!(rules.len(), 2, "no other port is admitted");
+}
+
+#[test]
 fn proxy_rollout_starts_the_new_pod_before_stopping_the_old() {
     let docs = cert_manager();
     let strategy = &daemonset(&docs)["spec"]["updateStrategy"];

@@ -123,7 +123,13 @@ fn series(text: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_client_ids_grow_neither_metric_series_nor_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let sys = start_dev(dir.path()).await;
+    // Authorization runs before the bindings are consulted (so a refusal reveals nothing), and
+    // each caller's budget bounds the reviews that made-up ids can cause.
+    const BUDGET: u64 = 50;
+    let sys = start_dev_with(dir.path(), |a| {
+        a.proxy_flags = vec![format!("--caller-miss-budget={BUDGET}")]
+    })
+    .await;
     let allowed = read(&sys.info.allowed_token_file);
     let denied = read(&sys.info.denied_token_file);
     let path = format!("/{}/oauth2/v2.0/token", sys.info.tenant_id);
@@ -175,11 +181,18 @@ async fn random_client_ids_grow_neither_metric_series_nor_the_cache() {
         }
         for t in tasks {
             let (status, json) = t.await.unwrap();
-            assert_eq!(status, 403, "batch {batch}: {json}");
-            assert!(json["error_description"]
-                .as_str()
-                .unwrap()
-                .contains("not bound"));
+            let description = json["error_description"].as_str().unwrap();
+            match status {
+                403 => assert!(
+                    description.contains("is not allowed to use managed identity"),
+                    "batch {batch}: {json}"
+                ),
+                429 => assert!(
+                    description.contains("--caller-miss-budget"),
+                    "batch {batch}: {json}"
+                ),
+                _ => panic!("batch {batch}: {status} {json}"),
+            }
             assert!(json.get("access_token").is_none());
         }
     }
@@ -209,10 +222,10 @@ async fn random_client_ids_grow_neither_metric_series_nor_the_cache() {
         entra_before,
         "unbound ids reached Entra"
     );
-    assert_eq!(
-        sys.kube.counts().subject_access_reviews,
-        kube_before.subject_access_reviews,
-        "unbound ids reached authorization"
+    let reviews = sys.kube.counts().subject_access_reviews - kube_before.subject_access_reviews;
+    assert!(
+        reviews <= 2 * BUDGET,
+        "{reviews} SubjectAccessReviews for 1000 made-up ids from two callers"
     );
     sys.shutdown().await;
 }

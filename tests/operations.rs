@@ -76,7 +76,12 @@ fn parse_prometheus(text: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_carry_every_contract_name_move_with_traffic_and_stay_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let sys = start_dev(dir.path()).await;
+    // 1000 made-up client ids from one caller: its review budget is raised so every one of
+    // them reaches authorization (the budget itself is tested in node_surface).
+    let sys = start_dev_with(dir.path(), |a| {
+        a.proxy_flags = vec!["--caller-miss-budget=5000".into()]
+    })
+    .await;
     let admin = sys.proxy.admin_addr;
     let client = Client::for_dev(&sys);
     let info = sys.info.clone();

@@ -99,7 +99,7 @@ proptest! {
         ]);
         let req = token::parse(None, None, body.as_bytes()).unwrap();
         prop_assert_eq!(req.assertion.as_str(), assertion.trim());
-        prop_assert_eq!(req.scope_key.as_str(), "https://vault.azure.net/.default");
+        prop_assert_eq!(req.scope.as_str(), "https://vault.azure.net/.default");
         // The same form in the query with an empty body parses the same.
         let from_query = token::parse(None, Some(&body), b"").unwrap();
         prop_assert_eq!(from_query, req);
@@ -144,5 +144,71 @@ proptest! {
         let p = token::printable(&s, max);
         prop_assert!(!p.chars().any(char::is_control));
         prop_assert!(p.chars().count() <= max + 1);
+    }
+
+    /// The canonical scope string is a fixed point (canonical of canonical is itself), and
+    /// every spelling that differs only in host case, `/.default` case, order, repetition or
+    /// ASCII white space maps to it.
+    #[test]
+    fn scope_spellings_share_one_canonical_form(
+        hosts in proptest::collection::vec("[a-z][a-z0-9-]{0,10}\\.(net|com)", 1..4),
+        upper in proptest::collection::vec(any::<bool>(), 8),
+        spaces in proptest::collection::vec("[ \t\r\n]{1,3}", 8),
+        repeat in 1usize..3,
+    ) {
+        let plain: Vec<String> = hosts.iter().map(|h| format!("https://{h}/.default")).collect();
+        let canonical = token::canonical_scopes(&plain.join(" ")).unwrap();
+        prop_assert_eq!(token::canonical_scopes(&canonical).unwrap(), canonical.clone());
+        let mut spelled = String::from(spaces[7].as_str());
+        for (i, scope) in plain.iter().rev().cycle().take(plain.len() * repeat).enumerate() {
+            let s = if upper[i % 8] { scope.to_ascii_uppercase() } else { scope.clone() };
+            spelled.push_str(&s);
+            spelled.push_str(&spaces[i % 7]);
+        }
+        prop_assert_eq!(token::canonical_scopes(&spelled).unwrap(), canonical);
+    }
+
+    /// No scope parameter panics the parser, and whatever it accepts is plain printable
+    /// ASCII that it accepts again unchanged.
+    #[test]
+    fn any_scope_is_refused_or_canonical(scope in any::<String>()) {
+        match token::canonical_scopes(&scope) {
+            Ok(c) => {
+                prop_assert!(c.bytes().all(|b| (0x21..0x7f).contains(&b) || b == b' '));
+                prop_assert_eq!(token::canonical_scopes(&c).unwrap(), c);
+            }
+            Err(e) => prop_assert_eq!(e.status(), 400),
+        }
+    }
+
+    /// No answer Entra gives can panic the proxy: any body is a token with a lifetime within
+    /// (0, 24 h] or a 502.
+    #[test]
+    fn no_entra_answer_panics_or_escapes_the_lifetime_bounds(
+        expires in prop_oneof![any::<u64>().prop_map(|n| n.to_string()), any::<i64>().prop_map(|n| n.to_string()), Just("\"3599\"".to_string()), Just("1e308".to_string()), Just("null".to_string())],
+        ext in prop_oneof![any::<u64>().prop_map(|n| n.to_string()), Just("\"x\"".to_string())],
+        refresh in proptest::option::of(any::<u64>()),
+        token in "[!-~]{0,40}",
+        junk in any::<String>(),
+    ) {
+        use identity_binding_proxy::entra::{parse_token, MAX_LIFETIME_SECS};
+        let refresh = refresh.map(|r| format!(",\"refresh_in\":{r}")).unwrap_or_default();
+        let body = format!(
+            "{{\"token_type\":\"Bearer\",\"access_token\":{},\"expires_in\":{expires},\"ext_expires_in\":{ext}{refresh}}}",
+            serde_json::Value::from(token.clone())
+        );
+        let now = std::time::Instant::now();
+        for b in [body.as_bytes(), junk.as_bytes()] {
+            match parse_token(b, now) {
+                Ok(t) => {
+                    prop_assert!(t.expires_in > 0 && t.expires_in <= MAX_LIFETIME_SECS);
+                    prop_assert!(t.ext_expires_in <= MAX_LIFETIME_SECS);
+                    prop_assert!(t.refresh_in.is_none_or(|r| r <= t.expires_in));
+                    prop_assert!(t.remaining() <= std::time::Duration::from_secs(MAX_LIFETIME_SECS));
+                    let _ = t.expires_at();
+                }
+                Err(e) => prop_assert_eq!(e.status(), 502),
+            }
+        }
     }
 }

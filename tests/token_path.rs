@@ -271,14 +271,33 @@ async fn refusals_name_their_cause() {
         "{d}"
     );
 
-    // A client-id not bound to this cluster.
+    // A client-id not bound to this cluster: refused like any identity without a grant, so
+    // the caller learns nothing about the bindings...
     let unbound = "99999999-8888-7777-6666-555555555555";
     assert_refused(
         &client.post_token(unbound, &good).await,
         403,
         "unauthorized_client",
-        "not bound",
+        "is not allowed to use managed identity",
     );
+    // ...and once the caller is granted it, the refusal says the identity is not bound.
+    let rbac = read(&info.rbac_file);
+    let granted = rbac.replace(
+        &format!("resources: [\"{cid}\"]"),
+        &format!("resources: [\"{cid}\", \"{unbound}\"]"),
+    );
+    assert_ne!(rbac, granted, "the demo RBAC names the identity");
+    std::fs::write(&info.rbac_file, granted).unwrap();
+    let not_bound = eventually(Duration::from_secs(3), || async {
+        client
+            .post_token(unbound, &good)
+            .await
+            .error_description()
+            .contains("not bound")
+    })
+    .await;
+    assert!(not_bound, "a granted but unbound identity is named as not bound");
+    std::fs::write(&info.rbac_file, rbac).unwrap();
 
     // A tenant in the path that is not the identity's.
     let r = client

@@ -449,6 +449,11 @@ class System:
             "--worker-threads", "1", "--log-format", "json",
             # Room for scenario (h)'s distinct entries without eviction.
             "--cache-capacity", str(self.args.entries * 2 + 10_000),
+            # (f) and (h) send one caller's requests for one identity with a new scope each:
+            # exactly what the per-caller budget and the per-identity entry bound refuse in
+            # production. Lifted here so those scenarios measure the miss path and memory.
+            "--caller-miss-budget", "1000000000",
+            "--cache-max-keys-per-identity", str(self.args.entries * 2 + 10_000),
         ]
         started = time.monotonic()
         self.proxy = self.procs.start(name, argv, env=env)

@@ -221,6 +221,8 @@ pub enum Fault {
     Stall(Duration),
     /// Answer 200 with a body that is not JSON.
     Garbage,
+    /// Answer exactly this status and JSON body (e.g. a token with an absurd lifetime).
+    Answer { status: u16, body: String },
 }
 
 impl Fault {
@@ -230,7 +232,7 @@ impl Fault {
         let obj = value
             .as_object()
             .ok_or_else(|| format!("a fault is a JSON object, not {value}"))?;
-        let known = ["status", "retry_after", "stall_ms", "garbage"];
+        let known = ["status", "retry_after", "stall_ms", "garbage", "answer"];
         if let Some(unknown) = obj.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(format!(
                 "unknown fault field `{unknown}`: expected status (+retry_after), stall_ms or garbage"
@@ -261,6 +263,12 @@ impl Fault {
         }
         if obj.get("garbage") == Some(&Value::Bool(true)) {
             return Ok(Fault::Garbage);
+        }
+        if let Some(body) = obj.get("answer") {
+            return Ok(Fault::Answer {
+                status: 200,
+                body: body.to_string(),
+            });
         }
         Err(format!(
             "a fault needs status, stall_ms or garbage:true, got {value}"
@@ -343,6 +351,8 @@ impl EntraEmulator {
         let task = tokio::spawn(crate::http::serve_plain(
             listener,
             shutdown.clone(),
+            crate::limits::Limits::new(crate::limits::LimitsConfig::unbounded()),
+            crate::http::ConnTimeouts::NONE,
             move |req, _peer| {
                 let shared = handler_shared.clone();
                 async move { shared.handle(req).await }
@@ -575,6 +585,10 @@ impl Shared {
                     HeaderValue::from_static("text/html; charset=utf-8"),
                 );
                 return resp;
+            }
+            Some(Fault::Answer { status, body }) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                return crate::http::json(status, body);
             }
             None => {}
         }
@@ -1373,6 +1387,8 @@ mod tests {
             tokio::spawn(crate::http::serve_plain(
                 listener,
                 shutdown.clone(),
+                crate::limits::Limits::new(crate::limits::LimitsConfig::unbounded()),
+                crate::http::ConnTimeouts::NONE,
                 move |req, _| {
                     let (jwks, paths, issuer, base) =
                         (j.clone(), p.clone(), issuer.clone(), base.clone());

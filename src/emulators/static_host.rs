@@ -18,7 +18,9 @@ pub async fn start(
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(crate::http::serve_plain(listener, stop, move |req, _| {
+    let limits = crate::limits::Limits::new(crate::limits::LimitsConfig::unbounded());
+    let timeouts = crate::http::ConnTimeouts::NONE;
+    tokio::spawn(crate::http::serve_plain(listener, stop, limits, timeouts, move |req, _| {
         let root = root.clone();
         async move {
             if req.method() != http::Method::GET {

@@ -1,0 +1,698 @@
+//! The node's pods are untrusted: any of them can connect before it is authenticated. Each
+//! test plays one attacker against a whole dev system over real TLS on loopback and proves the
+//! bound it hits — memory, connections, deadlines, the admin port, Entra calls, the cache,
+//! the order of checks — while another peer (127.0.0.2) or caller keeps being served.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use identity_binding_proxy::dev::DevSystem;
+use identity_binding_proxy::emulators::entra::Fault;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const OTHER_PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+const ATTACKER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
+
+async fn tcp_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(src, 0))?;
+    socket.connect(to).await
+}
+
+/// A TLS connection from `src` to the proxy with the client's SNI and ALPN.
+async fn tls_from(
+    client: &Client,
+    src: IpAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(src, client.addr).await?;
+    tokio_rustls::TlsConnector::from(client.config.clone())
+        .connect(ServerName::try_from(client.sni.clone()).unwrap(), tcp)
+        .await
+}
+
+/// A token request over HTTP/1.1 on a fresh connection from `src`.
+async fn post_from(client: &Client, src: IpAddr, pairs: &[(&str, &str)]) -> Reply {
+    let tls = tls_from(client, src).await.expect("TLS handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+    let req = http::Request::post("/")
+        .header("host", &client.sni)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let raw = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+    Reply {
+        status,
+        headers,
+        json,
+        raw,
+    }
+}
+
+/// Whether the server closes `stream` (EOF or reset) within `limit`, sending nothing first.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // e.g. an h2 SETTINGS or GOAWAY frame
+        }
+    }
+}
+
+async fn dev_with(dir: &std::path::Path, flags: &[&str]) -> DevSystem {
+    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    start_dev_with(dir, |a| a.proxy_flags = flags).await
+}
+
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// A request body that sends `bytes` and then never finishes.
+struct Stalled(Option<Bytes>);
+
+impl hyper::body::Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+// ---- Memory: stalled bodies from one peer, before any authentication.
+
+#[test]
+fn stalled_bodies_from_one_peer_keep_memory_bounded_and_it_returns_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = DevProcess::start(dir.path());
+    let pid = dev.pid();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ca = std::fs::read(dev.get("ca_file")).unwrap();
+        let port: u16 = dev.get("proxy_url").rsplit(':').next().unwrap().parse().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let h2 = Client::new(addr, &dev.get("sni_name"), &ca, &[b"h2"]);
+        let h1 = Client::new(addr, &dev.get("sni_name"), &ca, &[b"http/1.1"]);
+        let token = std::fs::read_to_string(dev.get("allowed_token_file")).unwrap();
+        let cid = dev.get("client_id");
+        assert_eq!(post_from(&h1, OTHER_PEER, &token_form(&cid, &token)).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = resident_kib(pid);
+
+        // 30 h2 connections x 120 streams, each sending 60 KB of a body it never finishes.
+        let mut tasks = Vec::new();
+        for _ in 0..30 {
+            let Ok(tls) = tls_from(&h2, ATTACKER).await else { continue };
+            let Ok((sender, conn)) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(tls),
+            )
+            .await
+            else {
+                continue;
+            };
+            tasks.push(tokio::spawn(async move {
+                let _ = conn.await;
+            }));
+            for _ in 0..120 {
+                let mut sender: hyper::client::conn::http2::SendRequest<Stalled> = sender.clone();
+                tasks.push(tokio::spawn(async move {
+                    let req = http::Request::post("https://x/")
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(Stalled(Some(Bytes::from(vec![b'a'; 60_000]))))
+                        .unwrap();
+                    let _ = sender.send_request(req).await;
+                }));
+            }
+        }
+        // And 200 HTTP/1.1 connections, each sending a head and 19 KiB of a 60 KB body.
+        let head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 60000\r\n\r\n";
+        let mut h1_conns = Vec::new();
+        for _ in 0..200 {
+            if let Ok(mut tls) = tls_from(&h1, ATTACKER).await {
+                let _ = tls.write_all(head.as_bytes()).await;
+                let _ = tls.write_all(&[b'a'; 19 * 1024]).await;
+                let _ = tls.flush().await;
+                h1_conns.push(tls);
+            }
+        }
+        let mut peak = idle;
+        for _ in 0..20 {
+            peak = peak.max(resident_kib(pid));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Meanwhile another pod is served.
+        let other = post_from(&h1, OTHER_PEER, &token_form(&cid, &token)).await;
+        assert_eq!(other.status, 200, "{}", other.error_description());
+        peak = peak.max(resident_kib(pid));
+
+        for t in &tasks {
+            t.abort();
+        }
+        drop(h1_conns);
+        drop(tasks);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = resident_kib(pid);
+        eprintln!(
+            "RSS idle {} KiB, peak {} KiB (+{} KiB), after close {} KiB",
+            idle,
+            peak,
+            peak - idle,
+            after
+        );
+        assert!(
+            peak - idle <= 64 * 1024,
+            "RSS rose {} KiB above idle ({idle} KiB)",
+            peak - idle
+        );
+        assert!(
+            after <= idle + idle / 10,
+            "RSS {after} KiB after the connections closed, idle was {idle} KiB"
+        );
+    });
+}
+
+// ---- Connections: deadlines and per-peer fairness.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_nothing_or_go_idle_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dev_with(
+        dir.path(),
+        &["--header-read-timeout-secs=1", "--idle-timeout-secs=2"],
+    )
+    .await;
+    let ca = std::fs::read(&sys.info.ca_file).unwrap();
+    let h1 = Client::for_dev(&sys);
+    let h2 = Client::new(sys.proxy.addr, &sys.info.sni_name, &ca, &[b"h2"]);
+    let limit = Duration::from_secs(4);
+
+    // A TLS connection that never sends a request head (HTTP/1.1 and h2 by ALPN).
+    let mut silent_h1 = h1.connect().await.unwrap();
+    let mut silent_h2 = h2.connect().await.unwrap();
+    assert!(closed_within(&mut silent_h1, limit).await, "h1 without a request");
+    assert!(closed_within(&mut silent_h2, limit).await, "h2 without a request");
+
+    // An h2 connection that sends the preface and SETTINGS, then no request.
+    let started = Instant::now();
+    let tls = h2.connect().await.unwrap();
+    let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(limit, conn).await;
+    assert!(ended.is_ok(), "h2 connection with only a preface stays open");
+    eprintln!("preface-only h2 connection closed after {:?}", started.elapsed());
+
+    // A keep-alive connection goes after its idle timeout.
+    let token = read(&sys.info.allowed_token_file);
+    let body = identity_binding_proxy::http::form_encode(token_form(&sys.info.client_id, &token));
+    let mut tls = h1.connect().await.unwrap();
+    tls.write_all(&raw_post("HTTP/1.1", "/", &sys.info.sni_name, &body))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let idle_since = Instant::now();
+    assert!(closed_within(&mut tls, limit).await, "idle keep-alive connection");
+    let idle_for = idle_since.elapsed();
+    assert!(idle_for >= Duration::from_millis(1500), "closed after {idle_for:?}");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_filling_its_connections_cannot_fail_another_peers_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dev_with(
+        dir.path(),
+        &["--max-connections=40", "--max-connections-per-peer=20"],
+    )
+    .await;
+    let client = Client::for_dev(&sys);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..60 {
+        match tls_from(&client, ATTACKER).await {
+            Ok(tls) => held.push(tls),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!((held.len(), refused), (20, 40), "one peer holds at most its share");
+    let token = read(&sys.info.allowed_token_file);
+    for _ in 0..5 {
+        let r = post_from(&client, OTHER_PEER, &token_form(&sys.info.client_id, &token)).await;
+        assert_eq!(r.status, 200, "{}", r.error_description());
+    }
+    let scrape = scrape_metrics(&sys).await;
+    assert!(
+        scrape.contains("identity_binding_proxy_tls_handshake_failures_total{reason=\"peer_connection_limit\"} 40"),
+        "{scrape}"
+    );
+    drop(held);
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_server_times_out_unfinished_heads_and_serves_other_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dev_with(
+        dir.path(),
+        &["--header-read-timeout-secs=1", "--admin-max-connections=8"],
+    )
+    .await;
+    let admin = sys.proxy.admin_addr;
+    let mut heads = Vec::new();
+    for _ in 0..100 {
+        if let Ok(mut tcp) = tcp_from(ATTACKER, admin).await {
+            let _ = tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: a").await;
+            heads.push(tcp);
+        }
+    }
+    // Another peer (the kubelet's probe, Prometheus) is still answered.
+    let mut probe = tcp_from(OTHER_PEER, admin).await.unwrap();
+    probe
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), probe.read_to_string(&mut answer))
+        .await
+        .expect("the probe is answered")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Every unfinished head is closed: the ones over the cap at once, the rest on the timeout.
+    for (i, tcp) in heads.iter_mut().enumerate() {
+        assert!(
+            closed_within(tcp, Duration::from_secs(4)).await,
+            "admin connection {i} is still open"
+        );
+    }
+    sys.shutdown().await;
+}
+
+// ---- Scopes: one canonical form, the cache key and what Entra gets.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_scope_spelled_many_ways_is_one_entry_and_one_entra_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    let before = sys.entra.stats().tokens_issued;
+    let spellings = [
+        "HTTPS://VAULT.AZURE.NET/.DEFAULT",
+        "https://vault.azure.net/.default",
+        "https://Vault.Azure.Net/.Default",
+        "  https://vault.azure.net/.default  ",
+        "\thttps://vault.azure.net/.default\r\n",
+        "https://vault.azure.net/.default https://VAULT.azure.net/.default",
+        "https://vault.azure.net/.default  https://vault.azure.net/.default https://vault.azure.net/.default",
+    ];
+    let mut tokens = std::collections::HashSet::new();
+    for scope in spellings {
+        let mut form = token_form(&sys.info.client_id, &token);
+        form.retain(|(k, _)| *k != "scope");
+        form.push(("scope", scope));
+        let r = client.post_form("/", &form).await;
+        assert_eq!(r.status, 200, "{scope:?}: {}", r.error_description());
+        tokens.insert(r.json["access_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(tokens.len(), 1, "one cache entry");
+    assert_eq!(sys.entra.stats().tokens_issued - before, 1, "one Entra call");
+    // The first caller's spelling did not decide what everyone gets: Entra was sent the
+    // canonical scope, and copies it into `aud`.
+    let token = tokens.into_iter().next().unwrap();
+    assert_eq!(jwt_claims(&token)["aud"], "https://vault.azure.net");
+    sys.shutdown().await;
+}
+
+// ---- Per-caller budgets and claims.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_miss_budget_gets_429_and_cached_tokens_stay_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dev_with(dir.path(), &["--caller-miss-budget=3"]).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    let ask = |scope: String| {
+        let mut form: Vec<(&str, String)> = token_form(&sys.info.client_id, &token)
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+        form.retain(|(k, _)| *k != "scope");
+        form.push(("scope", scope));
+        form
+    };
+    for i in 0..3 {
+        let form = ask(format!("https://r{i}.example/.default"));
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(client.post_form("/", &pairs).await.status, 200);
+    }
+    let calls = sys.entra.stats().tokens_issued;
+    let form = ask("https://r3.example/.default".into());
+    let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let over = client.post_form("/", &pairs).await;
+    assert_eq!(over.status, 429, "{}", over.error_description());
+    let retry: u64 = over.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert!(over.error_description().contains("--caller-miss-budget"));
+    assert!(over.error_description().contains("system:serviceaccount:demo:demo"));
+    assert_eq!(sys.entra.stats().tokens_issued, calls, "no Entra call over budget");
+    // Cached keys are still served: hits cost nothing.
+    let form = ask("https://r0.example/.default".into());
+    let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(client.post_form("/", &pairs).await.status, 200);
+    let scrape = scrape_metrics(&sys).await;
+    assert!(scrape.contains("identity_binding_proxy_caller_budget_exceeded_total{kind=\"miss\"} 1"));
+    assert!(scrape.contains("identity_binding_proxy_requests_total{outcome=\"over_budget\",status=\"429\"} 1"));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_share_one_call_and_never_replace_the_shared_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev_with(dir.path(), |a| a.entra_latency_ms = 200).await;
+    let ca = std::fs::read(&sys.info.ca_file).unwrap();
+    let client = Client::new(sys.proxy.addr, &sys.info.sni_name, &ca, &[b"h2"]);
+    let token = read(&sys.info.allowed_token_file);
+    let cid = sys.info.client_id.clone();
+    let plain = token_form(&cid, &token);
+    let mut sender = client.h2_sender().await;
+    let shared = send_h2(&mut sender, form_request(&plain)).await;
+    assert_eq!(shared.status, 200);
+    let shared_token = shared.json["access_token"].as_str().unwrap().to_string();
+    let before = sys.entra.stats().tokens_issued;
+
+    let claims = r#"{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}"#;
+    let mut with_claims = plain.clone();
+    with_claims.push(("claims", claims));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut sender = sender.clone();
+        let req = form_request(&with_claims);
+        tasks.push(tokio::spawn(async move { send_h2(&mut sender, req).await }));
+    }
+    let mut claim_tokens = std::collections::HashSet::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.error_description());
+        claim_tokens.insert(r.json["access_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(sys.entra.stats().tokens_issued - before, 1, "20 claims requests, one call");
+    assert_eq!(claim_tokens.len(), 1);
+    assert!(!claim_tokens.contains(&shared_token));
+    // Everyone else is still served the shared entry, not the claims token.
+    let after = send_h2(&mut sender, form_request(&plain)).await;
+    assert_eq!(after.json["access_token"].as_str().unwrap(), shared_token);
+    sys.shutdown().await;
+}
+
+// ---- Upstream values.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_lifetime_from_entra_is_clamped_and_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    sys.entra.push_faults([Fault::Answer {
+        status: 200,
+        body: format!(
+            r#"{{"token_type":"Bearer","expires_in":{m},"ext_expires_in":{m},"refresh_in":{m},"access_token":"eyJ0eXAiOiJKV1QifQ.e30.c2ln"}}"#,
+            m = u64::MAX
+        ),
+    }]);
+    for i in 0..3 {
+        let r = client.post_token(&sys.info.client_id, &token).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.error_description());
+        let expires_in = r.json["expires_in"].as_u64().unwrap();
+        assert!(
+            (86_000..=86_400).contains(&expires_in),
+            "expires_in {expires_in}"
+        );
+    }
+    sys.shutdown().await;
+}
+
+// ---- Order of checks: nothing is revealed before authorization.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_caller_learns_nothing_about_bindings_or_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let info = sys.info.clone();
+    let denied = read(&info.denied_token_file);
+    let unbound = "99999999-8888-7777-6666-555555555555";
+    let bound_reply = client.post_token(&info.client_id, &denied).await;
+    let unbound_reply = client.post_token(unbound, &denied).await;
+    let other_tenant = client
+        .post_form(
+            "/00000000-0000-0000-0000-000000000001/oauth2/v2.0/token",
+            &token_form(&info.client_id, &denied),
+        )
+        .await;
+    for (what, r) in [
+        ("bound", &bound_reply),
+        ("unbound", &unbound_reply),
+        ("wrong tenant", &other_tenant),
+    ] {
+        assert_eq!(r.status, 403, "{what}: {}", r.error_description());
+        assert!(
+            !String::from_utf8_lossy(&r.raw).contains(&info.tenant_id),
+            "{what}: the bound tenant is revealed"
+        );
+    }
+    assert_eq!(bound_reply.json["error"], unbound_reply.json["error"]);
+    assert_eq!(bound_reply.json["error_codes"], unbound_reply.json["error_codes"]);
+    assert_eq!(
+        bound_reply.error_description(),
+        unbound_reply.error_description().replace(unbound, &info.client_id),
+        "the refusal must not depend on whether the identity is bound"
+    );
+    sys.shutdown().await;
+}
+
+/// A client that sends no SNI at all (an IP address as the server name) and trusts any
+/// certificate: only the proxy's choice of profile is under test.
+fn no_sni_client(addr: SocketAddr) -> Client {
+    #[derive(Debug)]
+    struct AnyCert;
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Client {
+        addr,
+        sni: "127.0.0.1".into(), // an IP address: rustls sends no SNI for it
+        config: Arc::new(config),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_tenant_holds_for_every_request_under_its_name_and_without_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_tenant = "00000000-0000-0000-0000-00000000000a";
+    let profile = format!(
+        "--sni-profile=identity-binding-proxy.dev.local=cloud=public,tenant={other_tenant}"
+    );
+    let sys = dev_with(dir.path(), &[&profile]).await;
+    let info = sys.info.clone();
+    let token = read(&info.allowed_token_file);
+    let form = token_form(&info.client_id, &token);
+    let bound_tenant_path = format!("/{}/oauth2/v2.0/token", info.tenant_id);
+    for (what, client) in [
+        ("with SNI", Client::for_dev(&sys)),
+        ("without SNI", no_sni_client(sys.proxy.addr)),
+    ] {
+        for path in ["/", bound_tenant_path.as_str()] {
+            let r = client.post_form(path, &form).await;
+            assert_eq!(r.status, 400, "{what} {path}: {}", r.error_description());
+            assert!(
+                r.error_description().contains("this SNI name's profile"),
+                "{what} {path}: {}",
+                r.error_description()
+            );
+        }
+    }
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_is_built_from_the_sni_name_never_from_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let tenant = &sys.info.tenant_id;
+    let req = http::Request::get(format!("/{tenant}/v2.0/.well-known/openid-configuration"))
+        .header("host", "evil.example:443")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = client.send(req).await;
+    assert_eq!(r.status, 200);
+    let endpoint = r.json["token_endpoint"].as_str().unwrap();
+    assert_eq!(
+        endpoint,
+        format!("https://{}/{tenant}/oauth2/v2.0/token", sys.info.sni_name)
+    );
+    assert!(!String::from_utf8_lossy(&r.raw).contains("evil"));
+    sys.shutdown().await;
+}
+
+// ---- Wildcard grants.
+
+const WILDCARD_RBAC: &str = "
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: everything
+rules:
+  - apiGroups: [\"*\"]
+    resources: [\"*\"]
+    verbs: [\"*\"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: cd-system-is-admin
+  namespace: demo
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: everything
+subjects:
+  - kind: ServiceAccount
+    name: deployer
+    namespace: demo
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_grant_is_refused_by_name_unless_the_flag_allows_it() {
+    for allow in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let flags: &[&str] = if allow { &["--allow-wildcard-grants"] } else { &[] };
+        let sys = dev_with(dir.path(), flags).await;
+        let client = Client::for_dev(&sys);
+        let rbac = read(&sys.info.rbac_file);
+        std::fs::write(&sys.info.rbac_file, format!("{rbac}{WILDCARD_RBAC}")).unwrap();
+        let deployer = mint_sa(&sys, "demo", "deployer", &["api://AKSIdentityBinding"], 3600);
+        let expected = if allow { 200 } else { 403 };
+        let settled = eventually(Duration::from_secs(3), || async {
+            client.post_token(&sys.info.client_id, &deployer).await.status == expected
+        })
+        .await;
+        let r = client.post_token(&sys.info.client_id, &deployer).await;
+        assert!(settled, "allow={allow}: {} {}", r.status, r.error_description());
+        if !allow {
+            let d = r.error_description();
+            assert!(d.contains("EVERY managed identity"), "{d}");
+            assert!(d.contains("--allow-wildcard-grants"), "{d}");
+            assert!(d.contains("everything"), "the rule is named: {d}");
+            assert!(r.json.get("access_token").is_none());
+        }
+        // A grant by name is unaffected either way.
+        let demo = read(&sys.info.allowed_token_file);
+        assert_eq!(client.post_token(&sys.info.client_id, &demo).await.status, 200);
+        sys.shutdown().await;
+    }
+}
+
+// ---- The cluster JWKS.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_refresh_keeps_tokens_whose_key_is_still_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    assert_eq!(client.post_token(&sys.info.client_id, &token).await.status, 200);
+    let authn = &sys.proxy.app.authn;
+    assert_eq!(authn.verified_tokens(), 1);
+    authn.refresh_keys().await.unwrap();
+    assert_eq!(authn.verified_tokens(), 1, "an unchanged JWKS keeps verified tokens");
+    assert_eq!(client.post_token(&sys.info.client_id, &token).await.status, 200);
+    sys.shutdown().await;
+}
