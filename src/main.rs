@@ -9,6 +9,13 @@ use identity_binding_proxy::{bindings, issuer, keys, server, signal};
 
 const EX_USAGE: u8 = 64;
 
+/// jemalloc instead of glibc's malloc: its background thread hands freed pages back to the
+/// kernel (after its decay time), so memory that a burst of connections took — the node's
+/// pods are untrusted and may open many — returns when they close, where glibc's per-thread
+/// arenas keep it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -192,8 +192,14 @@ fn stalled_bodies_from_one_peer_keep_memory_bounded_and_it_returns_after() {
         }
         drop(h1_conns);
         drop(tasks);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = resident_kib(pid);
+        // jemalloc's background thread hands freed pages back after its decay time (10 s).
+        let closed = Instant::now();
+        let mut after = resident_kib(pid);
+        while after > idle + idle / 10 && closed.elapsed() < Duration::from_secs(40) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            after = resident_kib(pid);
+        }
+        eprintln!("RSS back near idle {:?} after the connections closed", closed.elapsed());
         eprintln!(
             "RSS idle {} KiB, peak {} KiB (+{} KiB), after close {} KiB",
             idle,
@@ -247,20 +253,28 @@ async fn connections_that_send_nothing_or_go_idle_are_closed() {
     assert!(ended.is_ok(), "h2 connection with only a preface stays open");
     eprintln!("preface-only h2 connection closed after {:?}", started.elapsed());
 
-    // A keep-alive connection goes after its idle timeout.
+    // An h2 connection goes after its idle timeout once its last request is done (an
+    // HTTP/1.1 keep-alive connection already goes after the header timeout: hyper times the
+    // wait for the next request head).
     let token = read(&sys.info.allowed_token_file);
-    let body = identity_binding_proxy::http::form_encode(token_form(&sys.info.client_id, &token));
-    let mut tls = h1.connect().await.unwrap();
-    tls.write_all(&raw_post("HTTP/1.1", "/", &sys.info.sni_name, &body))
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 8192];
-    let n = tls.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let tls = h2.connect().await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let r = send_h2(&mut sender, form_request(&token_form(&sys.info.client_id, &token))).await;
+    assert_eq!(r.status, 200);
     let idle_since = Instant::now();
-    assert!(closed_within(&mut tls, limit).await, "idle keep-alive connection");
+    let ended = tokio::time::timeout(limit, conn).await;
+    assert!(ended.is_ok(), "an idle h2 connection stays open");
     let idle_for = idle_since.elapsed();
-    assert!(idle_for >= Duration::from_millis(1500), "closed after {idle_for:?}");
+    assert!(
+        idle_for >= Duration::from_millis(1500),
+        "closed after {idle_for:?}, before the idle timeout"
+    );
     sys.shutdown().await;
 }
 
@@ -659,9 +673,14 @@ async fn a_wildcard_grant_is_refused_by_name_unless_the_flag_allows_it() {
         let rbac = read(&sys.info.rbac_file);
         std::fs::write(&sys.info.rbac_file, format!("{rbac}{WILDCARD_RBAC}")).unwrap();
         let deployer = mint_sa(&sys, "demo", "deployer", &["api://AKSIdentityBinding"], 3600);
-        let expected = if allow { 200 } else { 403 };
-        let settled = eventually(Duration::from_secs(3), || async {
-            client.post_token(&sys.info.client_id, &deployer).await.status == expected
+        // Until the RBAC change is picked up the deployer is simply not granted (also 403).
+        let settled = eventually(Duration::from_secs(5), || async {
+            let r = client.post_token(&sys.info.client_id, &deployer).await;
+            if allow {
+                r.status == 200
+            } else {
+                r.error_description().contains("EVERY")
+            }
         })
         .await;
         let r = client.post_token(&sys.info.client_id, &deployer).await;
