@@ -555,3 +555,10 @@ pub async fn scrape_metrics(sys: &DevSystem) -> String {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default()
 }
+
+impl DevProcess {
+    /// The process id (what `dev` names to a second `dev` on the same state dir).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
