@@ -395,7 +395,12 @@ fn proxy_config(
     ProxyConfig::from_flags(&flags).map_err(|e| {
         // clap's message goes on with usage lines; the first says what is wrong.
         let first = e.lines().next().unwrap_or("invalid flags").trim();
-        format!("{first} (the serve flags after `--`)")
+        let first = first.strip_prefix("error: ").unwrap_or(first);
+        if args.proxy_flags.is_empty() {
+            first.to_string()
+        } else {
+            format!("{first} (in the serve flags after `--`)")
+        }
     })
 }
 
