@@ -2,6 +2,10 @@
 //! emulator, a static host for the published issuer documents, and the proxy itself through
 //! the same `server::start` that `serve` uses. It writes everything an app developer needs
 //! into the state dir and announces readiness by writing `dev.json` last, atomically.
+//!
+//! One `dev` per state dir: it holds an exclusive lock on `dev.lock` there for its whole life,
+//! and refuses bad input — a state dir in use, a busy port, bad flags — before it writes
+//! anything, so a mistaken second start cannot disturb the running one.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +22,7 @@ use crate::config::{
 use crate::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
 use crate::emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
 use crate::emulators::pki::DevCa;
+use crate::files::{write_private, write_public};
 use crate::issuer::{IssuerUrl, FIC_AUDIENCE};
 use crate::keys::SigningKey;
 
@@ -26,6 +31,37 @@ pub const DEV_SNI_NAME: &str = "identity-binding-proxy.dev.local";
 /// Lifetime of the SA tokens dev writes; they are re-minted well before, as kubelet does.
 const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const DEV_TOKEN_REFRESH: Duration = Duration::from_secs(3600);
+/// The lock file in the state dir; its content names the holder (`{"pid", "proxy_url"}`).
+pub const LOCK_FILE: &str = "dev.lock";
+/// The exit code of bad input (EX_USAGE), as `serve` uses for bad configuration.
+const EX_USAGE: i32 = 64;
+
+/// Why `dev` will not start. Each is found before the state dir is touched; `dev` prints the
+/// one line and exits 64.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Another `dev` holds the state dir.
+    #[error(
+        "{} is in use by a running identity-binding-proxy dev ({holder}); to run a second one \
+         beside it, give it its own state dir and free ports: identity-binding-proxy dev \
+         --state-dir OTHER_DIR --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0",
+        dir.display()
+    )]
+    InUse { dir: PathBuf, holder: String },
+    /// A port the proxy would listen on cannot be bound.
+    #[error(
+        "cannot listen on {addr} ({flag}): {error}; choose another address with {flag} \
+         ({flag} 127.0.0.1:0 takes any free port)"
+    )]
+    CannotListen {
+        flag: &'static str,
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    /// A flag or a file named by one is wrong.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// The demo identity, kept stable across runs of one state dir.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -62,6 +98,8 @@ pub struct DevSystem {
     stop: CancellationToken,
     background: CancellationToken,
     shutdown_delay: Duration,
+    /// Held until every part has stopped (dropped last, with the rest of `self`).
+    _lock: StateLock,
 }
 
 impl DevSystem {
@@ -91,7 +129,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(crate::config::DevCommand::Token(t)) = &args.command {
         return print_token(t);
     }
-    let system = start(&args).await?;
+    let system = match start(&args).await {
+        Ok(system) => system,
+        Err(e) => match e.downcast_ref::<Refusal>() {
+            Some(refusal) => {
+                eprintln!("error: {refusal}");
+                std::process::exit(EX_USAGE);
+            }
+            None => return Err(e),
+        },
+    };
     print_banner(&system.info, &args.state_dir);
     let how = crate::signal::shutdown_requested().await;
     tracing::info!("stopping dev");
@@ -120,11 +167,34 @@ fn print_token(t: &DevTokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts every part, waits for the proxy to be ready, and writes the state dir.
+/// Starts every part, waits for the proxy to be ready, and writes the state dir. Refuses
+/// ([`Refusal`]) before writing anything when the state dir is in use, a port is taken or a
+/// flag is wrong.
 pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     let dir = absolute(&args.state_dir)?;
-    std::fs::create_dir_all(dir.join("tokens"))?;
-    std::fs::create_dir_all(dir.join("tls"))?;
+    // Checked in the order a person fixes them: another dev here says more than its ports.
+    StateLock::check(&dir)?;
+    // The proxy's configuration with stand-ins for what only exists once the emulators run,
+    // for its flags (`--` ones included) and the addresses they choose.
+    let planned = proxy_config(
+        args,
+        &dir,
+        &dir.join("kube/kubeconfig"),
+        "http://127.0.0.1/{tenant}/{client_id}",
+        "http://127.0.0.1",
+    )
+    .map_err(Refusal::Invalid)?;
+    let reserved = reserve_ports(&planned).await?;
+    if let Some(rbac) = &args.rbac {
+        check_rbac(rbac)?;
+    }
+
+    // Nothing was written until here.
+    create_private_dir(&dir)?;
+    let lock = StateLock::acquire(&dir).await?;
+    for sub in ["tokens", "tls", "kube", "proxy"] {
+        create_private_dir(&dir.join(sub))?;
+    }
     // A stale dev.json would claim readiness before we are ready.
     let _ = std::fs::remove_file(dir.join("dev.json"));
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
@@ -135,7 +205,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         None => {
             let f = dir.join("rbac.yaml");
             if !f.exists() {
-                std::fs::write(&f, demo_rbac(&identity.client_id))?;
+                write_public(&f, demo_rbac(&identity.client_id).as_bytes())?;
             }
             f
         }
@@ -155,7 +225,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     let serving = ca.issue(&[DEV_SNI_NAME])?;
     let ca_file = dir.join("ca.crt");
     let (cert_file, key_file) = (dir.join("tls/tls.crt"), dir.join("tls/tls.key"));
-    std::fs::write(&cert_file, &serving.cert_pem)?;
+    write_public(&cert_file, serving.cert_pem.as_bytes())?;
     write_private(&key_file, serving.key_pem.as_bytes())?;
 
     // Our issuer: a key kept across runs, its documents on a loopback static host.
@@ -177,12 +247,13 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         .map_err(anyhow::Error::msg)?;
     let bindings_file = dir.join("bindings.yaml");
     if !bindings_file.exists() {
-        std::fs::write(
+        write_public(
             &bindings_file,
             format!(
                 "# Identities this dev cluster may serve (hot reloaded).\nbindings:\n  - clientId: {}\n    tenantId: {}\n",
                 identity.client_id, identity.tenant_id
-            ),
+            )
+            .as_bytes(),
         )?;
     }
     let bindings = crate::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
@@ -205,41 +276,21 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     .context("starting the Entra emulator")?;
     register_fics(&entra, &bindings, &issuer_url)?;
 
-    // The proxy, through the same start-up as `serve`.
-    let mut flags: Vec<String> = vec![
-        format!("--kubeconfig={}", kube.kubeconfig_path().display()),
-        format!(
-            "--tls={DEV_SNI_NAME}={},{}",
-            cert_file.display(),
-            key_file.display()
-        ),
-        format!("--default-sni={DEV_SNI_NAME}"),
-        format!("--issuer-key={}", issuer_key_file.display()),
-        format!("--issuer-url={}", issuer_url.template()),
-        format!("--bindings={}", bindings_file.display()),
-        format!("--authority-host={}", entra.url()),
-        format!("--listen={}", args.listen),
-        format!("--admin-listen={}", args.admin_listen),
-        format!("--tokenreview-ttl-secs={}", args.tokenreview_ttl_secs),
-        format!("--authz-allowed-ttl-secs={}", args.authz_allowed_ttl_secs),
-        format!("--authz-denied-ttl-secs={}", args.authz_denied_ttl_secs),
-        format!("--cache-capacity={}", args.cache_capacity.max(1)),
-        format!(
-            "--cache-min-remaining-secs={}",
-            args.cache_min_remaining_secs
-        ),
-        "--drain-timeout-secs=10".to_string(),
-        "--shutdown-delay-secs=1".to_string(),
-        format!("--state-dir={}", dir.join("proxy").display()),
-    ];
-    flags.extend(args.proxy_flags.iter().cloned());
-    let mut config = ProxyConfig::from_flags(&flags).map_err(anyhow::Error::msg)?;
+    // The proxy, through the same start-up as `serve`, on the ports checked above.
+    let mut config = proxy_config(
+        args,
+        &dir,
+        &kube.kubeconfig_path(),
+        issuer_url.template(),
+        &entra.url(),
+    )
+    .map_err(anyhow::Error::msg)?;
     // Edits in the state dir should show at once when someone is trying things out.
     config.reload_period = Duration::from_millis(500);
     config.refresh_tick = Duration::from_millis(250);
     let config_shutdown_delay = config.shutdown_delay;
     let stop = CancellationToken::new();
-    let proxy = crate::server::start(config, stop.clone()).await?;
+    let proxy = crate::server::start_on(config, reserved, stop.clone()).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !proxy.readiness.is_ready() {
         if tokio::time::Instant::now() > deadline {
@@ -272,7 +323,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         }
     });
 
-    std::fs::write(&ca_file, &ca.cert_pem)?;
+    write_public(&ca_file, ca.cert_pem.as_bytes())?;
     let proxy_url = format!("https://{}", proxy.addr);
     let info = DevInfo {
         proxy_url: proxy_url.clone(),
@@ -290,8 +341,9 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         issuer_url: issuer_url.template().to_string(),
         rbac_file,
     };
-    std::fs::write(dir.join("env"), env_file(&info))?;
-    write_atomic(&dir.join("dev.json"), &serde_json::to_vec_pretty(&info)?)?;
+    write_public(&dir.join("env"), env_file(&info).as_bytes())?;
+    lock.record(Some(&proxy_url))?;
+    write_public(&dir.join("dev.json"), &serde_json::to_vec_pretty(&info)?)?;
     Ok(DevSystem {
         info,
         kube,
@@ -300,7 +352,200 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         stop,
         background,
         shutdown_delay: config_shutdown_delay,
+        _lock: lock,
     })
+}
+
+/// The dev proxy's configuration: dev's wiring, then the `serve` flags given after `--`.
+fn proxy_config(
+    args: &DevArgs,
+    dir: &Path,
+    kubeconfig: &Path,
+    issuer_url: &str,
+    authority_host: &str,
+) -> Result<ProxyConfig, String> {
+    let mut flags: Vec<String> = vec![
+        format!("--kubeconfig={}", kubeconfig.display()),
+        format!(
+            "--tls={DEV_SNI_NAME}={},{}",
+            dir.join("tls/tls.crt").display(),
+            dir.join("tls/tls.key").display()
+        ),
+        format!("--default-sni={DEV_SNI_NAME}"),
+        format!("--issuer-key={}", dir.join("issuer.key").display()),
+        format!("--issuer-url={issuer_url}"),
+        format!("--bindings={}", dir.join("bindings.yaml").display()),
+        format!("--authority-host={authority_host}"),
+        format!("--listen={}", args.listen),
+        format!("--admin-listen={}", args.admin_listen),
+        format!("--tokenreview-ttl-secs={}", args.tokenreview_ttl_secs),
+        format!("--authz-allowed-ttl-secs={}", args.authz_allowed_ttl_secs),
+        format!("--authz-denied-ttl-secs={}", args.authz_denied_ttl_secs),
+        format!("--cache-capacity={}", args.cache_capacity.max(1)),
+        format!(
+            "--cache-min-remaining-secs={}",
+            args.cache_min_remaining_secs
+        ),
+        "--drain-timeout-secs=10".to_string(),
+        "--shutdown-delay-secs=1".to_string(),
+        format!("--state-dir={}", dir.join("proxy").display()),
+    ];
+    flags.extend(args.proxy_flags.iter().cloned());
+    ProxyConfig::from_flags(&flags).map_err(|e| {
+        // clap's message goes on with usage lines; the first says what is wrong.
+        let first = e.lines().next().unwrap_or("invalid flags").trim();
+        let first = first.strip_prefix("error: ").unwrap_or(first);
+        if args.proxy_flags.is_empty() {
+            first.to_string()
+        } else {
+            format!("{first} (in the serve flags after `--`)")
+        }
+    })
+}
+
+/// Binds the proxy's ports, so a taken one is refused before anything is written; the proxy
+/// then serves on these very sockets.
+async fn reserve_ports(config: &ProxyConfig) -> Result<crate::server::Listeners, Refusal> {
+    let bind = |flag: &'static str, addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|error| Refusal::CannotListen { flag, addr, error })
+    };
+    Ok(crate::server::Listeners {
+        proxy: bind("--listen", config.listen).await?,
+        admin: bind("--admin-listen", config.admin_listen).await?,
+    })
+}
+
+/// A `--rbac` file the kube emulator would refuse is refused here, before anything is written
+/// (a missing one is allowed: the emulator starts with no RBAC objects and watches for it).
+fn check_rbac(file: &Path) -> Result<(), Refusal> {
+    let text = match std::fs::read(file) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map_err(|_| Refusal::Invalid(format!("--rbac {}: not UTF-8", file.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Refusal::Invalid(format!("--rbac {}: {e}", file.display()))),
+    };
+    crate::emulators::rbac::RbacPolicy::parse(&text)
+        .map(|_| ())
+        .map_err(|e| Refusal::Invalid(format!("--rbac {}: {e}", file.display())))
+}
+
+/// Creates `dir` (and missing parents) owner-only: it holds keys and tokens. An existing
+/// directory keeps its mode: it is the user's choice, and the secrets in it are 0600 anyway.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// `dev`'s hold on its state dir: an exclusive `flock` on `dev.lock`. The kernel releases it
+/// when the process ends, however it ends (SIGKILL included), so a crash leaves no stale lock
+/// and the file itself stays (removing it would let two processes lock two different files).
+struct StateLock {
+    file: std::fs::File,
+}
+
+/// What `dev.lock` says about its holder.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Holder {
+    pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proxy_url: Option<String>,
+}
+
+impl StateLock {
+    /// Refuses when a running `dev` holds `dir`. Creates nothing: the state dir of a
+    /// first `dev` appears only once its ports and flags are known to be good.
+    fn check(dir: &Path) -> Result<(), Refusal> {
+        let path = dir.join(LOCK_FILE);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Refusal::Invalid(format!("{}: {e}", path.display()))),
+        };
+        // Shared: it conflicts with the holder's exclusive lock only, and is released when
+        // `file` closes on return.
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Self::in_use(dir, file)),
+            Err(e) => Err(Refusal::Invalid(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Takes `dir` for this process and records its pid.
+    async fn acquire(dir: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(LOCK_FILE);
+        // Not truncated: until the lock is ours, the content is the holder's.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(crate::files::PRIVATE)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // Another `dev` running `check` holds a shared lock for a moment: a few tries, 200 ms
+        // in all, tell that from a running holder.
+        let mut tries = 0;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) if tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => return Err(Self::in_use(dir, file).into()),
+                Err(e) => anyhow::bail!("cannot lock {}: {e}", path.display()),
+            }
+        }
+        let lock = Self { file };
+        lock.record(None)?;
+        Ok(lock)
+    }
+
+    /// Writes who holds the lock. In place, not through a rename: the lock belongs to this
+    /// file's inode, and a new inode would be unlocked.
+    fn record(&self, proxy_url: Option<&str>) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let holder = Holder {
+            pid: std::process::id(),
+            proxy_url: proxy_url.map(str::to_string),
+        };
+        let mut bytes = serde_json::to_vec(&holder)?;
+        bytes.push(b'\n');
+        self.file.set_len(0)?;
+        self.file.write_all_at(&bytes, 0)?;
+        Ok(())
+    }
+
+    fn in_use(dir: &Path, mut file: std::fs::File) -> Refusal {
+        use std::io::Read;
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        let holder = match serde_json::from_str::<Holder>(&text) {
+            Ok(Holder {
+                pid,
+                proxy_url: Some(url),
+            }) => format!("pid {pid}, proxy {url}"),
+            Ok(Holder {
+                pid,
+                proxy_url: None,
+            }) => format!("pid {pid}, still starting"),
+            Err(_) => "starting".to_string(),
+        };
+        Refusal::InUse {
+            dir: dir.to_path_buf(),
+            holder,
+        }
+    }
 }
 
 fn register_fics(
@@ -331,7 +576,7 @@ fn write_tokens(kube: &KubeEmulator, allowed: &Path, denied: &Path) -> anyhow::R
             expires_in_secs: DEV_TOKEN_LIFETIME.as_secs() as i64,
             pod_name: Some(format!("{sa}-pod")),
         })?;
-        write_atomic(file, token.as_bytes())?;
+        write_private(file, token.as_bytes())?;
     }
     Ok(())
 }
@@ -347,7 +592,7 @@ fn demo_identity(dir: &Path) -> anyhow::Result<DemoIdentity> {
         tenant_id: uuid::Uuid::new_v4().to_string(),
         client_id: uuid::Uuid::new_v4().to_string(),
     };
-    std::fs::write(&file, serde_json::to_vec_pretty(&id)?)?;
+    write_public(&file, &serde_json::to_vec_pretty(&id)?)?;
     Ok(id)
 }
 
@@ -443,29 +688,6 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
         .components()
         .filter(|c| !matches!(c, std::path::Component::CurDir))
         .collect())
-}
-
-/// Writes through a temporary file and a rename, so readers never see half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// Writes a private key readable by the owner only.
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(bytes)?;
-    Ok(())
 }
 
 pub async fn emulate_kube(args: EmulateKubeArgs) -> anyhow::Result<()> {

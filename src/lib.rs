@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod entra;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod issuer;
 pub mod keys;

@@ -80,10 +80,42 @@ impl RunningProxy {
     }
 }
 
+/// The proxy's two listening sockets, bound before anything else starts.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `--listen` and `--admin-listen`; the error names the address and the flag.
+    pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Self> {
+        let bind = |addr, flag: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} ({flag})"))
+        };
+        Ok(Self {
+            proxy: bind(config.listen, "--listen").await?,
+            admin: bind(config.admin_listen, "--admin-listen").await?,
+        })
+    }
+}
+
 /// Loads everything, binds both listeners, and starts serving. Returns once listening;
 /// readiness follows when the first JWKS arrives.
 pub async fn start(
     config: ProxyConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningProxy> {
+    let listeners = Listeners::bind(&config).await?;
+    start_on(config, listeners, shutdown).await
+}
+
+/// [`start`] on listeners bound already (so `dev` can refuse a busy port before it writes
+/// anything, and never give the port up in between).
+pub async fn start_on(
+    config: ProxyConfig,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningProxy> {
     crate::http::install_crypto_provider();
@@ -171,12 +203,10 @@ pub async fn start(
         draining: AtomicBool::new(false),
     });
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let Listeners {
+        proxy: listener,
+        admin: admin_listener,
+    } = listeners;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 

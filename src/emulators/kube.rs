@@ -177,7 +177,8 @@ impl KubeEmulator {
         let url = format!("http://{addr}");
         let bearer = random_token()?;
         let kubeconfig_path = cfg.state_dir.join(KUBECONFIG_FILE);
-        write_private(&kubeconfig_path, kubeconfig_yaml(&url, &bearer).as_bytes())?;
+        // It holds the emulator's bearer token.
+        crate::files::write_private(&kubeconfig_path, kubeconfig_yaml(&url, &bearer).as_bytes())?;
 
         let public = key.public();
         let decoding = jsonwebtoken::DecodingKey::from_rsa_components(&public.n, &public.e)
@@ -333,7 +334,7 @@ fn load_or_create_key(dir: &Path) -> anyhow::Result<SigningKey> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::generate(2048).context("generating the SA signing key")?;
-            write_private(&path, key.private_pem().as_bytes())?;
+            crate::files::write_private(&path, key.private_pem().as_bytes())?;
             Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -352,8 +353,7 @@ fn resolve_issuer(dir: &Path, configured: Option<&str>) -> anyhow::Result<String
         },
     };
     // Saved even when configured, so offline minting uses what the emulator last served.
-    std::fs::write(&path, format!("{issuer}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
+    crate::files::write_public(&path, format!("{issuer}\n").as_bytes())?;
     Ok(issuer)
 }
 
@@ -362,29 +362,6 @@ fn default_issuer() -> String {
         "https://oidc.kube-emulator.invalid/{}",
         uuid::Uuid::new_v4()
     )
-}
-
-/// Writes a file only its owner can read: it holds a private key or a bearer token.
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        opts.mode(0o600);
-        // `mode` only applies on creation; tighten files left by older runs too.
-        if path.exists() {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("restricting {}", path.display()))?;
-        }
-    }
-    let mut file = opts
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 fn random_token() -> anyhow::Result<String> {

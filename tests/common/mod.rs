@@ -557,7 +557,7 @@ pub async fn scrape_metrics(sys: &DevSystem) -> String {
 }
 
 impl DevProcess {
-    /// The process id of `dev` (for /proc readings such as its resident memory).
+    /// The process id of `dev` (what a second `dev` names; /proc readings such as its RSS).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,0 +1,96 @@
+//! Replacing files that other processes read while we run: `dev`'s state dir (SA tokens, keys,
+//! certificates, `dev.json`) and the kube emulator's. A file is written whole under a fresh
+//! temporary name and renamed over its target, so a reader sees the old content or the new,
+//! never half; a private file is created 0600, so no moment exists in which its secret is
+//! readable by others (a `chmod` after writing would leave one).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Owner read/write only: private keys, bearer tokens, SA tokens.
+pub const PRIVATE: u32 = 0o600;
+/// Readable by all (before the umask): certificates, public documents, descriptions.
+pub const PUBLIC: u32 = 0o644;
+
+/// Creates or replaces `path` with `bytes`, readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, PRIVATE)
+}
+
+/// Creates or replaces `path` with `bytes`, readable by all.
+pub fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, PUBLIC)
+}
+
+/// Creates or replaces `path` atomically; the new file has `mode` (less the umask) from the
+/// moment it exists. The error names the file.
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = temporary_name(path);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            // On disk before the rename, so a crash leaves the old file or the new one.
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
+    })
+}
+
+/// A name beside `path` (same directory, so the rename stays on one file system) that no
+/// other writer, in this process or another, uses at the same time.
+fn temporary_name(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_private_file_replacing_a_readable_one_is_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "old").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let before = std::fs::metadata(&f).unwrap().ino();
+        write_private(&f, b"new").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"new");
+        assert_eq!(mode(&f), 0o600);
+        // Replaced, not rewritten in place: a reader holding the old file keeps the old bytes.
+        assert_ne!(std::fs::metadata(&f).unwrap().ino(), before);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_names_the_file_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("missing-dir/key");
+        let e = write_private(&f, b"x").unwrap_err();
+        assert!(e.to_string().contains("missing-dir/key"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
