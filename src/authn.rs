@@ -285,10 +285,12 @@ impl Authenticator {
         if issuer_changed {
             self.verified.invalidate_all();
         } else if !gone.is_empty() || unnamed_changed {
-            let dropped = self.verified.invalidate_entries_if(move |_, v| match &v.kid {
-                Some(kid) => gone.contains(kid.as_ref()),
-                None => unnamed_changed,
-            });
+            let dropped = self
+                .verified
+                .invalidate_entries_if(move |_, v| match &v.kid {
+                    Some(kid) => gone.contains(kid.as_ref()),
+                    None => unnamed_changed,
+                });
             if let Err(e) = dropped {
                 tracing::warn!(error = %e, "dropping every verified token instead");
                 self.verified.invalidate_all();
@@ -385,7 +387,10 @@ impl Authenticator {
             }
         }
         let caller = Arc::new(self.verify_locally(token).await?);
-        let kid = pre_parse_header(token).ok().and_then(|h| h.kid).map(Arc::from);
+        let kid = pre_parse_header(token)
+            .ok()
+            .and_then(|h| h.kid)
+            .map(Arc::from);
         self.verified.insert(
             *digest,
             Verified {

@@ -227,7 +227,10 @@ pub fn wildcard_denial(caller: &Caller, client_id: &str, reason: &str) -> String
     let by = if reason.is_empty() {
         String::new()
     } else {
-        format!(" (the apiserver says: {})", crate::token::printable(reason, 300))
+        format!(
+            " (the apiserver says: {})",
+            crate::token::printable(reason, 300)
+        )
     };
     format!(
         "Service account '{ns}/{sa}' is allowed to use EVERY managed identity, not only \

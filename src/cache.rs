@@ -42,7 +42,11 @@ pub struct CacheKey {
 impl CacheKey {
     /// The identity this key belongs to.
     fn identity(&self) -> Identity {
-        (self.authority.clone(), self.tenant.clone(), self.client_id.clone())
+        (
+            self.authority.clone(),
+            self.tenant.clone(),
+            self.client_id.clone(),
+        )
     }
 }
 
@@ -238,10 +242,18 @@ impl TokenCache {
 
     /// The flight of this caller's `claims` request: joined if the same caller is already
     /// asking with the same key and claims, else started. Its token is never cached.
-    fn claims_flight(&self, key: CacheKey, claims: &str, caller: &str) -> Result<Flight, ProxyError> {
+    fn claims_flight(
+        &self,
+        key: CacheKey,
+        claims: &str,
+        caller: &str,
+    ) -> Result<Flight, ProxyError> {
         self.spend(caller, Spend::Claims)?;
         let flight_key: ClaimsKey = (key, caller.into(), claims.into());
-        let mut flights = self.claims_flights.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flights = self
+            .claims_flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.get(&flight_key) {
             return Ok(f.clone());
         }
@@ -250,7 +262,9 @@ impl TokenCache {
         let done_key = flight_key.clone();
         let task = tokio::spawn(async move {
             let result = fetch.await.map(Arc::new);
-            map.lock().unwrap_or_else(|p| p.into_inner()).remove(&done_key);
+            map.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&done_key);
             result
         });
         let f = joined(task);
@@ -496,9 +510,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..200 {
             let cache = cache.clone();
-            tasks.push(tokio::spawn(async move {
-                cache.get(key(1), None, ME).await
-            }));
+            tasks.push(tokio::spawn(
+                async move { cache.get(key(1), None, ME).await },
+            ));
         }
         let mut tokens = std::collections::HashSet::new();
         for t in tasks {
@@ -580,12 +594,22 @@ mod tests {
         assert!(err.retry_after().is_some_and(|s| (1..=60).contains(&s)));
         assert!(err.to_string().contains(ME), "{err}");
         // Hits cost nothing; another caller has its own budget.
-        assert_eq!(cache.get(scoped(1, 0), None, ME).await.unwrap().1, Lookup::Hit);
+        assert_eq!(
+            cache.get(scoped(1, 0), None, ME).await.unwrap().1,
+            Lookup::Hit
+        );
         cache.get(scoped(1, 3), None, OTHER).await.unwrap();
         for _ in 0..3 {
             cache.get(key(1), Some("{}"), OTHER).await.unwrap();
         }
-        assert_eq!(cache.get(key(1), Some("{}"), OTHER).await.unwrap_err().status(), 429);
+        assert_eq!(
+            cache
+                .get(key(1), Some("{}"), OTHER)
+                .await
+                .unwrap_err()
+                .status(),
+            429
+        );
     }
 
     #[tokio::test]

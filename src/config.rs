@@ -270,8 +270,14 @@ impl ProxyConfig {
             ("--max-connections-per-peer", a.max_connections_per_peer),
             ("--max-in-flight", a.max_in_flight),
             ("--max-in-flight-per-peer", a.max_in_flight_per_peer),
-            ("--max-buffered-bytes-per-peer", a.max_buffered_bytes_per_peer),
-            ("--cache-max-keys-per-identity", a.cache_max_keys_per_identity),
+            (
+                "--max-buffered-bytes-per-peer",
+                a.max_buffered_bytes_per_peer,
+            ),
+            (
+                "--cache-max-keys-per-identity",
+                a.cache_max_keys_per_identity,
+            ),
             ("--admin-max-connections", a.admin_max_connections),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -299,7 +299,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             (t.expires_in, t.ext_expires_in, t.refresh_in),
-            (MAX_LIFETIME_SECS, MAX_LIFETIME_SECS, Some(MAX_LIFETIME_SECS))
+            (
+                MAX_LIFETIME_SECS,
+                MAX_LIFETIME_SECS,
+                Some(MAX_LIFETIME_SECS)
+            )
         );
         assert!(t.remaining() <= Duration::from_secs(MAX_LIFETIME_SECS));
         let zero = parse_token(br#"{"access_token":"x","expires_in":0}"#, now).unwrap_err();

@@ -220,7 +220,11 @@ impl RequestPermit {
                 "The proxy is buffering its limit of request bytes.".into(),
             ));
         }
-        if !reserve(&self.peer.usage.bytes, n, config.max_buffered_bytes_per_peer) {
+        if !reserve(
+            &self.peer.usage.bytes,
+            n,
+            config.max_buffered_bytes_per_peer,
+        ) {
             release(&self.limits.global.bytes, n);
             return Err(busy(
                 "This pod's unfinished requests hold its limit of buffered bytes.".into(),
@@ -295,7 +299,8 @@ pub struct CallerBudgets {
 
 impl CallerBudgets {
     pub fn new(misses_per_minute: u32, claims_per_minute: u32) -> Self {
-        let callers = std::num::NonZeroUsize::new(BUDGET_CALLERS).unwrap_or(std::num::NonZeroUsize::MIN);
+        let callers =
+            std::num::NonZeroUsize::new(BUDGET_CALLERS).unwrap_or(std::num::NonZeroUsize::MIN);
         Self {
             misses_per_minute,
             claims_per_minute,

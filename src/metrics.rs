@@ -151,6 +151,8 @@ impl Metrics {
             request_duration.with_label_values(&[outcome]);
         }
         requests.with_label_values(&["success", "200"]);
+        // Alerts on callers over their budget need the series before the first refusal.
+        requests.with_label_values(&["over_budget", "429"]);
         for result in ["hit", "miss", "bypass"] {
             cache_lookups.with_label_values(&[result]);
         }

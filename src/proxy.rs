@@ -16,8 +16,8 @@ use crate::cache::{CacheKey, Fetch, Lookup, TokenCache};
 use crate::entra::{EntraClient, Exchange, IssuedToken};
 use crate::error::{ProxyError, Result};
 use crate::http::{json, json_value, read_request_body, Body};
-use crate::limits::{ConnectionPermit, RequestPermit};
 use crate::issuer::Issuer;
+use crate::limits::{ConnectionPermit, RequestPermit};
 use crate::metrics::Metrics;
 use crate::token::{self, Route, TokenResponse};
 
@@ -212,8 +212,7 @@ impl App {
         debug_assert_eq!(parts.method, Method::POST);
 
         // 1. Parse.
-        let body =
-            read_request_body(body, self.max_body_bytes, self.body_timeout, permit).await?;
+        let body = read_request_body(body, self.max_body_bytes, self.body_timeout, permit).await?;
         if !body.iter().all(u8::is_ascii_whitespace) {
             token::check_content_type(
                 parts
@@ -301,7 +300,11 @@ pub struct Exchanger {
 }
 
 impl Fetch for Exchanger {
-    fn fetch(&self, key: &CacheKey, claims: Option<&str>) -> BoxFuture<'static, Result<IssuedToken>> {
+    fn fetch(
+        &self,
+        key: &CacheKey,
+        claims: Option<&str>,
+    ) -> BoxFuture<'static, Result<IssuedToken>> {
         let binding = self.bindings.current().get(&key.client_id).cloned();
         let (issuer, entra) = (self.issuer.clone(), self.entra.clone());
         let authority = key.authority.clone();

@@ -20,6 +20,8 @@ pub const ASSERTION_TYPE_JWT: &str = "urn:ietf:params:oauth:client-assertion-typ
 pub const MAX_ASSERTION_BYTES: usize = 16 * 1024;
 /// Most scopes accepted in one request. Client credentials uses exactly one `.default`.
 const MAX_SCOPES: usize = 8;
+/// OpenID Connect scopes, which MSAL for Go sends beside the `.default` scope.
+const OIDC_SCOPES: [&str; 3] = ["openid", "offline_access", "profile"];
 
 /// What a request asks for, decided from method and path alone.
 #[derive(Debug, PartialEq, Eq)]
@@ -279,7 +281,15 @@ pub fn canonical_scopes(scope: &str) -> Result<String> {
         return canonical_scope(one).map(Cow::into_owned);
     }
     let mut set = BTreeSet::new();
+    let mut oidc_only = None;
     for s in scope.split_ascii_whitespace() {
+        // MSAL for Go adds `openid offline_access profile` to every token request, client
+        // credentials included; Entra ignores them for an app token, and so do we (they are
+        // neither in the cache key nor sent to Entra).
+        if OIDC_SCOPES.contains(&s) {
+            oidc_only.get_or_insert(s);
+            continue;
+        }
         if set.len() == MAX_SCOPES {
             return Err(ProxyError::InvalidScope(format!(
                 "More than {MAX_SCOPES} scopes were requested. Client credentials use exactly \
@@ -289,7 +299,12 @@ pub fn canonical_scopes(scope: &str) -> Result<String> {
         set.insert(canonical_scope(s)?);
     }
     if set.is_empty() {
-        return Err(ProxyError::missing("scope"));
+        return Err(match oidc_only {
+            Some(oidc) => canonical_scope(oidc)
+                .err()
+                .unwrap_or(ProxyError::missing("scope")),
+            None => ProxyError::missing("scope"),
+        });
     }
     Ok(set.into_iter().collect::<Vec<_>>().join(" "))
 }
@@ -663,6 +678,19 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(canonical_scopes(&many).is_err());
+        // MSAL for Go's OpenID Connect scopes are dropped; alone they are no app scope.
+        assert_eq!(
+            canonical_scopes("https://vault.azure.net/.default openid offline_access profile")
+                .unwrap(),
+            "https://vault.azure.net/.default"
+        );
+        for oidc in ["openid", "openid profile", " offline_access "] {
+            let err = canonical_scopes(oidc).unwrap_err();
+            assert!(
+                err.to_string().contains("is not a '<resource>/.default'"),
+                "{err}"
+            );
+        }
         // Repetition is not "many scopes": one scope sent 100 times is one scope.
         let repeated = vec!["https://a/.default"; 100].join(" ");
         assert_eq!(canonical_scopes(&repeated).unwrap(), "https://a/.default");

@@ -316,9 +316,15 @@ fn network_policy_admits_pods_to_the_token_port_and_only_monitoring_to_admin() {
         .as_object()
         .expect("the policy selects pods by label")
     {
-        assert_eq!(&labels[k], v, "policy selector {k} matches the proxy's pods");
+        assert_eq!(
+            &labels[k], v,
+            "policy selector {k} matches the proxy's pods"
+        );
     }
-    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
     let container = proxy_container(&docs);
     let env = proxy_env(&docs);
     let rules = array(&policy["spec"]["ingress"]);
@@ -332,7 +338,11 @@ fn network_policy_admits_pods_to_the_token_port_and_only_monitoring_to_admin() {
                     .any(|p| container_port(container, &p["port"]) == port)
             })
             .collect();
-        assert_eq!(matching.len(), 1, "exactly one rule admits {listen}'s port {port}");
+        assert_eq!(
+            matching.len(),
+            1,
+            "exactly one rule admits {listen}'s port {port}"
+        );
         matching[0]
     };
     let token = rule_for("IBP_LISTEN");

@@ -895,7 +895,10 @@ async fn hostile_requests_are_refused_precisely_and_the_proxy_stays_healthy() {
         ("organizations in the path", "organizations"),
         ("encoded traversal as the tenant", "..%2F..%2Fetc"),
         ("a domain-shaped tenant in the path", "evil.example.com"),
-        ("a look-alike onmicrosoft domain in the path", "contoso.onmicrosoft.com"),
+        (
+            "a look-alike onmicrosoft domain in the path",
+            "contoso.onmicrosoft.com",
+        ),
     ] {
         add(
             what,

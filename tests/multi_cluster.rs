@@ -77,6 +77,9 @@ impl Cluster {
             format!("--authority-host={}", entra.url()),
             "--listen=127.0.0.1:0".into(),
             "--admin-listen=127.0.0.1:0".into(),
+            // The rotation test's traffic is one caller sending `claims` (past the cache) as
+            // fast as it can, far above a workload's budget.
+            "--caller-claims-budget=1000000".into(),
         ])
         .unwrap();
         config.reload_period = Duration::from_millis(100);

@@ -237,8 +237,14 @@ async fn connections_that_send_nothing_or_go_idle_are_closed() {
     // A TLS connection that never sends a request head (HTTP/1.1 and h2 by ALPN).
     let mut silent_h1 = h1.connect().await.unwrap();
     let mut silent_h2 = h2.connect().await.unwrap();
-    assert!(closed_within(&mut silent_h1, limit).await, "h1 without a request");
-    assert!(closed_within(&mut silent_h2, limit).await, "h2 without a request");
+    assert!(
+        closed_within(&mut silent_h1, limit).await,
+        "h1 without a request"
+    );
+    assert!(
+        closed_within(&mut silent_h2, limit).await,
+        "h2 without a request"
+    );
 
     // An h2 connection that sends the preface and SETTINGS, then no request.
     let started = Instant::now();
@@ -250,8 +256,14 @@ async fn connections_that_send_nothing_or_go_idle_are_closed() {
     .await
     .unwrap();
     let ended = tokio::time::timeout(limit, conn).await;
-    assert!(ended.is_ok(), "h2 connection with only a preface stays open");
-    eprintln!("preface-only h2 connection closed after {:?}", started.elapsed());
+    assert!(
+        ended.is_ok(),
+        "h2 connection with only a preface stays open"
+    );
+    eprintln!(
+        "preface-only h2 connection closed after {:?}",
+        started.elapsed()
+    );
 
     // An h2 connection goes after its idle timeout once its last request is done (an
     // HTTP/1.1 keep-alive connection already goes after the header timeout: hyper times the
@@ -265,7 +277,11 @@ async fn connections_that_send_nothing_or_go_idle_are_closed() {
     .await
     .unwrap();
     let conn = tokio::spawn(conn);
-    let r = send_h2(&mut sender, form_request(&token_form(&sys.info.client_id, &token))).await;
+    let r = send_h2(
+        &mut sender,
+        form_request(&token_form(&sys.info.client_id, &token)),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let idle_since = Instant::now();
     let ended = tokio::time::timeout(limit, conn).await;
@@ -295,10 +311,19 @@ async fn one_peer_filling_its_connections_cannot_fail_another_peers_request() {
             Err(_) => refused += 1,
         }
     }
-    assert_eq!((held.len(), refused), (20, 40), "one peer holds at most its share");
+    assert_eq!(
+        (held.len(), refused),
+        (20, 40),
+        "one peer holds at most its share"
+    );
     let token = read(&sys.info.allowed_token_file);
     for _ in 0..5 {
-        let r = post_from(&client, OTHER_PEER, &token_form(&sys.info.client_id, &token)).await;
+        let r = post_from(
+            &client,
+            OTHER_PEER,
+            &token_form(&sys.info.client_id, &token),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.error_description());
     }
     let scrape = scrape_metrics(&sys).await;
@@ -376,7 +401,11 @@ async fn one_scope_spelled_many_ways_is_one_entry_and_one_entra_call() {
         tokens.insert(r.json["access_token"].as_str().unwrap().to_string());
     }
     assert_eq!(tokens.len(), 1, "one cache entry");
-    assert_eq!(sys.entra.stats().tokens_issued - before, 1, "one Entra call");
+    assert_eq!(
+        sys.entra.stats().tokens_issued - before,
+        1,
+        "one Entra call"
+    );
     // The first caller's spelling did not decide what everyone gets: Entra was sent the
     // canonical scope, and copies it into `aud`.
     let token = tokens.into_iter().next().unwrap();
@@ -411,18 +440,30 @@ async fn a_caller_over_its_miss_budget_gets_429_and_cached_tokens_stay_free() {
     let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let over = client.post_form("/", &pairs).await;
     assert_eq!(over.status, 429, "{}", over.error_description());
-    let retry: u64 = over.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = over.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
     assert!(over.error_description().contains("--caller-miss-budget"));
-    assert!(over.error_description().contains("system:serviceaccount:demo:demo"));
-    assert_eq!(sys.entra.stats().tokens_issued, calls, "no Entra call over budget");
+    assert!(over
+        .error_description()
+        .contains("system:serviceaccount:demo:demo"));
+    assert_eq!(
+        sys.entra.stats().tokens_issued,
+        calls,
+        "no Entra call over budget"
+    );
     // Cached keys are still served: hits cost nothing.
     let form = ask("https://r0.example/.default".into());
     let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
     assert_eq!(client.post_form("/", &pairs).await.status, 200);
     let scrape = scrape_metrics(&sys).await;
     assert!(scrape.contains("identity_binding_proxy_caller_budget_exceeded_total{kind=\"miss\"} 1"));
-    assert!(scrape.contains("identity_binding_proxy_requests_total{outcome=\"over_budget\",status=\"429\"} 1"));
+    assert!(scrape.contains(
+        "identity_binding_proxy_requests_total{outcome=\"over_budget\",status=\"429\"} 1"
+    ));
     sys.shutdown().await;
 }
 
@@ -456,7 +497,11 @@ async fn concurrent_claims_share_one_call_and_never_replace_the_shared_entry() {
         assert_eq!(r.status, 200, "{}", r.error_description());
         claim_tokens.insert(r.json["access_token"].as_str().unwrap().to_string());
     }
-    assert_eq!(sys.entra.stats().tokens_issued - before, 1, "20 claims requests, one call");
+    assert_eq!(
+        sys.entra.stats().tokens_issued - before,
+        1,
+        "20 claims requests, one call"
+    );
     assert_eq!(claim_tokens.len(), 1);
     assert!(!claim_tokens.contains(&shared_token));
     // Everyone else is still served the shared entry, not the claims token.
@@ -522,10 +567,15 @@ async fn a_denied_caller_learns_nothing_about_bindings_or_tenants() {
         );
     }
     assert_eq!(bound_reply.json["error"], unbound_reply.json["error"]);
-    assert_eq!(bound_reply.json["error_codes"], unbound_reply.json["error_codes"]);
+    assert_eq!(
+        bound_reply.json["error_codes"],
+        unbound_reply.json["error_codes"]
+    );
     assert_eq!(
         bound_reply.error_description(),
-        unbound_reply.error_description().replace(unbound, &info.client_id),
+        unbound_reply
+            .error_description()
+            .replace(unbound, &info.client_id),
         "the refusal must not depend on whether the identity is bound"
     );
     sys.shutdown().await;
@@ -667,12 +717,22 @@ subjects:
 async fn a_wildcard_grant_is_refused_by_name_unless_the_flag_allows_it() {
     for allow in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let flags: &[&str] = if allow { &["--allow-wildcard-grants"] } else { &[] };
+        let flags: &[&str] = if allow {
+            &["--allow-wildcard-grants"]
+        } else {
+            &[]
+        };
         let sys = dev_with(dir.path(), flags).await;
         let client = Client::for_dev(&sys);
         let rbac = read(&sys.info.rbac_file);
         std::fs::write(&sys.info.rbac_file, format!("{rbac}{WILDCARD_RBAC}")).unwrap();
-        let deployer = mint_sa(&sys, "demo", "deployer", &["api://AKSIdentityBinding"], 3600);
+        let deployer = mint_sa(
+            &sys,
+            "demo",
+            "deployer",
+            &["api://AKSIdentityBinding"],
+            3600,
+        );
         // Until the RBAC change is picked up the deployer is simply not granted (also 403).
         let settled = eventually(Duration::from_secs(5), || async {
             let r = client.post_token(&sys.info.client_id, &deployer).await;
@@ -684,7 +744,12 @@ async fn a_wildcard_grant_is_refused_by_name_unless_the_flag_allows_it() {
         })
         .await;
         let r = client.post_token(&sys.info.client_id, &deployer).await;
-        assert!(settled, "allow={allow}: {} {}", r.status, r.error_description());
+        assert!(
+            settled,
+            "allow={allow}: {} {}",
+            r.status,
+            r.error_description()
+        );
         if !allow {
             let d = r.error_description();
             assert!(d.contains("EVERY managed identity"), "{d}");
@@ -694,7 +759,10 @@ async fn a_wildcard_grant_is_refused_by_name_unless_the_flag_allows_it() {
         }
         // A grant by name is unaffected either way.
         let demo = read(&sys.info.allowed_token_file);
-        assert_eq!(client.post_token(&sys.info.client_id, &demo).await.status, 200);
+        assert_eq!(
+            client.post_token(&sys.info.client_id, &demo).await.status,
+            200
+        );
         sys.shutdown().await;
     }
 }
@@ -707,11 +775,21 @@ async fn a_jwks_refresh_keeps_tokens_whose_key_is_still_published() {
     let sys = start_dev(dir.path()).await;
     let client = Client::for_dev(&sys);
     let token = read(&sys.info.allowed_token_file);
-    assert_eq!(client.post_token(&sys.info.client_id, &token).await.status, 200);
+    assert_eq!(
+        client.post_token(&sys.info.client_id, &token).await.status,
+        200
+    );
     let authn = &sys.proxy.app.authn;
     assert_eq!(authn.verified_tokens(), 1);
     authn.refresh_keys().await.unwrap();
-    assert_eq!(authn.verified_tokens(), 1, "an unchanged JWKS keeps verified tokens");
-    assert_eq!(client.post_token(&sys.info.client_id, &token).await.status, 200);
+    assert_eq!(
+        authn.verified_tokens(),
+        1,
+        "an unchanged JWKS keeps verified tokens"
+    );
+    assert_eq!(
+        client.post_token(&sys.info.client_id, &token).await.status,
+        200
+    );
     sys.shutdown().await;
 }

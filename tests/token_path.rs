@@ -127,7 +127,8 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     let r = h2.post_token(&info.client_id, &assertion).await;
     assert_eq!(r.status, 200, "{}", r.json);
 
-    // MSAL for Go's discovery, pointing back at the proxy; instance discovery is 404.
+    // MSAL for Go's discovery, pointing back at the proxy (whatever Host says); instance
+    // discovery is 404.
     let req = http::Request::get(format!(
         "/{}/v2.0/.well-known/openid-configuration",
         info.tenant_id
@@ -137,11 +138,12 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     .unwrap();
     let r = client.send(req).await;
     assert_eq!(r.status, 200);
+    // Built from the SNI name the connection is served under, never from Host.
     assert_eq!(
         r.json["token_endpoint"],
         format!(
-            "https://127.0.0.1:8443/{}/oauth2/v2.0/token",
-            info.tenant_id
+            "https://{}/{}/oauth2/v2.0/token",
+            info.sni_name, info.tenant_id
         )
     );
     let req = http::Request::get("/common/discovery/instance?api-version=1.1")
@@ -296,7 +298,10 @@ async fn refusals_name_their_cause() {
             .contains("not bound")
     })
     .await;
-    assert!(not_bound, "a granted but unbound identity is named as not bound");
+    assert!(
+        not_bound,
+        "a granted but unbound identity is named as not bound"
+    );
     std::fs::write(&info.rbac_file, rbac).unwrap();
 
     // A tenant in the path that is not the identity's.

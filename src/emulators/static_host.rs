@@ -20,21 +20,27 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let limits = crate::limits::Limits::new(crate::limits::LimitsConfig::unbounded());
     let timeouts = crate::http::ConnTimeouts::NONE;
-    tokio::spawn(crate::http::serve_plain(listener, stop, limits, timeouts, move |req, _| {
-        let root = root.clone();
-        async move {
-            if req.method() != http::Method::GET {
-                return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    tokio::spawn(crate::http::serve_plain(
+        listener,
+        stop,
+        limits,
+        timeouts,
+        move |req, _| {
+            let root = root.clone();
+            async move {
+                if req.method() != http::Method::GET {
+                    return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+                }
+                match resolve(&root, req.uri().path()) {
+                    Some(file) => match tokio::fs::read(&file).await {
+                        Ok(bytes) => json(StatusCode::OK, bytes),
+                        Err(_) => text(StatusCode::NOT_FOUND, "not found\n"),
+                    },
+                    None => text(StatusCode::NOT_FOUND, "not found\n"),
+                }
             }
-            match resolve(&root, req.uri().path()) {
-                Some(file) => match tokio::fs::read(&file).await {
-                    Ok(bytes) => json(StatusCode::OK, bytes),
-                    Err(_) => text(StatusCode::NOT_FOUND, "not found\n"),
-                },
-                None => text(StatusCode::NOT_FOUND, "not found\n"),
-            }
-        }
-    }));
+        },
+    ));
     Ok(addr)
 }
 
