@@ -226,7 +226,7 @@ impl DevProcess {
     /// The same with more arguments after the state dir (`dev` flags, then `--` and `serve`
     /// flags).
     pub fn start_with(state: &Path, more: &[&str]) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+        let child = std::process::Command::new(dev_binary())
             .args([
                 "dev",
                 "--listen",
@@ -561,4 +561,12 @@ impl DevProcess {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// The binary `DevProcess` runs: this build's, or `IBP_DEV_BINARY` to measure another build
+/// (e.g. an earlier release) with the same test.
+pub fn dev_binary() -> std::path::PathBuf {
+    std::env::var_os("IBP_DEV_BINARY")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_identity-binding-proxy").into())
 }
