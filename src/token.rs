@@ -201,6 +201,7 @@ pub fn parse(
         )));
     }
     let scope = scope.ok_or_else(|| ProxyError::missing("scope"))?;
+    let scope = without_oidc_scopes(&scope);
     let scope_key = normalize_scopes(&scope)?;
     let claims = claims.filter(|c| !c.trim().is_empty()).map(Cow::into_owned);
     Ok(TokenRequest {
@@ -255,6 +256,23 @@ fn form_decode(raw: &str) -> Option<Cow<'_, str>> {
         i += 1;
     }
     String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+/// MSAL for Go adds `openid offline_access profile` to every token request, client
+/// credentials included; Entra ignores them for an app token, so they are dropped here (from
+/// the cache key and from the scope sent to Entra).
+fn without_oidc_scopes(scope: &str) -> Cow<'_, str> {
+    let oidc = |s: &str| ["openid", "profile", "offline_access"].contains(&s);
+    if !scope.split_ascii_whitespace().any(oidc) {
+        return Cow::Borrowed(scope);
+    }
+    Cow::Owned(
+        scope
+            .split_ascii_whitespace()
+            .filter(|s| !oidc(s))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 /// Lower-case, de-duplicate and sort scopes; each must be an app-only `.default` scope.
@@ -594,6 +612,20 @@ mod tests {
             let err = parse(None, None, &form(&pairs)).unwrap_err();
             assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    #[test]
+    fn msal_go_oidc_scopes_are_dropped() {
+        assert_eq!(
+            without_oidc_scopes("https://vault.azure.net/.default openid offline_access profile"),
+            "https://vault.azure.net/.default"
+        );
+        assert_eq!(without_oidc_scopes("openid"), "");
+        assert!(normalize_scopes(&without_oidc_scopes("openid profile")).is_err());
+        assert!(matches!(
+            without_oidc_scopes(" https://a/.default "),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
