@@ -12,7 +12,8 @@
 //! The clients reach the proxy through a loopback relay that only forwards bytes: it counts
 //! connections, can cut them all, and reads the SNI name and ALPN protocols of each ClientHello.
 //! .NET cannot be installed here (no NuGet): `dotnet_emulation_*` is our own client that
-//! behaves as Azure.Identity for .NET does in proxy mode.
+//! behaves as Azure.Identity for .NET does in proxy mode. The AKS how-to's sample runs
+//! unchanged against a Key Vault stand-in (`howto_sample_*`).
 //!
 //! A client that cannot be installed or built fails its test with the package manager's error.
 
@@ -869,4 +870,433 @@ fn dotnet_trusts_only_the_first_ca_of_the_bundle() {
         refused["ok"], false,
         "new leaf, CA file [old, new]: {refused}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The AKS how-to's sample, built unchanged from its module, with a Key Vault stand-in.
+
+/// The sample's module at azure-workload-identity v1.6.0 (commit 04d01a2f), through the
+/// wrapper module tests/clients/howto-sample (its go.sum pins the sample's hash). It is a
+/// nested module, not in the root module's zip; where the Go module proxy does not serve it
+/// (proxy.golang.org answers 403), this build fails with the go command's error.
+const SAMPLE_PACKAGE: &str =
+    "github.com/Azure/azure-workload-identity/examples/custom-token-endpoint-msal-go";
+const VAULT_HOST: &str = "ibp-test.vault.azure.net";
+const SECRET: &str = "ibp-secret";
+
+fn howto_sample() -> PathBuf {
+    let out = tmp_dir().join("clients/howto-sample");
+    run_tool(
+        "building the how-to's sample (go build, modules from the Go module proxy)",
+        Command::new("go")
+            .args(["build", "-mod=readonly", "-buildvcs=false", "-o"])
+            .arg(&out)
+            .arg(SAMPLE_PACKAGE)
+            .current_dir(manifest_dir().join("tests/clients/howto-sample")),
+    );
+    out
+}
+
+/// What the Key Vault stand-in saw.
+#[derive(Default, Debug)]
+struct VaultStats {
+    challenges: u32,
+    verified: u32,
+    refused: Vec<String>,
+}
+
+/// Key Vault on loopback, reached as an HTTPS proxy (`CONNECT ibp-test.vault.azure.net:443`),
+/// so the sample resolves nothing: Go's `HTTPS_PROXY` handling takes it there, and sends
+/// token requests to the loopback proxy URL directly (loopback is never proxied). It answers
+/// `GET /secrets/{SECRET}/` with Key Vault's challenge, then with the secret once the bearer
+/// token verifies against the Entra emulator's keys (issuer, audience, signature).
+struct Vault {
+    addr: SocketAddr,
+    ca_file: PathBuf,
+    stats: Arc<Mutex<VaultStats>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Vault {
+    fn start(dev: &Dev) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("vault CA").unwrap();
+        let ca_file = dir.path().join("vault-ca.crt");
+        std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+        let leaf = ca.issue(&[VAULT_HOST]).unwrap();
+        let certs = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())
+            .unwrap()
+            .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+
+        let tenant = dev.process.get("tenant_id");
+        let jwks = http_get_json(&format!(
+            "{}/{tenant}/discovery/v2.0/keys",
+            dev.process.get("entra_url")
+        ));
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwks["keys"][0].clone()).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        validation.set_audience(&["https://vault.azure.net"]);
+        validation.set_issuer(&[format!("https://sts.windows.net/{tenant}/")]);
+        let verify = Arc::new(move |token: &str| {
+            jsonwebtoken::decode::<Value>(token, &key, &validation)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(Mutex::new(VaultStats::default()));
+        let shared = stats.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (config, stats, verify, tenant) = (
+                    config.clone(),
+                    shared.clone(),
+                    verify.clone(),
+                    tenant.clone(),
+                );
+                std::thread::spawn(move || {
+                    let _ = vault_connection(conn, config, &stats, &*verify, &tenant);
+                });
+            }
+        });
+        Self {
+            addr,
+            ca_file,
+            stats,
+            _dir: dir,
+        }
+    }
+
+    fn verified(&self) -> u32 {
+        self.stats.lock().unwrap().verified
+    }
+}
+
+fn vault_connection(
+    mut tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    stats: &Mutex<VaultStats>,
+    verify: &dyn Fn(&str) -> Result<(), String>,
+    tenant: &str,
+) -> std::io::Result<()> {
+    let connect = read_head(&mut tcp)?;
+    if !connect.starts_with(&format!("CONNECT {VAULT_HOST}:443 ")) {
+        tcp.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")?;
+        return Ok(());
+    }
+    tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+    let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    loop {
+        let head = read_head(&mut tls)?;
+        let request_line = head.lines().next().unwrap_or("").to_string();
+        let bearer = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("authorization")
+                .then(|| v.trim().strip_prefix("Bearer ").map(str::to_string))?
+        });
+        let (status, headers, body) = if !request_line
+            .starts_with(&format!("GET /secrets/{SECRET}/"))
+        {
+            (
+                404,
+                String::new(),
+                r#"{"error":{"code":"NotFound"}}"#.to_string(),
+            )
+        } else if let Some(token) = bearer {
+            match verify(&token) {
+                Ok(()) => {
+                    stats.lock().unwrap().verified += 1;
+                    (
+                        200,
+                        String::new(),
+                        format!(
+                            r#"{{"value":"Hello!","id":"https://{VAULT_HOST}/secrets/{SECRET}/1","attributes":{{"enabled":true}}}}"#
+                        ),
+                    )
+                }
+                Err(e) => {
+                    stats.lock().unwrap().refused.push(e.clone());
+                    (
+                        401,
+                        String::new(),
+                        format!(r#"{{"error":{{"code":"Unauthorized","message":"{e}"}}}}"#),
+                    )
+                }
+            }
+        } else {
+            stats.lock().unwrap().challenges += 1;
+            (
+                401,
+                format!(
+                    "WWW-Authenticate: Bearer authorization=\"https://login.microsoftonline.com/{tenant}\", resource=\"https://vault.azure.net\"\r\n"
+                ),
+                r#"{"error":{"code":"Unauthorized"}}"#.to_string(),
+            )
+        };
+        write!(
+            tls,
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        tls.flush()?;
+    }
+}
+
+/// An HTTP head (up to the blank line), read byte by byte so nothing after it is consumed.
+fn read_head(r: &mut impl Read) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if r.read(&mut b)? == 0 || head.len() > 64 * 1024 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn http_get_json(url: &str) -> Value {
+    let rest = url.trim_start_matches("http://");
+    let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("GET {url}: {out}"))
+}
+
+/// The sample, running: its log (klog, stderr) is collected line by line.
+struct Sample {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Sample {
+    fn start(program: &Path, dev: &Dev, vault: &Vault, token_file: &str) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for (k, v) in dev.env(token_file) {
+            cmd.env(k, v);
+        }
+        cmd.env("KEYVAULT_URL", format!("https://{VAULT_HOST}/"))
+            .env("SECRET_NAME", SECRET)
+            .env("HTTPS_PROXY", format!("http://{}", vault.addr))
+            .env("SSL_CERT_FILE", &vault.ca_file);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the sample starts");
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle`; `None` if the sample exited or `limit` passed.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// The log so far, with the service-account token the sample puts in its error lines
+    /// (the form travels in the URL's query) blanked out.
+    fn log(&self) -> String {
+        redact_assertion(&self.seen.join("\n"))
+    }
+
+    fn exit_code(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Sample {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redact_assertion(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("client_assertion=") {
+        let start = at + "client_assertion=".len();
+        out.push_str(&rest[..start]);
+        out.push_str("<redacted>");
+        let end = rest[start..]
+            .find(['&', '"', ' '])
+            .map_or(rest.len(), |e| start + e);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+const SUCCESS: &str = r#""successfully got secret" secret="Hello!""#;
+
+/// The how-to's sample, unchanged: (a) it reads the secret with a token the vault verified;
+/// (b) the denied service account's run exits with our explanation in its log; (c) a second
+/// run is served from the proxy's cache; (d) it reads the CA file once, so after a rotation
+/// its next token request fails and it exits — a restarted sample reads the new bundle and
+/// works (what users must do: restart such pods when the CA changes).
+#[test]
+fn howto_sample_reads_a_secret_through_the_proxy() {
+    let program = howto_sample();
+    // Tokens live 50 s and are cached until 5 s are left, so the sample's second round (60 s
+    // after the first) must ask for a new one: azcore keeps using a token it could not renew
+    // until it expires.
+    let state = tempfile::tempdir().unwrap();
+    let log = state.path().join("dev.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--entra-token-lifetime-secs",
+            "50",
+            "--cache-min-remaining-secs",
+            "5",
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("dev starts");
+    let process = DevProcess::adopt(child, state.path());
+    let relay = Relay::start(
+        process.get("proxy_url")["https://".len()..]
+            .parse()
+            .unwrap(),
+    );
+    let dev = Dev {
+        process,
+        state,
+        log,
+        relay,
+    };
+    let vault = Vault::start(&dev);
+
+    // (a)
+    let mut sample = Sample::start(&program, &dev, &vault, "allowed_token_file");
+    let got = sample.wait_for(SUCCESS, Duration::from_secs(60));
+    assert!(
+        got.is_some(),
+        "no success line; the sample's log:\n{}",
+        sample.log()
+    );
+    assert!(vault.verified() >= 1, "{:?}", vault.stats.lock().unwrap());
+
+    // (b)
+    let mut denied = Sample::start(&program, &dev, &vault, "denied_token_file");
+    assert_eq!(denied.exit_code(Duration::from_secs(60)), Some(1));
+    denied.wait_for("never", Duration::from_millis(500));
+    let text = denied.log();
+    assert!(
+        text.contains("unexpected status code 403")
+            && text.contains("not allowed to use managed identity"),
+        "{text}"
+    );
+
+    // (c)
+    let issued = dev.entra_issued();
+    let mut second = Sample::start(&program, &dev, &vault, "allowed_token_file");
+    assert!(
+        second.wait_for(SUCCESS, Duration::from_secs(60)).is_some(),
+        "{}",
+        second.log()
+    );
+    assert_eq!(
+        dev.entra_issued(),
+        issued,
+        "the second run was served from the cache"
+    );
+    drop(second);
+
+    // (d) The first sample keeps running across the rotation.
+    dev.rotate_ca();
+    let failed = sample.wait_for(
+        "failed to get secret from keyvault",
+        Duration::from_secs(90),
+    );
+    let failed = failed.map(|l| redact_assertion(&l)).unwrap_or_else(|| {
+        panic!(
+            "the sample did not fail after the rotation:\n{}",
+            sample.log()
+        )
+    });
+    assert!(
+        failed.contains("certificate signed by unknown authority"),
+        "{failed}"
+    );
+    assert_eq!(sample.exit_code(Duration::from_secs(10)), Some(1));
+    eprintln!("== how-to sample after the CA rotation: {failed}");
+    // Restarted, it reads the new bundle.
+    let mut restarted = Sample::start(&program, &dev, &vault, "allowed_token_file");
+    assert!(
+        restarted
+            .wait_for(SUCCESS, Duration::from_secs(60))
+            .is_some(),
+        "{}",
+        restarted.log()
+    );
+    report("how-to sample", &dev);
 }
