@@ -263,7 +263,8 @@ fn form_decode(raw: &str) -> Option<Cow<'_, str>> {
 /// the cache key and from the scope sent to Entra).
 fn without_oidc_scopes(scope: &str) -> Cow<'_, str> {
     let oidc = |s: &str| ["openid", "profile", "offline_access"].contains(&s);
-    if !scope.split_ascii_whitespace().any(oidc) {
+    // Only OIDC scopes: left as they are, so the refusal names them.
+    if !scope.split_ascii_whitespace().any(oidc) || scope.split_ascii_whitespace().all(oidc) {
         return Cow::Borrowed(scope);
     }
     Cow::Owned(
@@ -620,8 +621,11 @@ mod tests {
             without_oidc_scopes("https://vault.azure.net/.default openid offline_access profile"),
             "https://vault.azure.net/.default"
         );
-        assert_eq!(without_oidc_scopes("openid"), "");
-        assert!(normalize_scopes(&without_oidc_scopes("openid profile")).is_err());
+        assert_eq!(without_oidc_scopes("openid profile"), "openid profile");
+        assert!(normalize_scopes(&without_oidc_scopes("openid profile"))
+            .unwrap_err()
+            .to_string()
+            .contains("'openid'"));
         assert!(matches!(
             without_oidc_scopes(" https://a/.default "),
             Cow::Borrowed(_)
