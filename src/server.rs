@@ -24,7 +24,7 @@ use crate::config::ProxyConfig;
 use crate::entra::EntraClient;
 use crate::http::{json, serve_connection, text, Body, ConnTimeouts};
 use crate::issuer::Issuer;
-use crate::limits::{CallerBudgets, Limits};
+use crate::limits::{CallerBudgets, ConnectionPermit, Limits, LimitsConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{App, ConnInfo, Exchanger, Profile};
 use crate::tls::SniRouter;
@@ -120,7 +120,6 @@ pub async fn start_on(
 ) -> anyhow::Result<RunningProxy> {
     crate::http::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
-
     let router = Arc::new(
         SniRouter::load(
             config.tls.clone(),
@@ -130,12 +129,59 @@ pub async fn start_on(
         )
         .map_err(anyhow::Error::msg)?,
     );
+    let app = build_app(&config, &metrics).await?;
+    let readiness = Arc::new(Readiness {
+        authn: app.authn.clone(),
+        draining: AtomicBool::new(false),
+    });
+    let Listeners {
+        proxy: listener,
+        admin: admin_listener,
+    } = listeners;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let background = CancellationToken::new();
+    spawn_background(&app, &router, &config, &background);
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(serve_admin(
+        admin_listener,
+        config.admin_limits.clone(),
+        ConnTimeouts {
+            first_request: Some(config.header_read_timeout),
+            idle: Some(config.idle_timeout),
+        },
+        (readiness.clone(), metrics),
+        admin_stop.clone(),
+    ));
+    let done = tokio::spawn({
+        let app = app.clone();
+        let readiness = readiness.clone();
+        async move {
+            serve_tls(listener, router, app, &config, shutdown).await;
+            readiness.set_draining();
+            background.cancel();
+            admin_stop.cancel();
+            let _ = admin.await;
+        }
+    });
+    tracing::info!(%addr, %admin_addr, "identity-binding-proxy listening");
+    Ok(RunningProxy {
+        addr,
+        admin_addr,
+        readiness,
+        app,
+        done,
+    })
+}
+
+/// Every step of the request path, built from the configuration.
+async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<App>> {
     let issuer = Arc::new(
         Issuer::from_files(&config.issuer_keys, config.issuer_url.clone())
             .map_err(anyhow::Error::msg)?,
     );
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
-
     let cluster = Arc::new(Cluster::connect(config.kubeconfig.as_deref()).await?);
     let authn = Arc::new(Authenticator::new(
         cluster.clone(),
@@ -153,7 +199,7 @@ pub async fn start_on(
         config.caller_claims_budget,
     ));
     let authz = Arc::new(Authorizer::new(
-        cluster.clone(),
+        cluster,
         AuthzConfig {
             allowed_ttl: config.authz_allowed_ttl,
             denied_ttl: config.authz_denied_ttl,
@@ -182,12 +228,12 @@ pub async fn start_on(
         exchanger,
         metrics.clone(),
     ));
-    let app = Arc::new(App {
-        authn: authn.clone(),
-        authz: authz.clone(),
-        bindings: bindings.clone(),
-        cache: cache.clone(),
-        issuer: issuer.clone(),
+    Ok(Arc::new(App {
+        authn,
+        authz,
+        bindings,
+        cache,
+        issuer,
         metrics: metrics.clone(),
         profiles: config
             .sni_profiles
@@ -197,74 +243,49 @@ pub async fn start_on(
         default_profile: Profile::new(&config.authority_host, None),
         max_body_bytes: config.max_body_bytes,
         body_timeout: config.body_timeout,
-    });
-    let readiness = Arc::new(Readiness {
-        authn: authn.clone(),
-        draining: AtomicBool::new(false),
-    });
+    }))
+}
 
-    let Listeners {
-        proxy: listener,
-        admin: admin_listener,
-    } = listeners;
-    let addr = listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-
-    let background = CancellationToken::new();
-    tokio::spawn(authn.clone().run_refresh(JWKS_REFRESH, background.clone()));
-    tokio::spawn(authz.watch_rbac(background.clone()));
-    tokio::spawn(cache.run_refresh(config.refresh_tick, background.clone()));
+/// The JWKS refresh, the RBAC watch, refresh-ahead, and the reloads of keys, bindings and
+/// certificates, until `stop`.
+fn spawn_background(
+    app: &App,
+    router: &Arc<SniRouter>,
+    config: &ProxyConfig,
+    stop: &CancellationToken,
+) {
+    tokio::spawn(app.authn.clone().run_refresh(JWKS_REFRESH, stop.clone()));
+    tokio::spawn(app.authz.clone().watch_rbac(stop.clone()));
     tokio::spawn(
-        issuer
+        app.cache
             .clone()
-            .watch(config.reload_period, background.clone()),
+            .run_refresh(config.refresh_tick, stop.clone()),
     );
-    tokio::spawn(bindings.watch(config.reload_period, background.clone()));
+    tokio::spawn(app.issuer.clone().watch(config.reload_period, stop.clone()));
     tokio::spawn(
-        router
+        app.bindings
             .clone()
-            .watch(config.reload_period, background.clone()),
+            .watch(config.reload_period, stop.clone()),
     );
+    tokio::spawn(router.clone().watch(config.reload_period, stop.clone()));
+}
 
-    let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(crate::http::serve_plain(
-        admin_listener,
-        admin_stop.clone(),
-        Limits::new(config.admin_limits.clone()),
-        ConnTimeouts {
-            first_request: Some(config.header_read_timeout),
-            idle: Some(config.idle_timeout),
-        },
-        {
-            let readiness = readiness.clone();
-            let metrics = metrics.clone();
-            move |req, _peer| {
-                let readiness = readiness.clone();
-                let metrics = metrics.clone();
-                async move { admin_response(req.uri().path(), &readiness, &metrics) }
-            }
-        },
-    ));
-
-    let done = tokio::spawn({
-        let app = app.clone();
+/// The admin server: `/livez`, `/readyz`, `/metrics`, with its own connection cap and the
+/// proxy's header and idle timeouts.
+async fn serve_admin(
+    listener: TcpListener,
+    limits: LimitsConfig,
+    timeouts: ConnTimeouts,
+    (readiness, metrics): (Arc<Readiness>, Arc<Metrics>),
+    stop: CancellationToken,
+) {
+    let limits = Limits::new(limits);
+    crate::http::serve_plain(listener, stop, limits, timeouts, move |req, _peer| {
         let readiness = readiness.clone();
-        async move {
-            serve_tls(listener, router, app, &config, shutdown).await;
-            readiness.set_draining();
-            background.cancel();
-            admin_stop.cancel();
-            let _ = admin.await;
-        }
-    });
-    tracing::info!(%addr, %admin_addr, "identity-binding-proxy listening");
-    Ok(RunningProxy {
-        addr,
-        admin_addr,
-        readiness,
-        app,
-        done,
+        let metrics = metrics.clone();
+        async move { admin_response(req.uri().path(), &readiness, &metrics) }
     })
+    .await
 }
 
 fn admin_response(path: &str, readiness: &Readiness, metrics: &Metrics) -> Response<Body> {
@@ -293,6 +314,57 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const H1_MAX_BUF: usize = 32 * 1024;
 /// The largest h2 header block accepted (hyper's default; stated so it is visibly bounded).
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// One accepted connection of the token port, before its TLS handshake.
+struct TlsConnection {
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+    router: Arc<SniRouter>,
+    app: Arc<App>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: ConnTimeouts,
+    request_timeout: Duration,
+}
+
+impl TlsConnection {
+    /// The handshake (SNI decides the certificate and the profile), then its requests until
+    /// the peer leaves, a deadline passes, or `shutdown` fires.
+    async fn serve(self, shutdown: CancellationToken) {
+        let tls = match self.router.accept(self.tcp).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, reason = e.reason(), "TLS handshake refused");
+                return;
+            }
+        };
+        let conn_info = Arc::new(ConnInfo {
+            peer: self.peer,
+            sni: self.router.served_name(tls.get_ref().1.server_name()),
+            permit: self.permit,
+        });
+        let (app, request_timeout) = (self.app, self.request_timeout);
+        let handler = move |req| {
+            let app = app.clone();
+            let conn_info = conn_info.clone();
+            async move {
+                match tokio::time::timeout(request_timeout, app.handle(req, &conn_info)).await {
+                    Ok(resp) => resp,
+                    Err(_) => {
+                        let e = crate::error::ProxyError::Unavailable {
+                            retry_after: 1,
+                            description:
+                                "The request took longer than the proxy's request timeout. Retry."
+                                    .into(),
+                        };
+                        json(e.status(), e.body("").to_json())
+                    }
+                }
+            }
+        };
+        serve_connection(&self.builder, tls, self.timeouts, &shutdown, handler).await;
+    }
+}
 
 /// The HTTP settings of the token port, sized to a token request (SPEC §11): an h2 stream's
 /// window holds one body, a connection's window a few.
@@ -361,41 +433,17 @@ async fn serve_tls(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let router = router.clone();
-        let app = app.clone();
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let tls = match router.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
-                    tracing::debug!(%peer, reason = e.reason(), "TLS handshake refused");
-                    return;
-                }
-            };
-            let conn_info = Arc::new(ConnInfo {
-                peer,
-                sni: router.served_name(tls.get_ref().1.server_name()),
-                permit,
-            });
-            let handler = move |req| {
-                let app = app.clone();
-                let conn_info = conn_info.clone();
-                async move {
-                    match tokio::time::timeout(request_timeout, app.handle(req, &conn_info)).await {
-                        Ok(resp) => resp,
-                        Err(_) => {
-                            let e = crate::error::ProxyError::Unavailable {
-                                retry_after: 1,
-                                description: "The request took longer than the proxy's request timeout. Retry.".into(),
-                            };
-                            json(e.status(), e.body("").to_json())
-                        }
-                    }
-                }
-            };
-            serve_connection(&builder, tls, timeouts, &shutdown, handler).await;
-        });
+        let conn = TlsConnection {
+            tcp,
+            peer,
+            permit,
+            router: router.clone(),
+            app: app.clone(),
+            builder: builder.clone(),
+            timeouts,
+            request_timeout,
+        };
+        tracker.spawn(conn.serve(shutdown.clone()));
     }
     tracker.close();
     if tokio::time::timeout(config.drain_timeout, tracker.wait())
