@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A real control plane on loopback: etcd and kube-apiserver (RBAC, RSA service-account keys,
-# readable OIDC discovery), and optionally the Azure workload identity webhook — all built from
-# the Go module proxy at the versions pinned in scripts/real-cluster/*/go.mod.
+# A real control plane on loopback: etcd, kube-apiserver (RBAC, RSA service-account keys,
+# readable OIDC discovery) and kube-controller-manager (ClusterRole aggregation only), plus the
+# Azure workload identity webhook and helm binaries for the tests to run — all built from the Go
+# module proxy at the versions pinned in scripts/real-cluster/*/go.mod.
 #
 #   scripts/real-cluster.sh build [COMPONENT...]   build (or find cached) binaries, print their dirs
-#   scripts/real-cluster.sh up DIR             build, start etcd + kube-apiserver, write DIR/env
+#   scripts/real-cluster.sh up DIR             build, start the control plane, write DIR/env
 #   scripts/real-cluster.sh restart-apiserver DIR   stop and start kube-apiserver (same etcd)
 #   scripts/real-cluster.sh stop-apiserver DIR | start-apiserver DIR   the same in two steps
 #   scripts/real-cluster.sh rotate-sa-key DIR  new signing key; old public key still accepted
@@ -13,12 +14,14 @@
 #   scripts/real-cluster.sh down DIR           stop everything started in DIR
 #
 # DIR/env holds shell assignments: KUBECONFIG (admin), BIN_DIR (kubectl, kube-apiserver,
-# kube-controller-manager, etcd, webhook, helm), APISERVER (URL), CA_FILE, ISSUER, PKI_DIR (also a serving cert for the webhook),
-# WEBHOOK_CHART (the chart in the webhook module's source) and the ports. Binaries and Go caches live
-# under ${XDG_CACHE_HOME:-$HOME/.cache}/identity-binding-proxy/real-cluster/, keyed by the
-# wrapper modules' content, so only the first run builds. Ports are derived from the pid, below
-# Linux's default ephemeral range (32768-60999). Any failure prints ONE line naming the step and
-# its log file, and exits 1.
+# kube-controller-manager, etcd, webhook, helm), APISERVER (URL), CA_FILE, ISSUER, PKI_DIR (with
+# a serving certificate for the webhook in DIR/webhook-certs), WEBHOOK_CHART (the chart in the
+# webhook module's source) and the ports. Binaries and Go caches live under
+# ${XDG_CACHE_HOME:-$HOME/.cache}/identity-binding-proxy/real-cluster/, keyed by the wrapper
+# modules' content, so only the first run builds. Ports are derived from the pid, in
+# 10000-29999, below Linux's default ephemeral range (32768-60999). With OWNER_PID set,
+# everything stops once that process exits. Any failure prints ONE line naming the step and its
+# log file, and exits 1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -252,7 +255,8 @@ cmd_up() {
   BIN_DIR=$d/bin
   pick_ports
   ETCD_PORT=$BASE ETCD_PEER_PORT=$((BASE + 1)) APISERVER_PORT=$((BASE + 2))
-  WEBHOOK_PORT=$((BASE + 3)) WEBHOOK_HEALTH_PORT=$((BASE + 4)) WEBHOOK_METRICS_PORT=$((BASE + 5))
+  # The webhook serves on :9443 (fixed in v1.6.0); only its health and metrics ports are ours.
+  WEBHOOK_HEALTH_PORT=$((BASE + 4)) WEBHOOK_METRICS_PORT=$((BASE + 5))
   APISERVER=https://127.0.0.1:$APISERVER_PORT
   ISSUER=$APISERVER
   make_certs "$d"
@@ -285,7 +289,6 @@ ISSUER=$ISSUER
 ETCD_PORT=$ETCD_PORT
 ETCD_PEER_PORT=$ETCD_PEER_PORT
 APISERVER_PORT=$APISERVER_PORT
-WEBHOOK_PORT=$WEBHOOK_PORT
 WEBHOOK_HEALTH_PORT=$WEBHOOK_HEALTH_PORT
 WEBHOOK_METRICS_PORT=$WEBHOOK_METRICS_PORT
 WEBHOOK_CHART=$chart
@@ -335,7 +338,7 @@ drop-old-sa-keys)
   ;;
 down) cmd_down "${2:?usage: $0 down DIR}" ;;
 *)
-  sed -n '2,21p' "$0" >&2
+  sed -n '2,24p' "$0" >&2
   exit 2
   ;;
 esac
