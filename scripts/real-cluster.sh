@@ -20,7 +20,8 @@
 # ${XDG_CACHE_HOME:-$HOME/.cache}/identity-binding-proxy/real-cluster/, keyed by the wrapper
 # modules' content, so only the first run builds. Ports are derived from the pid, in
 # 10000-29999, below Linux's default ephemeral range (32768-60999). With OWNER_PID set,
-# everything stops once that process exits. Any failure prints ONE line naming the step and its
+# everything stops once that process exits
+# (and with OWNER_CLEANUP=1, DIR is removed). Any failure prints ONE line naming the step and its
 # log file, and exits 1.
 set -euo pipefail
 
@@ -243,6 +244,8 @@ watch_owner() { # DIR PID: stop everything in DIR once process PID has exited
   (
     while kill -0 "$owner" 2>/dev/null && [ -d "$d/pids" ]; do sleep 1; done
     cmd_down "$d"
+    # A directory the owner could not remove itself (OWNER_CLEANUP=1) goes with it.
+    if [ "${OWNER_CLEANUP:-}" = 1 ] && ! kill -0 "$owner" 2>/dev/null; then rm -rf "$d"; fi
   ) </dev/null >/dev/null 2>&1 &
 }
 

@@ -62,7 +62,10 @@ fn harness(args: &[&str], dir: &Path) -> Output {
         .arg(repo().join("scripts/real-cluster.sh"))
         .args(args)
         .arg(dir)
+        // Everything stops, and the directory goes, when this test process exits (the shared
+        // cluster is never dropped).
         .env("OWNER_PID", std::process::id().to_string())
+        .env("OWNER_CLEANUP", "1")
         .stdin(Stdio::null())
         .output()
         .expect("bash runs")
@@ -1599,7 +1602,17 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
         "rendered webhook args: {args:?}\nrendered ConfigMap data: {}",
         config["data"]
     );
-    assert!(args.contains(&"--custom-token-endpoint-annotation-suffix=identity-binding".into()));
+    // The suffix is whatever values.yaml says: whether the pod's annotation matches it is for
+    // the real webhook to decide below (a wrong suffix leaves the pod unmutated).
+    let suffix =
+        yaml_docs(&std::fs::read_to_string(repo().join("deploy/webhook/values.yaml")).unwrap())[0]
+            ["customTokenEndpoint"]["annotationSuffix"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    assert!(args.contains(&format!(
+        "--custom-token-endpoint-annotation-suffix={suffix}"
+    )));
     assert!(args.contains(&format!("--custom-token-endpoint-audience={AUDIENCE}")));
     assert_eq!(
         container["envFrom"][0]["configMapRef"]["name"], config["metadata"]["name"],
