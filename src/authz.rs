@@ -159,14 +159,6 @@ impl Authorizer {
                 if stale.is_some() {
                     self.decisions.invalidate(&key).await;
                 }
-                self.budgets
-                    .spend(&caller.username, Spend::Review)
-                    .inspect_err(|_| {
-                        self.metrics
-                            .caller_budget_exceeded
-                            .with_label_values(&[Spend::Review.label()])
-                            .inc();
-                    })?;
                 let generation = self.generation.load(Ordering::Acquire);
                 let decision = self
                     .decisions
@@ -185,8 +177,17 @@ impl Authorizer {
 }
 
 impl Authorizer {
-    /// Asks the apiserver; failures are not cached.
+    /// Asks the apiserver, paid from the caller's budget (once per review: concurrent requests
+    /// that need the same decision share it, and its answer); failures are not cached.
     async fn review(&self, caller: &Caller, resource: &str) -> Result<Decision> {
+        self.budgets
+            .spend(&caller.username, Spend::Review)
+            .inspect_err(|_| {
+                self.metrics
+                    .caller_budget_exceeded
+                    .with_label_values(&[Spend::Review.label()])
+                    .inc();
+            })?;
         let subject = Subject {
             user: &caller.username,
             groups: &caller.groups,

@@ -312,6 +312,8 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper's HTTP/1 read buffer: a request head plus a body chunk; its default (~400 KiB) is
 /// room an unauthenticated peer could fill on every connection.
 const H1_MAX_BUF: usize = 32 * 1024;
+/// The largest flow-control window HTTP/2 allows.
+const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
 /// The largest h2 header block accepted (hyper's default; stated so it is visibly bounded).
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
@@ -369,7 +371,10 @@ impl TlsConnection {
 /// The HTTP settings of the token port, sized to a token request (SPEC §11): an h2 stream's
 /// window holds one body, a connection's window a few.
 fn token_port_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
-    let body_window = u32::try_from(config.max_body_bytes).unwrap_or(u32::MAX);
+    // HTTP/2 windows are at most 2^31 - 1 (RFC 9113 §6.9.1); a token body is far smaller.
+    let body_window = u32::try_from(config.max_body_bytes)
+        .unwrap_or(u32::MAX)
+        .min(H2_MAX_WINDOW / 4);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -56,20 +56,7 @@ async fn post_from(client: &Client, src: IpAddr, pairs: &[(&str, &str)]) -> Repl
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from(body)))
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let raw = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-    Reply {
-        status,
-        headers,
-        json,
-        raw,
-    }
+    reply_of(sender.send_request(req).await.unwrap()).await
 }
 
 /// Whether the server closes `stream` (EOF or reset) within `limit`, sending nothing first.

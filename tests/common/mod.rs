@@ -122,16 +122,7 @@ impl Client {
             tokio::spawn(conn);
             sender.send_request(req).await.unwrap()
         };
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let raw = resp.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-        Reply {
-            status,
-            headers,
-            json,
-            raw,
-        }
+        reply_of(resp).await
     }
 
     /// An h2 connection whose sender can be cloned for many concurrent streams.
@@ -363,7 +354,11 @@ pub async fn send_h2(
     sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
 ) -> Reply {
-    let resp = sender.send_request(req).await.unwrap();
+    reply_of(sender.send_request(req).await.unwrap()).await
+}
+
+/// A response read whole: status, headers, body (as JSON where it is JSON).
+pub async fn reply_of(resp: http::Response<hyper::body::Incoming>) -> Reply {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let raw = resp.into_body().collect().await.unwrap().to_bytes();
