@@ -28,7 +28,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{jwt_claims, DevProcess};
+use common::{jwt_claims, python_with_sdk, tls_config, DevProcess};
 use identity_binding_proxy::emulators::pki::DevCa;
 use serde_json::Value;
 
@@ -370,19 +370,8 @@ fn write_atomic(path: &Path, text: &str) {
 }
 
 fn client_config(roots_pem: &str, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut roots_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Arc::new(config)
+    let alpn: Vec<&[u8]> = alpn.iter().map(|p| p.as_bytes()).collect();
+    tls_config(roots_pem.as_bytes(), &alpn)
 }
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
@@ -533,31 +522,9 @@ fn java_client() -> Launcher {
     )
 }
 
-const PYTHON_SDK: &str = "azure-identity==1.27.0";
-
-/// Python: azure-identity from PyPI in a venv under target/ (the one tests/python_sdk.rs uses).
+/// Python: azure-identity from PyPI in the venv every Python test shares.
 fn python_client() -> Launcher {
-    let venv = tmp_dir().join("sdk-venv-python");
-    let python = venv.join("bin/python");
-    let marker = venv.join(".installed-azure-identity-1.27.0");
-    if !marker.exists() {
-        run_tool(
-            "creating the venv",
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-        );
-        run_tool(
-            &format!("installing {PYTHON_SDK} from PyPI"),
-            Command::new(&python).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                PYTHON_SDK,
-            ]),
-        );
-        std::fs::write(&marker, b"").unwrap();
-    }
+    let python = python_with_sdk();
     let script = manifest_dir().join("tests/clients/python/get_token.py");
     launcher(python, vec![script.display().to_string()], None)
 }

@@ -4,45 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use common::{jwt_claims, run_sdk_script, DevProcess};
-
-const SDK: &str = "azure-identity==1.27.0";
-
-fn python_with_sdk() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv-python");
-    let python = venv.join("bin/python");
-    let marker = venv.join(".installed-azure-identity-1.27.0");
-    if marker.exists() {
-        return python;
-    }
-    let status = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 must be installed");
-    assert!(status.success(), "creating the venv failed");
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            SDK,
-        ])
-        .output()
-        .expect("pip runs");
-    assert!(
-        out.status.success(),
-        "installing {SDK} from PyPI failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&marker, b"").unwrap();
-    python
-}
+use common::{jwt_claims, python_with_sdk, run_sdk_script, DevProcess};
 
 #[test]
 fn python_sdk_gets_a_token_and_sees_our_refusal() {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::Client;
+use common::{python_with_sdk, Client};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_identity-binding-proxy");
@@ -1526,40 +1526,6 @@ fn yaml_docs(text: &str) -> Vec<Value> {
                 .filter(|v: &Value| !v.is_null())
         })
         .collect()
-}
-
-fn python_with_sdk() -> PathBuf {
-    // The same venv and marker as tests/python_sdk.rs, so the SDK is installed once.
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv-python");
-    let python = venv.join("bin/python");
-    let marker = venv.join(".installed-azure-identity-1.27.0");
-    if marker.exists() {
-        return python;
-    }
-    let status = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 must be installed");
-    assert!(status.success(), "creating the venv failed");
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg("azure-identity==1.27.0")
-        .output()
-        .expect("pip runs");
-    assert!(
-        out.status.success(),
-        "installing azure-identity==1.27.0 from PyPI failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&marker, b"").unwrap();
-    python
 }
 
 /// The real webhook, rendered by helm from its chart with deploy/webhook/values.yaml, mutates

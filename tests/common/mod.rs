@@ -75,22 +75,10 @@ impl Client {
     }
 
     pub fn new(addr: SocketAddr, sni: &str, ca_pem: &[u8], alpn: &[&[u8]]) -> Self {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Self {
             addr,
             sni: sni.to_string(),
-            config: Arc::new(config),
+            config: tls_config(ca_pem, alpn),
         }
     }
 
@@ -160,6 +148,23 @@ impl Client {
             .unwrap();
         self.send(req).await
     }
+}
+
+/// A TLS client configuration trusting every certificate of `ca_pem`, offering `alpn`.
+pub fn tls_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
 }
 
 /// The form every SDK sends.
@@ -564,4 +569,42 @@ pub fn dev_binary() -> std::path::PathBuf {
     std::env::var_os("IBP_DEV_BINARY")
         .map(Into::into)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_identity-binding-proxy").into())
+}
+
+/// The Python SDK every Python test uses.
+pub const PYTHON_SDK: &str = "azure-identity==1.27.0";
+
+/// A venv under target/ with [`PYTHON_SDK`] from PyPI, installed once for every suite; its
+/// python. Fails loudly with pip's error when PyPI cannot serve it.
+pub fn python_with_sdk() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv-python");
+    let python = venv.join("bin/python");
+    let marker = venv.join(".installed-azure-identity-1.27.0");
+    if marker.exists() {
+        return python;
+    }
+    let status = std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 must be installed");
+    assert!(status.success(), "creating the venv failed");
+    let out = std::process::Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            PYTHON_SDK,
+        ])
+        .output()
+        .expect("pip runs");
+    assert!(
+        out.status.success(),
+        "installing {PYTHON_SDK} from PyPI failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&marker, b"").unwrap();
+    python
 }
