@@ -16,11 +16,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
-use crate::limits::{Limits, RequestPermit};
+use crate::limits::{ConnectionPermit, Limits, Refusal, RequestPermit};
 
 pub type Body = Full<Bytes>;
 
@@ -225,7 +225,7 @@ impl Drop for ActivityGuard {
 /// Serves one accepted connection (plain or TLS) with `builder` until the peer closes it, a
 /// deadline of `timeouts` passes, or `shutdown` fires (then in-flight requests finish within a
 /// grace period). The one connection driver of the proxy, its admin server and the emulators.
-pub async fn serve_connection<I, F, Fut>(
+pub async fn serve_connection<I, F, Fut, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     timeouts: ConnTimeouts,
@@ -234,7 +234,9 @@ pub async fn serve_connection<I, F, Fut>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let activity = Arc::new(Activity::new());
     let service = {
@@ -263,10 +265,63 @@ pub async fn serve_connection<I, F, Fut>(
     let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
 }
 
+/// Accepts connections on `listener` until `shutdown` fires, and hands each one within
+/// `limits` to `serve` with its permit; a connection over a limit is closed at once and
+/// reported to `refused`. Then waits for the connections to finish, at most `drain` when given.
+/// The one accept loop of the token port, the admin server and the emulators.
+pub async fn accept_loop<S, Fut>(
+    listener: TcpListener,
+    shutdown: &CancellationToken,
+    limits: &Arc<Limits>,
+    drain: Option<Duration>,
+    mut refused: impl FnMut(SocketAddr, Refusal),
+    mut serve: S,
+) where
+    S: FnMut(TcpStream, SocketAddr, ConnectionPermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Over a limit: a clean close at once, rather than a queue that hides overload from
+        // the client and from the metrics.
+        match limits.connect(peer.ip()) {
+            Ok(permit) => {
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(serve(stream, peer, permit));
+            }
+            Err(refusal) => {
+                tracing::warn!(%peer, limit = refusal.label(), "connection limit reached; closing new connection");
+                refused(peer, refusal);
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    match drain {
+        Some(deadline) => {
+            if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+                tracing::warn!("drain deadline passed with requests still in flight");
+            }
+        }
+        None => tracker.wait().await,
+    }
+}
+
 /// Serves plain HTTP/1.1 (and h2c by prior knowledge) on `listener` until `shutdown` fires,
-/// within `limits` and `timeouts`. The admin server and the emulators use it; the proxy's TLS
-/// listener lives in `server`.
-pub async fn serve_plain<F, Fut>(
+/// within `limits` and `timeouts`: the admin server and the emulators.
+pub async fn serve_plain<F, Fut, B>(
     listener: TcpListener,
     shutdown: CancellationToken,
     limits: Arc<Limits>,
@@ -274,45 +329,25 @@ pub async fn serve_plain<F, Fut>(
     handler: F,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let tracker = tokio_util::task::TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     if let Some(t) = timeouts.first_request {
         builder.http1().header_read_timeout(t);
     }
     let builder = Arc::new(builder);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let permit = match limits.connect(peer.ip()) {
-            Ok(permit) => permit,
-            Err(refusal) => {
-                tracing::warn!(%peer, limit = refusal.label(), "connection refused: limit reached");
-                continue;
-            }
-        };
-        let handler = handler.clone();
-        let shutdown = shutdown.clone();
-        let builder = builder.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
+    let serve = |stream, peer, permit| {
+        let (handler, shutdown, builder) = (handler.clone(), shutdown.clone(), builder.clone());
+        async move {
+            let _permit: ConnectionPermit = permit;
             let handler = move |req| handler(req, peer);
             serve_connection(&builder, stream, timeouts, &shutdown, handler).await;
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+        }
+    };
+    accept_loop(listener, &shutdown, &limits, None, |_, _| {}, serve).await;
 }
 
 /// The outbound HTTP client: https through rustls (aws-lc-rs, webpki roots) and plain http

@@ -13,7 +13,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::authn::{Authenticator, AuthnConfig};
 use crate::authz::{Authorizer, AuthzConfig};
@@ -22,7 +21,7 @@ use crate::cache::{CacheConfig, TokenCache};
 use crate::cluster::Cluster;
 use crate::config::ProxyConfig;
 use crate::entra::EntraClient;
-use crate::http::{json, serve_connection, text, Body, ConnTimeouts};
+use crate::http::{accept_loop, json, serve_connection, text, Body, ConnTimeouts};
 use crate::issuer::Issuer;
 use crate::limits::{CallerBudgets, ConnectionPermit, Limits, LimitsConfig};
 use crate::metrics::Metrics;
@@ -394,8 +393,8 @@ fn token_port_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// The TLS accept loop. On `shutdown`: stop accepting, let in-flight requests finish within
-/// the drain deadline, then return.
+/// The token port: TLS connections within the limits until `shutdown`, then in-flight
+/// requests drain within the drain deadline.
 async fn serve_tls(
     listener: TcpListener,
     router: Arc<SniRouter>,
@@ -404,40 +403,20 @@ async fn serve_tls(
     shutdown: CancellationToken,
 ) {
     let limits = Limits::new(config.limits.clone());
-    let tracker = TaskTracker::new();
     let builder = Arc::new(token_port_builder(config));
     let timeouts = ConnTimeouts {
         first_request: Some(config.header_read_timeout),
         idle: Some(config.idle_timeout),
     };
     let request_timeout = config.request_timeout;
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // Over a connection limit: a clean close at once, rather than a queue that hides
-        // overload from the client and from the metrics.
-        let permit = match limits.connect(peer.ip()) {
-            Ok(permit) => permit,
-            Err(refusal) => {
-                app.metrics
-                    .tls_handshake_failures
-                    .with_label_values(&[refusal.label()])
-                    .inc();
-                tracing::warn!(%peer, limit = refusal.label(), "connection limit reached; closing new connection");
-                drop(tcp);
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    let metrics = app.metrics.clone();
+    let refused = |_peer, refusal: crate::limits::Refusal| {
+        metrics
+            .tls_handshake_failures
+            .with_label_values(&[refusal.label()])
+            .inc();
+    };
+    let serve = |tcp, peer, permit| {
         let conn = TlsConnection {
             tcp,
             peer,
@@ -448,13 +427,8 @@ async fn serve_tls(
             timeouts,
             request_timeout,
         };
-        tracker.spawn(conn.serve(shutdown.clone()));
-    }
-    tracker.close();
-    if tokio::time::timeout(config.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain deadline passed with requests still in flight");
-    }
+        conn.serve(shutdown.clone())
+    };
+    let drain = Some(config.drain_timeout);
+    accept_loop(listener, &shutdown, &limits, drain, refused, serve).await;
 }
