@@ -146,27 +146,17 @@ impl Bindings {
         period: Duration,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut last = std::fs::read(&self.path).ok();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
+        let path = self.path.clone();
+        crate::files::watch_contents(vec![path], period, stop, || match load(&self.path) {
+            Ok(set) => {
+                tracing::info!(bindings = set.len(), "bindings reloaded");
+                self.current.store(Arc::new(set));
             }
-            let now = std::fs::read(&self.path).ok();
-            if now == last {
-                continue;
+            Err(e) => {
+                tracing::error!(error = %e, "bindings not reloaded; keeping the previous set")
             }
-            last = now;
-            match load(&self.path) {
-                Ok(set) => {
-                    tracing::info!(bindings = set.len(), "bindings reloaded");
-                    self.current.store(Arc::new(set));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "bindings not reloaded; keeping the previous set")
-                }
-            }
-        }
+        })
+        .await
     }
 }
 

@@ -45,6 +45,32 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     })
 }
 
+/// Calls `reload` whenever the contents of any of `paths` change, looked at every `period`,
+/// until `stop`. Mounted ConfigMaps and Secrets change by a symlink swap that a watch on the
+/// file itself misses; reading the contents sees every kind of update. A file that becomes
+/// unreadable counts as a change once, so `reload` can report it and keep what it has.
+pub async fn watch_contents(
+    paths: Vec<PathBuf>,
+    period: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut reload: impl FnMut(),
+) {
+    let snapshot =
+        || -> Vec<Option<Vec<u8>>> { paths.iter().map(|p| std::fs::read(p).ok()).collect() };
+    let mut last = snapshot();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let now = snapshot();
+        if now != last {
+            last = now;
+            reload();
+        }
+    }
+}
+
 /// A name beside `path` (same directory, so the rename stays on one file system) that no
 /// other writer, in this process or another, uses at the same time.
 fn temporary_name(path: &Path) -> PathBuf {
@@ -83,6 +109,35 @@ mod tests {
         assert_ne!(std::fs::metadata(&f).unwrap().ino(), before);
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_of_contents_reloads_once_and_a_stop_ends_the_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bindings.yaml");
+        std::fs::write(&f, "a").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let period = std::time::Duration::from_secs(1);
+        let watch = tokio::spawn(watch_contents(
+            vec![f.clone()],
+            period,
+            stop.clone(),
+            move || tx.send(()).unwrap(),
+        ));
+        tokio::time::sleep(period * 3).await;
+        assert!(rx.try_recv().is_err(), "unchanged contents reloaded");
+        // Same length, same mtime second: only the contents differ.
+        std::fs::write(&f, "b").unwrap();
+        tokio::time::sleep(period * 3).await;
+        assert!(rx.try_recv().is_ok(), "a change was not seen");
+        assert!(rx.try_recv().is_err(), "one change reloaded more than once");
+        std::fs::remove_file(&f).unwrap();
+        tokio::time::sleep(period * 3).await;
+        assert!(rx.try_recv().is_ok(), "a vanished file was not reported");
+        assert!(rx.try_recv().is_err());
+        stop.cancel();
+        watch.await.unwrap();
     }
 
     #[test]

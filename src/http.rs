@@ -311,7 +311,10 @@ pub async fn accept_loop<S, Fut>(
     tracker.close();
     match drain {
         Some(deadline) => {
-            if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+            if tokio::time::timeout(deadline, tracker.wait())
+                .await
+                .is_err()
+            {
                 tracing::warn!("drain deadline passed with requests still in flight");
             }
         }

@@ -231,23 +231,12 @@ impl SniRouter {
         period: Duration,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let snapshot = |entries: &[TlsEntry]| -> Vec<Option<Vec<u8>>> {
-            entries
-                .iter()
-                .flat_map(|e| [std::fs::read(&e.cert).ok(), std::fs::read(&e.key).ok()])
-                .collect()
-        };
-        let mut last = snapshot(&self.entries);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
-            }
-            let now = snapshot(&self.entries);
-            if now == last {
-                continue;
-            }
-            last = now;
+        let files = self
+            .entries
+            .iter()
+            .flat_map(|e| [e.cert.clone(), e.key.clone()])
+            .collect();
+        crate::files::watch_contents(files, period, stop, || {
             let errors = self.reload();
             if errors.is_empty() {
                 tracing::info!("serving certificates reloaded");
@@ -255,7 +244,8 @@ impl SniRouter {
             for e in errors {
                 tracing::error!(error = %e, "certificate not reloaded; the previous one keeps serving");
             }
-        }
+        })
+        .await
     }
 
     /// The name a connection is served under: the SNI name it sent, or the default name when
