@@ -17,6 +17,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 
+use crate::error::{codes, ProxyError};
+
 use crate::token::parse_guid;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +139,40 @@ impl Bindings {
 
     pub fn current(&self) -> Arc<BindingSet> {
         self.current.load_full()
+    }
+
+    /// The binding of `client_id`, if it agrees with every tenant the request names (each
+    /// given with whose it is, for the error): an identity not bound here, or bound in another
+    /// tenant, is refused with what to change.
+    pub fn resolve(
+        &self,
+        client_id: &str,
+        tenants: &[(Option<&str>, &str)],
+    ) -> Result<Binding, ProxyError> {
+        let set = self.current.load();
+        let binding = set.get(client_id).ok_or_else(|| {
+            ProxyError::Unbound(format!(
+                "Managed identity '{client_id}' is not bound to this cluster: add {{clientId: \
+                 {client_id}, tenantId: <tenant>}} to the proxy's bindings file (and its \
+                 federated identity credential to the identity) before workloads can use it."
+            ))
+        })?;
+        for (tenant, whose) in tenants {
+            let Some(tenant) = tenant else { continue };
+            if !tenant.eq_ignore_ascii_case(&binding.tenant_id) {
+                let (id, bound) = (&binding.client_id, &binding.tenant_id);
+                return Err(ProxyError::InvalidRequest {
+                    code: codes::TENANT_MISMATCH,
+                    description: format!(
+                        "Tenant '{}' (from {whose}) is not this identity's: managed identity \
+                         '{id}' is bound to tenant '{bound}'. Set AZURE_TENANT_ID to '{bound}' \
+                         (or use the SNI name of that tenant's profile).",
+                        crate::token::printable(tenant, 100),
+                    ),
+                });
+            }
+        }
+        Ok(binding.clone())
     }
 
     /// Polls the file (ConfigMap volumes change by symlink swap, which inotify on the file

@@ -3,16 +3,21 @@
 //! times with jittered backoff; 429 is answered to the caller with Entra's `Retry-After`; an
 //! error Entra returned is passed through with its status, codes and description.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt};
 use http::{header, Request, StatusCode};
 use http_body_util::Full;
 use rand::Rng;
 use serde::Deserialize;
 
-use crate::error::ProxyError;
+use crate::bindings::Bindings;
+use crate::cache::{CacheKey, Fetch};
+use crate::error::{ProxyError, Result};
 use crate::http::{fetch, form_encode, HttpClient};
+use crate::issuer::Issuer;
 use crate::oauth::ErrorBody;
 use crate::token::{ASSERTION_TYPE_JWT, GRANT_CLIENT_CREDENTIALS};
 
@@ -283,6 +288,47 @@ fn status_label(status: StatusCode) -> &'static str {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
+}
+
+/// The exchange behind the cache: our assertion for the identity's binding, sent to Entra.
+pub struct Exchanger {
+    pub bindings: Arc<Bindings>,
+    pub issuer: Arc<Issuer>,
+    pub entra: Arc<EntraClient>,
+}
+
+impl Fetch for Exchanger {
+    fn fetch(
+        &self,
+        key: &CacheKey,
+        claims: Option<&str>,
+    ) -> BoxFuture<'static, Result<IssuedToken>> {
+        let binding = self.bindings.current().get(&key.client_id).cloned();
+        let (issuer, entra) = (self.issuer.clone(), self.entra.clone());
+        let authority = key.authority.clone();
+        let (scope, claims) = (key.scopes.clone(), claims.map(str::to_string));
+        let tenant = key.tenant.clone();
+        async move {
+            // Bindings may have changed since the request (or the last refresh) started.
+            let binding = binding.filter(|b| b.tenant_id == tenant).ok_or_else(|| {
+                ProxyError::Unbound(
+                    "The managed identity is no longer bound to this cluster.".into(),
+                )
+            })?;
+            let assertion = issuer.assertion(&binding)?;
+            entra
+                .exchange(&Exchange {
+                    authority: &authority,
+                    tenant: &binding.tenant_id,
+                    client_id: &binding.client_id,
+                    scope: &scope,
+                    assertion: &assertion,
+                    claims: claims.as_deref(),
+                })
+                .await
+        }
+        .boxed()
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! Descriptions are written for the person reading the SDK exception: they say what was wrong
 //! and what to do. They never contain a token or an assertion.
 
-use http::StatusCode;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::http::{json, Body};
 
 use crate::oauth::ErrorBody;
 
@@ -32,6 +34,23 @@ pub mod codes {
     /// Entra: service temporarily unavailable.
     pub const UNAVAILABLE: u64 = 50_196;
 }
+
+/// Every [`ProxyError::outcome`], and `success`: the `outcome` label's values.
+pub const OUTCOMES: [&str; 13] = [
+    "success",
+    "invalid_request",
+    "unauthenticated",
+    "forbidden",
+    "unbound",
+    "upstream_error",
+    "throttled",
+    "over_budget",
+    "request_timeout",
+    "unavailable",
+    "bad_upstream",
+    "internal",
+    "not_found",
+];
 
 /// A refusal or failure while serving a token request.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -88,10 +107,13 @@ pub enum ProxyError {
     /// Our own fault (500). Should not happen; logged loudly.
     #[error("{0}")]
     Internal(String),
-    /// Unknown path or method (404/405).
+    /// A path not served here (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// A served path with the wrong method (405); `allow` is the method it takes.
     #[error("{description}")]
-    NotFound {
-        status: StatusCode,
+    MethodNotAllowed {
+        allow: http::Method,
         description: String,
     },
 }
@@ -122,6 +144,30 @@ impl ProxyError {
         }
     }
 
+    /// A request that outlived the proxy's request timeout.
+    pub fn timed_out() -> Self {
+        Self::Unavailable {
+            retry_after: 1,
+            description: "The request took longer than the proxy's request timeout. Retry.".into(),
+        }
+    }
+
+    /// The response for this error: its status, its Entra-shaped body with the request's
+    /// correlation id, and the `Retry-After` or `Allow` (RFC 9110 §15.5.6) it calls for.
+    pub fn response(&self, correlation_id: &str) -> Response<Body> {
+        let mut response = json(self.status(), self.body(correlation_id).to_json());
+        let headers = response.headers_mut();
+        if let Some(secs) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::MethodNotAllowed { allow, .. } = self {
+            if let Ok(allow) = HeaderValue::from_str(allow.as_str()) {
+                headers.insert(header::ALLOW, allow);
+            }
+        }
+        response
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } | Self::UnsupportedGrant(_) | Self::InvalidScope(_) => {
@@ -135,7 +181,8 @@ impl ProxyError {
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadUpstream(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::NotFound { status, .. } => *status,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -165,7 +212,7 @@ impl ProxyError {
             Self::Unavailable { .. } => "unavailable",
             Self::BadUpstream(_) => "bad_upstream",
             Self::Internal(_) => "internal",
-            Self::NotFound { .. } => "not_found",
+            Self::NotFound(_) | Self::MethodNotAllowed { .. } => "not_found",
         }
     }
 
@@ -189,7 +236,9 @@ impl ProxyError {
             Self::RequestTimeout(_) => ("invalid_request", codes::INVALID_REQUEST),
             Self::Unavailable { .. } => ("temporarily_unavailable", codes::UNAVAILABLE),
             Self::BadUpstream(_) | Self::Internal(_) => ("server_error", codes::UNAVAILABLE),
-            Self::NotFound { .. } => ("invalid_request", codes::INVALID_REQUEST),
+            Self::NotFound(_) | Self::MethodNotAllowed { .. } => {
+                ("invalid_request", codes::INVALID_REQUEST)
+            }
         };
         ErrorBody::new(
             error,
@@ -221,6 +270,64 @@ mod tests {
             (StatusCode::TOO_MANY_REQUESTS, Some(3))
         );
         assert_eq!(ProxyError::BadUpstream("x".into()).status(), 502);
+    }
+
+    #[test]
+    fn every_outcome_has_its_series() {
+        let every = [
+            ProxyError::missing("x"),
+            ProxyError::UnsupportedGrant("x".into()),
+            ProxyError::invalid_assertion("x"),
+            ProxyError::Forbidden("x".into()),
+            ProxyError::Unbound("x".into()),
+            ProxyError::Upstream {
+                status: StatusCode::BAD_REQUEST,
+                body: Box::new(ErrorBody::new("invalid_request", &[1], "x", "x")),
+            },
+            ProxyError::Throttled {
+                retry_after: 1,
+                description: "x".into(),
+            },
+            ProxyError::OverBudget {
+                retry_after: 1,
+                description: "x".into(),
+            },
+            ProxyError::RequestTimeout("x".into()),
+            ProxyError::timed_out(),
+            ProxyError::BadUpstream("x".into()),
+            ProxyError::Internal("x".into()),
+            ProxyError::NotFound("x".into()),
+        ];
+        for e in every {
+            assert!(OUTCOMES.contains(&e.outcome()), "{}", e.outcome());
+        }
+    }
+
+    #[test]
+    fn responses_carry_their_headers_and_correlation_id() {
+        let throttled = ProxyError::Throttled {
+            retry_after: 7,
+            description: "slow down".into(),
+        }
+        .response("corr-1");
+        assert_eq!(throttled.status(), 429);
+        assert_eq!(throttled.headers()[header::RETRY_AFTER], "7");
+        assert!(throttled.headers().get(header::ALLOW).is_none());
+        let wrong_method = ProxyError::MethodNotAllowed {
+            allow: http::Method::GET,
+            description: "use GET".into(),
+        }
+        .response("corr-2");
+        assert_eq!(wrong_method.status(), 405);
+        assert_eq!(wrong_method.headers()[header::ALLOW], "GET");
+        let timed_out = ProxyError::timed_out().response("corr-3");
+        assert_eq!(
+            (
+                timed_out.status(),
+                &timed_out.headers()[header::RETRY_AFTER]
+            ),
+            (StatusCode::SERVICE_UNAVAILABLE, &HeaderValue::from(1))
+        );
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 2] = [Refusal::Global, Refusal::Peer];
+
     /// Bounded label for the metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -265,6 +267,8 @@ pub enum Spend {
 }
 
 impl Spend {
+    pub const ALL: [Spend; 3] = [Spend::Miss, Spend::Claims, Spend::Review];
+
     /// Bounded label for the metrics.
     pub fn label(self) -> &'static str {
         match self {

@@ -38,167 +38,161 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
 }
 
+/// Creates metrics under the crate's prefix and registers them; a name or label set that
+/// cannot register is a programming error caught by every test that builds `Metrics`.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0
+            .register(Box::new(c.clone()))
+            .unwrap_or_else(|e| panic!("metric: {e}"));
+        c
+    }
+
+    fn counter(&self, n: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let opts = Opts::new(format!("{PREFIX}_{n}"), help);
+        self.register(IntCounterVec::new(opts, labels).unwrap_or_else(|e| panic!("{n}: {e}")))
+    }
+
+    fn histogram(&self, n: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(format!("{PREFIX}_{n}"), help).buckets(latency_buckets());
+        self.register(HistogramVec::new(opts, labels).unwrap_or_else(|e| panic!("{n}: {e}")))
+    }
+
+    fn gauge(&self, n: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let opts = Opts::new(format!("{PREFIX}_{n}"), help);
+        self.register(IntGaugeVec::new(opts, labels).unwrap_or_else(|e| panic!("{n}: {e}")))
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let name = |n: &str| format!("{PREFIX}_{n}");
-        let counter = |n: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name(n), help), labels)
-                .unwrap_or_else(|e| panic!("metric {n}: {e}"));
-            registry
-                .register(Box::new(c.clone()))
-                .unwrap_or_else(|e| panic!("metric {n}: {e}"));
-            c
-        };
-        let requests = counter(
+        let r = Registrar(Registry::new());
+        let requests = r.counter(
             "requests_total",
             "Token endpoint requests by outcome and HTTP status.",
             &["outcome", "status"],
         );
-        let cache_lookups = counter("cache_lookups_total", "Token cache lookups.", &["result"]);
-        let cache_refreshes = counter(
-            "cache_refreshes_total",
-            "Refresh-ahead attempts of cached tokens.",
-            &["result"],
-        );
-        let entra_requests = counter(
-            "entra_requests_total",
-            "Token exchanges sent to Entra, by HTTP status (or 'error').",
-            &["status"],
-        );
-        let kube_reviews = counter(
-            "kube_reviews_total",
-            "TokenReviews and SubjectAccessReviews sent to the apiserver.",
-            &["kind", "result"],
-        );
-        let certificate_reloads = counter(
-            "certificate_reloads_total",
-            "Reloads of serving certificates after their files changed, by result (a failed reload keeps the previous certificate).",
-            &["result"],
-        );
-        let tls_handshake_failures = counter(
-            "tls_handshake_failures_total",
-            "Failed TLS handshakes by reason.",
-            &["reason"],
-        );
-        let caller_budget_exceeded = counter(
-            "caller_budget_exceeded_total",
-            "Requests refused with 429 because their caller (namespace/service account) spent its per-minute budget, by budget ('miss', 'claims' or 'review').",
-            &["kind"],
-        );
-
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                name("request_duration_seconds"),
-                "Token endpoint latency by outcome.",
-            )
-            .buckets(latency_buckets()),
+        let request_duration = r.histogram(
+            "request_duration_seconds",
+            "Token endpoint latency by outcome.",
             &["outcome"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        let entra_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                name("entra_request_duration_seconds"),
-                "Latency of token exchanges with Entra.",
-            )
-            .buckets(latency_buckets()),
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        let cache_entries = IntGauge::new(name("cache_entries"), "Tokens in the cache.")
-            .unwrap_or_else(|e| panic!("metric: {e}"));
-        let certificate_expiry = IntGaugeVec::new(
-            Opts::new(
-                name("certificate_expiry_timestamp_seconds"),
-                "Expiry (Unix time) of the serving certificate per SNI name.",
-            ),
-            &["sni"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        let build_info = IntGaugeVec::new(
-            Opts::new(name("build_info"), "Build information; always 1."),
-            &["version"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        for c in [
-            Box::new(request_duration.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(entra_duration.clone()),
-            Box::new(cache_entries.clone()),
-            Box::new(certificate_expiry.clone()),
-            Box::new(build_info.clone()),
-        ] {
-            registry
-                .register(c)
-                .unwrap_or_else(|e| panic!("metric: {e}"));
-        }
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        // Every series a dashboard or alert expects exists from the start, at zero, so a
-        // scrape right after start carries every name and rates have a baseline.
-        for outcome in [
-            "success",
-            "invalid_request",
-            "unauthenticated",
-            "forbidden",
-            "unbound",
-            "upstream_error",
-            "throttled",
-            "over_budget",
-            "request_timeout",
-            "unavailable",
-            "bad_upstream",
-        ] {
-            request_duration.with_label_values(&[outcome]);
-        }
-        requests.with_label_values(&["success", "200"]);
-        // Alerts on callers over their budget need the series before the first refusal.
-        requests.with_label_values(&["over_budget", "429"]);
-        for result in ["hit", "miss", "bypass"] {
-            cache_lookups.with_label_values(&[result]);
-        }
-        for result in ["ok", "error"] {
-            cache_refreshes.with_label_values(&[result]);
-            certificate_reloads.with_label_values(&[result]);
-        }
-        entra_requests.with_label_values(&["200"]);
-        for kind in ["tokenreview", "subjectaccessreview"] {
-            for result in ["ok", "error"] {
-                kube_reviews.with_label_values(&[kind, result]);
-            }
-        }
-        for reason in [
-            "unknown_sni",
-            "no_sni",
-            "tls_error",
-            "timeout",
-            "closed",
-            "connection_limit",
-            "peer_connection_limit",
-        ] {
-            tls_handshake_failures.with_label_values(&[reason]);
-        }
-        for kind in ["miss", "claims", "review"] {
-            caller_budget_exceeded.with_label_values(&[kind]);
-        }
-        Self {
-            registry,
+        );
+        let cache_lookups = r.counter("cache_lookups_total", "Token cache lookups.", &["result"]);
+        let metrics = Self {
             served: requests.with_label_values(&["success", "200"]),
             served_duration: request_duration.with_label_values(&["success"]),
             cache_hits: cache_lookups.with_label_values(&["hit"]),
             requests,
             request_duration,
             cache_lookups,
-            cache_entries,
-            cache_refreshes,
-            entra_requests,
-            entra_duration,
-            kube_reviews,
-            tls_handshake_failures,
-            caller_budget_exceeded,
-            certificate_reloads,
-            certificate_expiry,
-            build_info,
+            cache_entries: r.register(
+                IntGauge::new(format!("{PREFIX}_cache_entries"), "Tokens in the cache.")
+                    .unwrap_or_else(|e| panic!("metric: {e}")),
+            ),
+            cache_refreshes: r.counter(
+                "cache_refreshes_total",
+                "Refresh-ahead attempts of cached tokens.",
+                &["result"],
+            ),
+            entra_requests: r.counter(
+                "entra_requests_total",
+                "Token exchanges sent to Entra, by HTTP status (or 'error').",
+                &["status"],
+            ),
+            entra_duration: r.register(
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        format!("{PREFIX}_entra_request_duration_seconds"),
+                        "Latency of token exchanges with Entra.",
+                    )
+                    .buckets(latency_buckets()),
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}")),
+            ),
+            kube_reviews: r.counter(
+                "kube_reviews_total",
+                "TokenReviews and SubjectAccessReviews sent to the apiserver.",
+                &["kind", "result"],
+            ),
+            tls_handshake_failures: r.counter(
+                "tls_handshake_failures_total",
+                "Failed TLS handshakes by reason.",
+                &["reason"],
+            ),
+            caller_budget_exceeded: r.counter(
+                "caller_budget_exceeded_total",
+                "Requests refused with 429 because their caller (namespace/service account) spent its per-minute budget, by budget ('miss', 'claims' or 'review').",
+                &["kind"],
+            ),
+            certificate_reloads: r.counter(
+                "certificate_reloads_total",
+                "Reloads of serving certificates after their files changed, by result (a failed reload keeps the previous certificate).",
+                &["result"],
+            ),
+            certificate_expiry: r.gauge(
+                "certificate_expiry_timestamp_seconds",
+                "Expiry (Unix time) of the serving certificate per SNI name.",
+                &["sni"],
+            ),
+            build_info: r.gauge("build_info", "Build information; always 1.", &["version"]),
+            registry: r.0,
+        };
+        metrics.create_expected_series();
+        metrics
+    }
+
+    /// Every series a dashboard or alert expects exists from the start, at zero, so a scrape
+    /// right after start carries every name and rates have a baseline.
+    fn create_expected_series(&self) {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for outcome in crate::error::OUTCOMES {
+            self.request_duration.with_label_values(&[outcome]);
         }
+        // Alerts on callers over their budget need the series before the first refusal.
+        self.requests.with_label_values(&["over_budget", "429"]);
+        for result in ["hit", "miss", "bypass"] {
+            self.cache_lookups.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            self.cache_refreshes.with_label_values(&[result]);
+            self.certificate_reloads.with_label_values(&[result]);
+            for kind in ["tokenreview", "subjectaccessreview"] {
+                self.kube_reviews.with_label_values(&[kind, result]);
+            }
+        }
+        self.entra_requests.with_label_values(&["200"]);
+        let refusals = crate::limits::Refusal::ALL.map(crate::limits::Refusal::label);
+        for reason in crate::tls::HANDSHAKE_FAILURES.iter().chain(&refusals) {
+            self.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for kind in crate::limits::Spend::ALL {
+            self.caller_budget_exceeded
+                .with_label_values(&[kind.label()]);
+        }
+    }
+
+    /// One finished token request: the fast path (a 200) touches series resolved once.
+    pub fn record_request(
+        &self,
+        outcome: &'static str,
+        status: http::StatusCode,
+        elapsed: std::time::Duration,
+    ) {
+        if status == http::StatusCode::OK && outcome == "success" {
+            self.served.inc();
+            self.served_duration.observe(elapsed.as_secs_f64());
+            return;
+        }
+        self.requests
+            .with_label_values(&[outcome, status.as_str()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[outcome])
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn kube_review(&self, kind: &'static str, result: &'static str) {

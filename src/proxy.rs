@@ -6,18 +6,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::{BoxFuture, FutureExt};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::authn::{Authenticator, Caller};
 use crate::authz::Authorizer;
 use crate::bindings::Bindings;
-use crate::cache::{CacheKey, Fetch, Lookup, TokenCache};
-use crate::entra::{EntraClient, Exchange, IssuedToken};
+use crate::cache::{CacheKey, Lookup, TokenCache};
+use crate::entra::IssuedToken;
 use crate::error::{ProxyError, Result};
-use crate::http::{json, json_value, read_request_body, Body};
+use crate::http::{json, read_request_body, Body};
 use crate::issuer::Issuer;
-use crate::limits::{ConnectionPermit, RequestPermit};
+use crate::limits::ConnectionPermit;
 use crate::metrics::Metrics;
 use crate::token::{self, Route, TokenResponse};
 
@@ -27,7 +26,7 @@ pub struct App {
     pub authz: Arc<Authorizer>,
     pub bindings: Arc<Bindings>,
     pub cache: Arc<TokenCache>,
-    /// Our issuer (the key that signs assertions); used by the cache's exchanger.
+    /// Our issuer keys; the server reloads them, tests read the signing key.
     pub issuer: Arc<Issuer>,
     pub metrics: Arc<Metrics>,
     /// Entra settings per SNI name, and for every other name.
@@ -36,6 +35,8 @@ pub struct App {
     pub max_body_bytes: usize,
     /// Deadline for a request's whole body, from its head.
     pub body_timeout: Duration,
+    /// Deadline for a whole request, from its head to its response.
+    pub request_timeout: Duration,
 }
 
 /// The Entra settings a connection's SNI name selects.
@@ -95,8 +96,9 @@ impl App {
             .unwrap_or(&self.default_profile)
     }
 
-    /// Serves one request. Generic over the body so benchmarks and tests can drive the
-    /// handler in-process; the server passes hyper's `Incoming`.
+    /// Serves one request within the request timeout. Every outcome, the timeout included,
+    /// leaves through [`App::finish`]. Generic over the body so benchmarks and tests can drive
+    /// the handler in-process; the server passes hyper's `Incoming`.
     pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<Body>
     where
         B: hyper::body::Body<Data = bytes::Bytes>,
@@ -106,230 +108,156 @@ impl App {
         let correlation_id = correlation_id(&req);
         let method = req.method().clone();
         let mut trace = Trace::default();
-        let result = match conn.permit.request() {
-            Ok(mut permit) => self.serve(req, conn, &mut permit, &mut trace).await,
-            Err(e) => Err(e),
+        let served = tokio::time::timeout(self.request_timeout, self.serve(req, conn, &mut trace));
+        let result = served
+            .await
+            .unwrap_or_else(|_| Err(ProxyError::timed_out()));
+        let request = Finished {
+            method,
+            correlation_id,
+            started,
         };
-        let elapsed = started.elapsed();
-        let (response, outcome) = match result {
-            Ok(resp) => (resp, "success"),
-            Err(e) => {
-                if let ProxyError::Upstream { status, .. } = &e {
-                    trace.upstream = Some(status.as_u16());
-                }
-                let outcome = e.outcome();
-                let mut resp = json(e.status(), e.body(&correlation_id).to_json());
-                if e.status() == StatusCode::METHOD_NOT_ALLOWED {
-                    // RFC 9110 §15.5.6: a 405 names the allowed method. Only two routes answer
-                    // 405: POST on the discovery path, anything but POST on the token path.
-                    let allow = if method == Method::POST {
-                        "GET"
-                    } else {
-                        "POST"
-                    };
-                    resp.headers_mut()
-                        .insert(header::ALLOW, HeaderValue::from_static(allow));
-                }
-                if let Some(secs) = e.retry_after() {
-                    resp.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-                }
-                if e.status().is_server_error() {
-                    tracing::warn!(error = %e, "token request failed");
-                }
-                (resp, outcome)
-            }
-        };
-        let status = response.status();
-        if outcome == "success" && status == StatusCode::OK {
-            self.metrics.served.inc();
-            self.metrics.served_duration.observe(elapsed.as_secs_f64());
-        } else {
-            self.metrics
-                .requests
-                .with_label_values(&[outcome, status.as_str()])
-                .inc();
-            self.metrics
-                .request_duration
-                .with_label_values(&[outcome])
-                .observe(elapsed.as_secs_f64());
-        }
-        let (ns, sa) = trace
-            .caller
-            .as_ref()
-            .map(|c| (c.namespace.as_str(), c.service_account.as_str()))
-            .unwrap_or(("", ""));
-        tracing::info!(
-            method = %method,
-            outcome,
-            status = status.as_u16(),
-            namespace = ns,
-            service_account = sa,
-            client_id = trace.client_id.as_deref().unwrap_or(""),
-            scope = trace.scope.as_deref().unwrap_or(""),
-            cache = trace.cache.map(Lookup::as_str).unwrap_or(""),
-            upstream_status = trace.upstream.unwrap_or(0),
-            upstream_us = trace.upstream_wait.map_or(0, |d| d.as_micros() as u64),
-            latency_us = elapsed.as_micros() as u64,
-            correlation_id = %correlation_id,
-            peer = %conn.peer,
-            "token request"
-        );
-        let mut response = response;
-        if let Ok(v) = HeaderValue::from_str(&correlation_id) {
-            response.headers_mut().insert("client-request-id", v);
-        }
-        response
+        self.finish(request, result, trace, conn)
     }
 
+    /// Route → body → parse → authenticate → authorize → resolve binding → cache/exchange.
     async fn serve<B>(
         &self,
         req: Request<B>,
         conn: &ConnInfo,
-        permit: &mut RequestPermit,
         trace: &mut Trace,
     ) -> Result<Response<Body>>
     where
         B: hyper::body::Body<Data = bytes::Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let mut permit = conn.permit.request()?;
         let (parts, body) = req.into_parts();
         let path_tenant = match token::route(&parts.method, parts.uri.path()) {
             Route::Token { tenant } => tenant,
             Route::Discovery { tenant, prefix } => {
-                // Built from the name the connection is served under, never from Host.
-                let host = conn.sni.as_deref().unwrap_or("localhost");
-                let tenant = token::printable(&tenant, 100);
-                let base = format!("https://{host}{prefix}");
-                return Ok(json_value(
-                    StatusCode::OK,
-                    &token::discovery_document(&base, &tenant),
-                ));
+                return Ok(token::discovery(conn.sni.as_deref(), &tenant, &prefix))
             }
             Route::NotFound => return Err(token::not_found(&parts.method, parts.uri.path())),
-            Route::MethodNotAllowed => return Err(token::method_not_allowed(&parts.method)),
+            Route::MethodNotAllowed { allow } => {
+                return Err(token::method_not_allowed(&parts.method, allow))
+            }
         };
-        debug_assert_eq!(parts.method, Method::POST);
-
-        // 1. Parse.
-        let body = read_request_body(body, self.max_body_bytes, self.body_timeout, permit).await?;
-        if !body.iter().all(u8::is_ascii_whitespace) {
-            token::check_content_type(
-                parts
-                    .headers
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok()),
-            )?;
-        }
-        let req = token::parse(path_tenant, parts.uri.query(), &body)?;
+        let body = read_request_body(body, self.max_body_bytes, self.body_timeout, &mut permit);
+        let req = token::parse_request(path_tenant, &parts, &body.await?)?;
         trace.client_id = Some(req.client_id.clone());
         trace.scope = Some(req.scope.clone());
-
-        // 2. Authenticate the service-account token.
         let caller = self.authn.authenticate(&req.assertion).await?;
         trace.caller = Some(caller.clone());
-
-        // 3. Authorize: on EVERY request, before the cache is consulted, and before anything
-        //    that could tell an unauthorized caller whether or where this identity is bound.
+        // On EVERY request, before the cache, and before anything that could tell an
+        // unauthorized caller whether or where this identity is bound.
         self.authz.authorize(&caller, &req.client_id).await?;
-
-        // 4. Is this identity bound to this cluster, in the tenant the caller and the SNI
-        //    name's profile ask for?
-        let binding = self
-            .bindings
-            .current()
-            .get(&req.client_id)
-            .cloned()
-            .ok_or_else(|| {
-                ProxyError::Unbound(format!(
-                "Managed identity '{}' is not bound to this cluster: add {{clientId: {}, tenantId: \
-                 <tenant>}} to the proxy's bindings file (and its federated identity credential \
-                 to the identity) before workloads can use it.",
-                req.client_id, req.client_id
-            ))
-            })?;
         let profile = self.profile(conn.sni.as_deref());
-        let asked = [
-            (profile.tenant.as_deref(), "this SNI name's profile"),
-            (req.path_tenant.as_deref(), "the request"),
-        ];
-        for (tenant, whose) in asked {
-            let Some(tenant) = tenant else { continue };
-            if !tenant.eq_ignore_ascii_case(&binding.tenant_id) {
-                return Err(ProxyError::InvalidRequest {
-                    code: crate::error::codes::TENANT_MISMATCH,
-                    description: format!(
-                        "Tenant '{}' (from {whose}) is not this identity's: managed identity \
-                         '{}' is bound to tenant '{}'. Set AZURE_TENANT_ID to '{}' (or use the \
-                         SNI name of that tenant's profile).",
-                        token::printable(tenant, 100),
-                        binding.client_id,
-                        binding.tenant_id,
-                        binding.tenant_id
-                    ),
-                });
-            }
-        }
-
-        // 5. Cache, or exchange with Entra through the identity's one FIC.
+        let binding = self.bindings.resolve(
+            &req.client_id,
+            &[
+                (profile.tenant.as_deref(), "this SNI name's profile"),
+                (req.path_tenant.as_deref(), "the request"),
+            ],
+        )?;
         let key = CacheKey {
             authority: profile.authority_key.clone(),
-            tenant: binding.tenant_id.clone(),
-            client_id: binding.client_id.clone(),
+            tenant: binding.tenant_id,
+            client_id: binding.client_id,
             scopes: req.scope,
         };
-        let asked = Instant::now();
-        let (issued, lookup) = self
-            .cache
-            .get(key, req.claims.as_deref(), &caller.username)
+        let issued = self
+            .token(key, req.claims.as_deref(), &caller, trace)
             .await?;
+        Ok(token_response(&issued))
+    }
+
+    /// The cached token, or the one Entra issues for it (joined with any exchange in flight).
+    async fn token(
+        &self,
+        key: CacheKey,
+        claims: Option<&str>,
+        caller: &Caller,
+        trace: &mut Trace,
+    ) -> Result<Arc<IssuedToken>> {
+        let asked = Instant::now();
+        let (issued, lookup) = self.cache.get(key, claims, &caller.username).await?;
         trace.cache = Some(lookup);
         if lookup != Lookup::Hit {
             trace.upstream = Some(200);
             trace.upstream_wait = Some(asked.elapsed());
         }
-        Ok(token_response(&issued))
+        Ok(issued)
+    }
+
+    /// The response of a finished request, its metric and its one log line.
+    fn finish(
+        &self,
+        request: Finished,
+        result: Result<Response<Body>>,
+        mut trace: Trace,
+        conn: &ConnInfo,
+    ) -> Response<Body> {
+        let (mut response, outcome) = match result {
+            Ok(response) => (response, "success"),
+            Err(e) => {
+                if let ProxyError::Upstream { status, .. } = &e {
+                    trace.upstream = Some(status.as_u16());
+                }
+                if e.status().is_server_error() {
+                    tracing::warn!(error = %e, "token request failed");
+                }
+                (e.response(&request.correlation_id), e.outcome())
+            }
+        };
+        let elapsed = request.started.elapsed();
+        self.metrics
+            .record_request(outcome, response.status(), elapsed);
+        trace.log(&request, outcome, response.status(), elapsed, conn);
+        if let Ok(v) = HeaderValue::from_str(&request.correlation_id) {
+            response.headers_mut().insert("client-request-id", v);
+        }
+        response
     }
 }
 
-/// The exchange behind the cache: our assertion for the identity's binding, sent to Entra.
-pub struct Exchanger {
-    pub bindings: Arc<Bindings>,
-    pub issuer: Arc<Issuer>,
-    pub entra: Arc<EntraClient>,
+/// A request as it arrived, for its log line.
+struct Finished {
+    method: Method,
+    correlation_id: String,
+    started: Instant,
 }
 
-impl Fetch for Exchanger {
-    fn fetch(
+impl Trace {
+    fn log(
         &self,
-        key: &CacheKey,
-        claims: Option<&str>,
-    ) -> BoxFuture<'static, Result<IssuedToken>> {
-        let binding = self.bindings.current().get(&key.client_id).cloned();
-        let (issuer, entra) = (self.issuer.clone(), self.entra.clone());
-        let authority = key.authority.clone();
-        let (scope, claims) = (key.scopes.clone(), claims.map(str::to_string));
-        let tenant = key.tenant.clone();
-        async move {
-            // Bindings may have changed since the request (or the last refresh) started.
-            let binding = binding.filter(|b| b.tenant_id == tenant).ok_or_else(|| {
-                ProxyError::Unbound(
-                    "The managed identity is no longer bound to this cluster.".into(),
-                )
-            })?;
-            let assertion = issuer.assertion(&binding)?;
-            entra
-                .exchange(&Exchange {
-                    authority: &authority,
-                    tenant: &binding.tenant_id,
-                    client_id: &binding.client_id,
-                    scope: &scope,
-                    assertion: &assertion,
-                    claims: claims.as_deref(),
-                })
-                .await
-        }
-        .boxed()
+        request: &Finished,
+        outcome: &str,
+        status: StatusCode,
+        elapsed: Duration,
+        conn: &ConnInfo,
+    ) {
+        let (ns, sa) = self
+            .caller
+            .as_ref()
+            .map(|c| (c.namespace.as_str(), c.service_account.as_str()))
+            .unwrap_or(("", ""));
+        tracing::info!(
+            method = %request.method,
+            outcome,
+            status = status.as_u16(),
+            namespace = ns,
+            service_account = sa,
+            client_id = self.client_id.as_deref().unwrap_or(""),
+            scope = self.scope.as_deref().unwrap_or(""),
+            cache = self.cache.map(Lookup::as_str).unwrap_or(""),
+            upstream_status = self.upstream.unwrap_or(0),
+            upstream_us = self.upstream_wait.map_or(0, |d| d.as_micros() as u64),
+            latency_us = elapsed.as_micros() as u64,
+            correlation_id = %request.correlation_id,
+            peer = %conn.peer,
+            "token request"
+        );
     }
 }
 

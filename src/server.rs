@@ -20,12 +20,12 @@ use crate::bindings::Bindings;
 use crate::cache::{CacheConfig, TokenCache};
 use crate::cluster::Cluster;
 use crate::config::ProxyConfig;
-use crate::entra::EntraClient;
+use crate::entra::{EntraClient, Exchanger};
 use crate::http::{accept_loop, json, serve_connection, text, Body, ConnTimeouts};
 use crate::issuer::Issuer;
 use crate::limits::{CallerBudgets, ConnectionPermit, Limits, LimitsConfig};
 use crate::metrics::Metrics;
-use crate::proxy::{App, ConnInfo, Exchanger, Profile};
+use crate::proxy::{App, ConnInfo, Profile};
 use crate::tls::SniRouter;
 
 /// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
@@ -242,6 +242,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         default_profile: Profile::new(&config.authority_host, None),
         max_body_bytes: config.max_body_bytes,
         body_timeout: config.body_timeout,
+        request_timeout: config.request_timeout,
     }))
 }
 
@@ -325,7 +326,6 @@ struct TlsConnection {
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     timeouts: ConnTimeouts,
-    request_timeout: Duration,
 }
 
 impl TlsConnection {
@@ -344,24 +344,10 @@ impl TlsConnection {
             sni: self.router.served_name(tls.get_ref().1.server_name()),
             permit: self.permit,
         });
-        let (app, request_timeout) = (self.app, self.request_timeout);
+        let app = self.app;
         let handler = move |req| {
-            let app = app.clone();
-            let conn_info = conn_info.clone();
-            async move {
-                match tokio::time::timeout(request_timeout, app.handle(req, &conn_info)).await {
-                    Ok(resp) => resp,
-                    Err(_) => {
-                        let e = crate::error::ProxyError::Unavailable {
-                            retry_after: 1,
-                            description:
-                                "The request took longer than the proxy's request timeout. Retry."
-                                    .into(),
-                        };
-                        json(e.status(), e.body("").to_json())
-                    }
-                }
-            }
+            let (app, conn_info) = (app.clone(), conn_info.clone());
+            async move { app.handle(req, &conn_info).await }
         };
         serve_connection(&self.builder, tls, self.timeouts, &shutdown, handler).await;
     }
@@ -408,7 +394,6 @@ async fn serve_tls(
         first_request: Some(config.header_read_timeout),
         idle: Some(config.idle_timeout),
     };
-    let request_timeout = config.request_timeout;
     let metrics = app.metrics.clone();
     let refused = |_peer, refusal: crate::limits::Refusal| {
         metrics
@@ -425,7 +410,6 @@ async fn serve_tls(
             app: app.clone(),
             builder: builder.clone(),
             timeouts,
-            request_timeout,
         };
         conn.serve(shutdown.clone())
     };

@@ -69,8 +69,12 @@ pub enum HandshakeError {
     Closed,
 }
 
+/// Every [`HandshakeError::reason`], for the metric's series created at start.
+pub const HANDSHAKE_FAILURES: [&str; 5] =
+    ["unknown_sni", "no_sni", "tls_error", "timeout", "closed"];
+
 impl HandshakeError {
-    /// Bounded label for the handshake-failure metric.
+    /// Bounded label for the handshake-failure metric (one of [`HANDSHAKE_FAILURES`]).
     pub fn reason(&self) -> &'static str {
         match self {
             Self::UnknownName => "unknown_sni",

@@ -8,10 +8,11 @@
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 
-use http::{Method, StatusCode};
+use http::{Method, Response, StatusCode};
 use serde::Serialize;
 
 use crate::error::{codes, ProxyError, Result};
+use crate::http::{json_value, Body};
 
 pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
 pub const ASSERTION_TYPE_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -32,8 +33,8 @@ pub enum Route {
     Discovery { tenant: String, prefix: String },
     /// Instance discovery and anything else we do not serve.
     NotFound,
-    /// A known path with the wrong method.
-    MethodNotAllowed,
+    /// A known path with the wrong method; `allow` is the one it takes.
+    MethodNotAllowed { allow: Method },
 }
 
 /// Classifies a request by method and path.
@@ -47,7 +48,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         n >= 4 && segments[n - 3..] == ["v2.0", ".well-known", "openid-configuration"];
     if *method == Method::POST {
         if is_discovery {
-            return Route::MethodNotAllowed;
+            return Route::MethodNotAllowed { allow: Method::GET };
         }
         return Route::Token {
             tenant: token_tenant,
@@ -64,7 +65,9 @@ pub fn route(method: &Method, path: &str) -> Route {
         };
     }
     if token_tenant.is_some() {
-        return Route::MethodNotAllowed;
+        return Route::MethodNotAllowed {
+            allow: Method::POST,
+        };
     }
     Route::NotFound
 }
@@ -127,8 +130,21 @@ pub fn check_content_type(content_type: Option<&str>) -> Result<()> {
     }
 }
 
-/// Reads the parameters of a POST: from the body, or from the query when the body is empty.
-/// Returns `Ok(None)` when this is not a client-credentials request at all.
+/// The token request of a POST: its content type checked, its parameters parsed.
+pub fn parse_request(
+    path_tenant: Option<String>,
+    head: &http::request::Parts,
+    body: &[u8],
+) -> Result<TokenRequest> {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let content_type = head.headers.get(http::header::CONTENT_TYPE);
+        check_content_type(content_type.and_then(|v| v.to_str().ok()))?;
+    }
+    parse(path_tenant, head.uri.query(), body)
+}
+
+/// Reads and validates the client-credentials parameters of a POST: from the body, or from
+/// the query when the body is empty. Every refusal names the parameter and what to send.
 pub fn parse(
     path_tenant: Option<String>,
     query: Option<&str>,
@@ -141,7 +157,26 @@ pub fn parse(
     };
     let source = std::str::from_utf8(source)
         .map_err(|_| ProxyError::invalid_request("The request parameters are not valid UTF-8."))?;
-    let mut fields: [Option<Cow<'_, str>>; 6] = Default::default();
+    let [grant_type, assertion_type, assertion, client_id, scope, claims] = single_fields(source)?;
+    check_grant_type(grant_type)?;
+    let client_id = client_id_of(client_id)?;
+    let assertion = assertion_of(assertion_type, assertion)?;
+    let scope = canonical_scopes(&scope.ok_or_else(|| ProxyError::missing("scope"))?)?;
+    let claims = claims.filter(|c| !c.trim().is_empty()).map(Cow::into_owned);
+    Ok(TokenRequest {
+        path_tenant,
+        client_id,
+        scope,
+        assertion,
+        claims,
+    })
+}
+
+type Fields<'a> = [Option<Cow<'a, str>>; SINGLE_FIELDS.len()];
+
+/// The [`SINGLE_FIELDS`] of a form, percent-decoded; others are ignored, repeats refused.
+fn single_fields(source: &str) -> Result<Fields<'_>> {
+    let mut fields: Fields<'_> = Default::default();
     for (key, value) in form_pairs(source) {
         let Some(i) = SINGLE_FIELDS.iter().position(|f| *f == key) else {
             continue;
@@ -162,25 +197,38 @@ pub fn parse(
         })?;
         fields[i] = Some(value);
     }
-    let [grant_type, assertion_type, assertion, client_id, scope, claims] = fields;
+    Ok(fields)
+}
 
+fn check_grant_type(grant_type: Option<Cow<'_, str>>) -> Result<()> {
     let grant_type = grant_type.ok_or_else(|| ProxyError::missing("grant_type"))?;
-    if grant_type != GRANT_CLIENT_CREDENTIALS {
-        return Err(ProxyError::UnsupportedGrant(format!(
-            "grant_type '{}' is not supported: this proxy serves only \
-             grant_type=client_credentials with a service-account token as client_assertion.",
-            printable(&grant_type, 64)
-        )));
+    if grant_type == GRANT_CLIENT_CREDENTIALS {
+        return Ok(());
     }
+    Err(ProxyError::UnsupportedGrant(format!(
+        "grant_type '{}' is not supported: this proxy serves only \
+         grant_type=client_credentials with a service-account token as client_assertion.",
+        printable(&grant_type, 64)
+    )))
+}
+
+fn client_id_of(client_id: Option<Cow<'_, str>>) -> Result<String> {
     let client_id = client_id.ok_or_else(|| ProxyError::missing("client_id"))?;
-    let client_id = parse_guid(&client_id).ok_or_else(|| ProxyError::InvalidRequest {
+    parse_guid(&client_id).ok_or_else(|| ProxyError::InvalidRequest {
         code: codes::INVALID_REQUEST,
         description: format!(
             "client_id '{}' is not a GUID. Set AZURE_CLIENT_ID to the client ID of the managed \
              identity (e.g. 00000000-0000-0000-0000-000000000000).",
             printable(&client_id, 64)
         ),
-    })?;
+    })
+}
+
+/// The service-account token of a JWT-bearer client assertion, within its size limit.
+fn assertion_of(
+    assertion_type: Option<Cow<'_, str>>,
+    assertion: Option<Cow<'_, str>>,
+) -> Result<String> {
     let assertion_type =
         assertion_type.ok_or_else(|| ProxyError::missing("client_assertion_type"))?;
     if assertion_type != ASSERTION_TYPE_JWT {
@@ -201,16 +249,7 @@ pub fn parse(
             assertion.len()
         )));
     }
-    let scope = scope.ok_or_else(|| ProxyError::missing("scope"))?;
-    let scope = canonical_scopes(&scope)?;
-    let claims = claims.filter(|c| !c.trim().is_empty()).map(Cow::into_owned);
-    Ok(TokenRequest {
-        path_tenant,
-        client_id,
-        scope,
-        assertion: assertion.to_string(),
-        claims,
-    })
+    Ok(assertion.to_string())
 }
 
 /// The `key=value` pairs of an `application/x-www-form-urlencoded` string, keys decoded, values
@@ -442,25 +481,33 @@ pub fn discovery_document(base: &str, tenant: &str) -> serde_json::Value {
     })
 }
 
-pub fn not_found(method: &Method, path: &str) -> ProxyError {
-    ProxyError::NotFound {
-        status: StatusCode::NOT_FOUND,
-        description: format!(
-            "{method} {} is not served here. This proxy answers the Entra token request \
-             (POST <proxy url>/{{tenant}}/oauth2/v2.0/token) only; disable instance discovery \
-             in the client.",
-            printable(path, 120)
-        ),
-    }
+/// MSAL for Go's discovery answer, built from the name the connection is served under (never
+/// from `Host`), with the tenant as the path named it (printable, bounded).
+pub fn discovery(served_name: Option<&str>, tenant: &str, prefix: &str) -> Response<Body> {
+    let host = served_name.unwrap_or("localhost");
+    let base = format!("https://{host}{prefix}");
+    json_value(
+        StatusCode::OK,
+        &discovery_document(&base, &printable(tenant, 100)),
+    )
 }
 
-pub fn method_not_allowed(method: &Method) -> ProxyError {
-    ProxyError::NotFound {
-        status: StatusCode::METHOD_NOT_ALLOWED,
-        description: format!(
-            "{method} is not allowed on the token endpoint: send a POST with a form body."
-        ),
-    }
+pub fn not_found(method: &Method, path: &str) -> ProxyError {
+    ProxyError::NotFound(format!(
+        "{method} {} is not served here. This proxy answers the Entra token request \
+         (POST <proxy url>/{{tenant}}/oauth2/v2.0/token) only; disable instance discovery \
+         in the client.",
+        printable(path, 120)
+    ))
+}
+
+pub fn method_not_allowed(method: &Method, allow: Method) -> ProxyError {
+    let description = if allow == Method::POST {
+        format!("{method} is not allowed on the token endpoint: send a POST with a form body.")
+    } else {
+        format!("{method} is not allowed on the OpenID configuration: send a {allow}.")
+    };
+    ProxyError::MethodNotAllowed { allow, description }
 }
 
 #[cfg(test)]
@@ -585,7 +632,16 @@ mod tests {
         );
         assert_eq!(
             route(&Method::GET, &format!("/{tenant}/oauth2/v2.0/token")),
-            Route::MethodNotAllowed
+            Route::MethodNotAllowed {
+                allow: Method::POST
+            }
+        );
+        assert_eq!(
+            route(
+                &Method::POST,
+                &format!("/{tenant}/v2.0/.well-known/openid-configuration")
+            ),
+            Route::MethodNotAllowed { allow: Method::GET }
         );
     }
 

@@ -371,3 +371,56 @@ async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted
     proxy.wait().await;
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_request_timeout_is_answered_counted_and_correlated() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let mut config = dev_proxy_config(&sys, dir.path(), &dir.path().join("proxy-timeout"));
+    config.request_timeout = Duration::from_secs(1);
+    let stop = CancellationToken::new();
+    let proxy = identity_binding_proxy::server::start(config, stop.clone())
+        .await
+        .unwrap();
+    let ca = std::fs::read(&sys.info.ca_file).unwrap();
+    let client = Client::new(proxy.addr, &sys.info.sni_name, &ca, &[b"http/1.1"]);
+    let token = read(&sys.info.allowed_token_file);
+    let ready = eventually(Duration::from_secs(10), || async {
+        proxy.readiness.is_ready()
+    });
+    assert!(ready.await, "the second proxy never became ready");
+    let series = r#"identity_binding_proxy_requests_total{outcome="unavailable",status="503"}"#;
+    let before = metric(proxy.admin_addr, series).await;
+
+    // Entra stalls past the request timeout (1 s), well within the Entra timeout (10 s).
+    sys.entra
+        .push_faults([Fault::Stall(Duration::from_secs(5))]);
+    let form = token_form(&sys.info.client_id, &token);
+    let correlation = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let req = http::Request::post(format!("/{}/oauth2/v2.0/token", sys.info.tenant_id))
+        .header("host", &sys.info.sni_name)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("client-request-id", correlation)
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            identity_binding_proxy::http::form_encode(form.iter().copied()),
+        )))
+        .unwrap();
+    let started = Instant::now();
+    let r = client.send(req).await;
+    let took = started.elapsed();
+
+    assert_error(&r, 503, "temporarily_unavailable", "request timeout");
+    assert!(took < Duration::from_secs(4), "answered after {took:?}");
+    assert_eq!(retry_after(&r), Some(1));
+    // The timeout is an outcome like any other: correlated, counted.
+    let echoed = r
+        .headers
+        .get("client-request-id")
+        .map(|v| v.to_str().unwrap());
+    assert_eq!(echoed, Some(correlation));
+    assert_eq!(r.json["correlation_id"], correlation, "{}", r.json);
+    assert_eq!(metric(proxy.admin_addr, series).await, before + 1.0);
+    stop.cancel();
+    proxy.wait().await;
+    sys.shutdown().await;
+}
