@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::Full;
-use identity_binding_proxy::config::{DevArgs, LogFormat};
+use identity_binding_proxy::cli::{DevArgs, LogFormat};
 use identity_binding_proxy::proxy::ConnInfo;
 
 const SCOPE: &str = "https://vault.azure.net/.default";

@@ -176,6 +176,7 @@ enum Reviewed {
     Refused(String),
 }
 
+#[derive(Clone, Debug)]
 pub struct AuthnConfig {
     pub audience: String,
     pub mode: AuthnMode,

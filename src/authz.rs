@@ -14,6 +14,7 @@ use crate::error::{ProxyError, Result};
 use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
 
+#[derive(Clone, Debug)]
 pub struct AuthzConfig {
     /// How long an allow is trusted. A revoked grant takes effect within this time unless
     /// the RBAC watch drops it sooner.

@@ -112,6 +112,7 @@ impl Entry {
     }
 }
 
+#[derive(Clone, Debug)]
 pub struct CacheConfig {
     /// Maximum number of cached tokens.
     pub capacity: u64,

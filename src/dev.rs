@@ -15,10 +15,8 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::bindings::BindingSet;
-use crate::config::{
-    DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, EmulateStaticArgs, ProxyConfig,
-    DEFAULT_TOKEN_AUDIENCE,
-};
+use crate::cli::{DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, EmulateStaticArgs};
+use crate::config::{ProxyConfig, DEFAULT_TOKEN_AUDIENCE};
 use crate::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
 use crate::emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
 use crate::emulators::pki::DevCa;
@@ -95,9 +93,7 @@ pub struct DevSystem {
     pub kube: KubeEmulator,
     pub entra: EntraEmulator,
     pub proxy: crate::server::RunningProxy,
-    stop: CancellationToken,
     background: CancellationToken,
-    shutdown_delay: Duration,
     /// Held until every part has stopped (dropped last, with the rest of `self`).
     _lock: StateLock,
 }
@@ -106,11 +102,7 @@ impl DevSystem {
     /// Stops like `serve` does (the proxy first, with its shutdown delay on SIGTERM), then
     /// the emulators the draining requests still need.
     pub async fn stop_gracefully(self, how: crate::signal::Stop) {
-        let delay = match how {
-            crate::signal::Stop::Terminate => self.shutdown_delay,
-            crate::signal::Stop::Interrupt => Duration::ZERO,
-        };
-        self.proxy.stop_gracefully(&self.stop, delay).await;
+        self.proxy.stop_after(how).await;
         self.background.cancel();
         self.kube.shutdown().await;
         self.entra.shutdown().await;
@@ -118,15 +110,14 @@ impl DevSystem {
 
     pub async fn shutdown(self) {
         self.background.cancel();
-        self.stop.cancel();
-        self.proxy.wait().await;
+        self.proxy.stop().await;
         self.kube.shutdown().await;
         self.entra.shutdown().await;
     }
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if let Some(crate::config::DevCommand::Token(t)) = &args.command {
+    if let Some(crate::cli::DevCommand::Token(t)) = &args.command {
         return print_token(t);
     }
     let system = match start(&args).await {
@@ -288,9 +279,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     // Edits in the state dir should show at once when someone is trying things out.
     config.reload_period = Duration::from_millis(500);
     config.refresh_tick = Duration::from_millis(250);
-    let config_shutdown_delay = config.shutdown_delay;
-    let stop = CancellationToken::new();
-    let proxy = crate::server::start_on(config, reserved, stop.clone()).await?;
+    let proxy = crate::server::start_on(config, reserved).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !proxy.readiness.is_ready() {
         if tokio::time::Instant::now() > deadline {
@@ -349,9 +338,7 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         kube,
         entra,
         proxy,
-        stop,
         background,
-        shutdown_delay: config_shutdown_delay,
         _lock: lock,
     })
 }
@@ -412,8 +399,8 @@ async fn reserve_ports(config: &ProxyConfig) -> Result<crate::server::Listeners,
             .map_err(|error| Refusal::CannotListen { flag, addr, error })
     };
     Ok(crate::server::Listeners {
-        proxy: bind("--listen", config.listen).await?,
-        admin: bind("--admin-listen", config.admin_listen).await?,
+        proxy: bind("--listen", config.server.listen).await?,
+        admin: bind("--admin-listen", config.admin.listen).await?,
     })
 }
 

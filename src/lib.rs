@@ -3,10 +3,12 @@
 //! `tls` → `token` → `authn` → `bindings` → `authz` → `cache` → `issuer` + `entra`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod authn;
 pub mod authz;
 pub mod bindings;
 pub mod cache;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod entra;

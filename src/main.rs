@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use identity_binding_proxy::config::{Cli, Command, IssuerCommand, LogFormat, ProxyConfig};
-use identity_binding_proxy::{bindings, issuer, keys, server, signal};
+use identity_binding_proxy::cli::{Cli, Command, IssuerCommand, LogFormat};
+use identity_binding_proxy::config::ProxyConfig;
+use identity_binding_proxy::{bindings, files, issuer, keys, server};
 
 const EX_USAGE: u8 = 64;
 
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
         }
     };
     let workers = match &cli.command {
-        Command::Serve(args) => args.worker_threads.filter(|n| *n > 0),
+        Command::Serve(args) => args.process.worker_threads.filter(|n| *n > 0),
         _ => None,
     };
     // One worker asked for: the current-thread scheduler, which has no work-stealing
@@ -96,18 +97,13 @@ fn init_logs(format: LogFormat) {
 async fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Serve(args) => {
-            init_logs(args.log_format);
+            init_logs(args.process.log_format);
             let config = ProxyConfig::from_args(&args).map_err(usage)?;
-            let stop = tokio_util::sync::CancellationToken::new();
             // Everything `start` refuses is configuration: files, keys, addresses.
-            let running = server::start(config, stop.clone())
+            let running = server::start(config)
                 .await
                 .map_err(|e| usage(format!("{e:#}")))?;
-            let delay = match signal::shutdown_requested().await {
-                signal::Stop::Terminate => std::time::Duration::from_secs(args.shutdown_delay_secs),
-                signal::Stop::Interrupt => std::time::Duration::ZERO,
-            };
-            running.stop_gracefully(&stop, delay).await;
+            running.serve_until_signal().await;
             Ok(())
         }
         #[cfg(feature = "emulators")]
@@ -121,13 +117,13 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Emulate(cmd) => {
             init_logs(LogFormat::Text);
             match cmd {
-                identity_binding_proxy::config::EmulateCommand::Kube(a) => {
+                identity_binding_proxy::cli::EmulateCommand::Kube(a) => {
                     identity_binding_proxy::dev::emulate_kube(a).await
                 }
-                identity_binding_proxy::config::EmulateCommand::Entra(a) => {
+                identity_binding_proxy::cli::EmulateCommand::Entra(a) => {
                     identity_binding_proxy::dev::emulate_entra(a).await
                 }
-                identity_binding_proxy::config::EmulateCommand::Static(a) => {
+                identity_binding_proxy::cli::EmulateCommand::Static(a) => {
                     identity_binding_proxy::dev::emulate_static(a).await
                 }
             }
@@ -140,11 +136,19 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
 fn issuer_command(cmd: IssuerCommand) -> Result<(), Failure> {
     match cmd {
         IssuerCommand::Keygen(a) => {
-            let key = keys::SigningKey::generate(a.bits).map_err(usage)?;
-            write_private(&a.out, key.private_pem().as_bytes()).map_err(usage)?;
+            // A key is never overwritten: the one it replaced may still be published.
             let public = a.out.with_extension("pub");
-            std::fs::write(&public, key.public().to_pem())
-                .map_err(|e| usage(format!("{}: {e}", public.display())))?;
+            for path in [&a.out, &public] {
+                if path.exists() {
+                    return Err(usage(format!(
+                        "{} exists already: remove it first or choose another --out",
+                        path.display()
+                    )));
+                }
+            }
+            let key = keys::SigningKey::generate(a.bits).map_err(usage)?;
+            files::write_private(&a.out, key.private_pem().as_bytes()).map_err(usage)?;
+            files::write_public(&public, key.public().to_pem().as_bytes()).map_err(usage)?;
             println!(
                 "kid {}\nprivate key {} (0600)\npublic key  {}",
                 key.kid(),
@@ -180,21 +184,4 @@ fn issuer_command(cmd: IssuerCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
-}
-
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            format!(
-                "cannot create {}: {e} (it must not exist yet)",
-                path.display()
-            )
-        })?;
-    f.write_all(bytes).map_err(|e| e.to_string())
 }

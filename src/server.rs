@@ -3,27 +3,26 @@
 //! come through [`start`], so dev runs exactly the production code path.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use http::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::authn::{Authenticator, AuthnConfig};
-use crate::authz::{Authorizer, AuthzConfig};
+use crate::admin::Readiness;
+use crate::authn::Authenticator;
+use crate::authz::Authorizer;
 use crate::bindings::Bindings;
-use crate::cache::{CacheConfig, TokenCache};
+use crate::cache::TokenCache;
 use crate::cluster::Cluster;
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, ServerConfig};
 use crate::entra::{EntraClient, Exchanger};
-use crate::http::{accept_loop, json, serve_connection, text, Body, ConnTimeouts};
+use crate::http::{accept_loop, serve_connection, ConnTimeouts};
 use crate::issuer::Issuer;
-use crate::limits::{CallerBudgets, ConnectionPermit, Limits, LimitsConfig};
+use crate::limits::{CallerBudgets, ConnectionPermit, Limits};
 use crate::metrics::Metrics;
 use crate::proxy::{App, ConnInfo, Profile};
 use crate::tls::SniRouter;
@@ -31,41 +30,34 @@ use crate::tls::SniRouter;
 /// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
 const JWKS_REFRESH: Duration = Duration::from_secs(300);
 
-/// Readiness: certificates, JWKS and bindings loaded, and not shutting down.
-pub struct Readiness {
-    authn: Arc<Authenticator>,
-    draining: AtomicBool,
-}
-
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        self.authn.ready() && !self.draining.load(Ordering::Acquire)
-    }
-
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-}
-
-/// A started proxy.
+/// A started proxy. It owns its stop: [`RunningProxy::stop`] at once, or
+/// [`RunningProxy::stop_after`] a signal with the shutdown delay it calls for.
 pub struct RunningProxy {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub readiness: Arc<Readiness>,
     pub app: Arc<App>,
+    stop: CancellationToken,
+    shutdown_delay: Duration,
     done: tokio::task::JoinHandle<()>,
 }
 
 impl RunningProxy {
-    /// Waits until the proxy has stopped (after `shutdown` was cancelled and requests drained).
-    pub async fn wait(self) {
-        let _ = self.done.await;
+    /// Serves until SIGTERM or SIGINT, then stops as [`RunningProxy::stop_after`] says.
+    pub async fn serve_until_signal(self) {
+        let how = crate::signal::shutdown_requested().await;
+        self.stop_after(how).await;
     }
 
-    /// The graceful stop: `/readyz` turns not-ready at once, the proxy keeps serving for
-    /// `delay` (so endpoints and load balancers stop sending new callers), then stops
-    /// accepting and drains in-flight requests within the drain deadline.
-    pub async fn stop_gracefully(self, stop: &CancellationToken, delay: Duration) {
+    /// The graceful stop: `/readyz` turns not-ready at once; on SIGTERM the proxy keeps
+    /// serving for the shutdown delay (so endpoints and load balancers stop sending new
+    /// callers; SIGINT, a person at a terminal, skips it); then it stops accepting and drains
+    /// in-flight requests within the drain deadline.
+    pub async fn stop_after(self, how: crate::signal::Stop) {
+        let delay = match how {
+            crate::signal::Stop::Terminate => self.shutdown_delay,
+            crate::signal::Stop::Interrupt => Duration::ZERO,
+        };
         self.readiness.set_draining();
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
@@ -73,9 +65,15 @@ impl RunningProxy {
         );
         tokio::time::sleep(delay).await;
         tracing::info!("draining in-flight requests");
-        stop.cancel();
-        self.wait().await;
+        self.stop().await;
         tracing::info!("stopped");
+    }
+
+    /// Stops accepting now, and returns once in-flight requests have drained (within the
+    /// drain deadline) and every background task has stopped.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
     }
 }
 
@@ -83,6 +81,16 @@ impl RunningProxy {
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: TcpListener,
+}
+
+impl ServerConfig {
+    /// The token port's connection deadlines (the admin server keeps the same).
+    pub fn timeouts(&self) -> ConnTimeouts {
+        ConnTimeouts {
+            first_request: Some(self.header_read_timeout),
+            idle: Some(self.idle_timeout),
+        }
+    }
 }
 
 impl Listeners {
@@ -94,73 +102,45 @@ impl Listeners {
                 .with_context(|| format!("cannot listen on {addr} ({flag})"))
         };
         Ok(Self {
-            proxy: bind(config.listen, "--listen").await?,
-            admin: bind(config.admin_listen, "--admin-listen").await?,
+            proxy: bind(config.server.listen, "--listen").await?,
+            admin: bind(config.admin.listen, "--admin-listen").await?,
         })
     }
 }
 
 /// Loads everything, binds both listeners, and starts serving. Returns once listening;
 /// readiness follows when the first JWKS arrives.
-pub async fn start(
-    config: ProxyConfig,
-    shutdown: CancellationToken,
-) -> anyhow::Result<RunningProxy> {
+pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let listeners = Listeners::bind(&config).await?;
-    start_on(config, listeners, shutdown).await
+    start_on(config, listeners).await
 }
 
 /// [`start`] on listeners bound already (so `dev` can refuse a busy port before it writes
 /// anything, and never give the port up in between).
-pub async fn start_on(
-    config: ProxyConfig,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) -> anyhow::Result<RunningProxy> {
+pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<RunningProxy> {
     crate::http::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
-    let router = Arc::new(
-        SniRouter::load(
-            config.tls.clone(),
-            config.default_sni.clone(),
-            config.handshake_timeout,
-            metrics.clone(),
-        )
-        .map_err(anyhow::Error::msg)?,
-    );
+    let router =
+        SniRouter::load(config.tls.clone(), metrics.clone()).map_err(anyhow::Error::msg)?;
+    let router = Arc::new(router);
     let app = build_app(&config, &metrics).await?;
-    let readiness = Arc::new(Readiness {
-        authn: app.authn.clone(),
-        draining: AtomicBool::new(false),
-    });
-    let Listeners {
-        proxy: listener,
-        admin: admin_listener,
-    } = listeners;
-    let addr = listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-
-    let background = CancellationToken::new();
+    let readiness = Arc::new(Readiness::new(app.authn.clone()));
+    let (addr, admin_addr) = (listeners.proxy.local_addr()?, listeners.admin.local_addr()?);
+    let (stop, background) = (CancellationToken::new(), CancellationToken::new());
     spawn_background(&app, &router, &config, &background);
-    let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(serve_admin(
-        admin_listener,
-        config.admin_limits.clone(),
-        ConnTimeouts {
-            first_request: Some(config.header_read_timeout),
-            idle: Some(config.idle_timeout),
-        },
-        (readiness.clone(), metrics),
-        admin_stop.clone(),
+    let admin = tokio::spawn(crate::admin::serve(
+        listeners.admin,
+        (config.admin.clone(), config.server.timeouts()),
+        readiness.clone(),
+        metrics,
+        background.clone(),
     ));
     let done = tokio::spawn({
-        let app = app.clone();
-        let readiness = readiness.clone();
+        let (app, readiness, stop) = (app.clone(), readiness.clone(), stop.clone());
         async move {
-            serve_tls(listener, router, app, &config, shutdown).await;
+            serve_tls(listeners.proxy, router, app, &config.server, stop).await;
             readiness.set_draining();
             background.cancel();
-            admin_stop.cancel();
             let _ = admin.await;
         }
     });
@@ -170,6 +150,8 @@ pub async fn start_on(
         admin_addr,
         readiness,
         app,
+        stop,
+        shutdown_delay: config.shutdown_delay,
         done,
     })
 }
@@ -177,39 +159,30 @@ pub async fn start_on(
 /// Every step of the request path, built from the configuration.
 async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<App>> {
     let issuer = Arc::new(
-        Issuer::from_files(&config.issuer_keys, config.issuer_url.clone())
+        Issuer::from_files(&config.issuer.keys, config.issuer.url.clone())
             .map_err(anyhow::Error::msg)?,
     );
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
     let cluster = Arc::new(Cluster::connect(config.kubeconfig.as_deref()).await?);
     let authn = Arc::new(Authenticator::new(
         cluster.clone(),
-        AuthnConfig {
-            audience: config.token_audience.clone(),
-            mode: config.authn_mode,
-            review_ttl: config.tokenreview_ttl,
-            persist_dir: config.state_dir.clone(),
-        },
+        config.authn.clone(),
         metrics.clone(),
     ));
     authn.load_persisted();
     let budgets = Arc::new(CallerBudgets::new(
-        config.caller_miss_budget,
-        config.caller_claims_budget,
+        config.budgets.misses_per_minute,
+        config.budgets.claims_per_minute,
     ));
     let authz = Arc::new(Authorizer::new(
         cluster,
-        AuthzConfig {
-            allowed_ttl: config.authz_allowed_ttl,
-            denied_ttl: config.authz_denied_ttl,
-            allow_wildcard_grants: config.allow_wildcard_grants,
-        },
+        config.authz.clone(),
         budgets.clone(),
         metrics.clone(),
     ));
     let entra = Arc::new(EntraClient::new(
         crate::http::client(),
-        config.entra_timeout,
+        config.entra.timeout,
         metrics.clone(),
     ));
     let exchanger = Arc::new(Exchanger {
@@ -218,11 +191,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         entra,
     });
     let cache = Arc::new(TokenCache::new(
-        CacheConfig {
-            capacity: config.cache_capacity,
-            min_remaining: config.cache_min_remaining,
-            max_keys_per_identity: config.cache_max_keys_per_identity,
-        },
+        config.cache.clone(),
         budgets,
         exchanger,
         metrics.clone(),
@@ -235,14 +204,15 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         issuer,
         metrics: metrics.clone(),
         profiles: config
+            .entra
             .sni_profiles
             .iter()
             .map(|p| (p.name.clone(), Profile::new(&p.authority, p.tenant.clone())))
             .collect(),
-        default_profile: Profile::new(&config.authority_host, None),
-        max_body_bytes: config.max_body_bytes,
-        body_timeout: config.body_timeout,
-        request_timeout: config.request_timeout,
+        default_profile: Profile::new(&config.entra.authority_host, None),
+        max_body_bytes: config.server.max_body_bytes,
+        body_timeout: config.server.body_timeout,
+        request_timeout: config.server.request_timeout,
     }))
 }
 
@@ -268,41 +238,6 @@ fn spawn_background(
             .watch(config.reload_period, stop.clone()),
     );
     tokio::spawn(router.clone().watch(config.reload_period, stop.clone()));
-}
-
-/// The admin server: `/livez`, `/readyz`, `/metrics`, with its own connection cap and the
-/// proxy's header and idle timeouts.
-async fn serve_admin(
-    listener: TcpListener,
-    limits: LimitsConfig,
-    timeouts: ConnTimeouts,
-    (readiness, metrics): (Arc<Readiness>, Arc<Metrics>),
-    stop: CancellationToken,
-) {
-    let limits = Limits::new(limits);
-    crate::http::serve_plain(listener, stop, limits, timeouts, move |req, _peer| {
-        let readiness = readiness.clone();
-        let metrics = metrics.clone();
-        async move { admin_response(req.uri().path(), &readiness, &metrics) }
-    })
-    .await
-}
-
-fn admin_response(path: &str, readiness: &Readiness, metrics: &Metrics) -> Response<Body> {
-    match path {
-        "/livez" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/metrics" => {
-            let mut resp = text(StatusCode::OK, metrics.render());
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            resp
-        }
-        _ => json(StatusCode::NOT_FOUND, &b"{\"error\":\"not found\"}"[..]),
-    }
 }
 
 /// How often an idle h2 connection is pinged, and how long the answer may take: a peer that
@@ -355,7 +290,7 @@ impl TlsConnection {
 
 /// The HTTP settings of the token port, sized to a token request (SPEC §11): an h2 stream's
 /// window holds one body, a connection's window a few.
-fn token_port_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+fn token_port_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
     // HTTP/2 windows are at most 2^31 - 1 (RFC 9113 §6.9.1); a token body is far smaller.
     let body_window = u32::try_from(config.max_body_bytes)
         .unwrap_or(u32::MAX)
@@ -385,15 +320,12 @@ async fn serve_tls(
     listener: TcpListener,
     router: Arc<SniRouter>,
     app: Arc<App>,
-    config: &ProxyConfig,
+    config: &ServerConfig,
     shutdown: CancellationToken,
 ) {
     let limits = Limits::new(config.limits.clone());
     let builder = Arc::new(token_port_builder(config));
-    let timeouts = ConnTimeouts {
-        first_request: Some(config.header_read_timeout),
-        idle: Some(config.idle_timeout),
-    };
+    let timeouts = config.timeouts();
     let metrics = app.metrics.clone();
     let refused = |_peer, refusal: crate::limits::Refusal| {
         metrics

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::StartHandshake;
 
+use crate::config::TlsConfig;
 use crate::metrics::Metrics;
 
 /// A TLS alert record: fatal (2), unrecognized_name (112), sent as TLS 1.2 record version as
@@ -169,12 +170,12 @@ pub struct SniRouter {
 }
 
 impl SniRouter {
-    pub fn load(
-        entries: Vec<TlsEntry>,
-        default_name: Option<String>,
-        handshake_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    pub fn load(config: TlsConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let TlsConfig {
+            entries,
+            default_name,
+            handshake_timeout,
+        } = config;
         if entries.is_empty() {
             return Err("at least one --tls NAME=CERT,KEY is needed".into());
         }

@@ -33,7 +33,6 @@ fn rbac(client_id: &str) -> String {
 struct Cluster {
     kube: KubeEmulator,
     proxy: RunningProxy,
-    stop: CancellationToken,
     client: Client,
     key_file: PathBuf,
     _dir: tempfile::TempDir,
@@ -83,8 +82,7 @@ impl Cluster {
         ])
         .unwrap();
         config.reload_period = Duration::from_millis(100);
-        let stop = CancellationToken::new();
-        let proxy = server::start(config, stop.clone()).await.unwrap();
+        let proxy = server::start(config).await.unwrap();
         assert!(
             common::eventually(Duration::from_secs(10), || async {
                 proxy.readiness.is_ready()
@@ -95,7 +93,6 @@ impl Cluster {
         Self {
             kube,
             proxy,
-            stop,
             client,
             key_file,
             _dir: dir,
@@ -124,8 +121,7 @@ impl Cluster {
     }
 
     async fn shutdown(self) {
-        self.stop.cancel();
-        self.proxy.wait().await;
+        self.proxy.stop().await;
         self.kube.shutdown().await;
     }
 }

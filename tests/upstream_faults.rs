@@ -13,7 +13,6 @@ use common::*;
 use identity_binding_proxy::config::ProxyConfig;
 use identity_binding_proxy::dev::DevSystem;
 use identity_binding_proxy::emulators::entra::Fault;
-use tokio_util::sync::CancellationToken;
 
 const AUD: &str = "api://AKSIdentityBinding";
 const MGMT_SCOPE: &str = "https://management.azure.com/.default";
@@ -330,16 +329,13 @@ async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted
     let config = dev_proxy_config(&sys, dir.path(), &dir.path().join("proxy"));
     let mut empty_state = config.clone();
     let blank = tempfile::tempdir().unwrap();
-    empty_state.state_dir = Some(blank.path().to_path_buf());
+    empty_state.authn.persist_dir = Some(blank.path().to_path_buf());
 
     // The apiserver disappears entirely (connection refused: JWKS, reviews, everything).
     sys.kube.shutdown().await;
 
     // Restarted with the persisted JWKS: ready at once, local verification works.
-    let stop = CancellationToken::new();
-    let proxy = identity_binding_proxy::server::start(config, stop.clone())
-        .await
-        .unwrap();
+    let proxy = identity_binding_proxy::server::start(config).await.unwrap();
     assert!(
         proxy.readiness.is_ready(),
         "ready from the persisted JWKS, without the apiserver"
@@ -352,13 +348,11 @@ async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted
     let r = ask(&client, &sys, &good, VAULT_SCOPE).await;
     assert_error(&r, 503, "temporarily_unavailable", "TokenReview");
     assert!(retry_after(&r).is_some());
-    stop.cancel();
-    proxy.wait().await;
+    proxy.stop().await;
 
     // Without persisted keys the same restart is not ready, and a valid token is told to
     // retry (503), never refused as if it came from another cluster.
-    let stop = CancellationToken::new();
-    let proxy = identity_binding_proxy::server::start(empty_state, stop.clone())
+    let proxy = identity_binding_proxy::server::start(empty_state)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -367,8 +361,7 @@ async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted
     let r = ask(&client, &sys, &good, VAULT_SCOPE).await;
     assert_error(&r, 503, "temporarily_unavailable", "JWKS");
     assert!(retry_after(&r).is_some());
-    stop.cancel();
-    proxy.wait().await;
+    proxy.stop().await;
     sys.shutdown().await;
 }
 
@@ -377,11 +370,8 @@ async fn a_request_past_the_request_timeout_is_answered_counted_and_correlated()
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev(dir.path()).await;
     let mut config = dev_proxy_config(&sys, dir.path(), &dir.path().join("proxy-timeout"));
-    config.request_timeout = Duration::from_secs(1);
-    let stop = CancellationToken::new();
-    let proxy = identity_binding_proxy::server::start(config, stop.clone())
-        .await
-        .unwrap();
+    config.server.request_timeout = Duration::from_secs(1);
+    let proxy = identity_binding_proxy::server::start(config).await.unwrap();
     let ca = std::fs::read(&sys.info.ca_file).unwrap();
     let client = Client::new(proxy.addr, &sys.info.sni_name, &ca, &[b"http/1.1"]);
     let token = read(&sys.info.allowed_token_file);
@@ -420,7 +410,6 @@ async fn a_request_past_the_request_timeout_is_answered_counted_and_correlated()
     assert_eq!(echoed, Some(correlation));
     assert_eq!(r.json["correlation_id"], correlation, "{}", r.json);
     assert_eq!(metric(proxy.admin_addr, series).await, before + 1.0);
-    stop.cancel();
-    proxy.wait().await;
+    proxy.stop().await;
     sys.shutdown().await;
 }

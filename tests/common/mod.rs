@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use identity_binding_proxy::config::{DevArgs, LogFormat};
+use identity_binding_proxy::cli::{DevArgs, LogFormat};
 use identity_binding_proxy::dev::{self, DevSystem};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
