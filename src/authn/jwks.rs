@@ -307,6 +307,73 @@ mod tests {
         assert_eq!(gone.into_iter().collect::<Vec<_>>(), vec!["a".to_string()]);
     }
 
+    /// A cluster at an address nobody serves: the keys' own logic needs no apiserver.
+    async fn unreachable_cluster(dir: &std::path::Path) -> Arc<Cluster> {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{name: c, cluster: {server: 'https://127.0.0.1:9'}}]\n\
+             contexts: [{name: c, context: {cluster: c, user: u}}]\n\
+             users: [{name: u, user: {token: t}}]\n",
+        )
+        .unwrap();
+        Arc::new(Cluster::connect(Some(&kubeconfig)).await.unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_kids_refresh_the_keys_at_most_every_ten_seconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = ClusterKeys::new(unreachable_cluster(dir.path()).await, None);
+        assert!(
+            keys.refresh_allowed_for_unknown_kid().await,
+            "never refreshed"
+        );
+        // What a refresh records when it starts, whether or not the apiserver answers.
+        *keys.last_refresh.lock().await = Some(Instant::now());
+        assert!(!keys.refresh_allowed_for_unknown_kid().await);
+        tokio::time::advance(UNKNOWN_KID_REFRESH_INTERVAL - Duration::from_millis(1)).await;
+        assert!(!keys.refresh_allowed_for_unknown_kid().await);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(keys.refresh_allowed_for_unknown_kid().await);
+    }
+
+    #[test]
+    fn persisted_keys_are_loaded_back_and_replaced_whole() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = rt.block_on(unreachable_cluster(dir.path()));
+        let state = dir.path().join("state");
+        let key = crate::keys::SigningKey::generate(2048).unwrap();
+        let jwks = serde_json::json!({ "keys": [key.public().jwk()] }).to_string();
+        let persisted = PersistedKeys {
+            issuer: "https://kubernetes.default.svc".into(),
+            jwks,
+        };
+        persist(&state, &persisted).unwrap();
+        // Replacing leaves no temporary file behind.
+        persist(&state, &persisted).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![PERSIST_FILE]);
+
+        let keys = ClusterKeys::new(cluster, Some(state));
+        assert!(!keys.loaded());
+        let mut changes = 0;
+        assert!(keys.load_persisted(|_| changes += 1));
+        assert!(keys.loaded());
+        assert_eq!(changes, 1, "a first issuer is a change of issuer");
+        assert_eq!(*keys.issuer(), "https://kubernetes.default.svc");
+        assert!(keys
+            .find(Some(key.kid()), jsonwebtoken::Algorithm::RS256)
+            .is_some());
+    }
+
     #[test]
     fn jwks_ignores_symmetric_keys() {
         let text = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"}]}"#;

@@ -388,6 +388,66 @@ mod tests {
         assert_eq!(c.pod_name.as_deref(), Some("p"));
     }
 
+    fn token(kid: Option<&str>, exp_in_secs: Option<u64>) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header = match kid {
+            Some(kid) => serde_json::json!({"alg": "RS256", "kid": kid}),
+            None => serde_json::json!({"alg": "RS256"}),
+        };
+        let claims = match exp_in_secs {
+            Some(s) => serde_json::json!({"exp": now + s}),
+            None => serde_json::json!({}),
+        };
+        format!("{}.{}.sig", b64(&header), b64(&claims))
+    }
+
+    #[test]
+    fn verified_tokens_are_forgotten_with_the_key_that_verified_them() {
+        let memory = VerifiedTokens::new();
+        let caller = Arc::new(Caller::new("demo", "app", "u1"));
+        let (a, b, unnamed) = ([1; 32], [2; 32], [3; 32]);
+        memory.remember(a, &token(Some("a"), Some(3600)), caller.clone());
+        memory.remember(b, &token(Some("b"), Some(3600)), caller.clone());
+        memory.remember(unnamed, &token(None, Some(3600)), caller.clone());
+        assert_eq!(memory.get(&a), Some(caller.clone()));
+        assert_eq!(memory.count(), 3);
+
+        memory.forget(KeyChange::Keys {
+            gone: HashSet::from(["a".to_string()]),
+            unnamed: false,
+        });
+        assert!(
+            memory.get(&a).is_none(),
+            "key 'a' left: its token is checked again"
+        );
+        assert!(memory.get(&b).is_some());
+        assert!(memory.get(&unnamed).is_some());
+
+        memory.forget(KeyChange::Keys {
+            gone: HashSet::new(),
+            unnamed: true,
+        });
+        assert!(memory.get(&unnamed).is_none());
+        assert!(memory.get(&b).is_some());
+
+        memory.forget(KeyChange::Issuer);
+        assert!(memory.get(&b).is_none());
+        assert_eq!(memory.count(), 0);
+    }
+
+    #[test]
+    fn a_token_without_time_left_is_not_remembered() {
+        let memory = VerifiedTokens::new();
+        let caller = Arc::new(Caller::new("demo", "app", "u1"));
+        memory.remember([1; 32], &token(Some("a"), None), caller.clone());
+        memory.remember([2; 32], &token(Some("a"), Some(0)), caller);
+        assert!(memory.get(&[1; 32]).is_none());
+        assert!(memory.get(&[2; 32]).is_none());
+    }
+
     #[test]
     fn subject_must_agree_with_kubernetes_claims() {
         let claims: SaClaims = serde_json::from_value(serde_json::json!({
