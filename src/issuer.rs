@@ -86,7 +86,7 @@ pub struct Issuer {
     url: IssuerUrl,
     /// Per (tenant, client-id): the assertion and the `kid` that signed it, each dropped when
     /// its reuse time is over.
-    assertions: moka::sync::Cache<(String, String), (Arc<str>, String)>,
+    assertions: moka::sync::Cache<(String, String), (Arc<str>, Arc<str>)>,
 }
 
 impl Issuer {
@@ -102,7 +102,7 @@ impl Issuer {
             keys: ArcSwap::from_pointee(keys),
             files: Vec::new(),
             url,
-            // One entry per bound identity: the bindings bound it.
+            // No capacity bound: one entry per identity in the bindings.
             assertions: moka::sync::Cache::builder().time_to_live(reuse).build(),
         })
     }
@@ -133,7 +133,7 @@ impl Issuer {
             .ok_or_else(|| ProxyError::Internal("no issuer key loaded".into()))?;
         let key = (binding.tenant_id.clone(), binding.client_id.clone());
         if let Some((jwt, kid)) = self.assertions.get(&key) {
-            if kid == signer.kid() {
+            if &*kid == signer.kid() {
                 return Ok(jwt);
             }
         }
@@ -156,7 +156,7 @@ impl Issuer {
             .map_err(|e| ProxyError::Internal(format!("signing our assertion failed: {e}")))?
             .into();
         self.assertions
-            .insert(key, (jwt.clone(), signer.kid().to_string()));
+            .insert(key, (jwt.clone(), signer.kid().into()));
         Ok(jwt)
     }
 
