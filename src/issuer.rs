@@ -7,10 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::bindings::{Binding, BindingSet};
@@ -23,6 +22,9 @@ pub const FIC_AUDIENCE: &str = "api://AzureADTokenExchange";
 const ASSERTION_LIFETIME: Duration = Duration::from_secs(600);
 /// Re-sign when less than this is left, so an assertion never expires in flight to Entra.
 const ASSERTION_MIN_REMAINING: Duration = Duration::from_secs(120);
+/// How long a signed assertion is handed out again: until [`ASSERTION_MIN_REMAINING`] before
+/// its `exp`. Every assertion lives as long, so one cache-wide time-to-live is that rule.
+const ASSERTION_REUSE: Duration = ASSERTION_LIFETIME.saturating_sub(ASSERTION_MIN_REMAINING);
 
 /// An issuer URL, or a template of one with `{tenant}` and `{client_id}` placeholders.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,12 +84,17 @@ pub struct Issuer {
     /// Where the keys come from (empty for in-memory keys); re-read when they change.
     files: Vec<PathBuf>,
     url: IssuerUrl,
-    /// Per (tenant, client-id): the assertion, the `kid` that signed it, and its expiry.
-    assertions: DashMap<(String, String), (Arc<str>, String, Instant)>,
+    /// Per (tenant, client-id): the assertion and the `kid` that signed it, each dropped when
+    /// its reuse time is over.
+    assertions: moka::sync::Cache<(String, String), (Arc<str>, Arc<str>)>,
 }
 
 impl Issuer {
     pub fn new(keys: Vec<SigningKey>, url: IssuerUrl) -> Result<Self, String> {
+        Self::reusing_for(keys, url, ASSERTION_REUSE)
+    }
+
+    fn reusing_for(keys: Vec<SigningKey>, url: IssuerUrl, reuse: Duration) -> Result<Self, String> {
         if keys.is_empty() {
             return Err("at least one issuer key is needed (--issuer-key)".into());
         }
@@ -95,7 +102,8 @@ impl Issuer {
             keys: ArcSwap::from_pointee(keys),
             files: Vec::new(),
             url,
-            assertions: DashMap::new(),
+            // No capacity bound: one entry per identity in the bindings.
+            assertions: moka::sync::Cache::builder().time_to_live(reuse).build(),
         })
     }
 
@@ -124,10 +132,9 @@ impl Issuer {
             .last()
             .ok_or_else(|| ProxyError::Internal("no issuer key loaded".into()))?;
         let key = (binding.tenant_id.clone(), binding.client_id.clone());
-        if let Some(entry) = self.assertions.get(&key) {
-            let (jwt, kid, expires) = entry.value();
-            if kid == signer.kid() && Instant::now() + ASSERTION_MIN_REMAINING < *expires {
-                return Ok(jwt.clone());
+        if let Some((jwt, kid)) = self.assertions.get(&key) {
+            if &*kid == signer.kid() {
+                return Ok(jwt);
             }
         }
         let now = SystemTime::now()
@@ -148,14 +155,8 @@ impl Issuer {
             .sign(&claims)
             .map_err(|e| ProxyError::Internal(format!("signing our assertion failed: {e}")))?
             .into();
-        self.assertions.insert(
-            key,
-            (
-                jwt.clone(),
-                signer.kid().to_string(),
-                Instant::now() + ASSERTION_LIFETIME,
-            ),
-        );
+        self.assertions
+            .insert(key, (jwt.clone(), signer.kid().into()));
         Ok(jwt)
     }
 
@@ -274,12 +275,9 @@ pub fn publish(
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("{}: {e}", parent.display()))?;
             }
-            // Through a temporary file and a rename: a host serving this directory never
-            // hands out half a JWKS while it is being republished.
-            let tmp = file.with_extension("tmp");
-            std::fs::write(&tmp, body)
-                .and_then(|()| std::fs::rename(&tmp, &file))
-                .map_err(|e| format!("{}: {e}", file.display()))?;
+            // Replaced whole: a host serving this directory never hands out half a JWKS
+            // while it is being republished.
+            crate::files::write_public(&file, body).map_err(|e| e.to_string())?;
             written.push(file);
         }
     }
@@ -391,7 +389,28 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    // Real time: the assertions' cache keeps its own clock, which a paused tokio clock does
+    // not move; a short reuse time stands in for the 8 minutes.
+    #[test]
+    fn an_assertion_is_signed_anew_once_its_reuse_time_is_over() {
+        let issuer = Issuer::reusing_for(
+            vec![SigningKey::generate(2048).unwrap()],
+            IssuerUrl::parse("https://i.example/x").unwrap(),
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        let first = issuer.assertion(&binding()).unwrap();
+        assert_eq!(issuer.assertion(&binding()).unwrap(), first);
+        std::thread::sleep(Duration::from_millis(400));
+        let second = issuer.assertion(&binding()).unwrap();
+        assert_ne!(
+            second, first,
+            "an assertion past its reuse time is not handed out"
+        );
+        assert_eq!(issuer.assertion(&binding()).unwrap(), second);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn rotated_key_files_sign_the_next_assertion() {
         let dir = tempfile::tempdir().unwrap();
         let (old, new) = (
@@ -415,6 +434,8 @@ mod tests {
                 .clone()
                 .watch(Duration::from_millis(20), stop.clone()),
         );
+        // The watcher takes its first look before the file changes.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         std::fs::write(&b, "garbage").unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(

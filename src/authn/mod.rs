@@ -1,0 +1,288 @@
+//! Step 2 of a token request: who is calling? The service-account token is verified locally
+//! against the cluster's JWKS (fast path), then, in `both`/`tokenreview` mode, confirmed by a
+//! TokenReview that catches tokens of deleted pods and service accounts.
+//!
+//! This file is the facade the request path and the server use ([`Authenticator`]); the work
+//! is in `jwks` (the cluster's keys: fetch, refresh, persist, load back), `verify` (the local
+//! JWT checks and the memory of tokens that passed) and `review` (TokenReview and its cache).
+//! Both memories are keyed by SHA-256 of the token and drop each entry at its own deadline.
+
+mod jwks;
+mod review;
+mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::{Cluster, ClusterError};
+use crate::error::{ProxyError, Result};
+use crate::metrics::Metrics;
+
+pub use verify::{pre_parse_header, PreHeader};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthnMode {
+    /// Local JWKS verification only.
+    Local,
+    /// TokenReview only.
+    Tokenreview,
+    /// Local verification, then a cached TokenReview (catches deleted pods).
+    Both,
+}
+
+/// The authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub namespace: String,
+    pub service_account: String,
+    pub sa_uid: String,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+    /// `system:serviceaccount:<ns>:<name>`.
+    pub username: String,
+    pub groups: Vec<String>,
+}
+
+impl Caller {
+    fn new(namespace: &str, name: &str, sa_uid: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            service_account: name.to_string(),
+            sa_uid: sa_uid.to_string(),
+            pod_name: None,
+            pod_uid: None,
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".to_string(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".to_string(),
+            ],
+        }
+    }
+}
+
+pub struct AuthnConfig {
+    pub audience: String,
+    pub mode: AuthnMode,
+    pub review_ttl: Duration,
+    /// Where the last good issuer + JWKS are kept, so a restart while the apiserver is
+    /// unreachable still verifies tokens.
+    pub persist_dir: Option<std::path::PathBuf>,
+}
+
+pub struct Authenticator {
+    mode: AuthnMode,
+    audience: String,
+    keys: jwks::ClusterKeys,
+    verified: verify::VerifiedTokens,
+    reviews: review::Reviews,
+}
+
+impl Authenticator {
+    pub fn new(cluster: Arc<Cluster>, config: AuthnConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            mode: config.mode,
+            keys: jwks::ClusterKeys::new(cluster.clone(), config.persist_dir),
+            verified: verify::VerifiedTokens::new(),
+            reviews: review::Reviews::new(
+                cluster,
+                config.audience.clone(),
+                config.review_ttl,
+                metrics,
+            ),
+            audience: config.audience,
+        }
+    }
+
+    /// Tokens whose local verification is remembered now.
+    pub fn verified_tokens(&self) -> u64 {
+        self.verified.count()
+    }
+
+    /// True once the issuer and a JWKS have been loaded (readiness).
+    pub fn ready(&self) -> bool {
+        self.keys.loaded()
+    }
+
+    /// Fetches the issuer and the JWKS from the apiserver (and persists them).
+    pub async fn refresh_keys(&self) -> std::result::Result<(), ClusterError> {
+        self.keys
+            .refresh(|change| self.verified.forget(change))
+            .await
+    }
+
+    /// Loads the keys persisted by an earlier run, if any. Returns whether keys were loaded.
+    pub fn load_persisted(&self) -> bool {
+        self.keys
+            .load_persisted(|change| self.verified.forget(change))
+    }
+
+    /// Keeps the JWKS fresh: retries quickly until the first load, then refreshes every
+    /// `period` (key rotation on the apiserver is announced by new keys appearing here).
+    pub async fn run_refresh(
+        self: Arc<Self>,
+        period: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let wait = match self.refresh_keys().await {
+                Ok(()) => period,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load the cluster's service-account JWKS");
+                    if self.ready() {
+                        period.min(Duration::from_secs(10))
+                    } else {
+                        Duration::from_millis(500)
+                    }
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Authenticates a service-account token.
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Caller>> {
+        let digest = token_digest(token);
+        let local = match self.mode {
+            AuthnMode::Tokenreview => None,
+            AuthnMode::Local | AuthnMode::Both => Some(self.verify_cached(token, &digest).await?),
+        };
+        match self.mode {
+            AuthnMode::Local => local.ok_or_else(|| ProxyError::Internal("no caller".into())),
+            AuthnMode::Tokenreview | AuthnMode::Both => {
+                let reviewed = self.reviews.review(token, digest).await?;
+                // In `both` mode the local claims are the source of pod information; the
+                // review must agree on who the caller is.
+                match local {
+                    Some(local) if local.username != reviewed.username => {
+                        Err(ProxyError::invalid_assertion(
+                            "The TokenReview names a different user than the token's claims; \
+                             the token is refused.",
+                        ))
+                    }
+                    Some(local) => Ok(local),
+                    None => Ok(reviewed),
+                }
+            }
+        }
+    }
+
+    /// Local verification, remembered until the token expires; the memory of a key's tokens
+    /// is dropped when the key leaves the cluster's JWKS.
+    async fn verify_cached(&self, token: &str, digest: &[u8; 32]) -> Result<Arc<Caller>> {
+        if let Some(caller) = self.verified.get(digest) {
+            return Ok(caller);
+        }
+        let caller = Arc::new(self.verify_locally(token).await?);
+        self.verified.remember(*digest, token, caller.clone());
+        Ok(caller)
+    }
+
+    /// The local fast path alone: signature, issuer, audience and times against the JWKS.
+    pub async fn verify_locally(&self, token: &str) -> Result<Caller> {
+        let header = pre_parse_header(token)?;
+        let kid = header.kid.as_deref();
+        let key = match self.keys.find(kid, header.alg) {
+            Some(k) => k,
+            None => {
+                self.refresh_for_unknown_kid().await;
+                self.keys.find(kid, header.alg).ok_or_else(|| {
+                    verify::missing_key(
+                        &header,
+                        self.keys.fresh(),
+                        kid.and_then(|k| self.keys.algorithm_of(k)),
+                    )
+                })?
+            }
+        };
+        verify::verify(token, &header, &key, &self.keys.issuer(), &self.audience)
+    }
+
+    /// The key may be new (rotation): refresh, but not more often than a flood of forged
+    /// `kid`s would like.
+    async fn refresh_for_unknown_kid(&self) {
+        if !self.keys.refresh_allowed_for_unknown_kid().await {
+            return;
+        }
+        if let Err(e) = self.refresh_keys().await {
+            tracing::warn!(error = %e, "JWKS refresh for an unknown key id failed");
+        }
+    }
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// A cache entry that knows how long it may be trusted.
+trait Lifetime {
+    fn lifetime(&self) -> Duration;
+}
+
+/// Drops each cache entry at its own deadline: its [`Lifetime`] from when it was stored.
+struct OwnLifetime;
+
+impl<K, V: Lifetime> moka::Expiry<K, V> for OwnLifetime {
+    fn expire_after_create(
+        &self,
+        _key: &K,
+        value: &V,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.lifetime())
+    }
+
+    /// A value stored over another gets its own lifetime, not what was left of the old one.
+    fn expire_after_update(
+        &self,
+        _key: &K,
+        value: &V,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.lifetime())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone)]
+    struct Entry(Duration);
+
+    impl Lifetime for Entry {
+        fn lifetime(&self) -> Duration {
+            self.0
+        }
+    }
+
+    // Real time: moka keeps its own clock, which a paused tokio clock does not move.
+    #[tokio::test]
+    async fn each_entry_disappears_at_its_own_deadline() {
+        let cache: moka::future::Cache<u8, Entry> = moka::future::Cache::builder()
+            .expire_after(OwnLifetime)
+            .build();
+        cache.insert(1, Entry(Duration::from_millis(150))).await;
+        cache.insert(2, Entry(Duration::from_secs(60))).await;
+        cache.insert(3, Entry(Duration::ZERO)).await;
+        assert!(
+            cache.get(&3).await.is_none(),
+            "a zero lifetime is never served"
+        );
+        assert!(cache.get(&1).await.is_some());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(cache.get(&1).await.is_none(), "gone at its deadline");
+        assert!(cache.get(&2).await.is_some(), "a longer lifetime stays");
+        // Stored again, an entry gets its new lifetime, not the rest of the old one.
+        cache.insert(2, Entry(Duration::from_millis(150))).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(cache.get(&2).await.is_none());
+    }
+}
