@@ -611,6 +611,7 @@ pub fn python_with_sdk() -> PathBuf {
 }
 
 mod cli_defaults;
+#[allow(unused_imports)] // not every suite reads a default
 pub use cli_defaults::{dev_default, serve_default};
 
 /// A numeric default of `dev` (what `start_dev` gives every field the test does not tweak).
