@@ -221,7 +221,7 @@ async fn tokens_of_deleted_pods_are_refused_within_the_review_ttl() {
             .mint_token(&MintRequest {
                 namespace: "demo".into(),
                 service_account: "demo".into(),
-                audiences: vec!["api://AKSIdentityBinding".into()],
+                audiences: vec![serve_default("token-audience")],
                 expires_in_secs: 3600,
                 pod_name: Some(pod.into()),
             })

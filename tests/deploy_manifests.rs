@@ -8,10 +8,14 @@
 
 #![forbid(unsafe_code)]
 
+#[path = "common/cli_defaults.rs"]
+mod cli_defaults;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cli_defaults::serve_default;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -486,17 +490,27 @@ fn proxy_uses_its_service_account_token_for_the_apiserver() {
 fn termination_grace_outlasts_shutdown_delay_plus_drain() {
     let docs = cert_manager();
     let env = proxy_env(&docs);
-    let secs = |k: &str, default: u64| {
-        env.get(k)
-            .map_or(default, |v| v.parse().expect("a number of seconds"))
+    // The proxy's own default when the manifest does not set the variable.
+    let default = |flag: &str| -> u64 {
+        serve_default(flag)
+            .parse()
+            .expect("a default number of seconds")
     };
-    let needed = secs("IBP_SHUTDOWN_DELAY_SECS", 5) + secs("IBP_DRAIN_TIMEOUT_SECS", 20);
+    let secs = |k: &str, flag: &str| {
+        env.get(k).map_or_else(
+            || default(flag),
+            |v| v.parse().expect("a number of seconds"),
+        )
+    };
+    let needed = secs("IBP_SHUTDOWN_DELAY_SECS", "shutdown-delay-secs")
+        + secs("IBP_DRAIN_TIMEOUT_SECS", "drain-timeout-secs");
+    let defaults = default("shutdown-delay-secs") + default("drain-timeout-secs");
     let grace = daemonset(&docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds is set");
     assert!(
-        grace > 25 && grace > needed,
-        "grace {grace}s must exceed shutdown delay + drain ({needed}s)"
+        grace > defaults && grace > needed,
+        "grace {grace}s must exceed shutdown delay + drain ({needed}s, {defaults}s by default)"
     );
 }
 
@@ -657,7 +671,7 @@ fn webhook_values_point_pods_at_the_service_sni_audience_and_ca() {
     let audience = proxy_env(&docs)
         .get("IBP_TOKEN_AUDIENCE")
         .cloned()
-        .unwrap_or_else(|| "api://AKSIdentityBinding".into());
+        .unwrap_or_else(|| serve_default("token-audience"));
     assert_eq!(
         str_of(&v["audience"]),
         audience,

@@ -12,8 +12,6 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use identity_binding_proxy::dev::DevSystem;
 
-const AUD: &str = "api://AKSIdentityBinding";
-
 /// One h2 connection for many concurrent requests.
 async fn h2_sender(sys: &DevSystem) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let ca = std::fs::read(&sys.info.ca_file).unwrap();
@@ -55,12 +53,13 @@ async fn denied_callers_never_receive_a_token_cached_for_an_allowed_one() {
     // Denied callers: the demo intruder, SAs of other namespaces, and a same-named SA in
     // another namespace (demo/demo is allowed; other/demo is not).
     let mut denied = vec![read(&sys.info.denied_token_file)];
+    let aud = serve_default("token-audience");
     for (ns, sa) in [
         ("demo", "mallory"),
         ("other", "demo"),
         ("kube-system", "default"),
     ] {
-        denied.push(mint_sa(&sys, ns, sa, &[AUD], 3600));
+        denied.push(mint_sa(&sys, ns, sa, &[&aud], 3600));
     }
     // A slow Entra keeps the first flight open while denied callers pile in beside it.
     sys.entra.set_latency(Duration::from_millis(300));

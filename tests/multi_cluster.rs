@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{token_form, Client};
+use common::{serve_default, token_form, Client};
 use identity_binding_proxy::bindings::BindingSet;
 use identity_binding_proxy::config::ProxyConfig;
 use identity_binding_proxy::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic, FicError};
@@ -104,7 +104,7 @@ impl Cluster {
             .mint_token(&MintRequest {
                 namespace: "apps".into(),
                 service_account: "worker".into(),
-                audiences: vec!["api://AKSIdentityBinding".into()],
+                audiences: vec![serve_default("token-audience")],
                 expires_in_secs: 3600,
                 pod_name: Some("worker-0".into()),
             })

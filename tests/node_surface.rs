@@ -717,7 +717,7 @@ async fn a_wildcard_grant_is_refused_by_name_unless_the_flag_allows_it() {
             &sys,
             "demo",
             "deployer",
-            &["api://AKSIdentityBinding"],
+            &[&serve_default("token-audience")],
             3600,
         );
         // Until the RBAC change is picked up the deployer is simply not granted (also 403).

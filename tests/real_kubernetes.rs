@@ -21,7 +21,12 @@ use common::{python_with_sdk, Client};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_identity-binding-proxy");
-const AUDIENCE: &str = "api://AKSIdentityBinding";
+/// The audience the proxy requires of service-account tokens (`serve`'s default, which the
+/// proxy here keeps).
+fn audience() -> String {
+    common::serve_default("token-audience")
+}
+
 const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 const SNI: &str = "identity-binding-proxy.internal";
 const GRANT_GROUP: &str = "cid.wi.aks.azure.com";
@@ -588,7 +593,7 @@ fn serve_as_deploy_base_service_account_is_ready_and_each_rule_is_needed() {
         cid,
         &sa_subject("apps", "worker"),
     ));
-    let token = c.token("apps", "worker", AUDIENCE, Some("worker-0"));
+    let token = c.token("apps", "worker", &audience(), Some("worker-0"));
 
     let base_rbac: Vec<Value> = serde_yaml::Deserializer::from_str(
         &std::fs::read_to_string(repo().join("deploy/base/rbac.yaml")).unwrap(),
@@ -747,7 +752,7 @@ fn pod_tokens_are_served_through_each_grant_shape_and_refused_without_one() {
         .map(|c| (*c, TENANT))
         .collect();
     let p = shared_proxy(&ids, &[]);
-    let token = c.token(ns, "app", AUDIENCE, Some("app-0"));
+    let token = c.token(ns, "app", &audience(), Some("app-0"));
     for cid in [by_cluster_role, by_role_binding, by_group] {
         let (status, why) = p.request(cid, &token);
         assert_eq!(status, 200, "{cid}: {why}\n{}", p.logs());
@@ -789,8 +794,8 @@ fn deleted_pods_and_service_accounts_lose_their_tokens_within_the_review_ttl() {
         &[(cid, TENANT)],
         &["--tokenreview-ttl-secs", &ttl.to_string()],
     );
-    let pod_token = c.token(ns, "app", AUDIENCE, Some("app-0"));
-    let sa_token = c.token(ns, "other", AUDIENCE, Some("other-0"));
+    let pod_token = c.token(ns, "app", &audience(), Some("app-0"));
+    let sa_token = c.token(ns, "other", &audience(), Some("other-0"));
     assert_eq!(p.request(cid, &pod_token).0, 200);
     assert_eq!(p.request(cid, &sa_token).0, 200);
 
@@ -851,7 +856,7 @@ fn revocation_through_the_real_watch_survives_an_apiserver_restart() {
     let kubeconfig = c.sa_kubeconfig("identity-binding-proxy", "identity-binding-proxy");
     let p = Proxy::start(&kubeconfig, &[(cid, TENANT), (canary, TENANT)], &[]);
     p.wait_ready();
-    let token = c.token(ns, "app", AUDIENCE, Some("app-0"));
+    let token = c.token(ns, "app", &audience(), Some("app-0"));
     assert_eq!(p.request(cid, &token).0, 200, "{}", p.logs());
     assert_eq!(p.request(canary, &token).0, 200);
 
@@ -923,12 +928,12 @@ fn signing_key_rotation_new_tokens_verify_and_dropped_keys_are_refused() {
         &["--tokenreview-ttl-secs", ttl],
     );
     p.wait_ready();
-    let old = c.token(ns, "app", AUDIENCE, Some("app-0"));
+    let old = c.token(ns, "app", &audience(), Some("app-0"));
     assert_eq!(p.request(cid, &old).0, 200, "{}", p.logs());
 
     harness_ok(&["rotate-sa-key"], c.path());
     harness_ok(&["restart-apiserver"], c.path());
-    let new = c.token(ns, "app", AUDIENCE, Some("app-0"));
+    let new = c.token(ns, "app", &audience(), Some("app-0"));
     let kid = |t: &str| {
         use base64::Engine;
         let header = t.split('.').next().unwrap();
@@ -1579,7 +1584,7 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
     assert!(args.contains(&format!(
         "--custom-token-endpoint-annotation-suffix={suffix}"
     )));
-    assert!(args.contains(&format!("--custom-token-endpoint-audience={AUDIENCE}")));
+    assert!(args.contains(&format!("--custom-token-endpoint-audience={}", audience())));
     assert_eq!(
         container["envFrom"][0]["configMapRef"]["name"], config["metadata"]["name"],
         "the webhook's settings are the rendered ConfigMap"
@@ -1749,7 +1754,7 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
         .iter()
         .find(|s| s["serviceAccountToken"].is_object())
         .unwrap_or_else(|| panic!("a projected token: {volumes:?}"));
-    assert_eq!(token_source["serviceAccountToken"]["audience"], AUDIENCE);
+    assert_eq!(token_source["serviceAccountToken"]["audience"], audience());
     let ca_source = sources
         .iter()
         .find(|s| s["configMap"].is_object())

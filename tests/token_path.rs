@@ -209,7 +209,8 @@ async fn refusals_name_their_cause() {
     );
 
     // Expired SA token.
-    let expired = mint(&sys, "demo", "demo", "api://AKSIdentityBinding", -3600);
+    let aud = serve_default("token-audience");
+    let expired = mint(&sys, "demo", "demo", &aud, -3600);
     assert_refused(
         &client.post_token(cid, &expired).await,
         401,
@@ -223,7 +224,7 @@ async fn refusals_name_their_cause() {
         &client.post_token(cid, &wrong_aud).await,
         401,
         "invalid_client",
-        "api://AKSIdentityBinding",
+        &aud,
     );
 
     // A token from another cluster (another issuer and key).
@@ -240,7 +241,7 @@ async fn refusals_name_their_cause() {
         .mint_token(&MintRequest {
             namespace: "demo".into(),
             service_account: "demo".into(),
-            audiences: vec!["api://AKSIdentityBinding".into()],
+            audiences: vec![aud.clone()],
             expires_in_secs: 3600,
             pod_name: None,
         })

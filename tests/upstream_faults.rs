@@ -14,7 +14,6 @@ use identity_binding_proxy::config::ProxyConfig;
 use identity_binding_proxy::dev::DevSystem;
 use identity_binding_proxy::emulators::entra::Fault;
 
-const AUD: &str = "api://AKSIdentityBinding";
 const MGMT_SCOPE: &str = "https://management.azure.com/.default";
 
 fn status_fault(status: u16, retry_after: Option<u64>) -> Fault {
@@ -231,13 +230,25 @@ async fn apiserver_down_serves_cached_callers_and_tells_new_ones_to_retry() {
     assert_eq!(r.status, 200, "{}", r.json);
 
     // A new caller (a fresh token needs a TokenReview): 503, with the cause and Retry-After.
-    let fresh = mint_sa(&sys, "demo", "demo", &[AUD], 3600);
+    let fresh = mint_sa(
+        &sys,
+        "demo",
+        "demo",
+        &[&serve_default("token-audience")],
+        3600,
+    );
     let r = ask(&client, &sys, &fresh, VAULT_SCOPE).await;
     assert_error(&r, 503, "temporarily_unavailable", "TokenReview");
     assert!(retry_after(&r).is_some());
 
     // Forged tokens are still refused locally (401), not blamed on the outage.
-    let expired = mint_sa(&sys, "demo", "demo", &[AUD], -3600);
+    let expired = mint_sa(
+        &sys,
+        "demo",
+        "demo",
+        &[&serve_default("token-audience")],
+        -3600,
+    );
     let r = ask(&client, &sys, &expired, VAULT_SCOPE).await;
     assert_error(&r, 401, "invalid_client", "expired");
 
@@ -325,7 +336,13 @@ async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted
         "the dev proxy persists the JWKS in <state>/proxy"
     );
     let good = read(&sys.info.allowed_token_file);
-    let expired = mint_sa(&sys, "demo", "demo", &[AUD], -3600);
+    let expired = mint_sa(
+        &sys,
+        "demo",
+        "demo",
+        &[&serve_default("token-audience")],
+        -3600,
+    );
     let config = dev_proxy_config(&sys, dir.path(), &dir.path().join("proxy"));
     let mut empty_state = config.clone();
     let blank = tempfile::tempdir().unwrap();

@@ -31,14 +31,15 @@ pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> Dev
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         rbac: None,
-        entra_latency_ms: 0,
-        entra_token_lifetime_secs: 3599,
-        cache_min_remaining_secs: 300,
-        authz_denied_ttl_secs: 30,
-        authz_allowed_ttl_secs: 300,
-        tokenreview_ttl_secs: 120,
-        cache_capacity: 10_000,
-        log_format: LogFormat::Text,
+        entra_latency_ms: dev_number("entra-latency-ms"),
+        entra_token_lifetime_secs: dev_number("entra-token-lifetime-secs"),
+        cache_min_remaining_secs: dev_number("cache-min-remaining-secs"),
+        authz_denied_ttl_secs: dev_number("authz-denied-ttl-secs"),
+        authz_allowed_ttl_secs: dev_number("authz-allowed-ttl-secs"),
+        tokenreview_ttl_secs: dev_number("tokenreview-ttl-secs"),
+        cache_capacity: dev_number("cache-capacity"),
+        log_format: <LogFormat as clap::ValueEnum>::from_str(&dev_default("log-format"), false)
+            .expect("dev's --log-format default is a LogFormat"),
         proxy_flags: Vec::new(),
     };
     tweak(&mut args);
@@ -607,4 +608,15 @@ pub fn python_with_sdk() -> PathBuf {
     );
     std::fs::write(&marker, b"").unwrap();
     python
+}
+
+mod cli_defaults;
+#[allow(unused_imports)] // not every suite reads a default
+pub use cli_defaults::{dev_default, serve_default};
+
+/// A numeric default of `dev` (what `start_dev` gives every field the test does not tweak).
+fn dev_number<T: std::str::FromStr>(flag: &str) -> T {
+    let v = dev_default(flag);
+    v.parse()
+        .unwrap_or_else(|_| panic!("dev's --{flag} default {v:?} is not a number"))
 }
