@@ -61,6 +61,7 @@ impl Caller {
     }
 }
 
+#[derive(Clone, Debug)]
 pub struct AuthnConfig {
     pub audience: String,
     pub mode: AuthnMode,
