@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Three clusters, one Entra, ONE federated identity credential — every part its own process,
-# exactly as the README's "Many clusters, one FIC" section describes:
+# exactly as docs/multi-cluster.md describes:
 #
 #   issuer keygen (one key per cluster) → issuer publish (one JWKS with all three keys)
 #   → emulate static (the issuer's static host) → emulate entra --fic (ONE FIC)

@@ -13,7 +13,7 @@
 //! connections, can cut them all, and reads the SNI name and ALPN protocols of each ClientHello.
 //! .NET cannot be installed here (no NuGet): `dotnet_emulation_*` is our own client that
 //! behaves as Azure.Identity for .NET does in proxy mode. (The AKS how-to's sample cannot be
-//! fetched here: the Go module proxy does not serve that nested module; see the README.)
+//! fetched here: the Go module proxy does not serve that nested module; see docs/testing.md.)
 //!
 //! A client that cannot be installed or built fails its test with the package manager's error.
 

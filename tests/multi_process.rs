@@ -1,4 +1,4 @@
-//! The README's multi-cluster walk-through, run for real: `scripts/multi-cluster.sh` starts
+//! The walk-through of docs/multi-cluster.md, run for real: `scripts/multi-cluster.sh` starts
 //! `emulate static`, `emulate entra` (one FIC), three `emulate kube` and three `serve`
 //! processes and gets a token in each cluster.
 

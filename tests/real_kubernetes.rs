@@ -1541,7 +1541,7 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
     let webhook_ns = "azure-workload-identity-system";
     let webhook_tenant = "00000000-0000-0000-0000-0000000000bb";
 
-    // 1. Render the chart exactly as the README's helm command does.
+    // 1. Render the chart exactly as the helm command of docs/installation.md does.
     let rendered = run_ok(
         Command::new(c.bin("helm"))
             .args([
