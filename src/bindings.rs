@@ -177,13 +177,13 @@ impl Bindings {
 
     /// Polls the file (ConfigMap volumes change by symlink swap, which inotify on the file
     /// itself misses; a cheap poll sees every kind of update).
-    pub async fn watch(
+    pub fn watch(
         self: Arc<Self>,
         period: Duration,
         stop: tokio_util::sync::CancellationToken,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + Send {
         let path = self.path.clone();
-        crate::files::watch_contents(vec![path], period, stop, || match load(&self.path) {
+        crate::files::watch_contents(vec![path], period, stop, move || match load(&self.path) {
             Ok(set) => {
                 tracing::info!(bindings = set.len(), "bindings reloaded");
                 self.current.store(Arc::new(set));
@@ -192,7 +192,6 @@ impl Bindings {
                 tracing::error!(error = %e, "bindings not reloaded; keeping the previous set")
             }
         })
-        .await
     }
 }
 

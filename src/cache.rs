@@ -387,13 +387,10 @@ impl TokenCache {
             .set(self.entries.entry_count() as i64);
     }
 
-    pub fn len(&self) -> u64 {
+    /// Tokens held now (pending evictions applied first).
+    pub fn entry_count(&self) -> u64 {
         self.entries.run_pending_tasks();
         self.entries.entry_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -633,7 +630,7 @@ mod tests {
             assert_eq!(how, Lookup::Hit, "identity c{n} was evicted");
         }
         assert_eq!(script.calls(), calls);
-        assert_eq!(cache.len(), 30);
+        assert_eq!(cache.entry_count(), 30);
     }
 
     #[tokio::test]
@@ -682,6 +679,6 @@ mod tests {
         for n in 0..500 {
             cache.get(key(n), None, ME).await.unwrap();
         }
-        assert!(cache.len() <= 50, "{} entries", cache.len());
+        assert!(cache.entry_count() <= 50, "{} entries", cache.entry_count());
     }
 }

@@ -281,8 +281,10 @@ fn status_label(status: StatusCode) -> &'static str {
         502 => "502",
         503 => "503",
         504 => "504",
-        s if s < 500 => "4xx",
-        _ => "5xx",
+        s if (400..500).contains(&s) => "4xx",
+        s if (500..600).contains(&s) => "5xx",
+        // Not an answer Entra gives: bounded all the same.
+        _ => "other",
     }
 }
 
@@ -334,6 +336,16 @@ impl Fetch for Exchanger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_are_bounded_and_name_their_class() {
+        let label = |s| status_label(StatusCode::from_u16(s).unwrap());
+        assert_eq!(label(429), "429");
+        assert_eq!(label(418), "4xx");
+        assert_eq!(label(599), "5xx");
+        assert_eq!(label(302), "other");
+        assert_eq!(label(101), "other");
+    }
 
     #[test]
     fn absurd_lifetimes_are_clamped_and_zero_is_refused() {

@@ -49,24 +49,27 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 /// until `stop`. Mounted ConfigMaps and Secrets change by a symlink swap that a watch on the
 /// file itself misses; reading the contents sees every kind of update. A file that becomes
 /// unreadable counts as a change once, so `reload` can report it and keep what it has.
-pub async fn watch_contents(
+pub fn watch_contents(
     paths: Vec<PathBuf>,
     period: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
     mut reload: impl FnMut(),
-) {
+) -> impl std::future::Future<Output = ()> {
     let snapshot =
-        || -> Vec<Option<Vec<u8>>> { paths.iter().map(|p| std::fs::read(p).ok()).collect() };
+        move || -> Vec<Option<Vec<u8>>> { paths.iter().map(|p| std::fs::read(p).ok()).collect() };
+    // Taken now, not when the future first runs: an edit made in between is still a change.
     let mut last = snapshot();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
-        let now = snapshot();
-        if now != last {
-            last = now;
-            reload();
+    async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let now = snapshot();
+            if now != last {
+                last = now;
+                reload();
+            }
         }
     }
 }

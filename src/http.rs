@@ -337,10 +337,11 @@ pub async fn serve_plain<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    if let Some(t) = timeouts.first_request {
-        builder.http1().header_read_timeout(t);
-    }
+    // No first-request deadline means none at all (hyper's own default would be 30 s).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.first_request);
     let builder = Arc::new(builder);
     let serve = |stream, peer, permit| {
         let (handler, shutdown, builder) = (handler.clone(), shutdown.clone(), builder.clone());

@@ -163,28 +163,12 @@ impl Issuer {
     /// Re-reads the key files when they change (a mounted Secret is updated by a symlink
     /// swap; a poll of the contents sees every kind of update). A file that fails to load
     /// keeps the previous keys in service.
-    pub async fn watch(
+    pub fn watch(
         self: Arc<Self>,
         period: Duration,
         stop: tokio_util::sync::CancellationToken,
-    ) {
-        if self.files.is_empty() {
-            return;
-        }
-        let snapshot = |files: &[PathBuf]| -> Vec<Option<Vec<u8>>> {
-            files.iter().map(|f| std::fs::read(f).ok()).collect()
-        };
-        let mut last = snapshot(&self.files);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
-            }
-            let now = snapshot(&self.files);
-            if now == last {
-                continue;
-            }
-            last = now;
+    ) -> impl std::future::Future<Output = ()> + Send {
+        crate::files::watch_contents(self.files.clone(), period, stop, move || {
             match load_keys(&self.files) {
                 Ok(keys) => {
                     let kids: Vec<String> = keys.iter().map(|k| k.kid().to_string()).collect();
@@ -195,7 +179,7 @@ impl Issuer {
                     tracing::error!(error = %e, "issuer keys not reloaded; the previous keys keep signing")
                 }
             }
-        }
+        })
     }
 }
 

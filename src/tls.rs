@@ -231,17 +231,17 @@ impl SniRouter {
 
     /// Polls the certificate files and reloads when any changes (mounted Secrets change by a
     /// symlink swap, which a poll of the contents always sees).
-    pub async fn watch(
+    pub fn watch(
         self: Arc<Self>,
         period: Duration,
         stop: tokio_util::sync::CancellationToken,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + Send {
         let files = self
             .entries
             .iter()
             .flat_map(|e| [e.cert.clone(), e.key.clone()])
             .collect();
-        crate::files::watch_contents(files, period, stop, || {
+        crate::files::watch_contents(files, period, stop, move || {
             let errors = self.reload();
             if errors.is_empty() {
                 tracing::info!("serving certificates reloaded");
@@ -250,7 +250,6 @@ impl SniRouter {
                 tracing::error!(error = %e, "certificate not reloaded; the previous one keeps serving");
             }
         })
-        .await
     }
 
     /// The name a connection is served under: the SNI name it sent, or the default name when

@@ -268,9 +268,9 @@ async fn eviction_keeps_the_bound_and_claims_always_reach_entra() {
         assert_eq!(client.post_form("/", &form).await.status, 200);
     }
     assert!(
-        sys.proxy.app.cache.len() <= 10,
+        sys.proxy.app.cache.entry_count() <= 10,
         "cache holds {}",
-        sys.proxy.app.cache.len()
+        sys.proxy.app.cache.entry_count()
     );
 
     let before = sys.entra.stats().tokens_issued;

@@ -159,7 +159,7 @@ async fn random_client_ids_grow_neither_metric_series_nor_the_cache() {
     assert_eq!(s, 400);
 
     let before = series(&scrape_metrics(&sys).await);
-    let cache_before = sys.proxy.app.cache.len();
+    let cache_before = sys.proxy.app.cache.entry_count();
     let kube_before = sys.kube.counts();
     let entra_before = sys.entra.stats().token_requests;
 
@@ -212,7 +212,7 @@ async fn random_client_ids_grow_neither_metric_series_nor_the_cache() {
         "a client id from an unauthenticated request became a label"
     );
     assert_eq!(
-        sys.proxy.app.cache.len(),
+        sys.proxy.app.cache.entry_count(),
         cache_before,
         "cache entries grew"
     );

@@ -22,7 +22,6 @@ const LEEWAY_SECS: u64 = 30;
 #[derive(Deserialize)]
 struct SaClaims {
     sub: String,
-    exp: u64,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubeClaims>,
 }
@@ -227,7 +226,6 @@ fn caller_from_claims(claims: &SaClaims) -> Result<Caller> {
             "The token's subject does not match its service account claims.",
         ));
     }
-    let _ = claims.exp;
     let mut caller = Caller::new(&k.namespace, &k.serviceaccount.name, &k.serviceaccount.uid);
     if let Some(pod) = &k.pod {
         caller.pod_name = Some(pod.name.clone());
