@@ -27,7 +27,6 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
 use k8s_openapi::api::authorization::v1::{SubjectAccessReview, SubjectAccessReviewStatus};
 use serde::Serialize;
@@ -42,6 +41,7 @@ use super::rbac::{
 };
 use crate::http as h;
 use crate::keys::SigningKey;
+use crate::limits::{Limits, LimitsConfig};
 
 const KEY_FILE: &str = "sa-signing-key.pem";
 const ISSUER_FILE: &str = "kube-issuer";
@@ -152,22 +152,9 @@ impl KubeEmulator {
         let key = load_or_create_key(&cfg.state_dir)?;
         let issuer = resolve_issuer(&cfg.state_dir, cfg.issuer.as_deref())?;
 
-        let (policy, rbac_content) = match &cfg.rbac_file {
-            Some(path) => match std::fs::read(path) {
-                Ok(bytes) => {
-                    let text = String::from_utf8(bytes.clone())
-                        .with_context(|| format!("{} is not UTF-8", path.display()))?;
-                    let policy = RbacPolicy::parse(&text)
-                        .with_context(|| format!("loading {}", path.display()))?;
-                    (policy, Some(bytes))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    tracing::warn!(file = %path.display(), "RBAC file missing; starting with no RBAC objects");
-                    (RbacPolicy::default(), None)
-                }
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-            },
-            None => (RbacPolicy::default(), None),
+        let policy = match &cfg.rbac_file {
+            Some(path) => load_rbac_file(path)?,
+            None => RbacPolicy::default(),
         };
 
         let listener = TcpListener::bind(cfg.listen)
@@ -208,8 +195,8 @@ impl KubeEmulator {
         let server = tokio::spawn(serve(listener, inner.clone()));
         lock(&inner.tasks).push(server);
         if let Some(path) = cfg.rbac_file.clone() {
-            let poller = tokio::spawn(poll_rbac_file(inner.clone(), path, rbac_content));
-            lock(&inner.tasks).push(poller);
+            let watcher = tokio::spawn(watch_rbac_file(inner.clone(), path));
+            lock(&inner.tasks).push(watcher);
         }
         tracing::info!(url = %inner.url, issuer = %inner.issuer, "kube-apiserver emulator listening");
         Ok(Self { inner })
@@ -1032,80 +1019,60 @@ fn method_not_allowed() -> Response<Body> {
     )
 }
 
-/// Serves HTTP/1.1 and h2c. Not `crate::http::serve_plain`: watches need a streaming body.
+/// Serves HTTP/1.1 and h2c until shutdown; open watches end with it (they watch the same
+/// token), so connections drain at once.
 async fn serve(listener: TcpListener, inner: Arc<Inner>) {
-    let tracker = tokio_util::task::TaskTracker::new();
     let shutdown = inner.shutdown.clone();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kube emulator accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let inner = inner.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let inner = inner.clone();
-                async move { Ok::<_, Infallible>(handle(inner, req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
-        });
-    }
-    drop(listener);
-    tracker.close();
-    tracker.wait().await;
+    h::serve_plain(
+        listener,
+        shutdown,
+        Limits::new(LimitsConfig::unbounded()),
+        h::ConnTimeouts::NONE,
+        move |req, _peer| handle(inner.clone(), req),
+    )
+    .await
 }
 
-async fn poll_rbac_file(inner: Arc<Inner>, path: PathBuf, mut last: Option<Vec<u8>>) {
-    loop {
-        tokio::select! {
-            _ = inner.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RBAC_POLL) => {}
-        }
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                if last.is_some() {
-                    tracing::warn!(file = %path.display(), error = %e, "RBAC file unreadable; keeping the current policy");
-                    last = None;
-                }
-                continue;
-            }
-        };
-        if last.as_ref() == Some(&bytes) {
-            continue;
-        }
-        last = Some(bytes.clone());
-        let parsed = String::from_utf8(bytes)
-            .map_err(|e| anyhow::anyhow!("not UTF-8: {e}"))
-            .and_then(|text| Ok(RbacPolicy::parse(&text)?));
-        match parsed {
+/// The RBAC file at start: a missing one starts with no objects (it may appear later); an
+/// unreadable or invalid one stops the start.
+fn load_rbac_file(path: &Path) -> anyhow::Result<RbacPolicy> {
+    if let Ok(false) = path.try_exists() {
+        tracing::warn!(file = %path.display(), "RBAC file missing; starting with no RBAC objects");
+        return Ok(RbacPolicy::default());
+    }
+    read_rbac_file(path)
+}
+
+/// Reads and parses an RBAC file; the error names the file and the step that failed.
+fn read_rbac_file(path: &Path) -> anyhow::Result<RbacPolicy> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
+    RbacPolicy::parse(&text).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Applies the RBAC file whenever its content changes, until shutdown. A file that becomes
+/// unreadable or invalid leaves the current policy in place.
+async fn watch_rbac_file(inner: Arc<Inner>, path: PathBuf) {
+    let stop = inner.shutdown.clone();
+    crate::files::watch_contents(
+        vec![path.clone()],
+        RBAC_POLL,
+        stop,
+        || match read_rbac_file(&path) {
             Ok(policy) => {
                 inner.apply_policy(policy);
                 tracing::info!(file = %path.display(), "RBAC reloaded");
             }
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "invalid RBAC file; keeping the current policy")
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "RBAC file not reloaded; keeping the current policy"
+                )
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
 fn bearer_ok(inner: &Inner, req: &Request<Incoming>) -> bool {
