@@ -1743,12 +1743,13 @@ struct WatchParams {
 }
 
 impl WatchParams {
-    fn from_query(query: &HashMap<String, String>) -> Result<Self, Response<Body>> {
+    /// The error is the apiserver's message for a bad resource version.
+    fn from_query(query: &HashMap<String, String>) -> Result<Self, String> {
         let resource_version = match query.get("resourceVersion").map(String::as_str) {
             None | Some("") | Some("0") => None,
             Some(rv) => Some(
                 rv.parse::<u64>()
-                    .map_err(|_| bad_request(&format!("invalid resource version: {rv}")))?,
+                    .map_err(|_| format!("invalid resource version: {rv}"))?,
             ),
         };
         let timeout = query
@@ -1781,7 +1782,7 @@ fn watch_rbac(
     };
     let params = match WatchParams::from_query(query) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(message) => return bad_request(&message),
     };
     bump(&inner.counters.rbac_watches);
     let (tx, rx) = mpsc::channel::<Bytes>(64);
