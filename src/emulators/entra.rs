@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{json_value, Body, HttpClient};
-use crate::keys::{RsaPublicKey, SigningKey};
+use crate::keys::SigningKey;
 use crate::oauth::ErrorBody;
 
 /// The audience Entra suggests for FICs, and the default when none is given.
@@ -374,11 +374,6 @@ impl EntraEmulator {
         self.handle.shared.base_url.clone()
     }
 
-    /// The public half of the key that signs issued access tokens.
-    pub fn signing_key(&self) -> RsaPublicKey {
-        self.handle.shared.signing.public().clone()
-    }
-
     pub fn add_fic(&self, fic: Fic) -> Result<(), FicError> {
         self.handle.shared.add_fic(fic).map(|_| ())
     }
@@ -621,69 +616,13 @@ impl Shared {
         }
     }
 
-    /// The whole client-credentials exchange, in the order Entra checks things.
+    /// The whole client-credentials exchange, in the order Entra checks things: the form,
+    /// the client, the assertion's issuer, signature and validity, then the FIC it matches.
     async fn exchange(&self, tenant: &str, body: &[u8]) -> Result<Value, Rejection> {
         let tid = check_tenant(tenant)?;
-        let mut form: BTreeMap<String, String> = BTreeMap::new();
-        for (k, v) in form_urlencoded::parse(body) {
-            // Entra treats an empty parameter as a missing one.
-            if !v.is_empty() {
-                form.entry(k.into_owned()).or_insert_with(|| v.into_owned());
-            }
-        }
-        let param = |name: &str| form.get(name).map(String::as_str);
-
-        let grant_type = param("grant_type").ok_or_else(|| Rejection::missing("grant_type"))?;
-        if grant_type != "client_credentials" {
-            // unsupported_grant_type, AADSTS70003, 400: Entra's answer to a grant it does not do.
-            return Err(Rejection::new(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                70003,
-                format!("The app requested an unsupported grant type '{grant_type}'."),
-            ));
-        }
-        let client_id = param("client_id").ok_or_else(|| Rejection::missing("client_id"))?;
-        let scope = param("scope").ok_or_else(|| Rejection::missing("scope"))?;
-        let (assertion_type, assertion) = match (
-            param("client_assertion_type"),
-            param("client_assertion"),
-        ) {
-            (None, None) => {
-                // invalid_client, AADSTS7000218, 401: a confidential client sent no credential.
-                return Err(Rejection::new(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_client",
-                    7000218,
-                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
-                ));
-            }
-            (None, Some(_)) => return Err(Rejection::missing("client_assertion_type")),
-            (Some(_), None) => return Err(Rejection::missing("client_assertion")),
-            (Some(t), Some(a)) => (t, a),
-        };
-        if assertion_type != JWT_BEARER {
-            // invalid_request, AADSTS90023 (Entra's generic InvalidRequest), 400.
-            return Err(Rejection::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                90023,
-                format!("The provided value for the input parameter 'client_assertion_type' is not valid. Expected '{JWT_BEARER}'."),
-            ));
-        }
-        let resource = scope
-            .strip_suffix("/.default")
-            .filter(|r| !r.is_empty() && !scope.contains(' '));
-        let Some(resource) = resource else {
-            // invalid_scope, AADSTS1002012, 400: client credentials need `<resource>/.default`.
-            return Err(Rejection::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_scope",
-                1002012,
-                format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."),
-            ));
-        };
-
+        let form = parse_form(body);
+        let request = ClientCredentials::from_form(&form)?;
+        let client_id = request.client_id;
         let client_fics = self.fics(client_id);
         if client_fics.is_empty() {
             // unauthorized_client, AADSTS700016, 400: no such application in the tenant.
@@ -694,8 +633,7 @@ impl Shared {
                 format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."),
             ));
         }
-
-        let jwt = UnverifiedJwt::parse(assertion)?;
+        let jwt = UnverifiedJwt::parse(request.assertion)?;
         let iss = jwt.claim_str("iss").ok_or_else(Rejection::malformed)?;
         let candidates: Vec<&Fic> = client_fics.iter().filter(|f| f.issuer == iss).collect();
         if candidates.is_empty() {
@@ -707,51 +645,21 @@ impl Shared {
                 format!("No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. {WFI_DOC}"),
             ));
         }
-
-        let cached = self.cached_issuer_jwks(iss);
-        if cached.is_none_or(|jwks| jwt.verify(&jwks).is_err()) {
-            let jwks = self.issuer_jwks(iss).await?;
-            jwt.verify(&jwks)?;
-        }
+        self.verify_signature(&jwt, iss).await?;
         jwt.check_times(now_secs())?;
+        match_fic(&jwt, iss, &candidates)?;
+        self.issue(&tid, client_id, request.resource)
+    }
 
-        let audiences = jwt.audiences();
-        let sub = jwt.claim_str("sub").unwrap_or_default();
-        if !candidates
-            .iter()
-            .any(|f| audiences.contains(&f.audience.as_str()))
-        {
-            // invalid_client, AADSTS700212, 401.
-            return Err(Rejection::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                700212,
-                format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. {WFI_DOC}", audiences.join(",")),
-            ));
+    /// Verifies the assertion with the issuer's JWKS: the cached one when it holds the key,
+    /// else a fresh fetch (the issuer may have rotated its key).
+    async fn verify_signature(&self, jwt: &UnverifiedJwt, iss: &str) -> Result<(), Rejection> {
+        let cached = self.cached_issuer_jwks(iss);
+        if cached.is_some_and(|jwks| jwt.verify(&jwks).is_ok()) {
+            return Ok(());
         }
-        if !candidates.iter().any(|f| f.subject == sub) {
-            // invalid_client, AADSTS700213, 401.
-            return Err(Rejection::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                700213,
-                format!("No matching federated identity record found for presented assertion subject '{sub}'. Check your federated identity credential Subject, Audience and Issuer against the presented assertion. {WFI_DOC}"),
-            ));
-        }
-        if !candidates
-            .iter()
-            .any(|f| f.subject == sub && audiences.contains(&f.audience.as_str()))
-        {
-            // unauthorized_client, AADSTS70021, 401: each part matches some FIC, no FIC matches all.
-            return Err(Rejection::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized_client",
-                70021,
-                format!("No matching federated identity record found for presented assertion. Assertion Issuer: '{iss}'. Assertion Subject: '{sub}'. Assertion Audience: '{}'. {WFI_DOC}", audiences.join(",")),
-            ));
-        }
-
-        self.issue(&tid, client_id, resource)
+        let jwks = self.issuer_jwks(iss).await?;
+        jwt.verify(&jwks)
     }
 
     /// The issuer's JWKS from an earlier fetch, while `issuer_metadata_ttl` lasts.
@@ -871,74 +779,9 @@ impl Shared {
         let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
         match (&method, rest.as_slice()) {
             (&Method::GET, ["stats"]) => json_value(StatusCode::OK, &lock(&self.state).stats),
-            (&Method::POST, ["faults"]) => {
-                let value = match read_json(req).await {
-                    Ok(v) => v,
-                    Err(resp) => return *resp,
-                };
-                let items = match value {
-                    Value::Array(items) => items,
-                    single @ Value::Object(_) => vec![single],
-                    other => {
-                        return control_error(
-                            StatusCode::BAD_REQUEST,
-                            format!("expected a JSON array of faults, got {other}"),
-                        )
-                    }
-                };
-                let mut faults = Vec::with_capacity(items.len());
-                for item in &items {
-                    match Fault::from_json(item) {
-                        Ok(f) => faults.push(f),
-                        Err(e) => return control_error(StatusCode::BAD_REQUEST, e),
-                    }
-                }
-                let mut state = lock(&self.state);
-                state.faults.extend(faults);
-                json_value(StatusCode::OK, &json!({ "queued": state.faults.len() }))
-            }
-            (&Method::POST, ["config"]) => {
-                let value = match read_json(req).await {
-                    Ok(v) => v,
-                    Err(resp) => return *resp,
-                };
-                let mut state = lock(&self.state);
-                if let Some(ms) = value.get("latency_ms").and_then(Value::as_u64) {
-                    state.latency = Duration::from_millis(ms);
-                }
-                if let Some(s) = value.get("token_lifetime_secs").and_then(Value::as_u64) {
-                    state.token_lifetime = Duration::from_secs(s);
-                }
-                json_value(
-                    StatusCode::OK,
-                    &json!({
-                        "latency_ms": state.latency.as_millis() as u64,
-                        "token_lifetime_secs": state.token_lifetime.as_secs(),
-                    }),
-                )
-            }
-            (&Method::POST, ["fics"]) => {
-                let value = match read_json(req).await {
-                    Ok(v) => v,
-                    Err(resp) => return *resp,
-                };
-                let fic: Fic = match serde_json::from_value(value) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        return control_error(
-                            StatusCode::BAD_REQUEST,
-                            format!("not a federated identity credential: {e}"),
-                        )
-                    }
-                };
-                match self.add_fic(fic) {
-                    Ok(added) => json_value(StatusCode::CREATED, &added),
-                    Err(e @ FicError::Empty(_)) => {
-                        control_error(StatusCode::BAD_REQUEST, e.to_string())
-                    }
-                    Err(e) => control_error(StatusCode::CONFLICT, e.to_string()),
-                }
-            }
+            (&Method::POST, ["faults"]) => self.control_faults(req).await,
+            (&Method::POST, ["config"]) => self.control_config(req).await,
+            (&Method::POST, ["fics"]) => self.control_add_fic(req).await,
             (&Method::GET, ["fics", client_id]) => {
                 json_value(StatusCode::OK, &self.fics(client_id))
             }
@@ -958,6 +801,199 @@ impl Shared {
             ),
         }
     }
+
+    /// `POST faults`: queues one fault or an array of them, all or none.
+    async fn control_faults(&self, req: Request<Incoming>) -> Response<Body> {
+        let value = match read_json(req).await {
+            Ok(v) => v,
+            Err(resp) => return *resp,
+        };
+        let items = match value {
+            Value::Array(items) => items,
+            single @ Value::Object(_) => vec![single],
+            other => {
+                return control_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected a JSON array of faults, got {other}"),
+                )
+            }
+        };
+        let faults: Result<Vec<Fault>, String> = items.iter().map(Fault::from_json).collect();
+        let faults = match faults {
+            Ok(faults) => faults,
+            Err(e) => return control_error(StatusCode::BAD_REQUEST, e),
+        };
+        let mut state = lock(&self.state);
+        state.faults.extend(faults);
+        json_value(StatusCode::OK, &json!({ "queued": state.faults.len() }))
+    }
+
+    /// `POST config`: sets the latency and token lifetime given, answers both.
+    async fn control_config(&self, req: Request<Incoming>) -> Response<Body> {
+        let value = match read_json(req).await {
+            Ok(v) => v,
+            Err(resp) => return *resp,
+        };
+        let mut state = lock(&self.state);
+        if let Some(ms) = value.get("latency_ms").and_then(Value::as_u64) {
+            state.latency = Duration::from_millis(ms);
+        }
+        if let Some(s) = value.get("token_lifetime_secs").and_then(Value::as_u64) {
+            state.token_lifetime = Duration::from_secs(s);
+        }
+        json_value(
+            StatusCode::OK,
+            &json!({
+                "latency_ms": state.latency.as_millis() as u64,
+                "token_lifetime_secs": state.token_lifetime.as_secs(),
+            }),
+        )
+    }
+
+    /// `POST fics`: registers a FIC; 409 where Entra would refuse it.
+    async fn control_add_fic(&self, req: Request<Incoming>) -> Response<Body> {
+        let value = match read_json(req).await {
+            Ok(v) => v,
+            Err(resp) => return *resp,
+        };
+        let fic: Fic = match serde_json::from_value(value) {
+            Ok(f) => f,
+            Err(e) => {
+                return control_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("not a federated identity credential: {e}"),
+                )
+            }
+        };
+        match self.add_fic(fic) {
+            Ok(added) => json_value(StatusCode::CREATED, &added),
+            Err(e @ FicError::Empty(_)) => control_error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => control_error(StatusCode::CONFLICT, e.to_string()),
+        }
+    }
+}
+
+/// The token request's form; Entra treats an empty parameter as a missing one, and the
+/// first of repeated ones counts.
+fn parse_form(body: &[u8]) -> BTreeMap<String, String> {
+    let mut form = BTreeMap::new();
+    for (k, v) in form_urlencoded::parse(body) {
+        if !v.is_empty() {
+            form.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+        }
+    }
+    form
+}
+
+/// A well-formed client-credentials request with a JWT client assertion.
+struct ClientCredentials<'a> {
+    client_id: &'a str,
+    assertion: &'a str,
+    /// The scope without its `/.default` suffix.
+    resource: &'a str,
+}
+
+impl<'a> ClientCredentials<'a> {
+    /// Checks the parameters in Entra's order and answers with its refusals.
+    fn from_form(form: &'a BTreeMap<String, String>) -> Result<Self, Rejection> {
+        let param = |name: &str| form.get(name).map(String::as_str);
+        let grant_type = param("grant_type").ok_or_else(|| Rejection::missing("grant_type"))?;
+        if grant_type != "client_credentials" {
+            // unsupported_grant_type, AADSTS70003, 400: Entra's answer to a grant it does not do.
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                70003,
+                format!("The app requested an unsupported grant type '{grant_type}'."),
+            ));
+        }
+        let client_id = param("client_id").ok_or_else(|| Rejection::missing("client_id"))?;
+        let scope = param("scope").ok_or_else(|| Rejection::missing("scope"))?;
+        let (assertion_type, assertion) = match (
+            param("client_assertion_type"),
+            param("client_assertion"),
+        ) {
+            (None, None) => {
+                // invalid_client, AADSTS7000218, 401: a confidential client sent no credential.
+                return Err(Rejection::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    7000218,
+                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                ));
+            }
+            (None, Some(_)) => return Err(Rejection::missing("client_assertion_type")),
+            (Some(_), None) => return Err(Rejection::missing("client_assertion")),
+            (Some(t), Some(a)) => (t, a),
+        };
+        if assertion_type != JWT_BEARER {
+            // invalid_request, AADSTS90023 (Entra's generic InvalidRequest), 400.
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                90023,
+                format!("The provided value for the input parameter 'client_assertion_type' is not valid. Expected '{JWT_BEARER}'."),
+            ));
+        }
+        let resource = scope
+            .strip_suffix("/.default")
+            .filter(|r| !r.is_empty() && !scope.contains(' '));
+        let Some(resource) = resource else {
+            // invalid_scope, AADSTS1002012, 400: client credentials need `<resource>/.default`.
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                1002012,
+                format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."),
+            ));
+        };
+        Ok(Self {
+            client_id,
+            assertion,
+            resource,
+        })
+    }
+}
+
+/// One of the issuer's FICs must match both the assertion's subject and one of its
+/// audiences; Entra names the part that matches none of them.
+fn match_fic(jwt: &UnverifiedJwt, iss: &str, candidates: &[&Fic]) -> Result<(), Rejection> {
+    let audiences = jwt.audiences();
+    let sub = jwt.claim_str("sub").unwrap_or_default();
+    if !candidates
+        .iter()
+        .any(|f| audiences.contains(&f.audience.as_str()))
+    {
+        // invalid_client, AADSTS700212, 401.
+        return Err(Rejection::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700212,
+            format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. {WFI_DOC}", audiences.join(",")),
+        ));
+    }
+    if !candidates.iter().any(|f| f.subject == sub) {
+        // invalid_client, AADSTS700213, 401.
+        return Err(Rejection::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700213,
+            format!("No matching federated identity record found for presented assertion subject '{sub}'. Check your federated identity credential Subject, Audience and Issuer against the presented assertion. {WFI_DOC}"),
+        ));
+    }
+    if !candidates
+        .iter()
+        .any(|f| f.subject == sub && audiences.contains(&f.audience.as_str()))
+    {
+        // unauthorized_client, AADSTS70021, 401: each part matches some FIC, no FIC matches all.
+        return Err(Rejection::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized_client",
+            70021,
+            format!("No matching federated identity record found for presented assertion. Assertion Issuer: '{iss}'. Assertion Subject: '{sub}'. Assertion Audience: '{}'. {WFI_DOC}", audiences.join(",")),
+        ));
+    }
+    Ok(())
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Box<Response<Body>>> {

@@ -27,9 +27,10 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
-use k8s_openapi::api::authorization::v1::{SubjectAccessReview, SubjectAccessReviewStatus};
+use k8s_openapi::api::authorization::v1::{
+    SubjectAccessReview, SubjectAccessReviewSpec, SubjectAccessReviewStatus,
+};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -42,6 +43,7 @@ use super::rbac::{
 };
 use crate::http as h;
 use crate::keys::SigningKey;
+use crate::limits::{Limits, LimitsConfig};
 
 const KEY_FILE: &str = "sa-signing-key.pem";
 const ISSUER_FILE: &str = "kube-issuer";
@@ -152,22 +154,9 @@ impl KubeEmulator {
         let key = load_or_create_key(&cfg.state_dir)?;
         let issuer = resolve_issuer(&cfg.state_dir, cfg.issuer.as_deref())?;
 
-        let (policy, rbac_content) = match &cfg.rbac_file {
-            Some(path) => match std::fs::read(path) {
-                Ok(bytes) => {
-                    let text = String::from_utf8(bytes.clone())
-                        .with_context(|| format!("{} is not UTF-8", path.display()))?;
-                    let policy = RbacPolicy::parse(&text)
-                        .with_context(|| format!("loading {}", path.display()))?;
-                    (policy, Some(bytes))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    tracing::warn!(file = %path.display(), "RBAC file missing; starting with no RBAC objects");
-                    (RbacPolicy::default(), None)
-                }
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-            },
-            None => (RbacPolicy::default(), None),
+        let policy = match &cfg.rbac_file {
+            Some(path) => load_rbac_file(path)?,
+            None => RbacPolicy::default(),
         };
 
         let listener = TcpListener::bind(cfg.listen)
@@ -208,8 +197,8 @@ impl KubeEmulator {
         let server = tokio::spawn(serve(listener, inner.clone()));
         lock(&inner.tasks).push(server);
         if let Some(path) = cfg.rbac_file.clone() {
-            let poller = tokio::spawn(poll_rbac_file(inner.clone(), path, rbac_content));
-            lock(&inner.tasks).push(poller);
+            let watcher = tokio::spawn(watch_rbac_file(inner.clone(), path));
+            lock(&inner.tasks).push(watcher);
         }
         tracing::info!(url = %inner.url, issuer = %inner.issuer, "kube-apiserver emulator listening");
         Ok(Self { inner })
@@ -496,114 +485,35 @@ fn string_array(v: &Value) -> Vec<String> {
     }
 }
 
-impl Inner {
-    /// Authenticates a token like the apiserver's service-account authenticator: issuer,
-    /// signature, audiences, validity window, then the bound objects still exist.
-    fn review_token(&self, token: &str, requested_audiences: &[String]) -> TokenReviewStatus {
-        let fail = |error: String| TokenReviewStatus {
-            authenticated: Some(false),
-            error: Some(error),
-            ..Default::default()
-        };
-        let unverified: Value = match jsonwebtoken::dangerous::insecure_decode::<Value>(token) {
-            Ok(data) => data.claims,
-            Err(_) => return fail("invalid bearer token".into()),
-        };
-        if unverified.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
-            return fail("invalid bearer token".into());
-        }
-        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
-        validation.required_spec_claims.clear();
-        let claims = match jsonwebtoken::decode::<Value>(token, &self.decoding, &validation) {
-            Ok(data) => data.claims,
-            Err(_) => return fail(invalid("square/go-jose: error in cryptographic primitive")),
-        };
+/// The token's validity window, with [`LEEWAY_SECS`] of clock skew either way.
+fn check_validity(claims: &Value, now: i64) -> Result<(), String> {
+    let time = |name: &str| claims.get(name).and_then(Value::as_i64);
+    if time("exp").is_none_or(|exp| now > exp + LEEWAY_SECS) {
+        return Err(invalid("service account token has expired"));
+    }
+    if time("nbf").is_some_and(|nbf| now + LEEWAY_SECS < nbf) {
+        return Err(invalid("service account token is not valid yet"));
+    }
+    if time("iat").is_some_and(|iat| now + LEEWAY_SECS < iat) {
+        return Err(invalid("service account token is issued in the future"));
+    }
+    Ok(())
+}
 
-        let target: Vec<String> = if requested_audiences.is_empty() {
-            vec![self.issuer.clone()]
-        } else {
-            requested_audiences.to_vec()
-        };
-        let token_auds = string_array(claims.get("aud").unwrap_or(&Value::Null));
-        let audiences: Vec<String> = token_auds
-            .iter()
-            .filter(|a| target.contains(a))
-            .cloned()
-            .collect();
-        if audiences.is_empty() {
-            return fail(invalid(&format!(
-                "token audiences {} is invalid for the target audiences {}",
-                go_quoted_list(&token_auds),
-                go_quoted_list(&target)
-            )));
-        }
+/// Who an authenticated token speaks for.
+struct BoundIdentity {
+    namespace: String,
+    sa_name: String,
+    sa_uid: String,
+    /// Name and UID of the pod the token is bound to.
+    pod: Option<(String, String)>,
+}
 
-        let now = now_secs();
-        let exp = claims.get("exp").and_then(Value::as_i64);
-        let nbf = claims.get("nbf").and_then(Value::as_i64);
-        let iat = claims.get("iat").and_then(Value::as_i64);
-        match exp {
-            None => return fail(invalid("service account token has expired")),
-            Some(exp) if now > exp + LEEWAY_SECS => {
-                return fail(invalid("service account token has expired"))
-            }
-            _ => {}
-        }
-        if nbf.is_some_and(|nbf| now + LEEWAY_SECS < nbf) {
-            return fail(invalid("service account token is not valid yet"));
-        }
-        if iat.is_some_and(|iat| now + LEEWAY_SECS < iat) {
-            return fail(invalid("service account token is issued in the future"));
-        }
-
-        let kube = claims.get("kubernetes.io").unwrap_or(&Value::Null);
-        let namespace = kube
-            .get("namespace")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let sa_name = kube
-            .pointer("/serviceaccount/name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let sa_uid = kube
-            .pointer("/serviceaccount/uid")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        if namespace.is_empty() || sa_name.is_empty() {
-            return fail(invalid("service account token claims are missing"));
-        }
-        let invalidated = || fail(invalid("service account token has been invalidated"));
-        if lock(&self.deleted_service_accounts).contains(&(namespace.clone(), sa_name.clone()))
-            || sa_uid != service_account_uid(&namespace, &sa_name)
-        {
-            return invalidated();
-        }
-        let pod = kube.get("pod").and_then(|p| {
-            Some((
-                p.get("name")?.as_str()?.to_string(),
-                p.get("uid")?.as_str()?.to_string(),
-            ))
-        });
-        if let Some((pod_name, uid)) = &pod {
-            if lock(&self.deleted_pods).contains(&(namespace.clone(), pod_name.clone())) {
-                return invalidated();
-            }
-            if *uid != pod_uid(&namespace, pod_name) {
-                return fail(invalid(&format!(
-                    "pod UID ({}) does not match claim ({uid})",
-                    pod_uid(&namespace, pod_name)
-                )));
-            }
-        }
-
+impl BoundIdentity {
+    /// The authenticated review status, with the extras the apiserver adds.
+    fn status(self, audiences: Vec<String>, jti: Option<&str>) -> TokenReviewStatus {
         let mut extra = BTreeMap::new();
-        if let Some((pod_name, uid)) = pod {
+        if let Some((pod_name, uid)) = self.pod {
             extra.insert(
                 "authentication.kubernetes.io/pod-name".to_string(),
                 vec![pod_name],
@@ -613,19 +523,23 @@ impl Inner {
                 vec![uid],
             );
         }
-        if let Some(jti) = claims.get("jti").and_then(Value::as_str) {
+        if let Some(jti) = jti {
             extra.insert(
                 "authentication.kubernetes.io/credential-id".to_string(),
                 vec![format!("JTI={jti}")],
             );
         }
+        let namespace = self.namespace;
         TokenReviewStatus {
             authenticated: Some(true),
             audiences: Some(audiences),
             error: None,
             user: Some(UserInfo {
-                username: Some(format!("system:serviceaccount:{namespace}:{sa_name}")),
-                uid: Some(sa_uid),
+                username: Some(format!(
+                    "system:serviceaccount:{namespace}:{}",
+                    self.sa_name
+                )),
+                uid: Some(self.sa_uid),
                 groups: Some(vec![
                     "system:serviceaccounts".to_string(),
                     format!("system:serviceaccounts:{namespace}"),
@@ -634,6 +548,120 @@ impl Inner {
                 extra: Some(extra),
             }),
         }
+    }
+}
+
+impl Inner {
+    /// Authenticates a token like the apiserver's service-account authenticator: issuer,
+    /// signature, audiences, validity window, then the bound objects still exist.
+    fn review_token(&self, token: &str, requested_audiences: &[String]) -> TokenReviewStatus {
+        let authenticated = || -> Result<TokenReviewStatus, String> {
+            let claims = self.verified_claims(token)?;
+            let audiences = self.matching_audiences(&claims, requested_audiences)?;
+            check_validity(&claims, now_secs())?;
+            let identity = self.bound_identity(&claims)?;
+            let jti = claims.get("jti").and_then(Value::as_str);
+            Ok(identity.status(audiences, jti))
+        };
+        authenticated().unwrap_or_else(|error| TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some(error),
+            ..Default::default()
+        })
+    }
+
+    /// The claims of a token this emulator signed.
+    fn verified_claims(&self, token: &str) -> Result<Value, String> {
+        let unverified = jsonwebtoken::dangerous::insecure_decode::<Value>(token)
+            .map_err(|_| "invalid bearer token".to_string())?;
+        // Not this authenticator's token: the apiserver then only says no authenticator took it.
+        if unverified.claims.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
+            return Err("invalid bearer token".into());
+        }
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        jsonwebtoken::decode::<Value>(token, &self.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(|_| invalid("square/go-jose: error in cryptographic primitive"))
+    }
+
+    /// The token's audiences among the requested ones (the issuer when none are requested).
+    fn matching_audiences(
+        &self,
+        claims: &Value,
+        requested: &[String],
+    ) -> Result<Vec<String>, String> {
+        let target: Vec<String> = if requested.is_empty() {
+            vec![self.issuer.clone()]
+        } else {
+            requested.to_vec()
+        };
+        let token_auds = string_array(claims.get("aud").unwrap_or(&Value::Null));
+        let audiences: Vec<String> = token_auds
+            .iter()
+            .filter(|a| target.contains(a))
+            .cloned()
+            .collect();
+        if audiences.is_empty() {
+            return Err(invalid(&format!(
+                "token audiences {} is invalid for the target audiences {}",
+                go_quoted_list(&token_auds),
+                go_quoted_list(&target)
+            )));
+        }
+        Ok(audiences)
+    }
+
+    /// The service account (and pod) the token is bound to, which must still exist with the
+    /// UIDs the token names.
+    fn bound_identity(&self, claims: &Value) -> Result<BoundIdentity, String> {
+        let kube = claims.get("kubernetes.io").unwrap_or(&Value::Null);
+        let text = |pointer: &str| {
+            kube.pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (namespace, sa_name, sa_uid) = (
+            text("/namespace"),
+            text("/serviceaccount/name"),
+            text("/serviceaccount/uid"),
+        );
+        if namespace.is_empty() || sa_name.is_empty() {
+            return Err(invalid("service account token claims are missing"));
+        }
+        let invalidated = || invalid("service account token has been invalidated");
+        if lock(&self.deleted_service_accounts).contains(&(namespace.clone(), sa_name.clone()))
+            || sa_uid != service_account_uid(&namespace, &sa_name)
+        {
+            return Err(invalidated());
+        }
+        let pod = kube.get("pod").and_then(|p| {
+            Some((
+                p.get("name")?.as_str()?.to_string(),
+                p.get("uid")?.as_str()?.to_string(),
+            ))
+        });
+        if let Some((pod_name, uid)) = &pod {
+            if lock(&self.deleted_pods).contains(&(namespace.clone(), pod_name.clone())) {
+                return Err(invalidated());
+            }
+            let expected = pod_uid(&namespace, pod_name);
+            if *uid != expected {
+                return Err(invalid(&format!(
+                    "pod UID ({expected}) does not match claim ({uid})"
+                )));
+            }
+        }
+        Ok(BoundIdentity {
+            namespace,
+            sa_name,
+            sa_uid,
+            pod,
+        })
     }
 
     fn apply_policy(&self, policy: RbacPolicy) {
@@ -1032,80 +1060,60 @@ fn method_not_allowed() -> Response<Body> {
     )
 }
 
-/// Serves HTTP/1.1 and h2c. Not `crate::http::serve_plain`: watches need a streaming body.
+/// Serves HTTP/1.1 and h2c until shutdown; open watches end with it (they watch the same
+/// token), so connections drain at once.
 async fn serve(listener: TcpListener, inner: Arc<Inner>) {
-    let tracker = tokio_util::task::TaskTracker::new();
     let shutdown = inner.shutdown.clone();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kube emulator accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let inner = inner.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let inner = inner.clone();
-                async move { Ok::<_, Infallible>(handle(inner, req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
-        });
-    }
-    drop(listener);
-    tracker.close();
-    tracker.wait().await;
+    h::serve_plain(
+        listener,
+        shutdown,
+        Limits::new(LimitsConfig::unbounded()),
+        h::ConnTimeouts::NONE,
+        move |req, _peer| handle(inner.clone(), req),
+    )
+    .await
 }
 
-async fn poll_rbac_file(inner: Arc<Inner>, path: PathBuf, mut last: Option<Vec<u8>>) {
-    loop {
-        tokio::select! {
-            _ = inner.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RBAC_POLL) => {}
-        }
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                if last.is_some() {
-                    tracing::warn!(file = %path.display(), error = %e, "RBAC file unreadable; keeping the current policy");
-                    last = None;
-                }
-                continue;
-            }
-        };
-        if last.as_ref() == Some(&bytes) {
-            continue;
-        }
-        last = Some(bytes.clone());
-        let parsed = String::from_utf8(bytes)
-            .map_err(|e| anyhow::anyhow!("not UTF-8: {e}"))
-            .and_then(|text| Ok(RbacPolicy::parse(&text)?));
-        match parsed {
+/// The RBAC file at start: a missing one starts with no objects (it may appear later); an
+/// unreadable or invalid one stops the start.
+fn load_rbac_file(path: &Path) -> anyhow::Result<RbacPolicy> {
+    if let Ok(false) = path.try_exists() {
+        tracing::warn!(file = %path.display(), "RBAC file missing; starting with no RBAC objects");
+        return Ok(RbacPolicy::default());
+    }
+    read_rbac_file(path)
+}
+
+/// Reads and parses an RBAC file; the error names the file and the step that failed.
+fn read_rbac_file(path: &Path) -> anyhow::Result<RbacPolicy> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
+    RbacPolicy::parse(&text).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Applies the RBAC file whenever its content changes, until shutdown. A file that becomes
+/// unreadable or invalid leaves the current policy in place.
+async fn watch_rbac_file(inner: Arc<Inner>, path: PathBuf) {
+    let stop = inner.shutdown.clone();
+    crate::files::watch_contents(
+        vec![path.clone()],
+        RBAC_POLL,
+        stop,
+        || match read_rbac_file(&path) {
             Ok(policy) => {
                 inner.apply_policy(policy);
                 tracing::info!(file = %path.display(), "RBAC reloaded");
             }
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "invalid RBAC file; keeping the current policy")
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "RBAC file not reloaded; keeping the current policy"
+                )
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
 fn bearer_ok(inner: &Inner, req: &Request<Incoming>) -> bool {
@@ -1129,40 +1137,13 @@ fn bearer_ok(inner: &Inner, req: &Request<Incoming>) -> bool {
     .is_ok()
 }
 
+/// One apiserver request: the issuer's documents, then (while the API is up) health and
+/// version, then the authenticated API.
 async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let method = req.method().clone();
-    match path.as_str() {
-        "/.well-known/openid-configuration" => {
-            return if method == Method::GET {
-                boxed(h::json_value(
-                    StatusCode::OK,
-                    &json!({
-                        "issuer": inner.issuer,
-                        "jwks_uri": format!("{}/openid/v1/jwks", inner.url),
-                        "response_types_supported": ["id_token"],
-                        "subject_types_supported": ["public"],
-                        "id_token_signing_alg_values_supported": ["RS256"],
-                    }),
-                ))
-            } else {
-                method_not_allowed()
-            };
-        }
-        "/openid/v1/jwks" => {
-            return if method == Method::GET {
-                bump(&inner.counters.jwks_requests);
-                boxed(h::json_value(
-                    StatusCode::OK,
-                    &json!({ "keys": [inner.key.public().jwk()] }),
-                ))
-            } else {
-                method_not_allowed()
-            };
-        }
-        _ => {}
+    if let Some(resp) = issuer_document(&inner, &path, req.method()) {
+        return resp;
     }
-
     if !inner.available.load(Ordering::SeqCst) {
         return status(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1170,102 +1151,137 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             "the kube-apiserver emulator is unavailable",
         );
     }
-    match path.as_str() {
-        "/healthz" | "/livez" | "/readyz" => {
-            return boxed(h::text(StatusCode::OK, "ok"));
-        }
-        "/version" => {
-            return boxed(h::json_value(
-                StatusCode::OK,
-                &json!({
-                    "major": "1",
-                    "minor": "33",
-                    "gitVersion": "v1.33.0-kube-emulator",
-                    "gitCommit": "",
-                    "gitTreeState": "clean",
-                    "buildDate": "",
-                    "goVersion": "",
-                    "compiler": "rustc",
-                    "platform": "linux/amd64",
-                }),
-            ));
-        }
-        _ => {}
+    if let Some(resp) = health_or_version(&path) {
+        return resp;
     }
-    if !(path == "/api"
+    let is_api = path == "/api"
         || path.starts_with("/api/")
         || path == "/apis"
-        || path.starts_with("/apis/"))
-    {
+        || path.starts_with("/apis/");
+    if !is_api {
         return not_found_path();
     }
     if !bearer_ok(&inner, &req) {
         return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    api(&inner, &segs, req).await
+}
 
-    let segments: Vec<String> = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
-    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
-    if let Some(doc) = discovery(&inner, &segs) {
+/// The service-account issuer's discovery document and JWKS: served even while the API is
+/// down, as managed clusters serve them from a separate issuer host.
+fn issuer_document(inner: &Inner, path: &str, method: &Method) -> Option<Response<Body>> {
+    const DISCOVERY: &str = "/.well-known/openid-configuration";
+    const JWKS: &str = "/openid/v1/jwks";
+    if path != DISCOVERY && path != JWKS {
+        return None;
+    }
+    if method != Method::GET {
+        return Some(method_not_allowed());
+    }
+    let doc = if path == JWKS {
+        bump(&inner.counters.jwks_requests);
+        json!({ "keys": [inner.key.public().jwk()] })
+    } else {
+        json!({
+            "issuer": inner.issuer,
+            "jwks_uri": format!("{}{JWKS}", inner.url),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })
+    };
+    Some(boxed(h::json_value(StatusCode::OK, &doc)))
+}
+
+/// The unauthenticated health endpoints and `/version`, for any method.
+fn health_or_version(path: &str) -> Option<Response<Body>> {
+    match path {
+        "/healthz" | "/livez" | "/readyz" => Some(boxed(h::text(StatusCode::OK, "ok"))),
+        "/version" => Some(boxed(h::json_value(
+            StatusCode::OK,
+            &json!({
+                "major": "1",
+                "minor": "33",
+                "gitVersion": "v1.33.0-kube-emulator",
+                "gitCommit": "",
+                "gitTreeState": "clean",
+                "buildDate": "",
+                "goVersion": "",
+                "compiler": "rustc",
+                "platform": "linux/amd64",
+            }),
+        ))),
+        _ => None,
+    }
+}
+
+/// An authenticated request under `/api` or `/apis`, by its path segments.
+async fn api(inner: &Arc<Inner>, segs: &[&str], req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    if let Some(doc) = discovery(inner, segs) {
         return if method == Method::GET {
             boxed(h::json_value(StatusCode::OK, &doc))
         } else {
             method_not_allowed()
         };
     }
-    match segs.as_slice() {
+    match segs {
         ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => {
             if method != Method::POST {
                 return method_not_allowed();
             }
             bump(&inner.counters.token_reviews);
-            token_review(&inner, req).await
+            token_review(inner, req).await
         }
         ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"] => {
             if method != Method::POST {
                 return method_not_allowed();
             }
             bump(&inner.counters.subject_access_reviews);
-            subject_access_review(&inner, req).await
+            subject_access_review(inner, req).await
         }
         ["apis", "rbac.authorization.k8s.io", "v1", rest @ ..] => {
-            let (namespace, plural, name) = match rest {
-                [plural] => (None, *plural, None),
-                [plural, name] => (None, *plural, Some(*name)),
-                ["namespaces", ns, plural] => (Some(*ns), *plural, None),
-                ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
-                _ => return not_found_path(),
-            };
-            let Some(kind) = RbacKind::from_plural(plural) else {
-                return not_found_path();
-            };
-            // Namespaced kinds are only addressable by name inside a namespace, and
-            // cluster-scoped kinds never live in one.
-            if (namespace.is_some() && !kind.namespaced())
-                || (name.is_some() && namespace.is_none() && kind.namespaced())
-            {
-                return not_found_path();
-            }
-            if method != Method::GET {
-                return method_not_allowed();
-            }
             let query = query_map(req.uri().query());
-            match name {
-                Some(name) => get_rbac_object(&inner, kind, namespace, name),
-                None => {
-                    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
-                    if watching {
-                        watch_rbac(&inner, kind, namespace, &query)
-                    } else {
-                        list_rbac(&inner, kind, namespace, &query)
-                    }
-                }
-            }
+            rbac(inner, rest, &method, &query)
         }
         _ => not_found_path(),
+    }
+}
+
+/// `GET` of one RBAC object, a list, or a watch (`?watch=true`), by the path after
+/// `/apis/rbac.authorization.k8s.io/v1/`.
+fn rbac(
+    inner: &Arc<Inner>,
+    rest: &[&str],
+    method: &Method,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let (namespace, plural, name) = match rest {
+        [plural] => (None, *plural, None),
+        [plural, name] => (None, *plural, Some(*name)),
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        _ => return not_found_path(),
+    };
+    let Some(kind) = RbacKind::from_plural(plural) else {
+        return not_found_path();
+    };
+    // Namespaced kinds are only addressable by name inside a namespace, and cluster-scoped
+    // kinds never live in one.
+    if (namespace.is_some() && !kind.namespaced())
+        || (name.is_some() && namespace.is_none() && kind.namespaced())
+    {
+        return not_found_path();
+    }
+    if method != Method::GET {
+        return method_not_allowed();
+    }
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    match name {
+        Some(name) => get_rbac_object(inner, kind, namespace, name),
+        None if watching => watch_rbac(inner, kind, namespace, query),
+        None => list_rbac(inner, kind, namespace, query),
     }
 }
 
@@ -1445,57 +1461,10 @@ async fn subject_access_review(inner: &Inner, req: Request<Incoming>) -> Respons
             Ok(r) => r,
             Err(resp) => return resp,
         };
+    if let Some(refusal) = invalid_review(&review.spec) {
+        return refusal;
+    }
     let spec = &review.spec;
-    let mut causes = Vec::new();
-    if spec.resource_attributes.is_some() && spec.non_resource_attributes.is_some() {
-        causes.push((
-            "spec.nonResourceAttributes",
-            "cannot be specified in combination with resourceAttributes",
-        ));
-    }
-    if spec.resource_attributes.is_none() && spec.non_resource_attributes.is_none() {
-        causes.push((
-            "spec.resourceAttributes",
-            "exactly one of nonResourceAttributes or resourceAttributes must be specified",
-        ));
-    }
-    let user = spec.user.clone().unwrap_or_default();
-    let groups = spec.groups.clone().unwrap_or_default();
-    if user.is_empty() && groups.is_empty() {
-        causes.push((
-            "spec.user",
-            "at least one of user or group must be specified",
-        ));
-    }
-    if !causes.is_empty() {
-        let messages: Vec<String> = causes
-            .iter()
-            .map(|(field, msg)| format!("{field}: Invalid value: {msg}"))
-            .collect();
-        let joined = if messages.len() == 1 {
-            messages.join("")
-        } else {
-            format!("[{}]", messages.join(", "))
-        };
-        let details = json!({
-            "group": "authorization.k8s.io",
-            "kind": "SubjectAccessReview",
-            "causes": causes.iter().map(|(field, msg)| json!({
-                "reason": "FieldValueInvalid",
-                "message": format!("Invalid value: {msg}"),
-                "field": field,
-            })).collect::<Vec<_>>(),
-        });
-        return boxed(h::json_value(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &status_value(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Invalid",
-                &format!("SubjectAccessReview.authorization.k8s.io \"\" is invalid: {joined}"),
-                Some(details),
-            ),
-        ));
-    }
     let request = match (&spec.resource_attributes, &spec.non_resource_attributes) {
         (Some(r), _) => ReviewRequest::Resource(ResourceRequest {
             namespace: r.namespace.clone().filter(|n| !n.is_empty()),
@@ -1512,8 +1481,8 @@ async fn subject_access_review(inner: &Inner, req: Request<Incoming>) -> Respons
         (None, None) => return bad_request("no attributes"),
     };
     let attrs = ReviewAttributes {
-        user,
-        groups,
+        user: spec.user.clone().unwrap_or_default(),
+        groups: spec.groups.clone().unwrap_or_default(),
         uid: spec.uid.clone().unwrap_or_default(),
         request,
     };
@@ -1525,6 +1494,61 @@ async fn subject_access_review(inner: &Inner, req: Request<Incoming>) -> Respons
         ..Default::default()
     });
     boxed(h::json_value(StatusCode::CREATED, &review))
+}
+
+/// The apiserver's validation of a review: exactly one kind of attributes, and a user or a
+/// group. A failure is a 422 `Invalid` naming every cause.
+fn invalid_review(spec: &SubjectAccessReviewSpec) -> Option<Response<Body>> {
+    let mut causes = Vec::new();
+    if spec.resource_attributes.is_some() && spec.non_resource_attributes.is_some() {
+        causes.push((
+            "spec.nonResourceAttributes",
+            "cannot be specified in combination with resourceAttributes",
+        ));
+    }
+    if spec.resource_attributes.is_none() && spec.non_resource_attributes.is_none() {
+        causes.push((
+            "spec.resourceAttributes",
+            "exactly one of nonResourceAttributes or resourceAttributes must be specified",
+        ));
+    }
+    let no_user = spec.user.as_deref().unwrap_or_default().is_empty();
+    if no_user && spec.groups.as_ref().is_none_or(Vec::is_empty) {
+        causes.push((
+            "spec.user",
+            "at least one of user or group must be specified",
+        ));
+    }
+    if causes.is_empty() {
+        return None;
+    }
+    let messages: Vec<String> = causes
+        .iter()
+        .map(|(field, msg)| format!("{field}: Invalid value: {msg}"))
+        .collect();
+    let joined = if messages.len() == 1 {
+        messages.join("")
+    } else {
+        format!("[{}]", messages.join(", "))
+    };
+    let details = json!({
+        "group": "authorization.k8s.io",
+        "kind": "SubjectAccessReview",
+        "causes": causes.iter().map(|(field, msg)| json!({
+            "reason": "FieldValueInvalid",
+            "message": format!("Invalid value: {msg}"),
+            "field": field,
+        })).collect::<Vec<_>>(),
+    });
+    Some(boxed(h::json_value(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &status_value(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            &format!("SubjectAccessReview.authorization.k8s.io \"\" is invalid: {joined}"),
+            Some(details),
+        ),
+    )))
 }
 
 fn get_rbac_object(
@@ -1709,6 +1733,43 @@ fn filtered_event(filter: &Filter, ev: &WatchEvent) -> Option<(EventType, Value)
     }
 }
 
+/// What a watch asked for in its query.
+struct WatchParams {
+    /// The resource version to resume after; none starts with the current state.
+    resource_version: Option<u64>,
+    timeout: Duration,
+    bookmarks: bool,
+    send_initial_events: bool,
+}
+
+impl WatchParams {
+    /// The error is the apiserver's message for a bad resource version.
+    fn from_query(query: &HashMap<String, String>) -> Result<Self, String> {
+        let resource_version = match query.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(rv) => Some(
+                rv.parse::<u64>()
+                    .map_err(|_| format!("invalid resource version: {rv}"))?,
+            ),
+        };
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_WATCH_TIMEOUT_SECS);
+        Ok(Self {
+            resource_version,
+            timeout: Duration::from_secs(timeout),
+            bookmarks: query
+                .get("allowWatchBookmarks")
+                .is_some_and(|b| b == "true"),
+            send_initial_events: query.get("sendInitialEvents").is_some_and(|b| b == "true"),
+        })
+    }
+}
+
+/// Starts a watch: the response body streams its events as newline-separated JSON until
+/// the timeout, the client leaves, or the emulator shuts down.
 fn watch_rbac(
     inner: &Arc<Inner>,
     kind: RbacKind,
@@ -1719,124 +1780,131 @@ fn watch_rbac(
         Ok(f) => f,
         Err(resp) => return *resp,
     };
-    let requested_rv = match query.get("resourceVersion").map(String::as_str) {
-        None | Some("") | Some("0") => None,
-        Some(rv) => match rv.parse::<u64>() {
-            Ok(rv) => Some(rv),
-            Err(_) => {
-                return boxed(h::json_value(
-                    StatusCode::BAD_REQUEST,
-                    &status_value(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        &format!("invalid resource version: {rv}"),
-                        None,
-                    ),
-                ))
-            }
-        },
+    let params = match WatchParams::from_query(query) {
+        Ok(p) => p,
+        Err(message) => return bad_request(&message),
     };
-    let timeout = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .filter(|t| *t > 0)
-        .unwrap_or(DEFAULT_WATCH_TIMEOUT_SECS);
-    let bookmarks = query
-        .get("allowWatchBookmarks")
-        .is_some_and(|b| b == "true");
-    let send_initial = query.get("sendInitialEvents").is_some_and(|b| b == "true");
     bump(&inner.counters.rbac_watches);
-
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    let inner = inner.clone();
-    tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
-        let mut rv_rx = inner.rv_tx.subscribe();
-        let mut pending: Vec<Bytes> = Vec::new();
-        let mut last = {
-            let store = lock(&inner.rbac);
-            // No resource version (or an explicit request for initial events) starts with
-            // synthetic additions of the current state, as the apiserver does.
-            match requested_rv.filter(|_| !send_initial) {
-                None => {
-                    for ((k, _, _), obj) in &store.objects {
-                        if *k == kind && filter.matches(&obj.served) {
-                            pending.push(event_line(EventType::Added.as_str(), &obj.served));
-                        }
-                    }
-                    if send_initial && bookmarks {
-                        pending.push(bookmark(kind, store.rv, true));
-                    }
-                    store.rv
-                }
-                Some(rv) if rv < store.floor => {
-                    pending.push(too_old(rv, store.floor));
-                    u64::MAX
-                }
-                Some(rv) => rv,
-            }
-        };
-        if last == u64::MAX {
-            for line in pending {
-                let _ = tx.send(line).await;
-            }
-            return;
-        }
-        let mut bookmark_tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + BOOKMARK_INTERVAL,
-            BOOKMARK_INTERVAL,
-        );
-        loop {
-            {
-                let store = lock(&inner.rbac);
-                if last < store.floor {
-                    pending.push(too_old(last, store.floor));
-                    last = u64::MAX;
-                } else {
-                    for ev in store
-                        .history
-                        .iter()
-                        .filter(|e| e.rv > last && e.kind == kind)
-                    {
-                        if let Some((t, obj)) = filtered_event(&filter, ev) {
-                            pending.push(event_line(t.as_str(), &obj));
-                        }
-                    }
-                    last = last.max(store.rv);
-                }
-                rv_rx.borrow_and_update();
-            }
-            for line in pending.drain(..) {
-                if tx.send(line).await.is_err() {
-                    return;
-                }
-            }
-            if last == u64::MAX {
-                return;
-            }
-            tokio::select! {
-                changed = rv_rx.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep_until(deadline) => {
-                    if bookmarks {
-                        let _ = tx.send(bookmark(kind, last, false)).await;
-                    }
-                    return;
-                }
-                _ = bookmark_tick.tick(), if bookmarks => {
-                    pending.push(bookmark(kind, last, false));
-                }
-                _ = inner.shutdown.cancelled() => return,
-                _ = tx.closed() => return,
-            }
-        }
-    });
-
+    tokio::spawn(stream_watch(inner.clone(), kind, filter, params, tx));
     let mut resp = Response::new(ChannelBody(rx).boxed_unsync());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// Feeds one watch: its start, then every change after it, with bookmarks when asked.
+async fn stream_watch(
+    inner: Arc<Inner>,
+    kind: RbacKind,
+    filter: Filter,
+    params: WatchParams,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let deadline = tokio::time::Instant::now() + params.timeout;
+    let mut rv_rx = inner.rv_tx.subscribe();
+    let mut pending: Vec<Bytes> = Vec::new();
+    let start = watch_start(&lock(&inner.rbac), kind, &filter, &params, &mut pending);
+    let Some(mut last) = start else {
+        for line in pending {
+            let _ = tx.send(line).await;
+        }
+        return;
+    };
+    let mut bookmark_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + BOOKMARK_INTERVAL,
+        BOOKMARK_INTERVAL,
+    );
+    loop {
+        let next = {
+            let store = lock(&inner.rbac);
+            // Seen under the lock: a change applied after it wakes the wait below.
+            rv_rx.borrow_and_update();
+            events_since(&store, kind, &filter, last, &mut pending)
+        };
+        for line in pending.drain(..) {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        let Some(next) = next else { return };
+        last = next;
+        tokio::select! {
+            changed = rv_rx.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(deadline) => {
+                if params.bookmarks {
+                    let _ = tx.send(bookmark(kind, last, false)).await;
+                }
+                return;
+            }
+            _ = bookmark_tick.tick(), if params.bookmarks => {
+                pending.push(bookmark(kind, last, false));
+            }
+            _ = inner.shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// Where a watch starts: queues its first events and returns the resource version it
+/// follows from, or `None` when it ends after them (a version older than the history).
+fn watch_start(
+    store: &RbacStore,
+    kind: RbacKind,
+    filter: &Filter,
+    params: &WatchParams,
+    pending: &mut Vec<Bytes>,
+) -> Option<u64> {
+    // No resource version (or an explicit request for initial events) starts with synthetic
+    // additions of the current state, as the apiserver does.
+    match params
+        .resource_version
+        .filter(|_| !params.send_initial_events)
+    {
+        None => {
+            for ((k, _, _), obj) in &store.objects {
+                if *k == kind && filter.matches(&obj.served) {
+                    pending.push(event_line(EventType::Added.as_str(), &obj.served));
+                }
+            }
+            if params.send_initial_events && params.bookmarks {
+                pending.push(bookmark(kind, store.rv, true));
+            }
+            Some(store.rv)
+        }
+        Some(rv) if rv < store.floor => {
+            pending.push(too_old(rv, store.floor));
+            None
+        }
+        Some(rv) => Some(rv),
+    }
+}
+
+/// Queues the events after `last` that the watch sees and returns the latest version, or
+/// queues a 410 and returns `None` when the history no longer reaches back to `last`.
+fn events_since(
+    store: &RbacStore,
+    kind: RbacKind,
+    filter: &Filter,
+    last: u64,
+    pending: &mut Vec<Bytes>,
+) -> Option<u64> {
+    if last < store.floor {
+        pending.push(too_old(last, store.floor));
+        return None;
+    }
+    let events = store
+        .history
+        .iter()
+        .filter(|e| e.rv > last && e.kind == kind);
+    for ev in events {
+        if let Some((t, obj)) = filtered_event(filter, ev) {
+            pending.push(event_line(t.as_str(), &obj));
+        }
+    }
+    Some(last.max(store.rv))
 }
 
 #[cfg(test)]
