@@ -163,45 +163,11 @@ fn print_token(t: &DevTokenArgs) -> anyhow::Result<()> {
 /// flag is wrong.
 pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     let dir = absolute(&args.state_dir)?;
-    // Checked in the order a person fixes them: another dev here says more than its ports.
-    StateLock::check(&dir)?;
-    // The proxy's configuration with stand-ins for what only exists once the emulators run,
-    // for its flags (`--` ones included) and the addresses they choose.
-    let planned = proxy_config(
-        args,
-        &dir,
-        &dir.join("kube/kubeconfig"),
-        "http://127.0.0.1/{tenant}/{client_id}",
-        "http://127.0.0.1",
-    )
-    .map_err(Refusal::Invalid)?;
-    let reserved = reserve_ports(&planned).await?;
-    if let Some(rbac) = &args.rbac {
-        check_rbac(rbac)?;
-    }
-
+    let reserved = preflight(args, &dir).await?;
     // Nothing was written until here.
-    create_private_dir(&dir)?;
-    let lock = StateLock::acquire(&dir).await?;
-    for sub in ["tokens", "tls", "kube", "proxy"] {
-        create_private_dir(&dir.join(sub))?;
-    }
-    // A stale dev.json would claim readiness before we are ready.
-    let _ = std::fs::remove_file(dir.join("dev.json"));
-    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-
+    let lock = prepare_state_dir(&dir).await?;
     let identity = demo_identity(&dir)?;
-    let rbac_file = match &args.rbac {
-        Some(f) => absolute(f)?,
-        None => {
-            let f = dir.join("rbac.yaml");
-            if !f.exists() {
-                write_public(&f, demo_rbac(&identity.client_id).as_bytes())?;
-            }
-            f
-        }
-    };
-
+    let rbac_file = rbac_file(args, &dir, &identity)?;
     let kube = KubeEmulator::start(KubeEmulatorConfig {
         listen: loopback(0),
         state_dir: dir.join("kube"),
@@ -210,52 +176,9 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     })
     .await
     .context("starting the kube-apiserver emulator")?;
-
-    // Serving certificate for the SNI name, from a fresh CA.
-    let ca = DevCa::generate("identity-binding-proxy dev CA")?;
-    let serving = ca.issue(&[DEV_SNI_NAME])?;
-    let ca_file = dir.join("ca.crt");
-    let (cert_file, key_file) = (dir.join("tls/tls.crt"), dir.join("tls/tls.key"));
-    write_public(&cert_file, serving.cert_pem.as_bytes())?;
-    write_private(&key_file, serving.key_pem.as_bytes())?;
-
-    // Our issuer: a key kept across runs, its documents on a loopback static host.
-    let issuer_key_file = dir.join("issuer.key");
-    let issuer_key = if issuer_key_file.exists() {
-        SigningKey::from_pem(&std::fs::read_to_string(&issuer_key_file)?)?
-    } else {
-        let k = SigningKey::generate(2048)?;
-        write_private(&issuer_key_file, k.private_pem().as_bytes())?;
-        k
-    };
+    let ca = serving_certificate(&dir)?;
     let background = CancellationToken::new();
-    let docs = dir.join("issuer-docs");
-    let _ = std::fs::remove_dir_all(&docs);
-    std::fs::create_dir_all(&docs)?;
-    let host =
-        crate::emulators::static_host::start(loopback(0), docs.clone(), background.clone()).await?;
-    let issuer_url = IssuerUrl::parse(&format!("http://{host}/{{tenant}}/{{client_id}}"))
-        .map_err(anyhow::Error::msg)?;
-    let bindings_file = dir.join("bindings.yaml");
-    if !bindings_file.exists() {
-        write_public(
-            &bindings_file,
-            format!(
-                "# Identities this dev cluster may serve (hot reloaded).\nbindings:\n  - clientId: {}\n    tenantId: {}\n",
-                identity.client_id, identity.tenant_id
-            )
-            .as_bytes(),
-        )?;
-    }
-    let bindings = crate::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
-    crate::issuer::publish(
-        &docs,
-        &[issuer_key.public().clone()],
-        &bindings,
-        &issuer_url,
-    )
-    .map_err(anyhow::Error::msg)?;
-
+    let (issuer_url, bindings) = start_issuer(&dir, &identity, &background).await?;
     // Entra, with ONE FIC per bound identity.
     let entra = EntraEmulator::start(EntraEmulatorConfig {
         listen: loopback(0),
@@ -266,16 +189,149 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     .await
     .context("starting the Entra emulator")?;
     register_fics(&entra, &bindings, &issuer_url)?;
+    let upstreams = (&kube, issuer_url.template(), entra.url());
+    let proxy = start_proxy(args, &dir, upstreams, reserved).await?;
+    let tokens = (
+        dir.join("tokens/allowed.jwt"),
+        dir.join("tokens/denied.jwt"),
+    );
+    write_tokens(&kube, &tokens.0, &tokens.1)?;
+    spawn_token_refresh(&kube, tokens.clone(), &background);
+    write_public(&dir.join("ca.crt"), ca.cert_pem.as_bytes())?;
+    let info = DevInfo {
+        proxy_url: format!("https://{}", proxy.addr),
+        sni_name: DEV_SNI_NAME.into(),
+        ca_file: dir.join("ca.crt"),
+        tenant_id: identity.tenant_id.clone(),
+        client_id: identity.client_id.clone(),
+        authority_host: entra.url(),
+        token_audience: DEFAULT_TOKEN_AUDIENCE.into(),
+        allowed_token_file: tokens.0,
+        denied_token_file: tokens.1,
+        admin_url: format!("http://{}", proxy.admin_addr),
+        kube_url: kube.url(),
+        entra_url: entra.url(),
+        issuer_url: issuer_url.template().to_string(),
+        rbac_file,
+    };
+    write_public(&dir.join("env"), env_file(&info).as_bytes())?;
+    lock.record(Some(&info.proxy_url))?;
+    write_public(&dir.join("dev.json"), &serde_json::to_vec_pretty(&info)?)?;
+    Ok(DevSystem {
+        info,
+        kube,
+        entra,
+        proxy,
+        background,
+        _lock: lock,
+    })
+}
 
-    // The proxy, through the same start-up as `serve`, on the ports checked above.
-    let mut config = proxy_config(
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Everything checked before anything is written, in the order a person fixes it (another
+/// dev here says more than its ports): the lock, the flags, the ports (kept reserved), RBAC.
+async fn preflight(args: &DevArgs, dir: &Path) -> anyhow::Result<crate::server::Listeners> {
+    StateLock::check(dir)?;
+    // The proxy's configuration with stand-ins for what only exists once the emulators run,
+    // for its flags (`--` ones included) and the addresses they choose.
+    let planned = proxy_config(
         args,
-        &dir,
-        &kube.kubeconfig_path(),
-        issuer_url.template(),
-        &entra.url(),
+        dir,
+        &dir.join("kube/kubeconfig"),
+        "http://127.0.0.1/{tenant}/{client_id}",
+        "http://127.0.0.1",
     )
-    .map_err(anyhow::Error::msg)?;
+    .map_err(Refusal::Invalid)?;
+    let reserved = reserve_ports(&planned).await?;
+    if let Some(rbac) = &args.rbac {
+        check_rbac(rbac)?;
+    }
+    Ok(reserved)
+}
+
+/// The state dir and its parts, private, locked for this process.
+async fn prepare_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
+    create_private_dir(dir)?;
+    let lock = StateLock::acquire(dir).await?;
+    for sub in ["tokens", "tls", "kube", "proxy"] {
+        create_private_dir(&dir.join(sub))?;
+    }
+    // A stale dev.json would claim readiness before we are ready.
+    let _ = std::fs::remove_file(dir.join("dev.json"));
+    Ok(lock)
+}
+
+/// `--rbac`, or the demo RBAC in the state dir (written once; edits are kept).
+fn rbac_file(args: &DevArgs, dir: &Path, identity: &DemoIdentity) -> anyhow::Result<PathBuf> {
+    if let Some(f) = &args.rbac {
+        return absolute(f);
+    }
+    let f = dir.join("rbac.yaml");
+    if !f.exists() {
+        write_public(&f, demo_rbac(&identity.client_id).as_bytes())?;
+    }
+    Ok(f)
+}
+
+/// A fresh CA and the serving certificate for the SNI name, written to `tls/`.
+fn serving_certificate(dir: &Path) -> anyhow::Result<DevCa> {
+    let ca = DevCa::generate("identity-binding-proxy dev CA")?;
+    let serving = ca.issue(&[DEV_SNI_NAME])?;
+    write_public(&dir.join("tls/tls.crt"), serving.cert_pem.as_bytes())?;
+    write_private(&dir.join("tls/tls.key"), serving.key_pem.as_bytes())?;
+    Ok(ca)
+}
+
+/// Our issuer: a key kept across runs, its documents published for the bindings (written
+/// once; edits are kept) on a loopback static host that runs until `stop`.
+async fn start_issuer(
+    dir: &Path,
+    identity: &DemoIdentity,
+    stop: &CancellationToken,
+) -> anyhow::Result<(IssuerUrl, BindingSet)> {
+    let issuer_key_file = dir.join("issuer.key");
+    let issuer_key = if issuer_key_file.exists() {
+        SigningKey::from_pem(&std::fs::read_to_string(&issuer_key_file)?)?
+    } else {
+        let k = SigningKey::generate(2048)?;
+        write_private(&issuer_key_file, k.private_pem().as_bytes())?;
+        k
+    };
+    let docs = dir.join("issuer-docs");
+    let _ = std::fs::remove_dir_all(&docs);
+    std::fs::create_dir_all(&docs)?;
+    let host =
+        crate::emulators::static_host::start(loopback(0), docs.clone(), stop.clone()).await?;
+    let issuer_url = IssuerUrl::parse(&format!("http://{host}/{{tenant}}/{{client_id}}"))
+        .map_err(anyhow::Error::msg)?;
+    let bindings_file = dir.join("bindings.yaml");
+    if !bindings_file.exists() {
+        let yaml = format!(
+            "# Identities this dev cluster may serve (hot reloaded).\nbindings:\n  - clientId: {}\n    tenantId: {}\n",
+            identity.client_id, identity.tenant_id
+        );
+        write_public(&bindings_file, yaml.as_bytes())?;
+    }
+    let bindings = crate::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
+    let publics = [issuer_key.public().clone()];
+    crate::issuer::publish(&docs, &publics, &bindings, &issuer_url).map_err(anyhow::Error::msg)?;
+    Ok((issuer_url, bindings))
+}
+
+/// The proxy, through the same start-up as `serve`, on the ports reserved by the preflight;
+/// returns once it is ready.
+async fn start_proxy(
+    args: &DevArgs,
+    dir: &Path,
+    (kube, issuer_url, entra_url): (&KubeEmulator, &str, String),
+    reserved: crate::server::Listeners,
+) -> anyhow::Result<crate::server::RunningProxy> {
+    let kubeconfig = kube.kubeconfig_path();
+    let mut config =
+        proxy_config(args, dir, &kubeconfig, issuer_url, &entra_url).map_err(anyhow::Error::msg)?;
     // Edits in the state dir should show at once when someone is trying things out.
     config.reload_period = Duration::from_millis(500);
     config.refresh_tick = Duration::from_millis(250);
@@ -287,60 +343,27 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(proxy)
+}
 
-    // Tokens, as kubelet would project them; re-minted before they expire.
-    let allowed_token_file = dir.join("tokens/allowed.jwt");
-    let denied_token_file = dir.join("tokens/denied.jwt");
-    write_tokens(&kube, &allowed_token_file, &denied_token_file)?;
-    tokio::spawn({
-        let (kube, allowed, denied, stop) = (
-            kube.clone(),
-            allowed_token_file.clone(),
-            denied_token_file.clone(),
-            background.clone(),
-        );
-        async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(DEV_TOKEN_REFRESH) => {}
-                }
-                if let Err(e) = write_tokens(&kube, &allowed, &denied) {
-                    tracing::warn!(error = %e, "re-minting dev tokens failed");
-                }
+/// Re-mints the dev tokens before they expire, as kubelet does for projected tokens.
+fn spawn_token_refresh(
+    kube: &KubeEmulator,
+    (allowed, denied): (PathBuf, PathBuf),
+    stop: &CancellationToken,
+) {
+    let (kube, stop) = (kube.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(DEV_TOKEN_REFRESH) => {}
+            }
+            if let Err(e) = write_tokens(&kube, &allowed, &denied) {
+                tracing::warn!(error = %e, "re-minting dev tokens failed");
             }
         }
     });
-
-    write_public(&ca_file, ca.cert_pem.as_bytes())?;
-    let proxy_url = format!("https://{}", proxy.addr);
-    let info = DevInfo {
-        proxy_url: proxy_url.clone(),
-        sni_name: DEV_SNI_NAME.into(),
-        ca_file: ca_file.clone(),
-        tenant_id: identity.tenant_id.clone(),
-        client_id: identity.client_id.clone(),
-        authority_host: entra.url(),
-        token_audience: DEFAULT_TOKEN_AUDIENCE.into(),
-        allowed_token_file: allowed_token_file.clone(),
-        denied_token_file,
-        admin_url: format!("http://{}", proxy.admin_addr),
-        kube_url: kube.url(),
-        entra_url: entra.url(),
-        issuer_url: issuer_url.template().to_string(),
-        rbac_file,
-    };
-    write_public(&dir.join("env"), env_file(&info).as_bytes())?;
-    lock.record(Some(&proxy_url))?;
-    write_public(&dir.join("dev.json"), &serde_json::to_vec_pretty(&info)?)?;
-    Ok(DevSystem {
-        info,
-        kube,
-        entra,
-        proxy,
-        background,
-        _lock: lock,
-    })
 }
 
 /// The dev proxy's configuration: dev's wiring, then the `serve` flags given after `--`.
