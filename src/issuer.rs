@@ -1,9 +1,9 @@
-//! Step 5a: the proxy's own identity towards Entra. For each bound managed identity we sign an
+//! The proxy's own identity towards Entra. For each bound managed identity we sign an
 //! assertion (RS256, `kid` in the header) that matches the ONE federated identity credential on
 //! that identity: issuer = the identity's issuer URL, subject = the binding's subject, audience
 //! `api://AzureADTokenExchange`. The same FIC serves every cluster whose key is published in the
-//! issuer's JWKS. Also here: the static issuer documents (`issuer publish`) and the `az` lines
-//! that create the FICs (`issuer fic`).
+//! issuer's JWKS. Also here: the `issuer` subcommands — the cluster's key pair (`keygen`), the
+//! static issuer documents (`publish`) and the `az` lines that create the FICs (`fic`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::bindings::{Binding, BindingSet};
+use crate::cli::IssuerCommand;
 use crate::error::ProxyError;
 use crate::keys::{RsaPublicKey, SigningKey};
 
@@ -298,6 +299,64 @@ pub fn fic_commands(bindings: &BindingSet, url: &IssuerUrl) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// `issuer keygen | publish | fic`. The error is one line for the operator: what is wrong
+/// with which flag or file.
+pub fn run(cmd: IssuerCommand) -> Result<(), String> {
+    match cmd {
+        IssuerCommand::Keygen(a) => keygen(&a.out, a.bits),
+        IssuerCommand::Publish(a) => {
+            let url = IssuerUrl::parse(&a.issuer_url)?;
+            let set = crate::bindings::load(&a.bindings)?;
+            let publics = a
+                .public_keys
+                .iter()
+                .map(|p| {
+                    let pem = std::fs::read_to_string(p);
+                    let pem = pem.map_err(|e| format!("{}: {e}", p.display()))?;
+                    RsaPublicKey::from_pem(&pem).map_err(|e| format!("{}: {e}", p.display()))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            for f in publish(&a.out, &publics, &set, &url)? {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        IssuerCommand::Fic(a) => {
+            let url = IssuerUrl::parse(&a.issuer_url)?;
+            let set = crate::bindings::load(&a.bindings)?;
+            for line in fic_commands(&set, &url) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A new key pair: `out` (private, 0600) and `out.pub`. A key is never overwritten: the one
+/// it would replace may still be published.
+fn keygen(out: &Path, bits: usize) -> Result<(), String> {
+    let public = out.with_extension("pub");
+    for path in [out, &public] {
+        if path.exists() {
+            return Err(format!(
+                "{} exists already: remove it first or choose another --out",
+                path.display()
+            ));
+        }
+    }
+    let key = SigningKey::generate(bits).map_err(|e| e.to_string())?;
+    crate::files::write_private(out, key.private_pem().as_bytes()).map_err(|e| e.to_string())?;
+    crate::files::write_public(&public, key.public().to_pem().as_bytes())
+        .map_err(|e| e.to_string())?;
+    println!(
+        "kid {}\nprivate key {} (0600)\npublic key  {}",
+        key.kid(),
+        out.display(),
+        public.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use identity_binding_proxy::cli::{Cli, Command, IssuerCommand, LogFormat};
+use identity_binding_proxy::cli::{Cli, Command, LogFormat};
 use identity_binding_proxy::config::ProxyConfig;
-use identity_binding_proxy::{bindings, files, issuer, keys, server};
+use identity_binding_proxy::{issuer, server};
 
 const EX_USAGE: u8 = 64;
 
@@ -129,59 +129,6 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             }
             .map_err(Failure::Runtime)
         }
-        Command::Issuer(cmd) => issuer_command(cmd),
-    }
-}
-
-fn issuer_command(cmd: IssuerCommand) -> Result<(), Failure> {
-    match cmd {
-        IssuerCommand::Keygen(a) => {
-            // A key is never overwritten: the one it replaced may still be published.
-            let public = a.out.with_extension("pub");
-            for path in [&a.out, &public] {
-                if path.exists() {
-                    return Err(usage(format!(
-                        "{} exists already: remove it first or choose another --out",
-                        path.display()
-                    )));
-                }
-            }
-            let key = keys::SigningKey::generate(a.bits).map_err(usage)?;
-            files::write_private(&a.out, key.private_pem().as_bytes()).map_err(usage)?;
-            files::write_public(&public, key.public().to_pem().as_bytes()).map_err(usage)?;
-            println!(
-                "kid {}\nprivate key {} (0600)\npublic key  {}",
-                key.kid(),
-                a.out.display(),
-                public.display()
-            );
-            Ok(())
-        }
-        IssuerCommand::Publish(a) => {
-            let url = issuer::IssuerUrl::parse(&a.issuer_url).map_err(usage)?;
-            let set = bindings::load(&a.bindings).map_err(usage)?;
-            let mut publics = Vec::new();
-            for p in &a.public_keys {
-                let pem = std::fs::read_to_string(p)
-                    .map_err(|e| usage(format!("{}: {e}", p.display())))?;
-                publics.push(
-                    keys::RsaPublicKey::from_pem(&pem)
-                        .map_err(|e| usage(format!("{}: {e}", p.display())))?,
-                );
-            }
-            let files = issuer::publish(&a.out, &publics, &set, &url).map_err(usage)?;
-            for f in files {
-                println!("{}", f.display());
-            }
-            Ok(())
-        }
-        IssuerCommand::Fic(a) => {
-            let url = issuer::IssuerUrl::parse(&a.issuer_url).map_err(usage)?;
-            let set = bindings::load(&a.bindings).map_err(usage)?;
-            for line in issuer::fic_commands(&set, &url) {
-                println!("{line}");
-            }
-            Ok(())
-        }
+        Command::Issuer(cmd) => issuer::run(cmd).map_err(Failure::Usage),
     }
 }
