@@ -1,4 +1,4 @@
-//! Step 3 of a token request: may this service account use this managed identity? Asked of
+//! May this service account use this managed identity? Asked of
 //! the apiserver as a SubjectAccessReview (verb `use-managed-identity`, group
 //! `cid.wi.aks.azure.com`, resource `<client-id>`) so that ordinary RBAC — ClusterRoleBindings
 //! and namespaced RoleBindings — governs access. Decisions are cached per (namespace, SA,
@@ -6,11 +6,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::authn::Caller;
 use crate::cluster::{Cluster, Subject, GRANT_GROUP, GRANT_VERB};
 use crate::error::{ProxyError, Result};
+use crate::expiry::{Lifetime, OwnLifetime};
 use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
 
@@ -32,12 +33,18 @@ pub const WILDCARD_PROBE: &str = "wildcard-probe.invalid";
 
 type Key = (String, String, String);
 
-/// A cached answer: allowed or not, the apiserver's reason, and until when it is trusted.
+/// A cached answer: allowed or not, the apiserver's reason, and how long it is trusted.
 #[derive(Clone)]
 struct Decision {
     allowed: bool,
     reason: Arc<str>,
-    until: Instant,
+    ttl: Duration,
+}
+
+impl Lifetime for Decision {
+    fn lifetime(&self) -> Duration {
+        self.ttl
+    }
 }
 
 pub struct Authorizer {
@@ -65,7 +72,7 @@ impl Authorizer {
             generation: AtomicU64::new(0),
             decisions: moka::future::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(config.allowed_ttl.max(config.denied_ttl))
+                .expire_after(OwnLifetime)
                 .build(),
             config,
             budgets,
@@ -155,11 +162,8 @@ impl Authorizer {
         );
         match self.decisions.get(&key).await {
             // The hot path: one lookup, no second pass through the coalescing entry.
-            Some(d) if Instant::now() < d.until => Ok(d),
-            stale => {
-                if stale.is_some() {
-                    self.decisions.invalidate(&key).await;
-                }
+            Some(d) => Ok(d),
+            None => {
                 let generation = self.generation.load(Ordering::Acquire);
                 let decision = self
                     .decisions
@@ -206,7 +210,7 @@ impl Authorizer {
                 Ok(Decision {
                     allowed,
                     reason: reason.into(),
-                    until: Instant::now() + ttl,
+                    ttl,
                 })
             }
             Err(e) => {

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod config;
 pub mod entra;
 pub mod error;
+pub mod expiry;
 pub mod files;
 pub mod http;
 pub mod issuer;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::verify::token_ttl;
-use super::{Caller, Lifetime, OwnLifetime};
+use super::Caller;
 use crate::cluster::Cluster;
 use crate::error::{ProxyError, Result};
+use crate::expiry::{Lifetime, OwnLifetime};
 use crate::metrics::Metrics;
 
 /// The apiserver's answer on one token.

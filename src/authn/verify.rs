@@ -13,8 +13,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::jwks::KeyChange;
-use super::{Caller, OwnLifetime};
+use super::Caller;
 use crate::error::{codes, ProxyError, Result};
+use crate::expiry::OwnLifetime;
 
 /// Clock skew tolerated on `exp`/`nbf`, as the apiserver does for projected tokens.
 const LEEWAY_SECS: u64 = 30;
@@ -265,7 +266,7 @@ struct Verified {
     kid: Option<Arc<str>>,
 }
 
-impl super::Lifetime for Verified {
+impl crate::expiry::Lifetime for Verified {
     fn lifetime(&self) -> Duration {
         self.lifetime
     }
