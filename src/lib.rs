@@ -1,6 +1,6 @@
 //! identity-binding-proxy: a per-node token proxy for Microsoft Entra workload identity in
 //! identity-binding mode. A request's journey is in `proxy`; each step has its own module:
-//! `tls` → `token` → `authn` → `bindings` → `authz` → `cache` → `issuer` + `entra`.
+//! `tls` → `token` → `authn` → `authz` → `bindings` → `cache` → `issuer` + `entra`.
 #![forbid(unsafe_code)]
 
 pub mod admin;

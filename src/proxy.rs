@@ -1,6 +1,7 @@
-//! The token request's journey, top to bottom: parse → authenticate → bind → authorize →
-//! cache/exchange → respond. Each step lives in its own module; this file only calls them in
-//! order and turns the outcome into a response, a metric and one log line.
+//! The token request's journey, top to bottom: route → body → parse → authenticate →
+//! authorize → resolve the binding → cache/exchange → respond. Each step lives in its own
+//! module; this file only calls them in order and turns the outcome into a response, a metric
+//! and one log line.
 
 use std::collections::HashMap;
 use std::sync::Arc;
