@@ -136,13 +136,7 @@ impl App {
         let (parts, body) = req.into_parts();
         let path_tenant = match token::route(&parts.method, parts.uri.path()) {
             Route::Token { tenant } => tenant,
-            Route::Discovery { tenant, prefix } => {
-                return Ok(token::discovery(conn.sni.as_deref(), &tenant, &prefix))
-            }
-            Route::NotFound => return Err(token::not_found(&parts.method, parts.uri.path())),
-            Route::MethodNotAllowed { allow } => {
-                return Err(token::method_not_allowed(&parts.method, allow))
-            }
+            other => return token::answer_other(other, &parts, conn.sni.as_deref()),
         };
         let body = read_request_body(body, self.max_body_bytes, self.body_timeout, &mut permit);
         let req = token::parse_request(path_tenant, &parts, &body.await?)?;
@@ -153,24 +147,28 @@ impl App {
         // On EVERY request, before the cache, and before anything that could tell an
         // unauthorized caller whether or where this identity is bound.
         self.authz.authorize(&caller, &req.client_id).await?;
-        let profile = self.profile(conn.sni.as_deref());
-        let binding = self.bindings.resolve(
-            &req.client_id,
-            &[
-                (profile.tenant.as_deref(), "this SNI name's profile"),
-                (req.path_tenant.as_deref(), "the request"),
-            ],
-        )?;
-        let key = CacheKey {
-            authority: profile.authority_key.clone(),
-            tenant: binding.tenant_id,
-            client_id: binding.client_id,
-            scopes: req.scope,
-        };
+        let key = self.cache_key(&req, conn)?;
         let issued = self
             .token(key, req.claims.as_deref(), &caller, trace)
             .await?;
         Ok(token_response(&issued))
+    }
+
+    /// The identity's binding, in the tenant the request and its SNI name's profile ask for,
+    /// as the cache key of the token asked for.
+    fn cache_key(&self, req: &token::TokenRequest, conn: &ConnInfo) -> Result<CacheKey> {
+        let profile = self.profile(conn.sni.as_deref());
+        let tenants = [
+            (profile.tenant.as_deref(), "this SNI name's profile"),
+            (req.path_tenant.as_deref(), "the request"),
+        ];
+        let binding = self.bindings.resolve(&req.client_id, &tenants)?;
+        Ok(CacheKey {
+            authority: profile.authority_key.clone(),
+            tenant: binding.tenant_id,
+            client_id: binding.client_id,
+            scopes: req.scope.clone(),
+        })
     }
 
     /// The cached token, or the one Entra issues for it (joined with any exchange in flight).

@@ -492,6 +492,20 @@ pub fn discovery(served_name: Option<&str>, tenant: &str, prefix: &str) -> Respo
     )
 }
 
+/// The answer to a request that is not a token request: the discovery document, or the
+/// refusal its route calls for.
+pub fn answer_other(
+    route: Route,
+    head: &http::request::Parts,
+    served_name: Option<&str>,
+) -> Result<Response<Body>> {
+    match route {
+        Route::Discovery { tenant, prefix } => Ok(discovery(served_name, &tenant, &prefix)),
+        Route::MethodNotAllowed { allow } => Err(method_not_allowed(&head.method, allow)),
+        Route::NotFound | Route::Token { .. } => Err(not_found(&head.method, head.uri.path())),
+    }
+}
+
 pub fn not_found(method: &Method, path: &str) -> ProxyError {
     ProxyError::NotFound(format!(
         "{method} {} is not served here. This proxy answers the Entra token request \

@@ -23,6 +23,10 @@ const LEEWAY_SECS: u64 = 30;
 #[derive(Deserialize)]
 struct SaClaims {
     sub: String,
+    /// Checked by the JWT library; typed here so that an expiry that is not a number is
+    /// refused as unreadable rather than reported missing.
+    #[serde(rename = "exp")]
+    _exp: u64,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubeClaims>,
 }
