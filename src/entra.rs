@@ -168,70 +168,63 @@ impl EntraClient {
         self.metrics
             .entra_duration
             .observe(started.elapsed().as_secs_f64());
-        let fetched = match result {
-            Ok(f) => f,
-            Err(e) => {
-                self.metrics
-                    .entra_requests
-                    .with_label_values(&["error"])
-                    .inc();
-                return Err(ProxyError::Unavailable {
-                    retry_after: 5,
-                    description: format!(
-                        "Entra could not be reached at {url}: {e}. Retry shortly."
-                    ),
-                });
-            }
-        };
+        let status = result.as_ref().map_or("error", |f| status_label(f.status));
         self.metrics
             .entra_requests
-            .with_label_values(&[status_label(fetched.status)])
+            .with_label_values(&[status])
             .inc();
-        let received = Instant::now();
-        let status = fetched.status;
-        if status == StatusCode::OK {
-            return parse_token(&fetched.body, received);
+        let fetched = result.map_err(|e| ProxyError::Unavailable {
+            retry_after: 5,
+            description: format!("Entra could not be reached at {url}: {e}. Retry shortly."),
+        })?;
+        if fetched.status == StatusCode::OK {
+            return parse_token(&fetched.body, Instant::now());
         }
-        let retry_after = fetched
-            .headers
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let entra_error = serde_json::from_slice::<ErrorBody>(&fetched.body).ok();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            return Err(ProxyError::Throttled {
-                retry_after: retry_after.unwrap_or(5),
-                description: format!(
-                    "Entra is throttling token requests for this identity{}. Retry after the \
-                     Retry-After interval.",
-                    entra_error
-                        .as_ref()
-                        .map(|e| format!(" ({})", first_line(&e.error_description)))
-                        .unwrap_or_default()
-                ),
-            });
-        }
-        if status.is_server_error() {
-            return Err(ProxyError::Unavailable {
-                retry_after: retry_after.unwrap_or(5),
-                description: format!(
-                    "Entra answered {status}{}. Retry shortly.",
-                    entra_error
-                        .as_ref()
-                        .map(|e| format!(": {}", first_line(&e.error_description)))
-                        .unwrap_or_default()
-                ),
-            });
-        }
-        match entra_error {
-            Some(body) if status.is_client_error() => Err(ProxyError::Upstream {
-                status,
-                body: Box::new(body),
-            }),
-            _ => Err(ProxyError::BadUpstream(format!(
-                "Entra answered {status} with a body that is not an Entra error."
-            ))),
-        }
+        Err(refusal(fetched.status, &fetched.headers, &fetched.body))
+    }
+}
+
+/// What an answer other than 200 means for the caller: throttling and outages with the
+/// `Retry-After` to honour, Entra's own refusals passed through, anything else a bad gateway.
+fn refusal(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> ProxyError {
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let entra_error = serde_json::from_slice::<ErrorBody>(body).ok();
+    // Entra's own words, first line only, between `open` and `close`.
+    let says = |open: &str, close: &str| {
+        let first = entra_error
+            .as_ref()
+            .map(|e| first_line(&e.error_description));
+        first
+            .map(|d| format!("{open}{d}{close}"))
+            .unwrap_or_default()
+    };
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return ProxyError::Throttled {
+            retry_after: retry_after.unwrap_or(5),
+            description: format!(
+                "Entra is throttling token requests for this identity{}. Retry after the \
+                 Retry-After interval.",
+                says(" (", ")")
+            ),
+        };
+    }
+    if status.is_server_error() {
+        return ProxyError::Unavailable {
+            retry_after: retry_after.unwrap_or(5),
+            description: format!("Entra answered {status}{}. Retry shortly.", says(": ", "")),
+        };
+    }
+    match entra_error {
+        Some(body) if status.is_client_error() => ProxyError::Upstream {
+            status,
+            body: Box::new(body),
+        },
+        _ => ProxyError::BadUpstream(format!(
+            "Entra answered {status} with a body that is not an Entra error."
+        )),
     }
 }
 

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::authentication::v1::TokenReviewStatus;
+
 use super::verify::token_ttl;
 use super::Caller;
 use crate::cluster::Cluster;
@@ -100,37 +102,7 @@ impl Reviews {
                 });
             }
         };
-        let outcome = if status.authenticated.unwrap_or(false) {
-            let user = status.user.unwrap_or_default();
-            let username = user.username.unwrap_or_default();
-            match username
-                .strip_prefix("system:serviceaccount:")
-                .and_then(|r| r.split_once(':'))
-            {
-                Some((ns, name)) => {
-                    let mut caller = Caller::new(ns, name, user.uid.as_deref().unwrap_or(""));
-                    if let Some(extra) = user.extra {
-                        caller.pod_name = extra
-                            .get("authentication.kubernetes.io/pod-name")
-                            .and_then(|v| v.first().cloned());
-                        caller.pod_uid = extra
-                            .get("authentication.kubernetes.io/pod-uid")
-                            .and_then(|v| v.first().cloned());
-                    }
-                    Outcome::Authenticated(Arc::new(caller))
-                }
-                None => Outcome::Refused(format!(
-                    "the token belongs to '{}', not to a service account",
-                    crate::token::printable(&username, 120)
-                )),
-            }
-        } else {
-            Outcome::Refused(
-                status
-                    .error
-                    .unwrap_or_else(|| "the token is not authenticated".into()),
-            )
-        };
+        let outcome = outcome_of(status);
         Ok(Reviewed {
             outcome,
             lifetime: answer_lifetime(token, self.ttl),
@@ -141,6 +113,33 @@ impl Reviews {
 /// How long an answer on `token` is trusted: the review TTL, cut short by the token's `exp`.
 fn answer_lifetime(token: &str, review_ttl: Duration) -> Duration {
     token_ttl(token).min(review_ttl)
+}
+
+/// What the apiserver's answer says about the caller: a service account (with its pod, when
+/// the token is bound to one), or a refusal in its words.
+fn outcome_of(status: TokenReviewStatus) -> Outcome {
+    if !status.authenticated.unwrap_or(false) {
+        let why = status.error;
+        return Outcome::Refused(why.unwrap_or_else(|| "the token is not authenticated".into()));
+    }
+    let user = status.user.unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let Some((ns, name)) = username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'))
+    else {
+        return Outcome::Refused(format!(
+            "the token belongs to '{}', not to a service account",
+            crate::token::printable(&username, 120)
+        ));
+    };
+    let mut caller = Caller::new(ns, name, user.uid.as_deref().unwrap_or(""));
+    if let Some(extra) = user.extra {
+        let first = |key: &str| extra.get(key).and_then(|v| v.first().cloned());
+        caller.pod_name = first("authentication.kubernetes.io/pod-name");
+        caller.pod_uid = first("authentication.kubernetes.io/pod-uid");
+    }
+    Outcome::Authenticated(Arc::new(caller))
 }
 
 #[cfg(test)]
