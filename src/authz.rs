@@ -188,10 +188,8 @@ impl Authorizer {
         self.budgets
             .spend(&caller.username, Spend::Review)
             .inspect_err(|_| {
-                self.metrics
-                    .caller_budget_exceeded
-                    .with_label_values(&[Spend::Review.label()])
-                    .inc();
+                let exceeded = &self.metrics.caller_budget_exceeded;
+                exceeded.with_label_values(&[Spend::Review.label()]).inc();
             })?;
         let subject = Subject {
             user: &caller.username,
@@ -202,14 +200,14 @@ impl Authorizer {
         match self.cluster.access_review(&subject, resource).await {
             Ok((allowed, reason)) => {
                 self.metrics.kube_review("subjectaccessreview", "ok");
-                let ttl = if allowed {
-                    self.config.allowed_ttl
-                } else {
-                    self.config.denied_ttl
+                let ttl = match allowed {
+                    true => self.config.allowed_ttl,
+                    false => self.config.denied_ttl,
                 };
+                let reason = reason.into();
                 Ok(Decision {
                     allowed,
-                    reason: reason.into(),
+                    reason,
                     ttl,
                 })
             }

@@ -206,24 +206,12 @@ impl TokenCache {
             self.metrics.cache_hits.inc();
             return Ok((t, Lookup::Hit));
         }
-        let flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            // Checked again under the lock: a flight stores its token before it leaves the
-            // map, so we either see the token or join the flight — never start a second one.
-            if let Some(t) = self.fresh(&key) {
-                drop(flights);
+        let flight = match self.join_or_start(key, caller)? {
+            Ok(token) => {
                 self.metrics.cache_hits.inc();
-                return Ok((t, Lookup::Hit));
+                return Ok((token, Lookup::Hit));
             }
-            match flights.get(&key) {
-                Some(f) => f.clone(),
-                None => {
-                    self.spend(caller, Spend::Miss)?;
-                    let f = self.start_flight(key.clone());
-                    flights.insert(key, f.clone());
-                    f
-                }
-            }
+            Err(flight) => flight,
         };
         self.metrics
             .cache_lookups
@@ -277,6 +265,28 @@ impl TokenCache {
     /// that waited for it has gone away.
     /// The new entry counts as unused: a token fetched once and never served again is not
     /// renewed.
+    /// Under the flights lock: the token, if a flight stored it since the caller looked (a
+    /// flight stores its token before it leaves the map, so a caller either sees the token or
+    /// joins the flight — never starts a second one); else the flight in the air, or a new
+    /// one paid from the caller's miss budget.
+    fn join_or_start(
+        &self,
+        key: CacheKey,
+        caller: &str,
+    ) -> Result<Result<Arc<IssuedToken>, Flight>, ProxyError> {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = self.fresh(&key) {
+            return Ok(Ok(t));
+        }
+        if let Some(f) = flights.get(&key) {
+            return Ok(Err(f.clone()));
+        }
+        self.spend(caller, Spend::Miss)?;
+        let f = self.start_flight(key.clone());
+        flights.insert(key, f.clone());
+        Ok(Err(f))
+    }
+
     fn start_flight(&self, key: CacheKey) -> Flight {
         let entries = self.entries.clone();
         let flights = self.flights.clone();

@@ -303,17 +303,7 @@ fn form_decode(raw: &str) -> Option<Cow<'_, str>> {
 /// and control characters are refused: no resource identifier contains them, and accepting them
 /// would let one scope be spelled many ways.
 pub fn canonical_scopes(scope: &str) -> Result<String> {
-    if let Some(bad) = scope
-        .chars()
-        .find(|c| !c.is_ascii() || (c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\r')))
-    {
-        return Err(ProxyError::InvalidScope(format!(
-            "The scope contains the character U+{:04X}, which no resource identifier has. Send \
-             exactly '<resource>/.default' in plain ASCII, e.g. \
-             'https://management.azure.com/.default'.",
-            bad as u32
-        )));
-    }
+    check_scope_characters(scope)?;
     // The common case, one scope already in canonical form, without building a set.
     let one = scope.trim_ascii();
     if !one.is_empty() && !one.contains(|c: char| c.is_ascii_whitespace()) {
@@ -346,6 +336,21 @@ pub fn canonical_scopes(scope: &str) -> Result<String> {
         });
     }
     Ok(set.into_iter().collect::<Vec<_>>().join(" "))
+}
+
+/// Plain printable ASCII (and white space between scopes): what every resource identifier is.
+fn check_scope_characters(scope: &str) -> Result<()> {
+    let bad =
+        |c: &char| !c.is_ascii() || (c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\r'));
+    match scope.chars().find(bad) {
+        None => Ok(()),
+        Some(c) => Err(ProxyError::InvalidScope(format!(
+            "The scope contains the character U+{:04X}, which no resource identifier has. Send \
+             exactly '<resource>/.default' in plain ASCII, e.g. \
+             'https://management.azure.com/.default'.",
+            c as u32
+        ))),
+    }
 }
 
 /// One scope in canonical form; borrowed when it already is.
