@@ -643,7 +643,8 @@ mod tests {
         assert_eq!(cache.entry_count(), 30);
     }
 
-    #[tokio::test]
+    // Paused time: the refresh's own delay passes as soon as every task waits.
+    #[tokio::test(start_paused = true)]
     async fn only_used_keys_are_refreshed_ahead() {
         // refresh_in 0 s: due at once.
         let script = Script::new((3600, Some(0)));
@@ -659,7 +660,8 @@ mod tests {
         assert_eq!(cache.refresh_due(), 0);
     }
 
-    #[tokio::test]
+    // Paused time: the refresh's own delay passes as soon as every task waits.
+    #[tokio::test(start_paused = true)]
     async fn a_failed_refresh_keeps_serving_the_valid_token() {
         let script = Script::new((3600, Some(0)));
         let cache = cache(&script, 300, 100);
