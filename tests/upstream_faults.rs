@@ -89,6 +89,31 @@ async fn throttling_is_passed_through_with_retry_after_and_never_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_throttling_and_a_bare_503_get_entra_shaped_answers_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+
+    // Throttling in plain text (no Entra JSON): still an Entra-shaped 429 that says Entra
+    // throttled, with Entra's Retry-After passed through; never retried.
+    sys.entra
+        .push_faults([Fault::PlainThrottle { retry_after: 60 }]);
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_error(&r, 429, "temporarily_unavailable", "Entra is throttling");
+    assert_eq!(retry_after(&r), Some(60));
+    assert_eq!(calls(&sys), 1);
+
+    // A 503 without Retry-After, every attempt: the proxy's own default tells when to retry.
+    sys.entra
+        .push_faults((0..3).map(|_| status_fault(503, None)));
+    let r = ask(&client, &sys, &token, MGMT_SCOPE).await;
+    assert_error(&r, 503, "temporarily_unavailable", "Retry");
+    assert_eq!(retry_after(&r), Some(5), "the proxy's default Retry-After");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_are_retried_a_bounded_number_of_times_with_backoff() {
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev(dir.path()).await;

@@ -223,19 +223,29 @@ pub enum Fault {
     Garbage,
     /// Answer exactly this status and JSON body (e.g. a token with an absurd lifetime).
     Answer { status: u16, body: String },
+    /// Throttling as the token service's front end answers it: 429, `Retry-After`, and a
+    /// plain-text body (`Too Many Requests`) rather than an Entra JSON error.
+    PlainThrottle { retry_after: u64 },
 }
 
 impl Fault {
     /// Parses the control endpoint's shape: `{"status":503,"retry_after":1}`,
-    /// `{"stall_ms":500}` or `{"garbage":true}`.
+    /// `{"stall_ms":500}`, `{"garbage":true}`, `{"answer":{..}}` or `{"plain_throttle_secs":60}`.
     pub fn from_json(value: &Value) -> Result<Self, String> {
         let obj = value
             .as_object()
             .ok_or_else(|| format!("a fault is a JSON object, not {value}"))?;
-        let known = ["status", "retry_after", "stall_ms", "garbage", "answer"];
+        let known = [
+            "status",
+            "retry_after",
+            "stall_ms",
+            "garbage",
+            "answer",
+            "plain_throttle_secs",
+        ];
         if let Some(unknown) = obj.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(format!(
-                "unknown fault field `{unknown}`: expected status (+retry_after), stall_ms or garbage"
+                "unknown fault field `{unknown}`: expected status (+retry_after), stall_ms, garbage, answer or plain_throttle_secs"
             ));
         }
         if let Some(status) = obj.get("status") {
@@ -264,6 +274,12 @@ impl Fault {
         if obj.get("garbage") == Some(&Value::Bool(true)) {
             return Ok(Fault::Garbage);
         }
+        if let Some(secs) = obj.get("plain_throttle_secs") {
+            let retry_after = secs
+                .as_u64()
+                .ok_or_else(|| format!("plain_throttle_secs must be whole seconds, not {secs}"))?;
+            return Ok(Fault::PlainThrottle { retry_after });
+        }
         if let Some(body) = obj.get("answer") {
             return Ok(Fault::Answer {
                 status: 200,
@@ -271,7 +287,7 @@ impl Fault {
             });
         }
         Err(format!(
-            "a fault needs status, stall_ms or garbage:true, got {value}"
+            "a fault needs status, stall_ms, garbage:true, answer or plain_throttle_secs, got {value}"
         ))
     }
 }
@@ -584,6 +600,13 @@ impl Shared {
             Some(Fault::Answer { status, body }) => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
                 return crate::http::json(status, body);
+            }
+            Some(Fault::PlainThrottle { retry_after }) => {
+                let mut resp =
+                    crate::http::text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, retry_after.into());
+                return resp;
             }
             None => {}
         }
@@ -2271,6 +2294,11 @@ mod tests {
             Fault::from_json(&json!({"garbage": true})),
             Ok(Fault::Garbage)
         );
+        assert_eq!(
+            Fault::from_json(&json!({"plain_throttle_secs": 60})),
+            Ok(Fault::PlainThrottle { retry_after: 60 })
+        );
+        assert!(Fault::from_json(&json!({"plain_throttle_secs": "soon"})).is_err());
         assert!(Fault::from_json(&json!({"status": 200})).is_err());
         assert!(Fault::from_json(&json!({"stal_ms": 5}))
             .unwrap_err()
