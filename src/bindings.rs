@@ -56,7 +56,7 @@ impl BindingSet {
         if yaml.trim().is_empty() {
             return Ok(Self::default());
         }
-        let raw: RawFile = serde_yaml::from_str(yaml).map_err(|e| {
+        let raw: RawFile = serde_norway::from_str(yaml).map_err(|e| {
             format!("expected a list of {{clientId, tenantId, subject?}} under 'bindings': {e}")
         })?;
         let list = match raw {

@@ -45,9 +45,9 @@ fn render(dir: &Path) -> Vec<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("kustomize prints UTF-8");
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|doc| {
-            let yaml = serde_yaml::Value::deserialize(doc).expect("kustomize prints valid YAML");
+            let yaml = serde_norway::Value::deserialize(doc).expect("kustomize prints valid YAML");
             serde_json::to_value(yaml).expect("Kubernetes objects are JSON-compatible")
         })
         .filter(|v| !v.is_null())
@@ -652,7 +652,7 @@ fn serving_certificate_names_the_sni_and_the_service_and_is_what_the_proxy_mount
 fn webhook_values() -> Value {
     let text = std::fs::read_to_string(repo().join("deploy/webhook/values.yaml"))
         .expect("deploy/webhook/values.yaml");
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("values.yaml is YAML");
+    let yaml: serde_norway::Value = serde_norway::from_str(&text).expect("values.yaml is YAML");
     serde_json::to_value(yaml).expect("JSON-compatible")
 }
 

@@ -595,10 +595,12 @@ fn serve_as_deploy_base_service_account_is_ready_and_each_rule_is_needed() {
     ));
     let token = c.token("apps", "worker", &audience(), Some("worker-0"));
 
-    let base_rbac: Vec<Value> = serde_yaml::Deserializer::from_str(
+    let base_rbac: Vec<Value> = serde_norway::Deserializer::from_str(
         &std::fs::read_to_string(repo().join("deploy/base/rbac.yaml")).unwrap(),
     )
-    .map(|d| serde_yaml::from_value::<Value>(serde::Deserialize::deserialize(d).unwrap()).unwrap())
+    .map(|d| {
+        serde_norway::from_value::<Value>(serde::Deserialize::deserialize(d).unwrap()).unwrap()
+    })
     .collect();
     let role = base_rbac
         .iter()
@@ -1523,9 +1525,9 @@ fn emulator_answers_subject_access_reviews_like_the_real_apiserver() {
 // ---------------------------------------------------------------------------- the webhook
 
 fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
+    serde_norway::Deserializer::from_str(text)
         .filter_map(|d| {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(d).ok()?;
+            let v: serde_norway::Value = serde::Deserialize::deserialize(d).ok()?;
             serde_json::to_value(v)
                 .ok()
                 .filter(|v: &Value| !v.is_null())

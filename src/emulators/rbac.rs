@@ -198,8 +198,8 @@ impl RbacPolicy {
     /// document (what `kubectl get -o yaml` prints) contributes its items.
     pub fn parse(yaml: &str) -> Result<Self, RbacError> {
         let mut objects = Vec::new();
-        for (index, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-            let value = serde_yaml::Value::deserialize(doc)
+        for (index, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
+            let value = serde_norway::Value::deserialize(doc)
                 .map_err(|e| doc_err(index, format!("invalid YAML: {e}")))?;
             if value.is_null() {
                 continue;
@@ -211,8 +211,8 @@ impl RbacPolicy {
                 .unwrap_or("");
             if kind == "List" && api_version == "v1" {
                 let items = match value.get("items") {
-                    None | Some(serde_yaml::Value::Null) => continue,
-                    Some(serde_yaml::Value::Sequence(items)) => items,
+                    None | Some(serde_norway::Value::Null) => continue,
+                    Some(serde_norway::Value::Sequence(items)) => items,
                     Some(_) => return Err(doc_err(index, "List items is not a sequence")),
                 };
                 for (i, item) in items.iter().enumerate() {
@@ -395,7 +395,7 @@ impl RbacPolicy {
     }
 }
 
-fn parse_object(value: serde_yaml::Value) -> Result<RbacObject, String> {
+fn parse_object(value: serde_norway::Value) -> Result<RbacObject, String> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -412,8 +412,8 @@ fn parse_object(value: serde_yaml::Value) -> Result<RbacObject, String> {
              ClusterRole, ClusterRoleBinding, Role and RoleBinding are accepted"
         ));
     }
-    fn de<T: serde::de::DeserializeOwned>(v: serde_yaml::Value, kind: &str) -> Result<T, String> {
-        serde_yaml::from_value(v).map_err(|e| format!("invalid {kind}: {e}"))
+    fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value, kind: &str) -> Result<T, String> {
+        serde_norway::from_value(v).map_err(|e| format!("invalid {kind}: {e}"))
     }
     let mut obj = match kind.as_str() {
         "ClusterRole" => RbacObject::ClusterRole(de(value, &kind)?),
