@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use rand::Rng;
 
 use crate::entra::IssuedToken;
 use crate::error::ProxyError;
@@ -99,7 +98,7 @@ impl Entry {
             .refresh_in
             .filter(|r| *r < token.expires_in)
             .unwrap_or(token.expires_in / 2);
-        let jitter = rand::rng().random_range(0.9..=1.0);
+        let jitter = rand::random_range(0.9..=1.0);
         let refresh_at = token
             .received
             .checked_add(Duration::from_secs(base).mul_f64(jitter))

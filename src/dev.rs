@@ -479,10 +479,10 @@ impl StateLock {
         };
         // Shared: it conflicts with the holder's exclusive lock only, and is released when
         // `file` closes on return.
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        match file.try_lock_shared() {
             Ok(()) => Ok(()),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(Self::in_use(dir, file)),
-            Err(e) => Err(Refusal::Invalid(format!(
+            Err(std::fs::TryLockError::WouldBlock) => Err(Self::in_use(dir, file)),
+            Err(std::fs::TryLockError::Error(e)) => Err(Refusal::Invalid(format!(
                 "cannot lock {}: {e}",
                 path.display()
             ))),
@@ -506,14 +506,18 @@ impl StateLock {
         // in all, tell that from a running holder.
         let mut tries = 0;
         loop {
-            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            match file.try_lock() {
                 Ok(()) => break,
-                Err(rustix::io::Errno::WOULDBLOCK) if tries < 20 => {
+                Err(std::fs::TryLockError::WouldBlock) if tries < 20 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(rustix::io::Errno::WOULDBLOCK) => return Err(Self::in_use(dir, file).into()),
-                Err(e) => anyhow::bail!("cannot lock {}: {e}", path.display()),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Self::in_use(dir, file).into())
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    anyhow::bail!("cannot lock {}: {e}", path.display())
+                }
             }
         }
         let lock = Self { file };

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use http::{header, Request, StatusCode};
 use http_body_util::Full;
-use rand::Rng;
 use serde::Deserialize;
 
 use crate::bindings::Bindings;
@@ -152,7 +151,7 @@ impl EntraClient {
             if !retryable || attempt >= MAX_ATTEMPTS || over_budget {
                 return outcome;
             }
-            let jitter = rand::rng().random_range(0.5..1.5);
+            let jitter = rand::random_range(0.5..1.5);
             tokio::time::sleep(base.mul_f64(jitter)).await;
         }
     }

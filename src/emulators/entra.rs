@@ -2096,7 +2096,7 @@ mod tests {
         let hs = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(Algorithm::HS256),
             &f.claims(),
-            &jsonwebtoken::EncodingKey::from_secret(b"shared"),
+            &jsonwebtoken::EncodingKey::from_secret(b"shared").unwrap(),
         )
         .unwrap();
         f.exchange(&hs)
