@@ -680,6 +680,29 @@ mod tests {
         assert_eq!((how, &served.access_token), (Lookup::Hit, &t.access_token));
     }
 
+    #[test]
+    fn without_refresh_in_a_token_is_refreshed_at_half_its_lifetime_less_jitter() {
+        // Entra sends no refresh_in for client credentials, for 1 h and 24 h tokens alike.
+        for lifetime in [3599, 86_400] {
+            let mut due = Vec::new();
+            for _ in 0..50 {
+                let entry = Entry::new(Arc::new(token(lifetime, None)));
+                let at = *entry.refresh_at.lock().unwrap();
+                due.push(at.duration_since(entry.token.received).as_secs_f64());
+            }
+            let half = lifetime as f64 / 2.0;
+            for d in &due {
+                assert!(
+                    *d <= half && *d >= half * 0.9,
+                    "{d} s for a {lifetime} s token"
+                );
+            }
+            let spread = due.iter().cloned().fold(f64::MIN, f64::max)
+                - due.iter().cloned().fold(f64::MAX, f64::min);
+            assert!(spread > 1.0, "no jitter across 50 entries: {due:?}");
+        }
+    }
+
     #[tokio::test]
     async fn eviction_keeps_the_cache_at_its_bound() {
         let script = Arc::new(Script {

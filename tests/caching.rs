@@ -99,7 +99,8 @@ async fn a_failed_flight_is_not_cached_and_the_next_request_starts_a_new_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn used_keys_are_refreshed_ahead_unused_keys_are_not_and_outages_are_ridden_out() {
     let dir = tempfile::tempdir().unwrap();
-    // 8 s tokens: Entra's refresh_in is 4 s; the cache serves them until 1 s before expiry.
+    // 8 s tokens without refresh_in (as Entra answers client credentials): refreshed at half
+    // their lifetime less jitter, ~3.6–4 s; the cache serves them until 1 s before expiry.
     let sys = start_dev_with(dir.path(), |a| {
         a.entra_token_lifetime_secs = 8;
         a.cache_min_remaining_secs = 1;

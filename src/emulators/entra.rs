@@ -60,9 +60,8 @@ pub struct EntraEmulatorConfig {
     /// Where to listen; `127.0.0.1:0` picks a free port (see [`EntraEmulator::url`]).
     pub listen: SocketAddr,
     /// `expires_in` (and `ext_expires_in`) of issued tokens; Entra's usual answer is 3599 s.
-    /// `refresh_in` is always half of it. Entra only sends `refresh_in` for tokens living two
-    /// hours or more; the emulator always sends it so short-lived test tokens exercise the
-    /// proactive-refresh path too.
+    /// Like Entra's client-credentials answers (1 h and 24 h tokens alike), the answer has no
+    /// `refresh_in`: the proxy refreshes at half the lifetime on its own.
     pub token_lifetime: Duration,
     /// Added to every token call before it is answered.
     pub latency: Duration,
@@ -784,7 +783,6 @@ impl Shared {
             "token_type": "Bearer",
             "expires_in": lifetime,
             "ext_expires_in": lifetime,
-            "refresh_in": lifetime / 2,
             "access_token": token,
         }))
     }
@@ -1649,7 +1647,10 @@ mod tests {
         assert_eq!(v["token_type"], "Bearer");
         assert_eq!(v["expires_in"].as_u64(), Some(3599));
         assert_eq!(v["ext_expires_in"].as_u64(), Some(3599));
-        assert_eq!(v["refresh_in"].as_u64(), Some(1799));
+        assert!(
+            v.get("refresh_in").is_none(),
+            "client credentials get no refresh_in: {v}"
+        );
         let token = v["access_token"].as_str().unwrap();
 
         // Verify through the published discovery document, as a resource server would.
@@ -1729,7 +1730,7 @@ mod tests {
         f.emu.set_token_lifetime(Duration::from_secs(600));
         let v = f.exchange(&f.assertion()).await.json();
         assert_eq!(v["expires_in"].as_u64(), Some(600));
-        assert_eq!(v["refresh_in"].as_u64(), Some(300));
+        assert!(v.get("refresh_in").is_none());
     }
 
     #[tokio::test]
