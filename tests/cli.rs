@@ -303,7 +303,7 @@ fn issuer_publish_fleet_gives_each_identity_the_keys_of_the_clusters_that_bind_i
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.is_empty(), "no warning with --fleet: {stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
-    assert_eq!(published_kids(&site, TENANT, EAST_ONLY), [east.clone()]);
+    assert_eq!(published_kids(&site, TENANT, EAST_ONLY), [east.as_str()]);
     assert_eq!(published_kids(&site, TENANT, BOTH), [east, west, west_next]);
     let disc: serde_json::Value = serde_json::from_slice(
         &std::fs::read(site.join(format!(
