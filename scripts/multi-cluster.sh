@@ -2,7 +2,8 @@
 # Three clusters, one Entra, ONE federated identity credential — every part its own process,
 # exactly as docs/multi-cluster.md describes:
 #
-#   issuer keygen (one key per cluster) → issuer publish (one JWKS with all three keys)
+#   issuer keygen (one key per cluster) → issuer publish --fleet (the identity's JWKS holds the
+#   keys of the three clusters that bind it)
 #   → emulate static (the issuer's static host) → emulate entra --fic (ONE FIC)
 #   → emulate kube ×3 (three clusters, three SA issuers) → serve ×3 → a token in each cluster.
 #
@@ -42,10 +43,15 @@ for i in 1 2 3; do
   "$BIN" issuer keygen --out "$WORK/c$i/issuer.key" >/dev/null
 done
 
-echo "2. publish one JWKS with all three public keys, and serve it"
+echo "2. publish the identity's JWKS with the keys of the clusters that bind it, and serve it"
 ISSUER_URL="http://127.0.0.1:$STATIC/{tenant}/{client_id}"
-"$BIN" issuer publish --out "$WORK/site" --bindings "$WORK/bindings.yaml" --issuer-url "$ISSUER_URL" \
-  --public-key "$WORK/c1/issuer.pub" --public-key "$WORK/c2/issuer.pub" --public-key "$WORK/c3/issuer.pub" >/dev/null
+{
+  echo "clusters:"
+  for i in 1 2 3; do
+    printf '  - name: c%s\n    publicKeys: [c%s/issuer.pub]\n    bindings: bindings.yaml\n' "$i" "$i"
+  done
+} > "$WORK/fleet.yaml"
+"$BIN" issuer publish --out "$WORK/site" --fleet "$WORK/fleet.yaml" --issuer-url "$ISSUER_URL" >/dev/null
 "$BIN" emulate static --listen "127.0.0.1:$STATIC" --dir "$WORK/site" >"$WORK/static.log" 2>&1 & pids+=($!)
 "$BIN" issuer fic --bindings "$WORK/bindings.yaml" --issuer-url "$ISSUER_URL" | sed 's/^/   /'
 

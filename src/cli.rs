@@ -404,16 +404,21 @@ pub struct KeygenArgs {
 pub struct PublishArgs {
     #[arg(long, env = "IBP_OUT")]
     pub out: PathBuf,
-    /// Public key PEM of a cluster (repeatable: one per cluster).
+    /// Fleet file (YAML): each cluster's name, public key file(s) and bindings file. Each
+    /// identity's JWKS then holds only the keys of the clusters that bind it.
+    #[arg(long, env = "IBP_FLEET", conflicts_with_all = ["public_keys", "bindings"])]
+    pub fleet: Option<PathBuf>,
+    /// Public key PEM of a cluster (repeatable: one per cluster). Published for EVERY
+    /// identity: prefer --fleet.
     #[arg(
         long = "public-key",
         env = "IBP_PUBLIC_KEY",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "fleet"
     )]
     pub public_keys: Vec<PathBuf>,
-    #[arg(long, env = "IBP_BINDINGS")]
-    pub bindings: PathBuf,
+    #[arg(long, env = "IBP_BINDINGS", required_unless_present = "fleet")]
+    pub bindings: Option<PathBuf>,
     #[arg(long, env = "IBP_ISSUER_URL")]
     pub issuer_url: String,
 }

@@ -15,6 +15,7 @@ pub mod entra;
 pub mod error;
 pub mod expiry;
 pub mod files;
+pub mod fleet;
 pub mod http;
 pub mod issuer;
 pub mod keys;

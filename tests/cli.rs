@@ -226,3 +226,169 @@ async fn dev_token_mints_tokens_the_proxy_accepts_even_after_dev_stopped() {
     // After dev stopped, the key is still in the state dir.
     assert_eq!(mint("demo", "60").split('.').count(), 3);
 }
+
+/// `issuer keygen --out <dir>/<name>.key`, returning the public key's file and its kid.
+fn keygen(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let key = dir.join(format!("{name}.key"));
+    let out = bin()
+        .args(["issuer", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let kid = stdout.lines().next().unwrap().strip_prefix("kid ").unwrap();
+    (key.with_extension("pub"), kid.to_string())
+}
+
+fn published_kids(site: &std::path::Path, tenant: &str, client: &str) -> Vec<String> {
+    let jwks: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(site.join(format!("{tenant}/{client}/openid/v1/jwks"))).unwrap(),
+    )
+    .unwrap();
+    jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+const EAST_ONLY: &str = "11111111-1111-1111-1111-111111111111";
+const BOTH: &str = "22222222-2222-2222-2222-222222222222";
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+#[test]
+fn issuer_publish_fleet_gives_each_identity_the_keys_of_the_clusters_that_bind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, east) = keygen(dir.path(), "east");
+    let (_, west) = keygen(dir.path(), "west");
+    let (_, west_next) = keygen(dir.path(), "west-next");
+    std::fs::write(
+        dir.path().join("east-bindings.yaml"),
+        format!("bindings:\n  - clientId: {EAST_ONLY}\n    tenantId: {TENANT}\n  - clientId: {BOTH}\n    tenantId: {TENANT}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("west-bindings.yaml"),
+        format!("bindings:\n  - clientId: {BOTH}\n    tenantId: {TENANT}\n"),
+    )
+    .unwrap();
+    let fleet = dir.path().join("fleet.yaml");
+    std::fs::write(
+        &fleet,
+        "clusters:\n  - name: east\n    publicKeys: [east.pub]\n    bindings: east-bindings.yaml\n  - name: west\n    publicKeys: [west.pub, west-next.pub]\n    bindings: west-bindings.yaml\n",
+    )
+    .unwrap();
+    let site = dir.path().join("site");
+    let publish = |url: &str, extra: &[&str]| {
+        bin()
+            .args(["issuer", "publish", "--issuer-url", url, "--out"])
+            .arg(&site)
+            .arg("--fleet")
+            .arg(&fleet)
+            .args(extra)
+            // Run from elsewhere: the fleet's paths are relative to the fleet file.
+            .current_dir("/")
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let out = publish("https://issuer.example/{tenant}/{client_id}", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.is_empty(), "no warning with --fleet: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
+    assert_eq!(published_kids(&site, TENANT, EAST_ONLY), [east.as_str()]);
+    assert_eq!(published_kids(&site, TENANT, BOTH), [east, west, west_next]);
+    let disc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(site.join(format!(
+            "{TENANT}/{EAST_ONLY}/.well-known/openid-configuration"
+        )))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        disc["issuer"],
+        format!("https://issuer.example/{TENANT}/{EAST_ONLY}")
+    );
+
+    // Refused, in one line and with exit 64: a URL shared by every identity, and --fleet
+    // together with the flags it replaces.
+    let out = publish("https://issuer.example/{tenant}", &[]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("{client_id}"), "{err}");
+    let out = publish(
+        "https://issuer.example/{tenant}/{client_id}",
+        &["--public-key", "east.pub"],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--fleet") && err.contains("--public-key"),
+        "{err}"
+    );
+
+    // A broken fleet file: one line naming the file and the fault.
+    std::fs::write(
+        &fleet,
+        "clusters:\n  - name: east\n    publicKeys: [gone.pub]\n    bindings: east-bindings.yaml\n",
+    )
+    .unwrap();
+    let out = publish("https://issuer.example/{tenant}/{client_id}", &[]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&fleet.display().to_string()), "{err}");
+    assert!(err.contains("gone.pub"), "{err}");
+}
+
+#[test]
+fn issuer_publish_with_shared_keys_warns_in_one_line_and_publishes_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (east_pub, east) = keygen(dir.path(), "east");
+    let (west_pub, west) = keygen(dir.path(), "west");
+    let bindings = dir.path().join("bindings.yaml");
+    std::fs::write(
+        &bindings,
+        format!("bindings:\n  - clientId: {EAST_ONLY}\n    tenantId: {TENANT}\n  - clientId: {BOTH}\n    tenantId: {TENANT}\n"),
+    )
+    .unwrap();
+    let site = dir.path().join("site");
+    let out = bin()
+        .args([
+            "issuer",
+            "publish",
+            "--issuer-url",
+            "https://issuer.example/{tenant}/{client_id}",
+            "--out",
+        ])
+        .arg(&site)
+        .arg("--bindings")
+        .arg(&bindings)
+        .arg("--public-key")
+        .arg(&east_pub)
+        .arg("--public-key")
+        .arg(&west_pub)
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("warning: "), "{stderr}");
+    assert!(stderr.contains("every identity"), "{stderr}");
+    assert!(stderr.contains("--fleet"), "{stderr}");
+    for client in [EAST_ONLY, BOTH] {
+        assert_eq!(
+            published_kids(&site, TENANT, client),
+            [east.clone(), west.clone()]
+        );
+    }
+}

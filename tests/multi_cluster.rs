@@ -1,7 +1,9 @@
 //! Many clusters, one FIC: three clusters (each with its own service-account issuer and its
 //! own proxy issuer key) get tokens for the same managed identity through ONE federated
 //! identity credential, whose issuer publishes all three public keys. Removing one cluster's
-//! key cuts off that cluster only; rotating a cluster's key never interrupts its tokens.
+//! key cuts off that cluster only; rotating a cluster's key never interrupts its tokens. Published
+//! from a fleet file, each identity trusts only the keys of the clusters that bind it: a
+//! cluster's key mints nothing for an identity only another cluster binds.
 
 mod common;
 
@@ -14,6 +16,7 @@ use identity_binding_proxy::config::ProxyConfig;
 use identity_binding_proxy::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic, FicError};
 use identity_binding_proxy::emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
 use identity_binding_proxy::emulators::pki::DevCa;
+use identity_binding_proxy::fleet;
 use identity_binding_proxy::issuer::{self, IssuerUrl, FIC_AUDIENCE};
 use identity_binding_proxy::keys::{RsaPublicKey, SigningKey};
 use identity_binding_proxy::server::{self, RunningProxy};
@@ -356,6 +359,125 @@ async fn tokens_keep_flowing_while_the_signing_key_rotates() {
         .await;
     assert_eq!(r.status, 200, "{}", r.json);
     cluster.shutdown().await;
+    entra.shutdown().await;
+    site.stop.cancel();
+}
+
+/// An identity bound in both clusters of the fleet test (never asked for: its published keys
+/// are what is checked).
+const SHARED_CLIENT_ID: &str = "5c3e8a2b-6d4f-4e1a-9b7c-0a2d4f6e8b1c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_per_identity_key_sets_a_cluster_cannot_mint_for_an_identity_only_another_binds() {
+    let (site, entra, ca) = one_fic_world("fleet test CA").await;
+    let (key_a, key_b) = (
+        SigningKey::generate(2048).unwrap(),
+        SigningKey::generate(2048).unwrap(),
+    );
+    // The fleet as its operators declare it: cluster A binds CLIENT_ID and the shared
+    // identity, cluster B only the shared identity.
+    let dir = tempfile::tempdir().unwrap();
+    let bindings = |clients: &[&str]| {
+        let mut text = String::from("bindings:\n");
+        for c in clients {
+            text.push_str(&format!("  - clientId: {c}\n    tenantId: {TENANT}\n"));
+        }
+        text
+    };
+    for (file, text) in [
+        ("a.pub", key_a.public().to_pem()),
+        ("b.pub", key_b.public().to_pem()),
+        ("a.yaml", bindings(&[CLIENT_ID, SHARED_CLIENT_ID])),
+        ("b.yaml", bindings(&[SHARED_CLIENT_ID])),
+        // What cluster B's proxy really runs with: a bindings file that also lists CLIENT_ID
+        // (a compromised or misconfigured cluster).
+        ("b-dishonest.yaml", bindings(&[CLIENT_ID, SHARED_CLIENT_ID])),
+        (
+            "fleet.yaml",
+            "clusters:\n  - name: a\n    publicKeys: [a.pub]\n    bindings: a.yaml\n  - name: b\n    publicKeys: [b.pub]\n    bindings: b.yaml\n".into(),
+        ),
+    ] {
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let fleet = fleet::load(&dir.path().join("fleet.yaml")).unwrap();
+    issuer::publish_fleet(site.docs.path(), &fleet, &site.url).unwrap();
+    let published = |client: &str| -> Vec<String> {
+        let jwks: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                site.docs
+                    .path()
+                    .join(format!("{TENANT}/{client}/openid/v1/jwks")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(published(CLIENT_ID), [key_a.kid()]);
+    assert_eq!(published(SHARED_CLIENT_ID), [key_a.kid(), key_b.kid()]);
+
+    let a = Cluster::start(
+        1,
+        &ca,
+        &entra,
+        &site.url,
+        &dir.path().join("a.yaml"),
+        &key_a,
+    )
+    .await;
+    let b = Cluster::start(
+        2,
+        &ca,
+        &entra,
+        &site.url,
+        &dir.path().join("b-dishonest.yaml"),
+        &key_b,
+    )
+    .await;
+
+    let r = a.request("https://vault.azure.net/.default").await;
+    assert_eq!(r.status, 200, "cluster A binds the identity: {}", r.json);
+    assert_eq!(
+        common::jwt_claims(r.json["access_token"].as_str().unwrap())["appid"],
+        CLIENT_ID
+    );
+
+    // Cluster B signs a well-formed assertion for the identity's one FIC (right issuer URL,
+    // subject and audience), but with a key the identity's JWKS does not hold.
+    let refused = b.request("https://vault.azure.net/.default").await;
+    assert_eq!(refused.status, 401, "{}", refused.json);
+    assert_eq!(
+        refused.json["error_codes"][0], 700027,
+        "Entra's own code passes through: {}",
+        refused.json
+    );
+    assert!(
+        refused.error_description().starts_with("AADSTS700027"),
+        "{}",
+        refused.json
+    );
+    assert!(
+        refused.error_description().contains(key_b.kid()),
+        "Entra names the key it did not find: {}",
+        refused.json
+    );
+    assert!(refused.json.get("access_token").is_none());
+    assert_eq!(entra.stats().tokens_issued, 1, "only cluster A got a token");
+
+    // The same request succeeds once B's key is published for every identity, as a publish
+    // without a fleet file does: the key sets alone stopped it.
+    site.publish(&[key_a.public().clone(), key_b.public().clone()]);
+    let r = b.request("https://storage.azure.com/.default").await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(entra.stats().tokens_issued, 2);
+
+    a.shutdown().await;
+    b.shutdown().await;
     entra.shutdown().await;
     site.stop.cancel();
 }
