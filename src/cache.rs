@@ -260,10 +260,6 @@ impl TokenCache {
         Ok(f)
     }
 
-    /// Runs the fetch on its own task, so it completes (and is cached) even if every caller
-    /// that waited for it has gone away.
-    /// The new entry counts as unused: a token fetched once and never served again is not
-    /// renewed.
     /// Under the flights lock: the token, if a flight stored it since the caller looked (a
     /// flight stores its token before it leaves the map, so a caller either sees the token or
     /// joins the flight — never starts a second one); else the flight in the air, or a new
@@ -286,6 +282,10 @@ impl TokenCache {
         Ok(Err(f))
     }
 
+    /// Runs the fetch on its own task, so it completes (and is cached) even if every caller
+    /// that waited for it has gone away.
+    /// The new entry counts as unused: a token fetched once and never served again is not
+    /// renewed.
     fn start_flight(&self, key: CacheKey) -> Flight {
         let entries = self.entries.clone();
         let flights = self.flights.clone();

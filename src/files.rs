@@ -27,6 +27,27 @@ pub fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Creates or replaces `path` atomically; the new file has `mode` (less the umask) from the
 /// moment it exists. The error names the file.
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    put(path, bytes, mode, |tmp| std::fs::rename(tmp, path))
+}
+
+/// Creates `path` atomically like [`replace`], but never over an existing file: an
+/// `AlreadyExists` error then (e.g. a key that may already be published).
+pub fn create(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    put(path, bytes, mode, |tmp| {
+        // A link fails if the name exists, atomically; the temporary name then goes.
+        std::fs::hard_link(tmp, path)?;
+        std::fs::remove_file(tmp)
+    })
+}
+
+/// Writes `bytes` whole under a fresh temporary name beside `path`, then `place`s it; on any
+/// failure the temporary file is removed and the error names `path`.
+fn put(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    place: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = temporary_name(path);
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -35,10 +56,10 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
         .open(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
-            // On disk before the rename, so a crash leaves the old file or the new one.
+            // On disk before it takes the name, so a crash leaves the old file or the new one.
             f.sync_all()
         })
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| place(&tmp));
     written.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
@@ -53,23 +74,36 @@ pub fn watch_contents(
     paths: Vec<PathBuf>,
     period: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
-    mut reload: impl FnMut(),
+    reload: impl FnMut(),
 ) -> impl std::future::Future<Output = ()> {
-    let snapshot =
-        move || -> Vec<Option<Vec<u8>>> { paths.iter().map(|p| std::fs::read(p).ok()).collect() };
     // Taken now, not when the future first runs: an edit made in between is still a change.
-    let mut last = snapshot();
-    async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
-            }
-            let now = snapshot();
-            if now != last {
-                last = now;
-                reload();
-            }
+    let seen = snapshot(&paths);
+    watch_contents_since(paths, seen, period, stop, reload)
+}
+
+/// The contents of `paths` now (`None` for one that cannot be read), for
+/// [`watch_contents_since`]: taken before a file is loaded, no edit after the load is missed.
+pub fn snapshot(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    paths.iter().map(|p| std::fs::read(p).ok()).collect()
+}
+
+/// [`watch_contents`], comparing with contents `seen` earlier.
+pub async fn watch_contents_since(
+    paths: Vec<PathBuf>,
+    mut seen: Vec<Option<Vec<u8>>>,
+    period: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut reload: impl FnMut(),
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let now = snapshot(&paths);
+        if now != seen {
+            seen = now;
+            reload();
         }
     }
 }
@@ -141,6 +175,19 @@ mod tests {
         assert!(rx.try_recv().is_err());
         stop.cancel();
         watch.await.unwrap();
+    }
+
+    #[test]
+    fn create_never_replaces_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("cluster.key");
+        create(&f, b"first", PRIVATE).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        let e = create(&f, b"second", PRIVATE).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(e.to_string().contains("cluster.key"), "{e}");
+        assert_eq!(std::fs::read(&f).unwrap(), b"first");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -145,12 +145,15 @@ pub struct ConnTimeouts {
     /// A connection with no request in flight for this long is closed (gracefully: h2 gets a
     /// GOAWAY).
     pub idle: Option<Duration>,
+    /// At shutdown, how long requests in flight may take to finish (else a short grace).
+    pub drain: Option<Duration>,
 }
 
 impl ConnTimeouts {
     pub const NONE: Self = Self {
         first_request: None,
         idle: None,
+        drain: None,
     };
 }
 
@@ -220,7 +223,8 @@ impl Activity {
 
 /// How often a connection without deadlines, or a busy one, looks at its state again.
 const IDLE_RECHECK: Duration = Duration::from_secs(3600);
-/// How long a connection closed by a deadline or shutdown may take to finish cleanly.
+/// How long a connection closed by a deadline (or by shutdown, without a drain deadline) may
+/// take to finish cleanly.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 struct ActivityGuard(Arc<Activity>);
@@ -264,16 +268,18 @@ pub async fn serve_connection<I, F, Fut, B>(
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
+    let grace = tokio::select! {
         _ = conn.as_mut() => return,
         expiry = activity.expired(timeouts) => match expiry {
             // Nothing was asked: nothing to finish.
             Expiry::NoRequest => return,
-            Expiry::Idle => conn.as_mut().graceful_shutdown(),
+            Expiry::Idle => CLOSE_GRACE,
         },
-        _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
-    }
-    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+        // Requests in flight finish within the drain deadline, as promised at shutdown.
+        _ = shutdown.cancelled() => timeouts.drain.unwrap_or(CLOSE_GRACE),
+    };
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(grace, conn).await;
 }
 
 /// Accepts connections on `listener` until `shutdown` fires, and hands each one within

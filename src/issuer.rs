@@ -387,22 +387,27 @@ pub fn run(cmd: IssuerCommand) -> Result<(), String> {
     }
 }
 
-/// A new key pair: `out` (private, 0600) and `out.pub`. A key is never overwritten: the one
-/// it would replace may still be published.
+/// A new key pair: `out` (private, 0600) and `out.pub`. A key is never overwritten, not even
+/// by a second `keygen` racing this one: the one it would replace may already be published.
 fn keygen(out: &Path, bits: usize) -> Result<(), String> {
     let public = out.with_extension("pub");
-    for path in [out, &public] {
-        if path.exists() {
-            return Err(format!(
-                "{} exists already: remove it first or choose another --out",
-                path.display()
-            ));
-        }
+    let exists = |path: &Path| {
+        format!(
+            "{} exists already: remove it first or choose another --out",
+            path.display()
+        )
+    };
+    // Early, before the key is generated; `create` below is what guarantees it.
+    if let Some(taken) = [out, &public].into_iter().find(|p| p.exists()) {
+        return Err(exists(taken));
     }
     let key = SigningKey::generate(bits).map_err(|e| e.to_string())?;
-    crate::files::write_private(out, key.private_pem().as_bytes()).map_err(|e| e.to_string())?;
-    crate::files::write_public(&public, key.public().to_pem().as_bytes())
-        .map_err(|e| e.to_string())?;
+    use crate::files::{create, PRIVATE, PUBLIC};
+    create(out, key.private_pem().as_bytes(), PRIVATE).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => exists(out),
+        _ => e.to_string(),
+    })?;
+    create(&public, key.public().to_pem().as_bytes(), PUBLIC).map_err(|e| e.to_string())?;
     println!(
         "kid {}\nprivate key {} (0600)\npublic key  {}",
         key.kid(),
@@ -530,8 +535,7 @@ mod tests {
                 .clone()
                 .watch(Duration::from_millis(20), stop.clone()),
         );
-        // The watcher takes its first look before the file changes.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The watcher took its first look when `watch` was called, before the file changes.
         std::fs::write(&b, "garbage").unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(

@@ -89,6 +89,7 @@ impl ServerConfig {
         ConnTimeouts {
             first_request: Some(self.header_read_timeout),
             idle: Some(self.idle_timeout),
+            drain: Some(self.drain_timeout),
         }
     }
 }

@@ -337,8 +337,10 @@ async fn sigterm_turns_not_ready_first_and_drains_every_request_in_flight() {
     let mut dev = common::DevProcess::start_with(
         state.path(),
         &[
+            // Longer than the shutdown delay plus any short grace a connection could be given
+            // at shutdown: the drain deadline is what lets these finish.
             "--entra-latency-ms",
-            "1500",
+            "8000",
             "--",
             "--shutdown-delay-secs=1",
             "--drain-timeout-secs=15",
@@ -360,7 +362,7 @@ async fn sigterm_turns_not_ready_first_and_drains_every_request_in_flight() {
     let token = std::fs::read_to_string(dev.get("allowed_token_file")).unwrap();
     let cid = dev.get("client_id");
 
-    // 200 requests in flight, each a cache miss waiting 1.5 s on Entra.
+    // 200 requests in flight, each a cache miss waiting 8 s on Entra.
     let client = Client::new(proxy, &dev.get("sni_name"), &ca, &[b"h2"]);
     let mut senders = Vec::new();
     for _ in 0..4 {

@@ -154,6 +154,11 @@ impl KubeEmulator {
         let key = load_or_create_key(&cfg.state_dir)?;
         let issuer = resolve_issuer(&cfg.state_dir, cfg.issuer.as_deref())?;
 
+        // Looked at before it is loaded: an edit from here on is applied by the watch.
+        let rbac_seen = cfg
+            .rbac_file
+            .as_ref()
+            .map(|p| crate::files::snapshot(std::slice::from_ref(p)));
         let policy = match &cfg.rbac_file {
             Some(path) => load_rbac_file(path)?,
             None => RbacPolicy::default(),
@@ -196,8 +201,8 @@ impl KubeEmulator {
 
         let server = tokio::spawn(serve(listener, inner.clone()));
         lock(&inner.tasks).push(server);
-        if let Some(path) = cfg.rbac_file.clone() {
-            let watcher = tokio::spawn(watch_rbac_file(inner.clone(), path));
+        if let (Some(path), Some(seen)) = (cfg.rbac_file.clone(), rbac_seen) {
+            let watcher = tokio::spawn(watch_rbac_file(inner.clone(), path, seen));
             lock(&inner.tasks).push(watcher);
         }
         tracing::info!(url = %inner.url, issuer = %inner.issuer, "kube-apiserver emulator listening");
@@ -1094,13 +1099,10 @@ fn read_rbac_file(path: &Path) -> anyhow::Result<RbacPolicy> {
 
 /// Applies the RBAC file whenever its content changes, until shutdown. A file that becomes
 /// unreadable or invalid leaves the current policy in place.
-async fn watch_rbac_file(inner: Arc<Inner>, path: PathBuf) {
+async fn watch_rbac_file(inner: Arc<Inner>, path: PathBuf, seen: Vec<Option<Vec<u8>>>) {
     let stop = inner.shutdown.clone();
-    crate::files::watch_contents(
-        vec![path.clone()],
-        RBAC_POLL,
-        stop,
-        || match read_rbac_file(&path) {
+    crate::files::watch_contents_since(vec![path.clone()], seen, RBAC_POLL, stop, || {
+        match read_rbac_file(&path) {
             Ok(policy) => {
                 inner.apply_policy(policy);
                 tracing::info!(file = %path.display(), "RBAC reloaded");
@@ -1111,8 +1113,8 @@ async fn watch_rbac_file(inner: Arc<Inner>, path: PathBuf) {
                     "RBAC file not reloaded; keeping the current policy"
                 )
             }
-        },
-    )
+        }
+    })
     .await
 }
 
