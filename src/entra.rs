@@ -186,10 +186,8 @@ impl EntraClient {
 /// What an answer other than 200 means for the caller: throttling and outages with the
 /// `Retry-After` to honour, Entra's own refusals passed through, anything else a bad gateway.
 fn refusal(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> ProxyError {
-    let retry_after = headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    // Entra's own, else ours: a caller always learns when to come back.
+    let retry_after = retry_after_secs(headers).unwrap_or(5);
     let entra_error = serde_json::from_slice::<ErrorBody>(body).ok();
     // Entra's own words, first line only, between `open` and `close`.
     let says = |open: &str, close: &str| {
@@ -202,7 +200,7 @@ fn refusal(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> ProxyE
     };
     if status == StatusCode::TOO_MANY_REQUESTS {
         return ProxyError::Throttled {
-            retry_after: retry_after.unwrap_or(5),
+            retry_after,
             description: format!(
                 "Entra is throttling token requests for this identity{}. Retry after the \
                  Retry-After interval.",
@@ -212,7 +210,7 @@ fn refusal(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> ProxyE
     }
     if status.is_server_error() {
         return ProxyError::Unavailable {
-            retry_after: retry_after.unwrap_or(5),
+            retry_after,
             description: format!("Entra answered {status}{}. Retry shortly.", says(": ", "")),
         };
     }
@@ -260,6 +258,12 @@ pub fn parse_token(body: &[u8], received: Instant) -> Result<IssuedToken, ProxyE
         refresh_in: raw.refresh_in.map(|r| r.min(expires_in)),
         received,
     })
+}
+
+/// `Retry-After` in whole seconds (the form Entra sends).
+fn retry_after_secs(headers: &http::HeaderMap) -> Option<u64> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse().ok()
 }
 
 fn status_label(status: StatusCode) -> &'static str {

@@ -156,6 +156,43 @@ pub(super) fn missing_key(
     ))
 }
 
+fn expired(unverified: &serde_json::Value) -> ProxyError {
+    let at = unverified["exp"].as_u64().map(|t| {
+        let exp = UNIX_EPOCH + Duration::from_secs(t);
+        format!(" at {}", crate::oauth::entra_timestamp(exp))
+    });
+    ProxyError::InvalidAssertion {
+        code: codes::ASSERTION_EXPIRED,
+        description: format!(
+            "The service-account token expired{}. Kubelet rotates projected tokens: read \
+             AZURE_FEDERATED_TOKEN_FILE again before each token request.",
+            at.unwrap_or_default()
+        ),
+    }
+}
+
+fn missing_claim(claim: &str) -> ProxyError {
+    ProxyError::invalid_assertion(format!(
+        "The service-account token has no '{claim}' claim; it is not a projected \
+         service-account token."
+    ))
+}
+
+/// The claims are deserialized before jsonwebtoken checks required claims, so a missing claim
+/// surfaces as a JSON error: name the claim instead, else say the token cannot be read.
+fn unreadable(unverified: &serde_json::Value) -> ProxyError {
+    let missing = ["exp", "iss", "aud", "sub"]
+        .into_iter()
+        .find(|c| unverified.is_object() && unverified.get(c).is_none());
+    match missing {
+        Some(claim) => missing_claim(claim),
+        None => ProxyError::invalid_assertion(
+            "The service-account token could not be read as a signed JWT. Send the \
+             projected token from AZURE_FEDERATED_TOKEN_FILE as client_assertion.",
+        ),
+    }
+}
+
 fn describe_jwt_error(
     e: jsonwebtoken::errors::Error,
     token: &str,
@@ -165,14 +202,7 @@ fn describe_jwt_error(
     use jsonwebtoken::errors::ErrorKind;
     let unverified = unverified_claims(token);
     match e.kind() {
-        ErrorKind::ExpiredSignature => ProxyError::InvalidAssertion {
-            code: codes::ASSERTION_EXPIRED,
-            description: format!(
-                "The service-account token expired{}. Kubelet rotates projected tokens: \
-                 read AZURE_FEDERATED_TOKEN_FILE again before each token request.",
-                unverified["exp"].as_u64().map(|t| format!(" at {}", crate::oauth::entra_timestamp(UNIX_EPOCH + Duration::from_secs(t)))).unwrap_or_default()
-            ),
-        },
+        ErrorKind::ExpiredSignature => expired(&unverified),
         ErrorKind::ImmatureSignature => ProxyError::InvalidAssertion {
             code: codes::ASSERTION_EXPIRED,
             description: "The service-account token is not valid yet (nbf is in the future). Check the node's clock.".into(),
@@ -189,30 +219,13 @@ fn describe_jwt_error(
             crate::token::printable(unverified["iss"].as_str().unwrap_or("<none>"), 200),
             issuer
         )),
-        ErrorKind::MissingRequiredClaim(claim) => ProxyError::invalid_assertion(format!(
-            "The service-account token has no '{claim}' claim; it is not a projected \
-             service-account token."
-        )),
+        ErrorKind::MissingRequiredClaim(claim) => missing_claim(claim),
         ErrorKind::InvalidSignature => ProxyError::invalid_assertion(
             "The service-account token's signature is not valid for this cluster's \
              service-account issuer key. Use the unmodified token from \
              AZURE_FEDERATED_TOKEN_FILE.",
         ),
-        // The claims are deserialized before jsonwebtoken checks required claims, so a
-        // missing `exp` surfaces as a JSON error: name the claim instead.
-        _ => match ["exp", "iss", "aud", "sub"]
-            .into_iter()
-            .find(|c| unverified.is_object() && unverified.get(c).is_none())
-        {
-            Some(claim) => ProxyError::invalid_assertion(format!(
-                "The service-account token has no '{claim}' claim; it is not a projected \
-                 service-account token."
-            )),
-            None => ProxyError::invalid_assertion(
-                "The service-account token could not be read as a signed JWT. Send the \
-                 projected token from AZURE_FEDERATED_TOKEN_FILE as client_assertion.",
-            ),
-        },
+        _ => unreadable(&unverified),
     }
 }
 
