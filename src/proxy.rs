@@ -139,7 +139,7 @@ impl App {
             other => return token::answer_other(other, &parts, conn.sni.as_deref()),
         };
         let body = read_request_body(body, self.max_body_bytes, self.body_timeout, &mut permit);
-        let req = token::parse_request(path_tenant, &parts, &body.await?)?;
+        let mut req = token::parse_request(path_tenant, &parts, &body.await?)?;
         trace.client_id = Some(req.client_id.clone());
         trace.scope = Some(req.scope.clone());
         let caller = self.authn.authenticate(&req.assertion).await?;
@@ -147,16 +147,15 @@ impl App {
         // On EVERY request, before the cache, and before anything that could tell an
         // unauthorized caller whether or where this identity is bound.
         self.authz.authorize(&caller, &req.client_id).await?;
-        let key = self.cache_key(&req, conn)?;
-        let issued = self
-            .token(key, req.claims.as_deref(), &caller, trace)
-            .await?;
+        let claims = req.claims.take();
+        let key = self.cache_key(req, conn)?;
+        let issued = self.token(key, claims.as_deref(), &caller, trace).await?;
         Ok(token_response(&issued))
     }
 
     /// The identity's binding, in the tenant the request and its SNI name's profile ask for,
     /// as the cache key of the token asked for.
-    fn cache_key(&self, req: &token::TokenRequest, conn: &ConnInfo) -> Result<CacheKey> {
+    fn cache_key(&self, req: token::TokenRequest, conn: &ConnInfo) -> Result<CacheKey> {
         let profile = self.profile(conn.sni.as_deref());
         let tenants = [
             (profile.tenant.as_deref(), "this SNI name's profile"),
@@ -167,7 +166,7 @@ impl App {
             authority: profile.authority_key.clone(),
             tenant: binding.tenant_id,
             client_id: binding.client_id,
-            scopes: req.scope.clone(),
+            scopes: req.scope,
         })
     }
 

@@ -334,6 +334,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_handshake_failure_reason_has_its_series() {
+        let every = [
+            HandshakeError::UnknownName,
+            HandshakeError::NoName,
+            HandshakeError::Tls("x".into()),
+            HandshakeError::Timeout,
+            HandshakeError::Closed,
+        ];
+        for e in every {
+            assert!(HANDSHAKE_FAILURES.contains(&e.reason()), "{}", e.reason());
+        }
+    }
+
+    #[test]
     fn tls_entries_parse() {
         let e: TlsEntry = "Proxy.Example=/c.pem,/k.pem".parse().unwrap();
         assert_eq!(e.name, "proxy.example");

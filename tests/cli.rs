@@ -92,22 +92,12 @@ fn flags_read_their_environment_variables() {
 #[test]
 fn issuer_keygen_publish_and_fic() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster1.key");
-    let out = bin()
-        .args(["issuer", "keygen", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (public, _) = keygen(dir.path(), "cluster1");
+    let key = public.with_extension("key");
     assert_eq!(
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let public = key.with_extension("pub");
     assert!(std::fs::read_to_string(&public)
         .unwrap()
         .contains("BEGIN PUBLIC KEY"));
