@@ -706,7 +706,7 @@ fn example_app_pod_opts_into_identity_binding_and_is_granted_its_identity() {
     );
     assert_eq!(
         // The webhook (v1.6.0, pkg/webhook/webhook.go) waits for `azure.workload.identity/use-`
-        // + its suffix; tests/real_kubernetes.rs checks the same against the real webhook.
+        // + its suffix; tests/real_kubernetes/ checks the same against the real webhook.
         pod["metadata"]["annotations"][format!("azure.workload.identity/use-{suffix}")],
         "true"
     );
