@@ -80,6 +80,12 @@ impl Authorizer {
         }
     }
 
+    /// Changes whenever cached decisions may have been dropped: whatever was derived from a
+    /// decision read under an older generation must be read again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Drops every cached decision (RBAC changed).
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
