@@ -6,7 +6,9 @@ warns and passes. So the rendering is split: built-in kinds go to kubernetes-val
 it (no unknown fields), against
   - the CRD schemas of a cert-manager release when given (CERT_MANAGER_CRDS=cert-manager.crds.yaml),
   - else the schemas of the PyPI package cloudcoil-models-cert-manager, which are generated
-    from cert-manager's CRDs.
+    from cert-manager's CRDs;
+and the Prometheus operator's kinds (the chart's PodMonitor and PrometheusRule) against the
+schemas of the PyPI package cloudcoil-models-prometheus-operator, generated from its CRDs.
 Any other kind fails.
 
   split RENDERED BUILTIN_OUT CUSTOM_OUT
@@ -25,7 +27,7 @@ BUILTIN_GROUPS = {
     "discovery.k8s.io", "node.k8s.io", "certificates.k8s.io", "apiextensions.k8s.io",
 }
 # Custom resource groups we know how to validate.
-CUSTOM_GROUPS = {"cert-manager.io"}
+CUSTOM_GROUPS = {"cert-manager.io", "monitoring.coreos.com"}
 
 
 def group_of(doc):
@@ -102,6 +104,17 @@ def load_package_schemas():
     return schemas, source
 
 
+def load_monitoring_schemas():
+    """The Prometheus operator's kinds the chart can render (PodMonitor, PrometheusRule), from
+    the PyPI package cloudcoil-models-prometheus-operator (generated from its CRDs)."""
+    from importlib.metadata import version
+    from cloudcoil.models.prometheus_operator import v1
+    source = f"cloudcoil-models-prometheus-operator {version('cloudcoil-models-prometheus-operator')}"
+    return {("monitoring.coreos.com/v1", m.__name__):
+            (strict(m.model_json_schema(by_alias=True, mode="validation")), source)
+            for m in (v1.PodMonitor, v1.PrometheusRule)}
+
+
 def leaf_errors(error):
     """The errors that say what is wrong, rather than 'matched none of anyOf [model, null]'."""
     if not error.context:
@@ -120,11 +133,16 @@ def crds(custom_file, crds_file=None):
         schemas, source = load_crd_schemas(crds_file), crds_file
     else:
         schemas, source = load_package_schemas()
+    sources = {key: source for key in schemas}
+    if any(group_of(d) == "monitoring.coreos.com" for d in docs):
+        for key, (schema, monitoring_source) in load_monitoring_schemas().items():
+            schemas[key], sources[key] = schema, monitoring_source
     failed = False
     for doc in docs:
         schema = schemas.get((doc["apiVersion"], doc["kind"]))
+        doc_source = sources.get((doc["apiVersion"], doc["kind"]), source)
         if schema is None:
-            print(f"  FAIL {name_of(doc)}: {source} has no schema for {doc['apiVersion']} {doc['kind']}")
+            print(f"  FAIL {name_of(doc)}: {doc_source} has no schema for {doc['apiVersion']} {doc['kind']}")
             failed = True
             continue
         errors = [leaf for e in jsonschema.Draft202012Validator(schema).iter_errors(doc) for leaf in leaf_errors(e)]
@@ -132,7 +150,7 @@ def crds(custom_file, crds_file=None):
             print(f"  FAIL {name_of(doc)}: {'.'.join(map(str, e.absolute_path))}: {e.message}")
         failed |= bool(errors)
         if not errors:
-            print(f"  ok   {name_of(doc)} against {source}")
+            print(f"  ok   {name_of(doc)} against {doc_source}")
     if failed:
         sys.exit(1)
 

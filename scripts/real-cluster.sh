@@ -33,6 +33,8 @@ K8S_VERSION=v1.37.2
 ETCD_VERSION=v3.6.16
 WEBHOOK_VERSION=v1.6.0
 HELM_VERSION=v3.22.0
+# Built only when asked for by name (`build promtool`): the alert-rule and metric checks.
+PROMTOOL_VERSION=v0.316.0
 
 LOGS=${LOGS:-/tmp}
 fail() { # STEP LOG
@@ -94,6 +96,9 @@ build_all() { # [COMPONENT...]: prints the directories of the built binaries, on
     github.com/Azure/azure-workload-identity/cmd/webhook
   [[ $want != *" helm "* ]] || build_component helm "$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+  [[ $want != *" promtool "* ]] || build_component promtool "$PROMTOOL_VERSION" \
+    "-X github.com/prometheus/common/version.Version=$PROMTOOL_VERSION" \
+    github.com/prometheus/prometheus/cmd/promtool
 }
 
 link_bins() { # DIR/bin: one directory with every binary
