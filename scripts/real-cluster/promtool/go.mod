@@ -1,4 +1,5 @@
-// Builds promtool at a pinned version (alert-rule unit tests, metric-name lint).
+// Builds promtool at a pinned version (alert-rule unit tests, metric-name lint), with
+// -tags=remove_all_sd (scripts/real-cluster.sh): no service-discovery plugins.
 module identity-binding-proxy/real-cluster/promtool
 
 go 1.26.7
