@@ -4,7 +4,12 @@
 //! what the proxy calls, a certificate that names the SNI and the Service, and webhook
 //! settings that point at all of it. Schema validity is `deploy/check.sh`'s job.
 //!
-//! Needs `kubectl` on the PATH; without it these tests fail, they do not skip.
+//! The Helm chart (charts/identity-binding-proxy) is held to the same properties with each of
+//! its ci/ value sets, and to its own: a values.schema.json that names a wrong value, the
+//! kustomize manifests as its exact rendering, the alert rules as its PrometheusRule.
+//!
+//! Needs `kubectl` on the PATH, and helm (the pinned build of `scripts/real-cluster.sh build
+//! helm`, or $HELM); without them these tests fail, they do not skip.
 
 #![forbid(unsafe_code)]
 
@@ -45,9 +50,14 @@ fn render(dir: &Path) -> Vec<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("kustomize prints UTF-8");
-    serde_norway::Deserializer::from_str(&text)
+    parse_docs(&text)
+}
+
+/// A multi-document YAML stream, one JSON value per object.
+fn parse_docs(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
         .map(|doc| {
-            let yaml = serde_norway::Value::deserialize(doc).expect("kustomize prints valid YAML");
+            let yaml = serde_norway::Value::deserialize(doc).expect("valid YAML");
             serde_json::to_value(yaml).expect("Kubernetes objects are JSON-compatible")
         })
         .filter(|v| !v.is_null())
@@ -78,6 +88,15 @@ fn renderings() -> Vec<(String, Vec<Value>)> {
             .display()
             .to_string();
         all.push((name, render(&dir)));
+    }
+    // The Helm chart, with each value set deploy/check.sh validates: held to the same
+    // properties as the kustomize manifests.
+    for values in chart_value_sets() {
+        let name = format!("{CHART} with {}", values.display());
+        all.push((
+            name,
+            parse_docs(&helm_template(&["-f", &values.to_string_lossy()])),
+        ));
     }
     all
 }
@@ -767,4 +786,231 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         }
     }
     assert!(queries >= 10, "{queries} queries");
+}
+
+// ------------------------------------------------------------------------------ the Helm chart
+
+const CHART: &str = "charts/identity-binding-proxy";
+
+/// helm: $HELM, else the real-cluster harness's pinned build (built on first use).
+fn helm() -> PathBuf {
+    if let Some(h) = std::env::var_os("HELM") {
+        return PathBuf::from(h);
+    }
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/real-cluster.sh"))
+        .args(["build", "helm"])
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "scripts/real-cluster.sh build helm failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next_back()
+        .expect("the build prints its directory")
+        .to_string();
+    Path::new(&dir).join("helm")
+}
+
+/// `helm template` of the chart as release identity-binding-proxy in its namespace.
+fn helm_template_out(args: &[&str]) -> std::process::Output {
+    Command::new(helm())
+        .current_dir(repo())
+        .args(["template", PROXY, CHART, "--namespace", NAMESPACE])
+        .args(["--kube-version", "1.33.0"])
+        .args(args)
+        .output()
+        .expect("helm runs")
+}
+
+fn helm_template(args: &[&str]) -> String {
+    let out = helm_template_out(args);
+    assert!(
+        out.status.success(),
+        "helm template {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("helm prints UTF-8")
+}
+
+/// The chart's ci/ value sets, relative to the repository.
+fn chart_value_sets() -> Vec<PathBuf> {
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(repo().join(CHART).join("ci"))
+        .expect("the chart has ci/ value sets")
+        .map(|e| {
+            let p = e.expect("readable directory entry").path();
+            p.strip_prefix(repo()).unwrap().to_path_buf()
+        })
+        .collect();
+    sets.sort();
+    assert!(sets.len() >= 3, "{sets:?}");
+    sets
+}
+
+/// A wrong value fails the install (helm validates values.schema.json on install, upgrade
+/// and template alike) with a message naming the value; the required ones are required.
+#[test]
+fn chart_schema_refuses_wrong_values_naming_them() {
+    let good = [
+        "--set",
+        "issuer.url=https://issuer.example.com/{tenant}/{client_id}",
+        "--set",
+        "issuer.keySecretName=issuer-key",
+    ];
+    helm_template(&good);
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--set", "issuer.url=http://issuer.example.com/x"],
+            "/issuer/url",
+        ),
+        (
+            &[
+                "--set",
+                "issuer.url=https://issuer.example.com/{tenant}?a=b",
+            ],
+            "/issuer/url",
+        ),
+        (
+            &["--set", "issuer.url=https://issuer.example.com/{cluster}"],
+            "/issuer/url",
+        ),
+        (&["--set", "issuer.keySecretName="], "/issuer/keySecretName"),
+        (&["--set", "tls.source=vault"], "/tls/source"),
+        (&["--set", "authnMode=review"], "/authnMode"),
+        (
+            &[
+                "--set",
+                "bindings[0].clientId=not-a-uuid,bindings[0].tenantId=x",
+            ],
+            "/bindings/0/clientId",
+        ),
+        (&["--set", "imageTag=1.0"], "imageTag"),
+    ];
+    for (more, named) in cases {
+        let args: Vec<&str> = good.iter().chain(more).copied().collect();
+        let out = helm_template_out(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{more:?} must be refused");
+        assert!(
+            stderr.contains("values don't meet the specifications of the schema")
+                && stderr.contains(named),
+            "{more:?}: the error names {named}:\n{stderr}"
+        );
+    }
+    // Neither the issuer URL nor the key Secret has a default.
+    let out = helm_template_out(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for named in ["/issuer/url", "/issuer/keySecretName"] {
+        assert!(stderr.contains(named), "{named}:\n{stderr}");
+    }
+}
+
+/// deploy/base, its settings and the cert-manager overlay's objects are the chart's rendering
+/// (scripts/render-deploy.sh --check), and the check catches a hand edit.
+#[test]
+fn kustomize_manifests_are_the_charts_rendering_and_drift_fails() {
+    let helm = helm();
+    let check = |root: &Path| {
+        Command::new("bash")
+            .arg(root.join("scripts/render-deploy.sh"))
+            .arg("--check")
+            .env("HELM", &helm)
+            .output()
+            .expect("bash runs")
+    };
+    let out = check(&repo());
+    assert!(
+        out.status.success(),
+        "deploy/ differs from the chart:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A copy with one hand-edited manifest fails, naming the file.
+    let copy = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .args(["-r", "charts", "deploy", "scripts"])
+        .arg(copy.path())
+        .current_dir(repo())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let edited = copy.path().join("deploy/base/service.yaml");
+    let text = std::fs::read_to_string(&edited).unwrap();
+    std::fs::write(&edited, text.replace("port: 443", "port: 8443")).unwrap();
+    let out = check(copy.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a hand edit must fail the check");
+    assert!(
+        stderr.contains("DRIFT: deploy/base/service.yaml"),
+        "{stderr}"
+    );
+}
+
+/// The chart's PrometheusRule carries exactly deploy/monitoring/alerts.yaml, and its PodMonitor
+/// scrapes the admin port the proxy serves /metrics on.
+#[test]
+fn chart_monitoring_objects_carry_the_alert_rules_and_scrape_the_admin_port() {
+    let docs = parse_docs(&helm_template(&[
+        "-f",
+        &format!("{CHART}/ci/monitoring-values.yaml"),
+    ]));
+    let rule = named(&docs, "PrometheusRule", PROXY);
+    let file: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/monitoring/alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"], file, "the PrometheusRule is alerts.yaml");
+
+    let monitor = named(&docs, "PodMonitor", PROXY);
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let container = proxy_container(&docs);
+    assert_eq!(
+        container_port(container, &endpoint["port"]),
+        port_of(&proxy_env(&docs)["IBP_ADMIN_LISTEN"])
+    );
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    let pod_labels = &daemonset(&docs)["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in selector {
+        assert_eq!(&pod_labels[k], v, "the PodMonitor selects the proxy's pods");
+    }
+
+    // Off by default: no Prometheus operator kinds unless asked for.
+    let defaults = parse_docs(&helm_template(&[
+        "-f",
+        &format!("{CHART}/ci/cert-manager-values.yaml"),
+    ]));
+    assert!(kind(&defaults, "PrometheusRule").is_empty());
+    assert!(kind(&defaults, "PodMonitor").is_empty());
+}
+
+/// Changing a setting read once at start rolls the DaemonSet (the pods carry its checksum),
+/// and the settings reach the proxy's environment.
+#[test]
+fn chart_settings_reach_the_proxy_and_changing_them_rolls_the_pods() {
+    let render = |url: &str| {
+        parse_docs(&helm_template(&[
+            "-f",
+            &format!("{CHART}/ci/cert-manager-values.yaml"),
+            "--set",
+            &format!("issuer.url={url}"),
+        ]))
+    };
+    let a = render("https://a.example/{tenant}/{client_id}");
+    let b = render("https://b.example/{tenant}/{client_id}");
+    assert_eq!(
+        proxy_env(&a)["IBP_ISSUER_URL"],
+        "https://a.example/{tenant}/{client_id}"
+    );
+    let checksum = |docs: &[Value]| {
+        daemonset(docs)["spec"]["template"]["metadata"]["annotations"]["checksum/settings"].clone()
+    };
+    assert!(checksum(&a).is_string());
+    assert_ne!(checksum(&a), checksum(&b));
 }

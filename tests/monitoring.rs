@@ -184,7 +184,11 @@ fn alerts_cover_every_condition_operators_page_on_with_runbooks_and_exported_met
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests_for_every_alert() {
     let out = promtool(&["check", "rules", ALERTS], None);
-    assert!(out.status.success(), "promtool check rules:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}",
+        text(&out)
+    );
     assert!(
         text(&out).contains(&format!("SUCCESS: {} rules found", alerts().len())),
         "{}",
