@@ -794,6 +794,11 @@ const CHART: &str = "charts/identity-binding-proxy";
 
 /// helm: $HELM, else the real-cluster harness's pinned build (built on first use).
 fn helm() -> PathBuf {
+    static HELM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HELM.get_or_init(find_helm).clone()
+}
+
+fn find_helm() -> PathBuf {
     if let Some(h) = std::env::var_os("HELM") {
         return PathBuf::from(h);
     }
