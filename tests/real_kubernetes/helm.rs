@@ -50,6 +50,7 @@ fn helm_install_is_accepted_and_serve_is_ready_as_the_charts_service_account() {
     // 1. Wrong values: refused by the schema, naming the value; nothing is installed.
     for (set, named) in [
         ("issuer.url=http://issuer.example.com/x", "/issuer/url"),
+        ("issuer.keySecretName=", "/issuer/keySecretName"),
         ("tls.source=vault", "/tls/source"),
     ] {
         let out = helm(
