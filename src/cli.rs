@@ -27,6 +27,8 @@ pub enum Command {
     /// Run the proxy (production).
     Serve(Box<ServeArgs>),
     /// Run the whole system on loopback: kube and Entra emulators, issuer host, and the proxy.
+    /// Unlike Entra (and `emulate entra`), dev's Entra emulator applies FIC and issuer key
+    /// changes at once instead of after minutes.
     #[cfg(feature = "emulators")]
     Dev(DevArgs),
     /// Run one emulator alone.
@@ -375,10 +377,15 @@ pub struct EmulateEntraArgs {
     pub token_lifetime_secs: u64,
     #[arg(long, env = "IBP_LATENCY_MS", default_value_t = 0)]
     pub latency_ms: u64,
-    /// Reuse an assertion issuer's discovery document and JWKS for this long, as Entra does
-    /// (0: fetch them for every exchange, so a removed key fails the next call at once).
-    #[arg(long, env = "IBP_ISSUER_METADATA_TTL_SECS", default_value_t = 0)]
+    /// Reuse an assertion issuer's discovery document and JWKS for this long, as Entra does:
+    /// meanwhile a newly published key is refused (AADSTS7000272) and a removed one still
+    /// verifies. 0: fetch them for every exchange, so key changes act at once.
+    #[arg(long, env = "IBP_ISSUER_METADATA_TTL_SECS", default_value_t = 300)]
     pub issuer_metadata_ttl_secs: u64,
+    /// A FIC added or removed at run time takes this long to apply, as in Entra (AADSTS70021
+    /// meanwhile for a new one; a removed one keeps matching). 0: at once.
+    #[arg(long, env = "IBP_FIC_PROPAGATION_SECS", default_value_t = 60)]
+    pub fic_propagation_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]
