@@ -70,6 +70,26 @@ pub struct ServeArgs {
     pub admin: AdminArgs,
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub key_activation: KeyActivationArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Issuer key activation")]
+pub struct KeyActivationArgs {
+    /// A newly loaded issuer key signs only after it has been in the published JWKS of every
+    /// bound identity for this long (Entra caches issuer keys for minutes and refuses a key it
+    /// does not know yet); until then the previous key signs. 0: the last --issuer-key signs
+    /// at once.
+    #[arg(
+        long,
+        env = "IBP_ISSUER_KEY_ACTIVATION_DELAY_SECS",
+        default_value_t = 900
+    )]
+    pub issuer_key_activation_delay_secs: u64,
+    /// How often the published issuer documents are read for key activation.
+    #[arg(long, env = "IBP_ISSUER_KEY_CHECK_SECS", default_value_t = 30)]
+    pub issuer_key_check_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -530,7 +530,11 @@ impl Shared {
         let entries = state.fics.entry(fic.client_id.clone()).or_default();
         // A removal that has propagated is forgotten.
         entries.retain(|e| e.gone.is_none_or(|g| now < g));
-        let existing: Vec<&Fic> = entries.iter().filter(|e| e.listed()).map(|e| &e.fic).collect();
+        let existing: Vec<&Fic> = entries
+            .iter()
+            .filter(|e| e.listed())
+            .map(|e| &e.fic)
+            .collect();
         if existing.len() >= MAX_FICS_PER_IDENTITY {
             return Err(FicError::LimitReached {
                 client_id: fic.client_id,
@@ -1263,12 +1267,9 @@ impl Rejection {
             "AADSTS{}: {}{sep}Trace ID: {}{sep}Correlation ID: {}{sep}Timestamp: {}",
             self.code, self.message, body.trace_id, body.correlation_id, body.timestamp
         );
-        body.error_uri = style.error_uri.then(|| {
-            format!(
-                "https://login.microsoftonline.com/error?code={}",
-                self.code
-            )
-        });
+        body.error_uri = style
+            .error_uri
+            .then(|| format!("https://login.microsoftonline.com/error?code={}", self.code));
         let mut resp = crate::http::json(self.status, body.to_json());
         add_request_ids(resp.headers_mut(), &body.trace_id, correlation);
         if let Some(secs) = self.retry_after {
@@ -2194,7 +2195,10 @@ mod tests {
         // Meanwhile the removed key still verifies, from the cached JWKS.
         assert_eq!(old.exchange(&old.assertion()).await.status, StatusCode::OK);
         assert_eq!(new.emu.stats().issuer_metadata_fetches, 1);
-        assert!(fetched_at.elapsed() < ttl, "the test ran slower than the TTL");
+        assert!(
+            fetched_at.elapsed() < ttl,
+            "the test ran slower than the TTL"
+        );
         tokio::time::sleep(ttl.saturating_sub(fetched_at.elapsed()) + Duration::from_millis(100))
             .await;
         // Expired: fetched again; the new key verifies and the removed one no longer does.
@@ -2510,8 +2514,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_new_fic_answers_aadsts70021_until_it_propagates_and_a_removed_one_matches_meanwhile(
-    ) {
+    async fn a_new_fic_answers_aadsts70021_until_it_propagates_and_a_removed_one_matches_meanwhile()
+    {
         // Real time, short: the FICs' propagation times are std Instants.
         let delay = Duration::from_millis(1500);
         let f = fixture_timed(false, Duration::ZERO, delay).await;
@@ -2539,7 +2543,10 @@ mod tests {
         assert!(f.emu.remove_fic(CLIENT, "workload"));
         assert_eq!(f.emu.fics(CLIENT).len(), 1);
         assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
-        assert!(added.elapsed() < delay, "the test ran slower than the delay");
+        assert!(
+            added.elapsed() < delay,
+            "the test ran slower than the delay"
+        );
         tokio::time::sleep(delay + Duration::from_millis(100)).await;
         // The new one now gets past the issuer match (its documents are unreachable here).
         f.exchange(&other)
