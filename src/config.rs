@@ -45,6 +45,8 @@ pub struct ProxyConfig {
     pub refresh_tick: Duration,
     /// When a newly loaded issuer key may sign.
     pub key_activation: crate::activation::ActivationConfig,
+    /// How a "no matching FIC" answer is retried while a new FIC may be propagating.
+    pub fic_propagation: crate::entra::FicPropagation,
 }
 
 /// The serving certificates, by SNI name.
@@ -155,6 +157,10 @@ impl ProxyConfig {
             key_activation: crate::activation::ActivationConfig {
                 delay: secs(a.key_activation.issuer_key_activation_delay_secs),
                 check_period: deadline(a.key_activation.issuer_key_check_secs),
+            },
+            fic_propagation: crate::entra::FicPropagation {
+                retries: a.fic_propagation.fic_propagation_retries,
+                backoff: Duration::from_millis(a.fic_propagation.fic_propagation_backoff_ms),
             },
         })
     }

@@ -1,7 +1,9 @@
 //! Step 5b: the token exchange with Entra. `POST {authority}/{tenant}/oauth2/v2.0/token` with our
 //! own assertion. Transient failures (network errors, 5xx) are retried a bounded number of
 //! times with jittered backoff; 429 is answered to the caller with Entra's `Retry-After`; an
-//! error Entra returned is passed through with its status, codes and description.
+//! error Entra returned is passed through with its status, codes and description. An identity
+//! this proxy has not yet got a token for may have a FIC Entra has not applied yet: its
+//! AADSTS70021 is retried a bounded number of times, and then says so.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +29,27 @@ const MAX_ATTEMPTS: u32 = 3;
 const BACKOFF: Duration = Duration::from_millis(200);
 /// Largest token response accepted from Entra.
 const MAX_RESPONSE: usize = 256 * 1024;
+/// Entra's answer when no FIC matches the assertion, also while a new FIC propagates.
+const NO_MATCHING_FIC: u64 = 70021;
+
+/// How an AADSTS70021 is retried for an identity without a token from this proxy yet. Entra
+/// applies a new FIC after a delay (seconds to minutes) and answers 70021 meanwhile; Microsoft
+/// tells callers to retry. Zero retries answers at once (with the hint).
+#[derive(Clone, Debug)]
+pub struct FicPropagation {
+    pub retries: u32,
+    /// First wait; doubled per retry, with ±50 % jitter.
+    pub backoff: Duration,
+}
+
+impl Default for FicPropagation {
+    fn default() -> Self {
+        Self {
+            retries: 0,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
 
 /// An access token from Entra.
 #[derive(Clone)]
@@ -106,6 +129,10 @@ pub struct EntraClient {
     http: HttpClient,
     timeout: Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    fic_propagation: FicPropagation,
+    /// Client-ids Entra issued a token for through this proxy: their FIC has propagated, so
+    /// a 70021 for them is a real mismatch. Bounded by the bound identities.
+    served: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl EntraClient {
@@ -118,10 +145,59 @@ impl EntraClient {
             http,
             timeout,
             metrics,
+            fic_propagation: FicPropagation::default(),
+            served: Default::default(),
         }
     }
 
+    /// Retries AADSTS70021 for identities without a token yet, as `config` says.
+    pub fn with_fic_propagation(mut self, config: FicPropagation) -> Self {
+        self.fic_propagation = config;
+        self
+    }
+
+    fn has_served(&self, client_id: &str) -> bool {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(client_id)
+    }
+
+    /// One exchange; while the identity has had no token from this proxy, a 70021 (the FIC
+    /// may still be propagating) is retried with backoff, and the final one says so.
     pub async fn exchange(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
+        let mut retries = 0;
+        loop {
+            let outcome = self.exchange_once(ex).await;
+            match outcome {
+                Ok(token) => {
+                    if !self.has_served(ex.client_id) {
+                        self.served
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(ex.client_id.to_string());
+                    }
+                    return Ok(token);
+                }
+                Err(e) if is_no_matching_fic(&e) && !self.has_served(ex.client_id) => {
+                    if retries >= self.fic_propagation.retries {
+                        return Err(with_propagation_hint(e));
+                    }
+                    retries += 1;
+                    let wait = self.fic_propagation.backoff * 2u32.saturating_pow(retries - 1);
+                    tracing::info!(
+                        client_id = ex.client_id,
+                        retry = retries,
+                        "Entra found no matching FIC for an identity without a token yet; the FIC may still be propagating, retrying"
+                    );
+                    tokio::time::sleep(wait.mul_f64(rand::random_range(0.5..1.5))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn exchange_once(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
             ex.authority.trim_end_matches('/'),
@@ -281,6 +357,28 @@ fn status_label(status: StatusCode) -> &'static str {
         s if (500..600).contains(&s) => "5xx",
         // Not an answer Entra gives: bounded all the same.
         _ => "other",
+    }
+}
+
+fn is_no_matching_fic(e: &ProxyError) -> bool {
+    matches!(e, ProxyError::Upstream { body, .. } if body.error_codes.contains(&NO_MATCHING_FIC))
+}
+
+/// Entra's 70021 for an identity without a token yet, with what it may mean added to its
+/// description (its codes, status and the rest of its words untouched).
+fn with_propagation_hint(e: ProxyError) -> ProxyError {
+    match e {
+        ProxyError::Upstream { status, mut body } => {
+            body.error_description = format!(
+                "{} (identity-binding-proxy: this identity has had no token through this proxy \
+                 yet, and Entra applies a newly created federated identity credential only \
+                 after a delay of up to a few minutes: if the FIC was just created, it may \
+                 still be propagating; retry in a minute.)",
+                body.error_description
+            );
+            ProxyError::Upstream { status, body }
+        }
+        other => other,
     }
 }
 

@@ -183,11 +183,10 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         budgets.clone(),
         metrics.clone(),
     ));
-    let entra = Arc::new(EntraClient::new(
-        crate::http::client(),
-        config.entra.timeout,
-        metrics.clone(),
-    ));
+    let entra = Arc::new(
+        EntraClient::new(crate::http::client(), config.entra.timeout, metrics.clone())
+            .with_fic_propagation(config.fic_propagation.clone()),
+    );
     let exchanger = Arc::new(Exchanger {
         bindings: bindings.clone(),
         issuer: issuer.clone(),

@@ -360,7 +360,7 @@ struct Shared {
     client: HttpClient,
     state: Mutex<State>,
     issuer_metadata_ttl: Duration,
-    fic_propagation: Duration,
+    fic_propagation: Mutex<Duration>,
     /// Issuer JWKS by issuer URL, with the time they were fetched.
     issuer_metadata: Mutex<HashMap<String, (Value, Instant)>>,
 }
@@ -418,7 +418,7 @@ impl EntraEmulator {
             signing,
             client: crate::http::client(),
             issuer_metadata_ttl: cfg.issuer_metadata_ttl,
-            fic_propagation: cfg.fic_propagation,
+            fic_propagation: Mutex::new(cfg.fic_propagation),
             issuer_metadata: Mutex::default(),
             state: Mutex::new(State {
                 fics: BTreeMap::new(),
@@ -488,6 +488,11 @@ impl EntraEmulator {
         lock(&self.handle.shared.state).token_lifetime = d;
     }
 
+    /// Changes the FIC propagation delay for changes made from now on.
+    pub fn set_fic_propagation(&self, d: Duration) {
+        *lock(&self.handle.shared.fic_propagation) = d;
+    }
+
     pub fn set_body_style(&self, style: BodyStyle) {
         lock(&self.handle.shared.state).body_style = style;
     }
@@ -510,7 +515,8 @@ impl EntraEmulator {
 
 impl Shared {
     fn add_fic(&self, fic: Fic) -> Result<Fic, FicError> {
-        self.add_fic_effective(fic, self.fic_propagation)
+        let delay = *lock(&self.fic_propagation);
+        self.add_fic_effective(fic, delay)
     }
 
     /// Registers `fic`, matching once `delay` has passed.
@@ -576,7 +582,7 @@ impl Shared {
         let Some(list) = state.fics.get_mut(client_id) else {
             return false;
         };
-        let gone = Instant::now() + self.fic_propagation;
+        let gone = Instant::now() + *lock(&self.fic_propagation);
         match list.iter_mut().find(|e| e.listed() && e.fic.name == name) {
             Some(entry) => {
                 // Gone from the management view at once; Entra keeps matching it meanwhile.
