@@ -534,6 +534,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn with_activation_the_chosen_key_signs_and_the_first_until_one_is_chosen() {
+        let old = SigningKey::generate(2048).unwrap();
+        let new = SigningKey::generate(2048).unwrap();
+        let (old_kid, new_kid) = (old.kid().to_string(), new.kid().to_string());
+        let issuer = Issuer::new(
+            vec![old, new],
+            IssuerUrl::parse("https://i.example/x").unwrap(),
+        )
+        .unwrap()
+        .with_activation();
+        let kid_of = |jwt: &str| jsonwebtoken::decode_header(jwt).unwrap().kid.unwrap();
+        let first = issuer.assertion(&binding()).unwrap();
+        assert_eq!(
+            kid_of(&first),
+            old_kid,
+            "the previous key signs until one is chosen"
+        );
+        issuer.choose_signer(&new_kid);
+        assert_eq!(issuer.signing_kid(), new_kid);
+        let second = issuer.assertion(&binding()).unwrap();
+        assert_eq!(
+            kid_of(&second),
+            new_kid,
+            "re-signed at once with the chosen key"
+        );
+        issuer.choose_signer("not-loaded");
+        assert_eq!(issuer.signing_kid(), old_kid, "a kid not loaded falls back");
+    }
+
     // Real time: the assertions' cache keeps its own clock, which a paused tokio clock does
     // not move; a short reuse time stands in for the 8 minutes.
     #[test]

@@ -517,5 +517,43 @@ async fn a_fic_still_propagating_is_named_in_the_answer_when_retries_run_out() {
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
     assert_eq!(r.status, 200, "{}", r.json);
+
+    // Once the identity has had a token, a 70021 is a real mismatch: passed through as Entra
+    // said it, without the hint. (Subject and audience each match a FIC, none matches both.)
+    sys.entra.set_fic_propagation(Duration::ZERO);
+    let fic = sys.entra.fics(&sys.info.client_id)[0].clone();
+    assert!(sys.entra.remove_fic(&sys.info.client_id, &fic.name));
+    for (name, subject, audience) in [
+        (
+            "other-audience",
+            fic.subject.clone(),
+            "api://elsewhere".to_string(),
+        ),
+        (
+            "other-subject",
+            "someone-else".to_string(),
+            fic.audience.clone(),
+        ),
+    ] {
+        sys.entra
+            .add_fic(identity_binding_proxy::emulators::entra::Fic {
+                name: name.into(),
+                subject,
+                audience,
+                ..fic.clone()
+            })
+            .unwrap();
+    }
+    let before = calls(&sys);
+    let r = ask(&client, &sys, &token, MGMT_SCOPE).await;
+    assert_error(
+        &r,
+        401,
+        "unauthorized_client",
+        "No matching federated identity record",
+    );
+    assert_eq!(r.json["error_codes"][0], 70021, "{}", r.json);
+    assert!(!r.error_description().contains("propagating"), "{}", r.json);
+    assert_eq!(calls(&sys) - before, 1);
     sys.shutdown().await;
 }
