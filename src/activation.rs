@@ -112,22 +112,24 @@ pub async fn run(
     let mut previous: Option<String> = None;
     let mut announced: Option<Choice> = None;
     loop {
-        match published_kids(&client, &issuer, &bindings.current()).await {
-            Ok(Some(visible)) => vis.observe(&visible, Instant::now()),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(
-                error = %e,
-                "the published issuer documents could not be read; the signing key stays as it is"
-            ),
+        let loaded = issuer.loaded_kids();
+        // With one key there is nothing to choose: the published documents are read (from
+        // every node, for every identity) only while a rotation is under way.
+        let rotating = loaded.iter().any(|k| *k != loaded[0]);
+        if rotating {
+            match published_kids(&client, &issuer, &bindings.current()).await {
+                Ok(Some(visible)) => vis.observe(&visible, Instant::now()),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the published issuer documents could not be read; the signing key stays as it is"
+                ),
+            }
+        } else {
+            vis = Visibility::default();
         }
         let now = Instant::now();
-        let choice = choose(
-            &issuer.loaded_kids(),
-            &vis,
-            previous.as_deref(),
-            now,
-            config.delay,
-        );
+        let choice = choose(&loaded, &vis, previous.as_deref(), now, config.delay);
         let mut wait = config.check_period;
         if let Some(choice) = choice {
             issuer.choose_signer(&choice.signer);
