@@ -294,12 +294,12 @@ async fn eviction_keeps_the_bound_and_claims_always_reach_entra() {
 
 /// Entra answers client credentials without `refresh_in`, 1 h and 24 h tokens alike, so the
 /// proxy refreshes at half the lifetime less up to 10 % jitter. Time is compressed: a 1 h
-/// token is 6 s here, a 24 h token 12 s (the schedule is a fraction of the lifetime, so the
+/// token is 8 s here, a 24 h token 16 s (the schedule is a fraction of the lifetime, so the
 /// ratio is what is checked). The answer to the SDK carries no `refresh_in` either: the SDKs
 /// refresh on their own before `expires_in` runs out (docs/caching.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_refresh_in_one_hour_and_one_day_tokens_are_refreshed_at_half_life() {
-    for (name, lifetime) in [("1 h", 6u64), ("24 h", 12)] {
+    for (name, lifetime) in [("1 h", 8u64), ("24 h", 16)] {
         let dir = tempfile::tempdir().unwrap();
         let sys = start_dev_with(dir.path(), |a| {
             a.entra_token_lifetime_secs = lifetime;
@@ -318,7 +318,7 @@ async fn without_refresh_in_one_hour_and_one_day_tokens_are_refreshed_at_half_li
         // Used all along, so it is refreshed; note when Entra issues the second token.
         let mut refreshed_at = None;
         // Until past the first refresh's window, before the second's (another half-life).
-        let watch = Duration::from_secs(lifetime).mul_f64(0.5) + Duration::from_millis(1500);
+        let watch = Duration::from_secs(lifetime).mul_f64(0.5) + Duration::from_millis(2200);
         while started.elapsed() < watch {
             assert_eq!(client.post_form("/", &form).await.status, 200);
             if refreshed_at.is_none() && sys.entra.stats().tokens_issued == 2 {
@@ -331,9 +331,10 @@ async fn without_refresh_in_one_hour_and_one_day_tokens_are_refreshed_at_half_li
             .as_secs_f64();
         let half = lifetime as f64 / 2.0;
         eprintln!("{name} token ({lifetime} s here): refreshed after {at:.2} s");
-        // Due between 45 % and 50 % of the lifetime; found by a refresh tick of 1 s.
+        // Due between 45 % and 50 % of the lifetime; found by a refresh tick of 1 s, plus the
+        // refresh's own call and some slack for a loaded machine.
         assert!(
-            at >= half * 0.9 && at <= half + 1.3,
+            at >= half * 0.9 && at <= half + 2.0,
             "{name}: refreshed after {at} s, due in [{}, {half}] s",
             half * 0.9
         );
