@@ -31,6 +31,10 @@ const BACKOFF: Duration = Duration::from_millis(200);
 const MAX_RESPONSE: usize = 256 * 1024;
 /// Entra's answer when no FIC matches the assertion, also while a new FIC propagates.
 const NO_MATCHING_FIC: u64 = 70021;
+/// How long after this proxy first asked for an identity its 70021 may still be propagation:
+/// Entra applies a new FIC within minutes. Later, a 70021 is a misconfiguration, answered at
+/// once instead of costing every request the retries.
+const PROPAGATION_WINDOW: Duration = Duration::from_secs(600);
 
 /// How an AADSTS70021 is retried for an identity without a token from this proxy yet. Entra
 /// applies a new FIC after a delay (seconds to minutes) and answers 70021 meanwhile; Microsoft
@@ -130,9 +134,10 @@ pub struct EntraClient {
     timeout: Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     fic_propagation: FicPropagation,
-    /// Client-ids Entra issued a token for through this proxy: their FIC has propagated, so
-    /// a 70021 for them is a real mismatch. Bounded by the bound identities.
-    served: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Per client-id: when this proxy first asked Entra for it, and whether Entra issued a
+    /// token since (then its FIC has propagated, and a 70021 is a real mismatch). Bounded by
+    /// the bound identities.
+    seen: std::sync::Mutex<std::collections::HashMap<String, (Instant, bool)>>,
 }
 
 impl EntraClient {
@@ -146,7 +151,7 @@ impl EntraClient {
             timeout,
             metrics,
             fic_propagation: FicPropagation::default(),
-            served: Default::default(),
+            seen: Default::default(),
         }
     }
 
@@ -156,30 +161,37 @@ impl EntraClient {
         self
     }
 
-    fn has_served(&self, client_id: &str) -> bool {
-        self.served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(client_id)
+    /// Whether a 70021 for `client_id` may be a FIC still propagating: no token yet, and
+    /// first asked for within [`PROPAGATION_WINDOW`].
+    fn may_be_propagating(&self, client_id: &str, now: Instant) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (first, served) = *seen.entry(client_id.to_string()).or_insert((now, false));
+        !served && now.saturating_duration_since(first) < PROPAGATION_WINDOW
     }
 
-    /// One exchange; while the identity has had no token from this proxy, a 70021 (the FIC
-    /// may still be propagating) is retried with backoff, and the final one says so.
+    fn record_token(&self, client_id: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.entry(client_id.to_string())
+            .or_insert((Instant::now(), true))
+            .1 = true;
+    }
+
+    /// One exchange; while the identity has had no token from this proxy and was first asked
+    /// for less than 10 minutes ago, a 70021 (the FIC may still be propagating) is retried with
+    /// backoff, and the final one says so.
     pub async fn exchange(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
         let mut retries = 0;
         loop {
             let outcome = self.exchange_once(ex).await;
             match outcome {
                 Ok(token) => {
-                    if !self.has_served(ex.client_id) {
-                        self.served
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(ex.client_id.to_string());
-                    }
+                    self.record_token(ex.client_id);
                     return Ok(token);
                 }
-                Err(e) if is_no_matching_fic(&e) && !self.has_served(ex.client_id) => {
+                Err(e)
+                    if is_no_matching_fic(&e)
+                        && self.may_be_propagating(ex.client_id, Instant::now()) =>
+                {
                     if retries >= self.fic_propagation.retries {
                         return Err(with_propagation_hint(e));
                     }
@@ -430,6 +442,42 @@ impl Fetch for Exchanger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_70021_may_be_propagation_only_before_a_token_and_within_ten_minutes() {
+        let client = EntraClient::new(
+            crate::http::client(),
+            Duration::from_secs(1),
+            Arc::new(crate::metrics::Metrics::new()),
+        );
+        let t0 = Instant::now();
+        assert!(client.may_be_propagating("new", t0));
+        assert!(client.may_be_propagating("new", t0 + Duration::from_secs(599)));
+        assert!(
+            !client.may_be_propagating("new", t0 + Duration::from_secs(600)),
+            "ten minutes after the first request it is a misconfiguration"
+        );
+        assert!(client.may_be_propagating("served", t0));
+        client.record_token("served");
+        assert!(!client.may_be_propagating("served", t0));
+        let hinted = with_propagation_hint(ProxyError::Upstream {
+            status: StatusCode::UNAUTHORIZED,
+            body: Box::new(ErrorBody::new(
+                "unauthorized_client",
+                &[70021],
+                "AADSTS70021: No matching federated identity record found.",
+                "c",
+            )),
+        });
+        assert!(is_no_matching_fic(&hinted));
+        let ProxyError::Upstream { body, .. } = hinted else {
+            panic!("still Entra's refusal")
+        };
+        assert!(body
+            .error_description
+            .starts_with("AADSTS70021: No matching federated identity record found. ("));
+        assert!(body.error_description.contains("may still be propagating"));
+    }
 
     #[test]
     fn status_labels_are_bounded_and_name_their_class() {
