@@ -80,8 +80,9 @@ pub struct ServeArgs {
 #[command(next_help_heading = "FIC propagation")]
 pub struct FicPropagationArgs {
     /// Entra applies a new FIC after a delay and meanwhile answers AADSTS70021: for an identity
-    /// without a token from this proxy yet, retry that answer this many times before passing
-    /// it on (with a hint that the FIC may still be propagating).
+    /// without a token from this proxy yet, first asked for under 10 minutes ago, retry that
+    /// answer this many times before passing it on (with a hint that the FIC may still be
+    /// propagating).
     #[arg(long, env = "IBP_FIC_PROPAGATION_RETRIES", default_value_t = 3)]
     pub fic_propagation_retries: u32,
     /// First wait before such a retry; doubled per retry (1 s: 1 + 2 + 4 s in all by default).
