@@ -27,6 +27,8 @@ pub enum Command {
     /// Run the proxy (production).
     Serve(Box<ServeArgs>),
     /// Run the whole system on loopback: kube and Entra emulators, issuer host, and the proxy.
+    /// Unlike Entra (and `emulate entra`), dev's Entra emulator applies FIC and issuer key
+    /// changes at once instead of after minutes.
     #[cfg(feature = "emulators")]
     Dev(DevArgs),
     /// Run one emulator alone.
@@ -68,6 +70,42 @@ pub struct ServeArgs {
     pub admin: AdminArgs,
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub key_activation: KeyActivationArgs,
+    #[command(flatten)]
+    pub fic_propagation: FicPropagationArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "FIC propagation")]
+pub struct FicPropagationArgs {
+    /// Entra applies a new FIC after a delay and meanwhile answers AADSTS70021: for an identity
+    /// without a token from this proxy yet, first asked for under 10 minutes ago, retry that
+    /// answer this many times before passing it on (with a hint that the FIC may still be
+    /// propagating).
+    #[arg(long, env = "IBP_FIC_PROPAGATION_RETRIES", default_value_t = 3)]
+    pub fic_propagation_retries: u32,
+    /// First wait before such a retry; doubled per retry (1 s: 1 + 2 + 4 s in all by default).
+    #[arg(long, env = "IBP_FIC_PROPAGATION_BACKOFF_MS", default_value_t = 1000)]
+    pub fic_propagation_backoff_ms: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Issuer key activation")]
+pub struct KeyActivationArgs {
+    /// A newly loaded issuer key signs only after it has been in the published JWKS of every
+    /// bound identity for this long (Entra caches issuer keys for minutes and refuses a key it
+    /// does not know yet); until then the previous key signs. 0: the last --issuer-key signs
+    /// at once.
+    #[arg(
+        long,
+        env = "IBP_ISSUER_KEY_ACTIVATION_DELAY_SECS",
+        default_value_t = 900
+    )]
+    pub issuer_key_activation_delay_secs: u64,
+    /// How often the published issuer documents are read for key activation.
+    #[arg(long, env = "IBP_ISSUER_KEY_CHECK_SECS", default_value_t = 30)]
+    pub issuer_key_check_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -375,10 +413,15 @@ pub struct EmulateEntraArgs {
     pub token_lifetime_secs: u64,
     #[arg(long, env = "IBP_LATENCY_MS", default_value_t = 0)]
     pub latency_ms: u64,
-    /// Reuse an assertion issuer's discovery document and JWKS for this long, as Entra does
-    /// (0: fetch them for every exchange, so a removed key fails the next call at once).
-    #[arg(long, env = "IBP_ISSUER_METADATA_TTL_SECS", default_value_t = 0)]
+    /// Reuse an assertion issuer's discovery document and JWKS for this long, as Entra does:
+    /// meanwhile a newly published key is refused (AADSTS7000272) and a removed one still
+    /// verifies. 0: fetch them for every exchange, so key changes act at once.
+    #[arg(long, env = "IBP_ISSUER_METADATA_TTL_SECS", default_value_t = 300)]
     pub issuer_metadata_ttl_secs: u64,
+    /// A FIC added or removed at run time takes this long to apply, as in Entra (AADSTS70021
+    /// meanwhile for a new one; a removed one keeps matching). 0: at once.
+    #[arg(long, env = "IBP_FIC_PROPAGATION_SECS", default_value_t = 60)]
+    pub fic_propagation_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -43,6 +43,10 @@ pub struct ProxyConfig {
     pub reload_period: Duration,
     /// How often the token cache looks for refreshes that are due.
     pub refresh_tick: Duration,
+    /// When a newly loaded issuer key may sign.
+    pub key_activation: crate::activation::ActivationConfig,
+    /// How a "no matching FIC" answer is retried while a new FIC may be propagating.
+    pub fic_propagation: crate::entra::FicPropagation,
 }
 
 /// The serving certificates, by SNI name.
@@ -150,6 +154,14 @@ impl ProxyConfig {
             shutdown_delay: secs(a.process.shutdown_delay_secs),
             reload_period: Duration::from_secs(2),
             refresh_tick: Duration::from_secs(1),
+            key_activation: crate::activation::ActivationConfig {
+                delay: secs(a.key_activation.issuer_key_activation_delay_secs),
+                check_period: deadline(a.key_activation.issuer_key_check_secs),
+            },
+            fic_propagation: crate::entra::FicPropagation {
+                retries: a.fic_propagation.fic_propagation_retries,
+                backoff: Duration::from_millis(a.fic_propagation.fic_propagation_backoff_ms),
+            },
         })
     }
 }

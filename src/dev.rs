@@ -179,11 +179,15 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     let ca = serving_certificate(&dir)?;
     let background = CancellationToken::new();
     let (issuer_url, bindings) = start_issuer(&dir, &identity, &background).await?;
-    // Entra, with ONE FIC per bound identity.
+    // Entra, with ONE FIC per bound identity. Shortened on purpose: dev (and the tests built
+    // on it, which add FICs and change keys and expect the next call to see it) applies FIC
+    // changes and issuer key changes at once, where Entra takes minutes.
     let entra = EntraEmulator::start(EntraEmulatorConfig {
         listen: loopback(0),
         latency: Duration::from_millis(args.entra_latency_ms),
         token_lifetime: Duration::from_secs(args.entra_token_lifetime_secs),
+        issuer_metadata_ttl: Duration::ZERO,
+        fic_propagation: Duration::ZERO,
         ..Default::default()
     })
     .await
@@ -737,6 +741,8 @@ pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
         latency: Duration::from_millis(args.latency_ms),
         fics,
         issuer_metadata_ttl: Duration::from_secs(args.issuer_metadata_ttl_secs),
+        fic_propagation: Duration::from_secs(args.fic_propagation_secs),
+        ..Default::default()
     })
     .await?;
     println!("Entra emulator on {}", entra.url());

@@ -1,7 +1,9 @@
 //! Step 5b: the token exchange with Entra. `POST {authority}/{tenant}/oauth2/v2.0/token` with our
 //! own assertion. Transient failures (network errors, 5xx) are retried a bounded number of
 //! times with jittered backoff; 429 is answered to the caller with Entra's `Retry-After`; an
-//! error Entra returned is passed through with its status, codes and description.
+//! error Entra returned is passed through with its status, codes and description. An identity
+//! this proxy has not yet got a token for may have a FIC Entra has not applied yet: its
+//! AADSTS70021 is retried a bounded number of times, and then says so.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +29,31 @@ const MAX_ATTEMPTS: u32 = 3;
 const BACKOFF: Duration = Duration::from_millis(200);
 /// Largest token response accepted from Entra.
 const MAX_RESPONSE: usize = 256 * 1024;
+/// Entra's answer when no FIC matches the assertion, also while a new FIC propagates.
+const NO_MATCHING_FIC: u64 = 70021;
+/// How long after this proxy first asked for an identity its 70021 may still be propagation:
+/// Entra applies a new FIC within minutes. Later, a 70021 is a misconfiguration, answered at
+/// once instead of costing every request the retries.
+const PROPAGATION_WINDOW: Duration = Duration::from_secs(600);
+
+/// How an AADSTS70021 is retried for an identity without a token from this proxy yet. Entra
+/// applies a new FIC after a delay (seconds to minutes) and answers 70021 meanwhile; Microsoft
+/// tells callers to retry. Zero retries answers at once (with the hint).
+#[derive(Clone, Debug)]
+pub struct FicPropagation {
+    pub retries: u32,
+    /// First wait; doubled per retry, with ±50 % jitter.
+    pub backoff: Duration,
+}
+
+impl Default for FicPropagation {
+    fn default() -> Self {
+        Self {
+            retries: 0,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
 
 /// An access token from Entra.
 #[derive(Clone)]
@@ -106,6 +133,11 @@ pub struct EntraClient {
     http: HttpClient,
     timeout: Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    fic_propagation: FicPropagation,
+    /// Per client-id: when this proxy first asked Entra for it, and whether Entra issued a
+    /// token since (then its FIC has propagated, and a 70021 is a real mismatch). Bounded by
+    /// the bound identities.
+    seen: std::sync::Mutex<std::collections::HashMap<String, (Instant, bool)>>,
 }
 
 impl EntraClient {
@@ -118,10 +150,66 @@ impl EntraClient {
             http,
             timeout,
             metrics,
+            fic_propagation: FicPropagation::default(),
+            seen: Default::default(),
         }
     }
 
+    /// Retries AADSTS70021 for identities without a token yet, as `config` says.
+    pub fn with_fic_propagation(mut self, config: FicPropagation) -> Self {
+        self.fic_propagation = config;
+        self
+    }
+
+    /// Whether a 70021 for `client_id` may be a FIC still propagating: no token yet, and
+    /// first asked for within [`PROPAGATION_WINDOW`].
+    fn may_be_propagating(&self, client_id: &str, now: Instant) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (first, served) = *seen.entry(client_id.to_string()).or_insert((now, false));
+        !served && now.saturating_duration_since(first) < PROPAGATION_WINDOW
+    }
+
+    fn record_token(&self, client_id: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.entry(client_id.to_string())
+            .or_insert((Instant::now(), true))
+            .1 = true;
+    }
+
+    /// One exchange; while the identity has had no token from this proxy and was first asked
+    /// for less than 10 minutes ago, a 70021 (the FIC may still be propagating) is retried with
+    /// backoff, and the final one says so.
     pub async fn exchange(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
+        let mut retries = 0;
+        loop {
+            let outcome = self.exchange_once(ex).await;
+            match outcome {
+                Ok(token) => {
+                    self.record_token(ex.client_id);
+                    return Ok(token);
+                }
+                Err(e)
+                    if is_no_matching_fic(&e)
+                        && self.may_be_propagating(ex.client_id, Instant::now()) =>
+                {
+                    if retries >= self.fic_propagation.retries {
+                        return Err(with_propagation_hint(e));
+                    }
+                    retries += 1;
+                    let wait = self.fic_propagation.backoff * 2u32.saturating_pow(retries - 1);
+                    tracing::info!(
+                        client_id = ex.client_id,
+                        retry = retries,
+                        "Entra found no matching FIC for an identity without a token yet; the FIC may still be propagating, retrying"
+                    );
+                    tokio::time::sleep(wait.mul_f64(rand::random_range(0.5..1.5))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn exchange_once(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
             ex.authority.trim_end_matches('/'),
@@ -284,6 +372,28 @@ fn status_label(status: StatusCode) -> &'static str {
     }
 }
 
+fn is_no_matching_fic(e: &ProxyError) -> bool {
+    matches!(e, ProxyError::Upstream { body, .. } if body.error_codes.contains(&NO_MATCHING_FIC))
+}
+
+/// Entra's 70021 for an identity without a token yet, with what it may mean added to its
+/// description (its codes, status and the rest of its words untouched).
+fn with_propagation_hint(e: ProxyError) -> ProxyError {
+    match e {
+        ProxyError::Upstream { status, mut body } => {
+            body.error_description = format!(
+                "{} (identity-binding-proxy: this identity has had no token through this proxy \
+                 yet, and Entra applies a newly created federated identity credential only \
+                 after a delay of up to a few minutes: if the FIC was just created, it may \
+                 still be propagating; retry in a minute.)",
+                body.error_description
+            );
+            ProxyError::Upstream { status, body }
+        }
+        other => other,
+    }
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
@@ -332,6 +442,42 @@ impl Fetch for Exchanger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_70021_may_be_propagation_only_before_a_token_and_within_ten_minutes() {
+        let client = EntraClient::new(
+            crate::http::client(),
+            Duration::from_secs(1),
+            Arc::new(crate::metrics::Metrics::new()),
+        );
+        let t0 = Instant::now();
+        assert!(client.may_be_propagating("new", t0));
+        assert!(client.may_be_propagating("new", t0 + Duration::from_secs(599)));
+        assert!(
+            !client.may_be_propagating("new", t0 + Duration::from_secs(600)),
+            "ten minutes after the first request it is a misconfiguration"
+        );
+        assert!(client.may_be_propagating("served", t0));
+        client.record_token("served");
+        assert!(!client.may_be_propagating("served", t0));
+        let hinted = with_propagation_hint(ProxyError::Upstream {
+            status: StatusCode::UNAUTHORIZED,
+            body: Box::new(ErrorBody::new(
+                "unauthorized_client",
+                &[70021],
+                "AADSTS70021: No matching federated identity record found.",
+                "c",
+            )),
+        });
+        assert!(is_no_matching_fic(&hinted));
+        let ProxyError::Upstream { body, .. } = hinted else {
+            panic!("still Entra's refusal")
+        };
+        assert!(body
+            .error_description
+            .starts_with("AADSTS70021: No matching federated identity record found. ("));
+        assert!(body.error_description.contains("may still be propagating"));
+    }
 
     #[test]
     fn status_labels_are_bounded_and_name_their_class() {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 use crate::bindings::{Binding, BindingSet};
@@ -89,6 +89,9 @@ pub struct Issuer {
     /// Per (tenant, client-id): the assertion and the `kid` that signed it, each dropped when
     /// its reuse time is over.
     assertions: moka::sync::Cache<(String, String), (Arc<str>, Arc<str>)>,
+    /// With key activation on (see [`crate::activation`]): the `kid` chosen to sign, once
+    /// known. Off, the newest key signs at once.
+    activation: Option<ArcSwapOption<String>>,
 }
 
 impl Issuer {
@@ -106,7 +109,46 @@ impl Issuer {
             url,
             // No capacity bound: one entry per identity in the bindings.
             assertions: moka::sync::Cache::builder().time_to_live(reuse).build(),
+            activation: None,
         })
+    }
+
+    /// Turns key activation on: a key signs only once [`crate::activation`] chose it. Until the
+    /// first choice the first key loaded (the previous one, in a rotation) signs.
+    pub fn with_activation(mut self) -> Self {
+        self.activation = Some(ArcSwapOption::empty());
+        self
+    }
+
+    /// The `kid`s of the loaded keys, oldest first (the order of `--issuer-key`).
+    pub fn loaded_kids(&self) -> Vec<String> {
+        self.keys
+            .load()
+            .iter()
+            .map(|k| k.kid().to_string())
+            .collect()
+    }
+
+    /// Makes `kid` the signing key (when it is loaded; else the default applies).
+    pub fn choose_signer(&self, kid: &str) {
+        if let Some(chosen) = &self.activation {
+            chosen.store(Some(Arc::new(kid.to_string())));
+        }
+    }
+
+    /// The key that signs now: the chosen one when activation is on and it is loaded, else
+    /// the first loaded key with activation on, the newest without.
+    fn signer<'k>(&self, keys: &'k [SigningKey]) -> Option<&'k SigningKey> {
+        match &self.activation {
+            None => keys.last(),
+            Some(chosen) => {
+                let chosen = chosen.load();
+                chosen
+                    .as_deref()
+                    .and_then(|kid| keys.iter().find(|k| k.kid() == kid.as_str()))
+                    .or_else(|| keys.first())
+            }
+        }
     }
 
     /// Loads the keys from PEM files (the last file's key signs); see [`Issuer::watch`].
@@ -119,7 +161,9 @@ impl Issuer {
     /// The `kid` of the key that signs new assertions.
     pub fn signing_kid(&self) -> String {
         let keys = self.keys.load();
-        keys.last().map(|k| k.kid().to_string()).unwrap_or_default()
+        self.signer(&keys)
+            .map(|k| k.kid().to_string())
+            .unwrap_or_default()
     }
 
     pub fn url(&self) -> &IssuerUrl {
@@ -130,8 +174,8 @@ impl Issuer {
     /// signing key changes.
     pub fn assertion(&self, binding: &Binding) -> Result<Arc<str>, ProxyError> {
         let keys = self.keys.load();
-        let signer = keys
-            .last()
+        let signer = self
+            .signer(&keys)
             .ok_or_else(|| ProxyError::Internal("no issuer key loaded".into()))?;
         let key = (binding.tenant_id.clone(), binding.client_id.clone());
         if let Some((jwt, kid)) = self.assertions.get(&key) {
@@ -488,6 +532,36 @@ mod tests {
             jsonwebtoken::decode_header(&*a).unwrap().kid.unwrap(),
             new_kid
         );
+    }
+
+    #[test]
+    fn with_activation_the_chosen_key_signs_and_the_first_until_one_is_chosen() {
+        let old = SigningKey::generate(2048).unwrap();
+        let new = SigningKey::generate(2048).unwrap();
+        let (old_kid, new_kid) = (old.kid().to_string(), new.kid().to_string());
+        let issuer = Issuer::new(
+            vec![old, new],
+            IssuerUrl::parse("https://i.example/x").unwrap(),
+        )
+        .unwrap()
+        .with_activation();
+        let kid_of = |jwt: &str| jsonwebtoken::decode_header(jwt).unwrap().kid.unwrap();
+        let first = issuer.assertion(&binding()).unwrap();
+        assert_eq!(
+            kid_of(&first),
+            old_kid,
+            "the previous key signs until one is chosen"
+        );
+        issuer.choose_signer(&new_kid);
+        assert_eq!(issuer.signing_kid(), new_kid);
+        let second = issuer.assertion(&binding()).unwrap();
+        assert_eq!(
+            kid_of(&second),
+            new_kid,
+            "re-signed at once with the chosen key"
+        );
+        issuer.choose_signer("not-loaded");
+        assert_eq!(issuer.signing_kid(), old_kid, "a kid not loaded falls back");
     }
 
     // Real time: the assertions' cache keeps its own clock, which a paused tokio clock does

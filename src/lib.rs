@@ -3,6 +3,7 @@
 //! `tls` → `token` → `authn` → `authz` → `bindings` → `cache` → `issuer` + `entra`.
 #![forbid(unsafe_code)]
 
+pub mod activation;
 pub mod admin;
 pub mod authn;
 pub mod authz;

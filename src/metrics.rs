@@ -32,6 +32,10 @@ pub struct Metrics {
     pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    /// 1 for the issuer key that signs our assertions, by `kid` (loaded keys only).
+    pub issuer_signing_key: IntGaugeVec,
+    /// When the next issuer key starts signing (Unix time), by `kid`; absent when none waits.
+    pub issuer_key_activation: IntGaugeVec,
     /// The series a cache hit touches, resolved once: a label lookup hashes its values.
     pub served: IntCounter,
     pub served_duration: Histogram,
@@ -137,6 +141,16 @@ impl Metrics {
                 &["sni"],
             ),
             build_info: r.gauge("build_info", "Build information; always 1.", &["version"]),
+            issuer_signing_key: r.gauge(
+                "issuer_signing_key",
+                "1 for the issuer key (by kid) that signs the assertions presented to Entra.",
+                &["kid"],
+            ),
+            issuer_key_activation: r.gauge(
+                "issuer_key_activation_timestamp_seconds",
+                "When (Unix time) the next issuer key, published but not yet long enough for Entra to know it, starts signing.",
+                &["kid"],
+            ),
             registry: r.0,
         };
         metrics.create_expected_series();

@@ -159,10 +159,12 @@ pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Resu
 
 /// Every step of the request path, built from the configuration.
 async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<App>> {
-    let issuer = Arc::new(
-        Issuer::from_files(&config.issuer.keys, config.issuer.url.clone())
-            .map_err(anyhow::Error::msg)?,
-    );
+    let mut issuer = Issuer::from_files(&config.issuer.keys, config.issuer.url.clone())
+        .map_err(anyhow::Error::msg)?;
+    if !config.key_activation.delay.is_zero() {
+        issuer = issuer.with_activation();
+    }
+    let issuer = Arc::new(issuer);
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
     let cluster = Arc::new(Cluster::connect(config.kubeconfig.as_deref()).await?);
     let authn = Arc::new(Authenticator::new(
@@ -181,11 +183,10 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         budgets.clone(),
         metrics.clone(),
     ));
-    let entra = Arc::new(EntraClient::new(
-        crate::http::client(),
-        config.entra.timeout,
-        metrics.clone(),
-    ));
+    let entra = Arc::new(
+        EntraClient::new(crate::http::client(), config.entra.timeout, metrics.clone())
+            .with_fic_propagation(config.fic_propagation.clone()),
+    );
     let exchanger = Arc::new(Exchanger {
         bindings: bindings.clone(),
         issuer: issuer.clone(),
@@ -233,6 +234,15 @@ fn spawn_background(
             .run_refresh(config.refresh_tick, stop.clone()),
     );
     tokio::spawn(app.issuer.clone().watch(config.reload_period, stop.clone()));
+    if !config.key_activation.delay.is_zero() {
+        tokio::spawn(crate::activation::run(
+            app.issuer.clone(),
+            app.bindings.clone(),
+            app.metrics.clone(),
+            config.key_activation.clone(),
+            stop.clone(),
+        ));
+    }
     tokio::spawn(
         app.bindings
             .clone()

@@ -291,3 +291,54 @@ async fn eviction_keeps_the_bound_and_claims_always_reach_entra() {
     );
     sys.shutdown().await;
 }
+
+/// Entra answers client credentials without `refresh_in`, 1 h and 24 h tokens alike, so the
+/// proxy refreshes at half the lifetime less up to 10 % jitter. Time is compressed: a 1 h
+/// token is 8 s here, a 24 h token 16 s (the schedule is a fraction of the lifetime, so the
+/// ratio is what is checked). The answer to the SDK carries no `refresh_in` either: the SDKs
+/// refresh on their own before `expires_in` runs out (docs/caching.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_refresh_in_one_hour_and_one_day_tokens_are_refreshed_at_half_life() {
+    for (name, lifetime) in [("1 h", 8u64), ("24 h", 16)] {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = start_dev_with(dir.path(), |a| {
+            a.entra_token_lifetime_secs = lifetime;
+            a.cache_min_remaining_secs = 1;
+        })
+        .await;
+        let client = Client::for_dev(&sys);
+        let form_token = read(&sys.info.allowed_token_file);
+        let form = token_form(&sys.info.client_id, &form_token);
+        let started = Instant::now();
+        let first = client.post_form("/", &form).await;
+        assert_eq!(first.status, 200, "{}", first.json);
+        assert!(first.json.get("refresh_in").is_none(), "{}", first.json);
+        assert!(first.json["expires_in"].as_u64().unwrap() <= lifetime);
+        assert_eq!(sys.entra.stats().tokens_issued, 1);
+        // Used all along, so it is refreshed; note when Entra issues the second token.
+        let mut refreshed_at = None;
+        // Until past the first refresh's window, before the second's (another half-life).
+        let watch = Duration::from_secs(lifetime).mul_f64(0.5) + Duration::from_millis(2200);
+        while started.elapsed() < watch {
+            assert_eq!(client.post_form("/", &form).await.status, 200);
+            if refreshed_at.is_none() && sys.entra.stats().tokens_issued == 2 {
+                refreshed_at = Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let at = refreshed_at
+            .unwrap_or_else(|| panic!("{name}: no refresh within the lifetime"))
+            .as_secs_f64();
+        let half = lifetime as f64 / 2.0;
+        eprintln!("{name} token ({lifetime} s here): refreshed after {at:.2} s");
+        // Due between 45 % and 50 % of the lifetime; found by a refresh tick of 1 s, plus the
+        // refresh's own call and some slack for a loaded machine.
+        assert!(
+            at >= half * 0.9 && at <= half + 2.0,
+            "{name}: refreshed after {at} s, due in [{}, {half}] s",
+            half * 0.9
+        );
+        assert_eq!(sys.entra.stats().tokens_issued, 2, "one refresh only");
+        sys.shutdown().await;
+    }
+}

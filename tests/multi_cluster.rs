@@ -1,7 +1,9 @@
 //! Many clusters, one FIC: three clusters (each with its own service-account issuer and its
 //! own proxy issuer key) get tokens for the same managed identity through ONE federated
 //! identity credential, whose issuer publishes all three public keys. Removing one cluster's
-//! key cuts off that cluster only; rotating a cluster's key never interrupts its tokens. Published
+//! key cuts off that cluster only, once Entra's cache of the issuer's keys expires; rotating a
+//! cluster's key never interrupts its tokens, because a new key signs only after Entra can know
+//! it. Entra's emulator keeps Entra's cache here, shortened to seconds. Published
 //! from a fleet file, each identity trusts only the keys of the clusters that bind it: a
 //! cluster's key mints nothing for an identity only another cluster binds.
 
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{serve_default, token_form, Client};
+use identity_binding_proxy::activation::ActivationConfig;
 use identity_binding_proxy::bindings::BindingSet;
 use identity_binding_proxy::config::ProxyConfig;
 use identity_binding_proxy::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic, FicError};
@@ -37,7 +40,10 @@ struct Cluster {
     kube: KubeEmulator,
     proxy: RunningProxy,
     client: Client,
-    key_file: PathBuf,
+    /// `--issuer-key previous.key,current.key`: a rotation writes the new key into the current
+    /// one, then, once it signs, into the previous one too.
+    previous_key: PathBuf,
+    current_key: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -49,6 +55,19 @@ impl Cluster {
         issuer_url: &IssuerUrl,
         bindings: &Path,
         key: &SigningKey,
+    ) -> Self {
+        Self::start_with(n, ca, entra, issuer_url, bindings, key, None).await
+    }
+
+    /// With `activation`, the proxy's key activation timing instead of the default.
+    async fn start_with(
+        n: usize,
+        ca: &DevCa,
+        entra: &EntraEmulator,
+        issuer_url: &IssuerUrl,
+        bindings: &Path,
+        key: &SigningKey,
+        activation: Option<ActivationConfig>,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rbac_file = dir.path().join("rbac.yaml");
@@ -62,18 +81,24 @@ impl Cluster {
         .await
         .unwrap();
         let serving = ca.issue(&[SNI]).unwrap();
-        let (cert, tls_key, key_file) = (
+        let (cert, tls_key, previous_key, current_key) = (
             dir.path().join("tls.crt"),
             dir.path().join("tls.key"),
-            dir.path().join("issuer.key"),
+            dir.path().join("previous.key"),
+            dir.path().join("current.key"),
         );
         std::fs::write(&cert, serving.cert_pem).unwrap();
         std::fs::write(&tls_key, serving.key_pem).unwrap();
-        std::fs::write(&key_file, key.private_pem()).unwrap();
+        std::fs::write(&previous_key, key.private_pem()).unwrap();
+        std::fs::write(&current_key, key.private_pem()).unwrap();
         let mut config = ProxyConfig::from_flags([
             format!("--kubeconfig={}", kube.kubeconfig_path().display()),
             format!("--tls={SNI}={},{}", cert.display(), tls_key.display()),
-            format!("--issuer-key={}", key_file.display()),
+            format!(
+                "--issuer-key={},{}",
+                previous_key.display(),
+                current_key.display()
+            ),
             format!("--issuer-url={}", issuer_url.template()),
             format!("--bindings={}", bindings.display()),
             format!("--authority-host={}", entra.url()),
@@ -85,6 +110,9 @@ impl Cluster {
         ])
         .unwrap();
         config.reload_period = Duration::from_millis(100);
+        if let Some(activation) = activation {
+            config.key_activation = activation;
+        }
         let proxy = server::start(config).await.unwrap();
         assert!(
             common::eventually(Duration::from_secs(10), || async {
@@ -97,7 +125,8 @@ impl Cluster {
             kube,
             proxy,
             client,
-            key_file,
+            previous_key,
+            current_key,
             _dir: dir,
         }
     }
@@ -185,11 +214,19 @@ impl IssuerSite {
 }
 
 /// The issuer site, an Entra emulator holding the site's ONE FIC, and a CA for the clusters.
-async fn one_fic_world(ca_name: &str) -> (IssuerSite, EntraEmulator, DevCa) {
+/// Entra's cache of the issuer's documents lasts `metadata_ttl` (seconds here, minutes in
+/// Entra); the FIC is added before any traffic, so it applies at once (its propagation delay
+/// is the emulator's own tests' subject).
+async fn one_fic_world(
+    ca_name: &str,
+    metadata_ttl: Duration,
+) -> (IssuerSite, EntraEmulator, DevCa) {
     identity_binding_proxy::http::install_crypto_provider();
     let site = IssuerSite::start().await;
     let entra = EntraEmulator::start(EntraEmulatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        issuer_metadata_ttl: metadata_ttl,
+        fic_propagation: Duration::ZERO,
         ..Default::default()
     })
     .await
@@ -201,7 +238,8 @@ async fn one_fic_world(ca_name: &str) -> (IssuerSite, EntraEmulator, DevCa) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_cluster() {
-    let (site, entra, ca) = one_fic_world("multi-cluster test CA").await;
+    let ttl = Duration::from_secs(3);
+    let (site, entra, ca) = one_fic_world("multi-cluster test CA", ttl).await;
     let keys: Vec<SigningKey> = (0..3)
         .map(|_| SigningKey::generate(2048).unwrap())
         .collect();
@@ -232,19 +270,34 @@ async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_clus
         "one FIC served all three clusters"
     );
 
-    // Cluster 2 is compromised: its key leaves the published JWKS.
+    // Cluster 2 is compromised: its key leaves the published JWKS. Entra still has the JWKS
+    // it fetched for the first exchange: until that expires, cluster 2 still mints.
+    let fetched = std::time::Instant::now();
     site.publish(&[keys[0].public().clone(), keys[2].public().clone()]);
+    let still = clusters[1]
+        .request("https://graph.microsoft.com/.default")
+        .await;
+    assert!(
+        fetched.elapsed() < ttl,
+        "the test ran slower than the cache"
+    );
+    assert_eq!(
+        still.status, 200,
+        "within Entra's cache a removed key still mints: {}",
+        still.json
+    );
+    tokio::time::sleep(ttl).await;
     let cut = clusters[1]
         .request("https://storage.azure.com/.default")
         .await;
     assert_eq!(cut.status, 401, "{}", cut.json);
     assert_eq!(
-        cut.json["error_codes"][0], 700027,
+        cut.json["error_codes"][0], 7000272,
         "Entra's own code passes through: {}",
         cut.json
     );
     assert!(
-        cut.error_description().starts_with("AADSTS700027"),
+        cut.error_description().starts_with("AADSTS7000272"),
         "{}",
         cut.json
     );
@@ -288,76 +341,179 @@ async fn three_clusters_share_one_fic_and_removing_a_key_cuts_off_only_that_clus
     site.stop.cancel();
 }
 
+/// Requests that reach Entra on every call (a CAE `claims` challenge bypasses the token cache),
+/// as fast as one caller sends them, until `stop`: (successes, failure bodies).
+fn continuous_traffic(
+    cluster: &Cluster,
+    ca: &DevCa,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    let (client, token) = (
+        Client::new(
+            cluster.proxy.addr,
+            SNI,
+            ca.cert_pem.as_bytes(),
+            &[b"http/1.1"],
+        ),
+        cluster.sa_token(),
+    );
+    tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop.is_cancelled() {
+            let mut form = token_form(CLIENT_ID, &token);
+            form.push(("claims", "{\"access_token\":{}}"));
+            let r = client.post_form("/", &form).await;
+            if r.status == 200 {
+                ok += 1
+            } else {
+                failed.push(r.json.to_string())
+            }
+        }
+        (ok, failed)
+    })
+}
+
+/// Entra's cache of the issuer's keys in these tests, and the proxy's activation delay that
+/// covers it (seconds here; minutes in Entra, 15 minutes by default in the proxy).
+const ROTATION_TTL: Duration = Duration::from_secs(2);
+const ROTATION_DELAY: Duration = Duration::from_secs(3);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_keep_flowing_while_the_signing_key_rotates() {
-    let (site, entra, ca) = one_fic_world("rotation test CA").await;
+    let (site, entra, ca) = one_fic_world("rotation test CA", ROTATION_TTL).await;
     let (old, new) = (
         SigningKey::generate(2048).unwrap(),
         SigningKey::generate(2048).unwrap(),
     );
     site.publish(&[old.public().clone()]);
-    let cluster = Cluster::start(1, &ca, &entra, &site.url, &site.bindings_file, &old).await;
-    let old_kid = old.kid().to_string();
-
-    // Continuous traffic that reaches Entra on every request (a CAE `claims` challenge
-    // bypasses the token cache), for the whole rotation.
-    let stop_traffic = CancellationToken::new();
-    let traffic = {
-        let (client, token, stop) = (
-            Client::new(
-                cluster.proxy.addr,
-                SNI,
-                ca.cert_pem.as_bytes(),
-                &[b"http/1.1"],
-            ),
-            cluster.sa_token(),
-            stop_traffic.clone(),
-        );
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0, Vec::new());
-            while !stop.is_cancelled() {
-                let mut form = token_form(CLIENT_ID, &token);
-                form.push(("claims", "{\"access_token\":{}}"));
-                let r = client.post_form("/", &form).await;
-                if r.status == 200 {
-                    ok += 1
-                } else {
-                    failed.push(r.json.to_string())
-                }
-            }
-            (ok, failed)
-        })
+    let activation = ActivationConfig {
+        delay: ROTATION_DELAY,
+        check_period: Duration::from_millis(200),
     };
+    let cluster = Cluster::start_with(
+        1,
+        &ca,
+        &entra,
+        &site.url,
+        &site.bindings_file,
+        &old,
+        Some(activation),
+    )
+    .await;
+    let stop_traffic = CancellationToken::new();
+    let traffic = continuous_traffic(&cluster, &ca, stop_traffic.clone());
 
-    // The documented procedure: 1. publish the new key beside the old one; 2. roll the proxy
-    // onto the new key; 3. after the old assertions expired, remove the old key.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The documented procedure: 1. load the new key as the current one and publish it beside
+    // the old one; the old key signs on until the new one has been published for the delay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(&cluster.current_key, new.private_pem()).unwrap();
+    let published = std::time::Instant::now();
     site.publish(&[old.public().clone(), new.public().clone()]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::write(&cluster.key_file, new.private_pem()).unwrap();
-    let rolled = common::eventually(Duration::from_secs(5), || async {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        cluster.proxy.app.issuer.signing_kid(),
+        old.kid(),
+        "a key published a second ago does not sign"
+    );
+    let metrics = String::from_utf8(cluster.proxy.app.metrics.render()).unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "identity_binding_proxy_issuer_signing_key{{kid=\"{}\"}} 1",
+            old.kid()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "identity_binding_proxy_issuer_key_activation_timestamp_seconds{{kid=\"{}\"}}",
+            new.kid()
+        )),
+        "{metrics}"
+    );
+    let rolled = common::eventually(Duration::from_secs(10), || async {
         cluster.proxy.app.issuer.signing_kid() == new.kid()
     })
     .await;
-    assert!(rolled, "the proxy signs with the new key");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let switched_after = published.elapsed();
+    assert!(rolled, "the new key signs once its delay is over");
+    assert!(
+        switched_after >= ROTATION_DELAY,
+        "the new key signed {switched_after:?} after it was published"
+    );
+    // 2. Once it signs, unpublish and unload the old key.
     site.publish(&[new.public().clone()]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(&cluster.previous_key, new.private_pem()).unwrap();
+    // Traffic goes on past Entra's cache of the two-key JWKS.
+    tokio::time::sleep(ROTATION_TTL + Duration::from_secs(1)).await;
 
     stop_traffic.cancel();
     let (ok, failed) = traffic.await.unwrap();
+    eprintln!(
+        "rotation under traffic: {ok} exchanges, {} failed, new key signed {switched_after:?} after publication",
+        failed.len()
+    );
     assert!(
         failed.is_empty(),
         "{} requests failed during the rotation: {failed:?}",
         failed.len()
     );
     assert!(ok > 10, "traffic flowed ({ok} requests)");
-    assert_ne!(old_kid, new.kid());
-    // After the rotation only the new key is published, and tokens still come.
     let r = cluster
         .request("https://management.azure.com/.default")
         .await;
     assert_eq!(r.status, 200, "{}", r.json);
+    cluster.shutdown().await;
+    entra.shutdown().await;
+    site.stop.cancel();
+}
+
+/// Why the delay exists: signing with a new key at once (activation off) is refused by Entra
+/// while its cache holds the JWKS without that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_with_a_key_at_once_is_refused_until_entras_cache_expires() {
+    let (site, entra, ca) = one_fic_world("rotation control CA", ROTATION_TTL).await;
+    let (old, new) = (
+        SigningKey::generate(2048).unwrap(),
+        SigningKey::generate(2048).unwrap(),
+    );
+    site.publish(&[old.public().clone()]);
+    let at_once = ActivationConfig {
+        delay: Duration::ZERO,
+        check_period: Duration::from_millis(200),
+    };
+    let cluster = Cluster::start_with(
+        1,
+        &ca,
+        &entra,
+        &site.url,
+        &site.bindings_file,
+        &old,
+        Some(at_once),
+    )
+    .await;
+    let stop_traffic = CancellationToken::new();
+    let traffic = continuous_traffic(&cluster, &ca, stop_traffic.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    site.publish(&[old.public().clone(), new.public().clone()]);
+    std::fs::write(&cluster.current_key, new.private_pem()).unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            cluster.proxy.app.issuer.signing_kid() == new.kid()
+        })
+        .await
+    );
+    tokio::time::sleep(ROTATION_TTL + Duration::from_secs(1)).await;
+    stop_traffic.cancel();
+    let (ok, failed) = traffic.await.unwrap();
+    eprintln!(
+        "rotation without activation delay: {ok} exchanges, {} failed",
+        failed.len()
+    );
+    assert!(
+        !failed.is_empty() && failed.iter().all(|f| f.contains("7000272")),
+        "Entra refuses the unknown key: {failed:?}"
+    );
+    assert!(ok > 0, "and accepts it once its cache expired");
     cluster.shutdown().await;
     entra.shutdown().await;
     site.stop.cancel();
@@ -369,7 +525,8 @@ const SHARED_CLIENT_ID: &str = "5c3e8a2b-6d4f-4e1a-9b7c-0a2d4f6e8b1c";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_per_identity_key_sets_a_cluster_cannot_mint_for_an_identity_only_another_binds() {
-    let (site, entra, ca) = one_fic_world("fleet test CA").await;
+    // No metadata cache: the published key sets are what is checked, not Entra's timing.
+    let (site, entra, ca) = one_fic_world("fleet test CA", Duration::ZERO).await;
     let (key_a, key_b) = (
         SigningKey::generate(2048).unwrap(),
         SigningKey::generate(2048).unwrap(),
@@ -452,12 +609,12 @@ async fn with_per_identity_key_sets_a_cluster_cannot_mint_for_an_identity_only_a
     let refused = b.request("https://vault.azure.net/.default").await;
     assert_eq!(refused.status, 401, "{}", refused.json);
     assert_eq!(
-        refused.json["error_codes"][0], 700027,
+        refused.json["error_codes"][0], 7000272,
         "Entra's own code passes through: {}",
         refused.json
     );
     assert!(
-        refused.error_description().starts_with("AADSTS700027"),
+        refused.error_description().starts_with("AADSTS7000272"),
         "{}",
         refused.json
     );

@@ -455,3 +455,105 @@ async fn a_request_past_the_request_timeout_is_answered_counted_and_correlated()
     proxy.stop().await;
     sys.shutdown().await;
 }
+
+/// Makes the dev identity's FIC look freshly created: removed (dev applies that at once) and
+/// added again with Entra's propagation delay, shortened to `delay`.
+fn recreate_fic(sys: &DevSystem, delay: Duration) {
+    let fic = sys.entra.fics(&sys.info.client_id)[0].clone();
+    assert!(sys.entra.remove_fic(&sys.info.client_id, &fic.name));
+    sys.entra.set_fic_propagation(delay);
+    sys.entra.add_fic(fic).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fic_still_propagating_is_retried_until_entra_applies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev_with(dir.path(), |a| {
+        a.proxy_flags = vec![
+            "--fic-propagation-retries=8".into(),
+            "--fic-propagation-backoff-ms=200".into(),
+        ]
+    })
+    .await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    let delay = Duration::from_millis(1500);
+    recreate_fic(&sys, delay);
+    let (before, started) = (calls(&sys), Instant::now());
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let waited = started.elapsed();
+    let attempts = calls(&sys) - before;
+    eprintln!("FIC propagation: token after {waited:?} and {attempts} calls to Entra");
+    assert!(
+        waited >= delay,
+        "answered before the FIC applied: {waited:?}"
+    );
+    assert!(attempts >= 2, "{attempts} calls");
+    assert!(attempts <= 9, "bounded: {attempts} calls");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fic_still_propagating_is_named_in_the_answer_when_retries_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev_with(dir.path(), |a| {
+        a.proxy_flags = vec!["--fic-propagation-retries=0".into()]
+    })
+    .await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    recreate_fic(&sys, Duration::from_millis(1500));
+    let before = calls(&sys);
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_error(&r, 401, "unauthorized_client", "may still be propagating");
+    assert_eq!(r.json["error_codes"][0], 70021, "{}", r.json);
+    assert!(
+        r.error_description().starts_with("AADSTS70021: "),
+        "Entra's own words first: {}",
+        r.json
+    );
+    assert_eq!(calls(&sys) - before, 1, "no retry when none is configured");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let r = ask(&client, &sys, &token, VAULT_SCOPE).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+
+    // Once the identity has had a token, a 70021 is a real mismatch: passed through as Entra
+    // said it, without the hint. (Subject and audience each match a FIC, none matches both.)
+    sys.entra.set_fic_propagation(Duration::ZERO);
+    let fic = sys.entra.fics(&sys.info.client_id)[0].clone();
+    assert!(sys.entra.remove_fic(&sys.info.client_id, &fic.name));
+    for (name, subject, audience) in [
+        (
+            "other-audience",
+            fic.subject.clone(),
+            "api://elsewhere".to_string(),
+        ),
+        (
+            "other-subject",
+            "someone-else".to_string(),
+            fic.audience.clone(),
+        ),
+    ] {
+        sys.entra
+            .add_fic(identity_binding_proxy::emulators::entra::Fic {
+                name: name.into(),
+                subject,
+                audience,
+                ..fic.clone()
+            })
+            .unwrap();
+    }
+    let before = calls(&sys);
+    let r = ask(&client, &sys, &token, MGMT_SCOPE).await;
+    assert_error(
+        &r,
+        401,
+        "unauthorized_client",
+        "No matching federated identity record",
+    );
+    assert_eq!(r.json["error_codes"][0], 70021, "{}", r.json);
+    assert!(!r.error_description().contains("propagating"), "{}", r.json);
+    assert_eq!(calls(&sys) - before, 1);
+    sys.shutdown().await;
+}

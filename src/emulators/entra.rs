@@ -54,6 +54,22 @@ const MAX_FORM_BYTES: usize = 64 * 1024;
 
 const WFI_DOC: &str = "https://learn.microsoft.com/entra/workload-id/workload-identity-federation";
 
+/// How long Entra reuses an assertion issuer's discovery document and JWKS. Microsoft does
+/// not publish the figure; keys published moments ago are refused for minutes (AADSTS7000272,
+/// e.g. Azure/azure-workload-identity#1232), so the default is five minutes.
+pub const DEFAULT_ISSUER_METADATA_TTL: Duration = Duration::from_secs(300);
+
+/// How long a FIC change takes to apply. Microsoft's AKS workload identity guide: "It takes a
+/// few seconds for the federated identity credential to propagate after it's initially added.
+/// If a token request is made immediately after adding the federated identity credential, the
+/// request might fail until the cache is refreshed"
+/// (https://learn.microsoft.com/azure/aks/workload-identity-deploy-cluster); in practice it
+/// runs to minutes, so the default is one.
+pub const DEFAULT_FIC_PROPAGATION: Duration = Duration::from_secs(60);
+
+/// The longest assertion lifetime Entra accepts: `1.01:00:00` in its AADSTS70023 answer.
+const MAX_ASSERTION_LIFETIME_SECS: i64 = 25 * 3600;
+
 /// How the emulator starts.
 #[derive(Clone, Debug)]
 pub struct EntraEmulatorConfig {
@@ -67,11 +83,37 @@ pub struct EntraEmulatorConfig {
     pub latency: Duration,
     /// Registered at start, with the same checks as [`EntraEmulator::add_fic`].
     pub fics: Vec<Fic>,
-    /// How long an assertion issuer's discovery document and JWKS are reused. Entra caches
-    /// them for a while (how long is not published); zero, the default, fetches them for every
-    /// exchange so a key removed from the issuer fails the very next call. Either way an
-    /// assertion signed by a key the cached JWKS lacks triggers a fresh fetch (key rotation).
+    /// How long an assertion issuer's discovery document and JWKS are reused, as Entra does
+    /// ([`DEFAULT_ISSUER_METADATA_TTL`]). Within it an assertion signed by a key the cached JWKS
+    /// lacks is refused with AADSTS7000272 without a fetch; a removed key keeps verifying.
+    /// Zero fetches them for every exchange (tests that need a key change to act at once).
     pub issuer_metadata_ttl: Duration,
+    /// How long a FIC added or removed at run time takes to apply ([`DEFAULT_FIC_PROPAGATION`]):
+    /// a new one answers AADSTS70021 meanwhile, a removed one keeps matching. FICs given at
+    /// start are in effect at once. Zero applies changes at once.
+    pub fic_propagation: Duration,
+    /// The shape of error bodies; Entra's varies (see [`BodyStyle`]).
+    pub body_style: BodyStyle,
+}
+
+/// How Entra's error bodies look. Both shapes are recorded from real answers: the
+/// `error_uri` field is present in most (Azure/azure-workload-identity#1232, 2024) and absent
+/// in others (a 700211 answer recorded in gravitational/teleport's Azure plugin tests,
+/// 2024-07-04); older descriptions separate the trace lines with `\r\n` instead of a space
+/// (Azure/azure-workload-identity#616, 2022).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyStyle {
+    pub error_uri: bool,
+    pub crlf_lines: bool,
+}
+
+impl Default for BodyStyle {
+    fn default() -> Self {
+        Self {
+            error_uri: true,
+            crlf_lines: false,
+        }
+    }
 }
 
 impl Default for EntraEmulatorConfig {
@@ -81,7 +123,9 @@ impl Default for EntraEmulatorConfig {
             token_lifetime: Duration::from_secs(3599),
             latency: Duration::ZERO,
             fics: Vec::new(),
-            issuer_metadata_ttl: Duration::ZERO,
+            issuer_metadata_ttl: DEFAULT_ISSUER_METADATA_TTL,
+            fic_propagation: DEFAULT_FIC_PROPAGATION,
+            body_style: BodyStyle::default(),
         }
     }
 }
@@ -316,17 +360,44 @@ struct Shared {
     client: HttpClient,
     state: Mutex<State>,
     issuer_metadata_ttl: Duration,
+    fic_propagation: Mutex<Duration>,
     /// Issuer JWKS by issuer URL, with the time they were fetched.
     issuer_metadata: Mutex<HashMap<String, (Value, Instant)>>,
 }
 
 struct State {
-    /// Per client_id, in registration order.
-    fics: BTreeMap<String, Vec<Fic>>,
+    /// Per client_id, in registration order, removed ones included until they stop matching.
+    fics: BTreeMap<String, Vec<FicEntry>>,
+    /// Every identity that ever had a FIC: a managed identity outlives its last FIC.
+    identities: std::collections::BTreeSet<String>,
+    body_style: BodyStyle,
     faults: VecDeque<Fault>,
     latency: Duration,
     token_lifetime: Duration,
     stats: EntraStats,
+}
+
+/// A FIC with the times its addition and removal take effect in Entra.
+struct FicEntry {
+    fic: Fic,
+    /// From when it matches (its addition propagated).
+    effective: Instant,
+    /// From when it no longer matches (its removal propagated).
+    gone: Option<Instant>,
+}
+
+impl FicEntry {
+    fn listed(&self) -> bool {
+        self.gone.is_none()
+    }
+
+    fn matches_at(&self, now: Instant) -> bool {
+        self.effective <= now && self.gone.is_none_or(|g| now < g)
+    }
+
+    fn pending_at(&self, now: Instant) -> bool {
+        self.gone.is_none() && now < self.effective
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -347,9 +418,12 @@ impl EntraEmulator {
             signing,
             client: crate::http::client(),
             issuer_metadata_ttl: cfg.issuer_metadata_ttl,
+            fic_propagation: Mutex::new(cfg.fic_propagation),
             issuer_metadata: Mutex::default(),
             state: Mutex::new(State {
                 fics: BTreeMap::new(),
+                identities: Default::default(),
+                body_style: cfg.body_style,
                 faults: VecDeque::new(),
                 latency: cfg.latency,
                 token_lifetime: cfg.token_lifetime,
@@ -357,8 +431,9 @@ impl EntraEmulator {
             }),
         });
         for fic in cfg.fics {
+            // Registered before the emulator "started": long propagated.
             shared
-                .add_fic(fic.clone())
+                .add_fic_effective(fic.clone(), Duration::ZERO)
                 .map_err(|e| anyhow::anyhow!("configured FIC {fic}: {e}"))?;
         }
         let shutdown = CancellationToken::new();
@@ -413,6 +488,15 @@ impl EntraEmulator {
         lock(&self.handle.shared.state).token_lifetime = d;
     }
 
+    /// Changes the FIC propagation delay for changes made from now on.
+    pub fn set_fic_propagation(&self, d: Duration) {
+        *lock(&self.handle.shared.fic_propagation) = d;
+    }
+
+    pub fn set_body_style(&self, style: BodyStyle) {
+        lock(&self.handle.shared.state).body_style = style;
+    }
+
     /// Queues faults; each token call consumes the oldest one before anything else happens.
     pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.handle.shared.state).faults.extend(faults);
@@ -430,7 +514,13 @@ impl EntraEmulator {
 }
 
 impl Shared {
-    fn add_fic(&self, mut fic: Fic) -> Result<Fic, FicError> {
+    fn add_fic(&self, fic: Fic) -> Result<Fic, FicError> {
+        let delay = *lock(&self.fic_propagation);
+        self.add_fic_effective(fic, delay)
+    }
+
+    /// Registers `fic`, matching once `delay` has passed.
+    fn add_fic_effective(&self, mut fic: Fic, delay: Duration) -> Result<Fic, FicError> {
         for (field, value) in [
             ("client_id", &fic.client_id),
             ("issuer", &fic.issuer),
@@ -442,7 +532,15 @@ impl Shared {
             }
         }
         let mut state = lock(&self.state);
-        let existing = state.fics.entry(fic.client_id.clone()).or_default();
+        let now = Instant::now();
+        let entries = state.fics.entry(fic.client_id.clone()).or_default();
+        // A removal that has propagated is forgotten.
+        entries.retain(|e| e.gone.is_none_or(|g| now < g));
+        let existing: Vec<&Fic> = entries
+            .iter()
+            .filter(|e| e.listed())
+            .map(|e| &e.fic)
+            .collect();
         if existing.len() >= MAX_FICS_PER_IDENTITY {
             return Err(FicError::LimitReached {
                 client_id: fic.client_id,
@@ -470,7 +568,12 @@ impl Shared {
                 name: fic.name,
             });
         }
-        existing.push(fic.clone());
+        entries.push(FicEntry {
+            fic: fic.clone(),
+            effective: now + delay,
+            gone: None,
+        });
+        state.identities.insert(fic.client_id.clone());
         Ok(fic)
     }
 
@@ -479,21 +582,53 @@ impl Shared {
         let Some(list) = state.fics.get_mut(client_id) else {
             return false;
         };
-        let before = list.len();
-        list.retain(|f| f.name != name);
-        let removed = list.len() != before;
-        if list.is_empty() {
-            state.fics.remove(client_id);
+        let gone = Instant::now() + *lock(&self.fic_propagation);
+        match list.iter_mut().find(|e| e.listed() && e.fic.name == name) {
+            Some(entry) => {
+                // Gone from the management view at once; Entra keeps matching it meanwhile.
+                entry.gone = Some(gone);
+                true
+            }
+            None => false,
         }
-        removed
     }
 
+    /// The FICs the management API lists (pending ones included, removed ones not).
     fn fics(&self, client_id: &str) -> Vec<Fic> {
         lock(&self.state)
             .fics
             .get(client_id)
-            .cloned()
+            .map(|list| {
+                list.iter()
+                    .filter(|e| e.listed())
+                    .map(|e| e.fic.clone())
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// What the token endpoint sees of `client_id` now: whether the identity exists, the FICs
+    /// that match, and those added but not yet propagated.
+    fn fics_in_effect(&self, client_id: &str) -> (bool, Vec<Fic>, Vec<Fic>) {
+        let state = lock(&self.state);
+        let now = Instant::now();
+        let list = state.fics.get(client_id);
+        let pick = |f: &dyn Fn(&FicEntry) -> bool| -> Vec<Fic> {
+            list.into_iter()
+                .flatten()
+                .filter(|e| f(e))
+                .map(|e| e.fic.clone())
+                .collect()
+        };
+        (
+            state.identities.contains(client_id),
+            pick(&|e| e.matches_at(now)),
+            pick(&|e| e.pending_at(now)),
+        )
+    }
+
+    fn body_style(&self) -> BodyStyle {
+        lock(&self.state).body_style
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -524,7 +659,7 @@ impl Shared {
                         "The endpoint only accepts POST requests. Received a {method} request."
                     ),
                 )
-                .into_response(&correlation_id(req.headers()))
+                .into_response(&correlation_id(req.headers()), self.body_style())
             }
             (&Method::GET, [tenant, "v2.0", ".well-known", "openid-configuration"]) => {
                 self.discovery(tenant, req.headers())
@@ -534,7 +669,7 @@ impl Shared {
                     StatusCode::OK,
                     &json!({ "keys": [self.signing.public().jwk()] }),
                 ),
-                Err(r) => r.into_response(&correlation_id(req.headers())),
+                Err(r) => r.into_response(&correlation_id(req.headers()), self.body_style()),
             },
             _ => crate::http::text(StatusCode::NOT_FOUND, format!("no route for {path}\n")),
         }
@@ -543,7 +678,7 @@ impl Shared {
     fn discovery(&self, tenant: &str, headers: &HeaderMap) -> Response<Body> {
         let tid = match check_tenant(tenant) {
             Ok(tid) => tid,
-            Err(r) => return r.into_response(&correlation_id(headers)),
+            Err(r) => return r.into_response(&correlation_id(headers), self.body_style()),
         };
         let base = format!("{}/{tenant}", self.base_url);
         json_value(
@@ -583,7 +718,7 @@ impl Shared {
             Some(Fault::Status {
                 status,
                 retry_after,
-            }) => return fault_response(status, retry_after, &correlation),
+            }) => return fault_response(status, retry_after, &correlation, self.body_style()),
             Some(Fault::Stall(d)) => tokio::time::sleep(d).await,
             Some(Fault::Garbage) => {
                 let mut resp = crate::http::text(
@@ -618,7 +753,7 @@ impl Shared {
                     90023,
                     e.to_string(),
                 )
-                .into_response(&correlation)
+                .into_response(&correlation, self.body_style())
             }
         };
         match self.exchange(tenant, &body).await {
@@ -633,7 +768,7 @@ impl Shared {
             }
             Err(rejection) => {
                 tracing::debug!(code = rejection.code, message = %rejection.message, "Entra emulator refused a token request");
-                rejection.into_response(&correlation)
+                rejection.into_response(&correlation, self.body_style())
             }
         }
     }
@@ -645,8 +780,8 @@ impl Shared {
         let form = parse_form(body);
         let request = ClientCredentials::from_form(&form)?;
         let client_id = request.client_id;
-        let client_fics = self.fics(client_id);
-        if client_fics.is_empty() {
+        let (exists, client_fics, pending) = self.fics_in_effect(client_id);
+        if !exists {
             // unauthorized_client, AADSTS700016, 400: no such application in the tenant.
             return Err(Rejection::new(
                 StatusCode::BAD_REQUEST,
@@ -658,6 +793,11 @@ impl Shared {
         let jwt = UnverifiedJwt::parse(request.assertion)?;
         let iss = jwt.claim_str("iss").ok_or_else(Rejection::malformed)?;
         let candidates: Vec<&Fic> = client_fics.iter().filter(|f| f.issuer == iss).collect();
+        if candidates.is_empty() && pending.iter().any(|f| f.issuer == iss) {
+            // A FIC for this issuer was added but has not propagated yet: Entra answers as if
+            // no record matched (unauthorized_client, AADSTS70021, 401), and callers retry.
+            return Err(no_matching_record(&jwt, iss));
+        }
         if candidates.is_empty() {
             // invalid_client, AADSTS700211, 401.
             return Err(Rejection::new(
@@ -668,20 +808,21 @@ impl Shared {
             ));
         }
         self.verify_signature(&jwt, iss).await?;
+        jwt.check_lifetime()?;
         jwt.check_times(now_secs())?;
         match_fic(&jwt, iss, &candidates)?;
         self.issue(&tid, client_id, request.resource)
     }
 
-    /// Verifies the assertion with the issuer's JWKS: the cached one when it holds the key,
-    /// else a fresh fetch (the issuer may have rotated its key).
+    /// Verifies the assertion with the issuer's JWKS: the cached one while its time lasts,
+    /// whatever `kid` the assertion names (Entra does not refetch for an unknown key), else a
+    /// fresh fetch.
     async fn verify_signature(&self, jwt: &UnverifiedJwt, iss: &str) -> Result<(), Rejection> {
-        let cached = self.cached_issuer_jwks(iss);
-        if cached.is_some_and(|jwks| jwt.verify(&jwks).is_ok()) {
-            return Ok(());
-        }
-        let jwks = self.issuer_jwks(iss).await?;
-        jwt.verify(&jwks)
+        let jwks = match self.cached_issuer_jwks(iss) {
+            Some(jwks) => jwks,
+            None => self.issuer_jwks(iss).await?,
+        };
+        jwt.verify(&jwks, iss)
     }
 
     /// The issuer's JWKS from an earlier fetch, while `issuer_metadata_ttl` lasts.
@@ -691,8 +832,8 @@ impl Shared {
         (fetched.elapsed() < self.issuer_metadata_ttl).then(|| jwks.clone())
     }
 
-    /// Fetches the issuer's discovery document, then its JWKS (remembered when
-    /// `issuer_metadata_ttl` is set).
+    /// Fetches the issuer's discovery document, then its JWKS (remembered for
+    /// `issuer_metadata_ttl`).
     async fn issuer_jwks(&self, iss: &str) -> Result<Value, Rejection> {
         lock(&self.state).stats.issuer_metadata_fetches += 1;
         // Kubernetes-style issuers end in '/', and their discovery document sits right below.
@@ -788,7 +929,7 @@ impl Shared {
     }
 
     /// `GET stats`, `POST faults` (a JSON array of [`Fault::from_json`] shapes), `POST config`
-    /// (`latency_ms`, `token_lifetime_secs`), `POST fics` (a JSON [`Fic`]; 409 when Entra would
+    /// (`latency_ms`, `token_lifetime_secs`, `error_uri`, `crlf_lines`), `POST fics` (a JSON [`Fic`]; 409 when Entra would
     /// refuse it), `GET fics/{client_id}`, `DELETE fics/{client_id}/{name}`; all under
     /// `/_emulator/`, for tests that run the emulator in another process.
     async fn control(
@@ -862,11 +1003,19 @@ impl Shared {
         if let Some(s) = value.get("token_lifetime_secs").and_then(Value::as_u64) {
             state.token_lifetime = Duration::from_secs(s);
         }
+        if let Some(b) = value.get("error_uri").and_then(Value::as_bool) {
+            state.body_style.error_uri = b;
+        }
+        if let Some(b) = value.get("crlf_lines").and_then(Value::as_bool) {
+            state.body_style.crlf_lines = b;
+        }
         json_value(
             StatusCode::OK,
             &json!({
                 "latency_ms": state.latency.as_millis() as u64,
                 "token_lifetime_secs": state.token_lifetime.as_secs(),
+                "error_uri": state.body_style.error_uri,
+                "crlf_lines": state.body_style.crlf_lines,
             }),
         )
     }
@@ -993,6 +1142,20 @@ fn match_fic(jwt: &UnverifiedJwt, iss: &str, candidates: &[&Fic]) -> Result<(), 
             format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. {WFI_DOC}", audiences.join(",")),
         ));
     }
+    if !candidates.iter().any(|f| f.subject == sub)
+        && candidates
+            .iter()
+            .any(|f| f.subject.eq_ignore_ascii_case(sub))
+    {
+        // invalid_client, AADSTS7002138, 401: FIC matching became case-sensitive in 2024;
+        // Entra says when only the case differs. Words from Azure/login#515 (2025-02-22).
+        return Err(Rejection::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7002138,
+            format!("No matching federated identity record found for presented assertion subject '{sub}'. The subject matches with case-insensitive comparison, but not with case-sensitive comparison. Check your federated identity credential Subject, Audience and Issuer against the presented assertion. See documentation at: {WFI_DOC}. See breaking change notification and remediation at: https://learn.microsoft.com/en-us/entra/identity-platform/reference-breaking-changes#august-2024."),
+        ));
+    }
     if !candidates.iter().any(|f| f.subject == sub) {
         // invalid_client, AADSTS700213, 401.
         return Err(Rejection::new(
@@ -1006,15 +1169,23 @@ fn match_fic(jwt: &UnverifiedJwt, iss: &str, candidates: &[&Fic]) -> Result<(), 
         .iter()
         .any(|f| f.subject == sub && audiences.contains(&f.audience.as_str()))
     {
-        // unauthorized_client, AADSTS70021, 401: each part matches some FIC, no FIC matches all.
-        return Err(Rejection::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized_client",
-            70021,
-            format!("No matching federated identity record found for presented assertion. Assertion Issuer: '{iss}'. Assertion Subject: '{sub}'. Assertion Audience: '{}'. {WFI_DOC}", audiences.join(",")),
-        ));
+        // Each part matches some FIC, no FIC matches all.
+        return Err(no_matching_record(jwt, iss));
     }
     Ok(())
+}
+
+/// unauthorized_client, AADSTS70021, 401: no FIC matches issuer, subject and audience together
+/// (also Entra's answer while a new FIC propagates). The words are those of a real answer in
+/// external-secrets/external-secrets#2783 (2023).
+fn no_matching_record(jwt: &UnverifiedJwt, iss: &str) -> Rejection {
+    let sub = jwt.claim_str("sub").unwrap_or_default();
+    Rejection::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized_client",
+        70021,
+        format!("No matching federated identity record found for presented assertion. Assertion Issuer: '{iss}'. Assertion Subject: '{sub}'. Assertion Audience: '{}'. {WFI_DOC}", jwt.audiences().join(",")),
+    )
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Box<Response<Body>>> {
@@ -1074,6 +1245,17 @@ impl Rejection {
         )
     }
 
+    /// invalid_client, AADSTS7000272, 401: the assertion's key is not in the issuer's JWKS as
+    /// Entra last fetched it. Words from a real answer in Azure/azure-workload-identity#1232.
+    fn unknown_key(kid: &str, iss: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000272,
+            format!("The certificate with identifier {kid} used to sign the federated credential could not be found in the metadata of identity provider {iss}. Please validate that your Identity Provider's metadata exposes the key used to sign the incoming token."),
+        )
+    }
+
     /// invalid_client, AADSTS700027, 401: the signature did not verify.
     fn bad_signature(reason: &str, kid: &str) -> Self {
         Self::new(
@@ -1084,16 +1266,16 @@ impl Rejection {
         )
     }
 
-    fn into_response(self, correlation: &str) -> Response<Body> {
+    fn into_response(self, correlation: &str, style: BodyStyle) -> Response<Body> {
         let mut body = ErrorBody::new(self.error, &[self.code], String::new(), correlation);
+        let sep = if style.crlf_lines { "\r\n" } else { " " };
         body.error_description = format!(
-            "AADSTS{}: {} Trace ID: {} Correlation ID: {} Timestamp: {}",
+            "AADSTS{}: {}{sep}Trace ID: {}{sep}Correlation ID: {}{sep}Timestamp: {}",
             self.code, self.message, body.trace_id, body.correlation_id, body.timestamp
         );
-        body.error_uri = Some(format!(
-            "https://login.microsoftonline.com/error?code={}",
-            self.code
-        ));
+        body.error_uri = style
+            .error_uri
+            .then(|| format!("https://login.microsoftonline.com/error?code={}", self.code));
         let mut resp = crate::http::json(self.status, body.to_json());
         add_request_ids(resp.headers_mut(), &body.trace_id, correlation);
         if let Some(secs) = self.retry_after {
@@ -1104,7 +1286,12 @@ impl Rejection {
     }
 }
 
-fn fault_response(status: u16, retry_after: Option<u64>, correlation: &str) -> Response<Body> {
+fn fault_response(
+    status: u16,
+    retry_after: Option<u64>,
+    correlation: &str,
+    style: BodyStyle,
+) -> Response<Body> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut rejection = if status == StatusCode::TOO_MANY_REQUESTS {
         // temporarily_unavailable, AADSTS90055 (TenantThrottlingError), 429: Entra throttling.
@@ -1131,7 +1318,7 @@ fn fault_response(status: u16, retry_after: Option<u64>, correlation: &str) -> R
         Rejection::new(status, "invalid_request", 90023, "Invalid request.")
     };
     rejection.retry_after = retry_after;
-    rejection.into_response(correlation)
+    rejection.into_response(correlation, style)
 }
 
 /// Entra echoes `client-request-id` as the correlation id and names its trace in
@@ -1274,8 +1461,8 @@ impl UnverifiedJwt {
         }
     }
 
-    fn verify(&self, jwks: &Value) -> Result<(), Rejection> {
-        let not_found = || Rejection::bad_signature("The key was not found.", &self.kid);
+    fn verify(&self, jwks: &Value, iss: &str) -> Result<(), Rejection> {
+        let not_found = || Rejection::unknown_key(&self.kid, iss);
         if self.kid.is_empty() {
             return Err(not_found());
         }
@@ -1311,6 +1498,32 @@ impl UnverifiedJwt {
             Ok(true) => Ok(()),
             _ => Err(failed()),
         }
+    }
+
+    /// invalid_request, AADSTS70023, 400: no `iat`, or `exp` more than 25 hours after it. Words
+    /// from real answers in MicrosoftDocs/azure-docs#86915 and #86916 (2022).
+    fn check_lifetime(&self) -> Result<(), Rejection> {
+        let num = |name: &str| self.claims.get(name).and_then(Value::as_i64);
+        let (iat, exp) = (num("iat"), num("exp"));
+        let too_long = match (iat, exp) {
+            (None, _) => true,
+            (Some(iat), Some(exp)) => exp.saturating_sub(iat) > MAX_ASSERTION_LIFETIME_SECS,
+            // No `exp` at all: the time-window check refuses it (AADSTS700024).
+            (Some(_), None) => false,
+        };
+        if !too_long {
+            return Ok(());
+        }
+        Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            70023,
+            format!(
+                "External OIDC Provider token must have a lifetime of less than or equal to 1.01:00:00. Token issued at {}. Token expires on {}.",
+                iat.unwrap_or(0),
+                exp.unwrap_or(0)
+            ),
+        ))
     }
 
     fn check_times(&self, now: i64) -> Result<(), Rejection> {
@@ -1495,11 +1708,22 @@ mod tests {
         fixture_with(false).await
     }
 
+    /// Most tests check one answer, not Entra's delays: the issuer documents are fetched for
+    /// every exchange and FIC changes apply at once, so a key or FIC change acts on the next
+    /// call. The tests of the delays pass them explicitly.
     async fn fixture_with(trailing_slash: bool) -> Fixture {
-        fixture_caching(trailing_slash, Duration::ZERO).await
+        fixture_timed(trailing_slash, Duration::ZERO, Duration::ZERO).await
     }
 
     async fn fixture_caching(trailing_slash: bool, issuer_metadata_ttl: Duration) -> Fixture {
+        fixture_timed(trailing_slash, issuer_metadata_ttl, Duration::ZERO).await
+    }
+
+    async fn fixture_timed(
+        trailing_slash: bool,
+        issuer_metadata_ttl: Duration,
+        fic_propagation: Duration,
+    ) -> Fixture {
         let issuer = TestIssuer::start(trailing_slash).await;
         let key = SigningKey::generate(2048).unwrap();
         issuer.publish(&key);
@@ -1512,6 +1736,7 @@ mod tests {
                 name: "workload".into(),
             }],
             issuer_metadata_ttl,
+            fic_propagation,
             ..Default::default()
         })
         .await
@@ -1787,14 +2012,14 @@ mod tests {
         let f = fixture().await;
         let answer = f
             .exchange(
-                &f.assertion_with(|c| c["sub"] = json!("system:serviceaccount:default:Workload")),
+                &f.assertion_with(|c| c["sub"] = json!("system:serviceaccount:default:other")),
             )
             .await;
         let v = answer.assert_entra_error(401, "invalid_client", 700213);
         assert!(v["error_description"]
             .as_str()
             .unwrap()
-            .contains("subject 'system:serviceaccount:default:Workload'"));
+            .contains("subject 'system:serviceaccount:default:other'"));
     }
 
     #[tokio::test]
@@ -1869,17 +2094,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn assertion_signed_by_key_missing_from_jwks_gets_aadsts700027() {
+    async fn assertion_signed_by_key_missing_from_jwks_gets_aadsts7000272() {
         let f = fixture().await;
         let stranger = SigningKey::generate(2048).unwrap();
         let assertion = stranger.sign(&f.claims()).unwrap();
         let v = f
             .exchange(&assertion)
             .await
-            .assert_entra_error(401, "invalid_client", 700027);
+            .assert_entra_error(401, "invalid_client", 7000272);
+        // The real answer (Azure/azure-workload-identity#1232, 2024-01-14):
+        // {"error":"invalid_client","error_description":"AADSTS7000272: The certificate with
+        // identifier DFA184AB5E2B3F6529B8CFCE195305014236E297 used to sign the federated
+        // credential could not be found in the metadata of identity provider
+        // https://oidc.svasys.com. Please validate that your Identity Provider's metadata
+        // exposes the key used to sign the incoming token. Trace ID: fe34.. Correlation ID:
+        // ba0d.. Timestamp: 2024-01-14 20:29:53Z","error_codes":[7000272],"timestamp":"2024-01-14
+        // 20:29:53Z","trace_id":"..","correlation_id":"..",
+        // "error_uri":"https://login.microsoftonline.com/error?code=7000272"}
         let d = v["error_description"].as_str().unwrap();
-        assert!(d.contains("The key was not found."), "{d}");
-        assert!(d.contains(stranger.kid()), "{d}");
+        assert!(
+            d.starts_with(&format!(
+                "AADSTS7000272: The certificate with identifier {} used to sign the federated \
+                 credential could not be found in the metadata of identity provider {}. Please \
+                 validate that your Identity Provider's metadata exposes the key used to sign the \
+                 incoming token. Trace ID: ",
+                stranger.kid(),
+                f.issuer.url
+            )),
+            "{d}"
+        );
+        assert_eq!(
+            v["error_uri"],
+            "https://login.microsoftonline.com/error?code=7000272"
+        );
     }
 
     #[tokio::test]
@@ -1901,35 +2148,71 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn key_removed_from_issuer_jwks_fails_the_next_call_with_aadsts700027() {
+    async fn without_a_metadata_ttl_a_removed_key_fails_the_next_call_with_aadsts7000272() {
         let f = fixture().await;
         assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
         f.issuer.unpublish(&f.key);
         f.exchange(&f.assertion())
             .await
-            .assert_entra_error(401, "invalid_client", 700027);
+            .assert_entra_error(401, "invalid_client", 7000272);
         f.issuer.publish(&f.key);
         assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
         assert_eq!(f.emu.stats().issuer_metadata_fetches, 3);
     }
 
+    #[test]
+    fn the_default_config_keeps_entras_delays() {
+        let cfg = EntraEmulatorConfig::default();
+        assert_eq!(cfg.issuer_metadata_ttl, Duration::from_secs(300));
+        assert_eq!(cfg.fic_propagation, Duration::from_secs(60));
+        assert_eq!(cfg.body_style, BodyStyle::default());
+    }
+
     #[tokio::test]
-    async fn issuer_metadata_is_reused_within_its_ttl_and_refetched_for_a_new_key() {
-        let f = fixture_caching(false, Duration::from_secs(300)).await;
+    async fn within_the_metadata_ttl_a_new_key_is_refused_without_a_refetch_and_a_removed_key_verifies(
+    ) {
+        // Real time, short: the cache of issuer documents keeps a std Instant.
+        let ttl = Duration::from_secs(3);
+        let f = fixture_caching(false, ttl).await;
+        let fetched_at = Instant::now();
         for _ in 0..3 {
             assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
         }
         assert_eq!(f.emu.stats().issuer_metadata_fetches, 1);
-        // Within the TTL a removed key still verifies, as with Entra's own cache.
-        f.issuer.unpublish(&f.key);
-        assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
-        assert_eq!(f.emu.stats().issuer_metadata_fetches, 1);
-        // A rotated-in key is not in the cached JWKS: fetched again at once.
+        // A key published after Entra's fetch is unknown to Entra until its cache expires,
+        // whatever the assertion's `kid` says: no refetch, AADSTS7000272.
         let rotated = SigningKey::generate(2048).unwrap();
         f.issuer.publish(&rotated);
-        let f = Fixture { key: rotated, ..f };
-        assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
-        assert_eq!(f.emu.stats().issuer_metadata_fetches, 2);
+        f.issuer.unpublish(&f.key);
+        let old = Fixture {
+            key: SigningKey::from_pem(&f.key.private_pem()).unwrap(),
+            emu: f.emu.clone(),
+            issuer: TestIssuer {
+                url: f.issuer.url.clone(),
+                jwks: f.issuer.jwks.clone(),
+                paths: f.issuer.paths.clone(),
+                shutdown: CancellationToken::new(),
+            },
+        };
+        let new = Fixture { key: rotated, ..f };
+        new.exchange(&new.assertion())
+            .await
+            .assert_entra_error(401, "invalid_client", 7000272);
+        // Meanwhile the removed key still verifies, from the cached JWKS.
+        assert_eq!(old.exchange(&old.assertion()).await.status, StatusCode::OK);
+        assert_eq!(new.emu.stats().issuer_metadata_fetches, 1);
+        assert!(
+            fetched_at.elapsed() < ttl,
+            "the test ran slower than the TTL"
+        );
+        tokio::time::sleep(ttl.saturating_sub(fetched_at.elapsed()) + Duration::from_millis(100))
+            .await;
+        // Expired: fetched again; the new key verifies and the removed one no longer does.
+        assert_eq!(new.exchange(&new.assertion()).await.status, StatusCode::OK);
+        assert_eq!(new.emu.stats().issuer_metadata_fetches, 2);
+        old.exchange(&old.assertion())
+            .await
+            .assert_entra_error(401, "invalid_client", 7000272);
     }
 
     #[tokio::test]
@@ -2225,14 +2508,152 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn removed_fic_stops_matching_immediately() {
+    async fn without_propagation_a_removed_last_fic_gets_aadsts700211_as_the_identity_remains() {
         let f = fixture().await;
         assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
         assert!(f.emu.remove_fic(CLIENT, "workload"));
-        // The only FIC is gone, so the application no longer exists either.
+        assert!(f.emu.fics(CLIENT).is_empty());
+        // The managed identity outlives its last FIC: not 700016, but no issuer matches.
         f.exchange(&f.assertion())
             .await
-            .assert_entra_error(400, "unauthorized_client", 700016);
+            .assert_entra_error(401, "invalid_client", 700211);
+    }
+
+    #[tokio::test]
+    async fn a_new_fic_answers_aadsts70021_until_it_propagates_and_a_removed_one_matches_meanwhile()
+    {
+        // Real time, short: the FICs' propagation times are std Instants.
+        let delay = Duration::from_secs(3);
+        let f = fixture_timed(false, Duration::ZERO, delay).await;
+        let added = Instant::now();
+        f.emu
+            .add_fic(Fic {
+                client_id: CLIENT.into(),
+                issuer: "https://other.example/issuer".into(),
+                subject: SUBJECT.into(),
+                audience: DEFAULT_FIC_AUDIENCE.into(),
+                name: "other".into(),
+            })
+            .unwrap();
+        let other = f.assertion_with(|c| c["iss"] = json!("https://other.example/issuer"));
+        // Listed at once, matched later; meanwhile Entra's answer for "nothing matches".
+        assert_eq!(f.emu.fics(CLIENT).len(), 2);
+        let v = f
+            .exchange(&other)
+            .await
+            .assert_entra_error(401, "unauthorized_client", 70021);
+        assert!(v["error_description"].as_str().unwrap().contains(
+            "No matching federated identity record found for presented assertion. Assertion Issuer: 'https://other.example/issuer'."
+        ));
+        // Removing the propagated FIC: gone from the list, still matching for the delay.
+        assert!(f.emu.remove_fic(CLIENT, "workload"));
+        assert_eq!(f.emu.fics(CLIENT).len(), 1);
+        assert_eq!(f.exchange(&f.assertion()).await.status, StatusCode::OK);
+        assert!(
+            added.elapsed() < delay,
+            "the test ran slower than the delay"
+        );
+        tokio::time::sleep(delay + Duration::from_millis(100)).await;
+        // The new one now gets past the issuer match (its documents are unreachable here).
+        f.exchange(&other)
+            .await
+            .assert_entra_error(400, "invalid_request", 50166);
+        f.exchange(&f.assertion())
+            .await
+            .assert_entra_error(401, "invalid_client", 700211);
+    }
+
+    #[tokio::test]
+    async fn subject_differing_only_in_case_gets_aadsts7002138() {
+        let f = fixture().await;
+        let upper = SUBJECT.to_uppercase();
+        let v = f
+            .exchange(&f.assertion_with(|c| c["sub"] = json!(upper)))
+            .await
+            .assert_entra_error(401, "invalid_client", 7002138);
+        // The real words (Azure/login#515, 2025-02-22): "AADSTS7002138: No matching federated
+        // identity record found for presented assertion subject 'repo:..:environment:Production'.
+        // The subject matches with case-insensitive comparison, but not with case-sensitive
+        // comparison. Check your federated identity credential Subject, Audience and Issuer
+        // against the presented assertion. See documentation at:
+        // https://learn.microsoft.com/entra/workload-id/workload-identity-federation. See
+        // breaking change notification and remediation at:
+        // https://learn.microsoft.com/en-us/entra/identity-platform/reference-breaking-changes#august-2024."
+        let d = v["error_description"].as_str().unwrap();
+        assert!(d.starts_with(&format!("AADSTS7002138: No matching federated identity record found for presented assertion subject '{upper}'. The subject matches with case-insensitive comparison, but not with case-sensitive comparison. Check your federated identity credential Subject, Audience and Issuer against the presented assertion. See documentation at: https://learn.microsoft.com/entra/workload-id/workload-identity-federation. See breaking change notification and remediation at: https://learn.microsoft.com/en-us/entra/identity-platform/reference-breaking-changes#august-2024.")), "{d}");
+    }
+
+    #[tokio::test]
+    async fn assertion_without_iat_or_living_over_25_hours_gets_aadsts70023() {
+        let f = fixture().await;
+        // The real answers (MicrosoftDocs/azure-docs#86915 and #86916, 2022-01-25):
+        // {"error":"invalid_request","error_description":"AADSTS70023: External OIDC Provider
+        // token must have a lifetime of less than or equal to 1.01:00:00. Token issued at 0.
+        // Token expires on 1643129773.\r\nTrace ID: ..","error_codes":[70023],..}
+        let no_iat = f.assertion_with(|c| {
+            c.as_object_mut().unwrap().remove("iat");
+        });
+        let exp = f.claims()["exp"].as_i64().unwrap();
+        let v = f
+            .exchange(&no_iat)
+            .await
+            .assert_entra_error(400, "invalid_request", 70023);
+        assert!(v["error_description"].as_str().unwrap().starts_with(&format!(
+            "AADSTS70023: External OIDC Provider token must have a lifetime of less than or equal to 1.01:00:00. Token issued at 0. Token expires on {exp}."
+        )));
+        let now = now_secs();
+        let long = f.assertion_with(|c| c["exp"] = json!(now + 25 * 3600 + 1));
+        f.exchange(&long)
+            .await
+            .assert_entra_error(400, "invalid_request", 70023);
+        let longest = f.assertion_with(|c| c["exp"] = json!(now + 25 * 3600));
+        // Exactly 25 h is allowed by 70023; what refuses it is nothing else.
+        assert_eq!(f.exchange(&longest).await.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn bodies_come_with_or_without_error_uri_and_with_crlf_lines() {
+        let f = fixture().await;
+        let stranger = SigningKey::generate(2048).unwrap();
+        let refused = || stranger.sign(&f.claims()).unwrap();
+        // Without error_uri, as in the 700211 answer recorded in teleport's Azure plugin
+        // tests (2024-07-04): {"error":"invalid_client","error_description":"AADSTS700211: ...
+        // Trace ID: 8004.. Correlation ID: bb80.. Timestamp: 2024-07-04 13:48:17Z",
+        // "error_codes":[700211],"timestamp":"..","trace_id":"..","correlation_id":".."}
+        f.emu.set_body_style(BodyStyle {
+            error_uri: false,
+            crlf_lines: false,
+        });
+        let v = f
+            .exchange(&refused())
+            .await
+            .assert_entra_error(401, "invalid_client", 7000272);
+        assert!(v.get("error_uri").is_none(), "{v}");
+        // Older answers separate the trace lines with \r\n (Azure/azure-workload-identity#616,
+        // 2022): "...workload-identity-federation\r\nTrace ID: 30b6..\r\nCorrelation ID: dffc..
+        // \r\nTimestamp: 2022-10-27 23:39:22Z".
+        let answer = control(
+            Method::POST,
+            format!("{}/_emulator/config", f.emu.url()),
+            Some(json!({ "error_uri": true, "crlf_lines": true })),
+        )
+        .await;
+        assert_eq!(answer.json()["crlf_lines"], true);
+        let v = f.exchange(&refused()).await.json();
+        let d = v["error_description"].as_str().unwrap();
+        assert!(
+            d.contains(&format!(
+                "\r\nTrace ID: {}\r\nCorrelation ID: {}\r\nTimestamp: {}",
+                v["trace_id"].as_str().unwrap(),
+                v["correlation_id"].as_str().unwrap(),
+                v["timestamp"].as_str().unwrap()
+            )),
+            "{d}"
+        );
+        assert_eq!(
+            v["error_uri"],
+            "https://login.microsoftonline.com/error?code=7000272"
+        );
     }
 
     #[test]
