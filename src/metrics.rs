@@ -32,6 +32,12 @@ pub struct Metrics {
     pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    /// RBAC watch events by kind and by whose decisions they dropped.
+    pub rbac_events: IntCounterVec,
+    /// Roles and bindings the RBAC index keeps (only those that can grant managed identities).
+    pub rbac_index_entries: IntGaugeVec,
+    /// 1 once all four RBAC kinds have been listed.
+    pub rbac_watch_synced: IntGauge,
     /// The series a cache hit touches, resolved once: a label lookup hashes its values.
     pub served: IntCounter,
     pub served_duration: Histogram,
@@ -137,6 +143,23 @@ impl Metrics {
                 &["sni"],
             ),
             build_info: r.gauge("build_info", "Build information; always 1.", &["version"]),
+            rbac_events: r.counter(
+                "rbac_events_total",
+                "RBAC watch events by kind and effect: 'unrelated' (no cached decision dropped), 'subjects' (the decisions of the subjects it binds), 'everyone' (every decision).",
+                &["kind", "effect"],
+            ),
+            rbac_index_entries: r.gauge(
+                "rbac_index_entries",
+                "Roles and bindings kept by the RBAC index: only those that can grant managed identities.",
+                &["what"],
+            ),
+            rbac_watch_synced: r.register(
+                IntGauge::new(
+                    format!("{PREFIX}_rbac_watch_synced"),
+                    "1 once Roles, ClusterRoles and their bindings have all been listed.",
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}")),
+            ),
             registry: r.0,
         };
         metrics.create_expected_series();
@@ -165,6 +188,19 @@ impl Metrics {
             }
         }
         self.entra_requests.with_label_values(&["200"]);
+        for kind in [
+            "clusterroles",
+            "roles",
+            "clusterrolebindings",
+            "rolebindings",
+        ] {
+            for effect in ["unrelated", "subjects", "everyone"] {
+                self.rbac_events.with_label_values(&[kind, effect]);
+            }
+        }
+        for what in ["roles", "bindings"] {
+            self.rbac_index_entries.with_label_values(&[what]);
+        }
         let refusals = crate::limits::Refusal::ALL.map(crate::limits::Refusal::label);
         for reason in crate::tls::HANDSHAKE_FAILURES.iter().chain(&refusals) {
             self.tls_handshake_failures.with_label_values(&[reason]);
