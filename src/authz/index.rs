@@ -705,7 +705,7 @@ mod tests {
         let demo = who_sa("demo", "demo");
         assert_eq!(
             index.apply_binding(Binding::Cluster(&b)),
-            subjects(&[demo.clone()])
+            subjects(std::slice::from_ref(&demo))
         );
         assert_eq!(index.sizes(), (1, 1));
         // Changed: whom it bound before and whom it binds now.
