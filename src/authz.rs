@@ -215,6 +215,10 @@ impl Authorizer {
                     }
                 }
                 Ok(watcher::Event::InitDone) => {
+                    self.metrics
+                        .rbac_lists
+                        .with_label_values(&[kind.plural()])
+                        .inc();
                     tracing::debug!(
                         kind = kind.plural(),
                         "RBAC listed: dropping cached authorization decisions"

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub rbac_index_entries: IntGaugeVec,
     /// 1 once all four RBAC kinds have been listed.
     pub rbac_watch_synced: IntGauge,
+    /// Complete lists of each RBAC kind: one at start, then only when a watch cannot resume.
+    pub rbac_lists: IntCounterVec,
     /// The series a cache hit touches, resolved once: a label lookup hashes its values.
     pub served: IntCounter,
     pub served_duration: Histogram,
@@ -153,6 +155,11 @@ impl Metrics {
                 "Roles and bindings kept by the RBAC index: only those that can grant managed identities.",
                 &["what"],
             ),
+            rbac_lists: r.counter(
+                "rbac_lists_total",
+                "Complete lists of an RBAC kind: one at start; more only when a broken watch could not resume from its resource version.",
+                &["kind"],
+            ),
             rbac_watch_synced: r.register(
                 IntGauge::new(
                     format!("{PREFIX}_rbac_watch_synced"),
@@ -194,6 +201,7 @@ impl Metrics {
             "clusterrolebindings",
             "rolebindings",
         ] {
+            self.rbac_lists.with_label_values(&[kind]);
             for effect in ["unrelated", "subjects", "everyone"] {
                 self.rbac_events.with_label_values(&[kind, effect]);
             }
