@@ -278,8 +278,8 @@ fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_
 
     // The population, created while that proxy watches (12 100 unrelated RBAC events), with
     // its caller asking for tokens meanwhile.
+    let done = std::sync::atomic::AtomicBool::new(false);
     let asking = std::thread::scope(|s| {
-        let done = std::sync::atomic::AtomicBool::new(false);
         let asker = s.spawn(|| {
             let mut served = 0;
             while !done.load(Ordering::Relaxed) {
