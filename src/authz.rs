@@ -2,7 +2,9 @@
 //! the apiserver as a SubjectAccessReview (verb `use-managed-identity`, group
 //! `cid.wi.aks.azure.com`, resource `<client-id>`) so that ordinary RBAC — ClusterRoleBindings
 //! and namespaced RoleBindings — governs access. Decisions are cached per (namespace, SA,
-//! client-id): allowed for 5 minutes, denied for 30 seconds by default.
+//! client-id): allowed for 5 minutes, denied for 30 seconds by default. The RBAC watch drops
+//! them sooner, but only those a change can affect ([`index`]): RBAC that grants no managed
+//! identity costs no review, however much of it the cluster churns.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
