@@ -208,13 +208,15 @@ impl RbacIndex {
     pub fn init_done(&mut self, kind: Kind) -> Stale {
         let pending = self.pending.remove(&kind).unwrap_or_default();
         match kind {
-            Kind::ClusterRole => {
-                self.cluster_roles = pending.cluster_roles;
+            Kind::ClusterRole | Kind::Role => {
+                if kind == Kind::ClusterRole {
+                    self.cluster_roles = pending.cluster_roles;
+                } else {
+                    self.roles = pending.roles;
+                }
+                let before = std::mem::take(&mut self.relevant);
                 self.recompute();
-            }
-            Kind::Role => {
-                self.roles = pending.roles;
-                self.recompute();
+                self.relevance_moved(&before);
             }
             Kind::ClusterRoleBinding | Kind::RoleBinding => {
                 let cluster = kind == Kind::ClusterRoleBinding;
@@ -404,13 +406,22 @@ impl RbacIndex {
                 }
             }
         }
-        // Roles that ceased to be relevant keep none of their bindings.
+        self.relevance_moved(&before);
+        stale
+    }
+
+    /// After the relevant set changed from `before`: roles that turned relevant once bindings
+    /// were listed have bindings the index never kept; roles that ceased keep none.
+    fn relevance_moved(&mut self, before: &HashSet<RoleKey>) {
+        if self.bindings_listed {
+            let turned: Vec<RoleKey> = self.relevant.difference(before).cloned().collect();
+            self.incomplete.extend(turned);
+        }
         let ceased: Vec<RoleKey> = before.difference(&self.relevant).cloned().collect();
         for role in ceased {
             self.bindings.retain(|_, (r, _)| *r != role);
             self.incomplete.remove(&role);
         }
-        stale
     }
 
     /// Which roles can grant: the granting ones, and (to a fixed point) the ClusterRoles
@@ -952,6 +963,20 @@ mod tests {
             index.apply_cluster_role(&edited),
             subjects(&[who_sa("apps", "api")])
         );
+    }
+
+    #[test]
+    fn a_role_found_granting_by_a_relist_is_followed_wholesale() {
+        let mut index = demo();
+        let b = crb("late", "view", json!([sa("apps", "api")]));
+        assert_eq!(index.apply_binding(Binding::Cluster(&b)), Stale::Nobody);
+        // The ClusterRole watch re-lists: `view` grants now (changed while unwatched).
+        index.init(Kind::ClusterRole);
+        index.init_cluster_role(&cluster_role("use-identity", grant_rules()));
+        index.init_cluster_role(&cluster_role("view", grant_rules()));
+        assert_eq!(index.init_done(Kind::ClusterRole), Stale::Everyone);
+        let b2 = crb("late", "view", json!([sa("apps", "web")]));
+        assert_eq!(index.apply_binding(Binding::Cluster(&b2)), Stale::Everyone);
     }
 
     #[test]
