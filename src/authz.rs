@@ -131,24 +131,42 @@ impl Authorizer {
     pub async fn watch_rbac(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
         let client = self.cluster.client().clone();
-        let (roles_listed, mut listed) = tokio::sync::watch::channel(0u8);
+        // Bindings wait until both role kinds are listed, or until a watch fails: then they
+        // start anyway, so every kind's error is logged, and list again once the roles are
+        // listed, so that every binding is judged against them.
+        let (progress, mut listed) = tokio::sync::watch::channel(Progress::default());
         let roles = futures::future::join(
-            self.watch_kind(kube::Api::<ClusterRole>::all(client.clone()), &roles_listed),
-            self.watch_kind(kube::Api::<Role>::all(client.clone()), &roles_listed),
+            self.watch_kind(kube::Api::<ClusterRole>::all(client.clone()), &progress),
+            self.watch_kind(kube::Api::<Role>::all(client.clone()), &progress),
         );
         let bindings = async {
-            if listed.wait_for(|n| *n >= 2).await.is_err() {
-                return;
+            loop {
+                let complete = match listed.wait_for(|p| p.roles >= 2 || p.failed).await {
+                    Ok(p) => p.roles >= 2,
+                    Err(_) => return,
+                };
+                lock(&self.index).bindings_watch_started();
+                let watches = futures::future::join(
+                    self.watch_kind(
+                        kube::Api::<ClusterRoleBinding>::all(client.clone()),
+                        &progress,
+                    ),
+                    self.watch_kind(kube::Api::<RoleBinding>::all(client.clone()), &progress),
+                );
+                if complete {
+                    watches.await;
+                    return;
+                }
+                tokio::select! {
+                    _ = watches => return,
+                    roles_listed = listed.wait_for(|p| p.roles >= 2) => {
+                        if roles_listed.map(drop).is_err() {
+                            return;
+                        }
+                        lock(&self.index).bindings_relist();
+                    }
+                }
             }
-            lock(&self.index).bindings_watch_started();
-            futures::future::join(
-                self.watch_kind(
-                    kube::Api::<ClusterRoleBinding>::all(client.clone()),
-                    &roles_listed,
-                ),
-                self.watch_kind(kube::Api::<RoleBinding>::all(client.clone()), &roles_listed),
-            )
-            .await;
         };
         tokio::select! {
             _ = stop.cancelled() => {}
@@ -156,7 +174,7 @@ impl Authorizer {
         }
     }
 
-    async fn watch_kind<K>(&self, api: kube::Api<K>, listed: &tokio::sync::watch::Sender<u8>)
+    async fn watch_kind<K>(&self, api: kube::Api<K>, listed: &tokio::sync::watch::Sender<Progress>)
     where
         K: Indexed
             + kube::Resource
@@ -187,6 +205,7 @@ impl Authorizer {
                     Ok(watcher::Event::Apply(o)) => o.apply(&mut index),
                     Ok(watcher::Event::Delete(o)) => o.delete(&mut index),
                     Err(e) => {
+                        listed.send_if_modified(|p| !std::mem::replace(&mut p.failed, true));
                         tracing::warn!(kind = kind.plural(), error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs");
                         continue;
                     }
@@ -227,8 +246,12 @@ impl Authorizer {
                     );
                     if first_list {
                         first_list = false;
-                        listed.send_modify(|n| *n += 1);
-                        if *listed.borrow() >= 4 {
+                        listed.send_modify(|p| match kind {
+                            Kind::ClusterRole | Kind::Role => p.roles += 1,
+                            Kind::ClusterRoleBinding | Kind::RoleBinding => p.bindings += 1,
+                        });
+                        let p = *listed.borrow();
+                        if p.roles >= 2 && p.bindings >= 2 {
                             self.metrics.rbac_watch_synced.set(1);
                             tracing::info!(
                                 "RBAC listed: following changes to managed-identity grants"
@@ -336,6 +359,14 @@ impl Authorizer {
             }
         }
     }
+}
+
+/// How far the RBAC watches are: kinds listed once, and whether any watch failed.
+#[derive(Clone, Copy, Default)]
+struct Progress {
+    roles: u8,
+    bindings: u8,
+    failed: bool,
 }
 
 /// The index is a plain map: a panic elsewhere while holding it leaves it usable.

@@ -198,6 +198,12 @@ impl RbacIndex {
         self.bindings_listed = true;
     }
 
+    /// Bindings are listed again, now that every role is known: the roles that turned
+    /// relevant meanwhile will have all their bindings seen.
+    pub fn bindings_relist(&mut self) {
+        self.incomplete.clear();
+    }
+
     /// A watch (re)starts listing `kind`.
     pub fn init(&mut self, kind: Kind) {
         self.pending.insert(kind, Pending::default());
