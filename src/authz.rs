@@ -2,7 +2,9 @@
 //! the apiserver as a SubjectAccessReview (verb `use-managed-identity`, group
 //! `cid.wi.aks.azure.com`, resource `<client-id>`) so that ordinary RBAC — ClusterRoleBindings
 //! and namespaced RoleBindings — governs access. Decisions are cached per (namespace, SA,
-//! client-id): allowed for 5 minutes, denied for 30 seconds by default.
+//! client-id): allowed for 5 minutes, denied for 30 seconds by default. The RBAC watch drops
+//! them sooner, but only those a change can affect ([`index`]): RBAC that grants no managed
+//! identity costs no review, however much of it the cluster churns.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,6 +16,10 @@ use crate::error::{ProxyError, Result};
 use crate::expiry::{Lifetime, OwnLifetime};
 use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
+
+pub mod index;
+
+use index::{Binding, Kind, RbacIndex, Stale};
 
 #[derive(Clone, Debug)]
 pub struct AuthzConfig {
@@ -50,11 +56,13 @@ impl Lifetime for Decision {
 pub struct Authorizer {
     cluster: Arc<Cluster>,
     config: AuthzConfig,
-    /// Bumped on every RBAC change: a review that started before a change must not store its
+    /// Bumped whenever cached decisions are dropped: a review that started before a change must not store its
     /// (possibly stale) answer after the change dropped the cache.
     generation: AtomicU64,
     /// Decisions per (namespace, SA, client-id); concurrent first requests share one review.
     decisions: moka::future::Cache<Key, Decision>,
+    /// Which RBAC objects can grant managed identities, to drop only what a change affects.
+    index: std::sync::Mutex<RbacIndex>,
     /// Each caller's budget of decisions not in the cache.
     budgets: Arc<CallerBudgets>,
     metrics: Arc<Metrics>,
@@ -73,7 +81,9 @@ impl Authorizer {
             decisions: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .expire_after(OwnLifetime)
+                .support_invalidation_closures()
                 .build(),
+            index: std::sync::Mutex::new(RbacIndex::new()),
             config,
             budgets,
             metrics,
@@ -86,53 +96,172 @@ impl Authorizer {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Drops every cached decision (RBAC changed).
+    /// Drops every cached decision.
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.decisions.invalidate_all();
     }
 
-    /// Watches ClusterRoles, ClusterRoleBindings, Roles and RoleBindings and drops every cached
-    /// decision on any change, so a revoked grant is denied within the watch latency instead of
-    /// the allow TTL. If a watch breaks, the TTLs still bound staleness, and kube-rs's watcher
-    /// re-lists and resumes (with backoff); the re-list also drops the cache.
-    pub async fn watch_rbac(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-        let client = self.cluster.client().clone();
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = futures::future::join4(
-                self.watch_kind(kube::Api::<ClusterRole>::all(client.clone()), "clusterroles"),
-                self.watch_kind(kube::Api::<ClusterRoleBinding>::all(client.clone()), "clusterrolebindings"),
-                self.watch_kind(kube::Api::<Role>::all(client.clone()), "roles"),
-                self.watch_kind(kube::Api::<RoleBinding>::all(client), "rolebindings"),
-            ) => {}
+    /// Drops the cached decisions an RBAC change made stale (none, some subjects' or all).
+    fn invalidate(&self, stale: &Stale) {
+        match stale {
+            Stale::Nobody => {}
+            Stale::Everyone => self.invalidate_all(),
+            Stale::Some(_) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                let stale = stale.clone();
+                let dropped = self
+                    .decisions
+                    .invalidate_entries_if(move |(ns, sa, _), _| stale.covers(ns, sa));
+                if dropped.is_err() {
+                    // Only if the cache was built without predicates: drop them all instead.
+                    self.decisions.invalidate_all();
+                }
+            }
         }
     }
 
-    async fn watch_kind<K>(&self, api: kube::Api<K>, kind: &'static str)
+    /// Watches ClusterRoles, ClusterRoleBindings, Roles and RoleBindings and drops the cached
+    /// decisions a change can affect (see [`index`]), so a revoked grant is denied within the
+    /// watch latency instead of the allow TTL, and RBAC unrelated to managed identities costs
+    /// no reviews. Roles are listed before bindings, so each binding is judged against every
+    /// role. A broken watch resumes from its last resource version (kube-rs's watcher, with
+    /// backoff); only when the apiserver no longer has that version does it re-list, and the
+    /// re-list drops every decision. Meanwhile the TTLs bound staleness.
+    pub async fn watch_rbac(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+        let client = self.cluster.client().clone();
+        // Bindings wait until both role kinds are listed, or until a watch fails: then they
+        // start anyway, so every kind's error is logged, and list again once the roles are
+        // listed, so that every binding is judged against them.
+        let (progress, mut listed) = tokio::sync::watch::channel(Progress::default());
+        let roles = futures::future::join(
+            self.watch_kind(kube::Api::<ClusterRole>::all(client.clone()), &progress),
+            self.watch_kind(kube::Api::<Role>::all(client.clone()), &progress),
+        );
+        let bindings = async {
+            loop {
+                let complete = match listed.wait_for(|p| p.roles >= 2 || p.failed).await {
+                    Ok(p) => p.roles >= 2,
+                    Err(_) => return,
+                };
+                lock(&self.index).bindings_watch_started();
+                let watches = futures::future::join(
+                    self.watch_kind(
+                        kube::Api::<ClusterRoleBinding>::all(client.clone()),
+                        &progress,
+                    ),
+                    self.watch_kind(kube::Api::<RoleBinding>::all(client.clone()), &progress),
+                );
+                if complete {
+                    watches.await;
+                    return;
+                }
+                tokio::select! {
+                    _ = watches => return,
+                    roles_listed = listed.wait_for(|p| p.roles >= 2) => {
+                        if roles_listed.map(drop).is_err() {
+                            return;
+                        }
+                        lock(&self.index).bindings_relist();
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = futures::future::join(roles, bindings) => {}
+        }
+    }
+
+    async fn watch_kind<K>(&self, api: kube::Api<K>, listed: &tokio::sync::watch::Sender<Progress>)
     where
-        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+        K: Indexed
+            + kube::Resource
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + 'static,
     {
         use futures::StreamExt;
         use kube::runtime::{watcher, WatchStreamExt};
+        let kind = K::KIND;
+        let mut first_list = true;
         let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
         while let Some(event) = events.next().await {
-            match event {
-                Ok(
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-                ) => {
+            let stale = {
+                let mut index = lock(&self.index);
+                let stale = match &event {
+                    Ok(watcher::Event::Init) => {
+                        index.init(kind);
+                        Stale::Nobody
+                    }
+                    Ok(watcher::Event::InitApply(o)) => {
+                        o.init(&mut index);
+                        Stale::Nobody
+                    }
+                    Ok(watcher::Event::InitDone) => index.init_done(kind),
+                    Ok(watcher::Event::Apply(o)) => o.apply(&mut index),
+                    Ok(watcher::Event::Delete(o)) => o.delete(&mut index),
+                    Err(e) => {
+                        listed.send_if_modified(|p| !std::mem::replace(&mut p.failed, true));
+                        tracing::warn!(kind = kind.plural(), error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs");
+                        continue;
+                    }
+                };
+                let (roles, bindings) = index.sizes();
+                self.metrics
+                    .rbac_index_entries
+                    .with_label_values(&["roles"])
+                    .set(roles as i64);
+                self.metrics
+                    .rbac_index_entries
+                    .with_label_values(&["bindings"])
+                    .set(bindings as i64);
+                stale
+            };
+            match &event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    self.metrics
+                        .rbac_events
+                        .with_label_values(&[kind.plural(), stale.label()])
+                        .inc();
+                    if stale != Stale::Nobody {
+                        tracing::debug!(
+                            kind = kind.plural(),
+                            effect = stale.label(),
+                            "RBAC changed: dropping the cached authorization decisions it affects"
+                        );
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    self.metrics
+                        .rbac_lists
+                        .with_label_values(&[kind.plural()])
+                        .inc();
                     tracing::debug!(
-                        kind,
-                        "RBAC changed: dropping cached authorization decisions"
+                        kind = kind.plural(),
+                        "RBAC listed: dropping cached authorization decisions"
                     );
-                    self.invalidate_all();
+                    if first_list {
+                        first_list = false;
+                        listed.send_modify(|p| match kind {
+                            Kind::ClusterRole | Kind::Role => p.roles += 1,
+                            Kind::ClusterRoleBinding | Kind::RoleBinding => p.bindings += 1,
+                        });
+                        let p = *listed.borrow();
+                        if p.roles >= 2 && p.bindings >= 2 {
+                            self.metrics.rbac_watch_synced.set(1);
+                            tracing::info!(
+                                "RBAC listed: following changes to managed-identity grants"
+                            );
+                        }
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(kind, error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs")
-                }
+                _ => {}
             }
+            self.invalidate(&stale);
         }
     }
 
@@ -229,6 +358,79 @@ impl Authorizer {
                 })
             }
         }
+    }
+}
+
+/// How far the RBAC watches are: kinds listed once, and whether any watch failed.
+#[derive(Clone, Copy, Default)]
+struct Progress {
+    roles: u8,
+    bindings: u8,
+    failed: bool,
+}
+
+/// The index is a plain map: a panic elsewhere while holding it leaves it usable.
+fn lock(m: &std::sync::Mutex<RbacIndex>) -> std::sync::MutexGuard<'_, RbacIndex> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How each watched kind feeds the index.
+trait Indexed {
+    const KIND: Kind;
+    fn init(&self, index: &mut RbacIndex);
+    fn apply(&self, index: &mut RbacIndex) -> Stale;
+    fn delete(&self, index: &mut RbacIndex) -> Stale;
+}
+
+impl Indexed for k8s_openapi::api::rbac::v1::ClusterRole {
+    const KIND: Kind = Kind::ClusterRole;
+    fn init(&self, index: &mut RbacIndex) {
+        index.init_cluster_role(self)
+    }
+    fn apply(&self, index: &mut RbacIndex) -> Stale {
+        index.apply_cluster_role(self)
+    }
+    fn delete(&self, index: &mut RbacIndex) -> Stale {
+        index.delete_cluster_role(self)
+    }
+}
+
+impl Indexed for k8s_openapi::api::rbac::v1::Role {
+    const KIND: Kind = Kind::Role;
+    fn init(&self, index: &mut RbacIndex) {
+        index.init_role(self)
+    }
+    fn apply(&self, index: &mut RbacIndex) -> Stale {
+        index.apply_role(self)
+    }
+    fn delete(&self, index: &mut RbacIndex) -> Stale {
+        index.delete_role(self)
+    }
+}
+
+impl Indexed for k8s_openapi::api::rbac::v1::ClusterRoleBinding {
+    const KIND: Kind = Kind::ClusterRoleBinding;
+    fn init(&self, index: &mut RbacIndex) {
+        index.init_binding(Binding::Cluster(self))
+    }
+    fn apply(&self, index: &mut RbacIndex) -> Stale {
+        index.apply_binding(Binding::Cluster(self))
+    }
+    fn delete(&self, index: &mut RbacIndex) -> Stale {
+        index.delete_binding(Binding::Cluster(self))
+    }
+}
+
+impl Indexed for k8s_openapi::api::rbac::v1::RoleBinding {
+    const KIND: Kind = Kind::RoleBinding;
+    fn init(&self, index: &mut RbacIndex) {
+        index.init_binding(Binding::Namespaced(self))
+    }
+    fn apply(&self, index: &mut RbacIndex) -> Stale {
+        index.apply_binding(Binding::Namespaced(self))
+    }
+    fn delete(&self, index: &mut RbacIndex) -> Stale {
+        index.delete_binding(Binding::Namespaced(self))
     }
 }
 

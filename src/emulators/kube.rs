@@ -138,6 +138,8 @@ struct Inner {
     available: AtomicBool,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Fault injection: how long each SubjectAccessReview takes to answer, in milliseconds.
+    review_latency_ms: AtomicU64,
 }
 
 /// Poisoning only means another thread panicked mid-update; the data is still usable for an
@@ -197,6 +199,7 @@ impl KubeEmulator {
             available: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
             tasks: Mutex::default(),
+            review_latency_ms: AtomicU64::new(0),
         });
 
         let server = tokio::spawn(serve(listener, inner.clone()));
@@ -265,6 +268,13 @@ impl KubeEmulator {
     /// up, as managed clusters serve them from a separate issuer host.
     pub fn set_available(&self, up: bool) {
         self.inner.available.store(up, Ordering::SeqCst);
+    }
+
+    /// Fault injection: every SubjectAccessReview answers after `latency` (a slow apiserver),
+    /// so concurrent callers overlap with the review in flight.
+    pub fn set_review_latency(&self, latency: Duration) {
+        let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        self.inner.review_latency_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Stops accepting connections, ends open watches and waits for the server to finish.
@@ -1458,6 +1468,10 @@ async fn token_review(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn subject_access_review(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
+    let latency = inner.review_latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
     let mut review: SubjectAccessReview =
         match read_object(req, "authorization.k8s.io/v1", "SubjectAccessReview").await {
             Ok(r) => r,

@@ -9,6 +9,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod fleet;
 mod harness;
 mod helm;
 
@@ -375,7 +376,7 @@ fn revocation_through_the_real_watch_survives_an_apiserver_restart() {
     assert!(took.is_some(), "a deleted binding is refused within 2 s");
     c.apply(&grant);
     assert!(within(Duration::from_secs(5), || p.request(cid, &token).0 == 200).is_some());
-    // Every RBAC change drops all cached decisions: both callers are cached again here.
+    // Re-granting the binding dropped this subject's decisions: both callers are cached again here.
     assert_eq!(p.request(canary, &token).0, 200);
 
     // The apiserver goes away (etcd stays): cached callers keep being served.
