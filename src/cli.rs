@@ -68,6 +68,22 @@ pub struct ServeArgs {
     pub admin: AdminArgs,
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Sidecar mode")]
+pub struct SidecarArgs {
+    /// Run as the native sidecar of one workload pod: loopback only, serving only the pod's
+    /// own service account, authorizing with SelfSubjectAccessReviews made with the pod's own
+    /// API token (no RBAC watch: a revoked grant takes effect within the allow TTL).
+    #[arg(long, env = "IBP_SIDECAR")]
+    pub sidecar: bool,
+    /// Make a CA and the --tls certificates at start (written to each entry's CERT and KEY),
+    /// and write the CA certificate to this file: the app's AZURE_KUBERNETES_CA_FILE.
+    #[arg(long, env = "IBP_SIDECAR_CA_OUT", requires = "sidecar")]
+    pub sidecar_ca_out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

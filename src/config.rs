@@ -43,6 +43,8 @@ pub struct ProxyConfig {
     pub reload_period: Duration,
     /// How often the token cache looks for refreshes that are due.
     pub refresh_tick: Duration,
+    /// Sidecar mode (None: the node's proxy).
+    pub sidecar: Option<crate::sidecar::SidecarConfig>,
 }
 
 /// The serving certificates, by SNI name.
@@ -150,6 +152,12 @@ impl ProxyConfig {
             shutdown_delay: secs(a.process.shutdown_delay_secs),
             reload_period: Duration::from_secs(2),
             refresh_tick: Duration::from_secs(1),
+            sidecar: crate::sidecar::config(
+                &a.sidecar,
+                a.server.listen,
+                a.admin.admin_listen,
+                a.authn.authn_mode,
+            )?,
         })
     }
 }
