@@ -36,6 +36,15 @@ pub enum Command {
     /// Issuer keys, published issuer documents, and FIC commands.
     #[command(subcommand)]
     Issuer(IssuerCommand),
+    /// GET a loopback admin URL (e.g. http://127.0.0.1:9090/readyz); exit 0 on a 2xx. The
+    /// sidecar's exec probes: kubelet's HTTP probes cannot reach a loopback listener.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// The URL: http:// on a loopback address.
+    pub url: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

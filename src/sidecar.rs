@@ -197,6 +197,54 @@ impl SelfCa {
     }
 }
 
+/// How long `probe` waits for its whole answer (kubelet's probe timeout is 1 s by default:
+/// the probe process must end on its own well within a period).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `probe URL`: GET a loopback `http://` URL; Ok on a 2xx. A sidecar listens on loopback,
+/// where kubelet's HTTP probes (sent to the pod IP) cannot reach, so its probes are `exec`
+/// probes running this from the same image.
+pub async fn probe(url: &str) -> std::result::Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("probe: '{url}' is not a URL: {e}"))?;
+    if parsed.scheme() != "http" || !crate::http::is_loopback(&parsed) {
+        return Err(format!(
+            "probe: '{url}' must be a plain http:// URL on loopback (the admin port)"
+        ));
+    }
+    let addr = parsed
+        .socket_addrs(|| Some(80))
+        .map_err(|e| format!("probe: {url}: {e}"))?;
+    let path = match parsed.query() {
+        Some(q) => format!("{}?{q}", parsed.path()),
+        None => parsed.path().to_string(),
+    };
+    let ask = async {
+        let tcp = tokio::net::TcpStream::connect(&addr[..])
+            .await
+            .map_err(|e| format!("probe: {url}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("probe: {url}: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, parsed.authority())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| format!("probe: {url}: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("probe: {url}: {e}"))?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            s => Err(format!("probe: {url} answered {s}")),
+        }
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, ask)
+        .await
+        .map_err(|_| format!("probe: {url}: no answer within {PROBE_TIMEOUT:?}"))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,9 +271,15 @@ mod tests {
             assert_eq!(e.status(), 403);
             let text = e.to_string();
             assert!(text.contains("system:serviceaccount:apps:web"), "{text}");
-            assert!(text.contains(&format!("system:serviceaccount:{ns}:{sa}")), "{text}");
+            assert!(
+                text.contains(&format!("system:serviceaccount:{ns}:{sa}")),
+                "{text}"
+            );
         }
-        assert!(check(None, &caller("any", "one")).is_ok(), "no sidecar mode");
+        assert!(
+            check(None, &caller("any", "one")).is_ok(),
+            "no sidecar mode"
+        );
     }
 
     #[test]

@@ -114,7 +114,9 @@ async fn sidecar_serves_its_pods_own_account_with_self_reviews_only_and_refuses_
     let own = mint_sa(&sys, NS, SA, &[&aud], 0);
     let r = pod.client.post_token(&sys.info.client_id, &own).await;
     assert_eq!(r.status, 200, "{}", r.json);
-    assert!(r.json["access_token"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(r.json["access_token"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
 
     // Another account, in the same namespace or another, valid and even granted: refused
     // before any review, naming both accounts.
@@ -163,6 +165,30 @@ async fn sidecar_serves_its_pods_own_account_with_self_reviews_only_and_refuses_
         m("identity_binding_proxy_requests_total{outcome=\"forbidden\",status=\"403\"}").await,
         2.0
     );
+
+    // Its exec probe: `probe URL` exits 0 on the admin port's 2xx, and fails otherwise.
+    let probe = |url: String| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+            .args(["probe", &url])
+            .output()
+            .await
+            .unwrap()
+    };
+    let admin = pod.sidecar.admin_addr;
+    let out = probe(format!("http://{admin}/readyz")).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = probe(format!("http://{admin}/no-such-path")).await;
+    assert!(!out.status.success(), "a 404 fails the probe");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{out:?}"
+    );
+    let out = probe("http://192.0.2.1:9090/readyz".into()).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopback"),
+        "{out:?}"
+    );
     pod.sidecar.stop().await;
     sys.shutdown().await;
 }
@@ -197,7 +223,10 @@ async fn a_revoked_grant_is_refused_by_the_sidecar_within_its_allow_ttl() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let took = revoked.elapsed();
-    assert!(took <= ttl + Duration::from_secs(1), "refused after {took:?}");
+    assert!(
+        took <= ttl + Duration::from_secs(1),
+        "refused after {took:?}"
+    );
     assert!(
         refused.error_description().contains("use-managed-identity"),
         "{}",
@@ -277,7 +306,10 @@ fn a_sidecar_refuses_to_listen_beyond_loopback_or_to_need_tokenreviews() {
     let e = base("0.0.0.0:8443", "127.0.0.1:9090", "local").unwrap_err();
     assert!(e.contains("--listen must be a loopback address"), "{e}");
     let e = base("127.0.0.1:8443", "10.0.0.5:9090", "local").unwrap_err();
-    assert!(e.contains("--admin-listen must be a loopback address"), "{e}");
+    assert!(
+        e.contains("--admin-listen must be a loopback address"),
+        "{e}"
+    );
     let e = base("127.0.0.1:8443", "127.0.0.1:9090", "both").unwrap_err();
     assert!(e.contains("--authn-mode local"), "{e}");
 }

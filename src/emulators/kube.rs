@@ -2778,10 +2778,7 @@ fn bearer_user(inner: &Inner, req: &Request<Incoming>) -> Option<UserInfo> {
     if bearer_ok(inner, req) {
         return Some(UserInfo {
             username: Some("kube-emulator-admin".into()),
-            groups: Some(vec![
-                "system:masters".into(),
-                "system:authenticated".into(),
-            ]),
+            groups: Some(vec!["system:masters".into(), "system:authenticated".into()]),
             ..Default::default()
         });
     }
@@ -2794,7 +2791,10 @@ fn bearer_user(inner: &Inner, req: &Request<Incoming>) -> Option<UserInfo> {
         .trim()
         .to_string();
     let review = inner.review_token(&token, &[]);
-    review.authenticated.unwrap_or(false).then_some(review.user?)
+    review
+        .authenticated
+        .unwrap_or(false)
+        .then_some(review.user?)
 }
 
 async fn self_review(inner: &Inner, kind: SelfReview, req: Request<Incoming>) -> Response<Body> {
@@ -2841,7 +2841,9 @@ async fn self_review(inner: &Inner, kind: SelfReview, req: Request<Incoming>) ->
                     path: n.path.clone().unwrap_or_default(),
                     verb: n.verb.clone().unwrap_or_default(),
                 }),
-                _ => return bad_request("exactly one of nonResourceAttributes or resourceAttributes must be specified"),
+                _ => return bad_request(
+                    "exactly one of nonResourceAttributes or resourceAttributes must be specified",
+                ),
             };
             let attrs = ReviewAttributes {
                 user: user.username.unwrap_or_default(),
