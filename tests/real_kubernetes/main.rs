@@ -10,6 +10,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;
+mod sidecar;
 
 use harness::*;
 use std::collections::BTreeMap;
