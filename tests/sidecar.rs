@@ -47,7 +47,8 @@ fn pod_kubeconfig(sys: &DevSystem, dir: &Path, ns: &str, sa: &str) -> std::path:
 }
 
 /// `serve --sidecar` flags for a sidecar in `pod` (a dir of its own), running with
-/// `kubeconfig`, signing with dev's issuer key; `more` are further flags.
+/// `kubeconfig`, signing with dev's issuer key (start_sidecar drops it for an `--issuer-key`
+/// of the test's own).
 fn sidecar_flags(sys: &DevSystem, dev: &Path, pod: &Path, kubeconfig: &Path) -> Vec<String> {
     vec![
         "--sidecar".into(),
@@ -81,6 +82,9 @@ async fn start_sidecar(sys: &DevSystem, dev: &Path, more: &[&str]) -> Pod {
     std::fs::create_dir(dir.path().join("shared")).unwrap();
     let kubeconfig = pod_kubeconfig(sys, dir.path(), NS, SA);
     let mut flags = sidecar_flags(sys, dev, dir.path(), &kubeconfig);
+    if more.iter().any(|f| f.starts_with("--issuer-key")) {
+        flags.retain(|f| !f.starts_with("--issuer-key"));
+    }
     flags.extend(more.iter().map(|s| s.to_string()));
     let config = ProxyConfig::from_flags(flags).unwrap();
     let sidecar = identity_binding_proxy::server::start(config).await.unwrap();
@@ -312,4 +316,79 @@ fn a_sidecar_refuses_to_listen_beyond_loopback_or_to_need_tokenreviews() {
     );
     let e = base("127.0.0.1:8443", "127.0.0.1:9090", "both").unwrap_err();
     assert!(e.contains("--authn-mode local"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_signs_with_its_own_key_which_entra_trusts_once_the_fleet_publishes_it() {
+    let dev = tempfile::tempdir().unwrap();
+    let sys = start_dev(dev.path()).await;
+    let bin = env!("CARGO_BIN_EXE_identity-binding-proxy");
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("web.key");
+    let out = std::process::Command::new(bin)
+        .args(["issuer", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pod = start_sidecar(
+        &sys,
+        dev.path(),
+        &[&format!("--issuer-key={}", key.display())],
+    )
+    .await;
+    let own = mint_sa(&sys, NS, SA, &[&serve_default("token-audience")], 0);
+
+    // Its key is in no published JWKS yet: Entra refuses the assertion, its code passed on.
+    let r = pod.client.post_token(&sys.info.client_id, &own).await;
+    assert_eq!(r.status, 401, "{}", r.json);
+    assert!(
+        r.json["error_codes"]
+            .as_array()
+            .is_some_and(|c| c.contains(&700027.into())),
+        "{}",
+        r.json
+    );
+
+    // The fleet: the cluster's key for what the cluster binds, the workload's key for what
+    // the workload binds (here the same identity).
+    let fleet = keys.path().join("fleet.yaml");
+    std::fs::write(
+        &fleet,
+        format!(
+            "clusters:\n  - name: dev\n    publicKeys: [{}]\n    bindings: {}\n\
+             \x20 - name: web-sidecar\n    publicKeys: [{}]\n    bindings: {}\n",
+            dev.path().join("issuer.key").display(),
+            dev.path().join("bindings.yaml").display(),
+            keys.path().join("web.pub").display(),
+            dev.path().join("bindings.yaml").display(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["issuer", "publish", "--out"])
+        .arg(dev.path().join("issuer-docs"))
+        .arg("--fleet")
+        .arg(&fleet)
+        .args(["--issuer-url", &sys.info.issuer_url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let jwks = std::fs::read_to_string(dev.path().join(format!(
+        "issuer-docs/{}/{}/openid/v1/jwks",
+        sys.info.tenant_id, sys.info.client_id
+    )))
+    .unwrap();
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    assert_eq!(jwks["keys"].as_array().map(Vec::len), Some(2), "{jwks}");
+
+    let r = pod.client.post_token(&sys.info.client_id, &own).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    // The cluster's own proxy is served as before.
+    let r = Client::for_dev(&sys)
+        .post_token(&sys.info.client_id, &read(&sys.info.allowed_token_file))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    pod.sidecar.stop().await;
+    sys.shutdown().await;
 }
