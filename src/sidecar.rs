@@ -19,6 +19,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::authn::{AuthnMode, Caller};
 use crate::cli::SidecarArgs;
@@ -66,6 +67,10 @@ pub fn config(
     }))
 }
 
+/// How long the sidecar keeps asking an unreachable apiserver who it is before it gives up
+/// (and kubelet restarts it, with its own backoff).
+pub const DISCOVER_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The one service account this sidecar serves: its pod's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnAccount {
@@ -97,14 +102,30 @@ impl OwnAccount {
         }
     }
 
-    /// Asks the apiserver who our own credentials are (a SelfSubjectReview).
+    /// Asks the apiserver who our own credentials are (a SelfSubjectReview). An apiserver that
+    /// is unreachable or failing is asked again for up to [`DISCOVER_PATIENCE`] (a pod often
+    /// starts while its node's network is still coming up); any other answer fails at once.
     pub async fn discover(cluster: &Cluster) -> anyhow::Result<Self> {
-        let username = cluster.whoami().await.map_err(|e| match e {
-            ClusterError::Unavailable(m) | ClusterError::Unexpected(m) => anyhow::anyhow!(
-                "--sidecar: cannot learn this pod's service account from the apiserver \
-                 (SelfSubjectReview, Kubernetes 1.28 or later): {m}"
-            ),
-        })?;
+        let deadline = tokio::time::Instant::now() + DISCOVER_PATIENCE;
+        let mut wait = Duration::from_millis(250);
+        let username = loop {
+            match cluster.whoami().await {
+                Ok(username) => break username,
+                Err(ClusterError::Unavailable(m))
+                    if tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tracing::warn!(error = %m, "sidecar: cannot ask the apiserver who this pod is yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(4));
+                }
+                Err(ClusterError::Unavailable(m) | ClusterError::Unexpected(m)) => {
+                    anyhow::bail!(
+                        "--sidecar: cannot learn this pod's service account from the apiserver \
+                         (SelfSubjectReview, Kubernetes 1.28 or later): {m}"
+                    )
+                }
+            }
+        };
         Self::from_username(&username).map_err(anyhow::Error::msg)
     }
 }

@@ -392,3 +392,25 @@ async fn the_sidecar_signs_with_its_own_key_which_entra_trusts_once_the_fleet_pu
     pod.sidecar.stop().await;
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_started_while_the_apiserver_is_down_waits_for_it_then_serves() {
+    let dev = tempfile::tempdir().unwrap();
+    let sys = start_dev(dev.path()).await;
+    sys.kube.set_available(false);
+    let started = Instant::now();
+    let comes_back = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sys.kube.set_available(true);
+    };
+    let (pod, ()) = tokio::join!(start_sidecar(&sys, dev.path(), &[]), comes_back);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "it waited for the apiserver to learn who it is"
+    );
+    let own = mint_sa(&sys, NS, SA, &[&serve_default("token-audience")], 0);
+    let r = pod.client.post_token(&sys.info.client_id, &own).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    pod.sidecar.stop().await;
+    sys.shutdown().await;
+}
