@@ -168,15 +168,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
     );
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
     let cluster = Cluster::connect(config.kubeconfig.as_deref()).await?;
-    let (cluster, own_account) = match config.sidecar {
-        Some(_) => {
-            let own = crate::sidecar::OwnAccount::discover(&cluster).await?;
-            tracing::info!(service_account = %own.username, "sidecar: serving this service account only");
-            let cluster = cluster.with_review_mode(crate::cluster::ReviewMode::OwnToken);
-            (Arc::new(cluster), Some(own))
-        }
-        None => (Arc::new(cluster), None),
-    };
+    let (cluster, own_account) = crate::sidecar::as_configured(cluster, config).await?;
     let authn = Arc::new(Authenticator::new(
         cluster.clone(),
         config.authn.clone(),

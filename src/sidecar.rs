@@ -130,6 +130,22 @@ impl OwnAccount {
     }
 }
 
+/// The apiserver connection as the mode wants it, and the account served: unchanged and None
+/// for the node's proxy; for a sidecar, reviews made with its own token and its own account,
+/// learned from the apiserver.
+pub async fn as_configured(
+    cluster: Cluster,
+    config: &crate::config::ProxyConfig,
+) -> anyhow::Result<(std::sync::Arc<Cluster>, Option<OwnAccount>)> {
+    if config.sidecar.is_none() {
+        return Ok((std::sync::Arc::new(cluster), None));
+    }
+    let own = OwnAccount::discover(&cluster).await?;
+    tracing::info!(service_account = %own.username, "sidecar: serving this service account only");
+    let cluster = cluster.with_review_mode(crate::cluster::ReviewMode::OwnToken);
+    Ok((std::sync::Arc::new(cluster), Some(own)))
+}
+
 /// In sidecar mode, refuses (403) a caller that is not the pod's own service account. Runs
 /// after authentication and before authorization, so another account learns nothing about
 /// grants or bindings. A no-op without sidecar mode.
