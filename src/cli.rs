@@ -38,6 +38,15 @@ pub enum Command {
     /// Issuer keys, published issuer documents, and FIC commands.
     #[command(subcommand)]
     Issuer(IssuerCommand),
+    /// GET a loopback admin URL (e.g. http://127.0.0.1:9090/readyz); exit 0 on a 2xx. The
+    /// sidecar's exec probes: kubelet's HTTP probes cannot reach a loopback listener.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// The URL: http:// on a loopback address.
+    pub url: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,6 +83,8 @@ pub struct ServeArgs {
     pub key_activation: KeyActivationArgs,
     #[command(flatten)]
     pub fic_propagation: FicPropagationArgs,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -106,6 +117,20 @@ pub struct KeyActivationArgs {
     /// How often the published issuer documents are read for key activation.
     #[arg(long, env = "IBP_ISSUER_KEY_CHECK_SECS", default_value_t = 30)]
     pub issuer_key_check_secs: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Sidecar mode")]
+pub struct SidecarArgs {
+    /// Run as the native sidecar of one workload pod: loopback only, serving only the pod's
+    /// own service account, authorizing with SelfSubjectAccessReviews made with the pod's own
+    /// API token (no RBAC watch: a revoked grant takes effect within the allow TTL).
+    #[arg(long, env = "IBP_SIDECAR")]
+    pub sidecar: bool,
+    /// Make a CA and the --tls certificates at start (written to each entry's CERT and KEY),
+    /// and write the CA certificate to this file: the app's AZURE_KUBERNETES_CA_FILE.
+    #[arg(long, env = "IBP_SIDECAR_CA_OUT", requires = "sidecar")]
+    pub sidecar_ca_out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1,5 +1,7 @@
 //! The proxy's view of the kube-apiserver: TokenReview, SubjectAccessReview, and the
-//! service-account issuer's discovery document and JWKS.
+//! service-account issuer's discovery document and JWKS. In sidecar mode the proxy asks
+//! about itself instead ([`ReviewMode::OwnToken`]): a SelfSubjectAccessReview made with the
+//! pod's own API token, which needs no RBAC beyond what every authenticated user has.
 //!
 //! kube-rs applies no client-side rate limit; we bound the number of reviews in flight
 //! explicitly instead, so a burst of new callers cannot pile thousands of requests onto the
@@ -40,9 +42,21 @@ pub struct Subject<'a> {
     pub namespace: &'a str,
 }
 
+/// Whose access a review asks about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReviewMode {
+    /// A SubjectAccessReview about the caller (the DaemonSet: the proxy holds the right to
+    /// create them).
+    Subject,
+    /// A SelfSubjectAccessReview with the proxy's own credentials (the sidecar: the caller IS
+    /// the pod's service account, checked before, and the pod may ask only about itself).
+    OwnToken,
+}
+
 pub struct Cluster {
     client: kube::Client,
     reviews: Arc<Semaphore>,
+    mode: ReviewMode,
 }
 
 impl Cluster {
@@ -70,7 +84,31 @@ impl Cluster {
         Ok(Self {
             client,
             reviews: Arc::new(Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
+            mode: ReviewMode::Subject,
         })
+    }
+
+    /// The same connection, reviewing access as `mode` says.
+    pub fn with_review_mode(mut self, mode: ReviewMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Who the apiserver takes our own credentials for (a SelfSubjectReview): the sidecar's
+    /// own service account, e.g. `system:serviceaccount:apps:web`.
+    pub async fn whoami(&self) -> Result<String, ClusterError> {
+        use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+        let api: Api<SelfSubjectReview> = Api::all(self.client.clone());
+        let created = api
+            .create(&PostParams::default(), &SelfSubjectReview::default())
+            .await
+            .map_err(unavailable)?;
+        created
+            .status
+            .and_then(|s| s.user_info)
+            .and_then(|u| u.username)
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| ClusterError::Unexpected("SelfSubjectReview without a user".into()))
     }
 
     pub fn client(&self) -> &kube::Client {
@@ -108,18 +146,15 @@ impl Cluster {
         client_id: &str,
     ) -> Result<(bool, String), ClusterError> {
         let _permit = self.permit().await?;
+        if self.mode == ReviewMode::OwnToken {
+            return self.self_access_review(subject.namespace, client_id).await;
+        }
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(subject.user.to_string()),
                 groups: Some(subject.groups.to_vec()),
                 uid: (!subject.uid.is_empty()).then(|| subject.uid.to_string()),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(GRANT_GROUP.to_string()),
-                    resource: Some(client_id.to_string()),
-                    verb: Some(GRANT_VERB.to_string()),
-                    namespace: Some(subject.namespace.to_string()),
-                    ..Default::default()
-                }),
+                resource_attributes: Some(grant_attributes(subject.namespace, client_id)),
                 ..Default::default()
             },
             ..Default::default()
@@ -132,6 +167,38 @@ impl Cluster {
         let status = created
             .status
             .ok_or_else(|| ClusterError::Unexpected("SubjectAccessReview without status".into()))?;
+        let reason = status
+            .reason
+            .or(status.evaluation_error)
+            .unwrap_or_default();
+        Ok((status.allowed && !status.denied.unwrap_or(false), reason))
+    }
+
+    /// SelfSubjectAccessReview for `use-managed-identity` on `client_id` in `namespace`, with
+    /// our own credentials. Returns (allowed, reason).
+    async fn self_access_review(
+        &self,
+        namespace: &str,
+        client_id: &str,
+    ) -> Result<(bool, String), ClusterError> {
+        use k8s_openapi::api::authorization::v1::{
+            SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(grant_attributes(namespace, client_id)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let api: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        let created = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(unavailable)?;
+        let status = created.status.ok_or_else(|| {
+            ClusterError::Unexpected("SelfSubjectAccessReview without status".into())
+        })?;
         let reason = status
             .reason
             .or(status.evaluation_error)
@@ -168,6 +235,18 @@ impl Cluster {
             .acquire_owned()
             .await
             .map_err(|_| ClusterError::Unavailable("shutting down".into()))
+    }
+}
+
+/// What a grant is: `use-managed-identity` on `<client-id>` in `cid.wi.aks.azure.com`, asked in
+/// the caller's namespace (so a namespaced RoleBinding also grants).
+fn grant_attributes(namespace: &str, client_id: &str) -> ResourceAttributes {
+    ResourceAttributes {
+        group: Some(GRANT_GROUP.to_string()),
+        resource: Some(client_id.to_string()),
+        verb: Some(GRANT_VERB.to_string()),
+        namespace: Some(namespace.to_string()),
+        ..Default::default()
     }
 }
 

@@ -47,6 +47,8 @@ pub struct ProxyConfig {
     pub key_activation: crate::activation::ActivationConfig,
     /// How a "no matching FIC" answer is retried while a new FIC may be propagating.
     pub fic_propagation: crate::entra::FicPropagation,
+    /// Sidecar mode (None: the node's proxy).
+    pub sidecar: Option<crate::sidecar::SidecarConfig>,
 }
 
 /// The serving certificates, by SNI name.
@@ -162,6 +164,12 @@ impl ProxyConfig {
                 retries: a.fic_propagation.fic_propagation_retries,
                 backoff: Duration::from_millis(a.fic_propagation.fic_propagation_backoff_ms),
             },
+            sidecar: crate::sidecar::config(
+                &a.sidecar,
+                a.server.listen,
+                a.admin.admin_listen,
+                a.authn.authn_mode,
+            )?,
         })
     }
 }

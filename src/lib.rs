@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod proxy;
 pub mod server;
+pub mod sidecar;
 pub mod signal;
 pub mod tls;
 pub mod token;

@@ -130,5 +130,8 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             .map_err(Failure::Runtime)
         }
         Command::Issuer(cmd) => issuer::run(cmd).map_err(Failure::Usage),
+        Command::Probe(a) => identity_binding_proxy::sidecar::probe(&a.url)
+            .await
+            .map_err(|e| Failure::Runtime(anyhow::anyhow!(e))),
     }
 }

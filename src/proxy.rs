@@ -38,6 +38,8 @@ pub struct App {
     pub body_timeout: Duration,
     /// Deadline for a whole request, from its head to its response.
     pub request_timeout: Duration,
+    /// Sidecar mode: the one service account served (None: the node's proxy serves all).
+    pub own_account: Option<crate::sidecar::OwnAccount>,
 }
 
 /// The Entra settings a connection's SNI name selects.
@@ -144,6 +146,7 @@ impl App {
         trace.scope = Some(req.scope.clone());
         let caller = self.authn.authenticate(&req.assertion).await?;
         trace.caller = Some(caller.clone());
+        crate::sidecar::check(self.own_account.as_ref(), &caller)?;
         // On EVERY request, before the cache, and before anything that could tell an
         // unauthorized caller whether or where this identity is bound.
         self.authz.authorize(&caller, &req.client_id).await?;

@@ -121,6 +121,9 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
 pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<RunningProxy> {
     crate::http::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
+    if let Some(sidecar) = &config.sidecar {
+        crate::sidecar::make_certificates(sidecar, &config.tls)?;
+    }
     let router =
         SniRouter::load(config.tls.clone(), metrics.clone()).map_err(anyhow::Error::msg)?;
     let router = Arc::new(router);
@@ -166,7 +169,8 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
     }
     let issuer = Arc::new(issuer);
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
-    let cluster = Arc::new(Cluster::connect(config.kubeconfig.as_deref()).await?);
+    let cluster = Cluster::connect(config.kubeconfig.as_deref()).await?;
+    let (cluster, own_account) = crate::sidecar::as_configured(cluster, config).await?;
     let authn = Arc::new(Authenticator::new(
         cluster.clone(),
         config.authn.clone(),
@@ -215,6 +219,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         max_body_bytes: config.server.max_body_bytes,
         body_timeout: config.server.body_timeout,
         request_timeout: config.server.request_timeout,
+        own_account,
     }))
 }
 
@@ -227,7 +232,10 @@ fn spawn_background(
     stop: &CancellationToken,
 ) {
     tokio::spawn(app.authn.clone().run_refresh(JWKS_REFRESH, stop.clone()));
-    tokio::spawn(app.authz.clone().watch_rbac(stop.clone()));
+    // A sidecar's pod may not list RBAC: its allow TTL bounds a revoked grant instead.
+    if app.own_account.is_none() {
+        tokio::spawn(app.authz.clone().watch_rbac(stop.clone()));
+    }
     tokio::spawn(
         app.cache
             .clone()

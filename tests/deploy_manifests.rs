@@ -1019,3 +1019,125 @@ fn chart_settings_reach_the_proxy_and_changing_them_rolls_the_pods() {
     assert!(checksum(&a).is_string());
     assert_ne!(checksum(&a), checksum(&b));
 }
+
+/// The sidecar component, as the example workload (deploy/overlays/sidecar-example) renders
+/// it: a native sidecar on loopback that the app's AZURE_KUBERNETES_* point at, with its own
+/// API token, probes that reach it, and a workload that needs no RBAC beyond its grant.
+#[test]
+fn sidecar_component_adds_a_loopback_native_sidecar_the_app_is_pointed_at() {
+    let docs = render(&repo().join("deploy/overlays/sidecar-example"));
+    let spec = &named(&docs, "Deployment", "web")["spec"]["template"]["spec"];
+    let sidecar = array(&spec["initContainers"])
+        .iter()
+        .find(|c| c["name"] == PROXY)
+        .expect("the sidecar is an init container");
+    // Native: started before the app, running beside it.
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["args"], serde_json::json!(["--sidecar"]));
+    let mut env: HashMap<String, String> = HashMap::new();
+    for from in array(&sidecar["envFrom"]) {
+        let cm = named(&docs, "ConfigMap", str_of(&from["configMapRef"]["name"]));
+        for (k, v) in cm["data"].as_object().into_iter().flatten() {
+            env.insert(k.clone(), str_of(v).to_string());
+        }
+    }
+    for e in array(&sidecar["env"]) {
+        env.insert(str_of(&e["name"]).into(), str_of(&e["value"]).into());
+    }
+    for var in ["IBP_LISTEN", "IBP_ADMIN_LISTEN"] {
+        let addr: std::net::SocketAddr = env[var].parse().expect("ADDR:PORT");
+        assert!(addr.ip().is_loopback(), "{var} = {addr}");
+    }
+    assert_eq!(
+        env["IBP_AUTHN_MODE"], "local",
+        "a pod may not create TokenReviews"
+    );
+    assert!(
+        env.contains_key("IBP_ISSUER_URL"),
+        "the settings ConfigMap is read"
+    );
+    let admin = port_of(&env["IBP_ADMIN_LISTEN"]);
+    for probe in ["startupProbe", "livenessProbe"] {
+        let cmd = array(&sidecar[probe]["exec"]["command"]);
+        assert_eq!(cmd.get(1), Some(&Value::from("probe")), "{probe}: {cmd:?}");
+        let url = str_of(&cmd[2]);
+        assert!(
+            url.starts_with(&format!("http://127.0.0.1:{admin}/")),
+            "{probe} asks the admin port: {url}"
+        );
+    }
+
+    // The app: pointed at the sidecar, trusting the CA the sidecar writes.
+    let app = array(&spec["containers"])
+        .iter()
+        .find(|c| c["name"] == "app")
+        .expect("the app container");
+    let app_env: HashMap<&str, &str> = array(&app["env"])
+        .iter()
+        .map(|e| (str_of(&e["name"]), str_of(&e["value"])))
+        .collect();
+    assert_eq!(
+        app_env["AZURE_KUBERNETES_TOKEN_PROXY"],
+        format!("https://127.0.0.1:{}", port_of(&env["IBP_LISTEN"]))
+    );
+    let tls_name = env["IBP_TLS"].split_once('=').expect("NAME=CERT,KEY").0;
+    assert_eq!(app_env["AZURE_KUBERNETES_SNI_NAME"], tls_name);
+    assert_eq!(env["IBP_DEFAULT_SNI"], tls_name);
+    let ca = Path::new(app_env["AZURE_KUBERNETES_CA_FILE"]);
+    assert_eq!(ca, Path::new(&env["IBP_SIDECAR_CA_OUT"]));
+    let volume_at = |c: &Value, dir: &Path| {
+        array(&c["volumeMounts"])
+            .iter()
+            .find(|m| Path::new(str_of(&m["mountPath"])) == dir)
+            .map(|m| (str_of(&m["name"]).to_string(), m["readOnly"] == true))
+    };
+    let ca_dir = ca.parent().unwrap();
+    let (shared, read_only) = volume_at(sidecar, ca_dir).expect("the sidecar mounts the CA dir");
+    assert!(!read_only, "the sidecar writes the CA");
+    assert_eq!(
+        volume_at(app, ca_dir),
+        Some((shared, true)),
+        "the app reads the same volume"
+    );
+    // The serving key, the issuer key and the API token are the sidecar's alone.
+    let tls_key = env["IBP_TLS"].rsplit(',').next().unwrap();
+    let private = [
+        Path::new(tls_key).parent().unwrap(),
+        Path::new(&env["IBP_ISSUER_KEY"]).parent().unwrap(),
+        Path::new("/var/run/secrets/kubernetes.io/serviceaccount"),
+    ];
+    for dir in private {
+        let (volume, _) = volume_at(sidecar, dir).unwrap_or_else(|| panic!("{dir:?} mounted"));
+        assert!(
+            array(&app["volumeMounts"])
+                .iter()
+                .all(|m| m["name"] != volume.as_str()),
+            "the app mounts {volume}"
+        );
+    }
+    let token_volume = array(&spec["volumes"])
+        .iter()
+        .find(|v| v["name"] == "identity-binding-proxy-api-token")
+        .expect("the API token volume");
+    assert!(
+        array(&token_volume["projected"]["sources"])
+            .iter()
+            .any(|s| s["serviceAccountToken"].is_object()),
+        "{token_volume}"
+    );
+    assert_eq!(spec["automountServiceAccountToken"], false);
+
+    // The workload's RBAC: its grant, nothing more (no reviews, no RBAC reads).
+    for role in kind(&docs, "Role")
+        .into_iter()
+        .chain(kind(&docs, "ClusterRole"))
+    {
+        for rule in array(&role["rules"]) {
+            assert_eq!(
+                rule["apiGroups"],
+                serde_json::json!(["cid.wi.aks.azure.com"])
+            );
+            assert_eq!(rule["verbs"], serde_json::json!(["use-managed-identity"]));
+        }
+    }
+}

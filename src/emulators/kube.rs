@@ -101,6 +101,9 @@ pub struct KubeCounts {
     pub jwks_requests: u64,
     pub rbac_lists: u64,
     pub rbac_watches: u64,
+    /// SelfSubjectAccessReviews and SelfSubjectReviews, made by service accounts with their
+    /// own tokens.
+    pub self_reviews: u64,
 }
 
 #[derive(Default)]
@@ -110,6 +113,7 @@ struct Counters {
     jwks_requests: AtomicU64,
     rbac_lists: AtomicU64,
     rbac_watches: AtomicU64,
+    self_reviews: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -260,6 +264,7 @@ impl KubeEmulator {
             jwks_requests: c.jwks_requests.load(Ordering::Relaxed),
             rbac_lists: c.rbac_lists.load(Ordering::Relaxed),
             rbac_watches: c.rbac_watches.load(Ordering::Relaxed),
+            self_reviews: c.self_reviews.load(Ordering::Relaxed),
         }
     }
 
@@ -1172,6 +1177,9 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         || path.starts_with("/apis/");
     if !is_api {
         return not_found_path();
+    }
+    if let Some(kind) = SelfReview::of(&path, req.method()) {
+        return self_review(&inner, kind, req).await;
     }
     if !bearer_ok(&inner, &req) {
         return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
@@ -2753,5 +2761,117 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         assert!(parse_label_selector("app in web").is_err());
         assert!(parse_field_selector("metadata.name=x").is_ok());
         assert!(parse_field_selector("spec.x=y").is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reviews a caller makes about itself, with its own service-account token
+
+/// `SelfSubjectAccessReview` (may I?) and `SelfSubjectReview` (who am I?): what every
+/// authenticated user may create, a pod with its own API token included.
+#[derive(Clone, Copy)]
+enum SelfReview {
+    Access,
+    Identity,
+}
+
+impl SelfReview {
+    fn of(path: &str, method: &Method) -> Option<Self> {
+        let kind = match path {
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" => Self::Access,
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews" => Self::Identity,
+            _ => return None,
+        };
+        (method == Method::POST).then_some(kind)
+    }
+}
+
+/// The caller behind a request's bearer token: a service account whose token (with the API
+/// audience, the issuer) verifies, or the emulator's admin.
+fn bearer_user(inner: &Inner, req: &Request<Incoming>) -> Option<UserInfo> {
+    if bearer_ok(inner, req) {
+        return Some(UserInfo {
+            username: Some("kube-emulator-admin".into()),
+            groups: Some(vec!["system:masters".into(), "system:authenticated".into()]),
+            ..Default::default()
+        });
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim()
+        .to_string();
+    let review = inner.review_token(&token, &[]);
+    review
+        .authenticated
+        .unwrap_or(false)
+        .then_some(review.user?)
+}
+
+async fn self_review(inner: &Inner, kind: SelfReview, req: Request<Incoming>) -> Response<Body> {
+    use k8s_openapi::api::authentication::v1::{SelfSubjectReview, SelfSubjectReviewStatus};
+    use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
+    let Some(user) = bearer_user(inner, &req) else {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    };
+    bump(&inner.counters.self_reviews);
+    match kind {
+        SelfReview::Identity => {
+            let mut review: SelfSubjectReview =
+                match read_object(req, "authentication.k8s.io/v1", "SelfSubjectReview").await {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+            review.status = Some(SelfSubjectReviewStatus {
+                user_info: Some(user),
+            });
+            boxed(h::json_value(StatusCode::CREATED, &review))
+        }
+        SelfReview::Access => {
+            let mut review: SelfSubjectAccessReview = match read_object(
+                req,
+                "authorization.k8s.io/v1",
+                "SelfSubjectAccessReview",
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            let spec = &review.spec;
+            let request = match (&spec.resource_attributes, &spec.non_resource_attributes) {
+                (Some(r), None) => ReviewRequest::Resource(ResourceRequest {
+                    namespace: r.namespace.clone().filter(|n| !n.is_empty()),
+                    verb: r.verb.clone().unwrap_or_default(),
+                    api_group: r.group.clone().unwrap_or_default(),
+                    resource: r.resource.clone().unwrap_or_default(),
+                    subresource: r.subresource.clone().unwrap_or_default(),
+                    name: r.name.clone().unwrap_or_default(),
+                }),
+                (None, Some(n)) => ReviewRequest::NonResource(NonResourceRequest {
+                    path: n.path.clone().unwrap_or_default(),
+                    verb: n.verb.clone().unwrap_or_default(),
+                }),
+                _ => return bad_request(
+                    "exactly one of nonResourceAttributes or resourceAttributes must be specified",
+                ),
+            };
+            let attrs = ReviewAttributes {
+                user: user.username.unwrap_or_default(),
+                groups: user.groups.unwrap_or_default(),
+                uid: user.uid.unwrap_or_default(),
+                request,
+            };
+            let decision = lock(&inner.rbac).policy.authorize(&attrs);
+            review.status = Some(SubjectAccessReviewStatus {
+                allowed: decision.allowed,
+                reason: Some(decision.reason).filter(|r| !r.is_empty()),
+                ..Default::default()
+            });
+            boxed(h::json_value(StatusCode::CREATED, &review))
+        }
     }
 }
