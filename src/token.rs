@@ -431,19 +431,57 @@ impl TokenResponse<'_> {
     /// The body, byte for byte what `serde_json` writes, without its per-character escaping
     /// pass over the token on every cache hit (a JWT has nothing to escape).
     pub fn to_json(&self) -> Vec<u8> {
-        // A fold without early exit, so the compiler vectorizes it.
-        let plain = |s: &str| {
-            s.bytes()
-                .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'))
-        };
-        if !plain(self.access_token) || !plain(self.token_type) {
+        if self.token_type != "Bearer" {
             return serde_json::to_vec(self).unwrap_or_default();
         }
-        let mut out = Vec::with_capacity(self.access_token.len() + 128);
+        let lifetimes = Lifetimes {
+            expires_in: self.expires_in,
+            ext_expires_in: self.ext_expires_in,
+            refresh_in: self.refresh_in,
+        };
+        match answer_tail(self.access_token) {
+            Some(tail) => lifetimes.json_before(&tail),
+            None => serde_json::to_vec(self).unwrap_or_default(),
+        }
+    }
+}
+
+/// The part of a success body that changes every second: what is left of the token's
+/// lifetimes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub expires_in: u64,
+    pub ext_expires_in: u64,
+    pub refresh_in: Option<u64>,
+}
+
+impl Lifetimes {
+    /// What is left now of `t`'s lifetimes (`expires_in` is the REMAINING lifetime).
+    pub fn remaining(t: &crate::entra::IssuedToken) -> Self {
+        let elapsed = t.received.elapsed().as_secs();
+        Self {
+            expires_in: t.expires_in.saturating_sub(elapsed),
+            ext_expires_in: t.ext_expires_in.saturating_sub(elapsed),
+            refresh_in: t.refresh_in.map(|r| r.saturating_sub(elapsed).max(1)),
+        }
+    }
+
+    /// The response these lifetimes and `access_token` make.
+    pub fn response(self, access_token: &str) -> TokenResponse<'_> {
+        TokenResponse {
+            token_type: "Bearer",
+            expires_in: self.expires_in,
+            ext_expires_in: self.ext_expires_in,
+            refresh_in: self.refresh_in,
+            access_token,
+        }
+    }
+
+    /// The body: these lifetimes, then a tail from [`answer_tail`].
+    pub fn json_before(self, tail: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(tail.len() + 96);
         let mut num = itoa::Buffer::new();
-        out.extend_from_slice(b"{\"token_type\":\"");
-        out.extend_from_slice(self.token_type.as_bytes());
-        out.extend_from_slice(b"\",\"expires_in\":");
+        out.extend_from_slice(b"{\"token_type\":\"Bearer\",\"expires_in\":");
         out.extend_from_slice(num.format(self.expires_in).as_bytes());
         out.extend_from_slice(b",\"ext_expires_in\":");
         out.extend_from_slice(num.format(self.ext_expires_in).as_bytes());
@@ -451,11 +489,26 @@ impl TokenResponse<'_> {
             out.extend_from_slice(b",\"refresh_in\":");
             out.extend_from_slice(num.format(refresh_in).as_bytes());
         }
-        out.extend_from_slice(b",\"access_token\":\"");
-        out.extend_from_slice(self.access_token.as_bytes());
-        out.extend_from_slice(b"\"}");
+        out.extend_from_slice(tail);
         out
     }
+}
+
+/// The end of a success body, from `access_token` on, rendered once per token; `None` when
+/// the token would need JSON escaping (then serde writes the whole body).
+pub fn answer_tail(access_token: &str) -> Option<Box<[u8]>> {
+    // A fold without early exit, so the compiler vectorizes it.
+    let plain = access_token
+        .bytes()
+        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    if !plain {
+        return None;
+    }
+    let mut out = Vec::with_capacity(access_token.len() + 20);
+    out.extend_from_slice(b",\"access_token\":\"");
+    out.extend_from_slice(access_token.as_bytes());
+    out.extend_from_slice(b"\"}");
+    Some(out.into_boxed_slice())
 }
 
 /// The static OpenID configuration MSAL for Go reads before its first token request; its
