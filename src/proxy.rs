@@ -148,14 +148,10 @@ impl App {
         let known = self.authenticate(&req.assertion).await?;
         let caller = &known.caller;
         trace.caller = Some(caller.clone());
-        // On EVERY request, before the cache, and before anything that could tell an
-        // unauthorized caller whether or where this identity is bound.
-        let ask = Ask {
-            client_id: &req.client_id,
-            scope: &req.scope,
-            sni: conn.sni.as_deref(),
-            path_tenant: req.path_tenant.as_deref(),
-        };
+        // On EVERY request (from the memo while the decisions and bindings it came from are
+        // unchanged), before the cache, and before anything that could tell an unauthorized
+        // caller whether or where this identity is bound.
+        let ask = ask_of(&req, conn);
         let allowed = self.authorize(&known, &ask, &req, conn).await?;
         self.token(allowed, &known, &ask, req.claims.as_deref(), trace)
             .await
@@ -291,6 +287,16 @@ enum Allowed {
         key: CacheKey,
         generations: Generations,
     },
+}
+
+/// The shape of a request, as the memo's grants are matched.
+fn ask_of<'a>(req: &'a token::TokenRequest, conn: &'a ConnInfo) -> Ask<'a> {
+    Ask {
+        client_id: &req.client_id,
+        scope: &req.scope,
+        sni: conn.sni.as_deref(),
+        path_tenant: req.path_tenant.as_deref(),
+    }
 }
 
 /// A request as it arrived, for its log line.
