@@ -379,7 +379,7 @@ class System:
         self.tenant = str(uuid.uuid4())
         self.client_id = str(uuid.uuid4())
         self.ports = {k: free_port() for k in ("kube", "entra", "docs", "proxy", "admin", "nginx",
-                                               "entra_tls", "relay", "peer")}
+                                               "entra_tls", "entra_shim", "relay", "peer")}
         self.proxy = None
         self.peer = None
 
@@ -518,11 +518,84 @@ http {{
         ssl_certificate {cert};
         ssl_certificate_key {key};
         location / {{
-            proxy_pass http://127.0.0.1:{entra};
+            proxy_pass http://127.0.0.1:{shim};
         }}
     }}
 }}
 """
+
+OIDC_SCOPES = ("openid", "offline_access", "profile")
+
+
+def start_entra_shim(port, entra_port, authority):
+    """Between the TLS front and the Entra emulator: MSAL for Go adds `openid offline_access
+    profile` to a client-credentials scope, which Entra ignores and the emulator refuses, so
+    they are dropped here; and the tenant's OpenID configuration names the public authority
+    instead of the emulator's own URL, so the token requests also come through the front."""
+    import http.server
+    entra = f"http://127.0.0.1:{entra_port}"
+
+    class Shim(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def forward(self, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", entra_port, timeout=60)
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "content-length", "connection")}
+            if body is not None:
+                headers["content-length"] = str(len(body))
+            conn.request(self.command, self.path, body=body, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+            conn.close()
+            if "/openid-configuration" in self.path:
+                data = data.replace(entra.encode(), f"https://{authority}".encode())
+            self.send_response(r.status)
+            for k, v in r.getheaders():
+                if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                    self.send_header(k, v)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.startswith("/common/discovery/instance"):
+                return self.instance_discovery()
+            self.forward()
+
+        def instance_discovery(self):
+            # What Entra answers for its own host: the host is its own alias, and where the
+            # tenant's OpenID configuration is (MSAL caches tokens per resolved host).
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            endpoint = query.get("authorization_endpoint", [""])[0]
+            tenant = urllib.parse.urlsplit(endpoint).path.strip("/").split("/")[0] or "common"
+            data = json.dumps({
+                "tenant_discovery_endpoint":
+                    f"https://{authority}/{tenant}/v2.0/.well-known/openid-configuration",
+                "api-version": "1.1",
+                "metadata": [{"preferred_network": authority, "preferred_cache": authority,
+                              "aliases": [authority]}],
+            }).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json; charset=utf-8")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            raw = self.rfile.read(int(self.headers.get("content-length", "0")))
+            pairs = urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True)
+            pairs = [(k, " ".join(x for x in v.split() if x not in OIDC_SCOPES) if k == "scope" else v)
+                     for k, v in pairs]
+            self.forward(urllib.parse.urlencode(pairs).encode())
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Shim)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 class PeerRelay(threading.Thread):
@@ -627,7 +700,8 @@ def start_peer(sysm, peer_bin):
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(NGINX_ENTRA_TLS_CONF.format(dir=d, port=p["entra_tls"], host=PEER_AUTHORITY,
-                                            cert=cert, key=key, entra=p["entra"]))
+                                            cert=cert, key=key, shim=p["entra_shim"]))
+    sysm.entra_shim = start_entra_shim(p["entra_shim"], p["entra"], PEER_AUTHORITY)
     sysm.procs.start("entra-tls", pin(1) + ["nginx", "-p", d, "-c", conf])
     wait_port(p["entra_tls"])
     relay = PeerRelay(p["relay"], PEER_AUTHORITY, p["entra_tls"])
