@@ -87,9 +87,9 @@ type ClaimsKey = (CacheKey, Arc<str>, Box<str>);
 /// A cached token, its answer's bytes and its refresh bookkeeping.
 pub struct Entry {
     token: Arc<IssuedToken>,
-    /// The end of the answer (`access_token` onward), rendered once: a hit writes only the
-    /// lifetimes before it. `None` when the token needs JSON escaping (never from Entra).
-    tail: Option<Box<[u8]>>,
+    /// Whether the token goes into the answer as it is (checked once; always, from Entra): a
+    /// hit then writes the lifetimes and copies the token, nothing else.
+    plain: bool,
     refresh_at: Mutex<Instant>,
     /// Served since the last refresh started.
     used: AtomicBool,
@@ -110,7 +110,7 @@ impl Entry {
             .checked_add(Duration::from_secs(base).mul_f64(jitter))
             .unwrap_or(token.received);
         Self {
-            tail: crate::token::answer_tail(&token.access_token),
+            plain: crate::token::plain(&token.access_token),
             token,
             refresh_at: Mutex::new(refresh_at),
             used: AtomicBool::new(false),
@@ -123,13 +123,13 @@ impl Entry {
         &self.token
     }
 
-    /// The success body: the rendered tail behind this moment's remaining lifetimes.
+    /// The success body, with this moment's remaining lifetimes.
     pub fn answer(&self) -> Vec<u8> {
         let t = &self.token;
         let lifetimes = crate::token::Lifetimes::remaining(t);
-        match &self.tail {
-            Some(tail) => lifetimes.json_before(tail),
-            None => lifetimes.response(&t.access_token).to_json(),
+        match self.plain {
+            true => lifetimes.json_with(&t.access_token),
+            false => lifetimes.response(&t.access_token).to_json(),
         }
     }
 

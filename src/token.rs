@@ -439,9 +439,10 @@ impl TokenResponse<'_> {
             ext_expires_in: self.ext_expires_in,
             refresh_in: self.refresh_in,
         };
-        match answer_tail(self.access_token) {
-            Some(tail) => lifetimes.json_before(&tail),
-            None => serde_json::to_vec(self).unwrap_or_default(),
+        if plain(self.access_token) {
+            lifetimes.json_with(self.access_token)
+        } else {
+            serde_json::to_vec(self).unwrap_or_default()
         }
     }
 }
@@ -477,9 +478,10 @@ impl Lifetimes {
         }
     }
 
-    /// The body: these lifetimes, then a tail from [`answer_tail`].
-    pub fn json_before(self, tail: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(tail.len() + 96);
+    /// The body of these lifetimes and `access_token`, which must be [`plain`] (nothing to
+    /// escape): byte for byte what `serde_json` writes.
+    pub fn json_with(self, access_token: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(access_token.len() + 112);
         let mut num = itoa::Buffer::new();
         out.extend_from_slice(b"{\"token_type\":\"Bearer\",\"expires_in\":");
         out.extend_from_slice(num.format(self.expires_in).as_bytes());
@@ -489,26 +491,19 @@ impl Lifetimes {
             out.extend_from_slice(b",\"refresh_in\":");
             out.extend_from_slice(num.format(refresh_in).as_bytes());
         }
-        out.extend_from_slice(tail);
+        out.extend_from_slice(b",\"access_token\":\"");
+        out.extend_from_slice(access_token.as_bytes());
+        out.extend_from_slice(b"\"}");
         out
     }
 }
 
-/// The end of a success body, from `access_token` on, rendered once per token; `None` when
-/// the token would need JSON escaping (then serde writes the whole body).
-pub fn answer_tail(access_token: &str) -> Option<Box<[u8]>> {
+/// Whether `s` goes into a JSON string as it is (no quote, backslash or control character):
+/// checked once per cached token, so a hit copies the token without looking at it.
+pub fn plain(s: &str) -> bool {
     // A fold without early exit, so the compiler vectorizes it.
-    let plain = access_token
-        .bytes()
-        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
-    if !plain {
-        return None;
-    }
-    let mut out = Vec::with_capacity(access_token.len() + 20);
-    out.extend_from_slice(b",\"access_token\":\"");
-    out.extend_from_slice(access_token.as_bytes());
-    out.extend_from_slice(b"\"}");
-    Some(out.into_boxed_slice())
+    s.bytes()
+        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'))
 }
 
 /// The static OpenID configuration MSAL for Go reads before its first token request; its
