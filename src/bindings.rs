@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,6 +127,8 @@ pub fn load(path: &Path) -> Result<BindingSet, String> {
 pub struct Bindings {
     path: PathBuf,
     current: ArcSwap<BindingSet>,
+    /// Bumped after every reload is in service.
+    generation: AtomicU64,
 }
 
 impl Bindings {
@@ -134,11 +137,25 @@ impl Bindings {
         Ok(Self {
             path: path.to_path_buf(),
             current: ArcSwap::from_pointee(set),
+            generation: AtomicU64::new(0),
         })
     }
 
     pub fn current(&self) -> Arc<BindingSet> {
         self.current.load_full()
+    }
+
+    /// Changes whenever the bindings were reloaded: whatever was resolved under an older
+    /// generation must be resolved again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Puts `set` in service, then says so through the generation (in this order: a
+    /// resolution read under the new generation cannot predate the new set).
+    pub fn replace(&self, set: BindingSet) {
+        self.current.store(Arc::new(set));
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The binding of `client_id`, if it agrees with every tenant the request names (each
@@ -186,7 +203,7 @@ impl Bindings {
         crate::files::watch_contents(vec![path], period, stop, move || match load(&self.path) {
             Ok(set) => {
                 tracing::info!(bindings = set.len(), "bindings reloaded");
-                self.current.store(Arc::new(set));
+                self.replace(set);
             }
             Err(e) => {
                 tracing::error!(error = %e, "bindings not reloaded; keeping the previous set")

@@ -84,12 +84,18 @@ type Flight = Shared<BoxFuture<'static, Result<Arc<IssuedToken>, ProxyError>>>;
 /// A `claims` flight: one caller, one key, one challenge.
 type ClaimsKey = (CacheKey, Arc<str>, Box<str>);
 
-/// A cached token and its refresh bookkeeping.
-struct Entry {
+/// A cached token, its answer's bytes and its refresh bookkeeping.
+pub struct Entry {
     token: Arc<IssuedToken>,
+    /// Whether the token goes into the answer as it is (checked once; always, from Entra): a
+    /// hit then writes the lifetimes and copies the token, nothing else.
+    plain: bool,
     refresh_at: Mutex<Instant>,
     /// Served since the last refresh started.
     used: AtomicBool,
+    /// Still the entry of its key: cleared when it is replaced, invalidated or evicted, so
+    /// whoever holds it (the per-token memo) looks the key up again.
+    current: AtomicBool,
 }
 
 impl Entry {
@@ -104,11 +110,39 @@ impl Entry {
             .checked_add(Duration::from_secs(base).mul_f64(jitter))
             .unwrap_or(token.received);
         Self {
+            plain: crate::token::plain(&token.access_token),
             token,
             refresh_at: Mutex::new(refresh_at),
             used: AtomicBool::new(false),
+            current: AtomicBool::new(true),
         }
     }
+
+    /// The token this entry holds.
+    pub fn token(&self) -> &Arc<IssuedToken> {
+        &self.token
+    }
+
+    /// The success body, with this moment's remaining lifetimes.
+    pub fn answer(&self) -> Vec<u8> {
+        let t = &self.token;
+        let lifetimes = crate::token::Lifetimes::remaining(t);
+        match self.plain {
+            true => lifetimes.json_with(&t.access_token),
+            false => lifetimes.response(&t.access_token).to_json(),
+        }
+    }
+
+    fn retire(&self) {
+        self.current.store(false, Ordering::Release);
+    }
+}
+
+/// How the cache served a request: its entry (a hit, which the memo may hold on to), or a
+/// token fetched for this request (a miss, or a `claims` bypass).
+pub enum Served {
+    Hit(Arc<Entry>),
+    Fetched(Arc<IssuedToken>, Lookup),
 }
 
 #[derive(Clone, Debug)]
@@ -150,7 +184,8 @@ impl TokenCache {
         Self {
             entries: moka::sync::Cache::builder()
                 .max_capacity(config.capacity)
-                .eviction_listener(move |key: Arc<CacheKey>, _, cause| {
+                .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
+                    entry.retire();
                     if cause == moka::notification::RemovalCause::Replaced {
                         return;
                     }
@@ -175,13 +210,25 @@ impl TokenCache {
         }
     }
 
-    fn fresh(&self, key: &CacheKey) -> Option<Arc<IssuedToken>> {
+    fn fresh(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
         if entry.token.remaining() < self.min_remaining {
             return None;
         }
         entry.used.store(true, Ordering::Relaxed);
-        Some(entry.token.clone())
+        Some(entry)
+    }
+
+    /// Serves `entry`, held since an earlier lookup of its key, as a hit: only while it is
+    /// still its key's entry and has `min_remaining` left (else the caller looks the key up).
+    pub fn serve_held(&self, entry: &Entry) -> bool {
+        let ok =
+            entry.current.load(Ordering::Acquire) && entry.token.remaining() >= self.min_remaining;
+        if ok {
+            entry.used.store(true, Ordering::Relaxed);
+            self.metrics.cache_hits.inc();
+        }
+        ok
     }
 
     /// Serves the cached token for `key`, or fetches it once for every concurrent caller.
@@ -193,22 +240,35 @@ impl TokenCache {
         claims: Option<&str>,
         caller: &str,
     ) -> Result<(Arc<IssuedToken>, Lookup), ProxyError> {
+        Ok(match self.serve(key, claims, caller).await? {
+            Served::Hit(entry) => (entry.token.clone(), Lookup::Hit),
+            Served::Fetched(token, lookup) => (token, lookup),
+        })
+    }
+
+    /// [`TokenCache::get`], with a hit served as its entry.
+    pub async fn serve(
+        &self,
+        key: CacheKey,
+        claims: Option<&str>,
+        caller: &str,
+    ) -> Result<Served, ProxyError> {
         if let Some(claims) = claims {
             self.metrics
                 .cache_lookups
                 .with_label_values(&["bypass"])
                 .inc();
             let token = self.claims_flight(key, claims, caller)?.await?;
-            return Ok((token, Lookup::Bypass));
+            return Ok(Served::Fetched(token, Lookup::Bypass));
         }
-        if let Some(t) = self.fresh(&key) {
+        if let Some(entry) = self.fresh(&key) {
             self.metrics.cache_hits.inc();
-            return Ok((t, Lookup::Hit));
+            return Ok(Served::Hit(entry));
         }
         let flight = match self.join_or_start(key, caller)? {
-            Ok(token) => {
+            Ok(entry) => {
                 self.metrics.cache_hits.inc();
-                return Ok((token, Lookup::Hit));
+                return Ok(Served::Hit(entry));
             }
             Err(flight) => flight,
         };
@@ -216,7 +276,7 @@ impl TokenCache {
             .cache_lookups
             .with_label_values(&["miss"])
             .inc();
-        flight.await.map(|t| (t, Lookup::Miss))
+        flight.await.map(|t| Served::Fetched(t, Lookup::Miss))
     }
 
     fn spend(&self, caller: &str, what: Spend) -> Result<(), ProxyError> {
@@ -268,7 +328,7 @@ impl TokenCache {
         &self,
         key: CacheKey,
         caller: &str,
-    ) -> Result<Result<Arc<IssuedToken>, Flight>, ProxyError> {
+    ) -> Result<Result<Arc<Entry>, Flight>, ProxyError> {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = self.fresh(&key) {
             return Ok(Ok(t));
@@ -304,6 +364,10 @@ impl TokenCache {
                     (*n < max_keys).then(|| *n += 1).is_some()
                 };
                 if admitted {
+                    // Whoever holds the entry being replaced looks the key up again.
+                    if let Some(old) = entries.get(&key) {
+                        old.retire();
+                    }
                     entries.insert(key.clone(), Arc::new(Entry::new(token.clone())));
                     // moka counts lazily; settle it so the gauge is exact (misses are rare).
                     entries.run_pending_tasks();
@@ -359,6 +423,7 @@ impl TokenCache {
                             .inc();
                         if matches!(e, ProxyError::Unbound(_)) {
                             // The identity is no longer bound: stop serving its token.
+                            entry.retire();
                             this.entries.invalidate(key.as_ref());
                             this.update_gauge();
                             return;
@@ -690,7 +755,8 @@ mod tests {
                 let at = *entry.refresh_at.lock().unwrap();
                 due.push(at.duration_since(entry.token.received).as_secs_f64());
             }
-            let half = lifetime as f64 / 2.0;
+            // Half in whole seconds, as the entry computes it.
+            let half = (lifetime / 2) as f64;
             for d in &due {
                 assert!(
                     *d <= half && *d >= half * 0.9,

@@ -21,6 +21,7 @@ pub mod http;
 pub mod issuer;
 pub mod keys;
 pub mod limits;
+pub mod memo;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;

@@ -9,17 +9,18 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 
-use crate::authn::{Authenticator, Caller};
+use crate::authn::{token_digest, Authenticator, Caller};
 use crate::authz::Authorizer;
 use crate::bindings::Bindings;
-use crate::cache::{CacheKey, Lookup, TokenCache};
+use crate::cache::{CacheKey, Entry, Lookup, Served, TokenCache};
 use crate::entra::IssuedToken;
 use crate::error::{ProxyError, Result};
 use crate::http::{json, read_request_body, Body};
 use crate::issuer::Issuer;
 use crate::limits::ConnectionPermit;
+use crate::memo::{Ask, Generations, Grant, Known, Memo};
 use crate::metrics::Metrics;
-use crate::token::{self, Route, TokenResponse};
+use crate::token::{self, Lifetimes, Route};
 
 /// Everything a request needs, built once and shared.
 pub struct App {
@@ -27,6 +28,8 @@ pub struct App {
     pub authz: Arc<Authorizer>,
     pub bindings: Arc<Bindings>,
     pub cache: Arc<TokenCache>,
+    /// What each token's earlier requests established, found with one lookup.
+    pub memo: Arc<Memo>,
     /// Our issuer keys; the server reloads them, tests read the signing key.
     pub issuer: Arc<Issuer>,
     pub metrics: Arc<Metrics>,
@@ -141,24 +144,60 @@ impl App {
             other => return token::answer_other(other, &parts, conn.sni.as_deref()),
         };
         let body = read_request_body(body, self.max_body_bytes, self.body_timeout, &mut permit);
-        let mut req = token::parse_request(path_tenant, &parts, &body.await?)?;
+        let req = token::parse_request(path_tenant, &parts, &body.await?)?;
         trace.client_id = Some(req.client_id.clone());
         trace.scope = Some(req.scope.clone());
-        let caller = self.authn.authenticate(&req.assertion).await?;
+        let known = self.authenticate(&req.assertion).await?;
+        let caller = &known.caller;
         trace.caller = Some(caller.clone());
-        crate::sidecar::check(self.own_account.as_ref(), &caller)?;
-        // On EVERY request, before the cache, and before anything that could tell an
-        // unauthorized caller whether or where this identity is bound.
-        self.authz.authorize(&caller, &req.client_id).await?;
-        let claims = req.claims.take();
+        crate::sidecar::check(self.own_account.as_ref(), caller)?;
+        // On EVERY request (from the memo while the decisions and bindings it came from are
+        // unchanged), before the cache, and before anything that could tell an unauthorized
+        // caller whether or where this identity is bound.
+        let ask = ask_of(&req, conn);
+        let allowed = self.authorize(&known, &ask, &req, conn).await?;
+        self.token(allowed, &known, &ask, req.claims.as_deref(), trace)
+            .await
+    }
+
+    /// The caller of `assertion`: remembered by its SHA-256 while nothing it depends on
+    /// changed, else authenticated (and remembered).
+    async fn authenticate(&self, assertion: &str) -> Result<Arc<Known>> {
+        let digest = token_digest(assertion);
+        let generation = self.authn.generation();
+        if let Some(known) = self.memo.recall(&digest, generation) {
+            return Ok(known);
+        }
+        let (caller, until) = self.authn.authenticate_digested(assertion, &digest).await?;
+        Ok(self.memo.learn(digest, caller, generation, until))
+    }
+
+    /// Whether the caller may have what it asks for, and where its token is cached: the
+    /// memo's grant while the decisions and bindings it came from are unchanged, else the
+    /// authorizer's decision and the binding's key.
+    async fn authorize(
+        &self,
+        known: &Known,
+        ask: &Ask<'_>,
+        req: &token::TokenRequest,
+        conn: &ConnInfo,
+    ) -> Result<Allowed> {
+        // Read before deciding: a change during the decision leaves it stale, never current.
+        let generations = Generations {
+            authz: self.authz.generation(),
+            bindings: self.bindings.generation(),
+        };
+        if let Some(grant) = known.grant(ask, generations) {
+            return Ok(Allowed::Held(grant));
+        }
+        self.authz.authorize(&known.caller, &req.client_id).await?;
         let key = self.cache_key(req, conn)?;
-        let issued = self.token(key, claims.as_deref(), &caller, trace).await?;
-        Ok(token_response(&issued))
+        Ok(Allowed::Decided { key, generations })
     }
 
     /// The identity's binding, in the tenant the request and its SNI name's profile ask for,
     /// as the cache key of the token asked for.
-    fn cache_key(&self, req: token::TokenRequest, conn: &ConnInfo) -> Result<CacheKey> {
+    fn cache_key(&self, req: &token::TokenRequest, conn: &ConnInfo) -> Result<CacheKey> {
         let profile = self.profile(conn.sni.as_deref());
         let tenants = [
             (profile.tenant.as_deref(), "this SNI name's profile"),
@@ -169,26 +208,47 @@ impl App {
             authority: profile.authority_key.clone(),
             tenant: binding.tenant_id,
             client_id: binding.client_id,
-            scopes: req.scope,
+            scopes: req.scope.clone(),
         })
     }
 
-    /// The cached token, or the one Entra issues for it (joined with any exchange in flight).
+    /// The answer: the held entry's token while it is current, else the cached token, or
+    /// the one Entra issues for it (joined with any exchange in flight).
     async fn token(
         &self,
-        key: CacheKey,
+        allowed: Allowed,
+        known: &Known,
+        ask: &Ask<'_>,
         claims: Option<&str>,
-        caller: &Caller,
         trace: &mut Trace,
-    ) -> Result<Arc<IssuedToken>> {
+    ) -> Result<Response<Body>> {
+        let (key, generations) = match allowed {
+            Allowed::Held(grant) if claims.is_none() && self.cache.serve_held(&grant.entry) => {
+                trace.cache = Some(Lookup::Hit);
+                return Ok(entry_response(&grant.entry));
+            }
+            Allowed::Held(grant) => (grant.key.clone(), grant.generations),
+            Allowed::Decided { key, generations } => (key, generations),
+        };
         let asked = Instant::now();
-        let (issued, lookup) = self.cache.get(key, claims, &caller.username).await?;
-        trace.cache = Some(lookup);
-        if lookup != Lookup::Hit {
-            trace.upstream = Some(200);
-            trace.upstream_wait = Some(asked.elapsed());
+        let served = self
+            .cache
+            .serve(key.clone(), claims, &known.caller.username)
+            .await?;
+        match served {
+            Served::Hit(entry) => {
+                trace.cache = Some(Lookup::Hit);
+                let response = entry_response(&entry);
+                known.learn_grant(ask, generations, key, entry);
+                Ok(response)
+            }
+            Served::Fetched(issued, lookup) => {
+                trace.cache = Some(lookup);
+                trace.upstream = Some(200);
+                trace.upstream_wait = Some(asked.elapsed());
+                Ok(token_response(&issued))
+            }
         }
-        Ok(issued)
     }
 
     /// The response of a finished request, its metric and its one log line.
@@ -219,6 +279,26 @@ impl App {
             response.headers_mut().insert("client-request-id", v);
         }
         response
+    }
+}
+
+/// The outcome of authorization: the memo's grant, or a fresh decision and the key it
+/// resolved to (with the generations read before deciding).
+enum Allowed {
+    Held(Arc<Grant>),
+    Decided {
+        key: CacheKey,
+        generations: Generations,
+    },
+}
+
+/// The shape of a request, as the memo's grants are matched.
+fn ask_of<'a>(req: &'a token::TokenRequest, conn: &'a ConnInfo) -> Ask<'a> {
+    Ask {
+        client_id: &req.client_id,
+        scope: &req.scope,
+        sni: conn.sni.as_deref(),
+        path_tenant: req.path_tenant.as_deref(),
     }
 }
 
@@ -264,15 +344,13 @@ impl Trace {
 
 /// The success body: `expires_in` is the REMAINING lifetime (an integer).
 fn token_response(t: &IssuedToken) -> Response<Body> {
-    let elapsed = t.received.elapsed().as_secs();
-    let body = TokenResponse {
-        token_type: "Bearer",
-        expires_in: t.expires_in.saturating_sub(elapsed),
-        ext_expires_in: t.ext_expires_in.saturating_sub(elapsed),
-        refresh_in: t.refresh_in.map(|r| r.saturating_sub(elapsed).max(1)),
-        access_token: &t.access_token,
-    };
+    let body = Lifetimes::remaining(t).response(&t.access_token);
     json(StatusCode::OK, body.to_json())
+}
+
+/// The success body of a cached token, from the bytes the entry keeps ready.
+fn entry_response(entry: &Entry) -> Response<Body> {
+    json(StatusCode::OK, entry.answer())
 }
 
 /// The client's `client-request-id` when it is a sane GUID-like value, else a fresh one.

@@ -29,6 +29,8 @@ use crate::tls::SniRouter;
 
 /// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
 const JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// Tokens the per-token memo holds (as many as the verification and TokenReview caches).
+const MEMO_CAPACITY: u64 = 100_000;
 
 /// A started proxy. It owns its stop: [`RunningProxy::stop`] at once, or
 /// [`RunningProxy::stop_after`] a signal with the shutdown delay it calls for.
@@ -207,6 +209,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         authz,
         bindings,
         cache,
+        memo: Arc::new(crate::memo::Memo::new(MEMO_CAPACITY)),
         issuer,
         metrics: metrics.clone(),
         profiles: config

@@ -431,19 +431,59 @@ impl TokenResponse<'_> {
     /// The body, byte for byte what `serde_json` writes, without its per-character escaping
     /// pass over the token on every cache hit (a JWT has nothing to escape).
     pub fn to_json(&self) -> Vec<u8> {
-        // A fold without early exit, so the compiler vectorizes it.
-        let plain = |s: &str| {
-            s.bytes()
-                .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'))
-        };
-        if !plain(self.access_token) || !plain(self.token_type) {
+        if self.token_type != "Bearer" {
             return serde_json::to_vec(self).unwrap_or_default();
         }
-        let mut out = Vec::with_capacity(self.access_token.len() + 128);
+        let lifetimes = Lifetimes {
+            expires_in: self.expires_in,
+            ext_expires_in: self.ext_expires_in,
+            refresh_in: self.refresh_in,
+        };
+        if plain(self.access_token) {
+            lifetimes.json_with(self.access_token)
+        } else {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
+    }
+}
+
+/// The part of a success body that changes every second: what is left of the token's
+/// lifetimes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub expires_in: u64,
+    pub ext_expires_in: u64,
+    pub refresh_in: Option<u64>,
+}
+
+impl Lifetimes {
+    /// What is left now of `t`'s lifetimes (`expires_in` is the REMAINING lifetime).
+    pub fn remaining(t: &crate::entra::IssuedToken) -> Self {
+        let elapsed = t.received.elapsed().as_secs();
+        Self {
+            expires_in: t.expires_in.saturating_sub(elapsed),
+            ext_expires_in: t.ext_expires_in.saturating_sub(elapsed),
+            refresh_in: t.refresh_in.map(|r| r.saturating_sub(elapsed).max(1)),
+        }
+    }
+
+    /// The response these lifetimes and `access_token` make.
+    pub fn response(self, access_token: &str) -> TokenResponse<'_> {
+        TokenResponse {
+            token_type: "Bearer",
+            expires_in: self.expires_in,
+            ext_expires_in: self.ext_expires_in,
+            refresh_in: self.refresh_in,
+            access_token,
+        }
+    }
+
+    /// The body of these lifetimes and `access_token`, which must be [`plain`] (nothing to
+    /// escape): byte for byte what `serde_json` writes.
+    pub fn json_with(self, access_token: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(access_token.len() + 112);
         let mut num = itoa::Buffer::new();
-        out.extend_from_slice(b"{\"token_type\":\"");
-        out.extend_from_slice(self.token_type.as_bytes());
-        out.extend_from_slice(b"\",\"expires_in\":");
+        out.extend_from_slice(b"{\"token_type\":\"Bearer\",\"expires_in\":");
         out.extend_from_slice(num.format(self.expires_in).as_bytes());
         out.extend_from_slice(b",\"ext_expires_in\":");
         out.extend_from_slice(num.format(self.ext_expires_in).as_bytes());
@@ -452,10 +492,18 @@ impl TokenResponse<'_> {
             out.extend_from_slice(num.format(refresh_in).as_bytes());
         }
         out.extend_from_slice(b",\"access_token\":\"");
-        out.extend_from_slice(self.access_token.as_bytes());
+        out.extend_from_slice(access_token.as_bytes());
         out.extend_from_slice(b"\"}");
         out
     }
+}
+
+/// Whether `s` goes into a JSON string as it is (no quote, backslash or control character):
+/// checked once per cached token, so a hit copies the token without looking at it.
+pub fn plain(s: &str) -> bool {
+    // A fold without early exit, so the compiler vectorizes it.
+    s.bytes()
+        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'))
 }
 
 /// The static OpenID configuration MSAL for Go reads before its first token request; its

@@ -275,10 +275,11 @@ def percentile(sorted_values, p):
 
 
 def run_h2load(name, url, body_file, extra, timeout=120):
+    """h2load against url: POSTs of body_file, or GETs when body_file is None."""
     logf = os.path.join(WORK, f"{name}.h2load.log")
-    argv = (pin(1) + ["h2load", "-d", body_file, "-H",
-                      "content-type: application/x-www-form-urlencoded",
-                      f"--log-file={logf}"] + extra + [url])
+    post = (["-d", body_file, "-H", "content-type: application/x-www-form-urlencoded"]
+            if body_file else [])
+    argv = pin(1) + ["h2load"] + post + [f"--log-file={logf}"] + extra + [url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     with open(os.path.join(WORK, f"{name}.h2load.txt"), "w") as f:
         f.write(out.stdout + out.stderr)
@@ -377,8 +378,10 @@ class System:
         self.sni = args.sni
         self.tenant = str(uuid.uuid4())
         self.client_id = str(uuid.uuid4())
-        self.ports = {k: free_port() for k in ("kube", "entra", "docs", "proxy", "admin", "nginx")}
+        self.ports = {k: free_port() for k in ("kube", "entra", "docs", "proxy", "admin", "nginx",
+                                               "entra_tls", "entra_shim", "relay", "peer")}
         self.proxy = None
+        self.peer = None
 
     def run(self, *argv):
         return subprocess.run([self.bin, *argv], check=True, capture_output=True, text=True).stdout
@@ -489,6 +492,275 @@ class System:
         wait_port(self.ports["nginx"])
 
 
+# ---------------------------------------------------------------- the peer
+
+PEER_AUTHORITY = "login.microsoftonline.com"
+
+# The TLS front of the Entra emulator for the peer (MSAL needs an https authority): our CA's
+# certificate for the public authority's name, reached through PeerRelay. MSAL asks a host it
+# trusts only for its tenant's OpenID configuration; the emulator answers that, and its token
+# endpoint (the emulator's own plain-HTTP URL) is then called directly.
+NGINX_ENTRA_TLS_CONF = """daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name {host};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://127.0.0.1:{shim};
+        }}
+    }}
+}}
+"""
+
+OIDC_SCOPES = ("openid", "offline_access", "profile")
+
+
+def start_entra_shim(port, entra_port, authority):
+    """Between the TLS front and the Entra emulator: MSAL for Go adds `openid offline_access
+    profile` to a client-credentials scope, which Entra ignores and the emulator refuses, so
+    they are dropped here; and the tenant's OpenID configuration names the public authority
+    instead of the emulator's own URL, so the token requests also come through the front."""
+    import http.server
+    entra = f"http://127.0.0.1:{entra_port}"
+
+    class Shim(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def forward(self, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", entra_port, timeout=60)
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "content-length", "connection")}
+            if body is not None:
+                headers["content-length"] = str(len(body))
+            conn.request(self.command, self.path, body=body, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+            conn.close()
+            if "/openid-configuration" in self.path:
+                data = data.replace(entra.encode(), f"https://{authority}".encode())
+            self.send_response(r.status)
+            for k, v in r.getheaders():
+                if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                    self.send_header(k, v)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.startswith("/common/discovery/instance"):
+                return self.instance_discovery()
+            self.forward()
+
+        def instance_discovery(self):
+            # What Entra answers for its own host: the host is its own alias, and where the
+            # tenant's OpenID configuration is (MSAL caches tokens per resolved host).
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            endpoint = query.get("authorization_endpoint", [""])[0]
+            tenant = urllib.parse.urlsplit(endpoint).path.strip("/").split("/")[0] or "common"
+            data = json.dumps({
+                "tenant_discovery_endpoint":
+                    f"https://{authority}/{tenant}/v2.0/.well-known/openid-configuration",
+                "api-version": "1.1",
+                "metadata": [{"preferred_network": authority, "preferred_cache": authority,
+                              "aliases": [authority]}],
+            }).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json; charset=utf-8")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            raw = self.rfile.read(int(self.headers.get("content-length", "0")))
+            pairs = urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True)
+            pairs = [(k, " ".join(x for x in v.split() if x not in OIDC_SCOPES) if k == "scope" else v)
+                     for k, v in pairs]
+            self.forward(urllib.parse.urlencode(pairs).encode())
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Shim)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class PeerRelay(threading.Thread):
+    """An HTTP CONNECT proxy (HTTPS_PROXY of the peer) that takes CONNECTs to the public
+    authority to the emulator's TLS front on loopback and refuses every other host: nothing
+    leaves the machine."""
+
+    def __init__(self, port, authority, front_port):
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self.allowed = f"{authority}:443"
+        self.front_port = front_port
+        self.connects = 0
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return conn.close()
+                head += chunk
+            line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(line) < 2 or line[0] != "CONNECT" or line[1] != self.allowed:
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                return conn.close()
+            self.connects += 1
+            upstream = socket.create_connection(("127.0.0.1", self.front_port))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+        except OSError:
+            conn.close()
+
+
+def pipe(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def issuer_assertion(sysm, lifetime_secs=7000):
+    """A client assertion for the bench identity, as our proxy would sign it (issuer key,
+    published kid): what a pod's projected token is to Entra in classic workload identity."""
+    jwks_file = os.path.join(WORK, "issuer-docs", sysm.tenant, sysm.client_id, "openid", "v1", "jwks")
+    with open(jwks_file) as f:
+        kid = json.load(f)["keys"][0]["kid"]
+    key = rsa_key(os.path.join(WORK, "issuer.key"))
+    now = int(time.time())
+    header = {"alg": "RS256", "kid": kid, "typ": "JWT"}
+    claims = {"iss": f"http://127.0.0.1:{sysm.ports['docs']}/{sysm.tenant}/{sysm.client_id}",
+              "sub": sysm.client_id, "aud": "api://AzureADTokenExchange", "iat": now,
+              "nbf": now, "exp": now + lifetime_secs, "jti": str(uuid.uuid4())}
+    enc = lambda v: b64url(json.dumps(v, separators=(",", ":")).encode())
+    signing_input = enc(header) + b"." + enc(claims)
+    return (signing_input + b"." + b64url(rs256(key, signing_input))).decode()
+
+
+def start_peer(sysm, peer_bin):
+    """The workload identity project's token proxy (pinned to core 0 like ours) against the
+    same Entra emulator, through a TLS front and a CONNECT relay; returns its base URL."""
+    p = sysm.ports
+    d = os.path.join(WORK, "peer")
+    os.makedirs(d, exist_ok=True)
+    ca_key, ca = os.path.join(d, "ca.key"), os.path.join(d, "ca.crt")
+    key, csr, cert = (os.path.join(d, n) for n in ("front.key", "front.csr", "front.crt"))
+    ext = os.path.join(d, "front.ext")
+    with open(ext, "w") as f:
+        f.write(f"subjectAltName=DNS:{PEER_AUTHORITY}\nbasicConstraints=CA:FALSE\n"
+                "extendedKeyUsage=serverAuth\n")
+    for argv in (
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=bench peer CA"],
+        ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", key, "-out", csr, "-subj", f"/CN={PEER_AUTHORITY}"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", ext],
+    ):
+        subprocess.run(argv, check=True, capture_output=True)
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_ENTRA_TLS_CONF.format(dir=d, port=p["entra_tls"], host=PEER_AUTHORITY,
+                                            cert=cert, key=key, shim=p["entra_shim"]))
+    sysm.entra_shim = start_entra_shim(p["entra_shim"], p["entra"], PEER_AUTHORITY)
+    sysm.procs.start("entra-tls", pin(1) + ["nginx", "-p", d, "-c", conf])
+    wait_port(p["entra_tls"])
+    relay = PeerRelay(p["relay"], PEER_AUTHORITY, p["entra_tls"])
+    relay.start()
+    token_file = os.path.join(d, "token")
+    with open(token_file, "w") as f:
+        f.write(issuer_assertion(sysm))
+    env = dict(os.environ, AZURE_CLIENT_ID=sysm.client_id, AZURE_TENANT_ID=sysm.tenant,
+               AZURE_FEDERATED_TOKEN_FILE=token_file,
+               AZURE_AUTHORITY_HOST=f"https://{PEER_AUTHORITY}/", SSL_CERT_FILE=ca,
+               HTTPS_PROXY=f"http://127.0.0.1:{p['relay']}", NO_PROXY="127.0.0.1,localhost",
+               GOMAXPROCS="1")
+    sysm.peer = sysm.procs.start("peer", pin(0) + [peer_bin, "--proxy-port", str(p["peer"])],
+                                 env=env)
+    wait_port(p["peer"])
+    sysm.peer_relay = relay
+    return f"http://127.0.0.1:{p['peer']}"
+
+
+def lua_get(path):
+    return f'wrk.method = "GET"\nwrk.path = "{path}"\n' + WRK_DONE
+
+
+def peer_scenarios(sysm, S, peer_url, D, conns, rate):
+    """(j) the peer: cache-hit throughput and CPU per request, p99 at the rate of (d), and
+    Entra calls for 1000 concurrent requests for one cold resource."""
+    resource = SCOPE[: -len("/.default")]
+    path = f"/metadata/identity/oauth2/token?resource={urllib.parse.quote(resource, safe='')}" \
+           f"&client_id={sysm.client_id}"
+    status, resp = http_get(peer_url + path, timeout=30)
+    if status != 200 or "access_token" not in json.loads(resp):
+        raise SystemExit(f"the peer refused the warm-up request: {status} {resp[:300]!r}")
+    j = {"response_bytes": len(resp), "pid": sysm.peer.pid}
+    log(f"(j) peer: cache hit, HTTP/1.1 keep-alive (plain HTTP), {conns} connections, {D}s")
+    j["a_h1_keepalive"] = with_cpu([sysm.peer.pid], lambda: run_wrk(
+        "j-a-peer", peer_url + path, lua_get(path), D, conns))
+    log_rate(j["a_h1_keepalive"])
+    log(f"(j) peer: {rate} req/s (the rate of (d)), HTTP/1.1, {D}s")
+    j["d_latency"] = run_h2load("j-d-peer", peer_url + path, None,
+                                ["--h1", "-c", "8", "-t", "1", "--rps", str(max(1, rate // 8)),
+                                 "-D", str(D)])
+    r = j["d_latency"]
+    log(f"    p50 {r['p50_us']} us  p99 {r['p99_us']} us  p99.9 {r['p999_us']} us")
+    sysm.set_entra_latency(100)
+    cold = f"https://fanin-peer-{uuid.uuid4().hex[:8]}.example"
+    cold_path = f"/metadata/identity/oauth2/token?resource={urllib.parse.quote(cold, safe='')}" \
+                f"&client_id={sysm.client_id}"
+    before = sysm.entra_stats()["tokens_issued"]
+    log("(j) peer: 1000 concurrent requests for one uncached resource (1000 connections)")
+    e = run_h2load("j-e-peer", peer_url + cold_path, None,
+                   ["--h1", "-n", "1000", "-c", "1000", "-t", "1"])
+    time.sleep(0.5)
+    e["entra_calls"] = sysm.entra_stats()["tokens_issued"] - before
+    sysm.set_entra_latency(0)
+    j["e_cold_fanin"] = e
+    log(f"    {e['succeeded']}/1000 ok, Entra calls {e['entra_calls']}")
+    S["j_peer"] = j
+
+
 # ---------------------------------------------------------------- scenarios
 
 def log_rate(r):
@@ -513,6 +785,7 @@ def main():
     ap.add_argument("--bin", required=True)
     ap.add_argument("--sni", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--peer", help="the workload identity token proxy binary (cmd/proxy)")
     ap.add_argument("--hold", action="store_true",
                     help="after (a), keep every server up for profiling until interrupted")
     args = ap.parse_args()
@@ -609,6 +882,12 @@ def main():
                 ["--h1", "-c", "8", "-t", "1", "--rps", str(max(1, rate // 8)), "-D", str(D)])
             r = S["d_latency_half_load"][name]
             log(f"    p50 {r['p50_us']} us  p99 {r['p99_us']} us  p99.9 {r['p999_us']} us")
+
+        # (j) the peer users would otherwise run, against the same Entra emulator.
+        if args.peer:
+            peer_url = start_peer(sysm, os.path.abspath(args.peer))
+            peer_scenarios(sysm, S, peer_url, D, conns, rate)
+            procs.stop(sysm.peer)
 
         # (g) many distinct SA tokens (100 service accounts) round-robin.
         log(f"(g) minting {n_tokens} SA tokens for 100 service accounts")
@@ -936,6 +1215,15 @@ def report(results):
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(md)
+    peer = peer_rows(S)
+    if peer:
+        headers = ("scenario", "metric", "ours", "peer (azure-workload-identity proxy)",
+                   "ours/peer")
+        md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        md += ["| " + " | ".join(r) + " |" for r in peer]
+        table += "\n\n" + "\n".join(md)
+        results["peer_table"] = [dict(zip(("scenario", "metric", "ours", "peer", "ratio"), r))
+                                 for r in peer]
     results["table_markdown"] = table
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "results.json"), "w") as fh:
@@ -950,6 +1238,33 @@ def report(results):
           "(servers on core 0, load on core 1).\n")
     print(table)
     print(f"\nwrote {OUT}/results.json, results.md, results.svg (raw tool output in {WORK}/)")
+
+
+def peer_rows(S):
+    """Ours next to the peer: ours over TLS with authentication and authorization, the peer
+    over plain HTTP with neither (what users compare with)."""
+    j = S.get("j_peer")
+    if not j:
+        return []
+    a, d, e = S["a_h1_keepalive"]["ours"], S["d_latency_half_load"], S["e_cold_fanin"]
+    pa, pd, pe = j["a_h1_keepalive"], j["d_latency"], j["e_cold_fanin"]
+    rows = [
+        ("hit, HTTP/1.1 keep-alive, 32 conns (ours TLS + authn + authz; peer plain HTTP)",
+         "req/s", f"{a['rps']:,.0f}", f"{pa['rps']:,.0f}", f"{ratio(a['rps'], pa['rps']):.2f}x"),
+        ("hit, HTTP/1.1 keep-alive, same core", "server CPU per request (core busy)",
+         f"{a['cpu_us_per_req']:.1f} us ({a['cpu_util'] * 100:.0f} %)",
+         f"{pa['cpu_us_per_req']:.1f} us ({pa['cpu_util'] * 100:.0f} %)",
+         f"{ratio(a['cpu_us_per_req'], pa['cpu_us_per_req']):.2f}x"),
+    ]
+    for q, lab in (("p50_us", "p50"), ("p99_us", "p99")):
+        rows.append((f"{d['rate']:,} req/s fixed rate, HTTP/1.1, 8 conns", lab,
+                     f"{d['ours'][q] / 1000:.3f} ms", f"{pd[q] / 1000:.3f} ms",
+                     f"{ratio(d['ours'][q], pd[q]):.2f}x"))
+    rows.append(("1000 concurrent, one cold resource, Entra 100 ms", "Entra calls",
+                 f"{e['entra_calls']} ({e['succeeded']}/1000 ok)",
+                 f"{pe['entra_calls']} ({pe['succeeded']}/1000 ok)",
+                 f"{ratio(e['entra_calls'], pe['entra_calls']):.3f}x"))
+    return rows
 
 
 def svg(S):

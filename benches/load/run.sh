@@ -27,6 +27,30 @@ BIN=target/release/identity-binding-proxy
 echo "==> cargo build --release"
 cargo build --release
 
+# The peer: the workload identity project's token proxy, built from the Go module proxy at a
+# pinned version (benches/load/peer/go.mod + go.sum) into the cache outside the clone, reusing
+# the module and build caches of scripts/real-cluster.sh (the same v1.6.0 module).
+PEER_VERSION=v1.6.0
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/identity-binding-proxy
+command -v go >/dev/null || {
+    echo "error: go is required to build the peer (github.com/Azure/azure-workload-identity/cmd/proxy@$PEER_VERSION)" >&2
+    exit 1
+}
+peer_key=$( (cd benches/load/peer && cat go.mod go.sum mlog/go.mod mlog/mlog.go && go version) |
+    sha256sum | cut -c1-12)
+PEER=$CACHE/peer/$PEER_VERSION-$peer_key/proxy
+if [[ ! -x $PEER ]]; then
+    echo "==> go build azure-workload-identity/cmd/proxy@$PEER_VERSION -> $PEER"
+    mkdir -p "$(dirname "$PEER")"
+    (
+        cd benches/load/peer
+        export GOMODCACHE=$CACHE/real-cluster/go/mod GOCACHE=$CACHE/real-cluster/go/build
+        export GOFLAGS="-buildvcs=false -mod=readonly -p=2"
+        go build -trimpath -ldflags "-s -w" -o "$PEER.tmp" github.com/Azure/azure-workload-identity/cmd/proxy
+    )
+    mv "$PEER.tmp" "$PEER"
+fi
+
 echo "==> tools"
 missing=()
 command -v nginx >/dev/null || missing+=(nginx-light)
@@ -58,4 +82,4 @@ if [[ $(nproc) -lt 2 ]]; then
 fi
 
 echo "==> load (servers on core 0, emulators and load generators on core 1)"
-exec python3 benches/load/harness.py --bin "$BIN" --sni "$SNI" "${quick[@]}"
+exec python3 benches/load/harness.py --bin "$BIN" --sni "$SNI" --peer "$PEER" "${quick[@]}"

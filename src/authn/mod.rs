@@ -11,8 +11,9 @@ mod jwks;
 mod review;
 mod verify;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::error::{ProxyError, Result};
@@ -77,6 +78,8 @@ pub struct Authenticator {
     keys: jwks::ClusterKeys,
     verified: verify::VerifiedTokens,
     reviews: review::Reviews,
+    /// Bumped after every key change has dropped the tokens it no longer vouches for.
+    generation: AtomicU64,
 }
 
 impl Authenticator {
@@ -92,7 +95,21 @@ impl Authenticator {
                 metrics,
             ),
             audience: config.audience,
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever a JWKS change made remembered verifications go: whatever was derived
+    /// from an authentication under an older generation must authenticate again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Forgets what `change` no longer vouches for, then says so through the generation (in
+    /// this order: an answer read under the new generation cannot predate the forgetting).
+    fn forget(&self, change: jwks::KeyChange) {
+        self.verified.forget(change);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Tokens whose local verification is remembered now.
@@ -107,15 +124,12 @@ impl Authenticator {
 
     /// Fetches the issuer and the JWKS from the apiserver (and persists them).
     pub async fn refresh_keys(&self) -> std::result::Result<(), ClusterError> {
-        self.keys
-            .refresh(|change| self.verified.forget(change))
-            .await
+        self.keys.refresh(|change| self.forget(change)).await
     }
 
     /// Loads the keys persisted by an earlier run, if any. Returns whether keys were loaded.
     pub fn load_persisted(&self) -> bool {
-        self.keys
-            .load_persisted(|change| self.verified.forget(change))
+        self.keys.load_persisted(|change| self.forget(change))
     }
 
     /// Keeps the JWKS fresh: retries quickly until the first load, then refreshes every
@@ -147,25 +161,38 @@ impl Authenticator {
     /// Authenticates a service-account token.
     pub async fn authenticate(&self, token: &str) -> Result<Arc<Caller>> {
         let digest = token_digest(token);
+        self.authenticate_digested(token, &digest)
+            .await
+            .map(|(caller, _)| caller)
+    }
+
+    /// Authenticates `token`, whose SHA-256 is `digest`; also says until when the answer
+    /// holds (the token's expiry, or the TokenReview answer's, whichever comes first) unless
+    /// the generation changes.
+    pub async fn authenticate_digested(
+        &self,
+        token: &str,
+        digest: &[u8; 32],
+    ) -> Result<(Arc<Caller>, Instant)> {
         let local = match self.mode {
             AuthnMode::Tokenreview => None,
-            AuthnMode::Local | AuthnMode::Both => Some(self.verify_cached(token, &digest).await?),
+            AuthnMode::Local | AuthnMode::Both => Some(self.verify_cached(token, digest).await?),
         };
         match self.mode {
             AuthnMode::Local => local.ok_or_else(|| ProxyError::Internal("no caller".into())),
             AuthnMode::Tokenreview | AuthnMode::Both => {
-                let reviewed = self.reviews.review(token, digest).await?;
+                let (reviewed, reviewed_until) = self.reviews.review(token, *digest).await?;
                 // In `both` mode the local claims are the source of pod information; the
                 // review must agree on who the caller is.
                 match local {
-                    Some(local) if local.username != reviewed.username => {
+                    Some((local, _)) if local.username != reviewed.username => {
                         Err(ProxyError::invalid_assertion(
                             "The TokenReview names a different user than the token's claims; \
                              the token is refused.",
                         ))
                     }
-                    Some(local) => Ok(local),
-                    None => Ok(reviewed),
+                    Some((local, until)) => Ok((local, until.min(reviewed_until))),
+                    None => Ok((reviewed, reviewed_until)),
                 }
             }
         }
@@ -173,13 +200,17 @@ impl Authenticator {
 
     /// Local verification, remembered until the token expires; the memory of a key's tokens
     /// is dropped when the key leaves the cluster's JWKS.
-    async fn verify_cached(&self, token: &str, digest: &[u8; 32]) -> Result<Arc<Caller>> {
-        if let Some(caller) = self.verified.get(digest) {
-            return Ok(caller);
+    async fn verify_cached(
+        &self,
+        token: &str,
+        digest: &[u8; 32],
+    ) -> Result<(Arc<Caller>, Instant)> {
+        if let Some(known) = self.verified.get_until(digest) {
+            return Ok(known);
         }
         let caller = Arc::new(self.verify_locally(token).await?);
-        self.verified.remember(*digest, token, caller.clone());
-        Ok(caller)
+        let until = self.verified.remember(*digest, token, caller.clone());
+        Ok((caller, until))
     }
 
     /// The local fast path alone: signature, issuer, audience and times against the JWKS.
@@ -214,7 +245,8 @@ impl Authenticator {
     }
 }
 
-fn token_digest(token: &str) -> [u8; 32] {
+/// SHA-256 of a token: the key of everything remembered about it.
+pub fn token_digest(token: &str) -> [u8; 32] {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());

@@ -3,7 +3,7 @@
 //! each until min(review TTL, token expiry); failures are not cached.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 
@@ -26,6 +26,8 @@ enum Outcome {
 struct Reviewed {
     outcome: Outcome,
     lifetime: Duration,
+    /// The answer's deadline (no later than the cache's), for whatever is derived from it.
+    until: Instant,
 }
 
 impl Lifetime for Reviewed {
@@ -66,15 +68,20 @@ impl Reviews {
         }
     }
 
-    /// The caller the apiserver says `token` (whose SHA-256 is `digest`) belongs to.
-    pub(super) async fn review(&self, token: &str, digest: [u8; 32]) -> Result<Arc<Caller>> {
+    /// The caller the apiserver says `token` (whose SHA-256 is `digest`) belongs to, and
+    /// until when that answer is trusted.
+    pub(super) async fn review(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+    ) -> Result<(Arc<Caller>, Instant)> {
         let reviewed = self
             .answers
             .try_get_with(digest, self.fresh_review(token))
             .await
             .map_err(|e: Arc<ProxyError>| (*e).clone())?;
         match reviewed.outcome {
-            Outcome::Authenticated(c) => Ok(c),
+            Outcome::Authenticated(c) => Ok((c, reviewed.until)),
             Outcome::Refused(why) => Err(ProxyError::invalid_assertion(format!(
                 "The Kubernetes API server did not accept the service-account token ({}). The \
                  pod or service account may have been deleted; restart the pod to get a fresh \
@@ -103,9 +110,11 @@ impl Reviews {
             }
         };
         let outcome = outcome_of(status);
+        let lifetime = answer_lifetime(token, self.ttl);
         Ok(Reviewed {
             outcome,
-            lifetime: answer_lifetime(token, self.ttl),
+            lifetime,
+            until: Instant::now() + lifetime,
         })
     }
 }

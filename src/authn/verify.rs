@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -280,6 +280,8 @@ pub(super) fn token_ttl(token: &str) -> Duration {
 struct Verified {
     caller: Arc<Caller>,
     lifetime: Duration,
+    /// When the token expires (the entry's deadline), for whatever is derived from it.
+    until: Instant,
     kid: Option<Arc<str>>,
 }
 
@@ -307,25 +309,34 @@ impl VerifiedTokens {
         )
     }
 
-    pub(super) fn get(&self, digest: &[u8; 32]) -> Option<Arc<Caller>> {
+    #[cfg(test)]
+    fn get(&self, digest: &[u8; 32]) -> Option<Arc<Caller>> {
         self.0.get(digest).map(|v| v.caller)
     }
 
-    /// Remembers `caller` for `token` until the token's `exp`.
-    pub(super) fn remember(&self, digest: [u8; 32], token: &str, caller: Arc<Caller>) {
+    /// The remembered caller and when its token expires.
+    pub(super) fn get_until(&self, digest: &[u8; 32]) -> Option<(Arc<Caller>, Instant)> {
+        self.0.get(digest).map(|v| (v.caller, v.until))
+    }
+
+    /// Remembers `caller` for `token` until the token's `exp`; returns that deadline.
+    pub(super) fn remember(&self, digest: [u8; 32], token: &str, caller: Arc<Caller>) -> Instant {
         let kid = pre_parse_header(token)
             .ok()
             .and_then(|h| h.kid)
             .map(Arc::from);
         let lifetime = token_ttl(token);
+        let until = Instant::now() + lifetime;
         self.0.insert(
             digest,
             Verified {
                 caller,
                 lifetime,
+                until,
                 kid,
             },
         );
+        until
     }
 
     /// A key that left the JWKS (or changed under its kid) must not keep vouching for tokens
