@@ -96,10 +96,13 @@ impl Authorizer {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Drops every cached decision.
+    /// Drops every cached decision. The generation moves before the drop (a review in flight
+    /// must not store its answer) and again after it (whatever was derived from a decision read
+    /// in between is stale too).
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.decisions.invalidate_all();
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drops the cached decisions an RBAC change made stale (none, some subjects' or all).
@@ -117,6 +120,8 @@ impl Authorizer {
                     // Only if the cache was built without predicates: drop them all instead.
                     self.decisions.invalidate_all();
                 }
+                // As in `invalidate_all`: again after the drop.
+                self.generation.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
