@@ -339,13 +339,14 @@ async fn the_sidecar_signs_with_its_own_key_which_entra_trusts_once_the_fleet_pu
     .await;
     let own = mint_sa(&sys, NS, SA, &[&serve_default("token-audience")], 0);
 
-    // Its key is in no published JWKS yet: Entra refuses the assertion, its code passed on.
+    // Its key is in no published JWKS yet: Entra refuses the assertion (AADSTS7000272: the key
+    // is not in the issuer's metadata), its code passed on.
     let r = pod.client.post_token(&sys.info.client_id, &own).await;
     assert_eq!(r.status, 401, "{}", r.json);
     assert!(
         r.json["error_codes"]
             .as_array()
-            .is_some_and(|c| c.contains(&700027.into())),
+            .is_some_and(|c| c.contains(&7000272.into())),
         "{}",
         r.json
     );

@@ -524,14 +524,10 @@ http {{
 }}
 """
 
-OIDC_SCOPES = ("openid", "offline_access", "profile")
-
-
 def start_entra_shim(port, entra_port, authority):
-    """Between the TLS front and the Entra emulator: MSAL for Go adds `openid offline_access
-    profile` to a client-credentials scope, which Entra ignores and the emulator refuses, so
-    they are dropped here; and the tenant's OpenID configuration names the public authority
-    instead of the emulator's own URL, so the token requests also come through the front."""
+    """Between the TLS front and the Entra emulator: answers instance discovery as Entra does
+    for its own host, and the tenant's OpenID configuration names the public authority instead
+    of the emulator's own URL, so the token requests also come through the front."""
     import http.server
     entra = f"http://127.0.0.1:{entra_port}"
 
@@ -586,11 +582,7 @@ def start_entra_shim(port, entra_port, authority):
             self.wfile.write(data)
 
         def do_POST(self):
-            raw = self.rfile.read(int(self.headers.get("content-length", "0")))
-            pairs = urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True)
-            pairs = [(k, " ".join(x for x in v.split() if x not in OIDC_SCOPES) if k == "scope" else v)
-                     for k, v in pairs]
-            self.forward(urllib.parse.urlencode(pairs).encode())
+            self.forward(self.rfile.read(int(self.headers.get("content-length", "0"))))
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Shim)
     server.daemon_threads = True

@@ -1055,6 +1055,9 @@ fn parse_form(body: &[u8]) -> BTreeMap<String, String> {
     form
 }
 
+/// Scopes Entra accepts beside `<resource>/.default` in a client-credentials request, and ignores.
+const OIDC_SCOPES: [&str; 3] = ["openid", "offline_access", "profile"];
+
 /// A well-formed client-credentials request with a JWT client assertion.
 struct ClientCredentials<'a> {
     client_id: &'a str,
@@ -1105,9 +1108,15 @@ impl<'a> ClientCredentials<'a> {
                 format!("The provided value for the input parameter 'client_assertion_type' is not valid. Expected '{JWT_BEARER}'."),
             ));
         }
-        let resource = scope
-            .strip_suffix("/.default")
-            .filter(|r| !r.is_empty() && !scope.contains(' '));
+        // Entra ignores the OpenID Connect scopes in a client-credentials request: MSAL for Go
+        // adds `openid offline_access profile` to every token request, and Entra serves it.
+        let mut scopes = scope
+            .split_ascii_whitespace()
+            .filter(|s| !OIDC_SCOPES.contains(s));
+        let resource = match (scopes.next(), scopes.next()) {
+            (Some(only), None) => only.strip_suffix("/.default").filter(|r| !r.is_empty()),
+            _ => None,
+        };
         let Some(resource) = resource else {
             // invalid_scope, AADSTS1002012, 400: client credentials need `<resource>/.default`.
             return Err(Rejection::new(
@@ -2327,6 +2336,40 @@ mod tests {
         )
         .await;
         answer.assert_entra_error(400, "invalid_scope", 1002012);
+    }
+
+    /// MSAL for Go sends `openid offline_access profile` beside `<resource>/.default` and Entra
+    /// serves it (the token is for the resource); two resources are still one too many.
+    #[tokio::test]
+    async fn oidc_scopes_beside_default_are_ignored_as_entra_does() {
+        let f = fixture().await;
+        let ask = |scope: &'static str| {
+            let assertion = f.assertion();
+            let url = f.emu.url();
+            async move {
+                let form = [
+                    ("grant_type", "client_credentials"),
+                    ("client_id", CLIENT),
+                    ("scope", scope),
+                    ("client_assertion_type", JWT_BEARER),
+                    ("client_assertion", &assertion),
+                ];
+                post_token(&url, TENANT, &form).await
+            }
+        };
+        let served = ask("https://vault.azure.net/.default openid offline_access profile").await;
+        assert_eq!(served.status, StatusCode::OK, "{:?}", served.body);
+        let token = served.json()["access_token"].as_str().unwrap().to_string();
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        assert_eq!(claims["aud"], "https://vault.azure.net");
+        ask("https://vault.azure.net/.default https://graph.microsoft.com/.default")
+            .await
+            .assert_entra_error(400, "invalid_scope", 1002012);
+        ask("openid profile")
+            .await
+            .assert_entra_error(400, "invalid_scope", 1002012);
     }
 
     #[tokio::test]
