@@ -195,78 +195,93 @@ impl Authorizer {
         let mut first_list = true;
         let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
         while let Some(event) = events.next().await {
-            let stale = {
-                let mut index = lock(&self.index);
-                let stale = match &event {
-                    Ok(watcher::Event::Init) => {
-                        index.init(kind);
-                        Stale::Nobody
-                    }
-                    Ok(watcher::Event::InitApply(o)) => {
-                        o.init(&mut index);
-                        Stale::Nobody
-                    }
-                    Ok(watcher::Event::InitDone) => index.init_done(kind),
-                    Ok(watcher::Event::Apply(o)) => o.apply(&mut index),
-                    Ok(watcher::Event::Delete(o)) => o.delete(&mut index),
-                    Err(e) => {
-                        listed.send_if_modified(|p| !std::mem::replace(&mut p.failed, true));
-                        tracing::warn!(kind = kind.plural(), error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs");
-                        continue;
-                    }
-                };
-                let (roles, bindings) = index.sizes();
-                self.metrics
-                    .rbac_index_entries
-                    .with_label_values(&["roles"])
-                    .set(roles as i64);
-                self.metrics
-                    .rbac_index_entries
-                    .with_label_values(&["bindings"])
-                    .set(bindings as i64);
-                stale
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    listed.send_if_modified(|p| !std::mem::replace(&mut p.failed, true));
+                    tracing::warn!(kind = kind.plural(), error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs");
+                    continue;
+                }
             };
+            let stale = self.index_event(kind, &event);
             match &event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                    self.metrics
-                        .rbac_events
-                        .with_label_values(&[kind.plural(), stale.label()])
-                        .inc();
-                    if stale != Stale::Nobody {
-                        tracing::debug!(
-                            kind = kind.plural(),
-                            effect = stale.label(),
-                            "RBAC changed: dropping the cached authorization decisions it affects"
-                        );
-                    }
-                }
-                Ok(watcher::Event::InitDone) => {
-                    self.metrics
-                        .rbac_lists
-                        .with_label_values(&[kind.plural()])
-                        .inc();
-                    tracing::debug!(
-                        kind = kind.plural(),
-                        "RBAC listed: dropping cached authorization decisions"
-                    );
-                    if first_list {
-                        first_list = false;
-                        listed.send_modify(|p| match kind {
-                            Kind::ClusterRole | Kind::Role => p.roles += 1,
-                            Kind::ClusterRoleBinding | Kind::RoleBinding => p.bindings += 1,
-                        });
-                        let p = *listed.borrow();
-                        if p.roles >= 2 && p.bindings >= 2 {
-                            self.metrics.rbac_watch_synced.set(1);
-                            tracing::info!(
-                                "RBAC listed: following changes to managed-identity grants"
-                            );
-                        }
-                    }
-                }
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) => self.changed(kind, &stale),
+                watcher::Event::InitDone => self.listed(kind, &mut first_list, listed),
                 _ => {}
             }
             self.invalidate(&stale);
+        }
+    }
+
+    /// Applies one watch event to the index: whose decisions it made stale.
+    fn index_event<K: Indexed>(
+        &self,
+        kind: Kind,
+        event: &kube::runtime::watcher::Event<K>,
+    ) -> Stale {
+        use kube::runtime::watcher::Event;
+        let mut index = lock(&self.index);
+        let stale = match event {
+            Event::Init => {
+                index.init(kind);
+                Stale::Nobody
+            }
+            Event::InitApply(o) => {
+                o.init(&mut index);
+                Stale::Nobody
+            }
+            Event::InitDone => index.init_done(kind),
+            Event::Apply(o) => o.apply(&mut index),
+            Event::Delete(o) => o.delete(&mut index),
+        };
+        let (roles, bindings) = index.sizes();
+        let entries = &self.metrics.rbac.index_entries;
+        entries.with_label_values(&["roles"]).set(roles as i64);
+        entries
+            .with_label_values(&["bindings"])
+            .set(bindings as i64);
+        stale
+    }
+
+    /// Counts (and logs) a change by its effect.
+    fn changed(&self, kind: Kind, stale: &Stale) {
+        let events = &self.metrics.rbac.events;
+        events
+            .with_label_values(&[kind.plural(), stale.label()])
+            .inc();
+        if *stale != Stale::Nobody {
+            tracing::debug!(
+                kind = kind.plural(),
+                effect = stale.label(),
+                "RBAC changed: dropping the cached authorization decisions it affects"
+            );
+        }
+    }
+
+    /// Counts a complete list of `kind`; the first of each kind counts towards being synced.
+    fn listed(
+        &self,
+        kind: Kind,
+        first_list: &mut bool,
+        listed: &tokio::sync::watch::Sender<Progress>,
+    ) {
+        let lists = &self.metrics.rbac.lists;
+        lists.with_label_values(&[kind.plural()]).inc();
+        tracing::debug!(
+            kind = kind.plural(),
+            "RBAC listed: dropping cached authorization decisions"
+        );
+        if !std::mem::replace(first_list, false) {
+            return;
+        }
+        listed.send_modify(|p| match kind {
+            Kind::ClusterRole | Kind::Role => p.roles += 1,
+            Kind::ClusterRoleBinding | Kind::RoleBinding => p.bindings += 1,
+        });
+        let p = *listed.borrow();
+        if p.roles >= 2 && p.bindings >= 2 {
+            self.metrics.rbac.watch_synced.set(1);
+            tracing::info!("RBAC listed: following changes to managed-identity grants");
         }
     }
 

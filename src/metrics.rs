@@ -36,14 +36,7 @@ pub struct Metrics {
     pub issuer_signing_key: IntGaugeVec,
     /// When the next issuer key starts signing (Unix time), by `kid`; absent when none waits.
     pub issuer_key_activation: IntGaugeVec,
-    /// RBAC watch events by kind and by whose decisions they dropped.
-    pub rbac_events: IntCounterVec,
-    /// Roles and bindings the RBAC index keeps (only those that can grant managed identities).
-    pub rbac_index_entries: IntGaugeVec,
-    /// 1 once all four RBAC kinds have been listed.
-    pub rbac_watch_synced: IntGauge,
-    /// Complete lists of each RBAC kind: one at start, then only when a watch cannot resume.
-    pub rbac_lists: IntCounterVec,
+    pub rbac: RbacMetrics,
     /// The series a cache hit touches, resolved once: a label lookup hashes its values.
     pub served: IntCounter,
     pub served_duration: Histogram,
@@ -75,6 +68,47 @@ impl Registrar {
     fn gauge(&self, n: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
         let opts = Opts::new(format!("{PREFIX}_{n}"), help);
         self.register(IntGaugeVec::new(opts, labels).unwrap_or_else(|e| panic!("{n}: {e}")))
+    }
+}
+
+/// The RBAC watch: what it saw, what it keeps, whether it is synced.
+pub struct RbacMetrics {
+    /// RBAC watch events by kind and by whose decisions they dropped.
+    pub events: IntCounterVec,
+    /// Roles and bindings the RBAC index keeps (only those that can grant managed identities).
+    pub index_entries: IntGaugeVec,
+    /// 1 once all four RBAC kinds have been listed.
+    pub watch_synced: IntGauge,
+    /// Complete lists of each RBAC kind: one at start, then only when a watch cannot resume.
+    pub lists: IntCounterVec,
+}
+
+impl RbacMetrics {
+    fn new(r: &Registrar) -> Self {
+        Self {
+            events: r.counter(
+                "rbac_events_total",
+                "RBAC watch events by kind and effect: 'unrelated' (no cached decision dropped), 'subjects' (the decisions of the subjects it binds), 'everyone' (every decision).",
+                &["kind", "effect"],
+            ),
+            index_entries: r.gauge(
+                "rbac_index_entries",
+                "Roles and bindings kept by the RBAC index: only those that can grant managed identities.",
+                &["what"],
+            ),
+            lists: r.counter(
+                "rbac_lists_total",
+                "Complete lists of an RBAC kind: one at start; more only when a broken watch could not resume from its resource version.",
+                &["kind"],
+            ),
+            watch_synced: r.register(
+                IntGauge::new(
+                    format!("{PREFIX}_rbac_watch_synced"),
+                    "1 once Roles, ClusterRoles and their bindings have all been listed.",
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}")),
+            ),
+        }
     }
 }
 
@@ -159,28 +193,7 @@ impl Metrics {
                 "When (Unix time) the next issuer key, published but not yet long enough for Entra to know it, starts signing.",
                 &["kid"],
             ),
-            rbac_events: r.counter(
-                "rbac_events_total",
-                "RBAC watch events by kind and effect: 'unrelated' (no cached decision dropped), 'subjects' (the decisions of the subjects it binds), 'everyone' (every decision).",
-                &["kind", "effect"],
-            ),
-            rbac_index_entries: r.gauge(
-                "rbac_index_entries",
-                "Roles and bindings kept by the RBAC index: only those that can grant managed identities.",
-                &["what"],
-            ),
-            rbac_lists: r.counter(
-                "rbac_lists_total",
-                "Complete lists of an RBAC kind: one at start; more only when a broken watch could not resume from its resource version.",
-                &["kind"],
-            ),
-            rbac_watch_synced: r.register(
-                IntGauge::new(
-                    format!("{PREFIX}_rbac_watch_synced"),
-                    "1 once Roles, ClusterRoles and their bindings have all been listed.",
-                )
-                .unwrap_or_else(|e| panic!("metric: {e}")),
-            ),
+            rbac: RbacMetrics::new(&r),
             registry: r.0,
         };
         metrics.create_expected_series();
@@ -215,13 +228,13 @@ impl Metrics {
             "clusterrolebindings",
             "rolebindings",
         ] {
-            self.rbac_lists.with_label_values(&[kind]);
+            self.rbac.lists.with_label_values(&[kind]);
             for effect in ["unrelated", "subjects", "everyone"] {
-                self.rbac_events.with_label_values(&[kind, effect]);
+                self.rbac.events.with_label_values(&[kind, effect]);
             }
         }
         for what in ["roles", "bindings"] {
-            self.rbac_index_entries.with_label_values(&[what]);
+            self.rbac.index_entries.with_label_values(&[what]);
         }
         let refusals = crate::limits::Refusal::ALL.map(crate::limits::Refusal::label);
         for reason in crate::tls::HANDSHAKE_FAILURES.iter().chain(&refusals) {

@@ -344,6 +344,8 @@ async fn sigterm_turns_not_ready_first_and_drains_every_request_in_flight() {
             "--",
             "--shutdown-delay-secs=1",
             "--drain-timeout-secs=15",
+            // No attempt times out and is retried on a slow machine: each finishes in 8 s.
+            "--entra-timeout-secs=30",
             // 200 misses from one caller at once, above its per-minute budget.
             "--caller-miss-budget=1000",
         ],
