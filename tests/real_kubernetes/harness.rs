@@ -196,9 +196,13 @@ impl Cluster {
     /// A kubeconfig that authenticates as service account `ns/sa` with a TokenRequest token.
     pub(crate) fn sa_kubeconfig(&self, ns: &str, sa: &str) -> PathBuf {
         let token = self.token(ns, sa, self.get("ISSUER"), None);
-        let path = self.path().join(format!("kubeconfig-{ns}-{sa}"));
+        self.token_kubeconfig(&token, &self.path().join(format!("kubeconfig-{ns}-{sa}")))
+    }
+
+    /// Writes a kubeconfig for this cluster that authenticates with `token`, at `path`.
+    pub(crate) fn token_kubeconfig(&self, token: &str, path: &Path) -> PathBuf {
         std::fs::write(
-            &path,
+            path,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: real\n  cluster: {{server: \"{}\", \
                  certificate-authority: \"{}\"}}\nusers:\n- name: sa\n  user: {{token: \"{token}\"}}\n\
@@ -208,7 +212,7 @@ impl Cluster {
             ),
         )
         .unwrap();
-        path
+        path.to_path_buf()
     }
 
     /// Namespace, service account and a Pod object using it (stored; no kubelet runs it).

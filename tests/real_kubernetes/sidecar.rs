@@ -20,19 +20,7 @@ const ALLOWED_TTL: Duration = Duration::from_secs(3);
 /// A kubeconfig holding the pod's API token: bound to the pod, audience the apiserver's.
 fn pod_kubeconfig(c: &Cluster, dir: &Path) -> PathBuf {
     let token = c.token(NS, SA, c.get("ISSUER"), Some(POD));
-    let path = dir.join("pod-kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: real\n  cluster: {{server: \"{}\", \
-             certificate-authority: \"{}\"}}\nusers:\n- name: pod\n  user: {{token: \"{token}\"}}\n\
-             contexts:\n- name: pod\n  context: {{cluster: real, user: pod}}\ncurrent-context: pod\n",
-            c.get("APISERVER"),
-            c.get("CA_FILE")
-        ),
-    )
-    .unwrap();
-    path
+    c.token_kubeconfig(&token, &dir.join("pod-kubeconfig"))
 }
 
 fn grant(c: &Cluster, sa: &str) {
