@@ -6,6 +6,8 @@
 #                                                       (kustomize's configMapGenerator)
 #   templates/certificate.yaml, templates/issuers.yaml -> deploy/overlays/cert-manager/
 #   charts/identity-binding-proxy/files/alerts.yaml   -> deploy/monitoring/alerts.yaml
+#   templates/sidecar-component.yaml (the sidecar      -> deploy/components/sidecar/sidecar.yaml
+#   templates a workload chart includes, _sidecar.tpl)    (values: its chart-values.yaml)
 #
 #   bash scripts/render-deploy.sh           write the files
 #   bash scripts/render-deploy.sh --check   fail (with the diff) when a committed file differs
@@ -31,7 +33,8 @@ fi
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-mkdir -p "$out/deploy/base" "$out/deploy/overlays/cert-manager" "$out/deploy/monitoring"
+mkdir -p "$out/deploy/base" "$out/deploy/overlays/cert-manager" "$out/deploy/monitoring" \
+  "$out/deploy/components/sidecar"
 
 template() { # OUTDIR HELM-ARGS...: one file per chart template, under OUTDIR
   local dir=$1
@@ -71,6 +74,10 @@ for line in data.splitlines():
     print(f"{m.group(1)}={json.loads(m.group(2))}")
 PY
 cp "$CHART/files/alerts.yaml" "$out/deploy/monitoring/alerts.yaml"
+# The sidecar component's patch: the chart's sidecar mode, through the same named templates.
+template "$out/deploy/components/sidecar" -f deploy/components/sidecar/chart-values.yaml \
+  --show-only templates/sidecar-component.yaml
+mv "$out/deploy/components/sidecar/sidecar-component.yaml" "$out/deploy/components/sidecar/sidecar.yaml"
 
 generated=$(cd "$out" && find deploy -type f | LC_ALL=C sort)
 if [ "${1:-}" = "--check" ]; then
