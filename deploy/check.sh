@@ -86,6 +86,17 @@ for values in "${chart_values[@]}"; do
   validate "$label" "$name"
 done
 
+# The chart's sidecar mode as a workload chart takes it: a dependency whose named templates
+# put the native sidecar into the workload's pods.
+WORKLOAD=tests/fixtures/sidecar-workload-chart
+label="$WORKLOAD (the chart as a dependency, mode: sidecar)"
+echo "== $label: helm dependency build, lint --strict, template"
+"$HELM" dependency build "$WORKLOAD" >/dev/null || fail "$label: helm dependency build"
+"$HELM" lint --strict --kube-version "$K8S_VERSION" "$WORKLOAD" || fail "$label: helm lint"
+"$HELM" template web "$WORKLOAD" --namespace web --kube-version "$K8S_VERSION" \
+  > "$OUT/sidecar-workload.yaml" || fail "$label does not render"
+validate "$label" sidecar-workload
+
 echo "== deploy/: the chart's rendering (scripts/render-deploy.sh --check)"
 bash scripts/render-deploy.sh --check || fail "deploy/ has drifted from the chart"
 
@@ -96,5 +107,5 @@ echo "== deploy/webhook/values.yaml: parses"
 echo "== Dockerfile: hadolint"
 "$VENV/bin/hadolint" --failure-threshold info Dockerfile || fail "hadolint found problems in Dockerfile"
 
-echo "OK: ${#kustomizations[@]} kustomizations and the chart with ${#chart_values[@]} value sets valid for" \
+echo "OK: ${#kustomizations[@]} kustomizations, the chart with ${#chart_values[@]} value sets and as a sidecar dependency valid for" \
   "Kubernetes $K8S_VERSION; deploy/ matches the chart; Dockerfile clean"

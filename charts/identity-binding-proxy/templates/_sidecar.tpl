@@ -37,6 +37,9 @@ IBP_LOG_FORMAT: {{ .Values.logFormat | quote }}
 {{- if not (and .Values .Values.mode .Chart .Release) -}}
 {{- fail "identity-binding-proxy.sidecar.*: pass the identity-binding-proxy dependency's context, e.g. (index .Subcharts \"identity-binding-proxy\") (docs/sidecar.md)" -}}
 {{- end -}}
+{{- if and .Capabilities (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "identity-binding-proxy.sidecar.*: a native sidecar (an init container with restartPolicy: Always) needs Kubernetes 1.29 or later, not %s" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- if ne .Values.mode "sidecar" -}}
 {{- fail "identity-binding-proxy.sidecar.*: set mode: sidecar in the identity-binding-proxy dependency's values (it renders the ConfigMaps the sidecar reads)" -}}
 {{- end -}}
