@@ -98,6 +98,8 @@ fn renderings() -> Vec<(String, Vec<Value>)> {
             parse_docs(&helm_template(&["-f", &values.to_string_lossy()])),
         ));
     }
+    // The chart as a workload chart's dependency, its sidecar in the workload's pods.
+    all.push((WORKLOAD_CHART.to_string(), workload_template(&[])));
     all
 }
 
@@ -1140,4 +1142,367 @@ fn sidecar_component_adds_a_loopback_native_sidecar_the_app_is_pointed_at() {
             assert_eq!(rule["verbs"], serde_json::json!(["use-managed-identity"]));
         }
     }
+}
+
+// -------------------------------------------------------- the chart's sidecar mode, as a dependency
+
+/// A workload chart that depends on the chart (mode: sidecar) and includes its sidecar
+/// templates in its Deployment.
+const WORKLOAD_CHART: &str = "tests/fixtures/sidecar-workload-chart";
+
+/// `helm dependency build` of the workload chart, once per run (offline: a local path).
+fn workload_chart() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = repo().join(WORKLOAD_CHART);
+            let out = Command::new(helm())
+                .args(["dependency", "build"])
+                .arg(&dir)
+                .output()
+                .expect("helm runs");
+            assert!(
+                out.status.success(),
+                "helm dependency build {WORKLOAD_CHART}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            dir
+        })
+        .clone()
+}
+
+fn workload_template_out(args: &[&str]) -> std::process::Output {
+    Command::new(helm())
+        .arg("template")
+        .arg("web")
+        .arg(workload_chart())
+        .args(["--namespace", "web", "--kube-version", "1.33.0"])
+        .args(args)
+        .output()
+        .expect("helm runs")
+}
+
+fn workload_template(args: &[&str]) -> Vec<Value> {
+    let out = workload_template_out(args);
+    assert!(
+        out.status.success(),
+        "helm template {WORKLOAD_CHART} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_docs(&String::from_utf8(out.stdout).expect("helm prints UTF-8"))
+}
+
+/// A pod spec's sidecar (the init container named identity-binding-proxy) and app container.
+fn sidecar_and_app(spec: &Value) -> (&Value, &Value) {
+    let sidecar = array(&spec["initContainers"])
+        .iter()
+        .find(|c| c["name"] == PROXY)
+        .expect("the sidecar is an init container");
+    let app = array(&spec["containers"])
+        .iter()
+        .find(|c| c["name"] == "app")
+        .expect("the app container");
+    (sidecar, app)
+}
+
+/// The sidecar's environment: its envFrom ConfigMaps (from the rendering), then its env.
+fn sidecar_env(docs: &[Value], sidecar: &Value) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    for from in array(&sidecar["envFrom"]) {
+        let cm = named(docs, "ConfigMap", str_of(&from["configMapRef"]["name"]));
+        for (k, v) in cm["data"].as_object().into_iter().flatten() {
+            env.insert(k.clone(), str_of(v).to_string());
+        }
+    }
+    for e in array(&sidecar["env"]) {
+        env.insert(str_of(&e["name"]).into(), str_of(&e["value"]).into());
+    }
+    env
+}
+
+/// The workload chart's pod: the native sidecar from the chart's templates, the app pointed at
+/// it through the three AZURE_KUBERNETES_* variables, the CA volume shared, the webhook told to
+/// skip the sidecar, and every ConfigMap and Secret the sidecar reads named as the chart (and
+/// the values) name them.
+#[test]
+fn chart_sidecar_templates_put_a_native_sidecar_into_the_workload_chart_pod() {
+    let docs = workload_template(&[]);
+    let pod = &named(&docs, "Deployment", "web")["spec"]["template"];
+    let spec = &pod["spec"];
+    let (sidecar, app) = sidecar_and_app(spec);
+    assert_eq!(sidecar["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(sidecar["args"], serde_json::json!(["--sidecar"]));
+    assert_eq!(
+        sidecar["image"], "registry.example.com/identity-binding-proxy:0.1.0",
+        "the dependency's image and appVersion"
+    );
+    let env = sidecar_env(&docs, sidecar);
+    assert_eq!(
+        env["IBP_ISSUER_URL"],
+        "https://issuer.example.com/{tenant}/{client_id}"
+    );
+    assert_eq!(
+        env["IBP_AUTHORITY_HOST"],
+        "https://login.microsoftonline.com"
+    );
+    assert_eq!(env["IBP_TOKEN_AUDIENCE"], "api://AKSIdentityBinding");
+    assert_eq!(env["IBP_AUTHN_MODE"], "local");
+    for var in ["IBP_LISTEN", "IBP_ADMIN_LISTEN"] {
+        let addr: std::net::SocketAddr = env[var].parse().expect("ADDR:PORT");
+        assert!(addr.ip().is_loopback(), "{var} = {addr}");
+    }
+
+    // The app: the three variables, pointing at the sidecar's listener, SNI name and CA.
+    let app_env: HashMap<&str, &str> = array(&app["env"])
+        .iter()
+        .map(|e| (str_of(&e["name"]), str_of(&e["value"])))
+        .collect();
+    let tls_name = env["IBP_TLS"].split_once('=').expect("NAME=CERT,KEY").0;
+    assert_eq!(
+        app_env.get("AZURE_KUBERNETES_TOKEN_PROXY").copied(),
+        Some(format!("https://127.0.0.1:{}", port_of(&env["IBP_LISTEN"])).as_str())
+    );
+    assert_eq!(
+        app_env.get("AZURE_KUBERNETES_SNI_NAME").copied(),
+        Some(tls_name)
+    );
+    assert_eq!(
+        app_env.get("AZURE_KUBERNETES_CA_FILE").copied(),
+        Some(env["IBP_SIDECAR_CA_OUT"].as_str())
+    );
+
+    // The CA directory: one volume, written by the sidecar, read by the app, in memory.
+    let ca_dir = Path::new(&env["IBP_SIDECAR_CA_OUT"]).parent().unwrap();
+    let mount_at = |c: &Value| {
+        array(&c["volumeMounts"])
+            .iter()
+            .find(|m| Path::new(str_of(&m["mountPath"])) == ca_dir)
+            .map(|m| (str_of(&m["name"]).to_string(), m["readOnly"] == true))
+    };
+    let (ca_volume, sidecar_ro) = mount_at(sidecar).expect("the sidecar mounts the CA dir");
+    assert!(!sidecar_ro, "the sidecar writes the CA");
+    assert_eq!(
+        mount_at(app),
+        Some((ca_volume.clone(), true)),
+        "the app reads it"
+    );
+    let volume = |name: &str| {
+        array(&spec["volumes"])
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+    };
+    assert_eq!(volume(&ca_volume)["emptyDir"]["medium"], "Memory");
+
+    // Every volume the sidecar mounts exists in the pod; the ones naming objects name what
+    // the chart renders (bindings) or what the values say (the issuer key Secret).
+    for m in array(&sidecar["volumeMounts"]) {
+        volume(str_of(&m["name"]));
+    }
+    let bindings = volume("identity-binding-proxy-bindings");
+    let cm = named(&docs, "ConfigMap", str_of(&bindings["configMap"]["name"]));
+    assert!(
+        str_of(&cm["data"]["bindings.yaml"]).contains("11111111-2222-3333-4444-555555555555"),
+        "{cm}"
+    );
+    assert_eq!(
+        volume("identity-binding-proxy-issuer-key")["secret"]["secretName"],
+        "web-issuer-key"
+    );
+    assert!(
+        kind(&docs, "Secret").is_empty(),
+        "the issuer key is the user's Secret, never rendered"
+    );
+    assert!(env["IBP_ISSUER_KEY"].starts_with("/etc/identity-binding-proxy/issuer/"));
+
+    // The webhook leaves the sidecar alone; a settings change rolls the pods.
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(
+        annotations["azure.workload.identity/skip-containers"],
+        PROXY
+    );
+    let other = workload_template(&[
+        "--set",
+        "identity-binding-proxy.issuer.url=https://other.example/{tenant}/{client_id}",
+    ]);
+    let checksum = |docs: &[Value]| {
+        named(docs, "Deployment", "web")["spec"]["template"]["metadata"]["annotations"]
+            ["checksum/identity-binding-proxy-settings"]
+            .clone()
+    };
+    assert!(checksum(&docs).is_string());
+    assert_ne!(checksum(&docs), checksum(&other));
+}
+
+/// The chart's sidecar and the kustomize component's are the same container, volumes and app
+/// settings, but for the names of the objects each is given (the component's patch is rendered
+/// from the chart's templates by scripts/render-deploy.sh; this holds the result).
+#[test]
+fn chart_sidecar_is_the_kustomize_components_sidecar() {
+    let chart = workload_template(&[
+        "--set",
+        "identity-binding-proxy.image.repository=registry.example.com/identity-binding-proxy",
+    ]);
+    let component = render(&repo().join("deploy/overlays/sidecar-example"));
+    let part = |docs: &[Value]| {
+        let spec = named(docs, "Deployment", "web")["spec"]["template"]["spec"].clone();
+        let (sidecar, app) = sidecar_and_app(&spec);
+        let mut sidecar = sidecar.clone();
+        // The objects' names differ (a release's, a kustomization's generated ones).
+        sidecar["image"] = Value::Null;
+        sidecar["envFrom"][0]["configMapRef"]["name"] = Value::Null;
+        let mut volumes = spec["volumes"].clone();
+        for v in volumes.as_array_mut().unwrap() {
+            if v["configMap"].is_object() {
+                v["configMap"]["name"] = Value::Null;
+            }
+            if v["secret"].is_object() {
+                v["secret"]["secretName"] = Value::Null;
+            }
+        }
+        let app_env: Vec<Value> = array(&app["env"])
+            .iter()
+            .filter(|e| str_of(&e["name"]).starts_with("AZURE_KUBERNETES_"))
+            .cloned()
+            .collect();
+        let app_mounts: Vec<Value> = array(&app["volumeMounts"])
+            .iter()
+            .filter(|m| str_of(&m["name"]).starts_with(PROXY))
+            .cloned()
+            .collect();
+        (sidecar, volumes, app_env, app_mounts)
+    };
+    let (c_sidecar, c_volumes, c_env, c_mounts) = part(&chart);
+    let (k_sidecar, k_volumes, k_env, k_mounts) = part(&component);
+    assert_eq!(c_sidecar, k_sidecar, "the sidecar container");
+    assert_eq!(c_volumes, k_volumes, "the pod's volumes");
+    assert_eq!(c_env, k_env, "the app's AZURE_KUBERNETES_*");
+    assert_eq!(c_mounts, k_mounts, "the app's mounts");
+    assert_eq!(c_env.len(), 3, "{c_env:?}");
+}
+
+/// Sidecar mode renders only what a workload's namespace needs: the settings and bindings
+/// ConfigMaps. No DaemonSet, Service, RBAC, cert-manager or monitoring object, and nothing
+/// cluster-scoped, whatever the daemonset-mode values say.
+#[test]
+fn chart_sidecar_mode_renders_only_the_namespaces_configmaps() {
+    let values = format!("{CHART}/ci/sidecar-values.yaml");
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "namespace.create=true,networkPolicy.enabled=true,criticalPodsQuota.enabled=true",
+            "--set",
+            "monitoring.podMonitor.enabled=true,monitoring.prometheusRule.enabled=true",
+            "--set",
+            "tls.source=cert-manager",
+        ][..],
+    ] {
+        let args: Vec<&str> = ["-f", values.as_str()]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        let docs = parse_docs(&helm_template(&args));
+        let names: BTreeSet<String> = docs.iter().map(name).collect();
+        assert_eq!(
+            names,
+            BTreeSet::from([
+                format!("ConfigMap/{PROXY}-sidecar-settings"),
+                format!("ConfigMap/{PROXY}-sidecar-bindings"),
+            ]),
+            "{extra:?}"
+        );
+        for d in &docs {
+            assert_eq!(d["metadata"]["namespace"], NAMESPACE, "{}", name(d));
+        }
+    }
+    // The daemonset mode (the default) renders its DaemonSet and no sidecar ConfigMaps.
+    let docs = parse_docs(&helm_template(&[
+        "-f",
+        &format!("{CHART}/ci/cert-manager-values.yaml"),
+    ]));
+    daemonset(&docs);
+    assert!(docs.iter().all(|d| !name(d).contains("sidecar")));
+}
+
+/// What sidecar mode requires is refused by `helm template`, naming the value; so is a
+/// workload chart that includes the sidecar templates with the dependency in daemonset mode,
+/// or for a Kubernetes without native sidecars.
+#[test]
+fn chart_sidecar_mode_refuses_missing_values_naming_them() {
+    let values = format!("{CHART}/ci/sidecar-values.yaml");
+    let cases: [(&[&str], &str); 5] = [
+        (&["--set", "bindings=null"], "bindings"),
+        (&["--set-json", "bindings=[]"], "/bindings"),
+        (&["--set", "issuer.keySecretName="], "/issuer/keySecretName"),
+        (&["--set", "issuer.url="], "/issuer/url"),
+        (&["--set", "mode=sidecars"], "/mode"),
+    ];
+    for (more, named) in cases {
+        let args: Vec<&str> = ["-f", values.as_str()]
+            .into_iter()
+            .chain(more.iter().copied())
+            .collect();
+        let out = helm_template_out(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{more:?} must be refused");
+        assert!(
+            stderr.contains("values don't meet the specifications of the schema")
+                && stderr.contains(named),
+            "{more:?}: the error names {named}:\n{stderr}"
+        );
+    }
+    helm_template(&["-f", &values]);
+
+    let out = workload_template_out(&["--set", "identity-binding-proxy.mode=daemonset"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("set mode: sidecar"), "{stderr}");
+    let out = workload_template_out(&["--set", "identity-binding-proxy.bindings=null"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("'bindings'"), "{stderr}");
+    // Native sidecars are Kubernetes 1.29's; the chart's own templates say so too.
+    let out = Command::new(helm())
+        .current_dir(repo())
+        .args(["template", "web", CHART, "--kube-version", "1.28.0", "-f"])
+        .arg(&values)
+        .args(["--set", "kustomize=true"])
+        .output()
+        .expect("helm runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("needs Kubernetes 1.29"), "{stderr}");
+}
+
+/// The kustomize component's patch is the chart's sidecar templates' rendering: a hand edit of
+/// it fails scripts/render-deploy.sh --check, naming the file.
+#[test]
+fn sidecar_component_is_the_charts_rendering_and_drift_fails() {
+    let copy = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .args(["-r", "charts", "deploy", "scripts"])
+        .arg(copy.path())
+        .current_dir(repo())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let patch = copy.path().join("deploy/components/sidecar/sidecar.yaml");
+    let text = std::fs::read_to_string(&patch).unwrap();
+    assert!(text.starts_with("# Rendered from charts/identity-binding-proxy/templates/"));
+    let edited = text.replace("127.0.0.1:18443", "0.0.0.0:18443");
+    assert_ne!(edited, text);
+    std::fs::write(&patch, edited).unwrap();
+    let out = Command::new("bash")
+        .arg(copy.path().join("scripts/render-deploy.sh"))
+        .arg("--check")
+        .env("HELM", helm())
+        .output()
+        .expect("bash runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a hand edit must fail the check");
+    assert!(
+        stderr.contains("DRIFT: deploy/components/sidecar/sidecar.yaml"),
+        "{stderr}"
+    );
 }

@@ -195,8 +195,9 @@ checksum/identity-binding-proxy-settings: {{ include "ibp.sidecar.settings" . | 
 - name: identity-binding-proxy-issuer-key
   secret:
     secretName: {{ required "issuer.keySecretName is required" .Values.issuer.keySecretName }}
-    # Readable through the pod's fsGroup (the sidecar runs as 65532).
-    defaultMode: 0440
+    # 0440 (decimal: YAML parsers disagree on a leading 0): readable through the pod's
+    # fsGroup (the sidecar runs as 65532).
+    defaultMode: 288
 - name: identity-binding-proxy-bindings
   configMap:
     name: {{ include "ibp.fullname" . }}-sidecar-bindings
