@@ -511,3 +511,95 @@ pub(crate) fn rbac_grant_cluster(name: &str, client_id: &str, subject: &str) -> 
 pub(crate) fn sa_subject(ns: &str, sa: &str) -> String {
     format!("{{kind: ServiceAccount, name: {sa}, namespace: {ns}}}")
 }
+
+/// Our issuer's documents (`emulate static`, the JWKS of `public_key` under each identity's
+/// issuer path) and Entra (`emulate entra`, ONE FIC per identity, subject the client id), on
+/// loopback: for a proxy started some other way than [`Proxy::start`].
+pub(crate) struct Emulators {
+    pub(crate) children: Vec<Child>,
+    /// The issuer URL template (`{tenant}`, `{client_id}`) the FICs trust.
+    pub(crate) issuer_url: String,
+    pub(crate) authority_host: String,
+}
+
+impl Drop for Emulators {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Emulators {
+    pub(crate) fn start(dir: &Path, public_key: &Path, identities: &[(&str, &str)]) -> Self {
+        let mut bindings = String::from("bindings:\n");
+        for (cid, tenant) in identities {
+            bindings.push_str(&format!("  - clientId: {cid}\n    tenantId: {tenant}\n"));
+        }
+        std::fs::write(dir.join("emulated-bindings.yaml"), bindings).unwrap();
+        let (static_port, entra_port) = (port(), port());
+        let issuer_url = format!("http://127.0.0.1:{static_port}/{{tenant}}/{{client_id}}");
+        run_ok(
+            Command::new(BIN)
+                .args(["issuer", "publish", "--out"])
+                .arg(dir.join("site"))
+                .arg("--bindings")
+                .arg(dir.join("emulated-bindings.yaml"))
+                .args(["--issuer-url", &issuer_url, "--public-key"])
+                .arg(public_key),
+        );
+        let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+        let mut children = vec![Command::new(BIN)
+            .args([
+                "emulate",
+                "static",
+                "--listen",
+                &format!("127.0.0.1:{static_port}"),
+                "--dir",
+            ])
+            .arg(dir.join("site"))
+            .stdout(log("static.log"))
+            .stderr(log("static.err"))
+            .spawn()
+            .unwrap()];
+        let mut entra = Command::new(BIN);
+        entra.args([
+            "emulate",
+            "entra",
+            "--listen",
+            &format!("127.0.0.1:{entra_port}"),
+        ]);
+        for (cid, tenant) in identities {
+            entra.arg("--fic").arg(format!(
+                "client_id={cid},issuer=http://127.0.0.1:{static_port}/{tenant}/{cid},subject={cid},audience=api://AzureADTokenExchange"
+            ));
+        }
+        children.push(
+            entra
+                .stdout(log("entra.log"))
+                .stderr(log("entra.err"))
+                .spawn()
+                .unwrap(),
+        );
+        let emulators = Self {
+            children,
+            issuer_url,
+            authority_host: format!("http://127.0.0.1:{entra_port}"),
+        };
+        for url in [
+            format!("http://127.0.0.1:{entra_port}/_emulator/stats"),
+            format!("http://127.0.0.1:{static_port}/"),
+        ] {
+            assert!(
+                within(Duration::from_secs(20), || Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "--max-time", "2", &url])
+                    .status()
+                    .is_ok_and(|s| s.success()))
+                .is_some(),
+                "{url} did not answer"
+            );
+        }
+        emulators
+    }
+}

@@ -3,9 +3,21 @@
 //! ServiceAccount with the chart's RBAC, and `helm uninstall` removing the cluster-scoped
 //! objects. A wrong value is refused by `helm install` with a message naming it, before
 //! anything reaches the cluster.
+//!
+//! The chart's sidecar mode, as a workload chart takes it (tests/fixtures/sidecar-workload-chart):
+//! installed for real, the Deployment with its native sidecar and the chart's ConfigMaps are
+//! accepted, and the sidecar container READ BACK from the apiserver (its args, its env with its
+//! envFrom ConfigMap, its volumes filled from the apiserver's Secret, ConfigMaps and a token
+//! bound to the pod) starts our binary into a sidecar that serves its pod's account.
 
+use crate::common;
 use crate::harness::*;
-use std::process::{Command, Output};
+use base64::Engine;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const RELEASE: &str = "ibp-chart";
 const NS: &str = "ibp-helm";
@@ -127,4 +139,402 @@ fn helm_install_is_accepted_and_serve_is_ready_as_the_charts_service_account() {
         let out = c.kubectl_out(&["get", kind, NAME], None);
         assert!(!out.status.success(), "{kind} {NAME} is gone");
     }
+}
+
+const SIDECAR_NS: &str = "ibp-helm-sidecar";
+const SIDECAR_CID: &str = "9c4e1f27-5b3a-4d8e-b6f0-2a7c9e1d4b53";
+/// The workload chart's release: its Deployment is named after it.
+const WORKLOAD: &str = "web";
+/// The Pod object stored from the Deployment's template (no controller or kubelet runs here).
+const WORKLOAD_POD: &str = "web-0";
+
+fn kubectl_json(c: &Cluster, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&c.kubectl(&all)).expect("kubectl prints JSON")
+}
+
+fn array(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+/// Fills the directory a pod volume would be mounted from, reading the objects it names from
+/// the apiserver as the kubelet would: Secret and ConfigMap keys as files, a projected
+/// service-account token (audience the apiserver's, bound to the pod), the namespace.
+fn fill_volume(c: &Cluster, volume: &Value, dir: &Path, sa: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let write_items = |data: &serde_json::Map<String, Value>, items: &[Value], decode: bool| {
+        let mut files: Vec<(String, String)> = if items.is_empty() {
+            data.keys().map(|k| (k.clone(), k.clone())).collect()
+        } else {
+            items
+                .iter()
+                .map(|i| {
+                    (
+                        str_of(&i["key"]).to_string(),
+                        str_of(&i["path"]).to_string(),
+                    )
+                })
+                .collect()
+        };
+        files.sort();
+        for (key, path) in files {
+            let value = str_of(&data[&key]);
+            let bytes = if decode {
+                base64::engine::general_purpose::STANDARD
+                    .decode(value)
+                    .expect("Secret data is base64")
+            } else {
+                value.as_bytes().to_vec()
+            };
+            std::fs::write(dir.join(path), bytes).unwrap();
+        }
+    };
+    if volume["emptyDir"].is_object() {
+    } else if let Some(name) = volume["secret"]["secretName"].as_str() {
+        let secret = kubectl_json(c, &["get", "secret", "-n", SIDECAR_NS, name]);
+        let data = secret["data"].as_object().expect("the Secret has data");
+        write_items(data, array(&volume["secret"]["items"]), true);
+    } else if let Some(name) = volume["configMap"]["name"].as_str() {
+        let cm = kubectl_json(c, &["get", "configmap", "-n", SIDECAR_NS, name]);
+        let data = cm["data"].as_object().expect("the ConfigMap has data");
+        write_items(data, array(&volume["configMap"]["items"]), false);
+    } else if volume["projected"].is_object() {
+        for source in array(&volume["projected"]["sources"]) {
+            if source["serviceAccountToken"].is_object() {
+                let token = c.token(SIDECAR_NS, sa, c.get("ISSUER"), Some(WORKLOAD_POD));
+                let path = str_of(&source["serviceAccountToken"]["path"]);
+                std::fs::write(dir.join(path), token).unwrap();
+            } else if let Some(name) = source["configMap"]["name"].as_str() {
+                let cm = kubectl_json(c, &["get", "configmap", "-n", SIDECAR_NS, name]);
+                let data = cm["data"].as_object().expect("the ConfigMap has data");
+                write_items(data, array(&source["configMap"]["items"]), false);
+            } else if source["downwardAPI"].is_object() {
+                for item in array(&source["downwardAPI"]["items"]) {
+                    assert_eq!(item["fieldRef"]["fieldPath"], "metadata.namespace");
+                    std::fs::write(dir.join(str_of(&item["path"])), SIDECAR_NS).unwrap();
+                }
+            } else {
+                panic!("a projected source the test cannot fill: {source}");
+            }
+        }
+    } else {
+        panic!("a volume the test cannot fill: {volume}");
+    }
+}
+
+#[test]
+fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_pod() {
+    let c = shared();
+    let started = std::time::Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("ibp-helm-sidecar-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let chart = repo().join("tests/fixtures/sidecar-workload-chart");
+    let chart = chart.to_string_lossy();
+    let out = helm(c, &["dependency", "build", &chart]);
+    assert!(
+        out.status.success(),
+        "helm dependency build: {}",
+        text(&out)
+    );
+
+    // 1. The workload's namespace ("restricted"), its issuer key Secret (created by the user,
+    //    never a chart value), and its grant: a namespaced Role, nothing else. Another account
+    //    of the namespace is granted the same identity.
+    c.kubectl(&["create", "namespace", SIDECAR_NS]);
+    c.kubectl(&[
+        "label",
+        "namespace",
+        SIDECAR_NS,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ]);
+    run_ok(
+        Command::new(BIN)
+            .args(["issuer", "keygen", "--out"])
+            .arg(d.join("web.key")),
+    );
+    c.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "web-issuer-key",
+        "-n",
+        SIDECAR_NS,
+        &format!("--from-file=issuer.key={}", d.join("web.key").display()),
+    ]);
+    c.apply(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: other, namespace: {SIDECAR_NS}}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: use-{SIDECAR_CID}, namespace: {SIDECAR_NS}}}\n\
+         rules: [{{apiGroups: [\"{GRANT_GROUP}\"], resources: [\"{SIDECAR_CID}\"], verbs: [\"{VERB}\"]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: uses-{SIDECAR_CID}, namespace: {SIDECAR_NS}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: use-{SIDECAR_CID}}}\n\
+         subjects: [{{kind: ServiceAccount, name: web}}, {{kind: ServiceAccount, name: other}}]\n"
+    ));
+
+    // 2. The workload chart installed: its Deployment (with the dependency's sidecar) and the
+    //    dependency's ConfigMaps accepted by the real apiserver.
+    let values = d.join("values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "serviceAccount: {{name: web, clientId: {SIDECAR_CID}, tenantId: {TENANT}}}\n\
+             identity-binding-proxy:\n  mode: sidecar\n\
+             \x20 issuer: {{url: \"https://issuer.example.com/{{tenant}}/{{client_id}}\", keySecretName: web-issuer-key}}\n\
+             \x20 bindings: [{{clientId: {SIDECAR_CID}, tenantId: {TENANT}}}]\n"
+        ),
+    )
+    .unwrap();
+    let out = helm(
+        c,
+        &[
+            "install",
+            WORKLOAD,
+            &chart,
+            "-n",
+            SIDECAR_NS,
+            "-f",
+            &values.to_string_lossy(),
+        ],
+    );
+    assert!(out.status.success(), "helm install: {}", text(&out));
+    assert!(text(&out).contains("STATUS: deployed"), "{}", text(&out));
+
+    // 3. The Deployment as the apiserver stores it: the native sidecar's restartPolicy kept
+    //    (an apiserver without native sidecars would refuse or drop it).
+    let deployment = kubectl_json(c, &["get", "deployment", "-n", SIDECAR_NS, WORKLOAD]);
+    let template = &deployment["spec"]["template"];
+    let spec = &template["spec"];
+    let sidecar = array(&spec["initContainers"])
+        .iter()
+        .find(|x| x["name"] == "identity-binding-proxy")
+        .expect("the sidecar is stored as an init container")
+        .clone();
+    assert_eq!(sidecar["restartPolicy"], "Always", "{sidecar}");
+    assert_eq!(
+        template["metadata"]["annotations"]["azure.workload.identity/skip-containers"],
+        "identity-binding-proxy"
+    );
+    let app = array(&spec["containers"])
+        .iter()
+        .find(|x| x["name"] == "app")
+        .expect("the app container");
+    let app_env: BTreeMap<&str, &str> = array(&app["env"])
+        .iter()
+        .map(|e| (str_of(&e["name"]), str_of(&e["value"])))
+        .collect();
+
+    // 4. The Pod the Deployment's ReplicaSet would create, stored as such: admitted under
+    //    Pod Security "restricted". No kubelet runs it; the token below is bound to it.
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": WORKLOAD_POD,
+            "namespace": SIDECAR_NS,
+            "labels": template["metadata"]["labels"],
+            "annotations": template["metadata"]["annotations"],
+        },
+        "spec": spec,
+    });
+    let out = c.kubectl_out(&["create", "-f", "-"], Some(&pod.to_string()));
+    assert!(
+        out.status.success(),
+        "the pod template is admitted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The root CA ConfigMap the projected API token volume reads: published in every
+    // namespace by kube-controller-manager's root-ca-cert-publisher, which this control plane
+    // does not run; published here with the apiserver's CA, as it would be.
+    if !c
+        .kubectl_out(
+            &["get", "configmap", "-n", SIDECAR_NS, "kube-root-ca.crt"],
+            None,
+        )
+        .status
+        .success()
+    {
+        c.kubectl(&[
+            "create",
+            "configmap",
+            "kube-root-ca.crt",
+            "-n",
+            SIDECAR_NS,
+            &format!("--from-file=ca.crt={}", c.get("CA_FILE")),
+        ]);
+    }
+
+    // 5. The sidecar's process, exactly as rendered: the image's entrypoint (`serve`), the
+    //    container's args, its envFrom ConfigMap then its env (read back from the apiserver),
+    //    each mount path mapped to a directory filled from the volume's source. Two settings
+    //    name services outside the cluster and are pointed at their emulators on loopback:
+    //    IBP_ISSUER_URL and IBP_AUTHORITY_HOST. The in-cluster API configuration's fixed
+    //    path becomes IBP_KUBECONFIG, built from the mapped token volume.
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for from in array(&sidecar["envFrom"]) {
+        let name = str_of(&from["configMapRef"]["name"]);
+        let cm = kubectl_json(c, &["get", "configmap", "-n", SIDECAR_NS, name]);
+        for (k, v) in cm["data"].as_object().expect("settings").iter() {
+            env.insert(k.clone(), str_of(v).to_string());
+        }
+    }
+    assert_eq!(
+        env.get("IBP_ISSUER_URL").map(String::as_str),
+        Some("https://issuer.example.com/{tenant}/{client_id}"),
+        "the chart's settings ConfigMap: {env:?}"
+    );
+    let volumes = d.join("volumes");
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for m in array(&sidecar["volumeMounts"]) {
+        let name = str_of(&m["name"]);
+        let volume = array(&spec["volumes"])
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        let local = volumes.join(name);
+        fill_volume(c, volume, &local, "web");
+        mounts.push((str_of(&m["mountPath"]).to_string(), local));
+    }
+    mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    let map_paths = |value: &str| {
+        let mut v = value.to_string();
+        for (path, local) in &mounts {
+            v = v.replace(&format!("{path}/"), &format!("{}/", local.display()));
+        }
+        v
+    };
+    for e in array(&sidecar["env"]) {
+        assert!(
+            e["valueFrom"].is_null(),
+            "a value the test cannot resolve: {e}"
+        );
+        env.insert(
+            str_of(&e["name"]).to_string(),
+            map_paths(str_of(&e["value"])),
+        );
+    }
+    let local_of = |path: &str| {
+        mounts
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_else(|| panic!("{path} is not mounted"))
+    };
+    let api = local_of("/var/run/secrets/kubernetes.io/serviceaccount");
+    let token = std::fs::read_to_string(api.join("token")).unwrap();
+    let kubeconfig = d.join("in-cluster-kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: in-cluster\n  cluster: {{server: \"{}\", \
+             certificate-authority: \"{}\"}}\nusers:\n- name: pod\n  user: {{token: \"{token}\"}}\n\
+             contexts:\n- name: pod\n  context: {{cluster: in-cluster, user: pod}}\ncurrent-context: pod\n",
+            c.get("APISERVER"),
+            api.join("ca.crt").display()
+        ),
+    )
+    .unwrap();
+    // The Secret's key, as mounted, is the one published for the workload's identity.
+    let key_dir = local_of("/etc/identity-binding-proxy/issuer");
+    assert_eq!(
+        std::fs::read(key_dir.join("issuer.key")).unwrap(),
+        std::fs::read(d.join("web.key")).unwrap()
+    );
+    let emulators = Emulators::start(d, &d.join("web.pub"), &[(SIDECAR_CID, TENANT)]);
+    env.insert("IBP_ISSUER_URL".into(), emulators.issuer_url.clone());
+    env.insert(
+        "IBP_AUTHORITY_HOST".into(),
+        emulators.authority_host.clone(),
+    );
+    env.insert("IBP_KUBECONFIG".into(), kubeconfig.display().to_string());
+
+    let log = d.join("sidecar.log");
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(array(&sidecar["args"]).iter().map(str_of))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(&env)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(d.join("sidecar.err")).unwrap())
+        .spawn()
+        .expect("the sidecar starts");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut child);
+    let logs = || {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(d.join("sidecar.err")).unwrap_or_default()
+        )
+    };
+
+    // Ready on the admin address the probes use (JWKS read, its account learned with the
+    // pod's token, the CA written where the app reads it).
+    let admin = &env["IBP_ADMIN_LISTEN"];
+    let ready = within(Duration::from_secs(30), || {
+        http_ok(&format!("http://{admin}/readyz"))
+    });
+    assert!(
+        ready.is_some(),
+        "the sidecar did not become ready:\n{}",
+        logs()
+    );
+
+    // 6. The app's view: AZURE_KUBERNETES_TOKEN_PROXY, _SNI_NAME and _CA_FILE (its CA path
+    //    mapped like the sidecar's). Its own pod's token gets a token; another account's
+    //    token is refused, named.
+    let ca_file = map_paths(app_env["AZURE_KUBERNETES_CA_FILE"]);
+    let ca = std::fs::read(&ca_file).expect("the sidecar wrote the CA the app reads");
+    let endpoint: std::net::SocketAddr = app_env["AZURE_KUBERNETES_TOKEN_PROXY"]
+        .strip_prefix("https://")
+        .expect("https")
+        .parse()
+        .expect("ADDR:PORT");
+    let client = common::Client::new(
+        endpoint,
+        app_env["AZURE_KUBERNETES_SNI_NAME"],
+        &ca,
+        &[b"http/1.1"],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ask = |token: &str| {
+        let r = rt.block_on(client.post_token(SIDECAR_CID, token));
+        (r.status, r.error_description())
+    };
+    let own = c.token(SIDECAR_NS, "web", &audience(), Some(WORKLOAD_POD));
+    let (status, why) = ask(&own);
+    assert_eq!(status, 200, "{why}\n{}", logs());
+    let other = c.token(SIDECAR_NS, "other", &audience(), None);
+    let (status, why) = ask(&other);
+    assert_eq!(status, 403, "{why}");
+    assert!(
+        why.contains(&format!("system:serviceaccount:{SIDECAR_NS}:other")),
+        "{why}"
+    );
+    drop(_kill);
+    drop(emulators);
+
+    let out = helm(c, &["uninstall", WORKLOAD, "-n", SIDECAR_NS, "--wait"]);
+    assert!(out.status.success(), "helm uninstall: {}", text(&out));
+    eprintln!(
+        "helm sidecar: installed, sidecar ready and serving in {:?}",
+        started.elapsed()
+    );
 }
