@@ -1507,7 +1507,7 @@ def report_savings(results):
 def savings_svg(k):
     """Entra calls per compressed hour against P, direct next to through the proxy (log scale)."""
     import math
-    W, H, PAD = 640, 400, 70
+    W, H, PAD = 760, 420, 80
     direct_c, ours_c = "#c05621", "#2b6cb0"
     by = {(r["mode"], r["pods"]): r["entra_calls_per_compressed_hour"] for r in k["rows"]}
     ps = sorted({r["pods"] for r in k["rows"]})
@@ -1520,9 +1520,9 @@ def savings_svg(k):
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">Entra calls per hour '
            'vs P: direct vs through the proxy</text>',
-           f'<text x="{W / 2}" y="40" text-anchor="middle" fill="#555" font-size="11">P Python SDK '
-           f'processes (azure-identity), one identity and scope, {k["token_lifetime_s"]} s tokens '
-           '(1 compressed hour), get_token every second</text>',
+           f'<text x="{W / 2}" y="40" text-anchor="middle" fill="#555" font-size="11">P pods: '
+           f'Python SDK processes (azure-identity), one identity and scope, '
+           f'{k["token_lifetime_s"]} s tokens (1 compressed hour), get_token every second</text>',
            f'<rect x="{left + 10}" y="52" width="12" height="12" fill="{direct_c}"/>'
            f'<text x="{left + 28}" y="63">classic workload identity (each pod calls Entra)</text>',
            f'<rect x="{left + 330}" y="52" width="12" height="12" fill="{ours_c}"/>'
@@ -1550,8 +1550,11 @@ def savings_svg(k):
         out.append(f'<text x="{gx + gw / 2:.1f}" y="{bottom + 16}" text-anchor="middle">'
                    f'P = {n}</text>')
     out.append(f'<text x="{W / 2}" y="{bottom + 36}" text-anchor="middle" fill="#555" '
-               'font-size="11">Entra calls per compressed hour (log scale). Tokens under 5 min '
-               'are expired to the SDK: see docs/performance.md for 1 h / 24 h tokens.</text>')
+               'font-size="11">Entra calls per compressed hour, measured (log scale). The SDK '
+               'refreshes on fixed clocks (300 s before expiry, at most every 30 s)</text>')
+    out.append(f'<text x="{W / 2}" y="{bottom + 52}" text-anchor="middle" fill="#555" '
+               'font-size="11">that do not compress: docs/performance.md translates both to '
+               '1 h and 24 h tokens.</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -1584,52 +1587,66 @@ def peer_rows(S):
 
 
 def svg(S):
-    """Two panels: throughput (req/s) and latency (ms), ours next to nginx."""
-    W, H, PAD = 980, 420, 60
-    ours_c, nginx_c = "#2b6cb0", "#a0aec0"
-    tp = [("(a) h1 keep-alive", S["a_h1_keepalive"]), ("(b) h2", S["b_h2"]),
-          ("(c) new conn/req", S["c_new_conn"])]
-    lat = [("(a) p50", S["a_h1_keepalive"], "p50_us"), ("(a) p99", S["a_h1_keepalive"], "p99_us"),
-           ("(d) p50", S["d_latency_half_load"], "p50_us"),
-           ("(d) p99", S["d_latency_half_load"], "p99_us"),
-           ("(d) p99.9", S["d_latency_half_load"], "p999_us")]
+    """Two panels: throughput (req/s) and latency (ms), ours next to nginx, and the peer (the
+    workload identity project's proxy) where it was measured: (a) throughput, (d) p50/p99."""
+    W, H, PAD = 980, 440, 60
+    ours_c, nginx_c, peer_c = "#2b6cb0", "#a0aec0", "#dd6b20"
+    j = S.get("j_peer") or {}
+    pa, pd = j.get("a_h1_keepalive"), j.get("d_latency")
+    tp = [("(a) h1 keep-alive", S["a_h1_keepalive"], pa and pa["rps"]),
+          ("(b) h2", S["b_h2"], None), ("(c) new conn/req", S["c_new_conn"], None)]
+    lat = [("(a) p50", S["a_h1_keepalive"], "p50_us", None),
+           ("(a) p99", S["a_h1_keepalive"], "p99_us", None),
+           ("(d) p50", S["d_latency_half_load"], "p50_us", pd and pd["p50_us"] / 1000),
+           ("(d) p99", S["d_latency_half_load"], "p99_us", pd and pd["p99_us"] / 1000),
+           ("(d) p99.9", S["d_latency_half_load"], "p999_us", None)]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
            'font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">identity-binding-proxy '
            'vs nginx (static JSON), one core each, same run</text>',
-           f'<rect x="{W - 190}" y="34" width="12" height="12" fill="{ours_c}"/>'
-           f'<text x="{W - 172}" y="45">identity-binding-proxy</text>',
-           f'<rect x="{W - 190}" y="52" width="12" height="12" fill="{nginx_c}"/>'
-           f'<text x="{W - 172}" y="63">nginx</text>']
+           f'<rect x="{W - 270}" y="30" width="12" height="12" fill="{ours_c}"/>'
+           f'<text x="{W - 252}" y="41">identity-binding-proxy</text>',
+           f'<rect x="{W - 270}" y="46" width="12" height="12" fill="{nginx_c}"/>'
+           f'<text x="{W - 252}" y="57">nginx</text>']
+    if j:
+        out.append(f'<rect x="{W - 270}" y="62" width="12" height="12" fill="{peer_c}"/>'
+                   f'<text x="{W - 252}" y="73">peer: azure-workload-identity proxy</text>')
+        out.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" fill="#555" '
+                   'font-size="11">The peer serves plain HTTP without authentication or '
+                   'authorization; ours serves TLS and checks both on every request.</text>')
 
     def panel(x0, width, title, groups, unit):
-        top, bottom = 80, H - PAD
-        vmax = max(max(o, n) for _, o, n in groups) or 1
-        out.append(f'<text x="{x0 + width / 2}" y="{top - 10}" text-anchor="middle" '
+        top, bottom = 90, H - PAD - 10
+        vmax = max(max(v for v in g[1:] if v is not None) for g in groups) or 1
+        out.append(f'<text x="{x0 + width / 2}" y="{top - 6}" text-anchor="middle" '
                    f'font-weight="bold">{title}</text>')
         out.append(f'<line x1="{x0}" y1="{bottom}" x2="{x0 + width}" y2="{bottom}" stroke="black"/>')
         gw = width / len(groups)
-        for k, (label, o, n) in enumerate(groups):
+        bars = 3 if j else 2
+        for k, (label, *values) in enumerate(groups):
             gx = x0 + k * gw
-            bw = gw * 0.32
-            for j, (v, col) in enumerate(((o, ours_c), (n, nginx_c))):
+            bw = gw * (0.32 if bars == 2 else 0.24)
+            for n, (v, col) in enumerate(zip(values, (ours_c, nginx_c, peer_c))):
+                if v is None:
+                    continue
                 h = (bottom - top - 20) * v / vmax
-                x = gx + gw * 0.15 + j * (bw + 4)
+                x = gx + gw * (0.15 if bars == 2 else 0.1) + n * (bw + 3)
                 out.append(f'<rect x="{x:.1f}" y="{bottom - h:.1f}" width="{bw:.1f}" '
                            f'height="{h:.1f}" fill="{col}"/>')
                 txt = f"{v:,.0f}" if unit == "req/s" else f"{v:.2f}"
                 out.append(f'<text x="{x + bw / 2:.1f}" y="{bottom - h - 4:.1f}" '
-                           f'text-anchor="middle" font-size="10">{txt}</text>')
+                           f'text-anchor="middle" font-size="{10 if bars == 2 else 9}">{txt}</text>')
             out.append(f'<text x="{gx + gw / 2:.1f}" y="{bottom + 16}" text-anchor="middle">'
                        f'{label}</text>')
         out.append(f'<text x="{x0 + width / 2}" y="{bottom + 34}" text-anchor="middle" '
                    f'fill="#555">{unit}</text>')
 
     panel(PAD, W / 2 - PAD * 1.5, "Throughput (higher is better)",
-          [(lbl, s["ours"]["rps"], s["nginx"]["rps"]) for lbl, s in tp], "req/s")
+          [(lbl, s["ours"]["rps"], s["nginx"]["rps"], peer) for lbl, s, peer in tp], "req/s")
     panel(W / 2 + PAD / 2, W / 2 - PAD * 1.5, "Latency (lower is better)",
-          [(lbl, s["ours"][q] / 1000, s["nginx"][q] / 1000) for lbl, s, q in lat], "ms")
+          [(lbl, s["ours"][q] / 1000, s["nginx"][q] / 1000, peer) for lbl, s, q, peer in lat],
+          "ms")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
