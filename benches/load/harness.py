@@ -786,6 +786,18 @@ def pod_rss_mib(pods):
     return total / 1024
 
 
+def patient(read):
+    """`read()`, tried for up to ~30 s: while a hundred interpreters start, the emulator's or
+    the proxy's admin port may answer later than http_get's 2 s."""
+    for attempt in range(10):
+        try:
+            return read()
+        except OSError:
+            if attempt == 9:
+                raise
+            time.sleep(1.0)
+
+
 def savings_phase(sysm, mode, n, env_of, window, python):
     """n pods (Python SDK processes) of `mode` asking get_token once a second. The window opens
     once every pod has its first token (n first calls seen by Entra, or by the proxy) and lasts
@@ -793,9 +805,9 @@ def savings_phase(sysm, mode, n, env_of, window, python):
     admin = sysm.ports["admin"]
     script = os.path.join(ROOT, "benches", "load", "savings_pod.py")
     stagger = min(10.0, 0.05 * n)  # 100 interpreters started over 5 s, not at once
-    served = lambda: (metric(admin, "identity_binding_proxy_requests_total")
-                      if mode == "proxy" else 0)
-    issued = lambda: sysm.entra_stats()["tokens_issued"]
+    served = lambda: patient(lambda: metric(admin, "identity_binding_proxy_requests_total")
+                             if mode == "proxy" else 0)
+    issued = lambda: patient(lambda: sysm.entra_stats()["tokens_issued"])
     t0 = time.time()
     # A hard cap for every pod, whatever happens to this harness.
     cap = t0 + stagger + SAVINGS_START_TIMEOUT + window + 30
