@@ -911,7 +911,7 @@ def savings_scenario(sysm, S, window, python, ps=SAVINGS_PS):
                 AZURE_AUTHORITY_HOST=f"https://{PEER_AUTHORITY}/", PYTHONDONTWRITEBYTECODE="1")
 
     def direct_env(i):
-        # requests (under MSAL and azure-core) trusts REQUESTS_CA_BUNDLE, not SSL_CERT_FILE.
+        # requests (under azure-core) trusts REQUESTS_CA_BUNDLE (else certifi), not SSL_CERT_FILE.
         return dict(base, AZURE_FEDERATED_TOKEN_FILE=assertion_files[i],
                     HTTPS_PROXY=f"http://127.0.0.1:{p['relay']}", NO_PROXY="127.0.0.1,localhost",
                     REQUESTS_CA_BUNDLE=ca, SSL_CERT_FILE=ca)
