@@ -6,7 +6,7 @@
 #   bash benches/load/run.sh --quick    # shorter runs and fewer entries, about 3 minutes, + ~4 for (k)
 #   bash benches/load/run.sh --quick --hold   # after (a), keep everything up for profiling
 #   bash benches/load/run.sh --savings  # only (k), what a node saves: P = 1, 10, 100 Python
-#                                       # SDK pods direct vs through the proxy, about 6 minutes
+#                                       # SDK pods direct vs through the proxy, about 7 minutes
 #
 # Builds the release binary, installs nginx/wrk/h2load from Debian if missing, maps the SNI
 # name to 127.0.0.1 in /etc/hosts (wrk and h2load take SNI from the URL host), then hands over
