@@ -439,7 +439,7 @@ class System:
     def set_entra_latency(self, ms):
         http_post_json(self.entra("config"), {"latency_ms": ms})
 
-    def start_proxy(self, log_level="warn", name="proxy"):
+    def start_proxy(self, log_level="warn", name="proxy", extra=()):
         """Starts `serve`; returns the milliseconds from process start to /readyz = 200."""
         p = self.ports
         env = dict(os.environ, RUST_LOG=log_level)
@@ -457,6 +457,7 @@ class System:
             # production. Lifted here so those scenarios measure the miss path and memory.
             "--caller-miss-budget", "1000000000",
             "--cache-max-keys-per-identity", str(self.args.entries * 2 + 10_000),
+            *extra,
         ]
         started = time.monotonic()
         self.proxy = self.procs.start(name, argv, env=env)
@@ -668,9 +669,13 @@ def issuer_assertion(sysm, lifetime_secs=7000):
     return (signing_input + b"." + b64url(rs256(key, signing_input))).decode()
 
 
-def start_peer(sysm, peer_bin):
-    """The workload identity project's token proxy (pinned to core 0 like ours) against the
-    same Entra emulator, through a TLS front and a CONNECT relay; returns its base URL."""
+def start_entra_front(sysm):
+    """The Entra emulator as the public authority over HTTPS, for clients that need one (the
+    peer, the SDK in classic workload identity): a CA, the TLS front (nginx) with the CA's
+    certificate for the authority's name, the shim, and the CONNECT relay that is their
+    HTTPS_PROXY. Started once; returns the CA certificate's path."""
+    if getattr(sysm, "front_ca", None):
+        return sysm.front_ca
     p = sysm.ports
     d = os.path.join(WORK, "peer")
     os.makedirs(d, exist_ok=True)
@@ -698,6 +703,17 @@ def start_peer(sysm, peer_bin):
     wait_port(p["entra_tls"])
     relay = PeerRelay(p["relay"], PEER_AUTHORITY, p["entra_tls"])
     relay.start()
+    sysm.peer_relay = relay
+    sysm.front_ca = ca
+    return ca
+
+
+def start_peer(sysm, peer_bin):
+    """The workload identity project's token proxy (pinned to core 0 like ours) against the
+    same Entra emulator, through a TLS front and a CONNECT relay; returns its base URL."""
+    p = sysm.ports
+    d = os.path.join(WORK, "peer")
+    ca = start_entra_front(sysm)
     token_file = os.path.join(d, "token")
     with open(token_file, "w") as f:
         f.write(issuer_assertion(sysm))
@@ -709,7 +725,6 @@ def start_peer(sysm, peer_bin):
     sysm.peer = sysm.procs.start("peer", pin(0) + [peer_bin, "--proxy-port", str(p["peer"])],
                                  env=env)
     wait_port(p["peer"])
-    sysm.peer_relay = relay
     return f"http://127.0.0.1:{p['peer']}"
 
 
@@ -753,6 +768,202 @@ def peer_scenarios(sysm, S, peer_url, D, conns, rate):
     S["j_peer"] = j
 
 
+# ---------------------------------------------------------------- (k) what a node saves
+
+SAVINGS_PS = (1, 10, 100)
+SAVINGS_LIFETIME = 60   # seconds: the compressed token lifetime (a 1 h token's clock / 60)
+SAVINGS_WARM = 2        # seconds after every pod has its first token before the window opens
+SAVINGS_START_TIMEOUT = 90  # seconds for every pod to have its first token
+
+
+def pod_rss_mib(pods):
+    total = 0
+    for p in pods:
+        try:
+            total += rss_kib(p.pid)
+        except OSError:
+            pass
+    return total / 1024
+
+
+def patient(read):
+    """`read()`, tried for up to ~30 s: while a hundred interpreters start, the emulator's or
+    the proxy's admin port may answer later than http_get's 2 s."""
+    for attempt in range(10):
+        try:
+            return read()
+        except OSError:
+            if attempt == 9:
+                raise
+            time.sleep(1.0)
+
+
+def savings_phase(sysm, mode, n, env_of, window, python):
+    """n pods (Python SDK processes) of `mode` asking get_token once a second. The window opens
+    once every pod has its first token (n first calls seen by Entra, or by the proxy) and lasts
+    `window` seconds; Entra's calls are counted by the emulator when it opens and closes."""
+    admin = sysm.ports["admin"]
+    script = os.path.join(ROOT, "benches", "load", "savings_pod.py")
+    stagger = min(10.0, 0.05 * n)  # 100 interpreters started over 5 s, not at once
+    served = lambda: patient(lambda: metric(admin, "identity_binding_proxy_requests_total")
+                             if mode == "proxy" else 0)
+    issued = lambda: patient(lambda: sysm.entra_stats()["tokens_issued"])
+    t0 = time.time()
+    # A hard cap for every pod, whatever happens to this harness.
+    cap = t0 + stagger + SAVINGS_START_TIMEOUT + window + 30
+    issued0, served0 = issued(), served()
+    pods, logs = [], []
+    try:
+        for i in range(n):
+            time.sleep(max(0.0, t0 + stagger * i / n - time.time()))
+            logs.append(open(os.path.join(WORK, f"k-{mode}-{n}-{i}.log"), "wb"))
+            pods.append(subprocess.Popen(
+                [python, script, mode, SCOPE, f"{cap:.3f}"], env=env_of(i),
+                stdout=subprocess.PIPE, stderr=logs[-1], start_new_session=True))
+        # Every pod's first get_token is a call: to Entra (direct) or to the proxy.
+        first = (lambda: issued() - issued0) if mode == "direct" else (lambda: served() - served0)
+        while first() < n:
+            if time.time() - t0 > stagger + SAVINGS_START_TIMEOUT:
+                log(f"    only {first():.0f} of {n} pods had a token after "
+                    f"{SAVINGS_START_TIMEOUT} s; the window opens anyway")
+                break
+            if all(p.poll() is not None for p in pods):
+                break
+            time.sleep(0.2)
+        started = time.time() - t0
+        time.sleep(SAVINGS_WARM)
+        opened = time.time()
+        issued1, served1 = issued(), served()
+        time.sleep(window / 2)
+        rss_mib = pod_rss_mib(pods)
+        time.sleep(max(0.0, opened + window - time.time()))
+        closed = time.time()
+        issued2, served2 = issued(), served()
+    finally:
+        for pod in pods:
+            if pod.poll() is None:
+                try:
+                    os.killpg(pod.pid, signal.SIGTERM)  # the pod prints its summary and exits
+                except OSError:
+                    pass
+    ok = failed = 0
+    errors, expires = [], []
+    for pod in pods:
+        try:
+            out, _ = pod.communicate(timeout=20)
+            line = out.decode().strip().splitlines()[-1] if out.strip() else ""
+            r = json.loads(line) if line else {"ok": 0, "failed": 1,
+                                               "error": f"exit {pod.returncode}, no summary"}
+        except subprocess.TimeoutExpired:
+            os.killpg(pod.pid, signal.SIGKILL)
+            pod.wait()
+            r = {"ok": 0, "failed": 1, "error": "still running 20 s after SIGTERM (killed)"}
+        ok += r["ok"]
+        failed += r["failed"]
+        if r.get("error"):
+            errors.append(r["error"])
+        if r.get("first_expires_in") is not None:
+            expires.append(r["first_expires_in"])
+    for f in logs:
+        f.close()
+    span = closed - opened
+    calls = issued2 - issued1
+    res = {
+        "pods": n, "mode": mode, "window_s": round(span, 1), "stagger_s": stagger,
+        "all_started_s": round(started, 1),
+        "entra_calls_total": issued2 - issued0, "entra_calls_window": calls,
+        # One token lifetime of the compressed clock is one hour of a 1 h token's clock.
+        "entra_calls_per_compressed_hour": round(calls * SAVINGS_LIFETIME / span, 1),
+        "get_token_ok": ok, "get_token_failed": failed,
+        "pods_without_summary_or_failed": sum(1 for p in pods if p.returncode not in (0, -15)),
+        "first_errors": errors[:3], "pods_rss_mib_mid_window": round(rss_mib),
+        "first_token_expires_in_s": [min(expires), max(expires)] if expires else None,
+    }
+    if mode == "proxy":
+        res["proxy_requests_window"] = int(served2 - served1)
+    return res
+
+
+def savings_scenario(sysm, S, window, python, ps=SAVINGS_PS):
+    """(k) P pods on one node using one identity and scope: Entra calls with classic workload
+    identity (each pod's SDK calls Entra itself) against the same SDK through our proxy, over a
+    compressed token lifetime."""
+    p = sysm.ports
+    ca = start_entra_front(sysm)
+    http_post_json(sysm.entra("config"), {"token_lifetime_secs": SAVINGS_LIFETIME,
+                                          "latency_ms": 0})
+    d = os.path.join(WORK, "savings")
+    os.makedirs(d, exist_ok=True)
+    most = max(ps)
+    log(f"(k) minting SA tokens of {most} service accounts and {most} pod assertions")
+    sa_tokens = mint_many(sysm, most, most)
+    sa_files, assertion_files = [], []
+    for i in range(most):
+        for files, name, value in ((sa_files, f"sa-{i}.jwt", sa_tokens[i]),
+                                   (assertion_files, f"assertion-{i}.jwt", issuer_assertion(sysm))):
+            path = os.path.join(d, name)
+            with open(path, "w") as f:
+                f.write(value)
+            files.append(path)
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AZURE_", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"))}
+    base.update(AZURE_CLIENT_ID=sysm.client_id, AZURE_TENANT_ID=sysm.tenant,
+                AZURE_AUTHORITY_HOST=f"https://{PEER_AUTHORITY}/", PYTHONDONTWRITEBYTECODE="1")
+
+    def direct_env(i):
+        # requests (under azure-core) trusts REQUESTS_CA_BUNDLE (else certifi), not SSL_CERT_FILE.
+        return dict(base, AZURE_FEDERATED_TOKEN_FILE=assertion_files[i],
+                    HTTPS_PROXY=f"http://127.0.0.1:{p['relay']}", NO_PROXY="127.0.0.1,localhost",
+                    REQUESTS_CA_BUNDLE=ca, SSL_CERT_FILE=ca)
+
+    def proxy_env(i):
+        return dict(base, AZURE_FEDERATED_TOKEN_FILE=sa_files[i],
+                    AZURE_KUBERNETES_TOKEN_PROXY=f"https://127.0.0.1:{p['proxy']}",
+                    AZURE_KUBERNETES_SNI_NAME=sysm.sni, AZURE_KUBERNETES_CA_FILE=sysm.cert)
+
+    k = {"token_lifetime_s": SAVINGS_LIFETIME, "window_s": window, "get_token_every_s": 1,
+         "proxy_cache_min_remaining_s": round(300 * SAVINGS_LIFETIME / 3600),
+         "sdk": sdk_versions(python), "uptime_before": uptime(), "rows": []}
+    for n in ps:
+        log(f"(k) {n} pod(s), classic workload identity (each SDK calls Entra), {window}s window")
+        r = savings_phase(sysm, "direct", n, direct_env, window, python)
+        log(f"    Entra calls in the window {r['entra_calls_window']} "
+            f"({r['entra_calls_per_compressed_hour']}/compressed h); get_token ok "
+            f"{r['get_token_ok']} failed {r['get_token_failed']}; pods {r['pods_rss_mib_mid_window']} MiB")
+        k["rows"].append(r)
+        # A fresh proxy per P: nothing cached from the previous phase. Its "hour" is scaled as
+        # the token's: 300 s of a 1 h token's minimum remaining lifetime are 5 s of 60 s.
+        if sysm.proxy is not None:
+            sysm.stop_proxy()
+        sysm.start_proxy(name=f"proxy-k-{n}", extra=[
+            "--cache-min-remaining-secs", str(k["proxy_cache_min_remaining_s"])])
+        log(f"(k) {n} pod(s) through the proxy, {window}s window")
+        r = savings_phase(sysm, "proxy", n, proxy_env, window, python)
+        log(f"    Entra calls in the window {r['entra_calls_window']} "
+            f"({r['entra_calls_per_compressed_hour']}/compressed h); proxy requests "
+            f"{r['proxy_requests_window']}; get_token ok {r['get_token_ok']} failed "
+            f"{r['get_token_failed']}; pods {r['pods_rss_mib_mid_window']} MiB")
+        k["rows"].append(r)
+    sysm.stop_proxy()
+    k["uptime_after"] = uptime()
+    http_post_json(sysm.entra("config"), {"token_lifetime_secs": 3599})
+    S["k_savings"] = k
+
+
+def uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def sdk_versions(python):
+    out = subprocess.run([python, "-c", "import importlib.metadata as m; print(' '.join("
+                          "f'{p}=={m.version(p)}' for p in ('azure-identity', 'azure-core', "
+                          "'msal', 'requests')))"], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or out.stderr.strip()[-300:]
+
+
 # ---------------------------------------------------------------- scenarios
 
 def log_rate(r):
@@ -780,6 +991,11 @@ def main():
     ap.add_argument("--peer", help="the workload identity token proxy binary (cmd/proxy)")
     ap.add_argument("--hold", action="store_true",
                     help="after (a), keep every server up for profiling until interrupted")
+    ap.add_argument("--sdk-python",
+                    help="a python with azure-identity: runs (k), what a node saves")
+    ap.add_argument("--savings", action="store_true", help="run only (k), what a node saves")
+    ap.add_argument("--savings-pods", default=",".join(map(str, SAVINGS_PS)),
+                    help="(k)'s pod counts, comma-separated")
     args = ap.parse_args()
     quick = args.quick
     D = 3 if quick else 10                   # seconds per throughput run
@@ -797,6 +1013,18 @@ def main():
     results = {"quick": quick, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "machine": machine(), "scenarios": {}}
     S = results["scenarios"]
+    if args.savings:
+        if not args.sdk_python:
+            raise SystemExit("--savings needs --sdk-python")
+        try:
+            sysm = System(args, procs)
+            sysm.setup()
+            savings_scenario(sysm, S, 30 if quick else SAVINGS_LIFETIME, args.sdk_python,
+                             [int(n) for n in args.savings_pods.split(",")])
+        finally:
+            procs.stop_all()
+        report_savings(results)
+        return
     try:
         sysm = System(args, procs)
         sysm.setup()
@@ -971,6 +1199,12 @@ def main():
                          "bytes_per_entry_beyond_token": round(per_entry - token_len)}
         log(f"    {added} entries in {h['seconds']:.0f}s; RSS {rss1} KiB; "
             f"{per_entry:.0f} B/entry ({per_entry - token_len:.0f} B beyond the {token_len} B token)")
+
+        # (k) what a node saves: P SDK processes straight to Entra vs through the proxy.
+        if args.sdk_python:
+            sysm.stop_proxy()
+            savings_scenario(sysm, S, 30 if quick else SAVINGS_LIFETIME, args.sdk_python,
+                             [int(n) for n in args.savings_pods.split(",")])
     finally:
         procs.stop_all()
 
@@ -1216,8 +1450,13 @@ def report(results):
         table += "\n\n" + "\n".join(md)
         results["peer_table"] = [dict(zip(("scenario", "metric", "ours", "peer", "ratio"), r))
                                  for r in peer]
+    if S.get("k_savings"):
+        table += "\n\n(k) What a node saves\n\n" + savings_table(S["k_savings"])
     results["table_markdown"] = table
     os.makedirs(OUT, exist_ok=True)
+    if S.get("k_savings"):
+        with open(os.path.join(OUT, "savings.svg"), "w") as fh:
+            fh.write(savings_svg(S["k_savings"]))
     with open(os.path.join(OUT, "results.json"), "w") as fh:
         json.dump(results, fh, indent=2)
     with open(os.path.join(OUT, "results.md"), "w") as fh:
@@ -1229,7 +1468,107 @@ def report(results):
           f"({m['cpu']}){' --quick' if results['quick'] else ''}. Ratios are from this one run "
           "(servers on core 0, load on core 1).\n")
     print(table)
-    print(f"\nwrote {OUT}/results.json, results.md, results.svg (raw tool output in {WORK}/)")
+    print(f"\nwrote {OUT}/results.json, results.md, results.svg"
+          f"{', savings.svg' if S.get('k_savings') else ''} (raw tool output in {WORK}/)")
+
+
+def savings_table(k):
+    """(k) as markdown: one row per P, direct next to through the proxy."""
+    by = {(r["mode"], r["pods"]): r for r in k["rows"]}
+    headers = ("pods (P)", "Entra calls, direct (per compressed h)",
+               "Entra calls, through the proxy (per compressed h)", "direct/proxy",
+               "proxy requests served", "get_token ok / failed (direct; proxy)")
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for n in sorted({r["pods"] for r in k["rows"]}):
+        d, p = by.get(("direct", n)), by.get(("proxy", n))
+        if not d or not p:
+            continue
+        md.append("| " + " | ".join((
+            str(n),
+            f"{d['entra_calls_window']} in {d['window_s']:.0f} s ({d['entra_calls_per_compressed_hour']:,.0f})",
+            f"{p['entra_calls_window']} in {p['window_s']:.0f} s ({p['entra_calls_per_compressed_hour']:,.0f})",
+            f"{ratio(d['entra_calls_window'], p['entra_calls_window']):,.1f}x",
+            f"{p['proxy_requests_window']:,}",
+            f"{d['get_token_ok']:,} / {d['get_token_failed']}; "
+            f"{p['get_token_ok']:,} / {p['get_token_failed']}",
+        )) + " |")
+    note = (f"Token lifetime {k['token_lifetime_s']} s (one compressed hour), each pod calls "
+            f"get_token every {k['get_token_every_s']} s, window {k['window_s']} s once every pod "
+            f"runs; proxy --cache-min-remaining-secs {k['proxy_cache_min_remaining_s']}. "
+            f"SDK: {k['sdk']}.")
+    return "\n".join(md) + "\n\n" + note
+
+
+def report_savings(results):
+    """--savings alone: target/bench/savings.{json,md,svg}."""
+    k = results["scenarios"]["k_savings"]
+    table = savings_table(k)
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "savings.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    with open(os.path.join(OUT, "savings.md"), "w") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(OUT, "savings.svg"), "w") as fh:
+        fh.write(savings_svg(k))
+    print(f"\nidentity-binding-proxy load harness, (k) what a node saves, {results['date']}\n")
+    print(table)
+    print(f"\nmachine load: before {k['uptime_before']}\n              after  {k['uptime_after']}")
+    print(f"\nwrote {OUT}/savings.json, savings.md, savings.svg (pod logs in {WORK}/)")
+
+
+def savings_svg(k):
+    """Entra calls per compressed hour against P, direct next to through the proxy (log scale)."""
+    import math
+    W, H, PAD = 760, 420, 80
+    direct_c, ours_c = "#c05621", "#2b6cb0"
+    by = {(r["mode"], r["pods"]): r["entra_calls_per_compressed_hour"] for r in k["rows"]}
+    ps = sorted({r["pods"] for r in k["rows"]})
+    top, bottom, left, right = 80, H - PAD, PAD, W - 30
+    vmax = max([v for v in by.values()] + [10])
+    decades = max(1, math.ceil(math.log10(vmax)))
+    y = lambda v: bottom - (bottom - top) * (math.log10(max(v, 1)) / decades)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">Entra calls per hour '
+           'vs P: direct vs through the proxy</text>',
+           f'<text x="{W / 2}" y="40" text-anchor="middle" fill="#555" font-size="11">P pods: '
+           f'Python SDK processes (azure-identity), one identity and scope, '
+           f'{k["token_lifetime_s"]} s tokens (1 compressed hour), get_token every second</text>',
+           f'<rect x="{left + 10}" y="52" width="12" height="12" fill="{direct_c}"/>'
+           f'<text x="{left + 28}" y="63">classic workload identity (each pod calls Entra)</text>',
+           f'<rect x="{left + 330}" y="52" width="12" height="12" fill="{ours_c}"/>'
+           f'<text x="{left + 348}" y="63">through identity-binding-proxy</text>',
+           f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>']
+    for e in range(decades + 1):
+        yy = y(10 ** e)
+        out.append(f'<line x1="{left - 4}" y1="{yy:.1f}" x2="{right}" y2="{yy:.1f}" '
+                   'stroke="#e2e8f0"/>')
+        out.append(f'<text x="{left - 8}" y="{yy + 4:.1f}" text-anchor="end">{10 ** e:,}</text>')
+    gw = (right - left) / max(1, len(ps))
+    for i, n in enumerate(ps):
+        gx = left + i * gw
+        bw = gw * 0.3
+        for j, (mode, col) in enumerate((("direct", direct_c), ("proxy", ours_c))):
+            v = by.get((mode, n))
+            if v is None:
+                continue
+            x = gx + gw * 0.17 + j * (bw + 6)
+            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw:.1f}" '
+                       f'height="{bottom - y(v):.1f}" fill="{col}"/>')
+            out.append(f'<text x="{x + bw / 2:.1f}" y="{y(v) - 4:.1f}" text-anchor="middle" '
+                       f'font-size="10">{v:,.0f}</text>')
+        out.append(f'<text x="{gx + gw / 2:.1f}" y="{bottom + 16}" text-anchor="middle">'
+                   f'P = {n}</text>')
+    out.append(f'<text x="{W / 2}" y="{bottom + 36}" text-anchor="middle" fill="#555" '
+               'font-size="11">Entra calls per compressed hour, measured (log scale). The SDK '
+               'refreshes on fixed clocks (300 s before expiry, at most every 30 s)</text>')
+    out.append(f'<text x="{W / 2}" y="{bottom + 52}" text-anchor="middle" fill="#555" '
+               'font-size="11">that do not compress: docs/performance.md translates both to '
+               '1 h and 24 h tokens.</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def peer_rows(S):
@@ -1260,52 +1599,66 @@ def peer_rows(S):
 
 
 def svg(S):
-    """Two panels: throughput (req/s) and latency (ms), ours next to nginx."""
-    W, H, PAD = 980, 420, 60
-    ours_c, nginx_c = "#2b6cb0", "#a0aec0"
-    tp = [("(a) h1 keep-alive", S["a_h1_keepalive"]), ("(b) h2", S["b_h2"]),
-          ("(c) new conn/req", S["c_new_conn"])]
-    lat = [("(a) p50", S["a_h1_keepalive"], "p50_us"), ("(a) p99", S["a_h1_keepalive"], "p99_us"),
-           ("(d) p50", S["d_latency_half_load"], "p50_us"),
-           ("(d) p99", S["d_latency_half_load"], "p99_us"),
-           ("(d) p99.9", S["d_latency_half_load"], "p999_us")]
+    """Two panels: throughput (req/s) and latency (ms), ours next to nginx, and the peer (the
+    workload identity project's proxy) where it was measured: (a) throughput, (d) p50/p99."""
+    W, H, PAD = 980, 440, 60
+    ours_c, nginx_c, peer_c = "#2b6cb0", "#a0aec0", "#dd6b20"
+    j = S.get("j_peer") or {}
+    pa, pd = j.get("a_h1_keepalive"), j.get("d_latency")
+    tp = [("(a) h1 keep-alive", S["a_h1_keepalive"], pa and pa["rps"]),
+          ("(b) h2", S["b_h2"], None), ("(c) new conn/req", S["c_new_conn"], None)]
+    lat = [("(a) p50", S["a_h1_keepalive"], "p50_us", None),
+           ("(a) p99", S["a_h1_keepalive"], "p99_us", None),
+           ("(d) p50", S["d_latency_half_load"], "p50_us", pd and pd["p50_us"] / 1000),
+           ("(d) p99", S["d_latency_half_load"], "p99_us", pd and pd["p99_us"] / 1000),
+           ("(d) p99.9", S["d_latency_half_load"], "p999_us", None)]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
            'font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">identity-binding-proxy '
            'vs nginx (static JSON), one core each, same run</text>',
-           f'<rect x="{W - 190}" y="34" width="12" height="12" fill="{ours_c}"/>'
-           f'<text x="{W - 172}" y="45">identity-binding-proxy</text>',
-           f'<rect x="{W - 190}" y="52" width="12" height="12" fill="{nginx_c}"/>'
-           f'<text x="{W - 172}" y="63">nginx</text>']
+           f'<rect x="{W - 270}" y="30" width="12" height="12" fill="{ours_c}"/>'
+           f'<text x="{W - 252}" y="41">identity-binding-proxy</text>',
+           f'<rect x="{W - 270}" y="46" width="12" height="12" fill="{nginx_c}"/>'
+           f'<text x="{W - 252}" y="57">nginx</text>']
+    if j:
+        out.append(f'<rect x="{W - 270}" y="62" width="12" height="12" fill="{peer_c}"/>'
+                   f'<text x="{W - 252}" y="73">peer: azure-workload-identity proxy</text>')
+        out.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" fill="#555" '
+                   'font-size="11">The peer serves plain HTTP without authentication or '
+                   'authorization; ours serves TLS and checks both on every request.</text>')
 
     def panel(x0, width, title, groups, unit):
-        top, bottom = 80, H - PAD
-        vmax = max(max(o, n) for _, o, n in groups) or 1
-        out.append(f'<text x="{x0 + width / 2}" y="{top - 10}" text-anchor="middle" '
+        top, bottom = 90, H - PAD - 10
+        vmax = max(max(v for v in g[1:] if v is not None) for g in groups) or 1
+        out.append(f'<text x="{x0 + width / 2}" y="{top - 6}" text-anchor="middle" '
                    f'font-weight="bold">{title}</text>')
         out.append(f'<line x1="{x0}" y1="{bottom}" x2="{x0 + width}" y2="{bottom}" stroke="black"/>')
         gw = width / len(groups)
-        for k, (label, o, n) in enumerate(groups):
+        bars = 3 if j else 2
+        for k, (label, *values) in enumerate(groups):
             gx = x0 + k * gw
-            bw = gw * 0.32
-            for j, (v, col) in enumerate(((o, ours_c), (n, nginx_c))):
+            bw = gw * (0.32 if bars == 2 else 0.24)
+            for n, (v, col) in enumerate(zip(values, (ours_c, nginx_c, peer_c))):
+                if v is None:
+                    continue
                 h = (bottom - top - 20) * v / vmax
-                x = gx + gw * 0.15 + j * (bw + 4)
+                x = gx + gw * (0.15 if bars == 2 else 0.1) + n * (bw + 3)
                 out.append(f'<rect x="{x:.1f}" y="{bottom - h:.1f}" width="{bw:.1f}" '
                            f'height="{h:.1f}" fill="{col}"/>')
                 txt = f"{v:,.0f}" if unit == "req/s" else f"{v:.2f}"
                 out.append(f'<text x="{x + bw / 2:.1f}" y="{bottom - h - 4:.1f}" '
-                           f'text-anchor="middle" font-size="10">{txt}</text>')
+                           f'text-anchor="middle" font-size="{10 if bars == 2 else 9}">{txt}</text>')
             out.append(f'<text x="{gx + gw / 2:.1f}" y="{bottom + 16}" text-anchor="middle">'
                        f'{label}</text>')
         out.append(f'<text x="{x0 + width / 2}" y="{bottom + 34}" text-anchor="middle" '
                    f'fill="#555">{unit}</text>')
 
     panel(PAD, W / 2 - PAD * 1.5, "Throughput (higher is better)",
-          [(lbl, s["ours"]["rps"], s["nginx"]["rps"]) for lbl, s in tp], "req/s")
+          [(lbl, s["ours"]["rps"], s["nginx"]["rps"], peer) for lbl, s, peer in tp], "req/s")
     panel(W / 2 + PAD / 2, W / 2 - PAD * 1.5, "Latency (lower is better)",
-          [(lbl, s["ours"][q] / 1000, s["nginx"][q] / 1000) for lbl, s, q in lat], "ms")
+          [(lbl, s["ours"][q] / 1000, s["nginx"][q] / 1000, peer) for lbl, s, q, peer in lat],
+          "ms")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

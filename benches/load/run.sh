@@ -2,9 +2,11 @@
 # Load harness: identity-binding-proxy (serve mode, one core) next to nginx (one worker, same
 # core, same certificate, static JSON of the same size). One command:
 #
-#   bash benches/load/run.sh            # full run, about 8-10 minutes
-#   bash benches/load/run.sh --quick    # shorter runs and fewer entries, about 3 minutes
+#   bash benches/load/run.sh            # full run, about 8-10 minutes, + ~7 for (k)
+#   bash benches/load/run.sh --quick    # shorter runs and fewer entries, about 3 minutes, + ~4 for (k)
 #   bash benches/load/run.sh --quick --hold   # after (a), keep everything up for profiling
+#   bash benches/load/run.sh --savings  # only (k), what a node saves: P = 1, 10, 100 Python
+#                                       # SDK pods direct vs through the proxy, about 7 minutes
 #
 # Builds the release binary, installs nginx/wrk/h2load from Debian if missing, maps the SNI
 # name to 127.0.0.1 in /etc/hosts (wrk and h2load take SNI from the URL host), then hands over
@@ -14,10 +16,15 @@ set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 quick=()
+savings=0
 for arg in "$@"; do
     case "$arg" in
         --quick | --hold) quick+=("$arg") ;;
-        *) echo "usage: bash benches/load/run.sh [--quick] [--hold]" >&2; exit 64 ;;
+        --savings)
+            savings=1
+            quick+=("$arg")
+            ;;
+        *) echo "usage: bash benches/load/run.sh [--quick] [--hold] [--savings]" >&2; exit 64 ;;
     esac
 done
 
@@ -32,23 +39,38 @@ cargo build --release
 # the module and build caches of scripts/real-cluster.sh (the same v1.6.0 module).
 PEER_VERSION=v1.6.0
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/identity-binding-proxy
-command -v go >/dev/null || {
-    echo "error: go is required to build the peer (github.com/Azure/azure-workload-identity/cmd/proxy@$PEER_VERSION)" >&2
-    exit 1
-}
-peer_key=$( (cd benches/load/peer && cat go.mod go.sum mlog/go.mod mlog/mlog.go && go version) |
-    sha256sum | cut -c1-12)
-PEER=$CACHE/peer/$PEER_VERSION-$peer_key/proxy
-if [[ ! -x $PEER ]]; then
-    echo "==> go build azure-workload-identity/cmd/proxy@$PEER_VERSION -> $PEER"
-    mkdir -p "$(dirname "$PEER")"
-    (
-        cd benches/load/peer
-        export GOMODCACHE=$CACHE/real-cluster/go/mod GOCACHE=$CACHE/real-cluster/go/build
-        export GOFLAGS="-buildvcs=false -mod=readonly -p=2"
-        go build -trimpath -ldflags "-s -w" -o "$PEER.tmp" github.com/Azure/azure-workload-identity/cmd/proxy
-    )
-    mv "$PEER.tmp" "$PEER"
+PEER=
+if ((!savings)); then # (k) alone does not run the peer
+    command -v go >/dev/null || {
+        echo "error: go is required to build the peer (github.com/Azure/azure-workload-identity/cmd/proxy@$PEER_VERSION)" >&2
+        exit 1
+    }
+    peer_key=$( (cd benches/load/peer && cat go.mod go.sum mlog/go.mod mlog/mlog.go && go version) |
+        sha256sum | cut -c1-12)
+    PEER=$CACHE/peer/$PEER_VERSION-$peer_key/proxy
+    if [[ ! -x $PEER ]]; then
+        echo "==> go build azure-workload-identity/cmd/proxy@$PEER_VERSION -> $PEER"
+        mkdir -p "$(dirname "$PEER")"
+        (
+            cd benches/load/peer
+            export GOMODCACHE=$CACHE/real-cluster/go/mod GOCACHE=$CACHE/real-cluster/go/build
+            export GOFLAGS="-buildvcs=false -mod=readonly -p=2"
+            go build -trimpath -ldflags "-s -w" -o "$PEER.tmp" github.com/Azure/azure-workload-identity/cmd/proxy
+        )
+        mv "$PEER.tmp" "$PEER"
+    fi
+fi
+
+# (k): the official Python SDK, from PyPI at the version the client tests pin, in a venv in
+# the cache outside the clone (reused by later runs).
+SDK=azure-identity==1.27.0
+VENV=$CACHE/python-sdk/${SDK/==/-}
+if [[ ! -f $VENV/.installed ]]; then
+    echo "==> python venv with $SDK -> $VENV"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$SDK"
+    touch "$VENV/.installed"
 fi
 
 echo "==> tools"
@@ -82,4 +104,7 @@ if [[ $(nproc) -lt 2 ]]; then
 fi
 
 echo "==> load (servers on core 0, emulators and load generators on core 1)"
-exec python3 benches/load/harness.py --bin "$BIN" --sni "$SNI" --peer "$PEER" "${quick[@]}"
+peer=()
+[[ -z $PEER ]] || peer=(--peer "$PEER")
+exec python3 benches/load/harness.py --bin "$BIN" --sni "$SNI" "${peer[@]}" \
+    --sdk-python "$VENV/bin/python" "${quick[@]}"
