@@ -3,6 +3,7 @@
 //! proxy's own cost per request: parse, local verification + cached TokenReview, bindings,
 //! cached SubjectAccessReview, token-cache hit, JSON response, metrics, log line (no
 //! subscriber installed, as with `RUST_LOG=warn`). Run with `cargo bench --bench handler`.
+//! The allocator is the binary's (jemalloc), so allocations cost what they cost in `serve`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,6 +13,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::Full;
 use identity_binding_proxy::cli::{DevArgs, LogFormat};
 use identity_binding_proxy::proxy::ConnInfo;
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const SCOPE: &str = "https://vault.azure.net/.default";
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
