@@ -1616,7 +1616,7 @@ def svg(S):
            'font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">identity-binding-proxy '
-           'vs nginx (static JSON), one core each, same run</text>',
+           f'vs nginx (static JSON){" and the peer" if j else ""}, one core each, same run</text>',
            f'<rect x="{W - 270}" y="30" width="12" height="12" fill="{ours_c}"/>'
            f'<text x="{W - 252}" y="41">identity-binding-proxy</text>',
            f'<rect x="{W - 270}" y="46" width="12" height="12" fill="{nginx_c}"/>'
