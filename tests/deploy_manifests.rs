@@ -920,16 +920,7 @@ fn chart_schema_refuses_wrong_values_naming_them() {
 /// (scripts/render-deploy.sh --check), and the check catches a hand edit.
 #[test]
 fn kustomize_manifests_are_the_charts_rendering_and_drift_fails() {
-    let helm = helm();
-    let check = |root: &Path| {
-        Command::new("bash")
-            .arg(root.join("scripts/render-deploy.sh"))
-            .arg("--check")
-            .env("HELM", &helm)
-            .output()
-            .expect("bash runs")
-    };
-    let out = check(&repo());
+    let out = render_check(&repo());
     assert!(
         out.status.success(),
         "deploy/ differs from the chart:\n{}",
@@ -937,6 +928,28 @@ fn kustomize_manifests_are_the_charts_rendering_and_drift_fails() {
     );
 
     // A copy with one hand-edited manifest fails, naming the file.
+    let stderr = drift_after_edit("deploy/base/service.yaml", |text| {
+        text.replace("port: 443", "port: 8443")
+    });
+    assert!(
+        stderr.contains("DRIFT: deploy/base/service.yaml"),
+        "{stderr}"
+    );
+}
+
+/// `scripts/render-deploy.sh --check` in the tree at `root`.
+fn render_check(root: &Path) -> std::process::Output {
+    Command::new("bash")
+        .arg(root.join("scripts/render-deploy.sh"))
+        .arg("--check")
+        .env("HELM", helm())
+        .output()
+        .expect("bash runs")
+}
+
+/// `render_check` of a copy of the chart, deploy/ and scripts/ in which `edit` changed the
+/// file `path`: asserts that it fails, and returns what it said.
+fn drift_after_edit(path: &str, edit: impl Fn(&str) -> String) -> String {
     let copy = tempfile::tempdir().unwrap();
     let status = Command::new("cp")
         .args(["-r", "charts", "deploy", "scripts"])
@@ -945,16 +958,14 @@ fn kustomize_manifests_are_the_charts_rendering_and_drift_fails() {
         .status()
         .unwrap();
     assert!(status.success());
-    let edited = copy.path().join("deploy/base/service.yaml");
-    let text = std::fs::read_to_string(&edited).unwrap();
-    std::fs::write(&edited, text.replace("port: 443", "port: 8443")).unwrap();
-    let out = check(copy.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = copy.path().join(path);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = edit(&text);
+    assert_ne!(edited, text, "the edit changes {path}");
+    std::fs::write(&file, edited).unwrap();
+    let out = render_check(copy.path());
     assert!(!out.status.success(), "a hand edit must fail the check");
-    assert!(
-        stderr.contains("DRIFT: deploy/base/service.yaml"),
-        "{stderr}"
-    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The chart's PrometheusRule carries exactly deploy/monitoring/alerts.yaml, and its PodMonitor
@@ -1479,28 +1490,10 @@ fn chart_sidecar_mode_refuses_missing_values_naming_them() {
 /// it fails scripts/render-deploy.sh --check, naming the file.
 #[test]
 fn sidecar_component_is_the_charts_rendering_and_drift_fails() {
-    let copy = tempfile::tempdir().unwrap();
-    let status = Command::new("cp")
-        .args(["-r", "charts", "deploy", "scripts"])
-        .arg(copy.path())
-        .current_dir(repo())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let patch = copy.path().join("deploy/components/sidecar/sidecar.yaml");
-    let text = std::fs::read_to_string(&patch).unwrap();
-    assert!(text.starts_with("# Rendered from charts/identity-binding-proxy/templates/"));
-    let edited = text.replace("127.0.0.1:18443", "0.0.0.0:18443");
-    assert_ne!(edited, text);
-    std::fs::write(&patch, edited).unwrap();
-    let out = Command::new("bash")
-        .arg(copy.path().join("scripts/render-deploy.sh"))
-        .arg("--check")
-        .env("HELM", helm())
-        .output()
-        .expect("bash runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a hand edit must fail the check");
+    let stderr = drift_after_edit("deploy/components/sidecar/sidecar.yaml", |text| {
+        assert!(text.starts_with("# Rendered from charts/identity-binding-proxy/templates/"));
+        text.replace("127.0.0.1:18443", "0.0.0.0:18443")
+    });
     assert!(
         stderr.contains("DRIFT: deploy/components/sidecar/sidecar.yaml"),
         "{stderr}"

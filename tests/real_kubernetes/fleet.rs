@@ -169,7 +169,7 @@ fn start_proxy(c: &Cluster, kubeconfig: &Path, cid: &str, name: &str) -> Start {
     let bytes = relay.bytes();
     // Freed list pages go back to the system after jemalloc's decay time (10 s by default).
     std::thread::sleep(Duration::from_secs(12));
-    let (rss_kib, peak_kib) = memory_kib(proxy.children[2].id());
+    let (rss_kib, peak_kib) = memory_kib(proxy.process.id());
     Start {
         proxy,
         relay,
@@ -328,7 +328,7 @@ fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_
     });
     assert!(unrelated.is_some(), "the first proxy saw every creation");
     let churn_reviews = reviews(&small.proxy) - reviews_before;
-    let (small_rss_after, _) = memory_kib(small.proxy.children[2].id());
+    let (small_rss_after, _) = memory_kib(small.proxy.process.id());
     let index = |p: &Proxy, what: &str| {
         metric(
             p.admin,

@@ -263,7 +263,9 @@ pub(crate) fn within(limit: Duration, mut check: impl FnMut() -> bool) -> Option
 /// and `serve` against the real apiserver.
 pub(crate) struct Proxy {
     pub(crate) dir: tempfile::TempDir,
-    pub(crate) children: Vec<Child>,
+    /// Killed before the emulators (fields drop after `Drop::drop`).
+    pub(crate) process: Child,
+    _emulators: Emulators,
     pub(crate) listen: SocketAddr,
     pub(crate) admin: SocketAddr,
     pub(crate) log: PathBuf,
@@ -271,10 +273,8 @@ pub(crate) struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 
@@ -301,27 +301,12 @@ impl Proxy {
     pub(crate) fn start(kubeconfig: &Path, identities: &[(&str, &str)], flags: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("ibp-").tempdir().unwrap();
         let d = dir.path();
-        let mut bindings = String::from("bindings:\n");
-        for (cid, tenant) in identities {
-            bindings.push_str(&format!("  - clientId: {cid}\n    tenantId: {tenant}\n"));
-        }
-        std::fs::write(d.join("bindings.yaml"), bindings).unwrap();
         run_ok(
             Command::new(BIN)
                 .args(["issuer", "keygen", "--out"])
                 .arg(d.join("issuer.key")),
         );
-        let (static_port, entra_port) = (port(), port());
-        let issuer_url = format!("http://127.0.0.1:{static_port}/{{tenant}}/{{client_id}}");
-        run_ok(
-            Command::new(BIN)
-                .args(["issuer", "publish", "--out"])
-                .arg(d.join("site"))
-                .arg("--bindings")
-                .arg(d.join("bindings.yaml"))
-                .args(["--issuer-url", &issuer_url, "--public-key"])
-                .arg(d.join("issuer.pub")),
-        );
+        let emulators = Emulators::start(d, &d.join("issuer.pub"), identities);
         // A CA and a leaf for the SNI name (rustls refuses a CA certificate as the leaf).
         let f = |n: &str| d.join(n).to_string_lossy().to_string();
         run_ok(Command::new("openssl").args([
@@ -373,90 +358,48 @@ impl Proxy {
             "-extfile",
             &f("tls.ext"),
         ]));
-        let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
-        let mut children = vec![Command::new(BIN)
-            .args([
-                "emulate",
-                "static",
-                "--listen",
-                &format!("127.0.0.1:{static_port}"),
-                "--dir",
-            ])
-            .arg(d.join("site"))
-            .stdout(log("static.log"))
-            .stderr(log("static.err"))
-            .spawn()
-            .unwrap()];
-        let mut entra = Command::new(BIN);
-        entra.args([
-            "emulate",
-            "entra",
-            "--listen",
-            &format!("127.0.0.1:{entra_port}"),
-        ]);
-        for (cid, tenant) in identities {
-            entra.arg("--fic").arg(format!(
-                "client_id={cid},issuer=http://127.0.0.1:{static_port}/{tenant}/{cid},subject={cid},audience=api://AzureADTokenExchange"
-            ));
-        }
-        children.push(
-            entra
-                .stdout(log("entra.log"))
-                .stderr(log("entra.err"))
-                .spawn()
-                .unwrap(),
-        );
         let (listen, admin) = (port(), port());
         let proxy_log = d.join("proxy.log");
-        children.push(
-            Command::new(BIN)
-                .arg("serve")
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .arg("--tls")
-                .arg(format!(
-                    "{SNI}={},{}",
-                    d.join("tls.crt").display(),
-                    d.join("tls.key").display()
-                ))
-                .arg("--issuer-key")
-                .arg(d.join("issuer.key"))
-                .args(["--issuer-url", &issuer_url, "--bindings"])
-                .arg(d.join("bindings.yaml"))
-                .args([
-                    "--authority-host",
-                    &format!("http://127.0.0.1:{entra_port}"),
-                    "--listen",
-                    &format!("127.0.0.1:{listen}"),
-                    "--admin-listen",
-                    &format!("127.0.0.1:{admin}"),
-                    "--log-format",
-                    "text",
-                    "--shutdown-delay-secs",
-                    "0",
-                ])
-                .args(flags)
-                .env("RUST_LOG", "info")
-                .stdout(std::fs::File::create(&proxy_log).unwrap())
-                .stderr(std::fs::File::create(d.join("proxy.err")).unwrap())
-                .spawn()
-                .unwrap(),
-        );
-        let proxy = Self {
+        let process = Command::new(BIN)
+            .arg("serve")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--tls")
+            .arg(format!(
+                "{SNI}={},{}",
+                d.join("tls.crt").display(),
+                d.join("tls.key").display()
+            ))
+            .arg("--issuer-key")
+            .arg(d.join("issuer.key"))
+            .args(["--issuer-url", &emulators.issuer_url, "--bindings"])
+            .arg(d.join(Emulators::BINDINGS))
+            .args([
+                "--authority-host",
+                &emulators.authority_host,
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+                "--log-format",
+                "text",
+                "--shutdown-delay-secs",
+                "0",
+            ])
+            .args(flags)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&proxy_log).unwrap())
+            .stderr(std::fs::File::create(d.join("proxy.err")).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
             dir,
-            children,
+            process,
+            _emulators: emulators,
             listen: ([127, 0, 0, 1], listen).into(),
             admin: ([127, 0, 0, 1], admin).into(),
             log: proxy_log,
-        };
-        assert!(
-            within(Duration::from_secs(20), || http_ok(&format!(
-                "http://127.0.0.1:{entra_port}/_emulator/stats"
-            )))
-            .is_some(),
-            "the Entra emulator did not start"
-        );
-        proxy
+        }
     }
 
     pub(crate) fn ready(&self) -> bool {
@@ -514,7 +457,8 @@ pub(crate) fn sa_subject(ns: &str, sa: &str) -> String {
 
 /// Our issuer's documents (`emulate static`, the JWKS of `public_key` under each identity's
 /// issuer path) and Entra (`emulate entra`, ONE FIC per identity, subject the client id), on
-/// loopback: for a proxy started some other way than [`Proxy::start`].
+/// loopback: what [`Proxy::start`] runs its proxy against, and a proxy started another way
+/// can be.
 pub(crate) struct Emulators {
     pub(crate) children: Vec<Child>,
     /// The issuer URL template (`{tenant}`, `{client_id}`) the FICs trust.
@@ -532,12 +476,16 @@ impl Drop for Emulators {
 }
 
 impl Emulators {
+    /// The bindings file (in the directory given to [`Emulators::start`]) of the identities
+    /// published and given a FIC.
+    pub(crate) const BINDINGS: &'static str = "bindings.yaml";
+
     pub(crate) fn start(dir: &Path, public_key: &Path, identities: &[(&str, &str)]) -> Self {
         let mut bindings = String::from("bindings:\n");
         for (cid, tenant) in identities {
             bindings.push_str(&format!("  - clientId: {cid}\n    tenantId: {tenant}\n"));
         }
-        std::fs::write(dir.join("emulated-bindings.yaml"), bindings).unwrap();
+        std::fs::write(dir.join(Self::BINDINGS), bindings).unwrap();
         let (static_port, entra_port) = (port(), port());
         let issuer_url = format!("http://127.0.0.1:{static_port}/{{tenant}}/{{client_id}}");
         run_ok(
@@ -545,7 +493,7 @@ impl Emulators {
                 .args(["issuer", "publish", "--out"])
                 .arg(dir.join("site"))
                 .arg("--bindings")
-                .arg(dir.join("emulated-bindings.yaml"))
+                .arg(dir.join(Self::BINDINGS))
                 .args(["--issuer-url", &issuer_url, "--public-key"])
                 .arg(public_key),
         );
