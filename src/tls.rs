@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::Acceptor;
 use rustls::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,9 +116,15 @@ fn load_config(entry: &TlsEntry) -> Result<Loaded, String> {
             entry.key.display()
         )
     })?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: bad certificate PEM: {e}", entry.name))?;
+        .map_err(|e| {
+            format!(
+                "{}: {} is not valid PEM: {e}",
+                entry.name,
+                entry.cert.display()
+            )
+        })?;
     if certs.is_empty() {
         return Err(format!(
             "{}: {} holds no certificate",
@@ -125,15 +133,18 @@ fn load_config(entry: &TlsEntry) -> Result<Loaded, String> {
         ));
     }
     let leaf_der = certs.first().map(|c| c.as_ref().to_vec());
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| format!("{}: bad key PEM: {e}", entry.name))?
-        .ok_or_else(|| {
-            format!(
-                "{}: {} holds no private key",
-                entry.name,
-                entry.key.display()
-            )
-        })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => format!(
+            "{}: {} holds no private key (PKCS#8, PKCS#1 or SEC1 PEM)",
+            entry.name,
+            entry.key.display()
+        ),
+        e => format!(
+            "{}: {} is not valid PEM: {e}",
+            entry.name,
+            entry.key.display()
+        ),
+    })?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -345,6 +356,60 @@ mod tests {
         for e in every {
             assert!(HANDSHAKE_FAILURES.contains(&e.reason()), "{}", e.reason());
         }
+    }
+
+    /// Writes `cert` and `key` as the files of an entry named `proxy.test`, and loads it.
+    fn load(cert: &str, key: &str) -> Result<Loaded, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = TlsEntry {
+            name: "proxy.test".into(),
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
+        std::fs::write(&entry.cert, cert).unwrap();
+        std::fs::write(&entry.key, key).unwrap();
+        load_config(&entry)
+    }
+
+    fn self_signed() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn a_certificate_and_its_key_load_with_the_leaf_expiry() {
+        let (cert, key) = self_signed();
+        let loaded = load(&cert, &key).unwrap();
+        assert!(loaded.expiry.is_some_and(|t| t > 0));
+    }
+
+    #[test]
+    fn bad_pem_files_are_refused_naming_the_file_and_what_is_wrong() {
+        let (cert, key) = self_signed();
+        let (_, other_key) = self_signed();
+        let err = |cert: &str, key: &str| load(cert, key).err().expect("refused");
+
+        let e = err("", &key);
+        assert!(e.contains("tls.crt holds no certificate"), "{e}");
+        let e = err(&key, &key);
+        assert!(e.contains("tls.crt holds no certificate"), "{e}");
+        let broken = "-----BEGIN CERTIFICATE-----\n%%%%\n-----END CERTIFICATE-----\n";
+        let e = err(broken, &key);
+        assert!(
+            e.starts_with("proxy.test: ") && e.contains("tls.crt is not valid PEM"),
+            "{e}"
+        );
+
+        let e = err(&cert, &cert);
+        assert!(e.contains("tls.key holds no private key"), "{e}");
+        let e = err(&cert, "");
+        assert!(e.contains("tls.key holds no private key"), "{e}");
+        let broken = "-----BEGIN PRIVATE KEY-----\n%%%%\n-----END PRIVATE KEY-----\n";
+        let e = err(&cert, broken);
+        assert!(e.contains("tls.key is not valid PEM"), "{e}");
+
+        let e = err(&cert, &other_key);
+        assert!(e.contains("certificate and key do not fit together"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use identity_binding_proxy::cli::{DevArgs, LogFormat};
 use identity_binding_proxy::dev::{self, DevSystem};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
 pub const VAULT_SCOPE: &str = "https://vault.azure.net/.default";
@@ -154,7 +155,7 @@ impl Client {
 /// A TLS client configuration trusting every certificate of `ca_pem`, offering `alpn`.
 pub fn tls_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.unwrap()).unwrap();
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
