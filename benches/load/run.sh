@@ -45,7 +45,8 @@ if ((!savings)); then # (k) alone does not run the peer
         echo "error: go is required to build the peer (github.com/Azure/azure-workload-identity/cmd/proxy@$PEER_VERSION)" >&2
         exit 1
     }
-    peer_key=$( (cd benches/load/peer && cat go.mod go.sum mlog/go.mod mlog/mlog.go && go version) |
+    mlog=scripts/real-cluster/webhook/mlog # the stand-in for monis.app/mlog the webhook build uses too
+    peer_key=$( (cat benches/load/peer/go.mod benches/load/peer/go.sum $mlog/go.mod $mlog/mlog.go && go version) |
         sha256sum | cut -c1-12)
     PEER=$CACHE/peer/$PEER_VERSION-$peer_key/proxy
     if [[ ! -x $PEER ]]; then

@@ -4,8 +4,9 @@ module identity-binding-proxy/bench/peer
 
 go 1.26.4
 
-// monis.app is not reachable through the module proxy here: see mlog/go.mod.
-replace monis.app/mlog => ./mlog
+// monis.app is not reachable through the module proxy here: the webhook build's stand-in
+// serves both (see its go.mod).
+replace monis.app/mlog => ../../../scripts/real-cluster/webhook/mlog
 
 tool github.com/Azure/azure-workload-identity/cmd/proxy
 

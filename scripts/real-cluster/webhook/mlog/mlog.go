@@ -1,5 +1,5 @@
 // Package mlog implements the part of monis.app/mlog's API that the workload identity
-// webhook uses (levels, JSON format, a logr sink), writing JSON lines to stderr.
+// webhook and token proxy use (levels, JSON format, a logr sink), writing JSON lines to stderr.
 package mlog
 
 import (
@@ -125,3 +125,6 @@ func Fatal(err error, kv ...any) {
 	Logr().Error(err, "fatal error", kv...)
 	os.Exit(1)
 }
+
+// Info logs msg at the info level.
+func Info(msg string, kv ...any) { Logr().V(2).Info(msg, kv...) }
