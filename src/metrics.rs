@@ -69,6 +69,18 @@ impl Registrar {
         let opts = Opts::new(format!("{PREFIX}_{n}"), help);
         self.register(IntGaugeVec::new(opts, labels).unwrap_or_else(|e| panic!("{n}: {e}")))
     }
+
+    /// A gauge without labels.
+    fn single_gauge(&self, n: &str, help: &str) -> IntGauge {
+        let gauge = IntGauge::new(format!("{PREFIX}_{n}"), help);
+        self.register(gauge.unwrap_or_else(|e| panic!("{n}: {e}")))
+    }
+
+    /// A latency histogram without labels.
+    fn single_histogram(&self, n: &str, help: &str) -> Histogram {
+        let opts = HistogramOpts::new(format!("{PREFIX}_{n}"), help).buckets(latency_buckets());
+        self.register(Histogram::with_opts(opts).unwrap_or_else(|e| panic!("{n}: {e}")))
+    }
 }
 
 /// The RBAC watch: what it saw, what it keeps, whether it is synced.
@@ -101,12 +113,9 @@ impl RbacMetrics {
                 "Complete lists of an RBAC kind: one at start; more only when a broken watch could not resume from its resource version.",
                 &["kind"],
             ),
-            watch_synced: r.register(
-                IntGauge::new(
-                    format!("{PREFIX}_rbac_watch_synced"),
-                    "1 once Roles, ClusterRoles and their bindings have all been listed.",
-                )
-                .unwrap_or_else(|e| panic!("metric: {e}")),
+            watch_synced: r.single_gauge(
+                "rbac_watch_synced",
+                "1 once Roles, ClusterRoles and their bindings have all been listed.",
             ),
         }
     }
@@ -133,10 +142,7 @@ impl Metrics {
             requests,
             request_duration,
             cache_lookups,
-            cache_entries: r.register(
-                IntGauge::new(format!("{PREFIX}_cache_entries"), "Tokens in the cache.")
-                    .unwrap_or_else(|e| panic!("metric: {e}")),
-            ),
+            cache_entries: r.single_gauge("cache_entries", "Tokens in the cache."),
             cache_refreshes: r.counter(
                 "cache_refreshes_total",
                 "Refresh-ahead attempts of cached tokens.",
@@ -147,15 +153,9 @@ impl Metrics {
                 "Token exchanges sent to Entra, by HTTP status (or 'error').",
                 &["status"],
             ),
-            entra_duration: r.register(
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        format!("{PREFIX}_entra_request_duration_seconds"),
-                        "Latency of token exchanges with Entra.",
-                    )
-                    .buckets(latency_buckets()),
-                )
-                .unwrap_or_else(|e| panic!("metric: {e}")),
+            entra_duration: r.single_histogram(
+                "entra_request_duration_seconds",
+                "Latency of token exchanges with Entra.",
             ),
             kube_reviews: r.counter(
                 "kube_reviews_total",
