@@ -176,19 +176,20 @@ fn proxy_container(docs: &[Value]) -> &Value {
 
 /// The proxy's effective `IBP_*` environment: envFrom ConfigMaps, then explicit `env`.
 fn proxy_env(docs: &[Value]) -> HashMap<String, String> {
-    let c = proxy_container(docs);
+    container_env(docs, proxy_container(docs))
+}
+
+/// A container's environment: its envFrom ConfigMaps (from the rendering), then its `env`.
+fn container_env(docs: &[Value], container: &Value) -> HashMap<String, String> {
     let mut env = HashMap::new();
-    for from in array(&c["envFrom"]) {
+    for from in array(&container["envFrom"]) {
         let cm = named(docs, "ConfigMap", str_of(&from["configMapRef"]["name"]));
         for (k, v) in cm["data"].as_object().into_iter().flatten() {
             env.insert(k.clone(), str_of(v).to_string());
         }
     }
-    for e in array(&c["env"]) {
-        env.insert(
-            str_of(&e["name"]).to_string(),
-            str_of(&e["value"]).to_string(),
-        );
+    for e in array(&container["env"]) {
+        env.insert(str_of(&e["name"]).into(), str_of(&e["value"]).into());
     }
     env
 }
@@ -1216,21 +1217,6 @@ fn sidecar_and_app(spec: &Value) -> (&Value, &Value) {
     (sidecar, app)
 }
 
-/// The sidecar's environment: its envFrom ConfigMaps (from the rendering), then its env.
-fn sidecar_env(docs: &[Value], sidecar: &Value) -> HashMap<String, String> {
-    let mut env = HashMap::new();
-    for from in array(&sidecar["envFrom"]) {
-        let cm = named(docs, "ConfigMap", str_of(&from["configMapRef"]["name"]));
-        for (k, v) in cm["data"].as_object().into_iter().flatten() {
-            env.insert(k.clone(), str_of(v).to_string());
-        }
-    }
-    for e in array(&sidecar["env"]) {
-        env.insert(str_of(&e["name"]).into(), str_of(&e["value"]).into());
-    }
-    env
-}
-
 /// The workload chart's pod: the native sidecar from the chart's templates, the app pointed at
 /// it through the three AZURE_KUBERNETES_* variables, the CA volume shared, the webhook told to
 /// skip the sidecar, and every ConfigMap and Secret the sidecar reads named as the chart (and
@@ -1247,7 +1233,7 @@ fn chart_sidecar_templates_put_a_native_sidecar_into_the_workload_chart_pod() {
         sidecar["image"], "registry.example.com/identity-binding-proxy:0.1.0",
         "the dependency's image and appVersion"
     );
-    let env = sidecar_env(&docs, sidecar);
+    let env = container_env(&docs, sidecar);
     assert_eq!(
         env["IBP_ISSUER_URL"],
         "https://issuer.example.com/{tenant}/{client_id}"

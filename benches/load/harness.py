@@ -884,10 +884,13 @@ def savings_phase(sysm, mode, n, env_of, window, python):
     return res
 
 
-def savings_scenario(sysm, S, window, python, ps=SAVINGS_PS):
+def savings_scenario(sysm, S, args, quick):
     """(k) P pods on one node using one identity and scope: Entra calls with classic workload
     identity (each pod's SDK calls Entra itself) against the same SDK through our proxy, over a
-    compressed token lifetime."""
+    compressed token lifetime (a shorter window in a quick run)."""
+    window = 30 if quick else SAVINGS_LIFETIME
+    python = args.sdk_python
+    ps = [int(n) for n in args.savings_pods.split(",")]
     p = sysm.ports
     ca = start_entra_front(sysm)
     http_post_json(sysm.entra("config"), {"token_lifetime_secs": SAVINGS_LIFETIME,
@@ -1019,8 +1022,7 @@ def main():
         try:
             sysm = System(args, procs)
             sysm.setup()
-            savings_scenario(sysm, S, 30 if quick else SAVINGS_LIFETIME, args.sdk_python,
-                             [int(n) for n in args.savings_pods.split(",")])
+            savings_scenario(sysm, S, args, quick)
         finally:
             procs.stop_all()
         report_savings(results)
@@ -1203,8 +1205,7 @@ def main():
         # (k) what a node saves: P SDK processes straight to Entra vs through the proxy.
         if args.sdk_python:
             sysm.stop_proxy()
-            savings_scenario(sysm, S, 30 if quick else SAVINGS_LIFETIME, args.sdk_python,
-                             [int(n) for n in args.savings_pods.split(",")])
+            savings_scenario(sysm, S, args, quick)
     finally:
         procs.stop_all()
 

@@ -201,6 +201,11 @@ impl Cluster {
 
     /// Writes a kubeconfig for this cluster that authenticates with `token`, at `path`.
     pub(crate) fn token_kubeconfig(&self, token: &str, path: &Path) -> PathBuf {
+        self.token_kubeconfig_with_ca(token, Path::new(self.get("CA_FILE")), path)
+    }
+
+    /// The same, trusting the apiserver through `ca` (a copy of its CA, e.g. as a pod mounts it).
+    pub(crate) fn token_kubeconfig_with_ca(&self, token: &str, ca: &Path, path: &Path) -> PathBuf {
         std::fs::write(
             path,
             format!(
@@ -208,7 +213,7 @@ impl Cluster {
                  certificate-authority: \"{}\"}}\nusers:\n- name: sa\n  user: {{token: \"{token}\"}}\n\
                  contexts:\n- name: sa\n  context: {{cluster: real, user: sa}}\ncurrent-context: sa\n",
                 self.get("APISERVER"),
-                self.get("CA_FILE")
+                ca.display()
             ),
         )
         .unwrap();
@@ -432,12 +437,27 @@ impl Proxy {
 
     /// One token request; (status, error_description).
     pub(crate) fn request(&self, client_id: &str, assertion: &str) -> (u16, String) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let reply = rt.block_on(self.client().post_token(client_id, assertion));
-        (reply.status, reply.error_description())
+        ask_token(&self.client(), client_id, assertion)
+    }
+}
+
+/// One token request through `client`, from synchronous test code; (status, error_description).
+pub(crate) fn ask_token(client: &Client, client_id: &str, assertion: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reply = rt.block_on(client.post_token(client_id, assertion));
+    (reply.status, reply.error_description())
+}
+
+/// A child process killed (and reaped) when this goes out of scope, also when a test fails.
+pub(crate) struct KillOnDrop(pub(crate) Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -429,18 +429,11 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
     };
     let api = local_of("/var/run/secrets/kubernetes.io/serviceaccount");
     let token = std::fs::read_to_string(api.join("token")).unwrap();
-    let kubeconfig = d.join("in-cluster-kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: in-cluster\n  cluster: {{server: \"{}\", \
-             certificate-authority: \"{}\"}}\nusers:\n- name: pod\n  user: {{token: \"{token}\"}}\n\
-             contexts:\n- name: pod\n  context: {{cluster: in-cluster, user: pod}}\ncurrent-context: pod\n",
-            c.get("APISERVER"),
-            api.join("ca.crt").display()
-        ),
-    )
-    .unwrap();
+    let kubeconfig = c.token_kubeconfig_with_ca(
+        &token,
+        &api.join("ca.crt"),
+        &d.join("in-cluster-kubeconfig"),
+    );
     // The Secret's key, as mounted, is the one published for the workload's identity.
     let key_dir = local_of("/etc/identity-binding-proxy/issuer");
     assert_eq!(
@@ -456,7 +449,7 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
     env.insert("IBP_KUBECONFIG".into(), kubeconfig.display().to_string());
 
     let log = d.join("sidecar.log");
-    let mut child = Command::new(BIN)
+    let sidecar_process = Command::new(BIN)
         .arg("serve")
         .args(array(&sidecar["args"]).iter().map(str_of))
         .env_clear()
@@ -467,14 +460,7 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
         .stderr(std::fs::File::create(d.join("sidecar.err")).unwrap())
         .spawn()
         .expect("the sidecar starts");
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _kill = Kill(&mut child);
+    let sidecar_process = KillOnDrop(sidecar_process);
     let logs = || {
         format!(
             "{}{}",
@@ -512,14 +498,7 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
         &ca,
         &[b"http/1.1"],
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let ask = |token: &str| {
-        let r = rt.block_on(client.post_token(SIDECAR_CID, token));
-        (r.status, r.error_description())
-    };
+    let ask = |token: &str| ask_token(&client, SIDECAR_CID, token);
     let own = c.token(SIDECAR_NS, "web", &audience(), Some(WORKLOAD_POD));
     let (status, why) = ask(&own);
     assert_eq!(status, 200, "{why}\n{}", logs());
@@ -530,7 +509,7 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
         why.contains(&format!("system:serviceaccount:{SIDECAR_NS}:other")),
         "{why}"
     );
-    drop(_kill);
+    drop(sidecar_process);
     drop(emulators);
 
     let out = helm(c, &["uninstall", WORKLOAD, "-n", SIDECAR_NS, "--wait"]);

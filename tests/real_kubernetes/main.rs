@@ -17,7 +17,7 @@ mod sidecar;
 use harness::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::python_with_sdk;
@@ -1132,7 +1132,7 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
     let health = c.get("WEBHOOK_HEALTH_PORT").to_string();
     let metrics = c.get("WEBHOOK_METRICS_PORT").to_string();
     let log = c.path().join("logs/webhook.log");
-    let mut webhook = Command::new(c.bin("webhook"))
+    let webhook = Command::new(c.bin("webhook"))
         .env_clear()
         .envs(env)
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -1149,13 +1149,7 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
         .stderr(std::fs::File::create(c.path().join("logs/webhook.err")).unwrap())
         .spawn()
         .expect("the webhook starts");
-    struct Kill<'a>(&'a mut Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = (self.0.kill(), self.0.wait());
-        }
-    }
-    let webhook = Kill(&mut webhook);
+    let webhook = KillOnDrop(webhook);
     let ready = within(Duration::from_secs(60), || {
         http_ok(&format!("http://127.0.0.1:{health}/readyz"))
     });

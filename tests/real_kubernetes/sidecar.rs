@@ -85,14 +85,7 @@ fn sidecar_with_a_real_pod_token_serves_its_pod_refuses_others_and_loses_a_remov
     );
     let ca = std::fs::read(&ca_out).expect("the sidecar wrote its CA");
     let client = common::Client::new(p.listen, SNI, &ca, &[b"http/1.1"]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let ask = |token: &str| {
-        let r = rt.block_on(client.post_token(CID, token));
-        (r.status, r.error_description())
-    };
+    let ask = |token: &str| ask_token(&client, CID, token);
 
     // Its own pod's token: authorized by a SelfSubjectAccessReview on the real RBAC.
     let own = c.token(NS, SA, &audience(), Some(POD));
