@@ -143,6 +143,11 @@ pub struct ClusterArgs {
     /// tokens verify even if the apiserver is down when the proxy restarts).
     #[arg(long, env = "IBP_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// How long the apiserver keeps each RBAC watch open (its `timeoutSeconds`); then the
+    /// next one starts where it ended, without a list. 1 to 3600.
+    #[arg(long, env = "IBP_WATCH_TIMEOUT_SECS", default_value_t = 290,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub watch_timeout_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]

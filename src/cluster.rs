@@ -26,6 +26,19 @@ pub const GRANT_VERB: &str = "use-managed-identity";
 /// At most this many reviews in flight to the apiserver at once.
 const MAX_REVIEWS_IN_FLIGHT: usize = 64;
 
+/// A request (a review, a list, the JWKS) must send something within this, or it failed.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the apiserver keeps one RBAC watch open (`timeoutSeconds`) before the proxy opens
+/// the next from the same resource version: kube-rs's default, under the apiserver's own
+/// 30-minute minimum request timeout. A quiet watch sends nothing for this long but the
+/// apiserver's bookmarks, so a watch's reads may take up to this long without failing.
+pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
+
+/// Beyond the watch's own `timeoutSeconds`, how long a read on a watch connection may wait
+/// before the connection counts as dead (kube-rs's watcher adds 5 s of its own).
+const WATCH_READ_MARGIN: Duration = Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("the Kubernetes API server could not be reached or failed: {0}")]
@@ -55,13 +68,21 @@ pub enum ReviewMode {
 
 pub struct Cluster {
     client: kube::Client,
+    /// The same apiserver and credentials for watches: a read may wait as long as the watch
+    /// lasts, where `client` gives up after [`REQUEST_READ_TIMEOUT`].
+    watch_client: kube::Client,
+    watch_timeout: Duration,
     reviews: Arc<Semaphore>,
     mode: ReviewMode,
 }
 
 impl Cluster {
-    /// From a kubeconfig file, or from the in-cluster service-account environment.
-    pub async fn connect(kubeconfig: Option<&Path>) -> anyhow::Result<Self> {
+    /// From a kubeconfig file, or from the in-cluster service-account environment; watches
+    /// ask the apiserver to end them after `watch_timeout` (at least a second).
+    pub async fn connect(
+        kubeconfig: Option<&Path>,
+        watch_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let mut config = match kubeconfig {
             Some(path) => {
                 let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
@@ -79,10 +100,19 @@ impl Cluster {
         // a prompt 503 with Retry-After instead (the SDKs retry themselves).
         config.default_retry = false;
         config.connect_timeout = Some(Duration::from_secs(5));
-        config.read_timeout = Some(Duration::from_secs(10));
+        // One read deadline does not fit both: a review answers within seconds, while a watch
+        // on a quiet cluster sends nothing for minutes (cut at 10 s, every watch re-opened
+        // every 10 s on every node, and revocations leaned on the TTLs meanwhile).
+        let watch_timeout = watch_timeout.max(Duration::from_secs(1));
+        let mut watch_config = config.clone();
+        watch_config.read_timeout = Some(watch_timeout + WATCH_READ_MARGIN);
+        config.read_timeout = Some(REQUEST_READ_TIMEOUT);
         let client = kube::Client::try_from(config)?;
+        let watch_client = kube::Client::try_from(watch_config)?;
         Ok(Self {
             client,
+            watch_client,
+            watch_timeout,
             reviews: Arc::new(Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
             mode: ReviewMode::Subject,
         })
@@ -113,6 +143,17 @@ impl Cluster {
 
     pub fn client(&self) -> &kube::Client {
         &self.client
+    }
+
+    /// The client for watches (and the lists they start with): no read deadline short of
+    /// the watch's own end.
+    pub fn watch_client(&self) -> &kube::Client {
+        &self.watch_client
+    }
+
+    /// What watches ask the apiserver for as `timeoutSeconds`.
+    pub fn watch_timeout_secs(&self) -> u32 {
+        u32::try_from(self.watch_timeout.as_secs()).unwrap_or(u32::MAX)
     }
 
     /// TokenReview of `token` for `audience`.

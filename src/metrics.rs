@@ -93,6 +93,8 @@ pub struct RbacMetrics {
     pub watch_synced: IntGauge,
     /// Complete lists of each RBAC kind: one at start, then only when a watch cannot resume.
     pub lists: IntCounterVec,
+    /// RBAC watches that failed (each also logged): not the apiserver ending one on time.
+    pub interruptions: IntCounterVec,
 }
 
 impl RbacMetrics {
@@ -111,6 +113,11 @@ impl RbacMetrics {
             lists: r.counter(
                 "rbac_lists_total",
                 "Complete lists of an RBAC kind: one at start; more only when a broken watch could not resume from its resource version.",
+                &["kind"],
+            ),
+            interruptions: r.counter(
+                "rbac_watch_interruptions_total",
+                "RBAC watches or lists that failed, by kind (a watch the apiserver ends after its timeoutSeconds is not counted): meanwhile cached decisions fall back to their TTLs.",
                 &["kind"],
             ),
             watch_synced: r.single_gauge(
@@ -229,6 +236,7 @@ impl Metrics {
             "rolebindings",
         ] {
             self.rbac.lists.with_label_values(&[kind]);
+            self.rbac.interruptions.with_label_values(&[kind]);
             for effect in ["unrelated", "subjects", "everyone"] {
                 self.rbac.events.with_label_values(&[kind, effect]);
             }

@@ -171,7 +171,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
     }
     let issuer = Arc::new(issuer);
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
-    let cluster = Cluster::connect(config.kubeconfig.as_deref()).await?;
+    let cluster = Cluster::connect(config.kubeconfig.as_deref(), config.watch_timeout).await?;
     let (cluster, own_account) = crate::sidecar::as_configured(cluster, config).await?;
     let authn = Arc::new(Authenticator::new(
         cluster.clone(),
