@@ -371,6 +371,36 @@ pub struct DevArgs {
 pub enum DevCommand {
     /// Print a service-account token signed by the dev kube emulator's key.
     Token(DevTokenArgs),
+    /// Rotate a running dev's CA one step at a time, in the order that fails no client:
+    /// bundle (publish [old, new]), restart what read the CA before, leaf (serve the new CA's
+    /// certificate), drop-old. Without --step: where the rotation stands.
+    RotateCa(DevRotateCaArgs),
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Args, Debug)]
+pub struct DevRotateCaArgs {
+    #[arg(long, env = "IBP_STATE_DIR", default_value = "./.ibp-dev")]
+    pub state_dir: PathBuf,
+    /// The step to take; each is refused unless the one before it is done.
+    #[arg(long, value_enum, default_value = "status")]
+    pub step: RotateStep,
+}
+
+/// The steps of a CA rotation, in their order.
+#[cfg(feature = "emulators")]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotateStep {
+    /// Say where the rotation stands and what comes next; changes nothing.
+    Status,
+    /// Make a new CA and publish the bundle [old, new]: every client that reads the CA file
+    /// from now on trusts both.
+    Bundle,
+    /// Serve a certificate of the new CA and publish [new, old] (refused while a process that
+    /// read the CA file before the bundle still runs).
+    Leaf,
+    /// Publish [new] only (refused until the new CA's certificate is served).
+    DropOld,
 }
 
 #[cfg(feature = "emulators")]
