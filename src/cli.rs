@@ -259,8 +259,12 @@ pub struct ServerArgs {
     /// Deadline for a whole request.
     #[arg(long, env = "IBP_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub request_timeout_secs: u64,
-    /// A connection without a request in flight for this long is closed.
-    #[arg(long, env = "IBP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    /// A connection without a request in flight for this long is closed (HTTP/1.1 and h2).
+    /// Longer than clients keep an idle pooled connection — Go's transport and the Go SDK
+    /// (azcore) 90 s, reqwest (the Rust SDK) 90 s, .NET 60 s (120 s before .NET 6) — so the
+    /// client drops it first and never sends a request into the proxy's close; and not a
+    /// multiple of a minute, the period clients poll at (the how-to's sample: 60 s).
+    #[arg(long, env = "IBP_IDLE_TIMEOUT_SECS", default_value_t = 150)]
     pub idle_timeout_secs: u64,
     /// Most concurrent h2 streams per connection.
     #[arg(long, env = "IBP_H2_MAX_STREAMS", default_value_t = 128)]
@@ -294,8 +298,11 @@ pub struct AdminArgs {
     /// Admin server: /livez, /readyz, /metrics (plain HTTP).
     #[arg(long, env = "IBP_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
-    /// Most connections to the admin server at once (and a quarter of that per peer).
-    #[arg(long, env = "IBP_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    /// Most connections to the admin server at once (and a quarter of that per peer). More
+    /// than the addresses of the pods a node can run (AKS allows 250 pods, twice that with
+    /// dual-stack addresses): fair shares let a new peer in while fewer peers than the cap hold
+    /// connections, so a probe or a scrape is never locked out.
+    #[arg(long, env = "IBP_ADMIN_MAX_CONNECTIONS", default_value_t = 512)]
     pub admin_max_connections: usize,
 }
 
