@@ -347,13 +347,11 @@ impl Limits {
             .peers
             .get(&ip)
             .map_or(0, |p| p.live.len() + p.evicting);
-        if held >= self.config.max_connections_per_peer {
-            return Err(Refusal::Peer);
-        }
+        let over_share = held >= self.config.max_connections_per_peer;
         if table.open >= self.config.max_connections {
             // A peer without a connection is let in whatever is still closing (so the
             // overshoot is at most one per peer beyond `max_evicting`).
-            if held > 0 && table.evicting >= self.config.max_evicting() {
+            if over_share || (held > 0 && table.evicting >= self.config.max_evicting()) {
                 return Err(Refusal::Global);
             }
             let victim = table
@@ -365,6 +363,8 @@ impl Limits {
             if let Some((counter, port)) = &self.evictions {
                 counter.with_label_values(&[port, victim.why.label()]).inc();
             }
+        } else if over_share {
+            return Err(Refusal::Peer);
         }
         table.open += 1;
         table.next_id += 1;
