@@ -947,6 +947,20 @@ const ATTACK: Duration = Duration::from_secs(12);
 
 #[test]
 fn two_hundred_pods_under_their_shares_cannot_lock_a_new_pod_out_of_the_token_port() {
+    lock_out_of_the_token_port(None, "no_request");
+}
+
+#[test]
+fn two_hundred_pods_with_slow_requests_cannot_lock_a_new_pod_out_of_the_token_port() {
+    // A request head, then a body that never ends: in flight, never authenticated.
+    let head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nclient_id=";
+    lock_out_of_the_token_port(Some(head), "unauthenticated_in_flight");
+}
+
+/// 200 pods, each holding 3 TLS connections (under its 4), idle or sending `slow` and then
+/// nothing, and opening each again as soon as it closes: 600 wanted, 400 allowed. A new pod's
+/// requests are all answered, each within 1 s, and connections `evicted` (a reason) made room.
+fn lock_out_of_the_token_port(slow: Option<&'static str>, evicted: &str) {
     let dir = tempfile::tempdir().unwrap();
     let flags = [
         "--",
@@ -979,13 +993,18 @@ fn two_hundred_pods_under_their_shares_cannot_lock_a_new_pod_out_of_the_token_po
     );
     let form = token_form(&cid, &token);
 
-    // 200 pods, each holding 3 idle TLS connections (under its 4) and reopening each as soon
-    // as it closes: 600 wanted, 400 allowed.
     let flood = {
         let client = client.clone();
         Flood::start(&colluders(200), 3, move |ip| {
             let client = client.clone();
-            async move { tls_from(&client, ip).await }
+            async move {
+                let mut tls = tls_from(&client, ip).await?;
+                if let Some(slow) = slow {
+                    tls.write_all(slow.as_bytes()).await?;
+                    tls.flush().await?;
+                }
+                Ok(tls)
+            }
         })
     };
     let limit_refusals =
@@ -1002,8 +1021,11 @@ fn two_hundred_pods_under_their_shares_cannot_lock_a_new_pod_out_of_the_token_po
         eprintln!("attackers hold {} connections", flood.held());
         assert_all_within("a new pod's token requests", &results, Duration::from_secs(1));
         let scrape = try_admin_get(admin, OTHER_PEER, "/metrics").await.unwrap();
-        let evicted = r#"identity_binding_proxy_connection_evictions_total{port="token",reason="no_request"}"#;
-        assert!(series(&scrape, evicted) >= 1.0, "no eviction counted");
+        let series_name = format!(
+            r#"identity_binding_proxy_connection_evictions_total{{port="token",reason="{evicted}"}}"#
+        );
+        let counted: Vec<&str> = scrape.lines().filter(|l| l.contains("evictions")).collect();
+        assert!(series(&scrape, &series_name) >= 1.0, "{counted:#?}");
     });
     drop(flood);
 }
