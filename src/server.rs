@@ -406,6 +406,7 @@ mod tests {
     use http::{Request, StatusCode};
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::TokioIo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// The token port's settings, every default as `serve` has it.
     fn defaults() -> ServerConfig {
@@ -421,19 +422,32 @@ mod tests {
     /// One in-memory connection served with the token port's settings and deadlines; every
     /// request is answered 200 after `work`.
     fn serve(config: &ServerConfig, work: Duration) -> TokioIo<tokio::io::DuplexStream> {
+        serve_counted(config, work).0
+    }
+
+    /// The same, with the count of requests that reached the handler.
+    fn serve_counted(
+        config: &ServerConfig,
+        work: Duration,
+    ) -> (TokioIo<tokio::io::DuplexStream>, Arc<AtomicUsize>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let builder = token_port_builder(config);
         let timeouts = config.timeouts();
         let permit = ConnectionPermit::detached(std::net::IpAddr::from([127, 0, 0, 1]));
+        let handled = Arc::new(AtomicUsize::new(0));
+        let counted = handled.clone();
         tokio::spawn(async move {
-            let handler = move |_req| async move {
-                tokio::time::sleep(work).await;
-                crate::http::text(StatusCode::OK, "ok")
+            let handler = move |_req| {
+                counted.fetch_add(1, Ordering::AcqRel);
+                async move {
+                    tokio::time::sleep(work).await;
+                    crate::http::text(StatusCode::OK, "ok")
+                }
             };
             let conn = (permit.activity(), timeouts);
             serve_connection(&builder, server, conn, &CancellationToken::new(), handler).await;
         });
-        TokioIo::new(client)
+        (TokioIo::new(client), handled)
     }
 
     fn get() -> Request<Empty<Bytes>> {
@@ -507,5 +521,81 @@ mod tests {
         let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
         let ended = closed.expect("still open after the idle timeout").unwrap();
         assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    /// A request sent just as the idle timeout passes, HTTP/1.1 then h2: answered, or refused
+    /// before it reached the handler (the client may send it again: hyper's "canceled", an h2
+    /// stream above the GOAWAY's last stream id, which Go's transport retries); never cut off
+    /// once the proxy took it.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_as_the_idle_timeout_passes_is_answered_or_never_taken() {
+        let config = defaults();
+        let idle = config.idle_timeout;
+        for late in [0, 1, 999].map(Duration::from_micros) {
+            for h2 in [false, true] {
+                let (io, handled) = serve_counted(&config, Duration::from_millis(10));
+                let mut sender = Sender::handshake(io, h2).await;
+                assert_eq!(sender.get().await.unwrap(), StatusCode::OK);
+                tokio::time::sleep(idle + late).await;
+                let outcome = sender.get().await;
+                let taken = handled.load(Ordering::Acquire) == 2;
+                match outcome {
+                    Ok(status) => assert!(taken && status == StatusCode::OK, "{status}"),
+                    Err(e) => {
+                        assert!(!taken, "h2 {h2}, {late:?} late: taken, then {e:?}");
+                        assert!(unsent(&e), "h2 {h2}, {late:?} late: {e:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `e` tells the client its request was not processed, so it may send it again:
+    /// never written (the connection was already closed), or an h2 stream the server's
+    /// graceful GOAWAY (NO_ERROR) refused.
+    fn unsent(e: &hyper::Error) -> bool {
+        let go_away = format!("{e:?}");
+        e.is_canceled() || e.is_closed() || go_away.contains("GoAway(b\"\", NO_ERROR, Remote)")
+    }
+
+    /// An HTTP/1.1 or h2 client connection.
+    enum Sender {
+        H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+        H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    }
+
+    impl Sender {
+        async fn handshake(io: TokioIo<tokio::io::DuplexStream>, h2: bool) -> Self {
+            if h2 {
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                Self::H2(sender)
+            } else {
+                let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn);
+                Self::H1(sender)
+            }
+        }
+
+        /// A GET and its whole answer, or what failed.
+        async fn get(&mut self) -> Result<StatusCode, hyper::Error> {
+            let resp = match self {
+                Self::H1(s) => {
+                    s.ready().await?;
+                    s.send_request(get()).await?
+                }
+                Self::H2(s) => {
+                    s.ready().await?;
+                    s.send_request(get()).await?
+                }
+            };
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            Ok(status)
+        }
     }
 }
