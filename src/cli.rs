@@ -250,7 +250,8 @@ pub struct ServerArgs {
     /// plus room for the rest of the form.
     #[arg(long, env = "IBP_MAX_BODY_BYTES", default_value_t = 20 * 1024)]
     pub max_body_bytes: usize,
-    /// Deadline for reading request headers (slow clients are cut off).
+    /// Deadline for a connection's first request head, from its handshake (slow clients are
+    /// cut off); a later head on a keep-alive connection has the idle timeout.
     #[arg(long, env = "IBP_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
     pub header_read_timeout_secs: u64,
     /// Deadline for a request's whole body, from its head.
