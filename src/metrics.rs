@@ -28,6 +28,8 @@ pub struct Metrics {
     pub entra_duration: Histogram,
     pub kube_reviews: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    /// Connections closed at the connection cap to let a peer under its fair share in.
+    pub connection_evictions: IntCounterVec,
     pub caller_budget_exceeded: IntCounterVec,
     pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
@@ -81,6 +83,15 @@ impl Registrar {
         let opts = HistogramOpts::new(format!("{PREFIX}_{n}"), help).buckets(latency_buckets());
         self.register(Histogram::with_opts(opts).unwrap_or_else(|e| panic!("{n}: {e}")))
     }
+}
+
+/// Connections closed at a port's connection cap to let a peer under its fair share in.
+fn connection_evictions(r: &Registrar) -> IntCounterVec {
+    r.counter(
+        "connection_evictions_total",
+        "Connections told to close because the port ('token' or 'admin') held its connection cap and a peer under its fair share connected, by what the connection was doing: 'no_request' (handshake or first request pending), 'idle', 'unauthenticated_in_flight'.",
+        &["port", "reason"],
+    )
 }
 
 /// The RBAC watch: what it saw, what it keeps, whether it is synced.
@@ -174,6 +185,7 @@ impl Metrics {
                 "Failed TLS handshakes by reason.",
                 &["reason"],
             ),
+            connection_evictions: connection_evictions(&r),
             caller_budget_exceeded: r.counter(
                 "caller_budget_exceeded_total",
                 "Requests refused with 429 because their caller (namespace/service account) spent its per-minute budget, by budget ('miss', 'claims' or 'review').",
@@ -247,6 +259,12 @@ impl Metrics {
         let refusals = crate::limits::Refusal::ALL.map(crate::limits::Refusal::label);
         for reason in crate::tls::HANDSHAKE_FAILURES.iter().chain(&refusals) {
             self.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for port in ["token", "admin"] {
+            for why in crate::limits::Eviction::ALL {
+                self.connection_evictions
+                    .with_label_values(&[port, why.label()]);
+            }
         }
         for kind in crate::limits::Spend::ALL {
             self.caller_budget_exceeded

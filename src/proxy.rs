@@ -148,6 +148,8 @@ impl App {
         trace.client_id = Some(req.client_id.clone());
         trace.scope = Some(req.scope.clone());
         let known = self.authenticate(&req.assertion).await?;
+        // Its connection is now evicted at the cap only after every unauthenticated one.
+        conn.permit.authenticated();
         let caller = &known.caller;
         trace.caller = Some(caller.clone());
         crate::sidecar::check(self.own_account.as_ref(), caller)?;
