@@ -223,6 +223,10 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         body_timeout: config.server.body_timeout,
         request_timeout: config.server.request_timeout,
         own_account,
+        refusals: crate::refusals::Refusals::start(
+            Some(metrics.clone()),
+            crate::refusals::SUMMARY_INTERVAL,
+        ),
     }))
 }
 
@@ -291,14 +295,13 @@ impl TlsConnection {
     async fn serve(self, shutdown: CancellationToken) {
         let tls = match self.router.accept(self.tcp).await {
             Ok(tls) => tls,
-            Err(e) => {
-                tracing::debug!(peer = %self.peer, reason = e.reason(), "TLS handshake refused");
-                return;
-            }
+            Err(e) => return self.app.refusals.handshake(self.peer, &e),
         };
+        let session = tls.get_ref().1;
         let conn_info = Arc::new(ConnInfo {
             peer: self.peer,
-            sni: self.router.served_name(tls.get_ref().1.server_name()),
+            sni: self.router.served_name(session.server_name()),
+            alpn: crate::proxy::alpn_label(session.alpn_protocol()),
             permit: self.permit,
         });
         let app = self.app;
@@ -349,11 +352,12 @@ async fn serve_tls(
     let builder = Arc::new(token_port_builder(config));
     let timeouts = config.timeouts();
     let metrics = app.metrics.clone();
-    let refused = |_peer, refusal: crate::limits::Refusal| {
+    let refused = |peer, refusal: crate::limits::Refusal| {
         metrics
             .tls_handshake_failures
             .with_label_values(&[refusal.label()])
             .inc();
+        app.refusals.connection(peer, refusal);
     };
     let serve = |tcp, peer, permit| {
         let conn = TlsConnection {
