@@ -610,3 +610,35 @@ async fn requests_are_served_while_nobody_reads_the_log_and_dropped_lines_are_co
     );
     drop(dev);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_line_is_lost_at_a_sigterm_stop() {
+    let state = tempfile::tempdir().unwrap();
+    let log = state.path().join("dev.log");
+    let mut dev = dev_logging_to(state.path(), &log, &["--shutdown-delay-secs=0"]);
+    let client = client_of(&dev, &[b"http/1.1"]);
+    let token = std::fs::read_to_string(dev.get("allowed_token_file")).unwrap();
+    let client_id = dev.get("client_id");
+    for _ in 0..20 {
+        assert_eq!(client.post_token(&client_id, &token).await.status, 200);
+    }
+    dev.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = dev.wait_exit(Duration::from_secs(30));
+        (status, dev)
+    });
+    let (status, _dev) = status.await.unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "dev exits 0: {status:?}"
+    );
+    // The last lines, written within the writer's 200 ms before the exit, are there.
+    let lines = lines_from(&log, 0);
+    let requests = lines
+        .iter()
+        .filter(|(_, l)| l["message"] == "token request")
+        .count();
+    assert_eq!(requests, 20, "one line per request");
+    let last = &lines.last().unwrap().1;
+    assert_eq!(last["message"], "stopped", "the drain's last line: {last}");
+}
