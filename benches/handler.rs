@@ -13,6 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::Full;
 use identity_binding_proxy::cli::{DevArgs, LogFormat};
 use identity_binding_proxy::proxy::ConnInfo;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -89,6 +90,49 @@ fn handle_cache_hit(c: &mut Criterion) {
             resp
         })
     });
+    // The same with `serve`'s logging: JSON, `info` (one line per request) or `warn` (none),
+    // written through the log's batching writer, or straight to stderr as before it. Run with
+    // stderr on a pipe someone reads, as a container runtime does:
+    // `cargo bench --bench handler 2>&1 >/dev/stderr | cat >/dev/null` (or `2> >(cat >/dev/null)`).
+    let pipe = identity_binding_proxy::logpipe::install(std::io::stderr());
+    let logged: [(&str, &str, bool); 3] = [
+        ("warn_logpipe", "warn", true),
+        ("info_logpipe", "info", true),
+        ("info_stderr_unbuffered", "info", false),
+    ];
+    for (name, level, batched) in logged {
+        let writer = if batched {
+            BoxMakeWriter::new(pipe)
+        } else {
+            BoxMakeWriter::new(std::io::stderr)
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_ansi(false)
+            .with_writer(writer)
+            .json()
+            .flatten_event(true)
+            .finish();
+        let _scope = tracing::subscriber::set_default(subscriber);
+        g.bench_function(format!("handle_cache_hit_{name}"), |b| {
+            b.to_async(&rt).iter(|| async {
+                let resp = app.handle(request(), &conn).await;
+                debug_assert_eq!(resp.status(), 200);
+                resp
+            })
+        });
+        // The process's CPU, the log's writer thread included (criterion times the calling
+        // thread's wall clock only).
+        let cpu = process_cpu();
+        rt.block_on(async {
+            for _ in 0..CPU_REQUESTS {
+                app.handle(request(), &conn).await;
+            }
+        });
+        let per_request = (process_cpu() - cpu).as_secs_f64() * 1e6 / CPU_REQUESTS as f64;
+        println!("handler/{name}: {per_request:.2} us of process CPU per request");
+    }
+    identity_binding_proxy::logpipe::flush(Duration::from_secs(2));
     g.finish();
     assert_eq!(
         system.entra.stats().tokens_issued,
@@ -96,6 +140,23 @@ fn handle_cache_hit(c: &mut Criterion) {
         "every timed request was a cache hit"
     );
     rt.block_on(system.shutdown());
+}
+
+/// Requests timed for the process-CPU figure: a few seconds at a few microseconds each.
+const CPU_REQUESTS: u32 = 300_000;
+
+/// User + system CPU of this process so far (`/proc/self/stat`, in clock ticks of 10 ms).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // After the command name: state is field 3, utime 14 and stime 15 (proc(5)).
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
 }
 
 criterion_group!(benches, handle_cache_hit);
