@@ -13,7 +13,6 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::Full;
 use identity_binding_proxy::cli::{DevArgs, LogFormat};
 use identity_binding_proxy::proxy::ConnInfo;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -90,29 +89,38 @@ fn handle_cache_hit(c: &mut Criterion) {
             resp
         })
     });
-    // The same with `serve`'s logging: JSON, `info` (one line per request) or `warn` (none),
-    // written through the log's batching writer, or straight to stderr as before it. Run with
+    // The same with `serve`'s logging: JSON at `info` (one line per request) or `warn` (none),
+    // its own line through its batching writer; and, as before them, tracing_subscriber's
+    // JSON straight to unbuffered stderr. Run with
     // stderr on a pipe someone reads, as a container runtime does:
     // `cargo bench --bench handler 2>&1 >/dev/stderr | cat >/dev/null` (or `2> >(cat >/dev/null)`).
     let pipe = identity_binding_proxy::logpipe::install(std::io::stderr());
+    // (name, level, the log's own line and writer, or tracing_subscriber's JSON to stderr)
     let logged: [(&str, &str, bool); 3] = [
-        ("warn_logpipe", "warn", true),
-        ("info_logpipe", "info", true),
-        ("info_stderr_unbuffered", "info", false),
+        ("warn", "warn", true),
+        ("info", "info", true),
+        ("info_before", "info", false),
     ];
-    for (name, level, batched) in logged {
-        let writer = if batched {
-            BoxMakeWriter::new(pipe)
-        } else {
-            BoxMakeWriter::new(std::io::stderr)
-        };
-        let subscriber = tracing_subscriber::fmt()
+    for (name, level, ours) in logged {
+        let builder = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(level))
-            .with_ansi(false)
-            .with_writer(writer)
-            .json()
-            .flatten_event(true)
-            .finish();
+            .with_ansi(false);
+        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = if ours {
+            Box::new(
+                builder
+                    .with_writer(pipe)
+                    .event_format(identity_binding_proxy::logline::JsonLine)
+                    .finish(),
+            )
+        } else {
+            Box::new(
+                builder
+                    .with_writer(std::io::stderr)
+                    .json()
+                    .flatten_event(true)
+                    .finish(),
+            )
+        };
         let _scope = tracing::subscriber::set_default(subscriber);
         g.bench_function(format!("handle_cache_hit_{name}"), |b| {
             b.to_async(&rt).iter(|| async {

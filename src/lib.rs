@@ -21,6 +21,7 @@ pub mod http;
 pub mod issuer;
 pub mod keys;
 pub mod limits;
+pub mod logline;
 pub mod logpipe;
 pub mod memo;
 pub mod metrics;

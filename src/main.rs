@@ -95,7 +95,9 @@ fn init_logs(format: LogFormat) {
         .with_ansi(ansi)
         .with_writer(identity_binding_proxy::logpipe::install(std::io::stderr()));
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .event_format(identity_binding_proxy::logline::JsonLine)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }
