@@ -28,23 +28,7 @@ fn handle_cache_hit(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let args = DevArgs {
-        command: None,
-        state_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        rbac: None,
-        entra_latency_ms: 0,
-        entra_token_lifetime_secs: 3599,
-        cache_min_remaining_secs: 300,
-        authz_denied_ttl_secs: 30,
-        // Longer than the bench, so every timed request is an authorization-cache hit.
-        authz_allowed_ttl_secs: 300,
-        tokenreview_ttl_secs: 120,
-        cache_capacity: 10_000,
-        log_format: LogFormat::Json,
-        proxy_flags: Vec::new(),
-    };
+    let args = dev_args(dir.path());
     let system = rt
         .block_on(identity_binding_proxy::dev::start(&args))
         .unwrap();
@@ -102,26 +86,7 @@ fn handle_cache_hit(c: &mut Criterion) {
         ("info_before", "info", false),
     ];
     for (name, level, ours) in logged {
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
-            .with_ansi(false);
-        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = if ours {
-            Box::new(
-                builder
-                    .with_writer(pipe)
-                    .event_format(identity_binding_proxy::logline::JsonLine)
-                    .finish(),
-            )
-        } else {
-            Box::new(
-                builder
-                    .with_writer(std::io::stderr)
-                    .json()
-                    .flatten_event(true)
-                    .finish(),
-            )
-        };
-        let _scope = tracing::subscriber::set_default(subscriber);
+        let _scope = tracing::subscriber::set_default(subscriber(level, ours, pipe));
         g.bench_function(format!("handle_cache_hit_{name}"), |b| {
             b.to_async(&rt).iter(|| async {
                 let resp = app.handle(request(), &conn).await;
@@ -148,6 +113,55 @@ fn handle_cache_hit(c: &mut Criterion) {
         "every timed request was a cache hit"
     );
     rt.block_on(system.shutdown());
+}
+
+/// The `dev` system of the bench.
+fn dev_args(dir: &std::path::Path) -> DevArgs {
+    DevArgs {
+        command: None,
+        state_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        rbac: None,
+        entra_latency_ms: 0,
+        entra_token_lifetime_secs: 3599,
+        cache_min_remaining_secs: 300,
+        authz_denied_ttl_secs: 30,
+        // Longer than the bench, so every timed request is an authorization-cache hit.
+        authz_allowed_ttl_secs: 300,
+        tokenreview_ttl_secs: 120,
+        cache_capacity: 10_000,
+        log_format: LogFormat::Json,
+        proxy_flags: Vec::new(),
+    }
+}
+
+/// `serve`'s logging at `level`: its own JSON line through the batching writer (`ours`), or
+/// tracing_subscriber's JSON straight to unbuffered stderr, as before them.
+fn subscriber(
+    level: &str,
+    ours: bool,
+    pipe: identity_binding_proxy::logpipe::LogWriter,
+) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_ansi(false);
+    if ours {
+        Box::new(
+            builder
+                .with_writer(pipe)
+                .event_format(identity_binding_proxy::logline::JsonLine)
+                .finish(),
+        )
+    } else {
+        Box::new(
+            builder
+                .with_writer(std::io::stderr)
+                .json()
+                .flatten_event(true)
+                .finish(),
+        )
+    }
 }
 
 /// Requests timed for the process-CPU figure: a few seconds at a few microseconds each.
