@@ -247,7 +247,7 @@ pub async fn serve_connection<I, F, Fut, B>(
 
 /// Accepts connections on `listener` until `shutdown` fires, and hands each one within
 /// `limits` to `serve` with its permit; a connection over a limit is closed at once and
-/// reported to `refused`. Then waits for the connections to finish, at most `drain` when given.
+/// reported to `refused` (which counts and logs it: see `refusals`). Then waits for the connections to finish, at most `drain` when given.
 /// The one accept loop of the token port, the admin server and the emulators.
 pub async fn accept_loop<S, Fut>(
     listener: TcpListener,
@@ -281,10 +281,7 @@ pub async fn accept_loop<S, Fut>(
                 let _ = stream.set_nodelay(true);
                 tracker.spawn(serve(stream, peer, permit));
             }
-            Err(refusal) => {
-                tracing::warn!(%peer, limit = refusal.label(), "connection limit reached; closing new connection");
-                refused(peer, refusal);
-            }
+            Err(refusal) => refused(peer, refusal),
         }
     }
     drop(listener);
@@ -334,7 +331,9 @@ pub async fn serve_plain<F, Fut, B>(
             serve_connection(&builder, stream, conn, &shutdown, handler).await;
         }
     };
-    accept_loop(listener, &shutdown, &limits, None, |_, _| {}, serve).await;
+    let refusals = crate::refusals::Refusals::start(None, crate::refusals::SUMMARY_INTERVAL);
+    let refused = |peer, refusal| refusals.connection(peer, refusal);
+    accept_loop(listener, &shutdown, &limits, None, refused, serve).await;
 }
 
 /// The outbound HTTP client: https through rustls (aws-lc-rs, webpki roots) and plain http

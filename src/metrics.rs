@@ -30,6 +30,7 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     /// Connections closed at the connection cap to let a peer under its fair share in.
     pub connection_evictions: IntCounterVec,
+    pub log: LogMetrics,
     pub caller_budget_exceeded: IntCounterVec,
     pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
@@ -92,6 +93,32 @@ fn connection_evictions(r: &Registrar) -> IntCounterVec {
         "Connections told to close because the port ('token' or 'admin') held its connection cap and a peer under its fair share connected, by what the connection was doing: 'no_request' (handshake or first request pending), 'idle', 'unauthenticated_in_flight'.",
         &["port", "reason"],
     )
+}
+
+/// What the log leaves out: refusals summarized per peer, lines its reader did not take.
+pub struct LogMetrics {
+    /// Refusals before authentication (connections, handshakes, requests), by reason: the
+    /// counts behind the log's per-peer summaries.
+    pub refusals: IntCounterVec,
+    /// Log lines dropped because the log reader did not keep up (synced at each scrape).
+    pub lines_dropped: IntCounter,
+}
+
+impl LogMetrics {
+    fn new(r: &Registrar) -> Self {
+        let dropped = IntCounter::new(
+            format!("{PREFIX}_log_lines_dropped_total"),
+            "Log lines dropped because the log's reader did not keep up (its queue was full); requests never wait for the log.",
+        );
+        Self {
+            refusals: r.counter(
+                "refusals_total",
+                "Connections and requests refused before their caller was authenticated, by reason (a connection limit, a handshake failure, or the outcome of a request); the log summarizes them per peer.",
+                &["reason"],
+            ),
+            lines_dropped: r.register(dropped.unwrap_or_else(|e| panic!("log_lines_dropped_total: {e}"))),
+        }
+    }
 }
 
 /// The RBAC watch: what it saw, what it keeps, whether it is synced.
@@ -186,6 +213,7 @@ impl Metrics {
                 &["reason"],
             ),
             connection_evictions: connection_evictions(&r),
+            log: LogMetrics::new(&r),
             caller_budget_exceeded: r.counter(
                 "caller_budget_exceeded_total",
                 "Requests refused with 429 because their caller (namespace/service account) spent its per-minute budget, by budget ('miss', 'claims' or 'review').",
@@ -266,6 +294,9 @@ impl Metrics {
                     .with_label_values(&[port, why.label()]);
             }
         }
+        for reason in crate::refusals::reasons() {
+            self.log.refusals.with_label_values(&[reason]);
+        }
         for kind in crate::limits::Spend::ALL {
             self.caller_budget_exceeded
                 .with_label_values(&[kind.label()]);
@@ -298,6 +329,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        // The log's writer counts its drops process-wide (it is the process's stderr).
+        let dropped = crate::logpipe::dropped();
+        let counted = self.log.lines_dropped.get();
+        if dropped > counted {
+            self.log.lines_dropped.inc_by(dropped - counted);
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out

@@ -240,6 +240,10 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         body_timeout: config.server.body_timeout,
         request_timeout: config.server.request_timeout,
         own_account,
+        refusals: crate::refusals::Refusals::start(
+            Some(metrics.clone()),
+            crate::refusals::SUMMARY_INTERVAL,
+        ),
     }))
 }
 
@@ -310,17 +314,16 @@ impl TlsConnection {
         let tls = tokio::select! {
             accepted = self.router.accept(self.tcp) => match accepted {
                 Ok(tls) => tls,
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, reason = e.reason(), "TLS handshake refused");
-                    return;
-                }
+                Err(e) => return self.app.refusals.handshake(self.peer, &e),
             },
             // Made room for a peer under its fair share before it sent anything.
             _ = activity.evicted() => return,
         };
+        let session = tls.get_ref().1;
         let conn_info = Arc::new(ConnInfo {
             peer: self.peer,
-            sni: self.router.served_name(tls.get_ref().1.server_name()),
+            sni: self.router.served_name(session.server_name()),
+            alpn: crate::proxy::alpn_label(session.alpn_protocol()),
             permit: self.permit,
         });
         let app = self.app;
@@ -377,11 +380,12 @@ async fn serve_tls(
     let builder = Arc::new(token_port_builder(config));
     let timeouts = config.timeouts();
     let metrics = app.metrics.clone();
-    let refused = |_peer, refusal: crate::limits::Refusal| {
+    let refused = |peer, refusal: crate::limits::Refusal| {
         metrics
             .tls_handshake_failures
             .with_label_values(&[refusal.label()])
             .inc();
+        app.refusals.connection(peer, refusal);
     };
     let serve = |tcp, peer, permit| {
         let conn = TlsConnection {
