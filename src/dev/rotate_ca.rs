@@ -27,6 +27,9 @@ const CA_KEY: &str = "tls/ca.key";
 const NEXT_CERT: &str = "tls/ca-next.crt";
 const NEXT_KEY: &str = "tls/ca-next.key";
 const ROTATION: &str = "tls/rotation.json";
+/// The certificate the proxy serves, and its key.
+const LEAF_CERT: &str = "tls/tls.crt";
+const LEAF_KEY: &str = "tls/tls.key";
 /// The proxy polls its certificate files every 500 ms in dev: this is ample.
 const SERVE_WAIT: Duration = Duration::from_secs(15);
 
@@ -51,7 +54,7 @@ enum Done {
     Leaf,
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Debug)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy)]
 struct Rotation {
     done: Done,
     /// When the bundle was published (Unix seconds).
@@ -72,15 +75,15 @@ struct Dev {
 pub fn run(args: &DevRotateCaArgs) -> Result<String, RotateError> {
     let dev = running_dev(&args.state_dir)?;
     let rotation = dev.rotation()?;
-    match (args.step, rotation.as_ref().map(|r| r.done)) {
-        (RotateStep::Status, _) => Ok(dev.status(rotation.as_ref())),
+    match (args.step, rotation.as_ref()) {
+        (RotateStep::Status, r) => Ok(dev.status(r)),
         (RotateStep::Bundle, None) => dev.publish_bundle(),
-        (RotateStep::Bundle, Some(_)) => Err(refused(format!(
+        (RotateStep::Bundle, r @ Some(_)) => Err(refused(format!(
             "a CA rotation is already under way; {}",
-            dev.status(rotation.as_ref())
+            dev.status(r)
         ))),
-        (RotateStep::Leaf, Some(Done::Bundle)) => dev.switch_leaf(rotation.as_ref()),
-        (RotateStep::Leaf, Some(Done::Leaf)) => Err(refused(
+        (RotateStep::Leaf, Some(r)) if r.done == Done::Bundle => dev.switch_leaf(r),
+        (RotateStep::Leaf, Some(_)) => Err(refused(
             "the proxy already serves the new CA's certificate; next: --step drop-old",
         )),
         (RotateStep::Leaf, None) => Err(refused(format!(
@@ -88,11 +91,11 @@ pub fn run(args: &DevRotateCaArgs) -> Result<String, RotateError> {
              every client trusts it; first: {}",
             dev.command("bundle")
         ))),
-        (RotateStep::DropOld, Some(Done::Leaf)) => dev.drop_old(),
-        (RotateStep::DropOld, _) => Err(refused(format!(
+        (RotateStep::DropOld, Some(r)) if r.done == Done::Leaf => dev.drop_old(),
+        (RotateStep::DropOld, r) => Err(refused(format!(
             "the proxy does not serve a certificate of the new CA yet: dropping the old CA now \
              would fail every client; {}",
-            dev.status(rotation.as_ref())
+            dev.status(r)
         ))),
     }
 }
@@ -227,10 +230,45 @@ impl Dev {
             .collect())
     }
 
-    /// Step 3: the proxy serves a certificate of the new CA; the CA file becomes [new, old].
-    fn switch_leaf(&self, rotation: Option<&Rotation>) -> Result<String, RotateError> {
-        let ticks = rotation.map_or(0, |r| r.bundle_ticks);
-        let waiting = self.readers_started_before(ticks)?;
+    /// Step 3: the proxy serves a certificate of the new CA; only once it does, the CA file
+    /// becomes [new, old] and the step counts as done. If the proxy does not take the new
+    /// certificate, the previous one is put back: the rotation stays at the bundle, and the CA
+    /// file [old, new] still fits what is served, so the step can simply be run again.
+    fn switch_leaf(&self, rotation: &Rotation) -> Result<String, RotateError> {
+        self.refuse_unless_restarted(rotation)?;
+        let (old, new) = (self.read(CA_CERT)?, self.ca(NEXT_CERT, NEXT_KEY)?);
+        let leaf = new.issue(&[&self.info.sni_name])?;
+        let previous = (self.read(LEAF_KEY)?, self.read(LEAF_CERT)?);
+        self.write_leaf(&leaf.key_pem, &leaf.cert_pem)?;
+        if let Err(not_served) = self.wait_until_served(&new.cert_pem) {
+            let outcome = match self.write_leaf(&previous.0, &previous.1) {
+                Ok(()) => format!(
+                    "the previous certificate is back in place and {} is still [old CA, new CA]; \
+                     see dev's log, then: {}",
+                    self.info.ca_file.display(),
+                    self.command("leaf")
+                ),
+                Err(e) => format!("putting the previous certificate back failed too: {e:#}"),
+            };
+            return Err(anyhow::anyhow!("{not_served:#}; {outcome}").into());
+        }
+        let bundle = format!("{}{}", new.cert_pem, old);
+        write_public(&self.info.ca_file, bundle.as_bytes()).map_err(anyhow::Error::from)?;
+        self.record(&Rotation {
+            done: Done::Leaf,
+            ..*rotation
+        })?;
+        Ok(format!(
+            "the proxy serves a certificate of the new CA; {} = [new CA, old CA].\nnext: {}",
+            self.info.ca_file.display(),
+            self.command("drop-old")
+        ))
+    }
+
+    /// Refuses the switch while a process that read the CA file before the bundle runs, or
+    /// when the published file no longer holds the new CA.
+    fn refuse_unless_restarted(&self, rotation: &Rotation) -> Result<(), RotateError> {
+        let waiting = self.readers_started_before(rotation.bundle_ticks)?;
         if !waiting.is_empty() {
             return Err(refused(format!(
                 "these processes read {} before the new CA was published and may trust the old \
@@ -240,34 +278,26 @@ impl Dev {
                 list(&waiting)
             )));
         }
-        let (old, new) = (self.read(CA_CERT)?, self.ca(NEXT_CERT, NEXT_KEY)?);
+        let new = self.read(NEXT_CERT)?;
         let published = std::fs::read_to_string(&self.info.ca_file).unwrap_or_default();
-        if !published.contains(new.cert_pem.trim()) {
+        if !published.contains(new.trim()) {
             return Err(refused(format!(
                 "{} no longer holds the new CA (was it replaced?): publish it again (restart \
                  dev to start over)",
                 self.info.ca_file.display()
             )));
         }
-        let leaf = new.issue(&[&self.info.sni_name])?;
-        let tls = self.path("tls");
-        write_private(&tls.join("tls.key"), leaf.key_pem.as_bytes())
-            .map_err(anyhow::Error::from)?;
-        write_public(&tls.join("tls.crt"), leaf.cert_pem.as_bytes())
-            .map_err(anyhow::Error::from)?;
-        let bundle = format!("{}{}", new.cert_pem, old);
-        write_public(&self.info.ca_file, bundle.as_bytes()).map_err(anyhow::Error::from)?;
-        self.record(&Rotation {
-            done: Done::Leaf,
-            bundle_published: rotation.map_or(0, |r| r.bundle_published),
-            bundle_ticks: ticks,
-        })?;
-        self.wait_until_served(&new.cert_pem)?;
-        Ok(format!(
-            "the proxy serves a certificate of the new CA; {} = [new CA, old CA].\nnext: {}",
-            self.info.ca_file.display(),
-            self.command("drop-old")
-        ))
+        Ok(())
+    }
+
+    /// Replaces the serving key and certificate, the key first. The proxy reads the two files
+    /// one after the other, so a reload may see the new key with the old certificate; it
+    /// refuses such a pair ("do not fit together") and keeps serving what it had, and its next
+    /// poll sees the certificate change and loads the matching pair.
+    fn write_leaf(&self, key_pem: &str, cert_pem: &str) -> anyhow::Result<()> {
+        write_private(&self.path(LEAF_KEY), key_pem.as_bytes())?;
+        write_public(&self.path(LEAF_CERT), cert_pem.as_bytes())?;
+        Ok(())
     }
 
     /// Step 4: the old CA leaves the bundle; the new one is the CA from now on.
@@ -300,8 +330,7 @@ impl Dev {
             }
             if std::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "the certificate files are in place, but the proxy did not serve them within \
-                     {} s ({}); see dev's log",
+                    "the proxy did not serve the new CA's certificate within {} s ({})",
                     SERVE_WAIT.as_secs(),
                     answer.map_or_else(|e| e.to_string(), |_| "still the old one".into())
                 );
