@@ -312,8 +312,18 @@ impl Dev {
         write_public(&self.info.ca_file, new.cert_pem.as_bytes()).map_err(anyhow::Error::from)?;
         write_private(&self.path(CA_KEY), new.key_pem().as_bytes()).map_err(anyhow::Error::from)?;
         write_public(&self.path(CA_CERT), new.cert_pem.as_bytes()).map_err(anyhow::Error::from)?;
-        for name in [NEXT_KEY, NEXT_CERT, ROTATION] {
-            std::fs::remove_file(self.path(name)).map_err(anyhow::Error::from)?;
+        // The record goes first: until it does, the step can be run again (everything above
+        // is rewritten from ca-next.*); once it has, the next CA is the CA, and a ca-next.*
+        // left behind is overwritten by the next rotation's bundle.
+        let record = self.path(ROTATION);
+        match std::fs::remove_file(&record) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::anyhow!("removing {}: {e}", record.display()).into());
+            }
+            _ => {}
+        }
+        for name in [NEXT_KEY, NEXT_CERT] {
+            let _ = std::fs::remove_file(self.path(name));
         }
         Ok(format!(
             "{} = [new CA]: the rotation is complete.",
