@@ -59,8 +59,8 @@ struct Rotation {
     done: Done,
     /// When the bundle was published (Unix seconds).
     bundle_published: u64,
-    /// The start time (clock ticks since boot, as `/proc/PID/stat` says) of the process that
-    /// published the bundle: a process that started earlier may hold the old CA alone.
+    /// Clock ticks since boot (the unit of `/proc/PID/stat`'s start times) just after the
+    /// bundle was written: a process that started by then may hold the old CA alone.
     bundle_ticks: u64,
 }
 
@@ -198,7 +198,6 @@ impl Dev {
     /// Step 1: a new CA, published after the old one.
     fn publish_bundle(&self) -> Result<String, RotateError> {
         let old = self.read(CA_CERT)?;
-        let ticks = processes::own_start_ticks()?;
         let new = DevCa::generate(&format!("identity-binding-proxy dev CA {}", unix_now()))?;
         write_private(&self.path(NEXT_KEY), new.key_pem().as_bytes())
             .map_err(anyhow::Error::from)?;
@@ -206,6 +205,9 @@ impl Dev {
             .map_err(anyhow::Error::from)?;
         let bundle = format!("{}{}", old, new.cert_pem);
         write_public(&self.info.ca_file, bundle.as_bytes()).map_err(anyhow::Error::from)?;
+        // Taken after the write: a client that started before it, even while this ran, may
+        // have read the old file.
+        let ticks = processes::now_ticks()?;
         self.record(&Rotation {
             done: Done::Bundle,
             bundle_published: unix_now(),
@@ -221,12 +223,12 @@ impl Dev {
         ))
     }
 
-    /// Processes (other than dev and us) pointed at this CA file that started before `ticks`.
+    /// Processes (other than dev and us) pointed at this CA file that started by `ticks`.
     fn readers_started_before(&self, ticks: u64) -> anyhow::Result<Vec<processes::Reader>> {
         let skip = [Some(std::process::id()), self.pid];
         Ok(processes::ca_readers(&self.info.ca_file)?
             .into_iter()
-            .filter(|r| r.start_ticks < ticks && !skip.contains(&Some(r.pid)))
+            .filter(|r| r.start_ticks <= ticks && !skip.contains(&Some(r.pid)))
             .collect())
     }
 
@@ -475,11 +477,39 @@ mod processes {
         pub start_ticks: u64,
     }
 
-    /// The start time of this process, in the same ticks.
-    pub fn own_start_ticks() -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string("/proc/self/stat")
-            .map_err(|e| anyhow::anyhow!("/proc/self/stat: {e} (rotate-ca needs Linux)"))?;
-        start_ticks(&stat).ok_or_else(|| anyhow::anyhow!("/proc/self/stat: unexpected format"))
+    /// Now, in the ticks of the start times: `/proc/uptime` times the clock ticks per second,
+    /// rounded up (a process that starts in the same instant counts as started by now).
+    pub fn now_ticks() -> anyhow::Result<u64> {
+        let uptime = std::fs::read_to_string("/proc/uptime")
+            .map_err(|e| anyhow::anyhow!("/proc/uptime: {e} (rotate-ca needs Linux)"))?;
+        uptime_ticks(&uptime, clock_ticks_per_second())
+            .ok_or_else(|| anyhow::anyhow!("/proc/uptime: unexpected format: {uptime:?}"))
+    }
+
+    /// The first field of `/proc/uptime` (seconds, with hundredths) in ticks of `hz`, one
+    /// hundredth over: the kernel truncates both it and the start times.
+    fn uptime_ticks(uptime: &str, hz: u64) -> Option<u64> {
+        let seconds = uptime.split_whitespace().next()?;
+        let (whole, hundredths) = seconds.split_once('.')?;
+        if hundredths.len() != 2 {
+            return None;
+        }
+        let hundredths = whole.parse::<u64>().ok()? * 100 + hundredths.parse::<u64>().ok()?;
+        Some((hundredths + 1) * hz / 100)
+    }
+
+    /// The clock ticks per second of the start times: `AT_CLKTCK` of the auxiliary vector
+    /// (what `sysconf(_SC_CLK_TCK)` answers), else Linux's `USER_HZ`, 100.
+    fn clock_ticks_per_second() -> u64 {
+        const AT_CLKTCK: usize = 17;
+        const WORD: usize = std::mem::size_of::<usize>();
+        let auxv = std::fs::read("/proc/self/auxv").unwrap_or_default();
+        let word = |b: &[u8]| usize::from_ne_bytes(b.try_into().unwrap_or([0; WORD]));
+        auxv.chunks_exact(2 * WORD)
+            .find(|pair| word(&pair[..WORD]) == AT_CLKTCK)
+            .map(|pair| word(&pair[WORD..]) as u64)
+            .filter(|hz| *hz > 0)
+            .unwrap_or(100)
     }
 
     /// Field 22 of `/proc/PID/stat`; the command name (field 2) may hold spaces and brackets.
@@ -531,6 +561,42 @@ mod processes {
                         987654 1000 200";
             assert_eq!(super::start_ticks(stat), Some(987654));
             assert_eq!(super::start_ticks("4242 (short"), None);
+        }
+
+        #[test]
+        fn uptime_is_read_in_clock_ticks_rounded_up() {
+            assert_eq!(
+                super::uptime_ticks("12345.67 54321.00\n", 100),
+                Some(1234568)
+            );
+            assert_eq!(super::uptime_ticks("0.00 0.00", 100), Some(1));
+            assert_eq!(super::uptime_ticks("2.50 1.00", 1000), Some(2510));
+            assert_eq!(super::uptime_ticks("12345 1.00", 100), None);
+            assert_eq!(super::uptime_ticks("", 100), None);
+        }
+
+        /// A process started now has started by now, in the same ticks: the start time of
+        /// a child spawned after reading the clock is at most one tick later.
+        #[test]
+        fn now_is_in_the_ticks_of_the_start_times() {
+            let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+            let started = super::start_ticks(&own).unwrap();
+            let now = super::now_ticks().unwrap();
+            assert!(started <= now, "started {started} after now {now}");
+            let hz = super::clock_ticks_per_second();
+            let mut child = std::process::Command::new("sleep")
+                .arg("1")
+                .spawn()
+                .unwrap();
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()));
+            let _ = child.kill();
+            let _ = child.wait();
+            let child_started = super::start_ticks(&stat.unwrap()).unwrap();
+            assert!(child_started + 1 >= now, "{child_started} vs {now}");
+            assert!(
+                child_started <= now + hz,
+                "{child_started} vs {now} at {hz}/s"
+            );
         }
     }
 }
