@@ -936,6 +936,13 @@ fn dev_rotate_ca_fails_no_request_and_refuses_steps_out_of_order() {
     // The Python client read the CA file before the bundle: the switch waits for its restart.
     let text = refused(&dev, "leaf");
     assert!(text.contains(&pid) && text.contains("restart"), "{text}");
+    // Named by its program alone: a command line may carry secrets.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert!(
+        text.contains(&format!("pid {pid}  {}", comm.trim())),
+        "{text}"
+    );
+    assert!(!text.contains("get_token.py"), "no command line: {text}");
     client = python(&dev.env("allowed_token_file"));
     let read_once_after_restart = std::fs::read_to_string(dev.ca_file()).unwrap();
     each_client_gets_a_token([&mut client, &mut dotnet], "after the restart");

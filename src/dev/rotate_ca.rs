@@ -368,7 +368,7 @@ fn restart_advice(waiting: &[processes::Reader]) -> String {
 fn list(readers: &[processes::Reader]) -> String {
     readers
         .iter()
-        .map(|r| format!("  pid {}  {}", r.pid, r.command))
+        .map(|r| format!("  pid {}  {}", r.pid, r.name))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -472,7 +472,8 @@ mod processes {
 
     pub struct Reader {
         pub pid: u32,
-        pub command: String,
+        /// `/proc/PID/comm`: the program's name only, as a command line may carry secrets.
+        pub name: String,
         /// Clock ticks since boot when it started.
         pub start_ticks: u64,
     }
@@ -542,11 +543,10 @@ mod processes {
             let Some(start_ticks) = start_ticks(&stat) else {
                 continue;
             };
-            let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
-            let command = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let name = std::fs::read(proc.join("comm")).unwrap_or_default();
             found.push(Reader {
                 pid,
-                command: command.trim().to_string(),
+                name: String::from_utf8_lossy(&name).trim().to_string(),
                 start_ticks,
             });
         }
