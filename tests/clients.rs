@@ -936,6 +936,13 @@ fn dev_rotate_ca_fails_no_request_and_refuses_steps_out_of_order() {
     // The Python client read the CA file before the bundle: the switch waits for its restart.
     let text = refused(&dev, "leaf");
     assert!(text.contains(&pid) && text.contains("restart"), "{text}");
+    // Named by its program alone: a command line may carry secrets.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert!(
+        text.contains(&format!("pid {pid}  {}", comm.trim())),
+        "{text}"
+    );
+    assert!(!text.contains("get_token.py"), "no command line: {text}");
     client = python(&dev.env("allowed_token_file"));
     let read_once_after_restart = std::fs::read_to_string(dev.ca_file()).unwrap();
     each_client_gets_a_token([&mut client, &mut dotnet], "after the restart");
@@ -969,6 +976,51 @@ fn dev_rotate_ca_fails_no_request_and_refuses_steps_out_of_order() {
         1.0,
         "handshakes failed during the rotation"
     );
+}
+
+/// `leaf` when the proxy does not take the new certificate (here dev is stopped: it neither
+/// reloads nor answers): the step fails, the previous key and certificate are put back, the CA
+/// file stays [old, new] and the rotation at the bundle, so `drop-old` is still refused; once
+/// the proxy runs again, `leaf` is simply run again and the rotation completes.
+#[test]
+fn dev_rotate_ca_leaf_not_served_is_undone_and_can_be_run_again() {
+    let dev = Dev::start();
+    let (sni, addr) = (dev.sni(), dev.proxy_addr());
+    let (code, text) = rotate_ca(&dev, "bundle");
+    assert_eq!(code, 0, "{text}");
+    let key = || std::fs::read_to_string(dev.state.path().join("tls/tls.key")).unwrap();
+    let before = (ca_and_leaf(&dev), key());
+
+    dev.process.signal("STOP");
+    let (code, text) = rotate_ca(&dev, "leaf");
+    dev.process.signal("CONT");
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("did not serve") && text.contains("--step leaf"),
+        "says what failed and what to run: {text}"
+    );
+    assert_eq!(
+        (ca_and_leaf(&dev), key()),
+        before,
+        "the previous key and certificate are back; the CA file is still [old, new]"
+    );
+    let (code, text) = rotate_ca(&dev, "status");
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("the bundle [old, new] is published"),
+        "{text}"
+    );
+    assert!(refused(&dev, "drop-old").contains("would fail every client"));
+    let old_ca = first_pem_certificate(&before.0 .0).unwrap();
+    handshake(addr, &sni, &old_ca, &["http/1.1"]).expect("the old CA's certificate is served");
+
+    let (code, text) = rotate_ca(&dev, "leaf");
+    assert_eq!(code, 0, "run again: {text}");
+    let (code, text) = rotate_ca(&dev, "drop-old");
+    assert_eq!(code, 0, "{text}");
+    let published = std::fs::read_to_string(dev.ca_file()).unwrap();
+    assert_eq!(published.matches("BEGIN CERTIFICATE").count(), 1);
+    handshake(addr, &sni, &published, &["http/1.1"]).expect("the new CA alone is trusted");
 }
 
 /// TLS handshakes the proxy saw fail, all reasons.

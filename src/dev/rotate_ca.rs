@@ -27,6 +27,9 @@ const CA_KEY: &str = "tls/ca.key";
 const NEXT_CERT: &str = "tls/ca-next.crt";
 const NEXT_KEY: &str = "tls/ca-next.key";
 const ROTATION: &str = "tls/rotation.json";
+/// The certificate the proxy serves, and its key.
+const LEAF_CERT: &str = "tls/tls.crt";
+const LEAF_KEY: &str = "tls/tls.key";
 /// The proxy polls its certificate files every 500 ms in dev: this is ample.
 const SERVE_WAIT: Duration = Duration::from_secs(15);
 
@@ -51,13 +54,13 @@ enum Done {
     Leaf,
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Debug)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy)]
 struct Rotation {
     done: Done,
     /// When the bundle was published (Unix seconds).
     bundle_published: u64,
-    /// The start time (clock ticks since boot, as `/proc/PID/stat` says) of the process that
-    /// published the bundle: a process that started earlier may hold the old CA alone.
+    /// Clock ticks since boot (the unit of `/proc/PID/stat`'s start times) just after the
+    /// bundle was written: a process that started by then may hold the old CA alone.
     bundle_ticks: u64,
 }
 
@@ -72,15 +75,15 @@ struct Dev {
 pub fn run(args: &DevRotateCaArgs) -> Result<String, RotateError> {
     let dev = running_dev(&args.state_dir)?;
     let rotation = dev.rotation()?;
-    match (args.step, rotation.as_ref().map(|r| r.done)) {
-        (RotateStep::Status, _) => Ok(dev.status(rotation.as_ref())),
+    match (args.step, rotation.as_ref()) {
+        (RotateStep::Status, r) => Ok(dev.status(r)),
         (RotateStep::Bundle, None) => dev.publish_bundle(),
-        (RotateStep::Bundle, Some(_)) => Err(refused(format!(
+        (RotateStep::Bundle, r @ Some(_)) => Err(refused(format!(
             "a CA rotation is already under way; {}",
-            dev.status(rotation.as_ref())
+            dev.status(r)
         ))),
-        (RotateStep::Leaf, Some(Done::Bundle)) => dev.switch_leaf(rotation.as_ref()),
-        (RotateStep::Leaf, Some(Done::Leaf)) => Err(refused(
+        (RotateStep::Leaf, Some(r)) if r.done == Done::Bundle => dev.switch_leaf(r),
+        (RotateStep::Leaf, Some(_)) => Err(refused(
             "the proxy already serves the new CA's certificate; next: --step drop-old",
         )),
         (RotateStep::Leaf, None) => Err(refused(format!(
@@ -88,11 +91,11 @@ pub fn run(args: &DevRotateCaArgs) -> Result<String, RotateError> {
              every client trusts it; first: {}",
             dev.command("bundle")
         ))),
-        (RotateStep::DropOld, Some(Done::Leaf)) => dev.drop_old(),
-        (RotateStep::DropOld, _) => Err(refused(format!(
+        (RotateStep::DropOld, Some(r)) if r.done == Done::Leaf => dev.drop_old(),
+        (RotateStep::DropOld, r) => Err(refused(format!(
             "the proxy does not serve a certificate of the new CA yet: dropping the old CA now \
              would fail every client; {}",
-            dev.status(rotation.as_ref())
+            dev.status(r)
         ))),
     }
 }
@@ -195,7 +198,6 @@ impl Dev {
     /// Step 1: a new CA, published after the old one.
     fn publish_bundle(&self) -> Result<String, RotateError> {
         let old = self.read(CA_CERT)?;
-        let ticks = processes::own_start_ticks()?;
         let new = DevCa::generate(&format!("identity-binding-proxy dev CA {}", unix_now()))?;
         write_private(&self.path(NEXT_KEY), new.key_pem().as_bytes())
             .map_err(anyhow::Error::from)?;
@@ -203,6 +205,9 @@ impl Dev {
             .map_err(anyhow::Error::from)?;
         let bundle = format!("{}{}", old, new.cert_pem);
         write_public(&self.info.ca_file, bundle.as_bytes()).map_err(anyhow::Error::from)?;
+        // Taken after the write: a client that started before it, even while this ran, may
+        // have read the old file.
+        let ticks = processes::now_ticks()?;
         self.record(&Rotation {
             done: Done::Bundle,
             bundle_published: unix_now(),
@@ -218,19 +223,54 @@ impl Dev {
         ))
     }
 
-    /// Processes (other than dev and us) pointed at this CA file that started before `ticks`.
+    /// Processes (other than dev and us) pointed at this CA file that started by `ticks`.
     fn readers_started_before(&self, ticks: u64) -> anyhow::Result<Vec<processes::Reader>> {
         let skip = [Some(std::process::id()), self.pid];
         Ok(processes::ca_readers(&self.info.ca_file)?
             .into_iter()
-            .filter(|r| r.start_ticks < ticks && !skip.contains(&Some(r.pid)))
+            .filter(|r| r.start_ticks <= ticks && !skip.contains(&Some(r.pid)))
             .collect())
     }
 
-    /// Step 3: the proxy serves a certificate of the new CA; the CA file becomes [new, old].
-    fn switch_leaf(&self, rotation: Option<&Rotation>) -> Result<String, RotateError> {
-        let ticks = rotation.map_or(0, |r| r.bundle_ticks);
-        let waiting = self.readers_started_before(ticks)?;
+    /// Step 3: the proxy serves a certificate of the new CA; only once it does, the CA file
+    /// becomes [new, old] and the step counts as done. If the proxy does not take the new
+    /// certificate, the previous one is put back: the rotation stays at the bundle, and the CA
+    /// file [old, new] still fits what is served, so the step can simply be run again.
+    fn switch_leaf(&self, rotation: &Rotation) -> Result<String, RotateError> {
+        self.refuse_unless_restarted(rotation)?;
+        let (old, new) = (self.read(CA_CERT)?, self.ca(NEXT_CERT, NEXT_KEY)?);
+        let leaf = new.issue(&[&self.info.sni_name])?;
+        let previous = (self.read(LEAF_KEY)?, self.read(LEAF_CERT)?);
+        self.write_leaf(&leaf.key_pem, &leaf.cert_pem)?;
+        if let Err(not_served) = self.wait_until_served(&new.cert_pem) {
+            let outcome = match self.write_leaf(&previous.0, &previous.1) {
+                Ok(()) => format!(
+                    "the previous certificate is back in place and {} is still [old CA, new CA]; \
+                     see dev's log, then: {}",
+                    self.info.ca_file.display(),
+                    self.command("leaf")
+                ),
+                Err(e) => format!("putting the previous certificate back failed too: {e:#}"),
+            };
+            return Err(anyhow::anyhow!("{not_served:#}; {outcome}").into());
+        }
+        let bundle = format!("{}{}", new.cert_pem, old);
+        write_public(&self.info.ca_file, bundle.as_bytes()).map_err(anyhow::Error::from)?;
+        self.record(&Rotation {
+            done: Done::Leaf,
+            ..*rotation
+        })?;
+        Ok(format!(
+            "the proxy serves a certificate of the new CA; {} = [new CA, old CA].\nnext: {}",
+            self.info.ca_file.display(),
+            self.command("drop-old")
+        ))
+    }
+
+    /// Refuses the switch while a process that read the CA file before the bundle runs, or
+    /// when the published file no longer holds the new CA.
+    fn refuse_unless_restarted(&self, rotation: &Rotation) -> Result<(), RotateError> {
+        let waiting = self.readers_started_before(rotation.bundle_ticks)?;
         if !waiting.is_empty() {
             return Err(refused(format!(
                 "these processes read {} before the new CA was published and may trust the old \
@@ -240,34 +280,26 @@ impl Dev {
                 list(&waiting)
             )));
         }
-        let (old, new) = (self.read(CA_CERT)?, self.ca(NEXT_CERT, NEXT_KEY)?);
+        let new = self.read(NEXT_CERT)?;
         let published = std::fs::read_to_string(&self.info.ca_file).unwrap_or_default();
-        if !published.contains(new.cert_pem.trim()) {
+        if !published.contains(new.trim()) {
             return Err(refused(format!(
                 "{} no longer holds the new CA (was it replaced?): publish it again (restart \
                  dev to start over)",
                 self.info.ca_file.display()
             )));
         }
-        let leaf = new.issue(&[&self.info.sni_name])?;
-        let tls = self.path("tls");
-        write_private(&tls.join("tls.key"), leaf.key_pem.as_bytes())
-            .map_err(anyhow::Error::from)?;
-        write_public(&tls.join("tls.crt"), leaf.cert_pem.as_bytes())
-            .map_err(anyhow::Error::from)?;
-        let bundle = format!("{}{}", new.cert_pem, old);
-        write_public(&self.info.ca_file, bundle.as_bytes()).map_err(anyhow::Error::from)?;
-        self.record(&Rotation {
-            done: Done::Leaf,
-            bundle_published: rotation.map_or(0, |r| r.bundle_published),
-            bundle_ticks: ticks,
-        })?;
-        self.wait_until_served(&new.cert_pem)?;
-        Ok(format!(
-            "the proxy serves a certificate of the new CA; {} = [new CA, old CA].\nnext: {}",
-            self.info.ca_file.display(),
-            self.command("drop-old")
-        ))
+        Ok(())
+    }
+
+    /// Replaces the serving key and certificate, the key first. The proxy reads the two files
+    /// one after the other, so a reload may see the new key with the old certificate; it
+    /// refuses such a pair ("do not fit together") and keeps serving what it had, and its next
+    /// poll sees the certificate change and loads the matching pair.
+    fn write_leaf(&self, key_pem: &str, cert_pem: &str) -> anyhow::Result<()> {
+        write_private(&self.path(LEAF_KEY), key_pem.as_bytes())?;
+        write_public(&self.path(LEAF_CERT), cert_pem.as_bytes())?;
+        Ok(())
     }
 
     /// Step 4: the old CA leaves the bundle; the new one is the CA from now on.
@@ -282,8 +314,18 @@ impl Dev {
         write_public(&self.info.ca_file, new.cert_pem.as_bytes()).map_err(anyhow::Error::from)?;
         write_private(&self.path(CA_KEY), new.key_pem().as_bytes()).map_err(anyhow::Error::from)?;
         write_public(&self.path(CA_CERT), new.cert_pem.as_bytes()).map_err(anyhow::Error::from)?;
-        for name in [NEXT_KEY, NEXT_CERT, ROTATION] {
-            std::fs::remove_file(self.path(name)).map_err(anyhow::Error::from)?;
+        // The record goes first: until it does, the step can be run again (everything above
+        // is rewritten from ca-next.*); once it has, the next CA is the CA, and a ca-next.*
+        // left behind is overwritten by the next rotation's bundle.
+        let record = self.path(ROTATION);
+        match std::fs::remove_file(&record) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::anyhow!("removing {}: {e}", record.display()).into());
+            }
+            _ => {}
+        }
+        for name in [NEXT_KEY, NEXT_CERT] {
+            let _ = std::fs::remove_file(self.path(name));
         }
         Ok(format!(
             "{} = [new CA]: the rotation is complete.",
@@ -300,8 +342,7 @@ impl Dev {
             }
             if std::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "the certificate files are in place, but the proxy did not serve them within \
-                     {} s ({}); see dev's log",
+                    "the proxy did not serve the new CA's certificate within {} s ({})",
                     SERVE_WAIT.as_secs(),
                     answer.map_or_else(|e| e.to_string(), |_| "still the old one".into())
                 );
@@ -327,7 +368,7 @@ fn restart_advice(waiting: &[processes::Reader]) -> String {
 fn list(readers: &[processes::Reader]) -> String {
     readers
         .iter()
-        .map(|r| format!("  pid {}  {}", r.pid, r.command))
+        .map(|r| format!("  pid {}  {}", r.pid, r.name))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -431,16 +472,45 @@ mod processes {
 
     pub struct Reader {
         pub pid: u32,
-        pub command: String,
+        /// `/proc/PID/comm`: the program's name only, as a command line may carry secrets.
+        pub name: String,
         /// Clock ticks since boot when it started.
         pub start_ticks: u64,
     }
 
-    /// The start time of this process, in the same ticks.
-    pub fn own_start_ticks() -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string("/proc/self/stat")
-            .map_err(|e| anyhow::anyhow!("/proc/self/stat: {e} (rotate-ca needs Linux)"))?;
-        start_ticks(&stat).ok_or_else(|| anyhow::anyhow!("/proc/self/stat: unexpected format"))
+    /// Now, in the ticks of the start times: `/proc/uptime` times the clock ticks per second,
+    /// rounded up (a process that starts in the same instant counts as started by now).
+    pub fn now_ticks() -> anyhow::Result<u64> {
+        let uptime = std::fs::read_to_string("/proc/uptime")
+            .map_err(|e| anyhow::anyhow!("/proc/uptime: {e} (rotate-ca needs Linux)"))?;
+        uptime_ticks(&uptime, clock_ticks_per_second())
+            .ok_or_else(|| anyhow::anyhow!("/proc/uptime: unexpected format: {uptime:?}"))
+    }
+
+    /// The first field of `/proc/uptime` (seconds, with hundredths) in ticks of `hz`, one
+    /// hundredth over: the kernel truncates both it and the start times.
+    fn uptime_ticks(uptime: &str, hz: u64) -> Option<u64> {
+        let seconds = uptime.split_whitespace().next()?;
+        let (whole, hundredths) = seconds.split_once('.')?;
+        if hundredths.len() != 2 {
+            return None;
+        }
+        let hundredths = whole.parse::<u64>().ok()? * 100 + hundredths.parse::<u64>().ok()?;
+        Some((hundredths + 1) * hz / 100)
+    }
+
+    /// The clock ticks per second of the start times: `AT_CLKTCK` of the auxiliary vector
+    /// (what `sysconf(_SC_CLK_TCK)` answers), else Linux's `USER_HZ`, 100.
+    fn clock_ticks_per_second() -> u64 {
+        const AT_CLKTCK: usize = 17;
+        const WORD: usize = std::mem::size_of::<usize>();
+        let auxv = std::fs::read("/proc/self/auxv").unwrap_or_default();
+        let word = |b: &[u8]| usize::from_ne_bytes(b.try_into().unwrap_or([0; WORD]));
+        auxv.chunks_exact(2 * WORD)
+            .find(|pair| word(&pair[..WORD]) == AT_CLKTCK)
+            .map(|pair| word(&pair[WORD..]) as u64)
+            .filter(|hz| *hz > 0)
+            .unwrap_or(100)
     }
 
     /// Field 22 of `/proc/PID/stat`; the command name (field 2) may hold spaces and brackets.
@@ -473,11 +543,10 @@ mod processes {
             let Some(start_ticks) = start_ticks(&stat) else {
                 continue;
             };
-            let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
-            let command = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let name = std::fs::read(proc.join("comm")).unwrap_or_default();
             found.push(Reader {
                 pid,
-                command: command.trim().to_string(),
+                name: String::from_utf8_lossy(&name).trim().to_string(),
                 start_ticks,
             });
         }
@@ -492,6 +561,42 @@ mod processes {
                         987654 1000 200";
             assert_eq!(super::start_ticks(stat), Some(987654));
             assert_eq!(super::start_ticks("4242 (short"), None);
+        }
+
+        #[test]
+        fn uptime_is_read_in_clock_ticks_rounded_up() {
+            assert_eq!(
+                super::uptime_ticks("12345.67 54321.00\n", 100),
+                Some(1234568)
+            );
+            assert_eq!(super::uptime_ticks("0.00 0.00", 100), Some(1));
+            assert_eq!(super::uptime_ticks("2.50 1.00", 1000), Some(2510));
+            assert_eq!(super::uptime_ticks("12345 1.00", 100), None);
+            assert_eq!(super::uptime_ticks("", 100), None);
+        }
+
+        /// A process started now has started by now, in the same ticks: the start time of
+        /// a child spawned after reading the clock is at most one tick later.
+        #[test]
+        fn now_is_in_the_ticks_of_the_start_times() {
+            let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+            let started = super::start_ticks(&own).unwrap();
+            let now = super::now_ticks().unwrap();
+            assert!(started <= now, "started {started} after now {now}");
+            let hz = super::clock_ticks_per_second();
+            let mut child = std::process::Command::new("sleep")
+                .arg("1")
+                .spawn()
+                .unwrap();
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()));
+            let _ = child.kill();
+            let _ = child.wait();
+            let child_started = super::start_ticks(&stat.unwrap()).unwrap();
+            assert!(child_started + 1 >= now, "{child_started} vs {now}");
+            assert!(
+                child_started <= now + hz,
+                "{child_started} vs {now} at {hz}/s"
+            );
         }
     }
 }
