@@ -128,6 +128,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Ok(system) => system,
         Err(e) => match e.downcast_ref::<Refusal>() {
             Some(refusal) => {
+                // exit() skips main's flush: the lines logged before the refusal go out first.
+                crate::logpipe::flush(std::time::Duration::from_secs(2));
                 eprintln!("error: {refusal}");
                 std::process::exit(EX_USAGE);
             }
