@@ -15,8 +15,9 @@
 //! pending after a second), then one idle that never carried an authenticated request, then one
 //! idle longest, then one with unauthenticated requests in flight, then one just opened; within
 //! each, the largest holder's oldest; never one with an authenticated caller's request in
-//! flight. An evicted connection closes gracefully (requests in flight finish); until
-//! it has, the cap is passed by at most a sixteenth, and by one more for each peer that had none.
+//! flight. An evicted connection closes gracefully: requests in flight finish within the
+//! request deadline (one may be authenticated after its connection was chosen); until it has,
+//! the cap is passed by at most a sixteenth, and by one more for each peer that had none.
 //! So peers that together fill the cap, each under its own per-peer limit, cannot lock a new pod
 //! out: as long as fewer peers hold connections than the cap, some peer holds two or more.
 

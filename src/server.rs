@@ -92,6 +92,7 @@ impl ServerConfig {
             first_request: Some(self.header_read_timeout),
             idle: Some(self.idle_timeout),
             drain: Some(self.drain_timeout),
+            request: Some(self.request_timeout),
         }
     }
 }
@@ -548,6 +549,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A connection evicted while its request is still being authenticated: the request is
+    /// authenticated just after, then waits 30 s on Entra (far past the close grace) and is
+    /// still answered, within the request deadline; then the connection closes.
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_connection_finishes_a_request_authenticated_after_it_was_chosen() {
+        let config = defaults();
+        let limits = Limits::new(crate::limits::LimitsConfig {
+            max_connections: 2,
+            max_connections_per_peer: 2,
+            ..crate::limits::LimitsConfig::unbounded()
+        });
+        let peer = |last| std::net::IpAddr::from([10, 0, 0, last]);
+        // A's other connection serves an authenticated caller: never the one chosen.
+        let other = limits.connect(peer(1)).unwrap();
+        other.authenticated();
+        let _busy = other.activity().begin();
+        let permit = Arc::new(limits.connect(peer(1)).unwrap());
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let authenticate = Arc::new(tokio::sync::Notify::new());
+        let (handled, go) = (Arc::new(AtomicUsize::new(0)), authenticate.clone());
+        let (count, activity) = (handled.clone(), permit.activity());
+        let handler = move |_req| {
+            count.fetch_add(1, Ordering::AcqRel);
+            let (go, permit) = (go.clone(), permit.clone());
+            async move {
+                go.notified().await;
+                permit.authenticated();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                crate::http::text(StatusCode::OK, "ok")
+            }
+        };
+        let builder = token_port_builder(&config);
+        tokio::spawn(async move {
+            let conn = (activity, config.timeouts());
+            serve_connection(&builder, server, conn, &CancellationToken::new(), handler).await;
+        });
+        let mut sender = Sender::handshake(TokioIo::new(client), false).await;
+        let answer = tokio::spawn(async move { sender.get().await });
+        while handled.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // At the cap, B gets in by evicting the connection whose request is not yet
+        // authenticated.
+        let _b = limits.connect(peer(2)).unwrap();
+        authenticate.notify_one();
+        let answered = tokio::time::timeout(Duration::from_secs(40), answer).await;
+        let status = answered
+            .expect("answered within the request deadline")
+            .unwrap();
+        assert_eq!(status.unwrap(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            limits.connections(),
+            2,
+            "the evicted one closes once answered"
+        );
     }
 
     /// Whether `e` tells the client its request was not processed, so it may send it again:
