@@ -218,8 +218,9 @@ pub async fn serve_connection<I, F, Fut, B>(
 {
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let guard = activity.begin();
+            req.extensions_mut().insert(guard.clone());
             let response = handler(req);
             async move {
                 let response = response.await;

@@ -565,25 +565,27 @@ mod tests {
         let peer = |last| std::net::IpAddr::from([10, 0, 0, last]);
         // A's other connection serves an authenticated caller: never the one chosen.
         let other = limits.connect(peer(1)).unwrap();
-        other.authenticated();
-        let _busy = other.activity().begin();
-        let permit = Arc::new(limits.connect(peer(1)).unwrap());
+        let busy = other.activity().begin();
+        busy.authenticated();
+        let permit = limits.connect(peer(1)).unwrap();
         let (client, server) = tokio::io::duplex(64 * 1024);
         let authenticate = Arc::new(tokio::sync::Notify::new());
         let (handled, go) = (Arc::new(AtomicUsize::new(0)), authenticate.clone());
         let (count, activity) = (handled.clone(), permit.activity());
-        let handler = move |_req| {
+        let handler = move |req: Request<_>| {
             count.fetch_add(1, Ordering::AcqRel);
-            let (go, permit) = (go.clone(), permit.clone());
+            let go = go.clone();
             async move {
                 go.notified().await;
-                permit.authenticated();
+                let request = req.extensions().get::<crate::limits::ActivityGuard>();
+                request.expect("the request's mark").authenticated();
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 crate::http::text(StatusCode::OK, "ok")
             }
         };
         let builder = token_port_builder(&config);
         tokio::spawn(async move {
+            let _permit = permit;
             let conn = (activity, config.timeouts());
             serve_connection(&builder, server, conn, &CancellationToken::new(), handler).await;
         });
