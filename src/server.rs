@@ -527,24 +527,27 @@ mod tests {
     /// A request sent just as the idle timeout passes, HTTP/1.1 then h2: answered, or refused
     /// before it reached the handler (the client may send it again: hyper's "canceled", an h2
     /// stream above the GOAWAY's last stream id, which Go's transport retries); never cut off
-    /// once the proxy took it.
+    /// once the proxy took it. One sent 1 ms before is answered. (Tokio's timer counts whole
+    /// milliseconds: finer offsets would all land on the same tick.)
     #[tokio::test(start_paused = true)]
     async fn a_request_sent_as_the_idle_timeout_passes_is_answered_or_never_taken() {
         let config = defaults();
         let idle = config.idle_timeout;
-        for late in [0, 1, 999].map(Duration::from_micros) {
+        let ms = Duration::from_millis(1);
+        for (wait, before) in [(idle - ms, true), (idle, false), (idle + ms, false)] {
             for h2 in [false, true] {
                 let (io, handled) = serve_counted(&config, Duration::from_millis(10));
                 let mut sender = Sender::handshake(io, h2).await;
                 assert_eq!(sender.get().await.unwrap(), StatusCode::OK);
-                tokio::time::sleep(idle + late).await;
+                tokio::time::sleep(wait).await;
                 let outcome = sender.get().await;
                 let taken = handled.load(Ordering::Acquire) == 2;
                 match outcome {
                     Ok(status) => assert!(taken && status == StatusCode::OK, "{status}"),
                     Err(e) => {
-                        assert!(!taken, "h2 {h2}, {late:?} late: taken, then {e:?}");
-                        assert!(unsent(&e), "h2 {h2}, {late:?} late: {e:?}");
+                        assert!(!before, "h2 {h2}, sent 1 ms before the idle timeout: {e:?}");
+                        assert!(!taken, "h2 {h2}, {wait:?} idle: taken, then {e:?}");
+                        assert!(unsent(&e), "h2 {h2}, {wait:?} idle: {e:?}");
                     }
                 }
             }
