@@ -836,6 +836,16 @@ mod tests {
         // A and B hold 2 of 4 each, their fair share: neither makes room for itself.
         assert_eq!(limits.connect(A).err(), Some(Refusal::Global));
         assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
+
+        // B holds 2 of 5, under its fair share (3), but A holds only one more: taking one of
+        // A's would leave the two swapping places.
+        let limits = Limits::new(LimitsConfig {
+            max_connections: 5,
+            max_connections_per_peer: 5,
+            ..LimitsConfig::unbounded()
+        });
+        let _held = [A, A, A, B, B].map(|ip| limits.connect(ip).unwrap());
+        assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
     }
 
     #[test]
