@@ -474,54 +474,31 @@ mod tests {
         );
     }
 
+    /// HTTP/1.1, then h2.
     #[tokio::test(start_paused = true)]
-    async fn an_http1_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered(
-    ) {
+    async fn a_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered() {
         let config = defaults();
         let idle = config.idle_timeout;
-        // Each request takes 5 s: the last one is still in flight when the idle timeout of
-        // the request before it passes.
-        let io = serve(&config, Duration::from_secs(5));
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        let conn = tokio::spawn(conn);
-        for wait in reuse_after(idle) {
-            tokio::time::sleep(wait).await;
-            sender.ready().await.expect("the connection is still open");
-            let resp = sender.send_request(get()).await.expect("answered");
-            assert_eq!(resp.status(), StatusCode::OK, "after {wait:?} idle");
-            resp.into_body().collect().await.unwrap();
+        for h2 in [false, true] {
+            // Each request takes 5 s: the last one is still in flight when the idle timeout of
+            // the request before it passes.
+            let io = serve(&config, Duration::from_secs(5));
+            let (mut sender, conn) = Sender::handshake(io, h2).await;
+            for wait in reuse_after(idle) {
+                tokio::time::sleep(wait).await;
+                let status = sender.get().await.expect("answered on the same connection");
+                assert_eq!(status, StatusCode::OK, "h2 {h2}, after {wait:?} idle");
+            }
+            tokio::time::sleep(idle - Duration::from_secs(1)).await;
+            assert!(
+                !conn.is_finished(),
+                "h2 {h2}: closed before the idle timeout"
+            );
+            // Closed gracefully (h2: a GOAWAY): the client's connection ends without an error.
+            let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
+            let ended = closed.expect("still open after the idle timeout").unwrap();
+            assert!(ended.is_ok(), "h2 {h2}: {ended:?}");
         }
-        tokio::time::sleep(idle - Duration::from_secs(1)).await;
-        assert!(!conn.is_finished(), "closed before the idle timeout");
-        let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
-        assert!(closed.is_ok(), "still open after the idle timeout");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_h2_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered(
-    ) {
-        let config = defaults();
-        let idle = config.idle_timeout;
-        let io = serve(&config, Duration::from_secs(5));
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(io)
-            .await
-            .unwrap();
-        let conn = tokio::spawn(conn);
-        for wait in reuse_after(idle) {
-            tokio::time::sleep(wait).await;
-            sender.ready().await.expect("the connection is still open");
-            let resp = sender.send_request(get()).await.expect("answered");
-            assert_eq!(resp.status(), StatusCode::OK, "after {wait:?} idle");
-            resp.into_body().collect().await.unwrap();
-        }
-        tokio::time::sleep(idle - Duration::from_secs(1)).await;
-        assert!(!conn.is_finished(), "closed before the idle timeout");
-        // Closed gracefully (GOAWAY): the client's connection ends without an error.
-        let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
-        let ended = closed.expect("still open after the idle timeout").unwrap();
-        assert!(ended.is_ok(), "{ended:?}");
     }
 
     /// A request sent just as the idle timeout passes, HTTP/1.1 then h2: answered, or refused
@@ -537,7 +514,7 @@ mod tests {
         for (wait, before) in [(idle - ms, true), (idle, false), (idle + ms, false)] {
             for h2 in [false, true] {
                 let (io, handled) = serve_counted(&config, Duration::from_millis(10));
-                let mut sender = Sender::handshake(io, h2).await;
+                let (mut sender, _conn) = Sender::handshake(io, h2).await;
                 assert_eq!(sender.get().await.unwrap(), StatusCode::OK);
                 tokio::time::sleep(wait).await;
                 let outcome = sender.get().await;
@@ -592,7 +569,7 @@ mod tests {
             let conn = (activity, config.timeouts());
             serve_connection(&builder, server, conn, &CancellationToken::new(), handler).await;
         });
-        let mut sender = Sender::handshake(TokioIo::new(client), false).await;
+        let (mut sender, _conn) = Sender::handshake(TokioIo::new(client), false).await;
         let answer = tokio::spawn(async move { sender.get().await });
         while handled.load(Ordering::Acquire) == 0 {
             tokio::task::yield_now().await;
@@ -629,19 +606,21 @@ mod tests {
     }
 
     impl Sender {
-        async fn handshake(io: TokioIo<tokio::io::DuplexStream>, h2: bool) -> Self {
+        /// The client side of a connection, and its driver's task.
+        async fn handshake(
+            io: TokioIo<tokio::io::DuplexStream>,
+            h2: bool,
+        ) -> (Self, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
             if h2 {
                 let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(io)
                     .await
                     .unwrap();
-                tokio::spawn(conn);
-                Self::H2(sender)
+                (Self::H2(sender), tokio::spawn(conn))
             } else {
                 let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-                tokio::spawn(conn);
-                Self::H1(sender)
+                (Self::H1(sender), tokio::spawn(conn))
             }
         }
 

@@ -45,10 +45,23 @@ async fn tls_from(
 
 /// A token request over HTTP/1.1 on a fresh connection from `src`.
 async fn post_from(client: &Client, src: IpAddr, pairs: &[(&str, &str)]) -> Reply {
-    let tls = tls_from(client, src).await.expect("TLS handshake");
+    let resp = try_post_from(client, src, pairs).await;
+    reply_of(resp.expect("the token request was answered")).await
+}
+
+/// The same, as a new pod's first request: the answer's head (whatever its status), or why
+/// there was none.
+async fn try_post_from(
+    client: &Client,
+    src: IpAddr,
+    pairs: &[(&str, &str)],
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let tls = tls_from(client, src)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
-        .unwrap();
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
     let req = http::Request::post("/")
@@ -56,7 +69,10 @@ async fn post_from(client: &Client, src: IpAddr, pairs: &[(&str, &str)]) -> Repl
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from(body)))
         .unwrap();
-    reply_of(sender.send_request(req).await.unwrap()).await
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))
 }
 
 /// Whether the server closes `stream` (EOF or reset) within `limit`, sending nothing first.
@@ -888,31 +904,6 @@ fn assert_all_within(what: &str, results: &[Result<Duration, String>], limit: Du
     assert!(max.is_some_and(|m| *m < limit), "{what}: slowest {max:?}");
 }
 
-/// A token request from `src` on a fresh connection, as a new pod's first one: 200 or why not.
-async fn try_post_from(client: &Client, src: IpAddr, pairs: &[(&str, &str)]) -> Result<(), String> {
-    let tls = tls_from(client, src)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
-    let req = http::Request::post("/")
-        .header("host", &client.sni)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    match resp.status().as_u16() {
-        200 => Ok(()),
-        status => Err(format!("status {status}")),
-    }
-}
-
 /// An admin request from `src` on a fresh connection: the whole answer, or why not.
 async fn try_admin_get(admin: SocketAddr, src: IpAddr, path: &str) -> Result<String, String> {
     let mut tcp = tcp_from(src, admin)
@@ -1028,7 +1019,13 @@ fn lock_out_of_the_token_port(slow: Option<&'static str>, evicted: &str) {
         .await;
         assert!(full, "the attackers never filled --max-connections");
         eprintln!("attackers hold {} connections", flood.held());
-        let results = probe(ATTACK, || try_post_from(&client, OTHER_PEER, &form)).await;
+        let results = probe(ATTACK, || async {
+            match try_post_from(&client, OTHER_PEER, &form).await?.status().as_u16() {
+                200 => Ok(()),
+                status => Err(format!("status {status}")),
+            }
+        })
+        .await;
         eprintln!("attackers hold {} connections", flood.held());
         assert_all_within("a new pod's token requests", &results, Duration::from_secs(1));
         let scrape = try_admin_get(admin, OTHER_PEER, "/metrics").await.unwrap();
