@@ -337,6 +337,62 @@ async fn one_peer_filling_its_connections_cannot_fail_another_peers_request() {
     sys.shutdown().await;
 }
 
+/// A pod that authenticated once on each of its connections and then keeps a request whose
+/// body never ends in flight on each does not hold them against a new pod: only an
+/// authenticated request still in flight protects its connection from eviction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticating_once_does_not_keep_a_connection_from_eviction() {
+    use http_body_util::{combinators::BoxBody, BodyExt};
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--max-connections=8", "--max-connections-per-peer=8"];
+    let sys = dev_with(dir.path(), &flags).await;
+    let client = Client::for_dev(&sys);
+    let token = read(&sys.info.allowed_token_file);
+    let form = token_form(&sys.info.client_id, &token);
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let tls = tls_from(&client, ATTACKER).await.expect("TLS handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (parts, body) = form_request(&form).into_parts();
+        let req = http::Request::from_parts(parts, body.boxed());
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "authenticated on this connection");
+        resp.into_body().collect().await.unwrap();
+        let slow = http::Request::post("/")
+            .header("host", &client.sni)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-length", "1000")
+            .body(BoxBody::new(Stalled(Some(Bytes::from_static(
+                b"client_id=",
+            )))))
+            .unwrap();
+        sender.ready().await.expect("kept alive");
+        stalled.push(tokio::spawn(sender.send_request(slow)));
+    }
+    // The proxy holds its 8 connections, each with a request in flight that is not
+    // authenticated.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        stalled.iter().all(|s| !s.is_finished()),
+        "a slow request ended"
+    );
+    let sent = Instant::now();
+    let r = try_post_from(&client, OTHER_PEER, &form).await;
+    let took = sent.elapsed();
+    let status = r.map(|resp| resp.status().as_u16());
+    assert_eq!(status, Ok(200), "a new pod's request");
+    assert!(took < Duration::from_secs(1), "answered after {took:?}");
+    let scrape = scrape_metrics(&sys).await;
+    let evicted = r#"identity_binding_proxy_connection_evictions_total{port="token",reason="unauthenticated_in_flight"}"#;
+    let counted: Vec<&str> = scrape.lines().filter(|l| l.contains("evictions")).collect();
+    assert!(series(&scrape, evicted) >= 1.0, "{counted:#?}");
+    stalled.iter().for_each(|s| s.abort());
+    sys.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_server_times_out_unfinished_heads_and_serves_other_peers() {
     let dir = tempfile::tempdir().unwrap();
