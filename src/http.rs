@@ -146,6 +146,9 @@ pub struct ConnTimeouts {
     pub idle: Option<Duration>,
     /// At shutdown, how long requests in flight may take to finish (else a short grace).
     pub drain: Option<Duration>,
+    /// How long one request may take (the handler's own deadline): a request in flight on an
+    /// evicted connection gets this, plus a short grace, to finish.
+    pub request: Option<Duration>,
 }
 
 impl ConnTimeouts {
@@ -153,6 +156,7 @@ impl ConnTimeouts {
         first_request: None,
         idle: None,
         drain: None,
+        request: None,
     };
 }
 
@@ -214,8 +218,9 @@ pub async fn serve_connection<I, F, Fut, B>(
 {
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let guard = activity.begin();
+            req.extensions_mut().insert(guard.clone());
             let response = handler(req);
             async move {
                 let response = response.await;
@@ -233,10 +238,12 @@ pub async fn serve_connection<I, F, Fut, B>(
             Expiry::NoRequest => return,
             Expiry::Idle => CLOSE_GRACE,
         },
-        // Requests in flight (never an authenticated caller's) finish; nothing else to wait for.
-        _ = activity.evicted() => match activity.started() {
-            false => return,
-            true => CLOSE_GRACE,
+        // Requests in flight finish within their own deadline: none was an authenticated
+        // caller's when the connection was chosen, but one may have been authenticated since.
+        _ = activity.evicted() => match (activity.started(), activity.in_flight()) {
+            (false, _) => return,
+            (true, 0) => CLOSE_GRACE,
+            (true, _) => timeouts.request.map_or(CLOSE_GRACE, |r| r + CLOSE_GRACE),
         },
         // Requests in flight finish within the drain deadline, as promised at shutdown.
         _ = shutdown.cancelled() => timeouts.drain.unwrap_or(CLOSE_GRACE),

@@ -13,10 +13,14 @@
 //! a peer holding at least two more than it is told to close (evicted) to make room. Which one:
 //! first a connection that never sent a request (a TLS handshake or a first request head still
 //! pending after a second), then one idle that never carried an authenticated request, then one
-//! idle longest, then one with unauthenticated requests in flight, then one just opened; within
-//! each, the largest holder's oldest; never one with an authenticated caller's request in
-//! flight. An evicted connection closes gracefully (requests in flight finish); until
-//! it has, the cap is passed by at most a sixteenth, and by one more for each peer that had none.
+//! idle longest, then one with unauthenticated requests in flight (first one that never carried
+//! an authenticated request), then one just opened; within each, the largest holder's oldest;
+//! never one with an authenticated caller's request in flight. Protection is per request, not
+//! per connection: a connection whose authenticated requests have all finished is ranked like
+//! any other, so a pod cannot authenticate once and then hold its connections with requests it
+//! never completes. An evicted connection closes gracefully: requests in flight finish within the
+//! request deadline (one may be authenticated after its connection was chosen); until it has,
+//! the cap is passed by at most a sixteenth, and by one more for each peer that had none.
 //! So peers that together fill the cap, each under its own per-peer limit, cannot lock a new pod
 //! out: as long as fewer peers hold connections than the cap, some peer holds two or more.
 
@@ -140,8 +144,11 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last request finished.
     last_done_ms: AtomicU64,
-    /// A request on it passed authentication.
-    authenticated: AtomicBool,
+    /// Its requests in flight whose caller passed authentication: while any is, it is never
+    /// evicted.
+    authenticated_in_flight: AtomicUsize,
+    /// A request on it ever passed authentication (only a hint for the ranking).
+    ever_authenticated: AtomicBool,
     /// Cancelled when the connection is evicted: it closes gracefully at once.
     evicted: CancellationToken,
 }
@@ -153,16 +160,20 @@ impl Activity {
             started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
-            authenticated: AtomicBool::new(false),
+            authenticated_in_flight: AtomicUsize::new(0),
+            ever_authenticated: AtomicBool::new(false),
             evicted: CancellationToken::new(),
         }
     }
 
-    /// A request starts; it ends when the guard drops.
+    /// A request starts; it ends when the guard and all its clones drop.
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
         self.started.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        ActivityGuard(self.clone())
+        ActivityGuard(Arc::new(RequestMark {
+            activity: self.clone(),
+            authenticated: AtomicBool::new(false),
+        }))
     }
 
     pub fn opened(&self) -> Instant {
@@ -192,17 +203,18 @@ impl Activity {
     /// How eagerly it is evicted (lower first), and since when it is in that state; `None`
     /// for a connection an authenticated caller is waiting on.
     fn eviction(&self) -> Option<(Eviction, u8, Instant)> {
-        let authenticated = self.authenticated.load(Ordering::Acquire);
-        match (self.started(), self.in_flight() > 0, authenticated) {
-            (false, _, _) if self.opened.elapsed() >= FRESH => {
+        if self.authenticated_in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ever = u8::from(self.ever_authenticated.load(Ordering::Acquire));
+        match (self.started(), self.in_flight() > 0) {
+            (false, _) if self.opened.elapsed() >= FRESH => {
                 Some((Eviction::NoRequest, 0, self.opened))
             }
             // Still getting its first request through: a new peer's own connection.
-            (false, _, _) => Some((Eviction::NoRequest, 4, self.opened)),
-            (true, false, false) => Some((Eviction::Idle, 1, self.idle_since())),
-            (true, false, true) => Some((Eviction::Idle, 2, self.idle_since())),
-            (true, true, false) => Some((Eviction::Unauthenticated, 3, self.opened)),
-            (true, true, true) => None,
+            (false, _) => Some((Eviction::NoRequest, 5, self.opened)),
+            (true, false) => Some((Eviction::Idle, 1 + ever, self.idle_since())),
+            (true, true) => Some((Eviction::Unauthenticated, 3 + ever, self.opened)),
         }
     }
 }
@@ -212,14 +224,42 @@ impl Activity {
 /// otherwise the connection a new peer was just let in with could be the next to go.
 const FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// One request on a connection; marks its end when dropped.
-pub struct ActivityGuard(Arc<Activity>);
+/// One request on a connection, in flight until the last clone drops. The connection driver
+/// puts a clone in the request's extensions, so the handler can mark it authenticated.
+#[derive(Clone)]
+pub struct ActivityGuard(Arc<RequestMark>);
 
-impl Drop for ActivityGuard {
+impl ActivityGuard {
+    /// The request's caller passed authentication: until the request ends, its connection is
+    /// never evicted.
+    pub fn authenticated(&self) {
+        let mark = &self.0;
+        if !mark.authenticated.swap(true, Ordering::AcqRel) {
+            let activity = &mark.activity;
+            activity.ever_authenticated.store(true, Ordering::Release);
+            activity
+                .authenticated_in_flight
+                .fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+struct RequestMark {
+    activity: Arc<Activity>,
+    authenticated: AtomicBool,
+}
+
+impl Drop for RequestMark {
     fn drop(&mut self) {
-        let ms = self.0.opened.elapsed().as_millis() as u64;
-        self.0.last_done_ms.store(ms, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let activity = &self.activity;
+        if self.authenticated.load(Ordering::Acquire) {
+            activity
+                .authenticated_in_flight
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+        let ms = activity.opened.elapsed().as_millis() as u64;
+        activity.last_done_ms.store(ms, Ordering::Release);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -419,12 +459,6 @@ impl ConnectionPermit {
     /// What the connection is doing (its deadlines and eviction read it).
     pub fn activity(&self) -> Arc<Activity> {
         self.activity.clone()
-    }
-
-    /// A request on this connection passed authentication: from now on the connection is
-    /// evicted only after every idle or unauthenticated one.
-    pub fn authenticated(&self) {
-        self.activity.authenticated.store(true, Ordering::Release);
     }
 
     /// Starts a request on this connection, or refuses it (503) when the peer or the process
@@ -689,15 +723,12 @@ mod tests {
             max_connections_per_peer: 4,
             ..LimitsConfig::unbounded()
         });
-        let served = |c: &ConnectionPermit| {
-            c.authenticated();
-            drop(c.activity().begin());
-        };
+        let served = |c: &ConnectionPermit| c.activity().begin().authenticated();
         // A holds four: one serving an authenticated caller, one that never sent a request,
         // one idle since an authenticated request, one idle that was only ever refused.
         let busy = limits.connect(A).unwrap();
-        busy.authenticated();
-        let _request = busy.activity().begin();
+        let request = busy.activity().begin();
+        request.authenticated();
         let never = limits.connect(A).unwrap();
         let idle = limits.connect(A).unwrap();
         served(&idle);
@@ -760,11 +791,38 @@ mod tests {
             ..LimitsConfig::unbounded()
         });
         let conns = [limits.connect(A).unwrap(), limits.connect(A).unwrap()];
-        let _requests = conns.each_ref().map(|c| {
-            c.authenticated();
-            c.activity().begin()
+        let requests = conns.each_ref().map(|c| {
+            let request = c.activity().begin();
+            request.authenticated();
+            request
         });
         assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
+        // Protected while the request is in flight, not after.
+        drop(requests);
+        assert!(limits.connect(B).is_ok());
+    }
+
+    /// A pod that authenticated once on each connection, then keeps a request it never
+    /// finishes (a slow body) in flight on each, does not hold the cap against a new pod.
+    #[tokio::test(start_paused = true)]
+    async fn authenticated_once_then_unauthenticated_in_flight_is_evicted() {
+        let limits = Limits::new(LimitsConfig {
+            max_connections: 4,
+            max_connections_per_peer: 4,
+            ..LimitsConfig::unbounded()
+        });
+        let a: Vec<_> = (0..4).map(|_| limits.connect(A).unwrap()).collect();
+        let _slow: Vec<_> = a
+            .iter()
+            .map(|c| {
+                c.activity().begin().authenticated();
+                c.activity().begin()
+            })
+            .collect();
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        let _b = limits.connect(B).expect("B gets in at once");
+        let evicted = a.iter().filter(|c| c.activity().evicted.is_cancelled());
+        assert_eq!(evicted.count(), 1);
     }
 
     #[test]
@@ -777,6 +835,16 @@ mod tests {
         let _held = [A, A, B, B].map(|ip| limits.connect(ip).unwrap());
         // A and B hold 2 of 4 each, their fair share: neither makes room for itself.
         assert_eq!(limits.connect(A).err(), Some(Refusal::Global));
+        assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
+
+        // B holds 2 of 5, under its fair share (3), but A holds only one more: taking one of
+        // A's would leave the two swapping places.
+        let limits = Limits::new(LimitsConfig {
+            max_connections: 5,
+            max_connections_per_peer: 5,
+            ..LimitsConfig::unbounded()
+        });
+        let _held = [A, A, A, B, B].map(|ip| limits.connect(ip).unwrap());
         assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
     }
 

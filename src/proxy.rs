@@ -166,8 +166,10 @@ impl App {
         trace.client_id = Some(req.client_id.clone());
         trace.scope = Some(req.scope.clone());
         let known = self.authenticate(&req.assertion).await?;
-        // Its connection is now evicted at the cap only after every unauthenticated one.
-        conn.permit.authenticated();
+        // While this request is in flight, its connection is not evicted at the cap.
+        if let Some(request) = parts.extensions.get::<crate::limits::ActivityGuard>() {
+            request.authenticated();
+        }
         let caller = &known.caller;
         trace.caller = Some(caller.clone());
         crate::sidecar::check(self.own_account.as_ref(), caller)?;

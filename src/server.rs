@@ -92,6 +92,7 @@ impl ServerConfig {
             first_request: Some(self.header_read_timeout),
             idle: Some(self.idle_timeout),
             drain: Some(self.drain_timeout),
+            request: Some(self.request_timeout),
         }
     }
 }
@@ -477,81 +478,121 @@ mod tests {
         );
     }
 
+    /// HTTP/1.1, then h2.
     #[tokio::test(start_paused = true)]
-    async fn an_http1_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered(
-    ) {
+    async fn a_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered() {
         let config = defaults();
         let idle = config.idle_timeout;
-        // Each request takes 5 s: the last one is still in flight when the idle timeout of
-        // the request before it passes.
-        let io = serve(&config, Duration::from_secs(5));
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        let conn = tokio::spawn(conn);
-        for wait in reuse_after(idle) {
-            tokio::time::sleep(wait).await;
-            sender.ready().await.expect("the connection is still open");
-            let resp = sender.send_request(get()).await.expect("answered");
-            assert_eq!(resp.status(), StatusCode::OK, "after {wait:?} idle");
-            resp.into_body().collect().await.unwrap();
+        for h2 in [false, true] {
+            // Each request takes 5 s: the last one is still in flight when the idle timeout of
+            // the request before it passes.
+            let io = serve(&config, Duration::from_secs(5));
+            let (mut sender, conn) = Sender::handshake(io, h2).await;
+            for wait in reuse_after(idle) {
+                tokio::time::sleep(wait).await;
+                let status = sender.get().await.expect("answered on the same connection");
+                assert_eq!(status, StatusCode::OK, "h2 {h2}, after {wait:?} idle");
+            }
+            tokio::time::sleep(idle - Duration::from_secs(1)).await;
+            assert!(
+                !conn.is_finished(),
+                "h2 {h2}: closed before the idle timeout"
+            );
+            // Closed gracefully (h2: a GOAWAY): the client's connection ends without an error.
+            let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
+            let ended = closed.expect("still open after the idle timeout").unwrap();
+            assert!(ended.is_ok(), "h2 {h2}: {ended:?}");
         }
-        tokio::time::sleep(idle - Duration::from_secs(1)).await;
-        assert!(!conn.is_finished(), "closed before the idle timeout");
-        let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
-        assert!(closed.is_ok(), "still open after the idle timeout");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_h2_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered(
-    ) {
-        let config = defaults();
-        let idle = config.idle_timeout;
-        let io = serve(&config, Duration::from_secs(5));
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(io)
-            .await
-            .unwrap();
-        let conn = tokio::spawn(conn);
-        for wait in reuse_after(idle) {
-            tokio::time::sleep(wait).await;
-            sender.ready().await.expect("the connection is still open");
-            let resp = sender.send_request(get()).await.expect("answered");
-            assert_eq!(resp.status(), StatusCode::OK, "after {wait:?} idle");
-            resp.into_body().collect().await.unwrap();
-        }
-        tokio::time::sleep(idle - Duration::from_secs(1)).await;
-        assert!(!conn.is_finished(), "closed before the idle timeout");
-        // Closed gracefully (GOAWAY): the client's connection ends without an error.
-        let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
-        let ended = closed.expect("still open after the idle timeout").unwrap();
-        assert!(ended.is_ok(), "{ended:?}");
     }
 
     /// A request sent just as the idle timeout passes, HTTP/1.1 then h2: answered, or refused
     /// before it reached the handler (the client may send it again: hyper's "canceled", an h2
     /// stream above the GOAWAY's last stream id, which Go's transport retries); never cut off
-    /// once the proxy took it.
+    /// once the proxy took it. One sent 1 ms before is answered. (Tokio's timer counts whole
+    /// milliseconds: finer offsets would all land on the same tick.)
     #[tokio::test(start_paused = true)]
     async fn a_request_sent_as_the_idle_timeout_passes_is_answered_or_never_taken() {
         let config = defaults();
         let idle = config.idle_timeout;
-        for late in [0, 1, 999].map(Duration::from_micros) {
+        let ms = Duration::from_millis(1);
+        for (wait, before) in [(idle - ms, true), (idle, false), (idle + ms, false)] {
             for h2 in [false, true] {
                 let (io, handled) = serve_counted(&config, Duration::from_millis(10));
-                let mut sender = Sender::handshake(io, h2).await;
+                let (mut sender, _conn) = Sender::handshake(io, h2).await;
                 assert_eq!(sender.get().await.unwrap(), StatusCode::OK);
-                tokio::time::sleep(idle + late).await;
+                tokio::time::sleep(wait).await;
                 let outcome = sender.get().await;
                 let taken = handled.load(Ordering::Acquire) == 2;
                 match outcome {
                     Ok(status) => assert!(taken && status == StatusCode::OK, "{status}"),
                     Err(e) => {
-                        assert!(!taken, "h2 {h2}, {late:?} late: taken, then {e:?}");
-                        assert!(unsent(&e), "h2 {h2}, {late:?} late: {e:?}");
+                        assert!(!before, "h2 {h2}, sent 1 ms before the idle timeout: {e:?}");
+                        assert!(!taken, "h2 {h2}, {wait:?} idle: taken, then {e:?}");
+                        assert!(unsent(&e), "h2 {h2}, {wait:?} idle: {e:?}");
                     }
                 }
             }
         }
+    }
+
+    /// A connection evicted while its request is still being authenticated: the request is
+    /// authenticated just after, then waits 30 s on Entra (far past the close grace) and is
+    /// still answered, within the request deadline; then the connection closes.
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_connection_finishes_a_request_authenticated_after_it_was_chosen() {
+        let config = defaults();
+        let limits = Limits::new(crate::limits::LimitsConfig {
+            max_connections: 2,
+            max_connections_per_peer: 2,
+            ..crate::limits::LimitsConfig::unbounded()
+        });
+        let peer = |last| std::net::IpAddr::from([10, 0, 0, last]);
+        // A's other connection serves an authenticated caller: never the one chosen.
+        let other = limits.connect(peer(1)).unwrap();
+        let busy = other.activity().begin();
+        busy.authenticated();
+        let permit = limits.connect(peer(1)).unwrap();
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let authenticate = Arc::new(tokio::sync::Notify::new());
+        let (handled, go) = (Arc::new(AtomicUsize::new(0)), authenticate.clone());
+        let (count, activity) = (handled.clone(), permit.activity());
+        let handler = move |req: Request<_>| {
+            count.fetch_add(1, Ordering::AcqRel);
+            let go = go.clone();
+            async move {
+                go.notified().await;
+                let request = req.extensions().get::<crate::limits::ActivityGuard>();
+                request.expect("the request's mark").authenticated();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                crate::http::text(StatusCode::OK, "ok")
+            }
+        };
+        let builder = token_port_builder(&config);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = (activity, config.timeouts());
+            serve_connection(&builder, server, conn, &CancellationToken::new(), handler).await;
+        });
+        let (mut sender, _conn) = Sender::handshake(TokioIo::new(client), false).await;
+        let answer = tokio::spawn(async move { sender.get().await });
+        while handled.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // At the cap, B gets in by evicting the connection whose request is not yet
+        // authenticated.
+        let _b = limits.connect(peer(2)).unwrap();
+        authenticate.notify_one();
+        let answered = tokio::time::timeout(Duration::from_secs(40), answer).await;
+        let status = answered
+            .expect("answered within the request deadline")
+            .unwrap();
+        assert_eq!(status.unwrap(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            limits.connections(),
+            2,
+            "the evicted one closes once answered"
+        );
     }
 
     /// Whether `e` tells the client its request was not processed, so it may send it again:
@@ -569,19 +610,21 @@ mod tests {
     }
 
     impl Sender {
-        async fn handshake(io: TokioIo<tokio::io::DuplexStream>, h2: bool) -> Self {
+        /// The client side of a connection, and its driver's task.
+        async fn handshake(
+            io: TokioIo<tokio::io::DuplexStream>,
+            h2: bool,
+        ) -> (Self, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
             if h2 {
                 let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(io)
                     .await
                     .unwrap();
-                tokio::spawn(conn);
-                Self::H2(sender)
+                (Self::H2(sender), tokio::spawn(conn))
             } else {
                 let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-                tokio::spawn(conn);
-                Self::H1(sender)
+                (Self::H1(sender), tokio::spawn(conn))
             }
         }
 
