@@ -2,7 +2,9 @@
 # A real control plane on loopback: etcd, kube-apiserver (RBAC, RSA service-account keys,
 # readable OIDC discovery) and kube-controller-manager (ClusterRole aggregation only), plus the
 # Azure workload identity webhook and helm binaries for the tests to run — all built from the Go
-# module proxy at the versions pinned in scripts/real-cluster/*/go.mod.
+# module proxy at the versions pinned in scripts/real-cluster/*/go.mod. With --node, also real
+# nodes (kubelet, containerd, kube-proxy, CoreDNS; scripts/real-cluster/node.sh), every default
+# controller and kube-scheduler, and the images pods run (scripts/real-cluster/images.sh).
 #
 #   scripts/real-cluster.sh build [COMPONENT...]   build (or find cached) binaries, print their dirs
 #   scripts/real-cluster.sh up DIR             build, start the control plane, write DIR/env
@@ -95,6 +97,12 @@ build_component() { # NAME VERSION LDFLAGS PKG...: binaries in $CACHE/bin/NAME-V
   echo "$out"
 }
 
+build_webhook() { # prints the directory of the webhook binary (also the node's webhook image)
+  build_component webhook "$WEBHOOK_VERSION" \
+    "-X github.com/Azure/azure-workload-identity/pkg/version.BuildVersion=$WEBHOOK_VERSION" \
+    github.com/Azure/azure-workload-identity/cmd/webhook
+}
+
 build_all() { # [COMPONENT...]: prints the directories of the built binaries, one per line
   local want=" ${*:-kubernetes etcd webhook helm} " k8s_ld="" kv
   for kv in "gitVersion=$K8S_VERSION" gitMajor=1 "gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)" \
@@ -106,9 +114,7 @@ build_all() { # [COMPONENT...]: prints the directories of the built binaries, on
     k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler \
     k8s.io/kubernetes/cmd/kube-proxy
   [[ $want != *" etcd "* ]] || build_component etcd "$ETCD_VERSION" "" go.etcd.io/etcd/server/v3
-  [[ $want != *" webhook "* ]] || build_component webhook "$WEBHOOK_VERSION" \
-    "-X github.com/Azure/azure-workload-identity/pkg/version.BuildVersion=$WEBHOOK_VERSION" \
-    github.com/Azure/azure-workload-identity/cmd/webhook
+  [[ $want != *" webhook "* ]] || build_webhook
   [[ $want != *" helm "* ]] || build_component helm "$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
   [[ $want != *" promtool "* ]] || build_component promtool "$PROMTOOL_VERSION" \
@@ -242,7 +248,8 @@ start_apiserver() { # DIR
   # controllers create the accounts), and the apiserver's own client certificate for kubelets.
   if [ "${NODE_COUNT:-0}" -gt 0 ]; then
     node_flags=(--authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction
-      --kubelet-client-certificate="$d/pki/admin.crt" --kubelet-client-key="$d/pki/admin.key")
+      --kubelet-client-certificate="$d/pki/admin.crt" --kubelet-client-key="$d/pki/admin.key"
+      --kubelet-preferred-address-types=InternalIP)
   fi
   start_bg "$d" kube-apiserver "$BIN_DIR/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \

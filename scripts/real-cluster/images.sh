@@ -3,7 +3,7 @@
 # pulled from), each an OCI archive under $CACHE/images keyed by what it is built from, so only
 # the first run builds:
 #   pause, CoreDNS, the Go client (tests/clients/go): static Go programs on an empty image;
-#   the webhook: its binary on the distroless stand-in, under the name its chart uses;
+#   the webhook: the binary `build` makes, on the distroless stand-in, under the name its chart uses;
 #   the proxy: the repository's Dockerfile, unchanged, built by buildah with --pull=never
 #     against stand-ins of its two base images (Debian packages via mmdebstrap, plus this
 #     machine's Rust toolchain for the builder), tagged with exactly the names its FROM lines
@@ -137,7 +137,9 @@ proxy_image() { # LOG: the Dockerfile built by buildah; prints the archive
     # The crates cargo downloads inside the build: this machine's registry cache, so a cold
     # image build fetches nothing the host already has.
     mkdir -p "${CARGO_HOME:-$HOME/.cargo}/registry"
-    run "proxy image (buildah bud)" "$log" bah bud --pull=never --layers --isolation chroot \
+    # --format docker: the OCI format has no SHELL, and buildah would drop the Dockerfile's
+    # (bash with pipefail), as Docker does not.
+    run "proxy image (buildah bud)" "$log" bah bud --pull=never --layers --isolation chroot --format docker \
       --volume "${CARGO_HOME:-$HOME/.cargo}/registry:/usr/local/cargo/registry" \
       -f "$ROOT/Dockerfile" -t "$name" "$ROOT"
     rm -f "$archive.tmp"
@@ -199,7 +201,8 @@ static_images() { # LOG: pause, CoreDNS, the Go client, the webhook
   echo "GO_CLIENT_IMAGE $name $archive"
 
   # The webhook, under the exact name its chart's values give (imagePullPolicy IfNotPresent).
-  bin=$(static_go webhook "$MODS/webhook" github.com/Azure/azure-workload-identity/cmd/webhook) || exit 1
+  # The binary the control plane's tests run (it links glibc, which the stand-in has).
+  bin=$(build_webhook)/webhook || exit 1
   key=$(content_key "$bin")
   name=mcr.microsoft.com/oss/azure/workload-identity/webhook:$WEBHOOK_VERSION
   archive=$CACHE/images/webhook-$key.tar

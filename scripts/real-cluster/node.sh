@@ -60,8 +60,9 @@ host_state() {
   for s in $NODE_SYSCTLS; do
     printf '%s=%s\n' "$s" "$(cat "/proc/sys/$s" 2>/dev/null || echo absent)"
   done
-  iptables-save 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//'
-  ip6tables-save 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//'
+  # Without comments (they carry a time) and packet counters; no rules at all is fine too.
+  { iptables-save 2>/dev/null || true; } | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//'
+  { ip6tables-save 2>/dev/null || true; } | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//'
 }
 
 # --------------------------------------------------------------------------------- certificates
@@ -150,7 +151,7 @@ state = "$nd/containerd/state"
 # Snapshotters that would probe or mount the machine's filesystems.
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.internal.v1.opt", "io.containerd.grpc.v1.introspection"]
+  "io.containerd.internal.v1.opt"]
 [grpc]
   address = "$nd/containerd.sock"
 [ttrpc]
@@ -266,8 +267,8 @@ EOF
 start_kubelet() { # DIR NODE INDEX
   local d=$1 n=$2 i=$3 nd=$1/nodes/$2 s
   run "$n kubelet (root dir mount)" "$d/logs/$n-kubelet.log" mount --bind "$nd/kubelet" "$nd/kubelet"
-  echo "$nd/kubelet" >>"$d/nodes/mounts"
   run "$n kubelet (root dir shared)" "$d/logs/$n-kubelet.log" mount --make-shared "$nd/kubelet"
+  make_cgroups "/ibp-$(node_id "$d")-$n"
   local binds=""
   for s in vm/overcommit_memory kernel/panic kernel/panic_on_oops; do
     cat "/proc/sys/$s" >"$nd/sysctl/${s//\//.}"
@@ -349,15 +350,16 @@ wait_for() { # STEP LOG SECONDS CMD...: until CMD succeeds
   local step=$1 log=$2 secs=$3
   shift 3
   for _ in $(seq 1 $((secs * 2))); do
-    "$@" >/dev/null 2>&1 && return 0
+    "$@" >/dev/null && return 0
     sleep 0.5
   done
   fail "$step (not after $secs s)" "$log"
 }
 
-node_ready() { # DIR NODE
+node_ready() { # DIR NODE: Ready; a kubelet that exited fails at once, with its log
+  kill -0 "$(cat "$1/pids/$2-kubelet")" 2>/dev/null || fail "$2 kubelet (exited)" "$1/logs/$2-kubelet.log"
   [ "$("$BIN_DIR/kubectl" --kubeconfig "$1/kubeconfig" get node "$2" \
-    -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]
+    -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
 }
 
 # CoreDNS as the cluster DNS, the way clusters run it: a Deployment behind the kube-dns Service.
@@ -437,8 +439,12 @@ spec:
   - {name: dns, port: 53, protocol: UDP}
   - {name: dns-tcp, port: 53, protocol: TCP}
 EOF
-  wait_for "coredns ready" "$d/logs/kubectl.log" 120 "$BIN_DIR/kubectl" --kubeconfig "$d/kubeconfig" \
-    -n kube-system wait --for=condition=Available deployment/coredns --timeout=2s
+  wait_for "coredns ready" "$d/logs/kubectl.log" 120 coredns_available "$d"
+}
+
+coredns_available() { # DIR
+  "$BIN_DIR/kubectl" --kubeconfig "$1/kubeconfig" -n kube-system wait --for=condition=Available \
+    deployment/coredns --timeout=2s 2>/dev/null
 }
 
 # ---------------------------------------------------------------------------------- up / down
@@ -506,13 +512,10 @@ nodes_down() { # DIR
     remove_cgroups "/ibp-$(node_id "$d")-$n"
   done
   stop_one "$d" kube-scheduler
-  # Volumes the kubelet mounted (tmpfs for secrets and tokens), then its root dir's bind mount.
-  if [ -f "$d/nodes/mounts" ]; then
-    while read -r m; do
-      grep -o " $m[^ ]* " /proc/self/mountinfo | sort -r | while read -r mp; do umount -l "$mp" 2>/dev/null || true; done
-    done <"$d/nodes/mounts"
-    rm -f "$d/nodes/mounts"
-  fi
+  # What the kubelet mounted (volumes: tmpfs for secrets and tokens; its root dir's bind
+  # mount) and containerd (root filesystems, /dev/shm, network namespaces): deepest first.
+  awk -v p="$d/nodes/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r |
+    while read -r m; do umount -l "$m" 2>/dev/null || true; done
   ip route del "$SERVICE_CIDR" 2>/dev/null || true
   if [ -f "$d/nodes/made-paths" ]; then
     while read -r m; do rm -rf "$m"; done <"$d/nodes/made-paths"
@@ -532,6 +535,19 @@ kill_shims() { # NODE-DIR: shims left by this node's containerd (their command l
   local nd=$1 p
   for p in $(pgrep -f "containerd-shim-runc-v2.*-address $nd/containerd.sock" || true); do
     kill -9 "$p" 2>/dev/null || true
+  done
+}
+
+# The kubelet's cgroupRoot must exist in every hierarchy before it starts (cgroup v1 here); a
+# new cpuset has no CPUs or memory nodes until given its parent's.
+make_cgroups() { # CGROUP-PATH
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    mkdir -p "$h${1#/}"
+    if [ -f "$h/cpuset.cpus" ]; then
+      cat "$h/cpuset.cpus" >"$h${1#/}/cpuset.cpus"
+      cat "$h/cpuset.mems" >"$h${1#/}/cpuset.mems"
+    fi
   done
 }
 

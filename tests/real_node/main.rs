@@ -24,7 +24,7 @@ fn main() {
         return;
     }
     let start = Instant::now();
-    let node = Node::up(1);
+    let node = Node::up(tests::NODES);
     let up = start.elapsed();
     eprintln!("real_node: control plane and node Ready (CoreDNS included) in {up:.1?}");
 
@@ -40,17 +40,29 @@ fn main() {
         tests::host_state_is_untouched(&node, "now")
     });
     let ctx = tests::Context::new(&node);
-    timed("a_chart_daemonset_is_ready_as_65532_on_a_read_only_root", &|| {
-        tests::chart_daemonset_is_ready_as_65532_on_a_read_only_root(&ctx)
-    });
-    timed("b_example_app_gets_tokens_through_the_injected_url", &|| {
-        tests::example_app_gets_tokens_through_the_injected_url(&ctx)
-    });
+    timed(
+        "a_chart_daemonset_is_ready_as_65532_on_a_read_only_root",
+        &|| tests::chart_daemonset_is_ready_as_65532_on_a_read_only_root(&ctx),
+    );
+    timed(
+        "b_example_app_gets_tokens_through_the_injected_url",
+        &|| tests::example_app_gets_tokens_through_the_injected_url(&ctx),
+    );
     timed("c_revoked_grant_is_refused_within_2s_in_the_sdk", &|| {
         tests::revoked_grant_is_refused_within_2s_in_the_sdk(&ctx)
     });
+    timed("d_rolling_update_under_load_fails_no_request", &|| {
+        tests::rolling_update_under_load_fails_no_request(&ctx)
+    });
     timed("e_killed_proxy_is_restarted_by_the_kubelet", &|| {
         tests::killed_proxy_is_restarted_by_the_kubelet(&ctx)
+    });
+    timed(
+        "f_sidecar_serves_its_pod_and_refuses_another_pods_account",
+        &|| tests::sidecar_serves_its_pod_and_refuses_another_pods_account(&ctx),
+    );
+    timed("g_second_node_is_served_by_its_own_proxy", &|| {
+        tests::second_node_is_served_by_its_own_proxy(&ctx)
     });
     drop(ctx);
     let t = Instant::now();

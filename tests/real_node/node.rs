@@ -145,7 +145,11 @@ impl Node {
 
     pub fn apply(&self, yaml: &str) {
         let out = self.kubectl_out(&["apply", "-f", "-"], Some(yaml));
-        assert!(out.status.success(), "kubectl apply: {}\n{yaml}", text(&out));
+        assert!(
+            out.status.success(),
+            "kubectl apply: {}\n{yaml}",
+            text(&out)
+        );
     }
 
     pub fn helm(&self, args: &[&str]) -> Output {
@@ -169,7 +173,14 @@ impl Node {
     pub fn wait(&self, ns: &str, what: &str, condition: &str, secs: u64) {
         let timeout = format!("--timeout={secs}s");
         let out = self.kubectl_out(
-            &["wait", "-n", ns, what, &format!("--for={condition}"), &timeout],
+            &[
+                "wait",
+                "-n",
+                ns,
+                what,
+                &format!("--for={condition}"),
+                &timeout,
+            ],
             None,
         );
         if !out.status.success() {
@@ -182,7 +193,14 @@ impl Node {
         }
     }
 
-    /// The proxy pods of the DaemonSet: (name, node), Ready or not.
+    /// The DaemonSet's pods on `node`: (name, node, Ready), not being deleted.
+    pub fn proxy_pods_on(&self, node: &str) -> Vec<(String, String, bool)> {
+        let mut pods = self.proxy_pods();
+        pods.retain(|p| p.1 == node);
+        pods
+    }
+
+    /// The proxy pods of the DaemonSet: (name, node, Ready), not being deleted.
     pub fn proxy_pods(&self) -> Vec<(String, String, bool)> {
         let pods = self.json(&[
             "get",
@@ -260,8 +278,19 @@ impl Emulators {
     pub fn start(dir: &Path, identities: &[&str]) -> Self {
         let key = dir.join("issuer.key");
         let public = dir.join("issuer.pub");
-        run_ok(Command::new("openssl").args(["genpkey", "-algorithm", "RSA", "-pkeyopt"]).args(["rsa_keygen_bits:2048", "-out"]).arg(&key));
-        run_ok(Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(&key).arg("-out").arg(&public));
+        run_ok(
+            Command::new("openssl")
+                .args(["genpkey", "-algorithm", "RSA", "-pkeyopt"])
+                .args(["rsa_keygen_bits:2048", "-out"])
+                .arg(&key),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args(["pkey", "-pubout", "-in"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&public),
+        );
         let mut bindings = String::from("bindings:\n");
         for cid in identities {
             bindings.push_str(&format!("  - clientId: {cid}\n    tenantId: {TENANT}\n"));
@@ -289,13 +318,24 @@ impl Emulators {
             .unwrap()];
         let entra_port = free_port_after(static_port);
         let mut entra = Command::new(BIN);
-        entra.args(["emulate", "entra", "--listen", &format!("0.0.0.0:{entra_port}")]);
+        entra.args([
+            "emulate",
+            "entra",
+            "--listen",
+            &format!("0.0.0.0:{entra_port}"),
+        ]);
         for cid in identities {
             entra.arg("--fic").arg(format!(
                 "client_id={cid},issuer=http://127.0.0.1:{static_port}/{TENANT}/{cid},subject={cid},audience=api://AzureADTokenExchange"
             ));
         }
-        children.push(entra.stdout(log("entra.log")).stderr(log("entra.err")).spawn().unwrap());
+        children.push(
+            entra
+                .stdout(log("entra.log"))
+                .stderr(log("entra.err"))
+                .spawn()
+                .unwrap(),
+        );
         let e = Self {
             children,
             issuer_url,
@@ -328,10 +368,16 @@ fn free_port_after(taken: u16) -> u16 {
 /// A CA and the proxy's serving certificate (SAN: the SNI name clients send), with openssl.
 pub fn serving_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let (crt, key, csr) = (dir.join("tls.crt"), dir.join("tls.key"), dir.join("tls.csr"));
+    let (crt, key, csr) = (
+        dir.join("tls.crt"),
+        dir.join("tls.key"),
+        dir.join("tls.csr"),
+    );
     run_ok(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
             .args(["-subj", "/CN=identity-binding-proxy test CA", "-keyout"])
             .arg(&ca_key)
             .arg("-out")
@@ -341,13 +387,25 @@ pub fn serving_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     );
     run_ok(
         Command::new("openssl")
-            .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=proxy", "-keyout"])
+            .args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=proxy",
+                "-keyout",
+            ])
             .arg(&key)
             .arg("-out")
             .arg(&csr),
     );
     let ext = dir.join("tls.ext");
-    std::fs::write(&ext, format!("subjectAltName=DNS:{SNI}\nextendedKeyUsage=serverAuth\n")).unwrap();
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=DNS:{SNI}\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
     run_ok(
         Command::new("openssl")
             .args(["x509", "-req", "-days", "2", "-in"])
@@ -374,10 +432,32 @@ pub struct PodClient {
 
 impl PodClient {
     pub fn start(node: &Node, ns: &str, pod: &str, command: &[&str]) -> Self {
+        Self::start_in(node, ns, pod, "", command, &[])
+    }
+
+    /// In container `container` (the pod's first when empty), with `env` set for the command.
+    pub fn start_in(
+        node: &Node,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        command: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut args = vec!["exec", "-i", "-n", ns, pod];
+        if !container.is_empty() {
+            args.extend(["-c", container]);
+        }
+        args.push("--");
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if !env.is_empty() {
+            args.push("env");
+            args.extend(assignments.iter().map(String::as_str));
+        }
         let mut child = Command::new(node.bin("kubectl"))
             .arg("--kubeconfig")
             .arg(node.get("KUBECONFIG"))
-            .args(["exec", "-i", "-n", ns, pod, "--"])
+            .args(&args)
             .args(command)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -400,7 +480,9 @@ impl PodClient {
         writeln!(self.stdin, "{mode} {SCOPE}").expect("the pod's client reads");
         self.stdin.flush().unwrap();
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("the pod's client answers");
+        self.stdout
+            .read_line(&mut line)
+            .expect("the pod's client answers");
         let reply = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("not a JSON reply ({e}): {line:?}"));
         (reply, start.elapsed())
@@ -414,9 +496,10 @@ impl Drop for PodClient {
     }
 }
 
-/// The host pids of processes whose command line starts with `prefix` (containers' processes
-/// are the machine's processes, in namespaces of their own).
-pub fn host_pids(prefix: &str) -> Vec<u32> {
+/// The host pids of the processes on node `node` (its kubelet's cgroup root names it) whose
+/// command line starts with `prefix`: containers' processes are the machine's processes, in
+/// namespaces of their own.
+pub fn host_pids(node: &str, prefix: &str) -> Vec<u32> {
     let mut pids = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -424,7 +507,8 @@ pub fn host_pids(prefix: &str) -> Vec<u32> {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.starts_with(prefix) {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if cmdline.starts_with(prefix) && cgroup.contains(&format!("-{node}/")) {
             pids.push(pid);
         }
     }
