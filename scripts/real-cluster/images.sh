@@ -25,7 +25,8 @@ bah() { # buildah with the cache's own storage (overlay: no copy of each layer)
 content_key() { # WORD-OR-FILE...
   local x
   for x in "$@"; do
-    if [ -f "$x" ]; then sha256sum "$x"; elif [ -d "$x" ]; then
+    # Contents only (not where this clone is), so every clone shares the cache.
+    if [ -f "$x" ]; then sha256sum <"$x"; elif [ -d "$x" ]; then
       (cd "$x" && find . -type f ! -name '*.tar' | LC_ALL=C sort | xargs sha256sum)
     else echo "$x"; fi
   done | sha256sum | cut -c1-12

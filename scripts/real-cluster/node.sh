@@ -300,9 +300,9 @@ nodePortAddresses: ["10.200.$i.2/32"]
 # Zero: kube-proxy leaves the (machine-wide) conntrack settings as they are.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s,
   udpTimeout: 0s, udpStreamTimeout: 0s}
-# Every Service connection is masqueraded: a reply from a pod on the same bridge then comes back
-# through the node (br_netfilter's bridge-nf-call-iptables is not set in the node's namespace).
-iptables: {masqueradeAll: true, syncPeriod: 10s, minSyncPeriod: 0s}
+# Pods' own addresses reach the proxy (no masquerade but for traffic from outside the cluster
+# network): br_netfilter's bridge-nf-call-iptables is per namespace, and 1 in a new one.
+iptables: {masqueradeAll: false, syncPeriod: 10s, minSyncPeriod: 0s}
 EOF
   start_bg "$d" "$n-kube-proxy" in_node "$nd" "$BIN_DIR/kube-proxy" --config="$nd/kube-proxy.yaml" -v=1
 }

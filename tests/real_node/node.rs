@@ -184,11 +184,16 @@ impl Node {
             None,
         );
         if !out.status.success() {
-            let describe = self.kubectl_out(&["describe", "-n", ns, what], None);
+            let pods = self.kubectl_out(&["describe", "pods", "-n", ns], None);
+            let logs = self.kubectl_out(
+                &["logs", "-n", ns, "--all-containers", "--prefix", "--tail=30", "-l", "!nothing"],
+                None,
+            );
             panic!(
-                "{ns}/{what} not {condition} after {secs} s: {}\n{}",
+                "{ns}/{what} not {condition} after {secs} s: {}\n--- pods:\n{}\n--- logs:\n{}",
                 text(&out),
-                text(&describe)
+                text(&pods),
+                text(&logs)
             );
         }
     }
@@ -244,20 +249,26 @@ impl Drop for Node {
     }
 }
 
-/// A port that is free on every address of the machine, in the range every pod's loopback
-/// reaches on the machine (scripts/real-cluster/cni-loopback-forward).
-pub fn free_port() -> u16 {
-    let base = 30_000 + (std::process::id() % 200) as u16 * 10;
-    (0..2_700)
-        .map(|i| base + i % 2_700)
-        .map(|p| 30_000 + (p - 30_000) % 2_760)
-        .find(|p| TcpListener::bind(("0.0.0.0", *p)).is_ok())
+/// The machine's address on the first node's link: what a pod's loopback ports 30000-32767
+/// lead to (scripts/real-cluster/cni-loopback-forward).
+pub const MACHINE_ON_NODE_LINK: &str = "10.200.1.1";
+
+/// A port free on loopback and on the node link, in 30000-32759 (the pods' forwarded range).
+pub fn free_port(after: u16) -> u16 {
+    let start = 30_000 + (std::process::id() % 270) as u16 * 10;
+    (0..2_760u16)
+        .map(|i| 30_000 + (start - 30_000 + i) % 2_760)
+        .filter(|p| *p != after)
+        .find(|p| {
+            TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                && TcpListener::bind((MACHINE_ON_NODE_LINK, *p)).is_ok()
+        })
         .expect("a free port in 30000-32759")
 }
 
-/// Our issuer's documents (`emulate static`) and Entra (`emulate entra`, one FIC per identity),
-/// listening on every address of the machine: the proxy on the machine fetches them on
-/// loopback, and a pod reaches the same loopback ports through the node.
+/// Our issuer's documents (`emulate static`) and Entra (`emulate entra`, one FIC per identity)
+/// on the machine's loopback, each also forwarded (socat) from the same port on the node link,
+/// where a pod's own loopback port leads: pods and the Entra emulator use the same URLs.
 pub struct Emulators {
     children: Vec<Child>,
     pub issuer_url: String,
@@ -275,6 +286,16 @@ impl Drop for Emulators {
 }
 
 impl Emulators {
+    /// The chart's `extraEnv` pointing the proxy at these emulators (http on loopback, which
+    /// the chart's schema refuses as `issuer.url` and `authorityHost`, rightly for real ones).
+    pub fn extra_env(&self) -> String {
+        format!(
+            "[{{name: IBP_ISSUER_URL, value: \"{}\"}}, {{name: IBP_AUTHORITY_HOST, value: \"{}\"}}, \
+             {{name: RUST_LOG, value: info}}]",
+            self.issuer_url, self.authority_host
+        )
+    }
+
     pub fn start(dir: &Path, identities: &[&str]) -> Self {
         let key = dir.join("issuer.key");
         let public = dir.join("issuer.pub");
@@ -296,7 +317,7 @@ impl Emulators {
             bindings.push_str(&format!("  - clientId: {cid}\n    tenantId: {TENANT}\n"));
         }
         std::fs::write(dir.join("bindings.yaml"), bindings).unwrap();
-        let static_port = free_port();
+        let static_port = free_port(0);
         let issuer_url = format!("http://127.0.0.1:{static_port}/{{tenant}}/{{client_id}}");
         run_ok(
             Command::new(BIN)
@@ -308,7 +329,7 @@ impl Emulators {
                 .arg(&public),
         );
         let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
-        let listen = format!("0.0.0.0:{static_port}");
+        let listen = format!("127.0.0.1:{static_port}");
         let mut children = vec![Command::new(BIN)
             .args(["emulate", "static", "--listen", &listen, "--dir"])
             .arg(dir.join("site"))
@@ -316,13 +337,13 @@ impl Emulators {
             .stderr(log("static.err"))
             .spawn()
             .unwrap()];
-        let entra_port = free_port_after(static_port);
+        let entra_port = free_port(static_port);
         let mut entra = Command::new(BIN);
         entra.args([
             "emulate",
             "entra",
             "--listen",
-            &format!("0.0.0.0:{entra_port}"),
+            &format!("127.0.0.1:{entra_port}"),
         ]);
         for cid in identities {
             entra.arg("--fic").arg(format!(
@@ -336,6 +357,18 @@ impl Emulators {
                 .spawn()
                 .unwrap(),
         );
+        for port in [static_port, entra_port] {
+            children.push(
+                Command::new("socat")
+                    .arg(format!(
+                        "TCP-LISTEN:{port},bind={MACHINE_ON_NODE_LINK},fork,reuseaddr"
+                    ))
+                    .arg(format!("TCP:127.0.0.1:{port}"))
+                    .stderr(log(&format!("forward-{port}.err")))
+                    .spawn()
+                    .unwrap(),
+            );
+        }
         let e = Self {
             children,
             issuer_url,
@@ -357,12 +390,6 @@ impl Emulators {
         }
         e
     }
-}
-
-fn free_port_after(taken: u16) -> u16 {
-    (taken + 1..32_760)
-        .find(|p| TcpListener::bind(("0.0.0.0", *p)).is_ok())
-        .expect("a free port")
 }
 
 /// A CA and the proxy's serving certificate (SAN: the SNI name clients send), with openssl.

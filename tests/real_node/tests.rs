@@ -57,8 +57,8 @@ impl<'a> Context<'a> {
     }
 
     /// The chart's values: DaemonSet mode, the certificate from a Secret, the image built from
-    /// the Dockerfile. The issuer URL the schema asks for is https (a public host); the proxy
-    /// here is pointed at our issuer host instead, through the chart's extraEnv.
+    /// the Dockerfile. The schema asks for https issuer and authority URLs (public hosts); the
+    /// proxy here is pointed at our emulators instead, through the chart's extraEnv.
     pub fn values(&self, extra: &str) -> std::path::PathBuf {
         let image = self.node.get("PROXY_IMAGE");
         let (repository, tag) = image.rsplit_once(':').unwrap();
@@ -69,11 +69,10 @@ impl<'a> Context<'a> {
                 "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\n\
                  issuer: {{url: \"https://issuer.example.com/{{tenant}}/{{client_id}}\", keySecretName: issuer-key}}\n\
                  bindings: [{{clientId: {DEMO_CID}, tenantId: {TENANT}}}]\n\
-                 authorityHost: {}\n\
                  tls: {{source: secret, secretName: serving-cert}}\n\
                  logFormat: text\n\
-                 extraEnv: [{{name: IBP_ISSUER_URL, value: \"{}\"}}, {{name: RUST_LOG, value: info}}]\n{extra}",
-                self.emulators.authority_host, self.emulators.issuer_url
+                 extraEnv: {}\n{extra}",
+                self.emulators.extra_env()
             ),
         )
         .unwrap();
@@ -305,7 +304,7 @@ pub fn example_app_gets_tokens_through_the_injected_url(ctx: &Context) {
     eprintln!("proxy request log: {}", line.unwrap());
     // The token is the kubelet's projection (the webhook's volume), not one this test made.
     assert!(
-        token_file.starts_with("/var/run/secrets/azure/tokens/"),
+        token_file.starts_with("/var/run/secrets/azure/"),
         "{token_file}"
     );
 
@@ -336,7 +335,7 @@ pub fn revoked_grant_is_refused_within_2s_in_the_sdk(ctx: &Context) {
     );
     let (reply, _) = py.ask("fresh");
     assert_eq!(reply["ok"], true, "{reply}");
-    let binding = format!("use-managed-identity-{DEMO_CID}");
+    let binding = format!("use-managed-identity-{DEMO_CID}-demo");
     n.kubectl(&["delete", "clusterrolebinding", &binding]);
     let deleted = Instant::now();
     let mut last = Value::Null;
@@ -359,8 +358,8 @@ pub fn revoked_grant_is_refused_within_2s_in_the_sdk(ctx: &Context) {
         "{error}"
     );
     // The grant back, for the tests after this one.
-    let overlay = repo().join("deploy/overlays/example-app");
-    n.kubectl(&["apply", "-k", overlay.to_str().unwrap()]);
+    let rbac = repo().join("deploy/overlays/example-app/rbac.yaml");
+    n.kubectl(&["apply", "-f", rbac.to_str().unwrap()]);
     let back = within(Duration::from_secs(10), || py.ask("fresh").0["ok"] == true);
     assert!(back.is_some(), "the restored grant is honoured");
 }
@@ -478,11 +477,9 @@ pub fn sidecar_serves_its_pod_and_refuses_another_pods_account(ctx: &Context) {
              \x20 image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\n\
              \x20 issuer: {{url: \"https://issuer.example.com/{{tenant}}/{{client_id}}\", keySecretName: web-issuer-key}}\n\
              \x20 bindings: [{{clientId: {SIDECAR_CID}, tenantId: {TENANT}}}]\n\
-             \x20 authorityHost: {}\n\
-             \x20 extraEnv: [{{name: IBP_ISSUER_URL, value: \"{}\"}}]\n",
+             \x20 extraEnv: {}\n",
             n.get("PYTHON_CLIENT_IMAGE"),
-            ctx.emulators.authority_host,
-            ctx.emulators.issuer_url
+            ctx.emulators.extra_env()
         ),
     )
     .unwrap();
