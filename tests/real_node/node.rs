@@ -186,7 +186,16 @@ impl Node {
         if !out.status.success() {
             let pods = self.kubectl_out(&["describe", "pods", "-n", ns], None);
             let logs = self.kubectl_out(
-                &["logs", "-n", ns, "--all-containers", "--prefix", "--tail=30", "-l", "!nothing"],
+                &[
+                    "logs",
+                    "-n",
+                    ns,
+                    "--all-containers",
+                    "--prefix",
+                    "--tail=30",
+                    "-l",
+                    "!nothing",
+                ],
                 None,
             );
             panic!(

@@ -466,6 +466,10 @@ pub fn sidecar_serves_its_pod_and_refuses_another_pods_account(ctx: &Context) {
          roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: use-{SIDECAR_CID}}}\n\
          subjects: [{{kind: ServiceAccount, name: web}}, {{kind: ServiceAccount, name: other}}]\n"
     ));
+    // The webhook (deploy/webhook/values.yaml) projects this ConfigMap into every pod that opts
+    // in, the sidecar's included (whose app then reads the sidecar's CA instead): without it the
+    // pod never starts (FailedMount).
+    ca_configmap(ctx, SIDECAR_NS);
     let image = n.get("PROXY_IMAGE");
     let (repository, tag) = image.rsplit_once(':').unwrap();
     let values = ctx.dir.path().join("sidecar-values.yaml");
@@ -725,30 +729,38 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
     let n = ctx.node;
     let (a_pod, _, _) = n.proxy_pods_on("node-1").remove(0);
     let (b_pod, _, _) = n.proxy_pods_on("node-2").remove(0);
-    example_pod_on(
+    let demo_b = example_pod_on(
         ctx,
         "node-2",
         "demo-b",
         n.get("GO_CLIENT_IMAGE"),
         &["/client"],
     );
-    let a_before = n.logs(NS, &a_pod).matches("demo-b").count();
+    // The proxy's request log names the caller's address: demo-b's own (no masquerade).
+    let peer = format!("peer={}:", demo_b["status"]["podIP"].as_str().unwrap());
     let mut b = PodClient::start(n, "demo", "demo-b", &["/client"]);
     for _ in 0..5 {
         let (reply, _) = b.ask("fresh");
         assert_eq!(reply["ok"], true, "demo-b on node-2: {reply}");
     }
     let b_log = n.logs(NS, &b_pod);
-    let line = b_log.lines().rev().find(|l| l.contains("demo-b"));
+    let served = b_log
+        .lines()
+        .filter(|l| l.contains("token request") && l.contains(&peer));
+    let lines: Vec<&str> = served.collect();
     assert!(
-        line.is_some(),
-        "node-2's proxy logged demo-b's requests:\n{b_log}"
+        lines.len() >= 5,
+        "node-2's proxy logged demo-b's requests ({peer}):\n{b_log}"
     );
-    eprintln!("node-2's proxy ({b_pod}): {}", line.unwrap());
-    assert_eq!(
-        n.logs(NS, &a_pod).matches("demo-b").count(),
-        a_before,
-        "node-1's proxy never saw demo-b"
+    eprintln!(
+        "node-2's proxy ({b_pod}), {} lines from demo-b: {}",
+        lines.len(),
+        lines[lines.len() - 1]
+    );
+    let a_log = n.logs(NS, &a_pod);
+    assert!(
+        !a_log.contains(&peer),
+        "node-1's proxy never saw demo-b:\n{a_log}"
     );
 
     // Node-1's proxy stopped (SIGSTOP): not Ready after its probe fails twice.
@@ -780,4 +792,14 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
     );
     let back = within(Duration::from_secs(30), || n.proxy_pods_on("node-1")[0].2);
     assert!(back.is_some(), "node-1's proxy Ready again after SIGCONT");
+}
+
+/// The proxy's CA as the ConfigMap the webhook projects (deploy/webhook/values.yaml).
+fn ca_configmap(ctx: &Context, ns: &str) {
+    ctx.node.apply(
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "identity-binding-proxy-ca", "namespace": ns},
+            "data": {"ca.crt": ctx.ca}})
+        .to_string(),
+    );
 }
