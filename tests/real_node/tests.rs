@@ -168,46 +168,16 @@ pub fn chart_daemonset_is_ready_as_65532_on_a_read_only_root(ctx: &Context) {
     );
     assert_eq!(status["restartCount"], 0);
 
-    // The container's process, as the machine sees it: its uid and its root mount.
-    let pids = host_pids("node-1", PROXY_CMD);
-    assert_eq!(pids.len(), 1, "one proxy process on the node: {pids:?}");
-    let pid = pids[0];
-    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert_eq!(
-        uid_line.split_whitespace().skip(1).collect::<Vec<_>>(),
-        ["65532"; 4],
-        "{uid_line}"
-    );
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let root = mountinfo
-        .lines()
-        .find(|l| l.split_whitespace().nth(4) == Some("/"))
-        .expect("a root mount");
-    let options = root.split_whitespace().nth(5).unwrap();
-    assert!(
-        options.split(',').any(|o| o == "ro"),
-        "root mounted read-only: {root}"
-    );
-    for dir in ["tls", "issuer", "bindings"] {
-        let mounted = mountinfo.lines().any(|l| {
-            l.split_whitespace().nth(4) == Some(&format!("/etc/identity-binding-proxy/{dir}"))
-        });
-        assert!(
-            mounted,
-            "/etc/identity-binding-proxy/{dir} is a mount:\n{mountinfo}"
-        );
-    }
-    // What it read from them: its log names the bindings and certificates it loaded.
+    assert_runs_as_65532_on_a_read_only_root(host_pids("node-1", PROXY_CMD));
+    // What it read from them.
     let logs = n.logs(NS, &pod);
     eprintln!(
         "proxy log (kubectl logs):\n{}",
         logs.lines().take(12).collect::<Vec<_>>().join("\n")
     );
-    assert!(
-        logs.contains(DEMO_CID) || logs.contains("binding"),
-        "{logs}"
-    );
+    // The issuer key from its Secret mount signs (the certificate and the bindings ConfigMap
+    // are what /readyz waited for; (b) uses both).
+    assert!(logs.contains("issuer key: signing"), "{logs}");
 
     n.wait(
         WEBHOOK_NS,
@@ -432,9 +402,9 @@ pub fn killed_proxy_is_restarted_by_the_kubelet(ctx: &Context) {
 pub const SIDECAR_CID: &str = "9c4e1f27-5b3a-4d8e-b6f0-2a7c9e1d4b53";
 const SIDECAR_NS: &str = "ibp-sidecar";
 
-/// (f) The fixture workload chart (native sidecar) on the node: its app gets a token from its
-/// own sidecar over loopback; another pod's account, presented to the same sidecar, is refused.
-pub fn sidecar_serves_its_pod_and_refuses_another_pods_account(ctx: &Context) {
+/// The fixture workload chart with its native sidecar (the image from the Dockerfile), its
+/// namespace, issuer key and grants (to `web` and to `other`): the Available pod's name.
+fn install_sidecar_workload(ctx: &Context) -> String {
     let n = ctx.node;
     let chart = repo().join("tests/fixtures/sidecar-workload-chart");
     let chart = chart.to_str().unwrap();
@@ -508,6 +478,14 @@ pub fn sidecar_serves_its_pod_and_refuses_another_pods_account(ctx: &Context) {
         "jsonpath={.items[0].metadata.name}",
     ]);
 
+    pod
+}
+
+/// (f) The fixture workload chart (native sidecar) on the node: its app gets a token from its
+/// own sidecar over loopback; another pod's account, presented to the same sidecar, is refused.
+pub fn sidecar_serves_its_pod_and_refuses_another_pods_account(ctx: &Context) {
+    let n = ctx.node;
+    let pod = install_sidecar_workload(ctx);
     // The app's own token, through its sidecar on loopback.
     let client = ["python3", "/client/get_token.py"];
     let mut own = PodClient::start_in(n, SIDECAR_NS, &pod, "app", &client, &[]);
@@ -774,20 +752,27 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
         for _ in 0..10 {
             served += usize::from(b.ask("fresh").0["ok"] == true);
         }
-        let (on_a, took) = a.ask("fresh");
-        (served, on_a, took)
+        // Node-1's pod: no token within 5 s (kube-proxy drops what has no local endpoint; the
+        // SDK retries until its own 60 s deadline, so the answer is not awaited).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(a.ask("fresh").0);
+        });
+        let on_a = rx.recv_timeout(Duration::from_secs(5)).ok();
+        (served, on_a)
     }));
     run_ok(Command::new("kill").args(["-CONT", &pid.to_string()]));
-    let (served, on_a, took) = outcome.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let (served, on_a) = outcome.unwrap_or_else(|e| std::panic::resume_unwind(e));
     eprintln!(
         "node-1's proxy stopped (unready after {:.1?}): node-2's pod got {served} of 10 tokens; \
-         node-1's pod: {} after {took:.1?}",
+         node-1's pod in 5 s: {}",
         unready.unwrap(),
-        on_a["error"]
+        on_a.as_ref()
+            .map_or("no answer".to_string(), |r| r.to_string())
     );
     assert_eq!(served, 10, "node-2's pods keep getting tokens");
-    assert_eq!(
-        on_a["ok"], false,
+    assert!(
+        on_a.is_none_or(|r| r["ok"] == false),
         "node-1's pod is not sent to node-2's proxy"
     );
     let back = within(Duration::from_secs(30), || n.proxy_pods_on("node-1")[0].2);
@@ -802,4 +787,37 @@ fn ca_configmap(ctx: &Context, ns: &str) {
             "data": {"ca.crt": ctx.ca}})
         .to_string(),
     );
+}
+
+/// The proxy container's process, as the machine sees it: uid 65532, a read-only root, and the
+/// Secret and ConfigMap volumes mounted where the chart says.
+fn assert_runs_as_65532_on_a_read_only_root(pids: Vec<u32>) {
+    assert_eq!(pids.len(), 1, "one proxy process on the node: {pids:?}");
+    let pid = pids[0];
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["65532"; 4],
+        "{uid_line}"
+    );
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .expect("a root mount");
+    let options = root.split_whitespace().nth(5).unwrap();
+    assert!(
+        options.split(',').any(|o| o == "ro"),
+        "root mounted read-only: {root}"
+    );
+    for dir in ["tls", "issuer", "bindings"] {
+        let mounted = mountinfo.lines().any(|l| {
+            l.split_whitespace().nth(4) == Some(&format!("/etc/identity-binding-proxy/{dir}"))
+        });
+        assert!(
+            mounted,
+            "/etc/identity-binding-proxy/{dir} is a mount:\n{mountinfo}"
+        );
+    }
 }
