@@ -467,7 +467,7 @@ fn install_sidecar_workload(ctx: &Context) -> String {
         values.to_str().unwrap(),
     ]);
     n.wait(SIDECAR_NS, "deployment/web", "condition=Available", 120);
-    let pod = n.kubectl(&[
+    n.kubectl(&[
         "get",
         "pods",
         "-n",
@@ -476,9 +476,7 @@ fn install_sidecar_workload(ctx: &Context) -> String {
         "app.kubernetes.io/name=web",
         "-o",
         "jsonpath={.items[0].metadata.name}",
-    ]);
-
-    pod
+    ])
 }
 
 /// (f) The fixture workload chart (native sidecar) on the node: its app gets a token from its
