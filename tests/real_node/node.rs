@@ -513,15 +513,21 @@ impl PodClient {
     /// SDK's own cache is not used): the reply, and how long it took.
     pub fn ask(&mut self, mode: &str) -> (Value, Duration) {
         let start = Instant::now();
-        writeln!(self.stdin, "{mode} {SCOPE}").expect("the pod's client reads");
-        self.stdin.flush().unwrap();
+        let reply = self
+            .try_ask(mode)
+            .unwrap_or_else(|e| panic!("the pod's client: {e}"));
+        (reply, start.elapsed())
+    }
+
+    /// The same, with the failure to get an answer at all (the pod gone) as an error.
+    pub fn try_ask(&mut self, mode: &str) -> Result<Value, String> {
+        writeln!(self.stdin, "{mode} {SCOPE}").map_err(|e| format!("write: {e}"))?;
+        self.stdin.flush().map_err(|e| format!("write: {e}"))?;
         let mut line = String::new();
         self.stdout
             .read_line(&mut line)
-            .expect("the pod's client answers");
-        let reply = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("not a JSON reply ({e}): {line:?}"));
-        (reply, start.elapsed())
+            .map_err(|e| format!("read: {e}"))?;
+        serde_json::from_str(&line).map_err(|e| format!("not a JSON reply ({e}): {line:?}"))
     }
 }
 

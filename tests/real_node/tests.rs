@@ -754,7 +754,10 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
         // SDK retries until its own 60 s deadline, so the answer is not awaited).
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(a.ask("fresh").0);
+            // Unanswered until the pod goes at `down`: an error then, not a panic.
+            if let Ok(reply) = a.try_ask("fresh") {
+                let _ = tx.send(reply);
+            }
         });
         let on_a = rx.recv_timeout(Duration::from_secs(5)).ok();
         (served, on_a)
