@@ -47,7 +47,8 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let limits = Limits::new(config.limits);
+    let evictions = metrics.connection_evictions.clone();
+    let limits = Limits::counted(config.limits, evictions, "admin");
     crate::http::serve_plain(listener, stop, limits, timeouts, move |req, _peer| {
         let readiness = readiness.clone();
         let metrics = metrics.clone();

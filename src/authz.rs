@@ -130,12 +130,13 @@ impl Authorizer {
     /// decisions a change can affect (see [`index`]), so a revoked grant is denied within the
     /// watch latency instead of the allow TTL, and RBAC unrelated to managed identities costs
     /// no reviews. Roles are listed before bindings, so each binding is judged against every
-    /// role. A broken watch resumes from its last resource version (kube-rs's watcher, with
-    /// backoff); only when the apiserver no longer has that version does it re-list, and the
+    /// role. Each watch lasts as long as the apiserver keeps it (`--watch-timeout-secs`), then
+    /// the next starts from where it ended. A broken watch resumes from its last resource
+    /// version (kube-rs's watcher, with backoff); only when the apiserver no longer has that version does it re-list, and the
     /// re-list drops every decision. Meanwhile the TTLs bound staleness.
     pub async fn watch_rbac(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-        let client = self.cluster.client().clone();
+        let client = self.cluster.watch_client().clone();
         // Bindings wait until both role kinds are listed, or until a watch fails: then they
         // start anyway, so every kind's error is logged, and list again once the roles are
         // listed, so that every binding is judged against them.
@@ -193,12 +194,18 @@ impl Authorizer {
         use kube::runtime::{watcher, WatchStreamExt};
         let kind = K::KIND;
         let mut first_list = true;
-        let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        // The apiserver ends each watch after `timeoutSeconds`; the watcher then opens the next
+        // from the version it reached (no list, no error) and bookmarks keep that version
+        // recent on a quiet cluster.
+        let config = watcher::Config::default().timeout(self.cluster.watch_timeout_secs());
+        let mut events = std::pin::pin!(watcher(api, config).default_backoff());
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(event) => event,
                 Err(e) => {
                     listed.send_if_modified(|p| !std::mem::replace(&mut p.failed, true));
+                    let interruptions = &self.metrics.rbac.interruptions;
+                    interruptions.with_label_values(&[kind.plural()]).inc();
                     tracing::warn!(kind = kind.plural(), error = %e, "RBAC watch interrupted; cached decisions fall back to their TTLs");
                     continue;
                 }

@@ -143,6 +143,11 @@ pub struct ClusterArgs {
     /// tokens verify even if the apiserver is down when the proxy restarts).
     #[arg(long, env = "IBP_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// How long the apiserver keeps each RBAC watch open (its `timeoutSeconds`); then the
+    /// next one starts where it ended, without a list. 1 to 3600.
+    #[arg(long, env = "IBP_WATCH_TIMEOUT_SECS", default_value_t = 290,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub watch_timeout_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -250,7 +255,8 @@ pub struct ServerArgs {
     /// plus room for the rest of the form.
     #[arg(long, env = "IBP_MAX_BODY_BYTES", default_value_t = 20 * 1024)]
     pub max_body_bytes: usize,
-    /// Deadline for reading request headers (slow clients are cut off).
+    /// Deadline for a connection's first request head, from its handshake (slow clients are
+    /// cut off); a later head on a keep-alive connection has the idle timeout.
     #[arg(long, env = "IBP_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
     pub header_read_timeout_secs: u64,
     /// Deadline for a request's whole body, from its head.
@@ -259,8 +265,12 @@ pub struct ServerArgs {
     /// Deadline for a whole request.
     #[arg(long, env = "IBP_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub request_timeout_secs: u64,
-    /// A connection without a request in flight for this long is closed.
-    #[arg(long, env = "IBP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    /// A connection without a request in flight for this long is closed (HTTP/1.1 and h2).
+    /// Longer than clients keep an idle pooled connection — Go's transport and the Go SDK
+    /// (azcore) 90 s, reqwest (the Rust SDK) 90 s, .NET 60 s (120 s before .NET 6) — so the
+    /// client drops it first and never sends a request into the proxy's close; and not a
+    /// multiple of a minute, the period clients poll at (the how-to's sample: 60 s).
+    #[arg(long, env = "IBP_IDLE_TIMEOUT_SECS", default_value_t = 150)]
     pub idle_timeout_secs: u64,
     /// Most concurrent h2 streams per connection.
     #[arg(long, env = "IBP_H2_MAX_STREAMS", default_value_t = 128)]
@@ -294,8 +304,11 @@ pub struct AdminArgs {
     /// Admin server: /livez, /readyz, /metrics (plain HTTP).
     #[arg(long, env = "IBP_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
-    /// Most connections to the admin server at once (and a quarter of that per peer).
-    #[arg(long, env = "IBP_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    /// Most connections to the admin server at once (and a quarter of that per peer). More
+    /// than the addresses of the pods a node can run (AKS allows 250 pods, twice that with
+    /// dual-stack addresses): fair shares let a new peer in while fewer peers than the cap hold
+    /// connections, so a probe or a scrape is never locked out.
+    #[arg(long, env = "IBP_ADMIN_MAX_CONNECTIONS", default_value_t = 512)]
     pub admin_max_connections: usize,
 }
 
@@ -366,6 +379,36 @@ pub struct DevArgs {
 pub enum DevCommand {
     /// Print a service-account token signed by the dev kube emulator's key.
     Token(DevTokenArgs),
+    /// Rotate a running dev's CA one step at a time, in the order that fails no client:
+    /// bundle (publish [old, new]), restart what read the CA before, leaf (serve the new CA's
+    /// certificate), drop-old. Without --step: where the rotation stands.
+    RotateCa(DevRotateCaArgs),
+}
+
+#[cfg(feature = "emulators")]
+#[derive(Args, Debug)]
+pub struct DevRotateCaArgs {
+    #[arg(long, env = "IBP_STATE_DIR", default_value = "./.ibp-dev")]
+    pub state_dir: PathBuf,
+    /// The step to take; each is refused unless the one before it is done.
+    #[arg(long, value_enum, default_value = "status")]
+    pub step: RotateStep,
+}
+
+/// The steps of a CA rotation, in their order.
+#[cfg(feature = "emulators")]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotateStep {
+    /// Say where the rotation stands and what comes next; changes nothing.
+    Status,
+    /// Make a new CA and publish the bundle [old, new]: every client that reads the CA file
+    /// from now on trusts both.
+    Bundle,
+    /// Serve a certificate of the new CA and publish [new, old] (refused while a process that
+    /// read the CA file before the bundle still runs).
+    Leaf,
+    /// Publish [new] only (refused until the new CA's certificate is served).
+    DropOld,
 }
 
 #[cfg(feature = "emulators")]

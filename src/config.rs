@@ -26,6 +26,8 @@ pub const DEFAULT_TOKEN_AUDIENCE: &str = "api://AKSIdentityBinding";
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub kubeconfig: Option<PathBuf>,
+    /// The `timeoutSeconds` of each RBAC watch.
+    pub watch_timeout: Duration,
     pub tls: TlsConfig,
     pub issuer: IssuerConfig,
     /// The bindings file.
@@ -140,6 +142,7 @@ impl ProxyConfig {
         }
         Ok(Self {
             kubeconfig: a.cluster.kubeconfig.clone(),
+            watch_timeout: secs(a.cluster.watch_timeout_secs),
             tls: tls_config(&a.tls),
             issuer: issuer_config(&a.identities)?,
             bindings: a.identities.bindings.clone(),

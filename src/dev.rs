@@ -7,6 +7,8 @@
 //! and refuses bad input — a state dir in use, a busy port, bad flags — before it writes
 //! anything, so a mistaken second start cannot disturb the running one.
 
+mod rotate_ca;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -117,13 +119,17 @@ impl DevSystem {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if let Some(crate::cli::DevCommand::Token(t)) = &args.command {
-        return print_token(t);
+    match &args.command {
+        Some(crate::cli::DevCommand::Token(t)) => return print_token(t),
+        Some(crate::cli::DevCommand::RotateCa(r)) => return rotate_ca(r),
+        None => {}
     }
     let system = match start(&args).await {
         Ok(system) => system,
         Err(e) => match e.downcast_ref::<Refusal>() {
             Some(refusal) => {
+                // exit() skips main's flush: the lines logged before the refusal go out first.
+                crate::logpipe::flush(std::time::Duration::from_secs(2));
                 eprintln!("error: {refusal}");
                 std::process::exit(EX_USAGE);
             }
@@ -135,6 +141,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!("stopping dev");
     system.stop_gracefully(how).await;
     Ok(())
+}
+
+/// One step of a CA rotation on a running dev: a refusal is one line and exit 64, and changed
+/// nothing.
+fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> anyhow::Result<()> {
+    match rotate_ca::run(args) {
+        Ok(report) => {
+            println!("{report}");
+            Ok(())
+        }
+        Err(rotate_ca::RotateError::Refused(why)) => {
+            eprintln!("error: {why}");
+            std::process::exit(EX_USAGE);
+        }
+        Err(rotate_ca::RotateError::Failed(e)) => Err(e),
+    }
 }
 
 fn print_token(t: &DevTokenArgs) -> anyhow::Result<()> {
@@ -280,10 +302,16 @@ fn rbac_file(args: &DevArgs, dir: &Path, identity: &DemoIdentity) -> anyhow::Res
     Ok(f)
 }
 
-/// A fresh CA and the serving certificate for the SNI name, written to `tls/`.
+/// A fresh CA and the serving certificate for the SNI name, written to `tls/` (the CA's key
+/// too, for `dev rotate-ca`; a rotation a previous run left half done is over).
 fn serving_certificate(dir: &Path) -> anyhow::Result<DevCa> {
     let ca = DevCa::generate("identity-binding-proxy dev CA")?;
     let serving = ca.issue(&[DEV_SNI_NAME])?;
+    for stale in ["tls/rotation.json", "tls/ca-next.crt", "tls/ca-next.key"] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    write_private(&dir.join("tls/ca.key"), ca.key_pem().as_bytes())?;
+    write_public(&dir.join("tls/ca.crt"), ca.cert_pem.as_bytes())?;
     write_public(&dir.join("tls/tls.crt"), serving.cert_pem.as_bytes())?;
     write_private(&dir.join("tls/tls.key"), serving.key_pem.as_bytes())?;
     Ok(ca)

@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
-use crate::limits::{ConnectionPermit, Limits, Refusal, RequestPermit};
+use crate::limits::{Activity, ConnectionPermit, Limits, Refusal, RequestPermit};
 
 pub type Body = Full<Bytes>;
 
@@ -157,67 +156,36 @@ impl ConnTimeouts {
     };
 }
 
-/// Requests on one connection, for its deadlines.
-struct Activity {
-    opened: tokio::time::Instant,
-    started: AtomicU64,
-    in_flight: AtomicUsize,
-    /// Milliseconds after `opened` when the last request finished.
-    last_done_ms: AtomicU64,
-}
-
 /// Why a connection's deadline closed it.
 enum Expiry {
     NoRequest,
     Idle,
 }
 
-impl Activity {
-    fn new() -> Self {
-        Self {
-            opened: tokio::time::Instant::now(),
-            started: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            last_done_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn begin(self: &Arc<Self>) -> ActivityGuard {
-        self.started.fetch_add(1, Ordering::AcqRel);
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        ActivityGuard(self.clone())
-    }
-
-    /// Completes when the connection has passed one of its deadlines. A busy connection is
-    /// looked at again every idle period, so an idle one closes on time without any wake-up
-    /// per request.
-    async fn expired(&self, timeouts: ConnTimeouts) -> Expiry {
-        loop {
-            let now = tokio::time::Instant::now();
-            let started = self.started.load(Ordering::Acquire) > 0;
-            let next = match (started, timeouts.first_request, timeouts.idle) {
-                (false, Some(first), _) => {
-                    let deadline = self.opened + first;
-                    if now >= deadline {
-                        return Expiry::NoRequest;
-                    }
-                    deadline
+/// Completes when the connection has passed one of its deadlines. A busy connection is looked
+/// at again every idle period, so an idle one closes on time without any wake-up per request.
+async fn expired(activity: &Activity, timeouts: ConnTimeouts) -> Expiry {
+    loop {
+        let now = tokio::time::Instant::now();
+        let next = match (activity.started(), timeouts.first_request, timeouts.idle) {
+            (false, Some(first), _) => {
+                let deadline = activity.opened() + first;
+                if now >= deadline {
+                    return Expiry::NoRequest;
                 }
-                _ if self.in_flight.load(Ordering::Acquire) > 0 => {
-                    now + timeouts.idle.unwrap_or(IDLE_RECHECK)
+                deadline
+            }
+            _ if activity.in_flight() > 0 => now + timeouts.idle.unwrap_or(IDLE_RECHECK),
+            (_, _, Some(idle)) => {
+                let deadline = activity.idle_since() + idle;
+                if now >= deadline {
+                    return Expiry::Idle;
                 }
-                (_, _, Some(idle)) => {
-                    let done = Duration::from_millis(self.last_done_ms.load(Ordering::Acquire));
-                    let deadline = self.opened + done + idle;
-                    if now >= deadline {
-                        return Expiry::Idle;
-                    }
-                    deadline
-                }
-                (_, _, None) => now + IDLE_RECHECK,
-            };
-            tokio::time::sleep_until(next).await;
-        }
+                deadline
+            }
+            (_, _, None) => now + IDLE_RECHECK,
+        };
+        tokio::time::sleep_until(next).await;
     }
 }
 
@@ -227,23 +195,14 @@ const IDLE_RECHECK: Duration = Duration::from_secs(3600);
 /// take to finish cleanly.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-struct ActivityGuard(Arc<Activity>);
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        let ms = self.0.opened.elapsed().as_millis() as u64;
-        self.0.last_done_ms.store(ms, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Serves one accepted connection (plain or TLS) with `builder` until the peer closes it, a
 /// deadline of `timeouts` passes, or `shutdown` fires (then in-flight requests finish within a
-/// grace period). The one connection driver of the proxy, its admin server and the emulators.
+/// grace period), or the connection is evicted to make room for another peer (`activity`, from
+/// its permit). The one connection driver of the proxy, its admin server and the emulators.
 pub async fn serve_connection<I, F, Fut, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    timeouts: ConnTimeouts,
+    (activity, timeouts): (Arc<Activity>, ConnTimeouts),
     shutdown: &CancellationToken,
     handler: F,
 ) where
@@ -253,7 +212,6 @@ pub async fn serve_connection<I, F, Fut, B>(
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let activity = Arc::new(Activity::new());
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |req| {
@@ -270,10 +228,15 @@ pub async fn serve_connection<I, F, Fut, B>(
     tokio::pin!(conn);
     let grace = tokio::select! {
         _ = conn.as_mut() => return,
-        expiry = activity.expired(timeouts) => match expiry {
+        expiry = expired(&activity, timeouts) => match expiry {
             // Nothing was asked: nothing to finish.
             Expiry::NoRequest => return,
             Expiry::Idle => CLOSE_GRACE,
+        },
+        // Requests in flight (never an authenticated caller's) finish; nothing else to wait for.
+        _ = activity.evicted() => match activity.started() {
+            false => return,
+            true => CLOSE_GRACE,
         },
         // Requests in flight finish within the drain deadline, as promised at shutdown.
         _ = shutdown.cancelled() => timeouts.drain.unwrap_or(CLOSE_GRACE),
@@ -284,7 +247,7 @@ pub async fn serve_connection<I, F, Fut, B>(
 
 /// Accepts connections on `listener` until `shutdown` fires, and hands each one within
 /// `limits` to `serve` with its permit; a connection over a limit is closed at once and
-/// reported to `refused`. Then waits for the connections to finish, at most `drain` when given.
+/// reported to `refused` (which counts and logs it: see `refusals`). Then waits for the connections to finish, at most `drain` when given.
 /// The one accept loop of the token port, the admin server and the emulators.
 pub async fn accept_loop<S, Fut>(
     listener: TcpListener,
@@ -318,10 +281,7 @@ pub async fn accept_loop<S, Fut>(
                 let _ = stream.set_nodelay(true);
                 tracker.spawn(serve(stream, peer, permit));
             }
-            Err(refusal) => {
-                tracing::warn!(%peer, limit = refusal.label(), "connection limit reached; closing new connection");
-                refused(peer, refusal);
-            }
+            Err(refusal) => refused(peer, refusal),
         }
     }
     drop(listener);
@@ -354,21 +314,26 @@ pub async fn serve_plain<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No first-request deadline means none at all (hyper's own default would be 30 s).
+    // hyper's HTTP/1 header timer also times the wait for the next head on a keep-alive
+    // connection: it is the idle timeout (the first head has the connection's own deadline).
+    // No deadline means none at all (hyper's own default would be 30 s).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.first_request);
+        .header_read_timeout(timeouts.idle.or(timeouts.first_request));
     let builder = Arc::new(builder);
     let serve = |stream, peer, permit| {
         let (handler, shutdown, builder) = (handler.clone(), shutdown.clone(), builder.clone());
         async move {
-            let _permit: ConnectionPermit = permit;
+            let permit: ConnectionPermit = permit;
             let handler = move |req| handler(req, peer);
-            serve_connection(&builder, stream, timeouts, &shutdown, handler).await;
+            let conn = (permit.activity(), timeouts);
+            serve_connection(&builder, stream, conn, &shutdown, handler).await;
         }
     };
-    accept_loop(listener, &shutdown, &limits, None, |_, _| {}, serve).await;
+    let refusals = crate::refusals::Refusals::start(None, crate::refusals::SUMMARY_INTERVAL);
+    let refused = |peer, refusal| refusals.connection(peer, refusal);
+    accept_loop(listener, &shutdown, &limits, None, refused, serve).await;
 }
 
 /// The outbound HTTP client: https through rustls (aws-lc-rs, webpki roots) and plain http

@@ -5,11 +5,29 @@
 //!
 //! Counting is by peer IP address: each pod has its own IP (host-network pods share the
 //! node's, which is why the per-peer shares are generous).
+//!
+//! # Fair shares under the process-wide cap
+//!
+//! When the process holds `max_connections`, a peer holding fewer than its fair share (the cap
+//! divided by the peers holding connections, itself included) still gets in: one connection of
+//! a peer holding at least two more than it is told to close (evicted) to make room. Which one:
+//! first a connection that never sent a request (a TLS handshake or a first request head still
+//! pending after a second), then one idle that never carried an authenticated request, then one
+//! idle longest, then one with unauthenticated requests in flight, then one just opened; within
+//! each, the largest holder's oldest; never one with an authenticated caller's request in
+//! flight. An evicted connection closes gracefully (requests in flight finish); until
+//! it has, the cap is passed by at most a sixteenth, and by one more for each peer that had none.
+//! So peers that together fill the cap, each under its own per-peer limit, cannot lock a new pod
+//! out: as long as fewer peers hold connections than the cap, some peer holds two or more.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
 
@@ -36,11 +54,17 @@ impl LimitsConfig {
             max_buffered_bytes_per_peer: usize::MAX,
         }
     }
+
+    /// Connections told to close that may still be open: a new peer is let in over the cap by
+    /// at most this many while they finish (a sixteenth of the cap, so 256 of 4096; at least 4).
+    fn max_evicting(&self) -> usize {
+        (self.max_connections / 16).max(4)
+    }
 }
 
+/// Requests in flight and body bytes buffered, process-wide or by one peer.
 #[derive(Default, Debug)]
 struct Usage {
-    connections: AtomicUsize,
     in_flight: AtomicUsize,
     bytes: AtomicUsize,
 }
@@ -58,17 +82,10 @@ fn release(counter: &AtomicUsize, n: usize) {
     counter.fetch_sub(n, Ordering::AcqRel);
 }
 
-/// What one peer address holds.
-#[derive(Debug)]
-pub struct PeerUsage {
-    ip: IpAddr,
-    usage: Usage,
-}
-
 /// Which bound refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The process holds `max_connections`.
+    /// The process holds `max_connections`, and no connection could make room.
     Global,
     /// This peer holds `max_connections_per_peer`.
     Peer,
@@ -86,20 +103,231 @@ impl Refusal {
     }
 }
 
+/// What kind of connection was evicted to make room for a peer under its fair share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// It never sent a request: a handshake or a first request head still pending.
+    NoRequest,
+    /// No request in flight.
+    Idle,
+    /// Requests in flight, none of them from an authenticated caller yet.
+    Unauthenticated,
+}
+
+impl Eviction {
+    pub const ALL: [Eviction; 3] = [
+        Eviction::NoRequest,
+        Eviction::Idle,
+        Eviction::Unauthenticated,
+    ];
+
+    /// Bounded label for the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Eviction::NoRequest => "no_request",
+            Eviction::Idle => "idle",
+            Eviction::Unauthenticated => "unauthenticated_in_flight",
+        }
+    }
+}
+
+/// What one connection is doing: read by its deadlines (`http::serve_connection`) and by the
+/// choice of a connection to evict.
+#[derive(Debug)]
+pub struct Activity {
+    opened: Instant,
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened` when the last request finished.
+    last_done_ms: AtomicU64,
+    /// A request on it passed authentication.
+    authenticated: AtomicBool,
+    /// Cancelled when the connection is evicted: it closes gracefully at once.
+    evicted: CancellationToken,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            started: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+            authenticated: AtomicBool::new(false),
+            evicted: CancellationToken::new(),
+        }
+    }
+
+    /// A request starts; it ends when the guard drops.
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        ActivityGuard(self.clone())
+    }
+
+    pub fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    /// Whether any request was ever started on it.
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire) > 0
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// When its last request finished (when it opened, before any).
+    pub fn idle_since(&self) -> Instant {
+        let ms = self.last_done_ms.load(Ordering::Acquire);
+        self.opened + std::time::Duration::from_millis(ms)
+    }
+
+    /// Completes when the connection is evicted.
+    pub fn evicted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.evicted.cancelled()
+    }
+
+    /// How eagerly it is evicted (lower first), and since when it is in that state; `None`
+    /// for a connection an authenticated caller is waiting on.
+    fn eviction(&self) -> Option<(Eviction, u8, Instant)> {
+        let authenticated = self.authenticated.load(Ordering::Acquire);
+        match (self.started(), self.in_flight() > 0, authenticated) {
+            (false, _, _) if self.opened.elapsed() >= FRESH => {
+                Some((Eviction::NoRequest, 0, self.opened))
+            }
+            // Still getting its first request through: a new peer's own connection.
+            (false, _, _) => Some((Eviction::NoRequest, 4, self.opened)),
+            (true, false, false) => Some((Eviction::Idle, 1, self.idle_since())),
+            (true, false, true) => Some((Eviction::Idle, 2, self.idle_since())),
+            (true, true, false) => Some((Eviction::Unauthenticated, 3, self.opened)),
+            (true, true, true) => None,
+        }
+    }
+}
+
+/// A connection younger than this without a request is left to finish its handshake and send
+/// its first request (on a node, both take milliseconds) before anything else is evicted:
+/// otherwise the connection a new peer was just let in with could be the next to go.
+const FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One request on a connection; marks its end when dropped.
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_done_ms.store(ms, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What one peer address holds.
+struct Peer {
+    usage: Arc<Usage>,
+    /// Its open connections that were not evicted, by id.
+    live: HashMap<u64, Arc<Activity>>,
+    /// Its evicted connections still open.
+    evicting: usize,
+}
+
+/// Every open connection, by peer.
+#[derive(Default)]
+struct Table {
+    peers: HashMap<IpAddr, Peer>,
+    /// Open connections (evicted ones included until they close).
+    open: usize,
+    /// Evicted connections still open.
+    evicting: usize,
+    next_id: u64,
+}
+
+/// A connection chosen to make room.
+struct Victim {
+    ip: IpAddr,
+    id: u64,
+    why: Eviction,
+}
+
+impl Table {
+    /// The connection to evict so that `ip` gets its fair share, if `ip` is under it and one
+    /// may be evicted.
+    fn victim(&self, ip: IpAddr, max_connections: usize) -> Option<Victim> {
+        let mine = self.peers.get(&ip).map_or(0, |p| p.live.len());
+        let active = self.peers.values().filter(|p| !p.live.is_empty()).count();
+        let active = active + usize::from(mine == 0);
+        if mine >= max_connections.div_ceil(active.max(1)) {
+            return None;
+        }
+        let mut best = None;
+        // Only from a peer that keeps at least as many as `ip` will hold: no churn between
+        // equals.
+        for (peer_ip, peer) in self.peers.iter().filter(|(_, p)| p.live.len() > mine + 1) {
+            for (id, activity) in &peer.live {
+                let Some((why, rank, since)) = activity.eviction() else {
+                    continue;
+                };
+                let key = (rank, Reverse(peer.live.len()), since);
+                if best.as_ref().is_none_or(|(k, _)| key < *k) {
+                    let victim = Victim {
+                        ip: *peer_ip,
+                        id: *id,
+                        why,
+                    };
+                    best = Some((key, victim));
+                }
+            }
+        }
+        best.map(|(_, victim)| victim)
+    }
+
+    /// Tells `victim` to close; its place is counted as evicting until it does.
+    fn evict(&mut self, victim: &Victim) {
+        if let Some(peer) = self.peers.get_mut(&victim.ip) {
+            if let Some(activity) = peer.live.remove(&victim.id) {
+                activity.evicted.cancel();
+                peer.evicting += 1;
+                self.evicting += 1;
+            }
+        }
+    }
+}
+
 /// The counters of the whole process and of every peer that holds a connection.
 pub struct Limits {
     config: LimitsConfig,
     global: Usage,
-    /// One entry per peer address with an open connection: at most `max_connections` entries.
-    peers: Mutex<HashMap<IpAddr, Arc<PeerUsage>>>,
+    /// One entry per peer address with an open connection: at most `max_connections` entries
+    /// (plus the evicting ones).
+    table: Mutex<Table>,
+    /// Evictions by reason, when counted: `(counter, port label)`.
+    evictions: Option<(prometheus::IntCounterVec, &'static str)>,
 }
 
 impl Limits {
     pub fn new(config: LimitsConfig) -> Arc<Self> {
+        Self::build(config, None)
+    }
+
+    /// The same, counting evictions in `counter` (labels: port, reason) under `port`.
+    pub fn counted(
+        config: LimitsConfig,
+        counter: prometheus::IntCounterVec,
+        port: &'static str,
+    ) -> Arc<Self> {
+        Self::build(config, Some((counter, port)))
+    }
+
+    fn build(
+        config: LimitsConfig,
+        evictions: Option<(prometheus::IntCounterVec, &'static str)>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             global: Usage::default(),
-            peers: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
+            evictions,
         })
     }
 
@@ -107,38 +335,59 @@ impl Limits {
         &self.config
     }
 
-    /// A new connection from `ip`, or which bound refuses it.
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection from `ip`, or which bound refuses it. At the process-wide cap, a peer
+    /// under its fair share gets in by evicting another peer's connection (see the module).
     pub fn connect(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refusal> {
-        if !reserve(&self.global.connections, 1, self.config.max_connections) {
-            return Err(Refusal::Global);
-        }
-        let peer = {
-            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            let peer = peers.entry(ip).or_insert_with(|| {
-                Arc::new(PeerUsage {
-                    ip,
-                    usage: Usage::default(),
-                })
-            });
-            if !reserve(
-                &peer.usage.connections,
-                1,
-                self.config.max_connections_per_peer,
-            ) {
-                release(&self.global.connections, 1);
-                return Err(Refusal::Peer);
+        let mut table = self.table();
+        let held = table
+            .peers
+            .get(&ip)
+            .map_or(0, |p| p.live.len() + p.evicting);
+        let over_share = held >= self.config.max_connections_per_peer;
+        if table.open >= self.config.max_connections {
+            // A peer without a connection is let in whatever is still closing (so the
+            // overshoot is at most one per peer beyond `max_evicting`).
+            if over_share || (held > 0 && table.evicting >= self.config.max_evicting()) {
+                return Err(Refusal::Global);
             }
-            peer.clone()
-        };
+            let victim = table
+                .victim(ip, self.config.max_connections)
+                .ok_or(Refusal::Global)?;
+            table.evict(&victim);
+            tracing::debug!(peer = %ip, evicted = %victim.ip, reason = victim.why.label(),
+                "connection cap reached; a connection of the largest holder makes room");
+            if let Some((counter, port)) = &self.evictions {
+                counter.with_label_values(&[port, victim.why.label()]).inc();
+            }
+        } else if over_share {
+            return Err(Refusal::Peer);
+        }
+        table.open += 1;
+        table.next_id += 1;
+        let id = table.next_id;
+        let activity = Arc::new(Activity::new());
+        let peer = table.peers.entry(ip).or_insert_with(|| Peer {
+            usage: Arc::default(),
+            live: HashMap::new(),
+            evicting: 0,
+        });
+        peer.live.insert(id, activity.clone());
         Ok(ConnectionPermit {
             limits: self.clone(),
-            peer,
+            usage: peer.usage.clone(),
+            ip,
+            id,
+            activity,
         })
     }
 
     /// Connections open now, process-wide.
     pub fn connections(&self) -> usize {
-        self.global.connections.load(Ordering::Acquire)
+        self.table().open
     }
 
     /// Request-body bytes buffered now, process-wide.
@@ -150,7 +399,10 @@ impl Limits {
 /// An open connection's share; released when dropped.
 pub struct ConnectionPermit {
     limits: Arc<Limits>,
-    peer: Arc<PeerUsage>,
+    usage: Arc<Usage>,
+    ip: IpAddr,
+    id: u64,
+    activity: Arc<Activity>,
 }
 
 impl ConnectionPermit {
@@ -164,21 +416,28 @@ impl ConnectionPermit {
         }
     }
 
+    /// What the connection is doing (its deadlines and eviction read it).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
+    }
+
+    /// A request on this connection passed authentication: from now on the connection is
+    /// evicted only after every idle or unauthenticated one.
+    pub fn authenticated(&self) {
+        self.activity.authenticated.store(true, Ordering::Release);
+    }
+
     /// Starts a request on this connection, or refuses it (503) when the peer or the process
     /// already has its most requests in flight.
     pub fn request(&self) -> Result<RequestPermit, ProxyError> {
-        let (limits, peer) = (&self.limits, &self.peer);
+        let (limits, peer) = (&self.limits, &self.usage);
         if !reserve(&limits.global.in_flight, 1, limits.config.max_in_flight) {
             return Err(busy(format!(
                 "The proxy is serving its limit of {} requests at once.",
                 limits.config.max_in_flight
             )));
         }
-        if !reserve(
-            &peer.usage.in_flight,
-            1,
-            limits.config.max_in_flight_per_peer,
-        ) {
+        if !reserve(&peer.in_flight, 1, limits.config.max_in_flight_per_peer) {
             release(&limits.global.in_flight, 1);
             return Err(busy(format!(
                 "This pod already has {} token requests in flight.",
@@ -195,12 +454,25 @@ impl ConnectionPermit {
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        release(&self.limits.global.connections, 1);
-        let mut peers = self.limits.peers.lock().unwrap_or_else(|p| p.into_inner());
-        // Decremented under the table's lock, so a peer's entry goes exactly when its last
-        // connection does (and `connect` never counts on an entry that is being removed).
-        if self.peer.usage.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-            peers.remove(&self.peer.ip);
+        let mut table = self.limits.table();
+        table.open -= 1;
+        // Evicted is decided under the table's lock, so the connection is counted exactly
+        // once: as live or as evicting.
+        let evicted = self.activity.evicted.is_cancelled();
+        let Some(peer) = table.peers.get_mut(&self.ip) else {
+            return;
+        };
+        if evicted {
+            peer.evicting -= 1;
+        } else {
+            peer.live.remove(&self.id);
+        }
+        let gone = peer.live.is_empty() && peer.evicting == 0;
+        if gone {
+            table.peers.remove(&self.ip);
+        }
+        if evicted {
+            table.evicting -= 1;
         }
     }
 }
@@ -208,7 +480,7 @@ impl Drop for ConnectionPermit {
 /// One request's share: its place in flight and the body bytes it buffers.
 pub struct RequestPermit {
     limits: Arc<Limits>,
-    peer: Arc<PeerUsage>,
+    peer: Arc<Usage>,
     bytes: usize,
 }
 
@@ -222,11 +494,7 @@ impl RequestPermit {
                 "The proxy is buffering its limit of request bytes.".into(),
             ));
         }
-        if !reserve(
-            &self.peer.usage.bytes,
-            n,
-            config.max_buffered_bytes_per_peer,
-        ) {
+        if !reserve(&self.peer.bytes, n, config.max_buffered_bytes_per_peer) {
             release(&self.limits.global.bytes, n);
             return Err(busy(
                 "This pod's unfinished requests hold its limit of buffered bytes.".into(),
@@ -240,9 +508,9 @@ impl RequestPermit {
 impl Drop for RequestPermit {
     fn drop(&mut self) {
         release(&self.limits.global.in_flight, 1);
-        release(&self.peer.usage.in_flight, 1);
+        release(&self.peer.in_flight, 1);
         release(&self.limits.global.bytes, self.bytes);
-        release(&self.peer.usage.bytes, self.bytes);
+        release(&self.peer.bytes, self.bytes);
     }
 }
 
@@ -396,15 +664,120 @@ mod tests {
     #[test]
     fn one_peer_cannot_take_the_connections_of_another() {
         let limits = Limits::new(config());
-        let a1 = limits.connect(A).unwrap();
+        let _a1 = limits.connect(A).unwrap();
         let _a2 = limits.connect(A).unwrap();
         assert_eq!(limits.connect(A).err(), Some(Refusal::Peer));
         let _b1 = limits.connect(B).unwrap();
         let _b2 = limits.connect(B).unwrap();
-        assert_eq!(limits.connect(C).err(), Some(Refusal::Global));
-        drop(a1);
-        let _c = limits.connect(C).unwrap();
         assert_eq!(limits.connections(), 4);
+        // At the cap C, under its fair share of three peers (4 / 3, rounded up: 2), gets in
+        // by making room; then no one holds two more than C, and C's second is refused.
+        let c = limits.connect(C).unwrap();
+        assert_eq!(limits.connect(C).err(), Some(Refusal::Global));
+        drop(c);
+        assert_eq!(limits.connections(), 4);
+    }
+
+    fn peer(ip: u8) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, ip))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_a_new_peer_evicts_the_largest_holders_most_idle_connection() {
+        let limits = Limits::new(LimitsConfig {
+            max_connections: 6,
+            max_connections_per_peer: 4,
+            ..LimitsConfig::unbounded()
+        });
+        let served = |c: &ConnectionPermit| {
+            c.authenticated();
+            drop(c.activity().begin());
+        };
+        // A holds four: one serving an authenticated caller, one that never sent a request,
+        // one idle since an authenticated request, one idle that was only ever refused.
+        let busy = limits.connect(A).unwrap();
+        busy.authenticated();
+        let _request = busy.activity().begin();
+        let never = limits.connect(A).unwrap();
+        let idle = limits.connect(A).unwrap();
+        served(&idle);
+        let junk = limits.connect(A).unwrap();
+        drop(junk.activity().begin());
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        // B holds two, idle since an authenticated request more recent than A's.
+        let b = [limits.connect(B).unwrap(), limits.connect(B).unwrap()];
+        b.iter().for_each(served);
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+
+        let c1 = limits.connect(C).unwrap();
+        assert!(never.activity().evicted.is_cancelled(), "no request first");
+        let c2 = limits.connect(C).unwrap();
+        assert!(
+            junk.activity().evicted.is_cancelled(),
+            "then never authenticated"
+        );
+        let d = limits.connect(peer(4)).unwrap();
+        assert!(idle.activity().evicted.is_cancelled(), "then idle longest");
+        // Of B's idle ones and C's just opened ones, B's go first.
+        let e = limits.connect(peer(5)).unwrap();
+        assert!(b.iter().any(|c| c.activity().evicted.is_cancelled()));
+        assert!(![&c1, &c2, &busy]
+            .iter()
+            .any(|c| c.activity().evicted.is_cancelled()));
+        // Last, a connection just opened: F, without any, gets in even while four close.
+        let f = limits.connect(peer(6)).unwrap();
+        assert!([&c1, &c2]
+            .iter()
+            .any(|c| c.activity().evicted.is_cancelled()));
+        assert_eq!(limits.connections(), 11);
+        drop((never, junk, idle));
+        assert_eq!(limits.connections(), 8);
+        drop((busy, b, c1, c2, d, e, f));
+        assert!(limits.table().peers.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_still_closing_bound_a_peer_that_holds_some_but_not_a_new_one() {
+        let limits = Limits::new(LimitsConfig {
+            max_connections: 64,
+            max_connections_per_peer: 64,
+            ..LimitsConfig::unbounded()
+        });
+        let _a: Vec<_> = (0..64).map(|_| limits.connect(A).unwrap()).collect();
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        // 64 / 16 = 4 evicted connections may still be closing.
+        let _b: Vec<_> = (0..4).map(|_| limits.connect(B).unwrap()).collect();
+        assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
+        let _c = limits.connect(C).unwrap();
+        assert_eq!(limits.connections(), 69);
+    }
+
+    #[test]
+    fn an_authenticated_request_in_flight_is_never_evicted() {
+        let limits = Limits::new(LimitsConfig {
+            max_connections: 2,
+            max_connections_per_peer: 2,
+            ..LimitsConfig::unbounded()
+        });
+        let conns = [limits.connect(A).unwrap(), limits.connect(A).unwrap()];
+        let _requests = conns.each_ref().map(|c| {
+            c.authenticated();
+            c.activity().begin()
+        });
+        assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
+    }
+
+    #[test]
+    fn peers_that_hold_equal_shares_do_not_evict_each_other() {
+        let limits = Limits::new(LimitsConfig {
+            max_connections: 4,
+            max_connections_per_peer: 4,
+            ..LimitsConfig::unbounded()
+        });
+        let _held = [A, A, B, B].map(|ip| limits.connect(ip).unwrap());
+        // A and B hold 2 of 4 each, their fair share: neither makes room for itself.
+        assert_eq!(limits.connect(A).err(), Some(Refusal::Global));
+        assert_eq!(limits.connect(B).err(), Some(Refusal::Global));
     }
 
     #[test]
@@ -412,7 +785,7 @@ mod tests {
         let limits = Limits::new(config());
         let a = limits.connect(A).unwrap();
         drop(a);
-        assert!(limits.peers.lock().unwrap().is_empty());
+        assert!(limits.table().peers.is_empty());
         assert_eq!(limits.connections(), 0);
     }
 

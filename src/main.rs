@@ -9,6 +9,9 @@ use identity_binding_proxy::config::ProxyConfig;
 use identity_binding_proxy::{issuer, server};
 
 const EX_USAGE: u8 = 64;
+/// How long the exit waits for the log's last lines: a reader that stopped reading cannot
+/// hold it longer.
+const LOG_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// jemalloc instead of glibc's malloc: its background thread hands freed pages back to the
 /// kernel (after its decay time), so memory that a burst of connections took — the node's
@@ -53,7 +56,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let result = runtime.block_on(dispatch(cli.command));
+    // Every line of the run (the drain's included) is out before the process is.
+    identity_binding_proxy::logpipe::flush(LOG_FLUSH_LIMIT);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
             eprintln!("error: {msg}");
@@ -87,9 +93,11 @@ fn init_logs(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(identity_binding_proxy::logpipe::install(std::io::stderr()));
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .event_format(identity_binding_proxy::logline::JsonLine)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub entra_duration: Histogram,
     pub kube_reviews: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    /// Connections closed at the connection cap to let a peer under its fair share in.
+    pub connection_evictions: IntCounterVec,
+    pub log: LogMetrics,
     pub caller_budget_exceeded: IntCounterVec,
     pub certificate_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
@@ -83,6 +86,41 @@ impl Registrar {
     }
 }
 
+/// Connections closed at a port's connection cap to let a peer under its fair share in.
+fn connection_evictions(r: &Registrar) -> IntCounterVec {
+    r.counter(
+        "connection_evictions_total",
+        "Connections told to close because the port ('token' or 'admin') held its connection cap and a peer under its fair share connected, by what the connection was doing: 'no_request' (handshake or first request pending), 'idle', 'unauthenticated_in_flight'.",
+        &["port", "reason"],
+    )
+}
+
+/// What the log leaves out: refusals summarized per peer, lines its reader did not take.
+pub struct LogMetrics {
+    /// Refusals before authentication (connections, handshakes, requests), by reason: the
+    /// counts behind the log's per-peer summaries.
+    pub refusals: IntCounterVec,
+    /// Log lines dropped because the log reader did not keep up (synced at each scrape).
+    pub lines_dropped: IntCounter,
+}
+
+impl LogMetrics {
+    fn new(r: &Registrar) -> Self {
+        let dropped = IntCounter::new(
+            format!("{PREFIX}_log_lines_dropped_total"),
+            "Log lines dropped because the log's reader did not keep up (its queue was full); requests never wait for the log.",
+        );
+        Self {
+            refusals: r.counter(
+                "refusals_total",
+                "Connections and requests refused before their caller was authenticated, by reason (a connection limit, a handshake failure, or the outcome of a request); the log summarizes them per peer.",
+                &["reason"],
+            ),
+            lines_dropped: r.register(dropped.unwrap_or_else(|e| panic!("log_lines_dropped_total: {e}"))),
+        }
+    }
+}
+
 /// The RBAC watch: what it saw, what it keeps, whether it is synced.
 pub struct RbacMetrics {
     /// RBAC watch events by kind and by whose decisions they dropped.
@@ -93,6 +131,8 @@ pub struct RbacMetrics {
     pub watch_synced: IntGauge,
     /// Complete lists of each RBAC kind: one at start, then only when a watch cannot resume.
     pub lists: IntCounterVec,
+    /// RBAC watches that failed (each also logged): not the apiserver ending one on time.
+    pub interruptions: IntCounterVec,
 }
 
 impl RbacMetrics {
@@ -111,6 +151,11 @@ impl RbacMetrics {
             lists: r.counter(
                 "rbac_lists_total",
                 "Complete lists of an RBAC kind: one at start; more only when a broken watch could not resume from its resource version.",
+                &["kind"],
+            ),
+            interruptions: r.counter(
+                "rbac_watch_interruptions_total",
+                "RBAC watches or lists that failed, by kind (a watch the apiserver ends after its timeoutSeconds is not counted): meanwhile cached decisions fall back to their TTLs.",
                 &["kind"],
             ),
             watch_synced: r.single_gauge(
@@ -167,6 +212,8 @@ impl Metrics {
                 "Failed TLS handshakes by reason.",
                 &["reason"],
             ),
+            connection_evictions: connection_evictions(&r),
+            log: LogMetrics::new(&r),
             caller_budget_exceeded: r.counter(
                 "caller_budget_exceeded_total",
                 "Requests refused with 429 because their caller (namespace/service account) spent its per-minute budget, by budget ('miss', 'claims' or 'review').",
@@ -229,6 +276,7 @@ impl Metrics {
             "rolebindings",
         ] {
             self.rbac.lists.with_label_values(&[kind]);
+            self.rbac.interruptions.with_label_values(&[kind]);
             for effect in ["unrelated", "subjects", "everyone"] {
                 self.rbac.events.with_label_values(&[kind, effect]);
             }
@@ -239,6 +287,15 @@ impl Metrics {
         let refusals = crate::limits::Refusal::ALL.map(crate::limits::Refusal::label);
         for reason in crate::tls::HANDSHAKE_FAILURES.iter().chain(&refusals) {
             self.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for port in ["token", "admin"] {
+            for why in crate::limits::Eviction::ALL {
+                self.connection_evictions
+                    .with_label_values(&[port, why.label()]);
+            }
+        }
+        for reason in crate::refusals::reasons() {
+            self.log.refusals.with_label_values(&[reason]);
         }
         for kind in crate::limits::Spend::ALL {
             self.caller_budget_exceeded
@@ -272,6 +329,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        // The log's writer counts its drops process-wide (it is the process's stderr).
+        let dropped = crate::logpipe::dropped();
+        let counted = self.log.lines_dropped.get();
+        if dropped > counted {
+            self.log.lines_dropped.inc_by(dropped - counted);
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out

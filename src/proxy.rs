@@ -43,6 +43,8 @@ pub struct App {
     pub request_timeout: Duration,
     /// Sidecar mode: the one service account served (None: the node's proxy serves all).
     pub own_account: Option<crate::sidecar::OwnAccount>,
+    /// Refusals before authentication, counted and summarized per peer.
+    pub refusals: Arc<crate::refusals::Refusals>,
 }
 
 /// The Entra settings a connection's SNI name selects.
@@ -74,6 +76,8 @@ struct Trace {
     upstream: Option<u16>,
     /// How long this request waited for Entra (its own call, or the one it joined).
     upstream_wait: Option<Duration>,
+    /// Where the form came from: "body", "query" or "none" (unset before the body is read).
+    form: Option<&'static str>,
 }
 
 /// Where a connection came from, the name it is served under, and its share of the limits.
@@ -82,7 +86,18 @@ pub struct ConnInfo {
     /// The SNI name the connection is served under: the client's, or the default name for a
     /// client that sent none (so it gets that name's profile, never a looser one).
     pub sni: Option<String>,
+    /// The protocol the handshake agreed on (ALPN): "h2", "http/1.1", or none.
+    pub alpn: Option<&'static str>,
     pub permit: ConnectionPermit,
+}
+
+/// The ALPN protocol as a bounded label: only what the token port offers.
+pub fn alpn_label(protocol: Option<&[u8]>) -> Option<&'static str> {
+    match protocol? {
+        b"h2" => Some("h2"),
+        b"http/1.1" => Some("http/1.1"),
+        _ => Some("other"),
+    }
 }
 
 impl ConnInfo {
@@ -91,6 +106,7 @@ impl ConnInfo {
         Self {
             peer,
             sni,
+            alpn: None,
             permit: ConnectionPermit::detached(peer.ip()),
         }
     }
@@ -112,14 +128,14 @@ impl App {
     {
         let started = Instant::now();
         let correlation_id = correlation_id(&req);
-        let method = req.method().clone();
+        let sent = Sent::of(&req);
         let mut trace = Trace::default();
         let served = tokio::time::timeout(self.request_timeout, self.serve(req, conn, &mut trace));
         let result = served
             .await
             .unwrap_or_else(|_| Err(ProxyError::timed_out()));
         let request = Finished {
-            method,
+            sent,
             correlation_id,
             started,
         };
@@ -144,10 +160,14 @@ impl App {
             other => return token::answer_other(other, &parts, conn.sni.as_deref()),
         };
         let body = read_request_body(body, self.max_body_bytes, self.body_timeout, &mut permit);
-        let req = token::parse_request(path_tenant, &parts, &body.await?)?;
+        let body = body.await?;
+        trace.form = Some(token::form_source(parts.uri.query(), &body));
+        let req = token::parse_request(path_tenant, &parts, &body)?;
         trace.client_id = Some(req.client_id.clone());
         trace.scope = Some(req.scope.clone());
         let known = self.authenticate(&req.assertion).await?;
+        // Its connection is now evicted at the cap only after every unauthenticated one.
+        conn.permit.authenticated();
         let caller = &known.caller;
         trace.caller = Some(caller.clone());
         crate::sidecar::check(self.own_account.as_ref(), caller)?;
@@ -274,7 +294,14 @@ impl App {
         let elapsed = request.started.elapsed();
         self.metrics
             .record_request(outcome, response.status(), elapsed);
-        trace.log(&request, outcome, response.status(), elapsed, conn);
+        let line = RequestLine {
+            request: &request,
+            outcome,
+            status: response.status(),
+            elapsed,
+            conn,
+        };
+        self.log(&trace, &line);
         if let Ok(v) = HeaderValue::from_str(&request.correlation_id) {
             response.headers_mut().insert("client-request-id", v);
         }
@@ -304,27 +331,137 @@ fn ask_of<'a>(req: &'a token::TokenRequest, conn: &'a ConnInfo) -> Ask<'a> {
 
 /// A request as it arrived, for its log line.
 struct Finished {
-    method: Method,
+    sent: Sent,
     correlation_id: String,
     started: Instant,
 }
 
+/// What the client sent, as its log line says it: never the query (a client may put its
+/// token there) nor the body.
+struct Sent {
+    method: Method,
+    version: http::Version,
+    /// Path and query (cheap to keep: shared bytes); only the path is logged.
+    uri: http::Uri,
+    /// The Host header (HTTP/1.1), when the URI has no authority (h2's `:authority`).
+    host: Option<HeaderValue>,
+}
+
+/// Longest path or host logged: enough for any route served, bounded for any sent.
+const LOGGED_LEN: usize = 200;
+
+impl Sent {
+    fn of<B>(req: &Request<B>) -> Self {
+        let host = match req.uri().authority() {
+            Some(_) => None,
+            None => req.headers().get(http::header::HOST).cloned(),
+        };
+        Self {
+            method: req.method().clone(),
+            version: req.version(),
+            uri: req.uri().clone(),
+            host,
+        }
+    }
+
+    fn path(&self) -> &str {
+        bounded(self.uri.path())
+    }
+
+    fn host(&self) -> &str {
+        match (self.uri.authority(), &self.host) {
+            (Some(authority), _) => bounded(authority.as_str()),
+            (None, Some(v)) => v.to_str().map(bounded).unwrap_or("(not ASCII)"),
+            (None, None) => "",
+        }
+    }
+
+    fn version(&self) -> &'static str {
+        match self.version {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_11 => "HTTP/1.1",
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_3 => "HTTP/3",
+            _ => "other",
+        }
+    }
+}
+
+/// `s` cut to [`LOGGED_LEN`] bytes at a character boundary.
+fn bounded(s: &str) -> &str {
+    if s.len() <= LOGGED_LEN {
+        return s;
+    }
+    let mut end = LOGGED_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A finished request and its answer, for its log line.
+struct RequestLine<'a> {
+    request: &'a Finished,
+    outcome: &'static str,
+    status: StatusCode,
+    elapsed: Duration,
+    conn: &'a ConnInfo,
+}
+
+impl App {
+    /// The request's log line. An authenticated caller's request is logged, one line each;
+    /// one refused before its caller was known is counted and summarized per peer (logged in
+    /// full when first of its peer in an interval: SPEC §9); an answer to no one in
+    /// particular (discovery) is logged at debug.
+    fn log(&self, trace: &Trace, line: &RequestLine) {
+        if trace.caller.is_some() {
+            return trace.log(line, tracing::Level::INFO);
+        }
+        if line.outcome == "success" {
+            return trace.log(line, tracing::Level::DEBUG);
+        }
+        if self.refusals.record(line.conn.peer.ip(), line.outcome) {
+            trace.log(line, tracing::Level::WARN);
+        }
+    }
+}
+
+/// One event at a level chosen at run time (tracing's macros take a constant level).
+macro_rules! event_at {
+    ($level:expr, $($rest:tt)*) => {
+        match $level {
+            tracing::Level::WARN => tracing::warn!($($rest)*),
+            tracing::Level::DEBUG => tracing::debug!($($rest)*),
+            _ => tracing::info!($($rest)*),
+        }
+    };
+}
+
 impl Trace {
-    fn log(
-        &self,
-        request: &Finished,
-        outcome: &str,
-        status: StatusCode,
-        elapsed: Duration,
-        conn: &ConnInfo,
-    ) {
+    fn log(&self, line: &RequestLine, level: tracing::Level) {
+        let RequestLine {
+            request,
+            outcome,
+            status,
+            elapsed,
+            conn,
+        } = *line;
         let (ns, sa) = self
             .caller
             .as_ref()
             .map(|c| (c.namespace.as_str(), c.service_account.as_str()))
             .unwrap_or(("", ""));
-        tracing::info!(
-            method = %request.method,
+        let sent = &request.sent;
+        event_at!(
+            level,
+            method = %sent.method,
+            path = sent.path(),
+            version = sent.version(),
+            alpn = conn.alpn.unwrap_or(""),
+            form = self.form.unwrap_or(""),
+            host = sent.host(),
+            sni = conn.sni.as_deref().unwrap_or(""),
             outcome,
             status = status.as_u16(),
             namespace = ns,

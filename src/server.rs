@@ -111,6 +111,21 @@ impl Listeners {
     }
 }
 
+/// Connections the kernel queues for `accept` on each listener (Linux clamps it to
+/// `net.core.somaxconn`, 4096 by default). tokio binds with 128: pods connecting faster than
+/// the accept loop refuses them overflow it, and a new pod's SYN is then dropped and sent
+/// again only a second later. As deep as the connection cap, a burst of every pod of the node
+/// waits in the queue instead.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Deepens `listener`'s accept backlog to [`LISTEN_BACKLOG`] (`listen` again on a listening
+/// socket only changes its backlog), whoever bound it.
+fn deepen_backlog(listener: &TcpListener) -> anyhow::Result<()> {
+    socket2::SockRef::from(listener)
+        .listen(LISTEN_BACKLOG)
+        .context("cannot set the listen backlog")
+}
+
 /// Loads everything, binds both listeners, and starts serving. Returns once listening;
 /// readiness follows when the first JWKS arrives.
 pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
@@ -122,6 +137,8 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
 /// anything, and never give the port up in between).
 pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<RunningProxy> {
     crate::http::install_crypto_provider();
+    deepen_backlog(&listeners.proxy)?;
+    deepen_backlog(&listeners.admin)?;
     let metrics = Arc::new(Metrics::new());
     if let Some(sidecar) = &config.sidecar {
         crate::sidecar::make_certificates(sidecar, &config.tls)?;
@@ -171,7 +188,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
     }
     let issuer = Arc::new(issuer);
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
-    let cluster = Cluster::connect(config.kubeconfig.as_deref()).await?;
+    let cluster = Cluster::connect(config.kubeconfig.as_deref(), config.watch_timeout).await?;
     let (cluster, own_account) = crate::sidecar::as_configured(cluster, config).await?;
     let authn = Arc::new(Authenticator::new(
         cluster.clone(),
@@ -223,6 +240,10 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         body_timeout: config.server.body_timeout,
         request_timeout: config.server.request_timeout,
         own_account,
+        refusals: crate::refusals::Refusals::start(
+            Some(metrics.clone()),
+            crate::refusals::SUMMARY_INTERVAL,
+        ),
     }))
 }
 
@@ -289,16 +310,20 @@ impl TlsConnection {
     /// The handshake (SNI decides the certificate and the profile), then its requests until
     /// the peer leaves, a deadline passes, or `shutdown` fires.
     async fn serve(self, shutdown: CancellationToken) {
-        let tls = match self.router.accept(self.tcp).await {
-            Ok(tls) => tls,
-            Err(e) => {
-                tracing::debug!(peer = %self.peer, reason = e.reason(), "TLS handshake refused");
-                return;
-            }
+        let activity = self.permit.activity();
+        let tls = tokio::select! {
+            accepted = self.router.accept(self.tcp) => match accepted {
+                Ok(tls) => tls,
+                Err(e) => return self.app.refusals.handshake(self.peer, &e),
+            },
+            // Made room for a peer under its fair share before it sent anything.
+            _ = activity.evicted() => return,
         };
+        let session = tls.get_ref().1;
         let conn_info = Arc::new(ConnInfo {
             peer: self.peer,
-            sni: self.router.served_name(tls.get_ref().1.server_name()),
+            sni: self.router.served_name(session.server_name()),
+            alpn: crate::proxy::alpn_label(session.alpn_protocol()),
             permit: self.permit,
         });
         let app = self.app;
@@ -306,7 +331,8 @@ impl TlsConnection {
             let (app, conn_info) = (app.clone(), conn_info.clone());
             async move { app.handle(req, &conn_info).await }
         };
-        serve_connection(&self.builder, tls, self.timeouts, &shutdown, handler).await;
+        let conn = (activity, self.timeouts);
+        serve_connection(&self.builder, tls, conn, &shutdown, handler).await;
     }
 }
 
@@ -318,10 +344,14 @@ fn token_port_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .unwrap_or(u32::MAX)
         .min(H2_MAX_WINDOW / 4);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's HTTP/1 header timer runs from the moment a keep-alive connection goes idle until
+    // the next head is complete: it is the HTTP/1.1 idle timeout, so it gets the idle timeout
+    // (not the header timeout, which would close every idle keep-alive connection after 10 s).
+    // The first head's deadline is the connection's own (`ConnTimeouts::first_request`).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
+        .header_read_timeout(config.idle_timeout)
         .max_buf_size(H1_MAX_BUF)
         .keep_alive(true);
     builder
@@ -345,15 +375,17 @@ async fn serve_tls(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) {
-    let limits = Limits::new(config.limits.clone());
+    let evictions = app.metrics.connection_evictions.clone();
+    let limits = Limits::counted(config.limits.clone(), evictions, "token");
     let builder = Arc::new(token_port_builder(config));
     let timeouts = config.timeouts();
     let metrics = app.metrics.clone();
-    let refused = |_peer, refusal: crate::limits::Refusal| {
+    let refused = |peer, refusal: crate::limits::Refusal| {
         metrics
             .tls_handshake_failures
             .with_label_values(&[refusal.label()])
             .inc();
+        app.refusals.connection(peer, refusal);
     };
     let serve = |tcp, peer, permit| {
         let conn = TlsConnection {
@@ -369,4 +401,205 @@ async fn serve_tls(
     };
     let drain = Some(config.drain_timeout);
     accept_loop(listener, &shutdown, &limits, drain, refused, serve).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::{Request, StatusCode};
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The token port's settings, every default as `serve` has it.
+    fn defaults() -> ServerConfig {
+        let flags = [
+            "--tls=n=c.pem,k.pem",
+            "--issuer-key=k.pem",
+            "--issuer-url=https://issuer.example/{tenant}/{client_id}",
+            "--bindings=b.yaml",
+        ];
+        ProxyConfig::from_flags(flags).unwrap().server
+    }
+
+    /// One in-memory connection served with the token port's settings and deadlines; every
+    /// request is answered 200 after `work`.
+    fn serve(config: &ServerConfig, work: Duration) -> TokioIo<tokio::io::DuplexStream> {
+        serve_counted(config, work).0
+    }
+
+    /// The same, with the count of requests that reached the handler.
+    fn serve_counted(
+        config: &ServerConfig,
+        work: Duration,
+    ) -> (TokioIo<tokio::io::DuplexStream>, Arc<AtomicUsize>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let builder = token_port_builder(config);
+        let timeouts = config.timeouts();
+        let permit = ConnectionPermit::detached(std::net::IpAddr::from([127, 0, 0, 1]));
+        let handled = Arc::new(AtomicUsize::new(0));
+        let counted = handled.clone();
+        tokio::spawn(async move {
+            let handler = move |_req| {
+                counted.fetch_add(1, Ordering::AcqRel);
+                async move {
+                    tokio::time::sleep(work).await;
+                    crate::http::text(StatusCode::OK, "ok")
+                }
+            };
+            let conn = (permit.activity(), timeouts);
+            serve_connection(&builder, server, conn, &CancellationToken::new(), handler).await;
+        });
+        (TokioIo::new(client), handled)
+    }
+
+    fn get() -> Request<Empty<Bytes>> {
+        Request::get("https://proxy/").body(Empty::new()).unwrap()
+    }
+
+    /// When a client reuses an idle connection: at once, well within the idle timeout, and
+    /// just before it passes (the moment a client polling at the idle timeout's period sends).
+    fn reuse_after(idle: Duration) -> [Duration; 3] {
+        let ms = Duration::from_millis;
+        [ms(0), idle / 2, idle - ms(1)]
+    }
+
+    #[test]
+    fn the_idle_timeout_outlasts_the_clients_pools_and_a_minutes_poll() {
+        let idle = defaults().idle_timeout;
+        // Go's transport and azcore, reqwest: 90 s; .NET: 60 s (120 s before .NET 6).
+        assert!(idle > Duration::from_secs(120), "{idle:?}");
+        assert_ne!(
+            idle.as_secs() % 60,
+            0,
+            "{idle:?} is a whole number of minutes"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered(
+    ) {
+        let config = defaults();
+        let idle = config.idle_timeout;
+        // Each request takes 5 s: the last one is still in flight when the idle timeout of
+        // the request before it passes.
+        let io = serve(&config, Duration::from_secs(5));
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        let conn = tokio::spawn(conn);
+        for wait in reuse_after(idle) {
+            tokio::time::sleep(wait).await;
+            sender.ready().await.expect("the connection is still open");
+            let resp = sender.send_request(get()).await.expect("answered");
+            assert_eq!(resp.status(), StatusCode::OK, "after {wait:?} idle");
+            resp.into_body().collect().await.unwrap();
+        }
+        tokio::time::sleep(idle - Duration::from_secs(1)).await;
+        assert!(!conn.is_finished(), "closed before the idle timeout");
+        let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        assert!(closed.is_ok(), "still open after the idle timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2_connection_is_reused_up_to_the_idle_timeout_and_a_request_crossing_it_is_answered(
+    ) {
+        let config = defaults();
+        let idle = config.idle_timeout;
+        let io = serve(&config, Duration::from_secs(5));
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        for wait in reuse_after(idle) {
+            tokio::time::sleep(wait).await;
+            sender.ready().await.expect("the connection is still open");
+            let resp = sender.send_request(get()).await.expect("answered");
+            assert_eq!(resp.status(), StatusCode::OK, "after {wait:?} idle");
+            resp.into_body().collect().await.unwrap();
+        }
+        tokio::time::sleep(idle - Duration::from_secs(1)).await;
+        assert!(!conn.is_finished(), "closed before the idle timeout");
+        // Closed gracefully (GOAWAY): the client's connection ends without an error.
+        let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        let ended = closed.expect("still open after the idle timeout").unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    /// A request sent just as the idle timeout passes, HTTP/1.1 then h2: answered, or refused
+    /// before it reached the handler (the client may send it again: hyper's "canceled", an h2
+    /// stream above the GOAWAY's last stream id, which Go's transport retries); never cut off
+    /// once the proxy took it.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_as_the_idle_timeout_passes_is_answered_or_never_taken() {
+        let config = defaults();
+        let idle = config.idle_timeout;
+        for late in [0, 1, 999].map(Duration::from_micros) {
+            for h2 in [false, true] {
+                let (io, handled) = serve_counted(&config, Duration::from_millis(10));
+                let mut sender = Sender::handshake(io, h2).await;
+                assert_eq!(sender.get().await.unwrap(), StatusCode::OK);
+                tokio::time::sleep(idle + late).await;
+                let outcome = sender.get().await;
+                let taken = handled.load(Ordering::Acquire) == 2;
+                match outcome {
+                    Ok(status) => assert!(taken && status == StatusCode::OK, "{status}"),
+                    Err(e) => {
+                        assert!(!taken, "h2 {h2}, {late:?} late: taken, then {e:?}");
+                        assert!(unsent(&e), "h2 {h2}, {late:?} late: {e:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `e` tells the client its request was not processed, so it may send it again:
+    /// never written (the connection was already closed), or an h2 stream the server's
+    /// graceful GOAWAY (NO_ERROR) refused.
+    fn unsent(e: &hyper::Error) -> bool {
+        let go_away = format!("{e:?}");
+        e.is_canceled() || e.is_closed() || go_away.contains("GoAway(b\"\", NO_ERROR, Remote)")
+    }
+
+    /// An HTTP/1.1 or h2 client connection.
+    enum Sender {
+        H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+        H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    }
+
+    impl Sender {
+        async fn handshake(io: TokioIo<tokio::io::DuplexStream>, h2: bool) -> Self {
+            if h2 {
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                Self::H2(sender)
+            } else {
+                let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn);
+                Self::H1(sender)
+            }
+        }
+
+        /// A GET and its whole answer, or what failed.
+        async fn get(&mut self) -> Result<StatusCode, hyper::Error> {
+            let resp = match self {
+                Self::H1(s) => {
+                    s.ready().await?;
+                    s.send_request(get()).await?
+                }
+                Self::H2(s) => {
+                    s.ready().await?;
+                    s.send_request(get()).await?
+                }
+            };
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            Ok(status)
+        }
+    }
 }

@@ -143,6 +143,18 @@ pub fn parse_request(
     parse(path_tenant, head.uri.query(), body)
 }
 
+/// Where a POST's form is read from: "body" when it has one, else "query" when there is one,
+/// else "none" (for the request log: which shape of client sent it).
+pub fn form_source(query: Option<&str>, body: &[u8]) -> &'static str {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        "body"
+    } else if query.is_some_and(|q| !q.is_empty()) {
+        "query"
+    } else {
+        "none"
+    }
+}
+
 /// Reads and validates the client-credentials parameters of a POST: from the body, or from
 /// the query when the body is empty. Every refusal names the parameter and what to send.
 pub fn parse(
@@ -150,10 +162,9 @@ pub fn parse(
     query: Option<&str>,
     body: &[u8],
 ) -> Result<TokenRequest> {
-    let source: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        query.unwrap_or("").as_bytes()
-    } else {
-        body
+    let source: &[u8] = match form_source(query, body) {
+        "body" => body,
+        _ => query.unwrap_or("").as_bytes(),
     };
     let source = std::str::from_utf8(source)
         .map_err(|_| ProxyError::invalid_request("The request parameters are not valid UTF-8."))?;

@@ -396,6 +396,10 @@ fn handshake(addr: SocketAddr, sni: &str, roots_pem: &str, alpn: &[&str]) -> Res
 /// Something that answers `get <scope>` / `fresh <scope>` with one JSON reply.
 trait TokenClient {
     fn request(&mut self, line: &str) -> Value;
+    /// Its process, when it runs in one of its own.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A client program, kept running; stderr goes to a file shown on failure.
@@ -447,6 +451,10 @@ impl ClientProcess {
 }
 
 impl TokenClient for ClientProcess {
+    fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
+    }
+
     fn request(&mut self, line: &str) -> Value {
         writeln!(self.stdin, "{line}").unwrap();
         self.stdin.flush().unwrap();
@@ -837,4 +845,194 @@ fn dotnet_trusts_only_the_first_ca_of_the_bundle() {
         refused["ok"], false,
         "new leaf, CA file [old, new]: {refused}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `dev rotate-ca`: the CA rotation of the guide, step by step, under running clients.
+
+/// Runs `dev rotate-ca --step STEP` on `dev`; returns (exit code, stdout + stderr).
+fn rotate_ca(dev: &Dev, step: &str) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+        .args(["dev", "rotate-ca", "--step", step, "--state-dir"])
+        .arg(dev.state.path())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The CA file and the served certificate, to show that a refused step changed neither.
+fn ca_and_leaf(dev: &Dev) -> (String, String) {
+    let leaf = std::fs::read_to_string(dev.state.path().join("tls/tls.crt")).unwrap();
+    (std::fs::read_to_string(dev.ca_file()).unwrap(), leaf)
+}
+
+/// `dev rotate-ca` refuses `step` and changes nothing; returns its message.
+fn refused(dev: &Dev, step: &str) -> String {
+    let before = ca_and_leaf(dev);
+    let (code, text) = rotate_ca(dev, step);
+    assert_eq!(code, 64, "--step {step} is refused: {text}");
+    assert!(text.starts_with("error: "), "one clear line: {text}");
+    assert_eq!(
+        ca_and_leaf(dev),
+        before,
+        "a refused --step {step} changed nothing"
+    );
+    text
+}
+
+/// The rotation of the guide, done by `dev rotate-ca`, under the Python SDK (holding its
+/// connection), the .NET emulation (which trusts only the first CA of the file) and a client
+/// that reads the CA file once: no request fails at any step; a step out of order is refused
+/// and changes nothing; and `leaf` waits until the processes that read the CA file before the
+/// bundle are restarted — the client that read it once and was not restarted is exactly the
+/// one the switch would break.
+#[test]
+fn dev_rotate_ca_fails_no_request_and_refuses_steps_out_of_order() {
+    let dev = Dev::start();
+    let (sni, addr) = (dev.sni(), dev.proxy_addr());
+    let python = python_client();
+    let mut client = python(&dev.env("allowed_token_file"));
+    let mut dotnet = dotnet_emulation()(&dev.env("allowed_token_file"));
+    let mut n = 0;
+    // A scope nobody asked for yet: every request goes through the proxy.
+    let mut each_client_gets_a_token = |clients: [&mut Box<dyn TokenClient>; 2], when: &str| {
+        for c in clients {
+            n += 1;
+            let scope = format!("api://rotation-{n}/.default");
+            ok_token(&c.request(&format!("get {scope}")), when);
+        }
+    };
+    each_client_gets_a_token([&mut client, &mut dotnet], "before the rotation");
+    let read_once_at_start = std::fs::read_to_string(dev.ca_file()).unwrap();
+
+    let text = refused(&dev, "leaf");
+    assert!(
+        text.contains("--step bundle"),
+        "names the first step: {text}"
+    );
+    let text = refused(&dev, "drop-old");
+    assert!(text.contains("would fail every client"), "{text}");
+
+    let (code, text) = rotate_ca(&dev, "bundle");
+    assert_eq!(code, 0, "{text}");
+    let pid = client.pid().unwrap().to_string();
+    assert!(
+        text.contains(&pid),
+        "the bundle step names the client to restart: {text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dev.ca_file())
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2
+    );
+    each_client_gets_a_token([&mut client, &mut dotnet], "bundle [old, new]");
+    assert!(refused(&dev, "bundle").contains("already under way"));
+    assert!(refused(&dev, "drop-old").contains("would fail every client"));
+
+    // The Python client read the CA file before the bundle: the switch waits for its restart.
+    let text = refused(&dev, "leaf");
+    assert!(text.contains(&pid) && text.contains("restart"), "{text}");
+    // Named by its program alone: a command line may carry secrets.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert!(
+        text.contains(&format!("pid {pid}  {}", comm.trim())),
+        "{text}"
+    );
+    assert!(!text.contains("get_token.py"), "no command line: {text}");
+    client = python(&dev.env("allowed_token_file"));
+    let read_once_after_restart = std::fs::read_to_string(dev.ca_file()).unwrap();
+    each_client_gets_a_token([&mut client, &mut dotnet], "after the restart");
+
+    let (code, text) = rotate_ca(&dev, "leaf");
+    assert_eq!(code, 0, "{text}");
+    dev.relay.cut();
+    each_client_gets_a_token([&mut client, &mut dotnet], "new leaf, bundle [new, old]");
+    assert!(
+        handshake(addr, &sni, &read_once_at_start, &["http/1.1"]).is_err(),
+        "a client that read the CA once before the bundle, not restarted, fails now"
+    );
+    handshake(addr, &sni, &read_once_after_restart, &["http/1.1"]).expect("restarted: trusted");
+    assert!(refused(&dev, "leaf").contains("--step drop-old"));
+    assert!(refused(&dev, "bundle").contains("already under way"));
+
+    let (code, text) = rotate_ca(&dev, "drop-old");
+    assert_eq!(code, 0, "{text}");
+    dev.relay.cut();
+    let published = std::fs::read_to_string(dev.ca_file()).unwrap();
+    assert_eq!(published.matches("BEGIN CERTIFICATE").count(), 1);
+    handshake(addr, &sni, &published, &["http/1.1"]).expect("the new CA alone is trusted");
+    each_client_gets_a_token([&mut client, &mut dotnet], "bundle [new]");
+    handshake(addr, &sni, &read_once_after_restart, &["http/1.1"]).expect("still trusted");
+    let (code, text) = rotate_ca(&dev, "status");
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("no CA rotation under way"), "{text}");
+    // No handshake failed but the one made to fail (an SDK retrying one would hide it).
+    assert_eq!(
+        handshake_failures(&dev),
+        1.0,
+        "handshakes failed during the rotation"
+    );
+}
+
+/// `leaf` when the proxy does not take the new certificate (here dev is stopped: it neither
+/// reloads nor answers): the step fails, the previous key and certificate are put back, the CA
+/// file stays [old, new] and the rotation at the bundle, so `drop-old` is still refused; once
+/// the proxy runs again, `leaf` is simply run again and the rotation completes.
+#[test]
+fn dev_rotate_ca_leaf_not_served_is_undone_and_can_be_run_again() {
+    let dev = Dev::start();
+    let (sni, addr) = (dev.sni(), dev.proxy_addr());
+    let (code, text) = rotate_ca(&dev, "bundle");
+    assert_eq!(code, 0, "{text}");
+    let key = || std::fs::read_to_string(dev.state.path().join("tls/tls.key")).unwrap();
+    let before = (ca_and_leaf(&dev), key());
+
+    dev.process.signal("STOP");
+    let (code, text) = rotate_ca(&dev, "leaf");
+    dev.process.signal("CONT");
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("did not serve") && text.contains("--step leaf"),
+        "says what failed and what to run: {text}"
+    );
+    assert_eq!(
+        (ca_and_leaf(&dev), key()),
+        before,
+        "the previous key and certificate are back; the CA file is still [old, new]"
+    );
+    let (code, text) = rotate_ca(&dev, "status");
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("the bundle [old, new] is published"),
+        "{text}"
+    );
+    assert!(refused(&dev, "drop-old").contains("would fail every client"));
+    let old_ca = first_pem_certificate(&before.0 .0).unwrap();
+    handshake(addr, &sni, &old_ca, &["http/1.1"]).expect("the old CA's certificate is served");
+
+    let (code, text) = rotate_ca(&dev, "leaf");
+    assert_eq!(code, 0, "run again: {text}");
+    let (code, text) = rotate_ca(&dev, "drop-old");
+    assert_eq!(code, 0, "{text}");
+    let published = std::fs::read_to_string(dev.ca_file()).unwrap();
+    assert_eq!(published.matches("BEGIN CERTIFICATE").count(), 1);
+    handshake(addr, &sni, &published, &["http/1.1"]).expect("the new CA alone is trusted");
+}
+
+/// TLS handshakes the proxy saw fail, all reasons.
+fn handshake_failures(dev: &Dev) -> f64 {
+    let admin = dev.process.get("admin_url");
+    let addr = admin.trim_start_matches("http://");
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    write!(tcp, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("identity_binding_proxy_tls_handshake_failures_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }

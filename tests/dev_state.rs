@@ -322,6 +322,7 @@ fn credential_files_are_owner_only_and_the_state_dir_too() {
         "tokens/allowed.jwt",
         "tokens/denied.jwt",
         "tls/tls.key",
+        "tls/ca.key",
         "issuer.key",
         "kube/sa-signing-key.pem",
         "kube/kubeconfig",
@@ -335,6 +336,7 @@ fn credential_files_are_owner_only_and_the_state_dir_too() {
     let public = [
         "ca.crt",
         "tls/tls.crt",
+        "tls/ca.crt",
         "env",
         "dev.json",
         "identity.json",

@@ -252,9 +252,8 @@ async fn connections_that_send_nothing_or_go_idle_are_closed() {
         started.elapsed()
     );
 
-    // An h2 connection goes after its idle timeout once its last request is done (an
-    // HTTP/1.1 keep-alive connection already goes after the header timeout: hyper times the
-    // wait for the next request head).
+    // An h2 connection goes after its idle timeout once its last request is done (HTTP/1.1
+    // keep-alive connections too: the unit tests of `server` reuse both up to the boundary).
     let token = read(&sys.info.allowed_token_file);
     let tls = h2.connect().await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -779,4 +778,285 @@ async fn a_jwks_refresh_keeps_tokens_whose_key_is_still_published() {
         200
     );
     sys.shutdown().await;
+}
+
+// ---- Many pods together: fair shares under the process-wide cap.
+
+/// `n` pods of the node: 127.0.1.1, 127.0.1.2, ... (loopback addresses need no setup on Linux).
+fn colluders(n: usize) -> Vec<IpAddr> {
+    (0..n)
+        .map(|i| {
+            IpAddr::V4(std::net::Ipv4Addr::new(
+                127,
+                0,
+                1 + (i / 250) as u8,
+                1 + (i % 250) as u8,
+            ))
+        })
+        .collect()
+}
+
+/// Attackers on their own threads: from every address, `per_peer` connections opened by `open`
+/// and held until the server closes them, each opened again at once (as fast as they can).
+/// Stops when dropped.
+struct Flood {
+    rt: Option<tokio::runtime::Runtime>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Flood {
+    fn start<F, Fut, S>(peers: &[IpAddr], per_peer: usize, open: F) -> Self
+    where
+        F: Fn(IpAddr) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = std::io::Result<S>> + Send,
+        S: tokio::io::AsyncRead + Unpin + Send,
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for &ip in peers {
+            for _ in 0..per_peer {
+                let (open, held) = (open.clone(), held.clone());
+                rt.spawn(async move {
+                    loop {
+                        match open(ip).await {
+                            Ok(mut conn) => {
+                                held.fetch_add(1, Relaxed);
+                                closed_within(&mut conn, Duration::from_secs(3600)).await;
+                                held.fetch_sub(1, Relaxed);
+                            }
+                            Err(_) => tokio::task::yield_now().await,
+                        }
+                    }
+                });
+            }
+        }
+        Self { rt: Some(rt), held }
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Asks `ask` every 200 ms for `duration`; each answer's latency, or why it failed (an
+/// answer taking over 5 s is a failure).
+async fn probe<F, Fut>(duration: Duration, mut ask: F) -> Vec<Result<Duration, String>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let (start, mut results) = (Instant::now(), Vec::new());
+    while start.elapsed() < duration {
+        let sent = Instant::now();
+        results.push(
+            match tokio::time::timeout(Duration::from_secs(5), ask()).await {
+                Ok(Ok(())) => Ok(sent.elapsed()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("no answer within 5 s".into()),
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    results
+}
+
+/// Every answer came, each within `limit`; prints the figures either way.
+fn assert_all_within(what: &str, results: &[Result<Duration, String>], limit: Duration) {
+    let mut ok: Vec<Duration> = results.iter().filter_map(|r| r.clone().ok()).collect();
+    ok.sort();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let (median, max) = (ok.get(ok.len() / 2), ok.last());
+    eprintln!(
+        "{what}: {} of {} answered, median {median:?}, slowest {max:?}; failures: {:?}",
+        ok.len(),
+        results.len(),
+        failed.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(failed.is_empty(), "{what}: {} failed", failed.len());
+    assert!(max.is_some_and(|m| *m < limit), "{what}: slowest {max:?}");
+}
+
+/// A token request from `src` on a fresh connection, as a new pod's first one: 200 or why not.
+async fn try_post_from(client: &Client, src: IpAddr, pairs: &[(&str, &str)]) -> Result<(), String> {
+    let tls = tls_from(client, src)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+    let req = http::Request::post("/")
+        .header("host", &client.sni)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    match resp.status().as_u16() {
+        200 => Ok(()),
+        status => Err(format!("status {status}")),
+    }
+}
+
+/// An admin request from `src` on a fresh connection: the whole answer, or why not.
+async fn try_admin_get(admin: SocketAddr, src: IpAddr, path: &str) -> Result<String, String> {
+    let mut tcp = tcp_from(src, admin)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    match answer.starts_with("HTTP/1.1 200") {
+        true => Ok(answer),
+        false => Err(format!("answer {:?}", answer.lines().next())),
+    }
+}
+
+/// The value of one metrics series in a scrape (0 when absent).
+fn series(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// How long the new pod asks while the attack goes on: past the first-request deadline (10 s)
+/// at which the attackers' connections are all closed and opened again.
+const ATTACK: Duration = Duration::from_secs(12);
+
+#[test]
+fn two_hundred_pods_under_their_shares_cannot_lock_a_new_pod_out_of_the_token_port() {
+    lock_out_of_the_token_port(None, "no_request");
+}
+
+#[test]
+fn two_hundred_pods_with_slow_requests_cannot_lock_a_new_pod_out_of_the_token_port() {
+    // A request head, then a body that never ends: in flight, never authenticated.
+    let head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nclient_id=";
+    lock_out_of_the_token_port(Some(head), "unauthenticated_in_flight");
+}
+
+/// 200 pods, each holding 3 TLS connections (under its 4), idle or sending `slow` and then
+/// nothing, and opening each again as soon as it closes: 600 wanted, 400 allowed. A new pod's
+/// requests are all answered, each within 1 s, and connections `evicted` (a reason) made room.
+fn lock_out_of_the_token_port(slow: Option<&'static str>, evicted: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--",
+        "--max-connections=400",
+        "--max-connections-per-peer=4",
+    ];
+    let dev = DevProcess::start_with(dir.path(), &flags);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = std::fs::read(dev.get("ca_file")).unwrap();
+    let port: u16 = dev
+        .get("proxy_url")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let admin: SocketAddr = dev
+        .get("admin_url")
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let client = Arc::new(Client::new(addr, &dev.get("sni_name"), &ca, &[b"http/1.1"]));
+    let (token, cid) = (
+        std::fs::read_to_string(dev.get("allowed_token_file")).unwrap(),
+        dev.get("client_id"),
+    );
+    let form = token_form(&cid, &token);
+
+    let flood = {
+        let client = client.clone();
+        Flood::start(&colluders(200), 3, move |ip| {
+            let client = client.clone();
+            async move {
+                let mut tls = tls_from(&client, ip).await?;
+                if let Some(slow) = slow {
+                    tls.write_all(slow.as_bytes()).await?;
+                    tls.flush().await?;
+                }
+                Ok(tls)
+            }
+        })
+    };
+    let limit_refusals =
+        r#"identity_binding_proxy_tls_handshake_failures_total{reason="connection_limit"}"#;
+    rt.block_on(async {
+        let full = eventually(Duration::from_secs(30), || async {
+            let scrape = try_admin_get(admin, OTHER_PEER, "/metrics").await.unwrap_or_default();
+            series(&scrape, limit_refusals) > 0.0
+        })
+        .await;
+        assert!(full, "the attackers never filled --max-connections");
+        eprintln!("attackers hold {} connections", flood.held());
+        let results = probe(ATTACK, || try_post_from(&client, OTHER_PEER, &form)).await;
+        eprintln!("attackers hold {} connections", flood.held());
+        assert_all_within("a new pod's token requests", &results, Duration::from_secs(1));
+        let scrape = try_admin_get(admin, OTHER_PEER, "/metrics").await.unwrap();
+        let series_name = format!(
+            r#"identity_binding_proxy_connection_evictions_total{{port="token",reason="{evicted}"}}"#
+        );
+        let counted: Vec<&str> = scrape.lines().filter(|l| l.contains("evictions")).collect();
+        assert!(series(&scrape, &series_name) >= 1.0, "{counted:#?}");
+    });
+    drop(flood);
+}
+
+#[test]
+fn two_hundred_pods_under_their_shares_cannot_lock_a_new_pod_out_of_the_admin_port() {
+    let dir = tempfile::tempdir().unwrap();
+    // A quarter of the cap per peer: 100.
+    let dev = DevProcess::start_with(dir.path(), &["--", "--admin-max-connections=400"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin: SocketAddr = dev
+        .get("admin_url")
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    // 200 pods, each holding 3 connections that send nothing, reopened as soon as closed.
+    let flood = Flood::start(&colluders(200), 3, move |ip| tcp_from(ip, admin));
+    rt.block_on(async {
+        let full = eventually(Duration::from_secs(30), || async { flood.held() >= 390 }).await;
+        assert!(full, "the attackers hold only {} connections", flood.held());
+        let results = probe(ATTACK, || async {
+            try_admin_get(admin, OTHER_PEER, "/readyz").await.map(drop)
+        })
+        .await;
+        assert_all_within("a new pod's admin requests", &results, Duration::from_secs(1));
+        let scrape = try_admin_get(admin, OTHER_PEER, "/metrics").await.unwrap();
+        let evicted = r#"identity_binding_proxy_connection_evictions_total{port="admin",reason="no_request"}"#;
+        assert!(series(&scrape, evicted) >= 1.0, "no eviction counted");
+    });
+    drop(flood);
 }

@@ -595,3 +595,59 @@ async fn a_burst_after_a_relevant_change_makes_one_review_per_subject_and_identi
     );
     sys.shutdown().await;
 }
+
+/// How long the apiserver keeps each watch open in the quiet-cluster test (its `timeoutSeconds`).
+const QUIET_WATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A quiet cluster: nothing changes for ten (paused) minutes. The watches stay open until the
+/// apiserver ends them at their `timeoutSeconds` — more than the 10 s read deadline of the
+/// proxy's requests and than the emulator's 30 s bookmark interval — and each is then re-opened
+/// from where it was, once per timeout: no list, no interruption, no error.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_cluster_keeps_each_watch_open_until_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev_with(dir.path(), |a| {
+        a.proxy_flags = vec![format!(
+            "--watch-timeout-secs={}",
+            QUIET_WATCH_TIMEOUT.as_secs()
+        )];
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            metric_sum(&sys, "rbac_watch_synced", &[]).await == 1.0
+        })
+        .await,
+        "the RBAC watches are synced"
+    );
+    let before = sys.kube.counts();
+    let lists_before = metric_sum(&sys, "rbac_lists_total", &[]).await;
+    let idle = 10 * QUIET_WATCH_TIMEOUT;
+    tokio::time::sleep(idle).await;
+    let after = sys.kube.counts();
+    let interrupted = metric_sum(&sys, "rbac_watch_interruptions_total", &[]).await;
+    let opened = after.rbac_watches - before.rbac_watches;
+    eprintln!(
+        "{} s idle: {opened} watches opened, {} lists, {interrupted} interruptions",
+        idle.as_secs(),
+        after.rbac_lists - before.rbac_lists
+    );
+    assert_eq!(interrupted, 0.0, "no watch was cut");
+    assert_eq!(
+        after.rbac_lists, before.rbac_lists,
+        "no kind was listed again"
+    );
+    assert_eq!(
+        metric_sum(&sys, "rbac_lists_total", &[]).await,
+        lists_before
+    );
+    // Four kinds, each re-opened once per timeout: 10 in the window (11 when an end falls on
+    // its edge); cut at 10 s they were 60 each.
+    assert!(
+        (4 * 9..=4 * 11).contains(&opened),
+        "{opened} watches opened in {} s with timeoutSeconds={}",
+        idle.as_secs(),
+        QUIET_WATCH_TIMEOUT.as_secs()
+    );
+    sys.shutdown().await;
+}

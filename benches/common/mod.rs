@@ -47,9 +47,12 @@ impl Kube {
         .await
         .unwrap();
         let cluster = Arc::new(
-            Cluster::connect(Some(&emulator.kubeconfig_path()))
-                .await
-                .unwrap(),
+            Cluster::connect(
+                Some(&emulator.kubeconfig_path()),
+                identity_binding_proxy::cluster::DEFAULT_WATCH_TIMEOUT,
+            )
+            .await
+            .unwrap(),
         );
         Self {
             emulator,

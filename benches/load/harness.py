@@ -439,8 +439,9 @@ class System:
     def set_entra_latency(self, ms):
         http_post_json(self.entra("config"), {"latency_ms": ms})
 
-    def start_proxy(self, log_level="warn", name="proxy", extra=()):
-        """Starts `serve`; returns the milliseconds from process start to /readyz = 200."""
+    def start_proxy(self, log_level="info", name="proxy", extra=()):
+        """Starts `serve`; returns the milliseconds from process start to /readyz = 200.
+        `info` is `serve`'s default (one JSON line per request): what users run."""
         p = self.ports
         env = dict(os.environ, RUST_LOG=log_level)
         argv = pin(0) + [
@@ -1105,6 +1106,11 @@ def main():
             r = S["d_latency_half_load"][name]
             log(f"    p50 {r['p50_us']} us  p99 {r['p99_us']} us  p99.9 {r['p999_us']} us")
 
+        # (a)-(d) again with RUST_LOG=warn (no request line): the line's cost is the
+        # difference, in CPU per request.
+        warn_scenarios(sysm, S, servers, path, body, body_file, D, conns, rate)
+        pids["ours"] = [sysm.proxy.pid]
+
         # (j) the peer users would otherwise run, against the same Entra emulator.
         if args.peer:
             peer_url = start_peer(sysm, os.path.abspath(args.peer))
@@ -1172,6 +1178,7 @@ def main():
         f_res["overhead_p50_us"] = f_res["p50_us"] - 100_000
         f_res["overhead_p99_us"] = f_res["p99_us"] - 100_000
         f_res["overhead_mean_vs_upstream_us"] = f_res["mean_us"] - f_res["upstream_mean_us"]
+        time.sleep(0.3)  # the proxy's log writer sends its lines at least every 200 ms
         own = proxy_miss_overheads(os.path.join(WORK, "proxy-f.log"), skip=1)  # the warm-up
         f_res["own_misses"] = len(own)
         f_res["own_overhead_p50_us"] = percentile(own, 50)
@@ -1214,6 +1221,58 @@ def main():
 
 # PKCS#1 v1.5 DigestInfo prefix of SHA-256.
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def warn_scenarios(sysm, S, servers, path, body, body_file, D, conns, rate):
+    """(a)-(d) for ours under `ours_warn`, with RUST_LOG=warn; then `serve`'s default again."""
+    p = sysm.ports
+    url = dict(servers)["ours"]
+    sysm.stop_proxy()
+    sysm.start_proxy(log_level="warn", name="proxy-warn")
+    if TlsClient(p["proxy"], sysm.sni).post(path, body)[0] != 200:
+        raise SystemExit("the RUST_LOG=warn proxy refused the warm-up request")
+    pids = [sysm.proxy.pid]
+    log(f"(a) HTTP/1.1 keep-alive, {conns} connections, {D}s: ours, RUST_LOG=warn")
+    S["a_h1_keepalive"]["ours_warn"] = with_cpu(pids, lambda: run_wrk(
+        "a-ours-warn", url, lua_static(path, body), D, conns))
+    log_rate(S["a_h1_keepalive"]["ours_warn"])
+    log(f"(b) h2, 4 connections x 32 streams, {D}s: ours, RUST_LOG=warn")
+    S["b_h2"]["ours_warn"] = with_cpu(pids, lambda: run_h2load(
+        "b-ours-warn", url, body_file, ["-c", "4", "-m", "32", "-t", "1", "-D", str(D)]))
+    log_rate(S["b_h2"]["ours_warn"])
+    log(f"(c) new TLS connection per request, {conns} connections, {D}s: ours, RUST_LOG=warn")
+    S["c_new_conn"]["ours_warn"] = with_cpu(pids, lambda: run_wrk(
+        "c-ours-warn", url, lua_static(path, body, close=True), D, conns))
+    log_rate(S["c_new_conn"]["ours_warn"])
+    log(f"(d) {rate} req/s, HTTP/1.1, {D}s: ours, RUST_LOG=warn")
+    S["d_latency_half_load"]["ours_warn"] = run_h2load(
+        "d-ours-warn", url, body_file,
+        ["--h1", "-c", "8", "-t", "1", "--rps", str(max(1, rate // 8)), "-D", str(D)])
+    sysm.stop_proxy()
+    sysm.start_proxy()
+    if TlsClient(p["proxy"], sysm.sni).post(path, body)[0] != 200:
+        raise SystemExit("the restarted proxy refused the warm-up request")
+
+
+def warn_rows(S):
+    """The RUST_LOG=warn column beside the production figures, and the request line's cost."""
+    rows = []
+    for key, label in (("a_h1_keepalive", "(a) hit, HTTP/1.1 keep-alive"), ("b_h2", "(b) hit, h2"),
+                       ("c_new_conn", "(c) new TLS conn per request")):
+        o, w, n = S[key]["ours"], S[key].get("ours_warn"), S[key]["nginx"]
+        if not w:
+            continue
+        rows.append((label, "req/s with RUST_LOG=warn (no request line)", f"{w['rps']:,.0f}",
+                     f"{n['rps']:,.0f}", f"{ratio(w['rps'], n['rps']):.3f}x", "-", "-"))
+        line = o["cpu_us_per_req"] - w["cpu_us_per_req"]
+        rows.append((label, "the request line: CPU per request (info - warn)",
+                     f"{line:.2f} us", "n/a", "-", "<= 1 us", "yes" if line <= 1 else "NO"))
+    d = S["d_latency_half_load"]
+    if d.get("ours_warn"):
+        rows.append((f"(d) {d['rate']:,} req/s", "p99 with RUST_LOG=warn",
+                     f"{d['ours_warn']['p99_us'] / 1000:.3f} ms", f"{d['nginx']['p99_us'] / 1000:.3f} ms",
+                     f"{ratio(d['ours_warn']['p99_us'], d['nginx']['p99_us']):.3f}x", "-", "-"))
+    return rows
 
 
 def rsa_key(pem_file):
@@ -1393,6 +1452,7 @@ def report(results):
         rows.append((f"(d) {d['rate']:,} req/s (50 % of ours (a))", lab,
                      f"{d['ours'][q] / 1000:.3f} ms", f"{d['nginx'][q] / 1000:.3f} ms",
                      f"{ratio(d['ours'][q], d['nginx'][q]):.3f}x", target, met))
+    rows += warn_rows(S)
     e = S["e_cold_fanin"]
     rows.append(("(e) 1000 concurrent, one cold key, Entra 100 ms", "Entra calls",
                  str(e["entra_calls"]), "n/a", "-", "exactly 1",

@@ -318,7 +318,8 @@ mod tests {
              users: [{name: u, user: {token: t}}]\n",
         )
         .unwrap();
-        Arc::new(Cluster::connect(Some(&kubeconfig)).await.unwrap())
+        let timeout = crate::cluster::DEFAULT_WATCH_TIMEOUT;
+        Arc::new(Cluster::connect(Some(&kubeconfig), timeout).await.unwrap())
     }
 
     #[tokio::test(start_paused = true)]

@@ -1088,6 +1088,8 @@ async fn serve(listener: TcpListener, inner: Arc<Inner>) {
         listener,
         shutdown,
         Limits::new(LimitsConfig::unbounded()),
+        // No connection deadline, as the apiserver has none for watches: a watch response
+        // streams until its own `timeoutSeconds` (tests/rbac_churn.rs, a quiet cluster).
         h::ConnTimeouts::NONE,
         move |req, _peer| handle(inner.clone(), req),
     )

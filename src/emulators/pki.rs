@@ -41,6 +41,39 @@ impl DevCa {
         })
     }
 
+    /// A CA saved with [`DevCa::key_pem`] beside its certificate, back in memory. Its
+    /// certificates name it by its common name, as the certificate does.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> anyhow::Result<Self> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+        let cert = pem
+            .parse_x509()
+            .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or_else(|| anyhow::anyhow!("the CA certificate has no common name"))?
+            .to_string();
+        let key = KeyPair::from_pem(key_pem)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        Ok(Self {
+            params,
+            key,
+            cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    /// The CA's private key, PEM.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     /// A serving certificate whose DNS SANs are exactly `names`.
     pub fn issue(&self, names: &[&str]) -> anyhow::Result<ServingCert> {
         let key = KeyPair::generate()?;

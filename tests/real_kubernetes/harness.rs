@@ -12,6 +12,12 @@ use std::time::{Duration, Instant};
 use crate::common::Client;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_identity-binding-proxy");
+
+/// The binary `Proxy` runs `serve` with: this build, or `IBP_TEST_SERVE_BIN` to measure
+/// another one (e.g. an earlier build) against the same harness.
+fn serve_bin() -> std::ffi::OsString {
+    std::env::var_os("IBP_TEST_SERVE_BIN").unwrap_or_else(|| BIN.into())
+}
 /// The audience the proxy requires of service-account tokens (`serve`'s default, which the
 /// proxy here keeps).
 pub(crate) fn audience() -> String {
@@ -365,7 +371,7 @@ impl Proxy {
         ]));
         let (listen, admin) = (port(), port());
         let proxy_log = d.join("proxy.log");
-        let process = Command::new(BIN)
+        let process = Command::new(serve_bin())
             .arg("serve")
             .arg("--kubeconfig")
             .arg(kubeconfig)

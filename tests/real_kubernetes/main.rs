@@ -13,6 +13,7 @@ mod fleet;
 mod harness;
 mod helm;
 mod sidecar;
+mod watches;
 
 use harness::*;
 use std::collections::BTreeMap;
