@@ -262,7 +262,7 @@ pub fn example_app_gets_tokens_through_the_injected_url(ctx: &Context) {
     eprintln!("Go client in pod demo/demo: token in {took:.1?}");
 
     let (proxy_pod, _, _) = n.proxy_pods_on("node-1").remove(0);
-    let logs = n.logs(NS, &proxy_pod);
+    let logs = logs_until(n, &proxy_pod, |l| l.contains(DEMO_CID)).unwrap_or_else(|l| l);
     let line = logs
         .lines()
         .rev()
@@ -289,8 +289,8 @@ pub fn example_app_gets_tokens_through_the_injected_url(ctx: &Context) {
     let (reply, took) = py.ask("get");
     assert_eq!(reply["ok"], true, "Python SDK in the pod: {reply}");
     eprintln!("Python SDK in pod demo/demo-python: token in {took:.1?}");
-    let logs = n.logs(NS, &proxy_pod);
-    assert!(logs.matches(DEMO_CID).count() >= 2, "{logs}");
+    let logged = logs_until(n, &proxy_pod, |l| l.matches(DEMO_CID).count() >= 2);
+    assert!(logged.is_ok(), "{}", logged.unwrap_err());
 }
 
 /// (c) The grant deleted: the pod's next request is refused within 2 s, and the SDK's exception
@@ -719,7 +719,8 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
         let (reply, _) = b.ask("fresh");
         assert_eq!(reply["ok"], true, "demo-b on node-2: {reply}");
     }
-    let b_log = n.logs(NS, &b_pod);
+    let b_log =
+        logs_until(n, &b_pod, |l| l.matches(peer.as_str()).count() >= 5).unwrap_or_else(|l| l);
     let served = b_log
         .lines()
         .filter(|l| l.contains("token request") && l.contains(&peer));
@@ -821,4 +822,15 @@ fn assert_runs_as_65532_on_a_read_only_root(pids: Vec<u32>) {
             "/etc/identity-binding-proxy/{dir} is a mount:\n{mountinfo}"
         );
     }
+}
+
+/// The proxy's log once `check` holds of it (its writer batches lines: a request's line may
+/// come a moment after the answer), or the last log read after 10 s as the error.
+fn logs_until(n: &Node, pod: &str, check: impl Fn(&str) -> bool) -> Result<String, String> {
+    let mut last = String::new();
+    let held = within(Duration::from_secs(10), || {
+        last = n.logs(NS, pod);
+        check(&last)
+    });
+    held.map(|_| last.clone()).ok_or(last)
 }
