@@ -14,7 +14,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Dependencies first, against stub sources, so this layer is reused until Cargo.toml or
 # Cargo.lock change. Cargo checks that every [[test]]/[[bench]] target named in Cargo.toml
-# has a file, so a stub is written for each of those too.
+# has a file, at every build, so a stub is written for each of those too and kept for the
+# build of the real sources below (only src/ is replaced).
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src tests benches \
     && echo 'fn main() {}' > src/main.rs \
@@ -23,7 +24,7 @@ RUN mkdir -p src tests benches \
             kind != "" && /^name *=/ { gsub(/[" ]/, "", $0); sub(/^name=/, "", $0); print kind "/" $0 ".rs"; kind = "" }' \
             Cargo.toml | xargs -r touch \
     && cargo build --release --locked --no-default-features \
-    && rm -rf src tests benches
+    && rm -rf src
 
 # The real sources. Their modification times may be older than the stub build's outputs, so
 # touch the crate roots to make cargo rebuild the crate itself (dependencies stay cached).

@@ -2,10 +2,18 @@
 # A real control plane on loopback: etcd, kube-apiserver (RBAC, RSA service-account keys,
 # readable OIDC discovery) and kube-controller-manager (ClusterRole aggregation only), plus the
 # Azure workload identity webhook and helm binaries for the tests to run — all built from the Go
-# module proxy at the versions pinned in scripts/real-cluster/*/go.mod.
+# module proxy at the versions pinned in scripts/real-cluster/*/go.mod. With --node, also real
+# nodes (kubelet, containerd, kube-proxy, CoreDNS; scripts/real-cluster/node.sh), every default
+# controller and kube-scheduler, and the images pods run (scripts/real-cluster/images.sh).
 #
 #   scripts/real-cluster.sh build [COMPONENT...]   build (or find cached) binaries, print their dirs
 #   scripts/real-cluster.sh up DIR             build, start the control plane, write DIR/env
+#   scripts/real-cluster.sh up --node DIR      the same plus a node (kubelet, containerd, kube-proxy,
+#                                              kube-scheduler, every controller, CoreDNS; images
+#                                              built here): see scripts/real-cluster/node.sh
+#   scripts/real-cluster.sh up --nodes N DIR   N nodes (1 or 2), each in its own network namespace
+#   scripts/real-cluster.sh build-images       build (or find cached) the node's images, print them
+#   scripts/real-cluster.sh host-state         what the node must not change (sysctls, iptables)
 #   scripts/real-cluster.sh restart-apiserver DIR   stop and start kube-apiserver (same etcd)
 #   scripts/real-cluster.sh stop-apiserver DIR | start-apiserver DIR   the same in two steps
 #   scripts/real-cluster.sh rotate-sa-key DIR  new signing key; old public key still accepted
@@ -16,7 +24,9 @@
 # DIR/env holds shell assignments: KUBECONFIG (admin), BIN_DIR (kubectl, kube-apiserver,
 # kube-controller-manager, etcd, webhook, helm), APISERVER (URL), CA_FILE, ISSUER, PKI_DIR (with
 # a serving certificate for the webhook in DIR/webhook-certs), WEBHOOK_CHART (the chart in the
-# webhook module's source) and the ports. Binaries and Go caches live under
+# webhook module's source) and the ports; with nodes also NODES (their names), PROXY_IMAGE (the
+# Dockerfile's image), GO_CLIENT_IMAGE, PYTHON_CLIENT_IMAGE, COREDNS_IMAGE, WEBHOOK_IMAGE and
+# PAUSE_IMAGE (names the nodes' containerd has; pods use imagePullPolicy Never/IfNotPresent). Binaries and Go caches live under
 # ${XDG_CACHE_HOME:-$HOME/.cache}/identity-binding-proxy/real-cluster/, keyed by the wrapper
 # modules' content, so only the first run builds. Ports are derived from the pid, in
 # 10000-29999, below Linux's default ephemeral range (32768-60999). With OWNER_PID set,
@@ -33,11 +43,16 @@ K8S_VERSION=v1.37.2
 ETCD_VERSION=v3.6.16
 WEBHOOK_VERSION=v1.6.0
 HELM_VERSION=v3.22.0
+COREDNS_VERSION=v1.15.0
 # Built only when asked for by name (`build promtool`): the alert-rule and metric checks. Without
 # the service-discovery plugins (tag remove_all_sd): the checks need none, and the build halves.
 PROMTOOL_VERSION=v0.316.0
 
 LOGS=${LOGS:-/tmp}
+# shellcheck source=real-cluster/node.sh
+. "$MODS/node.sh"
+# shellcheck source=real-cluster/images.sh
+. "$MODS/images.sh"
 fail() { # STEP LOG
   echo "real-cluster: step '$1' failed; see $2" >&2
   exit 1
@@ -82,6 +97,12 @@ build_component() { # NAME VERSION LDFLAGS PKG...: binaries in $CACHE/bin/NAME-V
   echo "$out"
 }
 
+build_webhook() { # prints the directory of the webhook binary (also the node's webhook image)
+  build_component webhook "$WEBHOOK_VERSION" \
+    "-X github.com/Azure/azure-workload-identity/pkg/version.BuildVersion=$WEBHOOK_VERSION" \
+    github.com/Azure/azure-workload-identity/cmd/webhook
+}
+
 build_all() { # [COMPONENT...]: prints the directories of the built binaries, one per line
   local want=" ${*:-kubernetes etcd webhook helm} " k8s_ld="" kv
   for kv in "gitVersion=$K8S_VERSION" gitMajor=1 "gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)" \
@@ -90,11 +111,10 @@ build_all() { # [COMPONENT...]: prints the directories of the built binaries, on
   done
   [[ $want != *" kubernetes "* ]] || build_component kubernetes "$K8S_VERSION" "$k8s_ld" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kube-proxy
   [[ $want != *" etcd "* ]] || build_component etcd "$ETCD_VERSION" "" go.etcd.io/etcd/server/v3
-  [[ $want != *" webhook "* ]] || build_component webhook "$WEBHOOK_VERSION" \
-    "-X github.com/Azure/azure-workload-identity/pkg/version.BuildVersion=$WEBHOOK_VERSION" \
-    github.com/Azure/azure-workload-identity/cmd/webhook
+  [[ $want != *" webhook "* ]] || build_webhook
   [[ $want != *" helm "* ]] || build_component helm "$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
   [[ $want != *" promtool "* ]] || build_component promtool "$PROMTOOL_VERSION" \
@@ -117,7 +137,8 @@ link_bins() { # DIR/bin: one directory with every binary
   flock -u 9
   exec 9>&-
   # Every binary must be there, or the step fails now rather than later.
-  for f in kube-apiserver kube-controller-manager kubectl etcd webhook helm; do
+  for f in kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy etcd \
+    webhook helm; do
     [ -x "$bin/$f" ] || fail "build (no $f)" "$CACHE/logs"
   done
 }
@@ -148,7 +169,10 @@ make_certs() { # DIR
     run "certificates ($1)" "$log" openssl x509 -req -in "$d/pki/$1.csr" -CA "$d/pki/ca.crt" \
       -CAkey "$d/pki/ca.key" -CAcreateserial -days 2 -out "$d/pki/$1.crt" -extfile "$d/pki/$1.ext"
   }
-  leaf apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1,DNS:localhost
+  # Beside loopback, the names pods use (the `kubernetes` Service) and the nodes' forwarders.
+  leaf apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,\
+IP:10.200.1.1,IP:10.200.2.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,\
+DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth"
   leaf admin "/O=system:masters/CN=real-cluster-admin" "extendedKeyUsage=clientAuth"
   leaf webhook "/CN=azure-wi-webhook" "subjectAltName=IP:127.0.0.1,DNS:localhost
@@ -218,21 +242,27 @@ start_etcd() { # DIR
 }
 
 start_apiserver() { # DIR
-  local d=$1 f keys=()
+  local d=$1 f keys=() node_flags=(--authorization-mode=RBAC --disable-admission-plugins=ServiceAccount)
   for f in "$d"/sa-verify/*.pub; do keys+=("--service-account-key-file=$f"); done
+  # With nodes: kubelets authorized as nodes, pods given their service account's token (the
+  # controllers create the accounts), and the apiserver's own client certificate for kubelets.
+  if [ "${NODE_COUNT:-0}" -gt 0 ]; then
+    node_flags=(--authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction
+      --kubelet-client-certificate="$d/pki/admin.crt" --kubelet-client-key="$d/pki/admin.key"
+      --kubelet-preferred-address-types=InternalIP)
+  fi
   start_bg "$d" kube-apiserver "$BIN_DIR/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
     --secure-port="$APISERVER_PORT" \
     --tls-cert-file="$d/pki/apiserver.crt" --tls-private-key-file="$d/pki/apiserver.key" \
     --client-ca-file="$d/pki/ca.crt" \
-    --authorization-mode=RBAC \
+    "${node_flags[@]}" \
     --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
     --service-account-issuer="$ISSUER" \
     --service-account-jwks-uri="$ISSUER/openid/v1/jwks" \
     "${keys[@]}" \
     --service-account-signing-key-file="$d/pki/sa.key" \
-    --disable-admission-plugins=ServiceAccount \
     --cert-dir="$d/apiserver-certs"
   wait_url "kube-apiserver" "$d/logs/kube-apiserver.log" kube-apiserver "$d" \
     --cacert "$d/pki/ca.crt" --cert "$d/pki/admin.crt" --key "$d/pki/admin.key" "$APISERVER/readyz"
@@ -256,8 +286,14 @@ watch_owner() { # DIR PID: stop everything in DIR once process PID has exited
 }
 
 # ------------------------------------------------------------------------------------- commands
-cmd_up() {
-  local d=$1
+cmd_up() { # [--node | --nodes N] DIR
+  NODE_COUNT=0
+  case "$1" in
+  --node) NODE_COUNT=1 && shift ;;
+  --nodes) NODE_COUNT=$2 && shift 2 ;;
+  esac
+  [[ $NODE_COUNT =~ ^[012]$ ]] || fail "up (--nodes takes 1 or 2)" "(command line)"
+  local d=${1:?usage: real-cluster.sh up [--node|--nodes N] DIR}
   mkdir -p "$d/logs" "$d/pids" "$d/pki" "$d/etcd"
   d=$(cd "$d" && pwd)
   link_bins "$d"
@@ -266,6 +302,7 @@ cmd_up() {
   ETCD_PORT=$BASE ETCD_PEER_PORT=$((BASE + 1)) APISERVER_PORT=$((BASE + 2))
   # The webhook serves on :9443 (fixed in v1.6.0); only its health and metrics ports are ours.
   WEBHOOK_HEALTH_PORT=$((BASE + 4)) WEBHOOK_METRICS_PORT=$((BASE + 5))
+  SCHEDULER_PORT=$((BASE + 6)) CONTROLLER_MANAGER_PORT=$((BASE + 7))
   APISERVER=https://127.0.0.1:$APISERVER_PORT
   ISSUER=$APISERVER
   make_certs "$d"
@@ -302,16 +339,24 @@ WEBHOOK_HEALTH_PORT=$WEBHOOK_HEALTH_PORT
 WEBHOOK_METRICS_PORT=$WEBHOOK_METRICS_PORT
 WEBHOOK_CHART=$chart
 PKI_DIR=$d/pki
+NODE_COUNT=$NODE_COUNT
+SCHEDULER_PORT=$SCHEDULER_PORT
+CONTROLLER_MANAGER_PORT=$CONTROLLER_MANAGER_PORT
 EOF
   # With OWNER_PID set (the tests set it), everything stops when that process exits.
   if [ -n "${OWNER_PID:-}" ]; then watch_owner "$d" "$OWNER_PID"; fi
   start_etcd "$d"
   start_apiserver "$d"
-  start_controller_manager "$d"
+  if [ "$NODE_COUNT" -gt 0 ]; then start_node_controller_manager "$d"; else start_controller_manager "$d"; fi
   # OIDC discovery readable without credentials, as on AKS.
   run "oidc discovery binding" "$d/logs/kubectl.log" "$BIN_DIR/kubectl" --kubeconfig "$d/kubeconfig" \
     create clusterrolebinding service-account-issuer-discovery-unauthenticated \
     --clusterrole=system:service-account-issuer-discovery --group=system:unauthenticated
+  if [ "$NODE_COUNT" -gt 0 ]; then
+    local start=$SECONDS
+    nodes_up "$d" "$NODE_COUNT"
+    echo "real-cluster: $NODE_COUNT node(s) Ready with CoreDNS in $((SECONDS - start)) s" >&2
+  fi
   echo "real-cluster: apiserver ready at $APISERVER; env in $d/env" >&2
 }
 
@@ -325,6 +370,7 @@ cmd_restart_apiserver() {
 cmd_down() {
   local d=$1 n
   [ -d "$d/pids" ] || return 0
+  nodes_down "$d"
   for n in webhook kube-controller-manager kube-apiserver etcd; do stop_one "$d" "$n"; done
 }
 
@@ -335,7 +381,9 @@ build)
   flock 9
   build_all "${@:2}"
   ;;
-up) cmd_up "${2:?usage: $0 up DIR}" ;;
+up) cmd_up "${@:2}" ;;
+host-state) host_state ;;
+build-images) build_images ;;
 restart-apiserver) cmd_restart_apiserver "${2:?usage: $0 restart-apiserver DIR}" ;;
 stop-apiserver) load_env "${2:?usage: $0 stop-apiserver DIR}" && stop_one "$2" kube-apiserver ;;
 start-apiserver) load_env "${2:?usage: $0 start-apiserver DIR}" && start_apiserver "$2" ;;
@@ -347,7 +395,7 @@ drop-old-sa-keys)
   ;;
 down) cmd_down "${2:?usage: $0 down DIR}" ;;
 *)
-  sed -n '2,24p' "$0" >&2
+  sed -n '2,33p' "$0" >&2
   exit 2
   ;;
 esac
