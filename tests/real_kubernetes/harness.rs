@@ -426,6 +426,14 @@ impl Proxy {
         );
     }
 
+    /// The proxy's logs once they hold `needle`: its log writer batches lines (at least every
+    /// 200 ms), so a line logged just now may not be in the file yet. The logs as they are
+    /// after 5 s otherwise, for the caller's assertion to show.
+    pub(crate) fn logs_with(&self, needle: &str) -> String {
+        within(Duration::from_secs(5), || self.logs().contains(needle));
+        self.logs()
+    }
+
     /// Everything the proxy wrote (text logs go to stdout or stderr).
     pub(crate) fn logs(&self) -> String {
         let mut s = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -78,10 +78,10 @@ fn sidecar_with_a_real_pod_token_serves_its_pod_refuses_others_and_loses_a_remov
     // Ready = the cluster JWKS read with the pod's own token (service-account issuer
     // discovery) and its own account learned (SelfSubjectReview).
     p.wait_ready();
+    let logs = p.logs_with(&who);
     assert!(
-        p.logs().contains(&who),
-        "the sidecar names the account it serves:\n{}",
-        p.logs()
+        logs.contains(&who),
+        "the sidecar names the account it serves:\n{logs}"
     );
     let ca = std::fs::read(&ca_out).expect("the sidecar wrote its CA");
     let client = common::Client::new(p.listen, SNI, &ca, &[b"http/1.1"]);
