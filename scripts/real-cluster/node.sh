@@ -42,8 +42,10 @@ node_id() { # DIR: a short id for names the machine shares (netns, veth, cgroups
 }
 
 # ------------------------------------------------------------------------------------- checks
-# Host tools the node needs; a missing one fails with the package to install.
-node_check_tools() {
+# Host tools the node needs, as Debian packages. Missing ones are installed with apt-get (so
+# the README's `cargo test` sets up a fresh machine by itself); a failed install fails with
+# apt's log, and without root the step names the packages to install.
+node_missing_packages() {
   local t missing=""
   for t in containerd:containerd containerd-shim-runc-v2:containerd runc:runc ip:iproute2 \
     iptables:iptables socat:socat buildah:buildah mmdebstrap:mmdebstrap unshare:util-linux \
@@ -51,7 +53,21 @@ node_check_tools() {
     command -v "${t%%:*}" >/dev/null || missing="$missing ${t#*:}"
   done
   [ -x "$CNI_BIN_DIR/bridge" ] || missing="$missing containernetworking-plugins"
-  [ -z "$missing" ] || fail "node tools (missing; apt-get install$missing)" "(none)"
+  echo "$missing" | tr ' ' '\n' | sort -u | xargs
+}
+
+node_check_tools() {
+  local missing log=$LOGS/node-apt.log
+  missing=$(node_missing_packages)
+  [ -n "$missing" ] || return 0
+  [ "$(id -u)" = 0 ] || fail "node tools (missing; apt-get install $missing)" "(none)"
+  echo "real-cluster: installing $missing (Debian packages; log: $log)" >&2
+  : >"$log"
+  # shellcheck disable=SC2086
+  run "node tools (apt-get install $missing)" "$log" \
+    env DEBIAN_FRONTEND=noninteractive sh -c "apt-get update -qq && apt-get install -y -qq $missing"
+  missing=$(node_missing_packages)
+  [ -z "$missing" ] || fail "node tools (still missing after apt-get: $missing)" "$log"
 }
 
 # The machine's state the node must leave alone, for the before/after check.
