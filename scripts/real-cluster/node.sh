@@ -79,6 +79,10 @@ host_state() {
   # Without comments (they carry a time) and packet counters; no rules at all is fine too.
   { iptables-save 2>/dev/null || true; } | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//'
   { ip6tables-save 2>/dev/null || true; } | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//'
+  # Mounts over /proc/sys (the kubelet's sysctl binds, had they propagated): mount point,
+  # filesystem type and source, the fields that do not change from one reading to the next.
+  awk '{for (i = 7; $i != "-"; i++); print "mount " $5, $(i + 1), $(i + 2)}' /proc/self/mountinfo |
+    { grep '^mount /proc/sys' || true; } | sort
 }
 
 # --------------------------------------------------------------------------------- certificates
@@ -290,8 +294,12 @@ start_kubelet() { # DIR NODE INDEX
     cat "/proc/sys/$s" >"$nd/sysctl/${s//\//.}"
     binds="$binds mount --bind $nd/sysctl/${s//\//.} /proc/sys/$s &&"
   done
+  # `--propagation unchanged` keeps the root dir's shared peer group (volume mounts must reach
+  # containerd), but also /proc's: on a systemd machine /proc is shared, and the binds would
+  # appear over the machine's own /proc/sys files (and outlive `down`). So /proc, and only
+  # /proc, is made private inside the new namespace before the binds.
   start_bg "$d" "$n-kubelet" in_node "$nd" unshare --mount --propagation unchanged \
-    sh -c "$binds exec \"\$0\" \"\$@\"" "$BIN_DIR/kubelet" \
+    sh -c "mount --make-rprivate /proc &&$binds exec \"\$0\" \"\$@\"" "$BIN_DIR/kubelet" \
     --config="$nd/kubelet.yaml" --kubeconfig="$d/$n.kubeconfig" --root-dir="$nd/kubelet" \
     --cert-dir="$nd/kubelet-pki" --hostname-override="$n" --node-ip="10.200.$i.2" \
     --node-labels="real-cluster/node=$n" -v=1
