@@ -296,6 +296,10 @@ cmd_up() { # [--node | --nodes N] DIR
   local d=${1:?usage: real-cluster.sh up [--node|--nodes N] DIR}
   mkdir -p "$d/logs" "$d/pids" "$d/pki" "$d/etcd"
   d=$(cd "$d" && pwd)
+  # A failed `up` stops what it started (nodes included): `fail` exits rather than returning an
+  # error, so this is an EXIT trap that acts on a non-zero status only.
+  UP_DIR=$d
+  trap 'up_failed $?' EXIT
   link_bins "$d"
   BIN_DIR=$d/bin
   pick_ports
@@ -360,6 +364,13 @@ EOF
   echo "real-cluster: apiserver ready at $APISERVER; env in $d/env" >&2
 }
 
+up_failed() { # STATUS
+  [ "$1" != 0 ] || return 0
+  echo "real-cluster: up failed; stopping what it started (log: $UP_DIR/logs/down.log)" >&2
+  cmd_down "$UP_DIR" >>"$UP_DIR/logs/down.log" 2>&1 ||
+    echo "real-cluster: down after the failed up failed too; see $UP_DIR/logs/down.log" >&2
+}
+
 cmd_restart_apiserver() {
   local d=$1
   load_env "$d"
@@ -369,8 +380,11 @@ cmd_restart_apiserver() {
 
 cmd_down() {
   local d=$1 n
-  [ -d "$d/pids" ] || return 0
+  # The same path `up` hashed into the nodes' names, while DIR exists; the nodes are looked for
+  # by those names even when DIR (its pid files) is gone.
+  [ ! -d "$d" ] || d=$(cd "$d" && pwd)
   nodes_down "$d"
+  [ -d "$d/pids" ] || return 0
   for n in webhook kube-controller-manager kube-apiserver etcd; do stop_one "$d" "$n"; done
 }
 

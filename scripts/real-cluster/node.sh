@@ -514,12 +514,23 @@ nodes_up() { # DIR N
   } >>"$d/env"
 }
 
+# The node(s) of DIR, found by their names (ibp-<id>-<node> namespaces and cgroups, ibp<id><i>
+# veths) as well as from DIR: a failed `up`, or a DIR already deleted, leaves no list behind.
+node_names_of() { # DIR
+  local d=$1 id h
+  id=$(node_id "$d")
+  {
+    find "$d/nodes" -maxdepth 1 -name 'node-*' -printf '%f\n' 2>/dev/null || true
+    if command -v ip >/dev/null; then ip netns list | awk '{print $1}' | sed -n "s/^ibp-$id-//p"; fi
+    for h in /sys/fs/cgroup/*/ibp-"$id"-*; do [ ! -d "$h" ] || basename "$h" | sed "s/^ibp-$id-//"; done
+  } | sort -u
+}
+
 nodes_down() { # DIR
-  local d=$1 n nd ns veth m
-  [ -d "$d/nodes" ] || return 0
-  for nd in "$d"/nodes/node-*; do
-    [ -d "$nd" ] || continue
-    n=$(basename "$nd")
+  local d=$1 id n nd ns i m p
+  id=$(node_id "$d")
+  for n in $(node_names_of "$d"); do
+    nd=$d/nodes/$n i=${n#node-} ns=ibp-$id-$n
     stop_one "$d" "$n-kube-proxy"
     stop_one "$d" "$n-kubelet"
     # The pods' containers and shims: stopped through containerd, then containerd itself.
@@ -528,13 +539,18 @@ nodes_down() { # DIR
     fi
     stop_one "$d" "$n-containerd"
     stop_one "$d" "apiserver-forward-$n"
+    # Without its pid file (DIR gone), the forwarder is known by its listening address.
+    for p in $(pgrep -f "^socat TCP-LISTEN:6443,bind=10.200.$i.1," || true); do kill -9 "$p" 2>/dev/null || true; done
     kill_shims "$nd"
-    ns=$(cat "$nd/netns" 2>/dev/null || true)
-    veth=$(cat "$nd/veth" 2>/dev/null || true)
-    [ -z "$veth" ] || ip link del "$veth" 2>/dev/null || true
-    [ -z "$ns" ] || ip netns del "$ns" 2>/dev/null || true
-    remove_cgroups "/ibp-$(node_id "$d")-$n"
+    if ip netns list | grep -q "^$ns\b"; then
+      # Whatever still runs in the namespace (kube-proxy, containerd without pid files).
+      for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    fi
+    ! ip link show "ibp$id$i" >/dev/null 2>&1 || ip link del "ibp$id$i" || true
+    ! ip netns list | grep -q "^$ns\b" || ip netns del "$ns" || true
+    remove_cgroups "/ibp-$id-$n"
   done
+  [ -d "$d/nodes" ] || return 0
   stop_one "$d" kube-scheduler
   # What the kubelet mounted (volumes: tmpfs for secrets and tokens; its root dir's bind
   # mount) and containerd (root filesystems, /dev/shm, network namespaces): deepest first.

@@ -87,7 +87,15 @@ impl Node {
                 .and_then(|log| std::fs::read_to_string(log.trim()).ok())
                 .map(|t| t.lines().rev().take(40).collect::<Vec<_>>().join("\n"))
                 .unwrap_or_default();
-            panic!("real-cluster.sh up --nodes {n} failed:\n{stderr}\n--- log tail (last line first):\n{tail}");
+            // No Node exists to drop: stop what `up` left (its own trap should have) while the
+            // directory, with its pid files, is still there.
+            let down = script(&["down"], dir.path());
+            panic!(
+                "real-cluster.sh up --nodes {n} failed:\n{stderr}\n--- log tail (last line first):\n{tail}\n\
+                 --- down after the failure: {} {}",
+                down.status,
+                text(&down)
+            );
         }
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         let env = std::fs::read_to_string(dir.path().join("env"))
