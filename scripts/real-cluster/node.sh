@@ -118,6 +118,43 @@ EOF
 }
 
 # ------------------------------------------------------------------------------------ network
+# The node's addresses are fixed (10.200.N.0/30, 10.244.N.0/24, the service network): one run
+# at a time on a machine. The lock's descriptor is inherited by every process `up` starts, so
+# it is held until the last of them is gone (after `down`); a second run waits, then fails.
+NODE_LOCK=/run/lock/identity-binding-proxy-real-node.lock
+NODE_LOCK_WAIT=900
+
+node_lock() {
+  mkdir -p "$(dirname "$NODE_LOCK")"
+  exec 8>>"$NODE_LOCK"
+  flock -n 8 && return 0
+  echo "real-cluster: another node run holds $NODE_LOCK (10.200.x addresses); waiting up to $NODE_LOCK_WAIT s" >&2
+  flock -w "$NODE_LOCK_WAIT" 8 ||
+    fail "node lock (held by another run for $NODE_LOCK_WAIT s; processes with it open: $(fuser "$NODE_LOCK" 2>/dev/null | xargs))" "$NODE_LOCK"
+}
+
+# A range the node adds must not be in use on the machine already: its routes would shadow the
+# machine's (or be shadowed), and `down` must only remove what `up` added.
+node_range_free() { # RANGE
+  local used
+  used=$({
+    ip route show root "$1"
+    ip route show match "$1" | { grep -v '^default' || true; }
+    ip -o addr show to "$1"
+  } 2>&1)
+  [ -z "$used" ] || fail "node network ($1 overlaps what this machine has: $(echo "$used" |
+    head -n 3 | tr -s ' \n' ' '))" "(ip route / ip addr)"
+}
+
+node_ranges_free() { # N
+  local i
+  node_range_free "$SERVICE_CIDR"
+  for i in $(seq 1 "$1"); do
+    node_range_free "10.200.$i.0/30"
+    node_range_free "10.244.$i.0/24"
+  done
+}
+
 node_network() { # DIR NODE INDEX: the namespace, its veth to the machine, routes
   local d=$1 n=$2 i=$3 id ns log=$1/logs/$2-network.log
   id=$(node_id "$d")
@@ -477,6 +514,8 @@ nodes_up() { # DIR N
   node_check_tools
   names=$(node_names "$count")
   mkdir -p "$d/nodes"
+  node_lock
+  node_ranges_free "$count"
   host_state >"$d/nodes/host-state.before"
   # Fixed paths outside DIR: removed at down only if the node made them.
   local p
@@ -542,6 +581,10 @@ nodes_down() { # DIR
     # Without its pid file (DIR gone), the forwarder is known by its listening address.
     for p in $(pgrep -f "^socat TCP-LISTEN:6443,bind=10.200.$i.1," || true); do kill -9 "$p" 2>/dev/null || true; done
     kill_shims "$nd"
+    # Exactly the routes up added (via the node's address): never the machine's own route to
+    # the same range. Gone already if the veth went first.
+    node_route_del "10.244.$i.0/24" "10.200.$i.2"
+    [ "$i" != 1 ] || node_route_del "$SERVICE_CIDR" "10.200.1.2"
     if ip netns list | grep -q "^$ns\b"; then
       # Whatever still runs in the namespace (kube-proxy, containerd without pid files).
       for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
@@ -556,12 +599,15 @@ nodes_down() { # DIR
   # mount) and containerd (root filesystems, /dev/shm, network namespaces): deepest first.
   awk -v p="$d/nodes/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r |
     while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  ip route del "$SERVICE_CIDR" 2>/dev/null || true
   if [ -f "$d/nodes/made-paths" ]; then
     while read -r m; do rm -rf "$m"; done <"$d/nodes/made-paths"
     rm -f "$d/nodes/made-paths"
   fi
   host_state >"$d/nodes/host-state.after"
+}
+
+node_route_del() { # RANGE VIA
+  if [ -n "$(ip route show "$1" via "$2" 2>/dev/null)" ]; then ip route del "$1" via "$2"; fi
 }
 
 stop_pods() { # NODE-DIR: every container of this node's containerd, killed
