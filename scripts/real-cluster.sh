@@ -279,7 +279,7 @@ watch_owner() { # DIR PID: stop everything in DIR once process PID has exited
   local d=$1 owner=$2
   (
     while kill -0 "$owner" 2>/dev/null && [ -d "$d/pids" ]; do sleep 1; done
-    cmd_down "$d"
+    (cmd_down "$d") || true # a down that fails still lets the directory go
     # A directory the owner could not remove itself (OWNER_CLEANUP=1) goes with it.
     if [ "${OWNER_CLEANUP:-}" = 1 ] && ! kill -0 "$owner" 2>/dev/null; then rm -rf "$d"; fi
   ) </dev/null >/dev/null 2>&1 &
@@ -379,13 +379,16 @@ cmd_restart_apiserver() {
 }
 
 cmd_down() {
-  local d=$1 n
+  local d=$1 n rc=0
   # The same path `up` hashed into the nodes' names, while DIR exists; the nodes are looked for
   # by those names even when DIR (its pid files) is gone.
   [ ! -d "$d" ] || d=$(cd "$d" && pwd)
-  nodes_down "$d"
-  [ -d "$d/pids" ] || return 0
-  for n in webhook kube-controller-manager kube-apiserver etcd; do stop_one "$d" "$n"; done
+  # A node that could not be cleaned up fails `down`, after the control plane is stopped too.
+  nodes_down "$d" || rc=1
+  if [ -d "$d/pids" ]; then
+    for n in webhook kube-controller-manager kube-apiserver etcd; do stop_one "$d" "$n"; done
+  fi
+  [ "$rc" = 0 ] || fail "down (the node's processes or cgroups above remain)" "$d/logs"
 }
 
 case "${1:-}" in

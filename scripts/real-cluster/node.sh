@@ -565,8 +565,8 @@ node_names_of() { # DIR
   } | sort -u
 }
 
-nodes_down() { # DIR
-  local d=$1 id n nd ns i m p
+nodes_down() { # DIR: non-zero (with what) if a node's processes or cgroups remain
+  local d=$1 id n nd ns i m p failed=0
   id=$(node_id "$d")
   for n in $(node_names_of "$d"); do
     nd=$d/nodes/$n i=${n#node-} ns=ibp-$id-$n
@@ -574,13 +574,13 @@ nodes_down() { # DIR
     stop_one "$d" "$n-kubelet"
     # The pods' containers and shims: stopped through containerd, then containerd itself.
     if [ -S "$nd/containerd.sock" ]; then
-      stop_pods "$nd"
+      stop_pods "$nd" "$d/logs/$n-down.log"
     fi
     stop_one "$d" "$n-containerd"
     stop_one "$d" "apiserver-forward-$n"
     # Without its pid file (DIR gone), the forwarder is known by its listening address.
     for p in $(pgrep -f "^socat TCP-LISTEN:6443,bind=10.200.$i.1," || true); do kill -9 "$p" 2>/dev/null || true; done
-    kill_shims "$nd"
+    kill_shims "$nd" || failed=1
     # Exactly the routes up added (via the node's address): never the machine's own route to
     # the same range. Gone already if the veth went first.
     node_route_del "10.244.$i.0/24" "10.200.$i.2"
@@ -591,9 +591,9 @@ nodes_down() { # DIR
     fi
     ! ip link show "ibp$id$i" >/dev/null 2>&1 || ip link del "ibp$id$i" || true
     ! ip netns list | grep -q "^$ns\b" || ip netns del "$ns" || true
-    remove_cgroups "/ibp-$id-$n"
+    remove_cgroups "/ibp-$id-$n" || failed=1
   done
-  [ -d "$d/nodes" ] || return 0
+  [ -d "$d/nodes" ] || return "$failed"
   stop_one "$d" kube-scheduler
   # What the kubelet mounted (volumes: tmpfs for secrets and tokens; its root dir's bind
   # mount) and containerd (root filesystems, /dev/shm, network namespaces): deepest first.
@@ -604,24 +604,33 @@ nodes_down() { # DIR
     rm -f "$d/nodes/made-paths"
   fi
   host_state >"$d/nodes/host-state.after"
+  return "$failed"
 }
 
 node_route_del() { # RANGE VIA
   if [ -n "$(ip route show "$1" via "$2" 2>/dev/null)" ]; then ip route del "$1" via "$2"; fi
 }
 
-stop_pods() { # NODE-DIR: every container of this node's containerd, killed
-  local nd=$1 c
-  for c in $(ctr --address "$nd/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null); do
-    ctr --address "$nd/containerd.sock" -n k8s.io tasks kill -s SIGKILL "$c" >/dev/null 2>&1 || true
+stop_pods() { # NODE-DIR LOG: every container of this node's containerd, killed
+  local nd=$1 log=$2 c
+  # Failures go to LOG, not to down's result: remove_cgroups kills whatever this leaves.
+  for c in $(ctr --address "$nd/containerd.sock" -n k8s.io tasks ls -q 2>>"$log"); do
+    ctr --address "$nd/containerd.sock" -n k8s.io tasks kill -s SIGKILL "$c" >>"$log" 2>&1 || true
   done
 }
 
 kill_shims() { # NODE-DIR: shims left by this node's containerd (their command line names its state)
-  local nd=$1 p
-  for p in $(pgrep -f "containerd-shim-runc-v2.*-address $nd/containerd.sock" || true); do
+  local nd=$1 p pattern="containerd-shim-runc-v2.*-address $1/containerd.sock"
+  for p in $(pgrep -f "$pattern" || true); do
     kill -9 "$p" 2>/dev/null || true
   done
+  # Shims are not in the node's cgroups (they run in containerd's): checked here instead.
+  for _ in $(seq 1 50); do
+    [ -n "$(pgrep -f "$pattern" || true)" ] || return 0
+    sleep 0.1
+  done
+  echo "real-cluster: down: shims of $nd survive SIGKILL: $(pgrep -f "$pattern" | xargs)" >&2
+  return 1
 }
 
 # The kubelet's cgroupRoot must exist in every hierarchy before it starts (cgroup v1 here); a
@@ -637,10 +646,24 @@ make_cgroups() { # CGROUP-PATH
   done
 }
 
-remove_cgroups() { # CGROUP-PATH: in every v1 hierarchy, deepest first
-  local h
+# What the kubelet and containerd did not stop (a container whose shim is gone, a process a
+# container forked) is still in the node's cgroups: every pid there is killed, the cgroups
+# emptied, then removed; one that remains (a process that does not die) fails `down`, naming it.
+remove_cgroups() { # CGROUP-PATH
+  local h pids left=""
   for h in /sys/fs/cgroup/*; do
-    [ -d "$h$1" ] && find "$h$1" -depth -type d -exec rmdir {} \; 2>/dev/null
+    [ -d "$h$1" ] || continue
+    for _ in $(seq 1 100); do
+      pids=$(find "$h$1" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs)
+      [ -n "$pids" ] || break
+      # shellcheck disable=SC2086
+      kill -9 $pids 2>/dev/null || true
+      sleep 0.1
+    done
+    find "$h$1" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    if [ -d "$h$1" ]; then
+      left="$left $h$1 (pids: $(find "$h$1" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs))"
+    fi
   done
-  return 0
+  [ -z "$left" ] || { echo "real-cluster: down: cgroups not removed:$left" >&2 && return 1; }
 }
