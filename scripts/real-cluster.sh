@@ -13,7 +13,8 @@
 #                                              built here): see scripts/real-cluster/node.sh
 #   scripts/real-cluster.sh up --nodes N DIR   N nodes (1 or 2), each in its own network namespace
 #   scripts/real-cluster.sh build-images       build (or find cached) the node's images, print them
-#   scripts/real-cluster.sh host-state         what the node must not change (sysctls, iptables)
+#   scripts/real-cluster.sh host-state         what the node must not leave changed (sysctls,
+#                                              iptables, routes, links, netns, mounts, cgroups)
 #   scripts/real-cluster.sh restart-apiserver DIR   stop and start kube-apiserver (same etcd)
 #   scripts/real-cluster.sh stop-apiserver DIR | start-apiserver DIR   the same in two steps
 #   scripts/real-cluster.sh rotate-sa-key DIR  new signing key; old public key still accepted
@@ -283,6 +284,8 @@ watch_owner() { # DIR PID: stop everything in DIR once process PID has exited
     # A directory the owner could not remove itself (OWNER_CLEANUP=1) goes with it.
     if [ "${OWNER_CLEANUP:-}" = 1 ] && ! kill -0 "$owner" 2>/dev/null; then rm -rf "$d"; fi
   ) </dev/null >/dev/null 2>&1 &
+  # An explicit `down` stops the watcher: nothing of the run is left running after it.
+  echo $! >"$d/watcher.pid"
 }
 
 # ------------------------------------------------------------------------------------- commands
@@ -388,6 +391,11 @@ cmd_down() {
   if [ -d "$d/pids" ]; then
     for n in webhook kube-controller-manager kube-apiserver etcd; do stop_one "$d" "$n"; done
   fi
+  # Unless this is the watcher itself running down.
+  if [ -f "$d/watcher.pid" ] && [ "$(cat "$d/watcher.pid")" != "$BASHPID" ]; then
+    kill "$(cat "$d/watcher.pid")" 2>/dev/null || true
+    rm -f "$d/watcher.pid"
+  fi
   [ "$rc" = 0 ] || fail "down (the node's processes or cgroups above remain)" "$d/logs"
 }
 
@@ -412,7 +420,7 @@ drop-old-sa-keys)
   ;;
 down) cmd_down "${2:?usage: $0 down DIR}" ;;
 *)
-  sed -n '2,33p' "$0" >&2
+  sed -n '2,36p' "$0" >&2
   exit 2
   ;;
 esac

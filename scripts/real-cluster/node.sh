@@ -79,10 +79,21 @@ host_state() {
   # Without comments (they carry a time) and packet counters; no rules at all is fine too.
   { iptables-save 2>/dev/null || true; } | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//'
   { ip6tables-save 2>/dev/null || true; } | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//'
-  # Mounts over /proc/sys (the kubelet's sysctl binds, had they propagated): mount point,
-  # filesystem type and source, the fields that do not change from one reading to the next.
-  awk '{for (i = 7; $i != "-"; i++); print "mount " $5, $(i + 1), $(i + 2)}' /proc/self/mountinfo |
-    { grep '^mount /proc/sys' || true; } | sort
+  # The network objects the node adds beside its own namespaces: routes (IPv4 main table; the
+  # IPv6 one carries expiry times), links and namespaces by name.
+  ip -4 route show 2>/dev/null | sed 's/^/route /'
+  ip -o link show 2>/dev/null | awk -F': ' '{print "link " $2}'
+  ip netns list 2>/dev/null | awk '{print "netns " $1}'
+  # Mounts (the kubelet's sysctl binds over /proc/sys, had they propagated; volumes, root
+  # filesystems, namespaces' files): mount point, filesystem type and source, the fields that do
+  # not change from one reading to the next. /run/netns is iproute2's own mount point, made by
+  # the first `ip netns add` on a machine and left there by design; buildah's store (the image
+  # cache, shared with other runs building images) mounts and unmounts its layers as it likes.
+  awk -v b="${BUILDAH_STORE:-/nonexistent}/" \
+    '{for (i = 7; $i != "-"; i++); if ($5 != "/run/netns" && index($5, b) != 1) print "mount " $5, $(i + 1), $(i + 2)}' \
+    /proc/self/mountinfo | sort
+  # The nodes' cgroups (any run's: the names carry the run's id).
+  find /sys/fs/cgroup -mindepth 2 -maxdepth 2 -name 'ibp-*' 2>/dev/null | sed 's/^/cgroup /' | sort
 }
 
 # --------------------------------------------------------------------------------- certificates

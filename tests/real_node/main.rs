@@ -6,8 +6,9 @@
 //! token the kubelet projected.
 //!
 //! One node is brought up for the whole suite, so the tests run in order, each timed, from a
-//! `main` of our own (harness = false); the machine's sysctls and iptables rules are compared
-//! with their state before the node, while it runs and after `down`. A component that cannot
+//! `main` of our own (harness = false); the machine's sysctls, iptables rules, routes, links,
+//! network namespaces, mounts and cgroups are compared with their state before the node, while
+//! it runs and after `down` (then also: no process of the run left). A component that cannot
 //! be built or started fails the suite with the script's one-line error and its log.
 
 mod node;
@@ -61,7 +62,7 @@ fn main() {
         eprintln!("real_node: {name} ok in {:.1?}", t.elapsed());
     };
     timed("host_state_is_untouched_while_the_node_runs", &|| {
-        tests::host_state_is_untouched(&node, "now")
+        tests::host_state_is_untouched(&node, "while the node runs", true)
     });
     let ctx = tests::Context::new(&node);
     timed(
@@ -93,7 +94,7 @@ fn main() {
     let down = script(&["down"], node.path());
     assert!(down.status.success(), "down: {}", text(&down));
     times.push(("down", t.elapsed()));
-    tests::host_state_is_untouched(&node, "after down");
+    tests::host_state_is_untouched(&node, "after down", false);
     eprintln!("real_node: times (up {up:.1?}):");
     for (name, d) in &times {
         eprintln!("  {d:>8.1?}  {name}");

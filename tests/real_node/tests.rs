@@ -13,9 +13,12 @@ pub const NODES: usize = 2;
 /// How the proxy's process is started (the Dockerfile's ENTRYPOINT).
 const PROXY_CMD: &str = "/usr/local/bin/identity-binding-proxy serve";
 
-/// The machine's sysctls (those the kubelet and kube-proxy touch) and iptables rules, compared
-/// with what `up` recorded before the node started.
-pub fn host_state_is_untouched(node: &Node, when: &str) {
+/// The machine's state (`real-cluster.sh host-state`: sysctls, iptables, IPv4 routes, links,
+/// network namespaces, mounts, the nodes' cgroups), compared with what `up` recorded before the
+/// node started. While the node runs, its own objects are left out (named for the run: its
+/// ibp-<id> namespaces and cgroups, ibp<id> veths, 10.200/10.244 routes, mounts under its
+/// directory); after `down` nothing is, and no process of the run may be left.
+pub fn host_state_is_untouched(node: &Node, when: &str, node_running: bool) {
     let before = std::fs::read_to_string(node.path().join("nodes/host-state.before"))
         .expect("up recorded the machine's state");
     let now = run_ok(
@@ -24,14 +27,68 @@ pub fn host_state_is_untouched(node: &Node, when: &str) {
             .arg("host-state"),
     );
     assert!(before.contains("vm/overcommit_memory="), "{before}");
+    assert!(before.contains("mount /proc proc"), "{before}");
+    let ns = std::fs::read_to_string(node.path().join("nodes/node-1/netns")).unwrap();
+    let id = ns
+        .trim()
+        .trim_start_matches("ibp-")
+        .trim_end_matches("-node-1");
+    let dir = std::fs::canonicalize(node.path()).unwrap();
+    let dir = dir.to_string_lossy();
+    let marks = [
+        format!("ibp-{id}"),
+        format!("ibp{id}"),
+        dir.to_string(),
+        "10.200.".into(),
+        "10.244.".into(),
+    ];
+    let machine = |state: &str| -> Vec<String> {
+        state
+            .lines()
+            .filter(|l| !node_running || !marks.iter().any(|m| l.contains(m.as_str())))
+            .map(str::to_string)
+            .collect()
+    };
+    let (was, is) = (machine(&before), machine(&now));
+    let added: Vec<_> = is.iter().filter(|l| !was.contains(l)).collect();
+    let gone: Vec<_> = was.iter().filter(|l| !is.contains(l)).collect();
     assert_eq!(
-        before, now,
-        "the machine's sysctls or iptables rules changed ({when})"
+        was, is,
+        "the machine's state changed ({when}): added {added:#?}, gone {gone:#?}"
     );
+    if !node_running {
+        let left = processes_naming(&dir);
+        assert!(
+            left.is_empty(),
+            "processes of the run left after down: {left:#?}"
+        );
+    }
     eprintln!(
-        "host state ({when}) unchanged:\n{}",
-        before.lines().take(7).collect::<Vec<_>>().join("\n")
+        "host state ({when}) unchanged ({} lines; node objects left out: {node_running}):\n{}",
+        was.len(),
+        was.iter().take(7).cloned().collect::<Vec<_>>().join("\n")
     );
+}
+
+/// Processes (but this one) whose command line names `dir`, or that are a node's apiserver
+/// forwarder (its command line names the node link's address, not the directory).
+fn processes_naming(dir: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(dir) || cmdline.starts_with("socat TCP-LISTEN:6443,bind=10.200.") {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
 }
 
 /// What the tests share: the emulators, the serving CA, the chart's values.
