@@ -42,11 +42,17 @@ fn main() {
             !a.starts_with('-') && (*i == 0 || !takes_value.contains(&args[i - 1].as_str()))
         })
         .map(|(_, a)| a);
-    if let Some(filter) = filter {
-        if !"real_node".contains(filter.as_str()) {
-            println!("test result: ok. 0 passed; 0 failed; 1 filtered out");
-            return;
-        }
+    // `--skip X` (libtest: skip the tests whose name contains X), any number of times.
+    let skips = args
+        .windows(2)
+        .filter(|w| w[0] == "--skip")
+        .map(|w| &w[1][..]);
+    let skips_eq = args.iter().filter_map(|a| a.strip_prefix("--skip="));
+    let skipped = skips.chain(skips_eq).any(|x| "real_node".contains(x));
+    let filtered = filter.is_some_and(|f| !"real_node".contains(f.as_str()));
+    if skipped || filtered {
+        println!("test result: ok. 0 passed; 0 failed; 1 filtered out");
+        return;
     }
     let start = Instant::now();
     let node = Node::up(tests::NODES);
