@@ -834,6 +834,23 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
         on_a.is_none_or(|r| r["ok"] == false),
         "node-1's pod is not sent to node-2's proxy"
     );
+    // No answer could also mean the request was lost anywhere: node-2's proxy never saw
+    // node-1's pod either (the mirror of the check on node-1's log above).
+    let a_ip = n.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        "demo",
+        "demo",
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
+    let a_peer = format!("peer={a_ip}:");
+    let b_log = n.logs(NS, &b_pod);
+    assert!(
+        !a_ip.is_empty() && !b_log.contains(&a_peer),
+        "node-2's proxy never saw node-1's pod ({a_peer}):\n{b_log}"
+    );
     let back = within(Duration::from_secs(30), || n.proxy_pods_on("node-1")[0].2);
     assert!(back.is_some(), "node-1's proxy Ready again after SIGCONT");
 }
