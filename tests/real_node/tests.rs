@@ -264,12 +264,7 @@ fn example_pod_on(ctx: &Context, node: &str, name: &str, image: &str, command: &
     for d in docs.iter().filter(|d| d["kind"] != "Pod") {
         n.apply(&d.to_string());
     }
-    n.apply(
-        &json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "identity-binding-proxy-ca", "namespace": "demo"},
-        "data": {"ca.crt": ctx.ca}})
-        .to_string(),
-    );
+    ca_configmap(ctx, "demo");
     let mut pod = docs.iter().find(|d| d["kind"] == "Pod").unwrap().clone();
     pod["metadata"]["name"] = json!(name);
     pod["spec"]["nodeSelector"] = json!({"real-cluster/node": node});
@@ -337,12 +332,7 @@ pub fn example_app_gets_tokens_through_the_injected_url(ctx: &Context) {
 
     let py_image = n.get("PYTHON_CLIENT_IMAGE");
     example_pod(ctx, "demo-python", py_image, &["sleep", "infinity"]);
-    let mut py = PodClient::start(
-        n,
-        "demo",
-        "demo-python",
-        &["python3", "/client/get_token.py"],
-    );
+    let mut py = python_client(n);
     let (reply, took) = py.ask("get");
     assert_eq!(reply["ok"], true, "Python SDK in the pod: {reply}");
     eprintln!("Python SDK in pod demo/demo-python: token in {took:.1?}");
@@ -350,16 +340,21 @@ pub fn example_app_gets_tokens_through_the_injected_url(ctx: &Context) {
     assert!(logged.is_ok(), "{}", logged.unwrap_err());
 }
 
-/// (c) The grant deleted: the pod's next request is refused within 2 s, and the SDK's exception
-/// carries our explanation.
-pub fn revoked_grant_is_refused_within_2s_in_the_sdk(ctx: &Context) {
-    let n = ctx.node;
-    let mut py = PodClient::start(
+/// A session of the Python SDK client in pod demo/demo-python (test b creates the pod).
+fn python_client(n: &Node) -> PodClient {
+    PodClient::start(
         n,
         "demo",
         "demo-python",
         &["python3", "/client/get_token.py"],
-    );
+    )
+}
+
+/// (c) The grant deleted: the pod's next request is refused within 2 s, and the SDK's exception
+/// carries our explanation.
+pub fn revoked_grant_is_refused_within_2s_in_the_sdk(ctx: &Context) {
+    let n = ctx.node;
+    let mut py = python_client(n);
     let (reply, _) = py.ask("fresh");
     assert_eq!(reply["ok"], true, "{reply}");
     let binding = format!("use-managed-identity-{DEMO_CID}-demo");
