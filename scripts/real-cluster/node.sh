@@ -419,13 +419,24 @@ kubectl_apply() { # DIR STEP < MANIFEST
 }
 
 wait_for() { # STEP LOG SECONDS CMD...: until CMD succeeds
-  local step=$1 log=$2 secs=$3
+  local step=$1 log=$2 secs=$3 deadline
   shift 3
-  for _ in $(seq 1 $((secs * 2))); do
+  # A deadline, not a count of tries: a try may itself take seconds (kubectl wait --timeout).
+  deadline=$((SECONDS + secs))
+  while [ "$SECONDS" -lt "$deadline" ]; do
     "$@" >/dev/null && return 0
     sleep 0.5
   done
   fail "$step (not after $secs s)" "$log"
+}
+
+# kube-proxy's healthz answers 200 once it has synced the Services' rules (503 before): pods
+# reaching a Service (kubernetes, kube-dns) right after `up` must not find no rules yet.
+kube_proxy_synced() { # DIR NODE
+  kill -0 "$(cat "$1/pids/$2-kube-proxy")" 2>/dev/null ||
+    fail "$2 kube-proxy (exited)" "$1/logs/$2-kube-proxy.log"
+  nsenter --net="/run/netns/$(cat "$1/nodes/$2/netns")" \
+    curl -sf --max-time 2 -o /dev/null http://127.0.0.1:10256/healthz
 }
 
 node_ready() { # DIR NODE: Ready; a kubelet that exited fails at once, with its log
@@ -554,6 +565,7 @@ nodes_up() { # DIR N
   publish_apiserver_endpoint "$d"
   for n in $names; do
     wait_for "$n Ready" "$d/logs/$n-kubelet.log" 120 node_ready "$d" "$n"
+    wait_for "$n kube-proxy first sync" "$d/logs/$n-kube-proxy.log" 60 kube_proxy_synced "$d" "$n"
   done
   COREDNS_IMAGE=$(echo "$images" | awk '$1 == "COREDNS_IMAGE" {print $2}')
   start_coredns "$d"
