@@ -210,7 +210,8 @@ link_nodes() { # DIR NODE-A INDEX-A NODE-B INDEX-B
 
 # ---------------------------------------------------------------------------------- containerd
 write_containerd_config() { # DIR NODE INDEX
-  local nd=$1/nodes/$2 i=$3
+  local nd=$1/nodes/$2 i=$3 id
+  id=$(node_id "$1")
   mkdir -p "$nd/containerd" "$nd/cni" "$nd/runc"
   cat >"$nd/containerd.toml" <<EOF
 version = 2
@@ -244,9 +245,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     conf_dir = "$nd/cni"
 EOF
   # The pod network: a bridge in the node's namespace, addresses from this node's /24, hairpin
-  # so a pod reaches itself through a Service.
+  # so a pod reaches itself through a Service. The network's name is the run's and the node's:
+  # CNI keeps each attachment's result in the machine-wide /var/lib/cni/results/NAME-*, which
+  # `down` removes by that name.
   cat >"$nd/cni/10-bridge.conflist" <<EOF
-{"cniVersion": "1.0.0", "name": "pods", "plugins": [
+{"cniVersion": "1.0.0", "name": "ibp-$id-$2", "plugins": [
   {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "dataDir": "$nd/cni-ipam",
             "ranges": [[{"subnet": "10.244.$i.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
@@ -615,6 +618,7 @@ nodes_down() { # DIR: non-zero (with what) if a node's processes or cgroups rema
     ! ip link show "ibp$id$i" >/dev/null 2>&1 || ip link del "ibp$id$i" || true
     ! ip netns list | grep -q "^$ns\b" || ip netns del "$ns" || true
     remove_cgroups "/ibp-$id-$n" || failed=1
+    rm -f /var/lib/cni/results/"ibp-$id-$n"-*
   done
   [ -d "$d/nodes" ] || return "$failed"
   stop_one "$d" kube-scheduler
