@@ -349,7 +349,7 @@ struct Sent {
     host: Option<HeaderValue>,
 }
 
-/// Longest path or host logged: enough for any route served, bounded for any sent.
+/// Longest host logged: enough for any name served, bounded for any sent.
 const LOGGED_LEN: usize = 200;
 
 impl Sent {
@@ -366,8 +366,14 @@ impl Sent {
         }
     }
 
-    fn path(&self) -> &str {
-        bounded(self.uri.path())
+    /// The path as the router reads it, only when it names a route served with a valid
+    /// tenant: any other path is the client's free text, where a token may be (SPEC §9).
+    fn path(&self) -> LoggedPath<'_> {
+        let path = self.uri.path();
+        match token::routed_path(path) {
+            Some(routed) => LoggedPath::Routed(routed),
+            None => LoggedPath::Unrecognised(path.len()),
+        }
     }
 
     fn host(&self) -> &str {
@@ -400,6 +406,21 @@ fn bounded(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// A path as logged: the route's, or how long the unrecognised one was.
+enum LoggedPath<'a> {
+    Routed(std::borrow::Cow<'a, str>),
+    Unrecognised(usize),
+}
+
+impl std::fmt::Debug for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Routed(path) => f.write_str(path),
+            Self::Unrecognised(n) => write!(f, "(unrecognised, {n} bytes)"),
+        }
+    }
 }
 
 /// A finished request and its answer, for its log line.
@@ -458,7 +479,7 @@ impl Trace {
         event_at!(
             level,
             method = %sent.method,
-            path = sent.path(),
+            path = ?sent.path(),
             version = sent.version(),
             alpn = conn.alpn.unwrap_or(""),
             form = self.form.unwrap_or(""),
@@ -500,4 +521,23 @@ fn correlation_id<B>(req: &Request<B>) -> String {
         .filter(|v| v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(req: http::request::Builder) -> Sent {
+        Sent::of(&req.body(()).unwrap())
+    }
+
+    #[test]
+    fn an_unrecognised_path_is_logged_by_its_length() {
+        let path = "/token/eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+        let sent = sent(Request::post(path));
+        assert_eq!(
+            format!("{:?}", sent.path()),
+            format!("(unrecognised, {} bytes)", path.len())
+        );
+    }
 }
