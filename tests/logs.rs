@@ -639,3 +639,49 @@ async fn no_line_is_lost_at_a_sigterm_stop() {
     let last = &lines.last().unwrap().1;
     assert_eq!(last["message"], "stopped", "the drain's last line: {last}");
 }
+
+/// The refusal summaries a SIGTERM stop writes while something (a connection past the
+/// drain deadline, say) still holds the proxy's state: no drop of that state can write them
+/// in time for the log's last flush.
+#[tokio::test]
+async fn a_peers_pending_refusals_are_summarized_at_a_sigterm_stop() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .event_format(identity_binding_proxy::logline::JsonLine)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test's one thread runs every task: all their lines reach this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev_with(dir.path(), |a| {
+        a.proxy_flags.push("--shutdown-delay-secs=0".into())
+    })
+    .await;
+    let ca = std::fs::read(&sys.info.ca_file).unwrap();
+    let wrong_sni = Client::new(sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
+    for _ in 0..3 {
+        assert!(tls_from(&wrong_sni, peer(10)).await.is_err());
+    }
+    let held = sys.proxy.app.clone();
+    sys.stop_gracefully(identity_binding_proxy::signal::Stop::Terminate)
+        .await;
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let summary = lines
+        .iter()
+        .position(|l| is_from(l, peer(10)) && l["refused"].is_u64())
+        .expect("the peer's pending refusals are summarized at the stop");
+    assert_eq!(lines[summary]["refused"], 3, "{}", lines[summary]);
+    assert_eq!(lines[summary]["first_reason"], "unknown_sni");
+    let stopped = lines.iter().position(|l| l["message"] == "stopped");
+    assert!(
+        stopped > Some(summary),
+        "summarized before the stopped line"
+    );
+    drop(held);
+}
