@@ -20,8 +20,11 @@ pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 /// Peers followed one by one. Beyond them (a flood from many addresses, IPv6 ones say) the
 /// refusals are summarized together, so the table stays bounded.
 const MAX_PEERS: usize = 4096;
-/// Distinct reasons kept per peer in one interval (reasons are a small, fixed set).
-const MAX_REASONS: usize = 8;
+/// Distinct reasons kept per peer in one interval: every reason counted ([`reasons`]), so
+/// none is counted under another; anything else is counted as [`OTHER`].
+static MAX_REASONS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| reasons().count());
+/// The reason of a refusal past [`MAX_REASONS`] (no caller passes one outside [`reasons`]).
+const OTHER: &str = "other";
 
 /// Every reason counted: the connection limits, the handshake failures, and the outcomes of
 /// requests refused before authentication.
@@ -51,11 +54,13 @@ impl Tally {
             self.first = reason;
         }
         self.last = reason;
-        let full = self.counts.len() >= MAX_REASONS;
-        match self.counts.iter_mut().find(|(r, _)| *r == reason) {
+        let key = match self.counts.iter().any(|(r, _)| *r == reason) {
+            false if self.counts.len() >= *MAX_REASONS => OTHER,
+            _ => reason,
+        };
+        match self.counts.iter_mut().find(|(r, _)| *r == key) {
             Some((_, n)) => *n += 1,
-            None if !full => self.counts.push((reason, 1)),
-            None => self.counts.last_mut().map_or((), |(_, n)| *n += 1),
+            None => self.counts.push((key, 1)),
         }
     }
 
@@ -285,6 +290,22 @@ mod tests {
         drop(refusals);
         let last = lines(&capture).pop().unwrap();
         assert_eq!(last["by_reason"], "closed=2", "{last}");
+    }
+
+    #[test]
+    fn every_reason_is_counted_under_its_own_name_and_anything_else_as_other() {
+        let mut tally = Tally::default();
+        for reason in reasons() {
+            tally.add(reason);
+            tally.add(reason);
+        }
+        tally.add("not-a-reason");
+        tally.add("nor-this");
+        for reason in reasons() {
+            assert!(tally.counts.contains(&(reason, 2)), "{reason}: {tally:?}");
+        }
+        assert!(tally.counts.contains(&(OTHER, 2)), "{tally:?}");
+        assert_eq!(tally.counts.len(), reasons().count() + 1);
     }
 
     #[test]
