@@ -272,27 +272,14 @@ mod tests {
 
     #[test]
     fn lines_go_straight_to_the_destination_when_the_writer_thread_cannot_start() {
-        let got: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let got = crate::testlog::Capture::default();
         let pipe: &'static Pipe = Box::leak(Box::new(Pipe::new(4096)));
         pipe.push(b"before\n");
         let no_thread = |_| Err(std::io::Error::other("no threads left"));
-        start_writer(pipe, Box::new(Shared(got.clone())), no_thread);
+        start_writer(pipe, Box::new(got.clone()), no_thread);
         LogWriter(pipe).write_all(b"after\n").unwrap();
         pipe.flush(Duration::from_secs(5));
-        assert_eq!(&got.lock().unwrap()[..], b"before\nafter\n");
-    }
-
-    /// A destination that keeps what it is given.
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        assert_eq!(got.bytes(), b"before\nafter\n");
     }
 
     // One test: the pipe is the process's, installed once.

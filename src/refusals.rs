@@ -205,24 +205,12 @@ async fn summarize_every(refusals: Weak<Refusals>, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testlog::Capture;
 
     fn lines(capture: &Capture) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-        text.lines()
+        capture
+            .text()
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
