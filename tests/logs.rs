@@ -286,24 +286,8 @@ fn peer(last: u8) -> IpAddr {
 /// `dev` as its own process, logging JSON at its default level to `log`, with `flags` for
 /// `serve`.
 fn dev_logging_to(state: &Path, log: &Path, flags: &[&str]) -> DevProcess {
-    let child = std::process::Command::new(dev_binary())
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--state-dir"])
-        .arg(state)
-        .arg("--")
-        .args(flags)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("dev starts");
-    DevProcess::adopt(child, state)
+    let more = [&["--log-format", "json", "--"], flags].concat();
+    DevProcess::start_logging(state, &more, std::fs::File::create(log).unwrap())
 }
 
 fn client_of(dev: &DevProcess, alpn: &[&[u8]]) -> Client {
@@ -633,22 +617,8 @@ async fn a_client_that_fails_its_handshake_is_named_in_the_log_with_the_reason()
 async fn requests_are_served_while_nobody_reads_the_log_and_dropped_lines_are_counted() {
     let state = tempfile::tempdir().unwrap();
     // stderr is a pipe that is never read: it fills after its 64 KiB.
-    let child = std::process::Command::new(dev_binary())
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--state-dir"])
-        .arg(state.path())
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dev starts");
-    let dev = DevProcess::adopt(child, state.path());
+    let json = ["--log-format", "json"];
+    let dev = DevProcess::start_logging(state.path(), &json, std::process::Stdio::piped());
     let admin: SocketAddr = dev.get("admin_url")["http://".len()..]
         .trim_end_matches('/')
         .parse()
