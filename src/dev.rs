@@ -152,6 +152,8 @@ fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(rotate_ca::RotateError::Refused(why)) => {
+            // exit() skips main's flush.
+            crate::logpipe::flush(std::time::Duration::from_secs(2));
             eprintln!("error: {why}");
             std::process::exit(EX_USAGE);
         }

@@ -341,6 +341,8 @@ pub async fn serve_plain<F, Fut, B>(
     let refusals = crate::refusals::Refusals::start(None, crate::refusals::SUMMARY_INTERVAL);
     let refused = |peer, refusal| refusals.connection(peer, refusal);
     accept_loop(listener, &shutdown, &limits, None, refused, serve).await;
+    // Connections past the drain may hold the table on: what is pending is written now.
+    refusals.summarize();
 }
 
 /// The outbound HTTP client: https through rustls (aws-lc-rs, webpki roots) and plain http

@@ -34,6 +34,9 @@ pub mod signal;
 pub mod tls;
 pub mod token;
 
+#[cfg(test)]
+mod testlog;
+
 #[cfg(feature = "emulators")]
 pub mod dev;
 #[cfg(feature = "emulators")]

@@ -151,20 +151,7 @@ impl<W: Write> Write for Escaped<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testlog::Capture;
 
     #[test]
     fn every_field_kind_is_valid_json_and_hostile_text_stays_inside_its_string() {
@@ -187,7 +174,7 @@ mod tests {
                 "token request"
             );
         });
-        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let out = capture.text();
         assert_eq!(out.lines().count(), 1, "one line: {out}");
         assert!(out.ends_with("}\n"));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();

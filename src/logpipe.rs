@@ -37,7 +37,12 @@ struct Pipe {
     /// Wakes those waiting for a flush.
     flushed: Condvar,
     capacity: usize,
+    /// The destination itself when the writer thread could not start: each line is then
+    /// written at once, in the caller's thread, rather than kept for a writer that never comes.
+    direct: OnceLock<Mutex<Destination>>,
 }
+
+type Destination = Box<dyn Write + Send>;
 
 static PIPE: OnceLock<Pipe> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -55,6 +60,15 @@ impl Pipe {
     /// Takes one line: copied into the buffer, or dropped and counted when it is full.
     fn push(&self, line: &[u8]) {
         let mut pending = self.lock();
+        // Read under the lock: no line joins the buffer after the fallback took it.
+        if let Some(out) = self.direct.get() {
+            drop(pending);
+            let _ = out
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_all(line);
+            return;
+        }
         if pending.buf.len() + line.len() > self.capacity {
             drop(pending);
             DROPPED.fetch_add(1, Ordering::Relaxed);
@@ -101,6 +115,9 @@ impl Pipe {
 
     /// Waits until every line taken before the call is written, or `limit` passes.
     fn flush(&self, limit: Duration) {
+        if self.direct.get().is_some() {
+            return;
+        }
         let deadline = Instant::now() + limit;
         let mut pending = self.lock();
         pending.asked += 1;
@@ -130,6 +147,22 @@ fn install_with(out: impl Write + Send + 'static, capacity: usize) -> LogWriter 
     let mut started = false;
     let pipe = PIPE.get_or_init(|| {
         started = true;
+        Pipe::new(capacity)
+    });
+    if started {
+        let spawn = |f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(f)
+                .map(drop)
+        };
+        start_writer(pipe, Box::new(out), spawn);
+    }
+    LogWriter(pipe)
+}
+
+impl Pipe {
+    fn new(capacity: usize) -> Self {
         Pipe {
             pending: Mutex::new(Pending {
                 buf: Vec::with_capacity(capacity),
@@ -139,18 +172,44 @@ fn install_with(out: impl Write + Send + 'static, capacity: usize) -> LogWriter 
             wake: Condvar::new(),
             flushed: Condvar::new(),
             capacity,
-        }
-    });
-    if started {
-        let mut out = out;
-        let spawned = std::thread::Builder::new()
-            .name("log-writer".into())
-            .spawn(move || pipe.write_forever(&mut out));
-        if let Err(e) = spawned {
-            eprintln!("cannot start the log writer thread: {e}");
+            direct: OnceLock::new(),
         }
     }
-    LogWriter(pipe)
+}
+
+/// Starts `pipe`'s writer thread with `spawn`; when it cannot start, every line goes to
+/// `out` at once instead (never silently nowhere).
+fn start_writer(
+    pipe: &'static Pipe,
+    out: Destination,
+    spawn: impl FnOnce(Box<dyn FnOnce() + Send>) -> std::io::Result<()>,
+) {
+    // The thread takes `out` from here when it runs; a thread never started leaves it.
+    let slot = std::sync::Arc::new(Mutex::new(Some(out)));
+    let taken = slot.clone();
+    let run = move || {
+        let out = taken.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut out) = out {
+            pipe.write_forever(&mut out);
+        }
+    };
+    if let Err(e) = spawn(Box::new(run)) {
+        eprintln!("cannot start the log writer thread ({e}): writing the log unbatched");
+        let out = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(out) = out {
+            let kept = {
+                let mut pending = pipe.lock();
+                let _ = pipe.direct.set(Mutex::new(out));
+                std::mem::take(&mut pending.buf)
+            };
+            if let Some(out) = pipe.direct.get() {
+                let _ = out
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write_all(&kept);
+            }
+        }
+    }
 }
 
 /// Writes every line taken so far (within `limit`: a reader that stopped reading cannot hold
@@ -209,6 +268,18 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn lines_go_straight_to_the_destination_when_the_writer_thread_cannot_start() {
+        let got = crate::testlog::Capture::default();
+        let pipe: &'static Pipe = Box::leak(Box::new(Pipe::new(4096)));
+        pipe.push(b"before\n");
+        let no_thread = |_| Err(std::io::Error::other("no threads left"));
+        start_writer(pipe, Box::new(got.clone()), no_thread);
+        LogWriter(pipe).write_all(b"after\n").unwrap();
+        pipe.flush(Duration::from_secs(5));
+        assert_eq!(got.bytes(), b"before\nafter\n");
     }
 
     // One test: the pipe is the process's, installed once.

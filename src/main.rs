@@ -21,6 +21,7 @@ const LOG_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    flush_logs_on_panic();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -70,6 +71,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// How long a panic of the main thread waits for the log: the lines before it tell what led
+/// there, and a reader that stopped reading cannot hold the exit for longer.
+const PANIC_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A panic of the main thread ends the process without main's flush: the hook flushes first,
+/// then reports the panic as the default hook does.
+fn flush_logs_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("main") {
+            identity_binding_proxy::logpipe::flush(PANIC_FLUSH_LIMIT);
+        }
+        report(info);
+    }));
 }
 
 enum Failure {

@@ -349,8 +349,8 @@ struct Sent {
     host: Option<HeaderValue>,
 }
 
-/// Longest path or host logged: enough for any route served, bounded for any sent.
-const LOGGED_LEN: usize = 200;
+/// Longest host logged: a DNS name's 253 bytes and a port.
+const LOGGED_HOST_LEN: usize = 260;
 
 impl Sent {
     fn of<B>(req: &Request<B>) -> Self {
@@ -366,15 +366,31 @@ impl Sent {
         }
     }
 
-    fn path(&self) -> &str {
-        bounded(self.uri.path())
+    /// The path as the router reads it, only when it names a route served with a valid
+    /// tenant: any other path is the client's free text, where a token may be (SPEC §9).
+    fn path(&self) -> LoggedPath<'_> {
+        let path = self.uri.path();
+        match token::routed_path(path) {
+            Some(routed) => LoggedPath::Routed(routed),
+            None => LoggedPath::Unrecognised(path.len()),
+        }
     }
 
-    fn host(&self) -> &str {
-        match (self.uri.authority(), &self.host) {
-            (Some(authority), _) => bounded(authority.as_str()),
-            (None, Some(v)) => v.to_str().map(bounded).unwrap_or("(not ASCII)"),
-            (None, None) => "",
+    /// Host[:port] of the `:authority` (or absolute-form URI), else of the Host header: never
+    /// its userinfo, and only when it is a host name or address.
+    fn host(&self) -> LoggedHost<'_> {
+        let sent = match (self.uri.authority(), &self.host) {
+            (Some(authority), _) => authority.as_str().as_bytes(),
+            (None, Some(v)) => v.as_bytes(),
+            (None, None) => return LoggedHost::Host(""),
+        };
+        // Userinfo ends at the last '@' (a password may hold one).
+        let start = sent.iter().rposition(|b| *b == b'@').map_or(0, |i| i + 1);
+        match std::str::from_utf8(&sent[start..]) {
+            Ok(host) if host.len() <= LOGGED_HOST_LEN && is_host_port(host) => {
+                LoggedHost::Host(host)
+            }
+            _ => LoggedHost::Invalid(sent.len()),
         }
     }
 
@@ -390,16 +406,50 @@ impl Sent {
     }
 }
 
-/// `s` cut to [`LOGGED_LEN`] bytes at a character boundary.
-fn bounded(s: &str) -> &str {
-    if s.len() <= LOGGED_LEN {
-        return s;
+/// `host[:port]`: a DNS name (labels of at most 63 letters, digits and dashes, as no token
+/// segment is), an IPv4 address, or an IPv6 one in brackets; the port digits.
+fn is_host_port(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p)),
+        _ => (s, None),
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && crate::token::is_host_name(host),
+    };
+    port_ok && host_ok
+}
+
+/// A path as logged: the route's, or how long the unrecognised one was.
+enum LoggedPath<'a> {
+    Routed(std::borrow::Cow<'a, str>),
+    Unrecognised(usize),
+}
+
+impl std::fmt::Debug for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Routed(path) => f.write_str(path),
+            Self::Unrecognised(n) => write!(f, "(unrecognised, {n} bytes)"),
+        }
     }
-    let mut end = LOGGED_LEN;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+}
+
+/// A host as logged: host[:port], or how long the invalid value was.
+enum LoggedHost<'a> {
+    Host(&'a str),
+    Invalid(usize),
+}
+
+impl std::fmt::Debug for LoggedHost<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Host(host) => f.write_str(host),
+            Self::Invalid(n) => write!(f, "(invalid, {n} bytes)"),
+        }
     }
-    &s[..end]
 }
 
 /// A finished request and its answer, for its log line.
@@ -458,11 +508,11 @@ impl Trace {
         event_at!(
             level,
             method = %sent.method,
-            path = sent.path(),
+            path = ?sent.path(),
             version = sent.version(),
             alpn = conn.alpn.unwrap_or(""),
             form = self.form.unwrap_or(""),
-            host = sent.host(),
+            host = ?sent.host(),
             sni = conn.sni.as_deref().unwrap_or(""),
             outcome,
             status = status.as_u16(),
@@ -500,4 +550,60 @@ fn correlation_id<B>(req: &Request<B>) -> String {
         .filter(|v| v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(req: http::request::Builder) -> Sent {
+        Sent::of(&req.body(()).unwrap())
+    }
+
+    #[test]
+    fn the_logged_host_never_holds_userinfo_or_free_text() {
+        let cases = [
+            (
+                sent(Request::get("https://user:s3cret@proxy.local:8443/")),
+                "proxy.local:8443",
+            ),
+            (
+                sent(Request::get("/").header("host", "a:b@c@proxy.local")),
+                "proxy.local",
+            ),
+            (
+                sent(Request::get("/").header("host", "[::1]:443")),
+                "[::1]:443",
+            ),
+            (
+                sent(Request::get("/").header("host", "127.0.0.1")),
+                "127.0.0.1",
+            ),
+            (
+                sent(Request::get("/").header(
+                    "host",
+                    "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQeyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ",
+                )),
+                "(invalid, 73 bytes)",
+            ),
+            (
+                sent(Request::get("/").header("host", "proxy local")),
+                "(invalid, 11 bytes)",
+            ),
+            (sent(Request::get("/")), ""),
+        ];
+        for (sent, host) in cases {
+            assert_eq!(format!("{:?}", sent.host()), host);
+        }
+    }
+
+    #[test]
+    fn an_unrecognised_path_is_logged_by_its_length() {
+        let path = "/token/eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+        let sent = sent(Request::post(path));
+        assert_eq!(
+            format!("{:?}", sent.path()),
+            format!("(unrecognised, {} bytes)", path.len())
+        );
+    }
 }

@@ -20,8 +20,11 @@ pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 /// Peers followed one by one. Beyond them (a flood from many addresses, IPv6 ones say) the
 /// refusals are summarized together, so the table stays bounded.
 const MAX_PEERS: usize = 4096;
-/// Distinct reasons kept per peer in one interval (reasons are a small, fixed set).
-const MAX_REASONS: usize = 8;
+/// Distinct reasons kept per peer in one interval: every reason counted ([`reasons`]), so
+/// none is counted under another; anything else is counted as [`OTHER`].
+static MAX_REASONS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| reasons().count());
+/// The reason of a refusal past [`MAX_REASONS`] (no caller passes one outside [`reasons`]).
+const OTHER: &str = "other";
 
 /// Every reason counted: the connection limits, the handshake failures, and the outcomes of
 /// requests refused before authentication.
@@ -51,11 +54,13 @@ impl Tally {
             self.first = reason;
         }
         self.last = reason;
-        let full = self.counts.len() >= MAX_REASONS;
-        match self.counts.iter_mut().find(|(r, _)| *r == reason) {
+        let key = match self.counts.iter().any(|(r, _)| *r == reason) {
+            false if self.counts.len() >= *MAX_REASONS => OTHER,
+            _ => reason,
+        };
+        match self.counts.iter_mut().find(|(r, _)| *r == key) {
             Some((_, n)) => *n += 1,
-            None if !full => self.counts.push((reason, 1)),
-            None => self.counts.last_mut().map_or((), |(_, n)| *n += 1),
+            None => self.counts.push((key, 1)),
         }
     }
 
@@ -200,24 +205,12 @@ async fn summarize_every(refusals: Weak<Refusals>, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testlog::Capture;
 
     fn lines(capture: &Capture) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-        text.lines()
+        capture
+            .text()
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
@@ -285,6 +278,22 @@ mod tests {
         drop(refusals);
         let last = lines(&capture).pop().unwrap();
         assert_eq!(last["by_reason"], "closed=2", "{last}");
+    }
+
+    #[test]
+    fn every_reason_is_counted_under_its_own_name_and_anything_else_as_other() {
+        let mut tally = Tally::default();
+        for reason in reasons() {
+            tally.add(reason);
+            tally.add(reason);
+        }
+        tally.add("not-a-reason");
+        tally.add("nor-this");
+        for reason in reasons() {
+            assert!(tally.counts.contains(&(reason, 2)), "{reason}: {tally:?}");
+        }
+        assert!(tally.counts.contains(&(OTHER, 2)), "{tally:?}");
+        assert_eq!(tally.counts.len(), reasons().count() + 1);
     }
 
     #[test]

@@ -72,10 +72,13 @@ impl RunningProxy {
     }
 
     /// Stops accepting now, and returns once in-flight requests have drained (within the
-    /// drain deadline) and every background task has stopped.
+    /// drain deadline) and every background task has stopped, with the refusals still
+    /// pending summarized (tasks past the deadline may hold the table on: its drop is too
+    /// late for the log's last flush).
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.done.await;
+        self.app.refusals.summarize();
     }
 }
 

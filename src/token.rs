@@ -72,6 +72,47 @@ pub fn route(method: &Method, path: &str) -> Route {
     Route::NotFound
 }
 
+/// The path as a request's log line may name it (SPEC §9: never a token, which a client may
+/// put anywhere in its path): a route served, with a tenant that is a GUID or a domain, any
+/// proxy path prefix before it given only by its length; `/` as itself; else none.
+pub fn routed_path(path: &str) -> Option<Cow<'_, str>> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let n = segments.len();
+    if n == 0 {
+        return Some(Cow::Borrowed("/"));
+    }
+    let routed = n >= 4
+        && (segments[n - 3..] == ["oauth2", "v2.0", "token"]
+            || segments[n - 3..] == ["v2.0", ".well-known", "openid-configuration"]);
+    let tenant = segments.get(n.wrapping_sub(4)).copied().unwrap_or("");
+    if !routed || !is_tenant(tenant) {
+        return None;
+    }
+    if n == 4 {
+        return Some(Cow::Borrowed(path));
+    }
+    let prefix: usize = segments[..n - 4].iter().map(|s| s.len() + 1).sum();
+    let route = segments[n - 4..].join("/");
+    Some(Cow::Owned(format!("(prefix, {prefix} bytes)/{route}")))
+}
+
+/// A tenant as a path names it: a GUID, or a domain.
+fn is_tenant(s: &str) -> bool {
+    parse_guid(s).is_some_and(|g| g == s.to_ascii_lowercase())
+        || (s.contains('.') && is_host_name(s))
+}
+
+/// A DNS name: at most 253 bytes, labels of 1 to 63 letters, digits and dashes (a JWT's
+/// segments are longer, or hold `_`).
+pub fn is_host_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// A validated client-credentials request.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenRequest {
@@ -866,6 +907,33 @@ mod tests {
         );
         assert!(check_content_type(Some("application/json")).is_err());
         assert!(check_content_type(None).is_err());
+    }
+
+    #[test]
+    fn only_a_served_route_with_a_valid_tenant_is_a_logged_path() {
+        let tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+        let token = format!("/{tenant}/oauth2/v2.0/token");
+        assert_eq!(routed_path(&token).as_deref(), Some(token.as_str()));
+        let discovery = "/contoso.onmicrosoft.com/v2.0/.well-known/openid-configuration";
+        assert_eq!(routed_path(discovery).as_deref(), Some(discovery));
+        assert_eq!(routed_path("/").as_deref(), Some("/"));
+        assert_eq!(
+            routed_path(&format!("/secret-prefix{token}")).as_deref(),
+            Some(format!("(prefix, 14 bytes){token}").as_str())
+        );
+        let jwt = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpkZWZhdWx0In0";
+        // An RS256 signature: 256 bytes, 342 characters (every segment of a real token is
+        // longer than a DNS label, whether or not it holds a `_`).
+        let jwt = format!("{jwt}.{}", "c2ln".repeat(85));
+        for path in [
+            format!("/token/{jwt}"),
+            format!("/{jwt}/oauth2/v2.0/token"),
+            format!("/{tenant}/oauth2/v2.0/token%3Fclient_assertion={jwt}"),
+            format!("/x/oauth2/v2.0/token&client_assertion={jwt}"),
+            "/oauth2/v2.0/token".to_string(),
+        ] {
+            assert_eq!(routed_path(&path), None, "{path}");
+        }
     }
 
     #[test]

@@ -40,15 +40,21 @@ fn assert_absent(logs: &str, secret: &str, what: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_token_or_assertion_appears_in_any_log_line() {
+/// What `serve` installs (its JSON line, through its batching writer), every target at
+/// TRACE, into a buffer.
+fn capture_every_target_at_trace() -> Capture {
     let capture = Capture::default();
-    let writer = capture.clone();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-        .with_writer(move || writer.clone())
-        .json()
+        .with_writer(identity_binding_proxy::logpipe::install(capture.clone()))
+        .event_format(identity_binding_proxy::logline::JsonLine)
         .init();
+    capture
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_or_assertion_appears_in_any_log_line() {
+    let capture = capture_every_target_at_trace();
 
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev(dir.path()).await;
@@ -111,6 +117,7 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(client.send(in_query).await.status, 200);
+    send_the_token_in_the_path_and_the_host(&client, &h2, &info, &allowed).await;
 
     // Our own assertion, as the Entra emulator received it.
     let binding = sys
@@ -124,6 +131,7 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
     let assertion = sys.proxy.app.issuer.assertion(&binding).unwrap();
     secrets.push((assertion.to_string(), "our assertion"));
     sys.shutdown().await;
+    identity_binding_proxy::logpipe::flush(Duration::from_secs(2));
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(
@@ -143,8 +151,7 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
     let requests: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == "token request")
-        .map(|v| v["fields"].clone())
+        .filter(|v| v["message"] == "token request")
         .collect();
     let successes: Vec<&serde_json::Value> = requests
         .iter()
@@ -159,6 +166,71 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
         assert_eq!(hit["upstream_us"], 0, "{hit:?}");
     }
     assert_says_what_the_client_sent(&successes, &info);
+    assert_no_free_text_of_the_path_or_host(&successes, &info);
+}
+
+/// Token requests (each a success, so each logged in full) with the SA token where a
+/// client's free text goes: in the path, as the Host header, and as the userinfo of the
+/// authority (h2's `:authority`, an HTTP/1.1 absolute-form URI, a Host header).
+async fn send_the_token_in_the_path_and_the_host(
+    client: &Client,
+    h2: &Client,
+    info: &identity_binding_proxy::dev::DevInfo,
+    token: &str,
+) {
+    let token = token.trim();
+    let form = identity_binding_proxy::http::form_encode(token_form(&info.client_id, token));
+    let sni = &info.sni_name;
+    let h1 = |path: String, host: String| {
+        http::Request::post(path)
+            .header("host", host)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form.clone())))
+            .unwrap()
+    };
+    let tenant_path = format!("/{}/oauth2/v2.0/token", info.tenant_id);
+    for req in [
+        h1(format!("/token/{token}"), sni.clone()),
+        h1(
+            format!("{tenant_path}%3Fclient_assertion={token}"),
+            sni.clone(),
+        ),
+        h1(format!("/x/oauth2&client_assertion={token}"), sni.clone()),
+        h1(tenant_path.clone(), token.to_string()),
+        h1(tenant_path.clone(), format!("user:{token}@{sni}")),
+    ] {
+        assert_eq!(client.send(req).await.status, 200);
+    }
+    let absolute = format!("https://user:{token}@{sni}{tenant_path}");
+    let raw = raw_post("HTTP/1.1", &absolute, sni, &form);
+    assert_eq!(raw_exchange(client, raw, 1).await[0].status, 200);
+    let mut in_authority = form_request(&token_form(&info.client_id, token));
+    *in_authority.uri_mut() = absolute.parse().unwrap();
+    let mut sender = h2.h2_sender().await;
+    assert_eq!(send_h2(&mut sender, in_authority).await.status, 200);
+}
+
+/// The lines of [`send_the_token_in_the_path_and_the_host`]: an unrouted path is logged by
+/// its length, a host with userinfo as its host, a host that is no host name by its length.
+fn assert_no_free_text_of_the_path_or_host(
+    successes: &[&serde_json::Value],
+    info: &identity_binding_proxy::dev::DevInfo,
+) {
+    let count = |f: &dyn Fn(&serde_json::Value) -> bool| successes.iter().filter(|l| f(l)).count();
+    let unrecognised = |l: &serde_json::Value| {
+        l["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("(unrecognised, "))
+    };
+    assert_eq!(count(&unrecognised), 3, "{successes:?}");
+    let invalid_host = |l: &serde_json::Value| {
+        l["host"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("(invalid, "))
+    };
+    assert_eq!(count(&invalid_host), 1, "{successes:?}");
+    let just_the_host = |l: &serde_json::Value| l["host"] == info.sni_name.as_str();
+    assert!(count(&just_the_host) >= 5, "{successes:?}");
 }
 
 /// Each line says what its client sent: method, path (never the query), HTTP version and
@@ -214,24 +286,8 @@ fn peer(last: u8) -> IpAddr {
 /// `dev` as its own process, logging JSON at its default level to `log`, with `flags` for
 /// `serve`.
 fn dev_logging_to(state: &Path, log: &Path, flags: &[&str]) -> DevProcess {
-    let child = std::process::Command::new(dev_binary())
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--state-dir"])
-        .arg(state)
-        .arg("--")
-        .args(flags)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("dev starts");
-    DevProcess::adopt(child, state)
+    let more = [&["--log-format", "json", "--"], flags].concat();
+    DevProcess::start_logging(state, &more, std::fs::File::create(log).unwrap())
 }
 
 fn client_of(dev: &DevProcess, alpn: &[&[u8]]) -> Client {
@@ -561,22 +617,8 @@ async fn a_client_that_fails_its_handshake_is_named_in_the_log_with_the_reason()
 async fn requests_are_served_while_nobody_reads_the_log_and_dropped_lines_are_counted() {
     let state = tempfile::tempdir().unwrap();
     // stderr is a pipe that is never read: it fills after its 64 KiB.
-    let child = std::process::Command::new(dev_binary())
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--state-dir"])
-        .arg(state.path())
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dev starts");
-    let dev = DevProcess::adopt(child, state.path());
+    let json = ["--log-format", "json"];
+    let dev = DevProcess::start_logging(state.path(), &json, std::process::Stdio::piped());
     let admin: SocketAddr = dev.get("admin_url")["http://".len()..]
         .trim_end_matches('/')
         .parse()
@@ -638,4 +680,50 @@ async fn no_line_is_lost_at_a_sigterm_stop() {
     assert_eq!(requests, 20, "one line per request");
     let last = &lines.last().unwrap().1;
     assert_eq!(last["message"], "stopped", "the drain's last line: {last}");
+}
+
+/// The refusal summaries a SIGTERM stop writes while something (a connection past the
+/// drain deadline, say) still holds the proxy's state: no drop of that state can write them
+/// in time for the log's last flush.
+#[tokio::test]
+async fn a_peers_pending_refusals_are_summarized_at_a_sigterm_stop() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .event_format(identity_binding_proxy::logline::JsonLine)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test's one thread runs every task: all their lines reach this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev_with(dir.path(), |a| {
+        a.proxy_flags.push("--shutdown-delay-secs=0".into())
+    })
+    .await;
+    let ca = std::fs::read(&sys.info.ca_file).unwrap();
+    let wrong_sni = Client::new(sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
+    for _ in 0..3 {
+        assert!(tls_from(&wrong_sni, peer(10)).await.is_err());
+    }
+    let held = sys.proxy.app.clone();
+    sys.stop_gracefully(identity_binding_proxy::signal::Stop::Terminate)
+        .await;
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let summary = lines
+        .iter()
+        .position(|l| is_from(l, peer(10)) && l["refused"].is_u64())
+        .expect("the peer's pending refusals are summarized at the stop");
+    assert_eq!(lines[summary]["refused"], 3, "{}", lines[summary]);
+    assert_eq!(lines[summary]["first_reason"], "unknown_sni");
+    let stopped = lines.iter().position(|l| l["message"] == "stopped");
+    assert!(
+        stopped > Some(summary),
+        "summarized before the stopped line"
+    );
+    drop(held);
 }

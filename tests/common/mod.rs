@@ -224,6 +224,12 @@ impl DevProcess {
     /// The same with more arguments after the state dir (`dev` flags, then `--` and `serve`
     /// flags).
     pub fn start_with(state: &Path, more: &[&str]) -> Self {
+        Self::start_logging(state, more, std::process::Stdio::null())
+    }
+
+    /// The same with its log (stderr) sent to `log`, at its default level (whatever
+    /// `RUST_LOG` says in the test's environment).
+    pub fn start_logging(state: &Path, more: &[&str], log: impl Into<std::process::Stdio>) -> Self {
         let child = std::process::Command::new(dev_binary())
             .args([
                 "dev",
@@ -235,8 +241,9 @@ impl DevProcess {
             ])
             .arg(state)
             .args(more)
+            .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("dev starts");
         Self::adopt(child, state)
