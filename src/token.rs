@@ -76,24 +76,27 @@ pub fn route(method: &Method, path: &str) -> Route {
 /// put anywhere in its path): a route served, with a tenant that is a GUID or a domain, any
 /// proxy path prefix before it given only by its length; `/` as itself; else none.
 pub fn routed_path(path: &str) -> Option<Cow<'_, str>> {
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let n = segments.len();
-    if n == 0 {
+    // From the end, without collecting: this runs for every request line.
+    let mut rev = path.split('/').filter(|s| !s.is_empty()).rev();
+    let (Some(last), middle, first, tenant) = (rev.next(), rev.next(), rev.next(), rev.next())
+    else {
         return Some(Cow::Borrowed("/"));
-    }
-    let routed = n >= 4
-        && (segments[n - 3..] == ["oauth2", "v2.0", "token"]
-            || segments[n - 3..] == ["v2.0", ".well-known", "openid-configuration"]);
-    let tenant = segments.get(n.wrapping_sub(4)).copied().unwrap_or("");
+    };
+    let route = [first.unwrap_or(""), middle.unwrap_or(""), last];
+    let routed = route == ["oauth2", "v2.0", "token"]
+        || route == ["v2.0", ".well-known", "openid-configuration"];
+    let tenant = tenant.unwrap_or("");
     if !routed || !is_tenant(tenant) {
         return None;
     }
-    if n == 4 {
+    let prefix: usize = rev.map(|s| s.len() + 1).sum();
+    if prefix == 0 {
         return Some(Cow::Borrowed(path));
     }
-    let prefix: usize = segments[..n - 4].iter().map(|s| s.len() + 1).sum();
-    let route = segments[n - 4..].join("/");
-    Some(Cow::Owned(format!("(prefix, {prefix} bytes)/{route}")))
+    let [first, middle, last] = route;
+    Some(Cow::Owned(format!(
+        "(prefix, {prefix} bytes)/{tenant}/{first}/{middle}/{last}"
+    )))
 }
 
 /// A tenant as a path names it: a GUID, or a domain.

@@ -272,7 +272,7 @@ use http_body_util::Full;
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// SPEC §9: a pod cannot grow the log by more than this a minute.
 const LOG_BYTES_PER_PEER_MINUTE: f64 = 64.0 * 1024.0;
@@ -294,23 +294,6 @@ fn client_of(dev: &DevProcess, alpn: &[&[u8]]) -> Client {
     let addr = dev.get("proxy_url")["https://".len()..].parse().unwrap();
     let ca = std::fs::read(dev.get("ca_file")).unwrap();
     Client::new(addr, &dev.get("sni_name"), &ca, alpn)
-}
-
-async fn tcp_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(src, 0))?;
-    socket.connect(to).await
-}
-
-async fn tls_from(
-    client: &Client,
-    src: IpAddr,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = tcp_from(src, client.addr).await?;
-    let name = rustls::pki_types::ServerName::try_from(client.sni.clone()).unwrap();
-    tokio_rustls::TlsConnector::from(client.config.clone())
-        .connect(name, tcp)
-        .await
 }
 
 /// Reads until the server closes (or `limit` passes).

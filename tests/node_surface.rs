@@ -21,27 +21,9 @@ use identity_binding_proxy::dev::DevSystem;
 use identity_binding_proxy::emulators::entra::Fault;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 
 const OTHER_PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 const ATTACKER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
-
-async fn tcp_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(src, 0))?;
-    socket.connect(to).await
-}
-
-/// A TLS connection from `src` to the proxy with the client's SNI and ALPN.
-async fn tls_from(
-    client: &Client,
-    src: IpAddr,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = tcp_from(src, client.addr).await?;
-    tokio_rustls::TlsConnector::from(client.config.clone())
-        .connect(ServerName::try_from(client.sni.clone()).unwrap(), tcp)
-        .await
-}
 
 /// A token request over HTTP/1.1 on a fresh connection from `src`.
 async fn post_from(client: &Client, src: IpAddr, pairs: &[(&str, &str)]) -> Reply {

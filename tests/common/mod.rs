@@ -14,7 +14,7 @@ use identity_binding_proxy::cli::{DevArgs, LogFormat};
 use identity_binding_proxy::dev::{self, DevSystem};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 pub const VAULT_SCOPE: &str = "https://vault.azure.net/.default";
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -627,4 +627,23 @@ fn dev_number<T: std::str::FromStr>(flag: &str) -> T {
     let v = dev_default(flag);
     v.parse()
         .unwrap_or_else(|_| panic!("dev's --{flag} default {v:?} is not a number"))
+}
+
+/// A TCP connection from the loopback address `src` (127.0.0.0/8 needs no set-up on Linux): one
+/// address per simulated pod.
+pub async fn tcp_from(src: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(src, 0))?;
+    socket.connect(to).await
+}
+
+/// A TLS connection from `src` to the proxy with the client's SNI and ALPN.
+pub async fn tls_from(
+    client: &Client,
+    src: std::net::IpAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(src, client.addr).await?;
+    tokio_rustls::TlsConnector::from(client.config.clone())
+        .connect(ServerName::try_from(client.sni.clone()).unwrap(), tcp)
+        .await
 }

@@ -135,6 +135,21 @@ impl<'a> Context<'a> {
         .unwrap();
         path
     }
+
+    /// `helm install` or `helm upgrade` of the chart with [`Context::values`] and `extra`.
+    pub fn helm_chart(&self, verb: &str, extra: &str) -> String {
+        let chart = repo().join("charts/identity-binding-proxy");
+        let values = self.values(extra);
+        self.node.helm_ok(&[
+            verb,
+            RELEASE,
+            chart.to_str().unwrap(),
+            "-n",
+            NS,
+            "-f",
+            values.to_str().unwrap(),
+        ])
+    }
 }
 
 /// (a) helm install of the chart (DaemonSet mode) and of the real webhook chart: the proxy's pod
@@ -173,17 +188,7 @@ pub fn chart_daemonset_is_ready_as_65532_on_a_read_only_root(ctx: &Context) {
             ctx.emulators.issuer_key.display()
         ),
     ]);
-    let chart = repo().join("charts/identity-binding-proxy");
-    let values = ctx.values("");
-    let out = n.helm_ok(&[
-        "install",
-        RELEASE,
-        chart.to_str().unwrap(),
-        "-n",
-        NS,
-        "-f",
-        values.to_str().unwrap(),
-    ]);
+    let out = ctx.helm_chart("install", "");
     assert!(out.contains("STATUS: deployed"), "{out}");
 
     let webhook_values = repo().join("deploy/webhook/values.yaml");
@@ -678,18 +683,8 @@ pub fn rolling_update_under_load_fails_no_request(ctx: &Context) {
             results
         });
         std::thread::sleep(Duration::from_secs(2));
-        let chart = repo().join("charts/identity-binding-proxy");
-        let values = ctx.values("podAnnotations: {rolled: \"1\"}\n");
         let rolled = Instant::now();
-        n.helm_ok(&[
-            "upgrade",
-            RELEASE,
-            chart.to_str().unwrap(),
-            "-n",
-            NS,
-            "-f",
-            values.to_str().unwrap(),
-        ]);
+        ctx.helm_chart("upgrade", "podAnnotations: {rolled: \"1\"}\n");
         // Two proxies on the node from the new pod's creation to the old one's removal.
         let (mut two_since, mut overlap) = (None, Duration::ZERO);
         while rolled.elapsed() < Duration::from_secs(150) {
