@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# Production image of identity-binding-proxy: built without the `emulators` feature, run as a
-# non-root user on distroless (no shell, no package manager).
+# Production image of identity-binding-proxy: the production crate alone (no emulators), run as
+# a non-root user on distroless (no shell, no package manager).
 #
 #   docker build -t identity-binding-proxy:dev .
 
@@ -12,25 +12,32 @@ WORKDIR /src
 # A failing stage of a pipe fails the build.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Dependencies first, against stub sources, so this layer is reused until Cargo.toml or
-# Cargo.lock change. Cargo checks that every [[test]]/[[bench]] target named in Cargo.toml
-# has a file, at every build, so a stub is written for each of those too and kept for the
-# build of the real sources below (only src/ is replaced).
+# Dependencies first, against stub sources, so this layer is reused until a manifest or
+# Cargo.lock change. Cargo reads every member of the workspace, and checks that every target
+# it infers has a file, at every build: each member's manifest is copied and each member gets
+# stub sources (its lib, its main, and a file for each [[test]]/[[bench]] named in its
+# manifest), kept for the build of the real sources below. Only the production crate is built:
+# the emulators and the `dev` binary never enter the image.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src tests benches \
-    && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && awk '/^\[\[(test|bench)\]\]/ { kind = ($0 ~ /test/) ? "tests" : "benches"; next } \
-            kind != "" && /^name *=/ { gsub(/[" ]/, "", $0); sub(/^name=/, "", $0); print kind "/" $0 ".rs"; kind = "" }' \
-            Cargo.toml | xargs -r touch \
-    && cargo build --release --locked --no-default-features \
-    && rm -rf src
+COPY crates/identity-binding-proxy/Cargo.toml crates/identity-binding-proxy/
+COPY crates/emulators/Cargo.toml crates/emulators/
+RUN for member in . crates/identity-binding-proxy crates/emulators; do \
+        mkdir -p "$member/src" "$member/tests" "$member/benches" \
+        && echo 'fn main() {}' > "$member/src/main.rs" \
+        && touch "$member/src/lib.rs" \
+        && awk -v dir="$member" '/^\[\[(test|bench)\]\]/ { kind = ($0 ~ /test/) ? "tests" : "benches"; next } \
+            kind != "" && /^name *=/ { gsub(/[" ]/, "", $0); sub(/^name=/, "", $0); print dir "/" kind "/" $0 ".rs"; kind = "" }' \
+            "$member/Cargo.toml" | xargs -r touch; \
+    done \
+    && cargo build --release --locked -p identity-binding-proxy \
+    && rm -rf crates/identity-binding-proxy/src
 
-# The real sources. Their modification times may be older than the stub build's outputs, so
-# touch the crate roots to make cargo rebuild the crate itself (dependencies stay cached).
-COPY src ./src
-RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --no-default-features \
+# The real sources of the production crate. Their modification times may be older than the
+# stub build's outputs, so touch the crate roots to make cargo rebuild the crate itself
+# (dependencies stay cached).
+COPY crates/identity-binding-proxy/src ./crates/identity-binding-proxy/src
+RUN touch crates/identity-binding-proxy/src/main.rs crates/identity-binding-proxy/src/lib.rs \
+    && cargo build --release --locked -p identity-binding-proxy \
     && cp target/release/identity-binding-proxy /identity-binding-proxy
 
 # ---- runtime ----------------------------------------------------------------------------

@@ -11,8 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::Full;
-use identity_binding_proxy::cli::{DevArgs, LogFormat};
+use identity_binding_proxy::cli::LogFormat;
 use identity_binding_proxy::proxy::ConnInfo;
+use identity_binding_proxy_dev::cli::DevArgs;
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -30,7 +31,7 @@ fn handle_cache_hit(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let args = dev_args(dir.path());
     let system = rt
-        .block_on(identity_binding_proxy::dev::start(&args))
+        .block_on(identity_binding_proxy_dev::dev::start(&args))
         .unwrap();
     let app = system.proxy.app.clone();
     let token = std::fs::read_to_string(&system.info.allowed_token_file).unwrap();

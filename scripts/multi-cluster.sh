@@ -7,12 +7,12 @@
 #   → emulate static (the issuer's static host) → emulate entra --fic (ONE FIC)
 #   → emulate kube ×3 (three clusters, three SA issuers) → serve ×3 → a token in each cluster.
 #
-# Usage: scripts/multi-cluster.sh            (uses target/release/identity-binding-proxy)
+# Usage: scripts/multi-cluster.sh            (uses target/release/identity-binding-proxy-dev)
 #        BIN=path/to/binary BASE_PORT=18500 scripts/multi-cluster.sh
 # Needs curl and openssl. Everything listens on 127.0.0.1 and stops when the script ends.
 set -euo pipefail
 
-BIN=${BIN:-target/release/identity-binding-proxy}
+BIN=${BIN:-target/release/identity-binding-proxy-dev}
 BASE_PORT=${BASE_PORT:-18500}
 WORK=$(mktemp -d)
 CLIENT_ID=7d1f9c4e-0b3a-4c55-9e2d-3f6a8b1c2d4e

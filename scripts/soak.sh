@@ -4,7 +4,7 @@
 # fails or when RSS grows more than 5 % between the end of the warm-up and the end.
 #
 #   scripts/soak.sh [MINUTES]            (default 10)
-#   SOAK_RPS=50 SOAK_CLIENTS=4 SOAK_WARMUP_SECS=60 IBP_BIN=target/release/identity-binding-proxy
+#   SOAK_RPS=50 SOAK_CLIENTS=4 SOAK_WARMUP_SECS=60 IBP_BIN=target/release/identity-binding-proxy-dev
 #
 # The load generator is h2load (Debian: nghttp2-client); it is installed with apt-get when
 # missing and we are root. `dev` runs the Kubernetes and Entra emulators in the same process,
@@ -17,7 +17,7 @@ clients="${SOAK_CLIENTS:-4}"
 warmup="${SOAK_WARMUP_SECS:-60}"
 max_growth_pct="${SOAK_MAX_GROWTH_PCT:-5}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
-bin="${IBP_BIN:-$root/target/debug/identity-binding-proxy}"
+bin="${IBP_BIN:-$root/target/debug/identity-binding-proxy-dev}"
 
 if ! command -v h2load >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

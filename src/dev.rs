@@ -16,15 +16,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::bindings::BindingSet;
 use crate::cli::{DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, EmulateStaticArgs};
-use crate::config::{ProxyConfig, DEFAULT_TOKEN_AUDIENCE};
-use crate::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
-use crate::emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
-use crate::emulators::pki::DevCa;
-use crate::files::{write_private, write_public};
-use crate::issuer::{IssuerUrl, FIC_AUDIENCE};
-use crate::keys::SigningKey;
+use ibp_emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
+use ibp_emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
+use ibp_emulators::pki::DevCa;
+use identity_binding_proxy::bindings::BindingSet;
+use identity_binding_proxy::config::{ProxyConfig, DEFAULT_TOKEN_AUDIENCE};
+use identity_binding_proxy::files::{write_private, write_public};
+use identity_binding_proxy::issuer::{IssuerUrl, FIC_AUDIENCE};
+use identity_binding_proxy::keys::SigningKey;
 
 /// The SNI name the dev proxy serves and clients send.
 pub const DEV_SNI_NAME: &str = "identity-binding-proxy.dev.local";
@@ -94,7 +94,7 @@ pub struct DevSystem {
     pub info: DevInfo,
     pub kube: KubeEmulator,
     pub entra: EntraEmulator,
-    pub proxy: crate::server::RunningProxy,
+    pub proxy: identity_binding_proxy::server::RunningProxy,
     background: CancellationToken,
     /// Held until every part has stopped (dropped last, with the rest of `self`).
     _lock: StateLock,
@@ -103,7 +103,7 @@ pub struct DevSystem {
 impl DevSystem {
     /// Stops like `serve` does (the proxy first, with its shutdown delay on SIGTERM), then
     /// the emulators the draining requests still need.
-    pub async fn stop_gracefully(self, how: crate::signal::Stop) {
+    pub async fn stop_gracefully(self, how: identity_binding_proxy::signal::Stop) {
         self.proxy.stop_after(how).await;
         self.background.cancel();
         self.kube.shutdown().await;
@@ -129,7 +129,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Err(e) => match e.downcast_ref::<Refusal>() {
             Some(refusal) => {
                 // exit() skips main's flush: the lines logged before the refusal go out first.
-                crate::logpipe::flush(std::time::Duration::from_secs(2));
+                identity_binding_proxy::logpipe::flush(std::time::Duration::from_secs(2));
                 eprintln!("error: {refusal}");
                 std::process::exit(EX_USAGE);
             }
@@ -137,7 +137,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         },
     };
     print_banner(&system.info, &args.state_dir);
-    let how = crate::signal::shutdown_requested().await;
+    let how = identity_binding_proxy::signal::shutdown_requested().await;
     tracing::info!("stopping dev");
     system.stop_gracefully(how).await;
     Ok(())
@@ -153,7 +153,7 @@ fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> anyhow::Result<()> {
         }
         Err(rotate_ca::RotateError::Refused(why)) => {
             // exit() skips main's flush.
-            crate::logpipe::flush(std::time::Duration::from_secs(2));
+            identity_binding_proxy::logpipe::flush(std::time::Duration::from_secs(2));
             eprintln!("error: {why}");
             std::process::exit(EX_USAGE);
         }
@@ -261,7 +261,10 @@ fn loopback(port: u16) -> SocketAddr {
 
 /// Everything checked before anything is written, in the order a person fixes it (another
 /// dev here says more than its ports): the lock, the flags, the ports (kept reserved), RBAC.
-async fn preflight(args: &DevArgs, dir: &Path) -> anyhow::Result<crate::server::Listeners> {
+async fn preflight(
+    args: &DevArgs,
+    dir: &Path,
+) -> anyhow::Result<identity_binding_proxy::server::Listeners> {
     StateLock::check(dir)?;
     // The proxy's configuration with stand-ins for what only exists once the emulators run,
     // for its flags (`--` ones included) and the addresses they choose.
@@ -337,8 +340,7 @@ async fn start_issuer(
     let docs = dir.join("issuer-docs");
     let _ = std::fs::remove_dir_all(&docs);
     std::fs::create_dir_all(&docs)?;
-    let host =
-        crate::emulators::static_host::start(loopback(0), docs.clone(), stop.clone()).await?;
+    let host = ibp_emulators::static_host::start(loopback(0), docs.clone(), stop.clone()).await?;
     let issuer_url = IssuerUrl::parse(&format!("http://{host}/{{tenant}}/{{client_id}}"))
         .map_err(anyhow::Error::msg)?;
     let bindings_file = dir.join("bindings.yaml");
@@ -349,9 +351,11 @@ async fn start_issuer(
         );
         write_public(&bindings_file, yaml.as_bytes())?;
     }
-    let bindings = crate::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
+    let bindings =
+        identity_binding_proxy::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
     let publics = [issuer_key.public().clone()];
-    crate::issuer::publish(&docs, &publics, &bindings, &issuer_url).map_err(anyhow::Error::msg)?;
+    identity_binding_proxy::issuer::publish(&docs, &publics, &bindings, &issuer_url)
+        .map_err(anyhow::Error::msg)?;
     Ok((issuer_url, bindings))
 }
 
@@ -361,15 +365,15 @@ async fn start_proxy(
     args: &DevArgs,
     dir: &Path,
     (kube, issuer_url, entra_url): (&KubeEmulator, &str, String),
-    reserved: crate::server::Listeners,
-) -> anyhow::Result<crate::server::RunningProxy> {
+    reserved: identity_binding_proxy::server::Listeners,
+) -> anyhow::Result<identity_binding_proxy::server::RunningProxy> {
     let kubeconfig = kube.kubeconfig_path();
     let mut config =
         proxy_config(args, dir, &kubeconfig, issuer_url, &entra_url).map_err(anyhow::Error::msg)?;
     // Edits in the state dir should show at once when someone is trying things out.
     config.reload_period = Duration::from_millis(500);
     config.refresh_tick = Duration::from_millis(250);
-    let proxy = crate::server::start_on(config, reserved).await?;
+    let proxy = identity_binding_proxy::server::start_on(config, reserved).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !proxy.readiness.is_ready() {
         if tokio::time::Instant::now() > deadline {
@@ -449,13 +453,15 @@ fn proxy_config(
 
 /// Binds the proxy's ports, so a taken one is refused before anything is written; the proxy
 /// then serves on these very sockets.
-async fn reserve_ports(config: &ProxyConfig) -> Result<crate::server::Listeners, Refusal> {
+async fn reserve_ports(
+    config: &ProxyConfig,
+) -> Result<identity_binding_proxy::server::Listeners, Refusal> {
     let bind = |flag: &'static str, addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|error| Refusal::CannotListen { flag, addr, error })
     };
-    Ok(crate::server::Listeners {
+    Ok(identity_binding_proxy::server::Listeners {
         proxy: bind("--listen", config.server.listen).await?,
         admin: bind("--admin-listen", config.admin.listen).await?,
     })
@@ -470,7 +476,7 @@ fn check_rbac(file: &Path) -> Result<(), Refusal> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Refusal::Invalid(format!("--rbac {}: {e}", file.display()))),
     };
-    crate::emulators::rbac::RbacPolicy::parse(&text)
+    ibp_emulators::rbac::RbacPolicy::parse(&text)
         .map(|_| ())
         .map_err(|e| Refusal::Invalid(format!("--rbac {}: {e}", file.display())))
 }
@@ -533,7 +539,7 @@ impl StateLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(crate::files::PRIVATE)
+            .mode(identity_binding_proxy::files::PRIVATE)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         // Another `dev` running `check` holds a shared lock for a moment: a few tries, 200 ms
@@ -752,7 +758,7 @@ pub async fn emulate_kube(args: EmulateKubeArgs) -> anyhow::Result<()> {
         kube.issuer(),
         kube.kubeconfig_path().display()
     );
-    let _ = crate::signal::shutdown_requested().await;
+    let _ = identity_binding_proxy::signal::shutdown_requested().await;
     kube.shutdown().await;
     Ok(())
 }
@@ -776,7 +782,7 @@ pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!("Entra emulator on {}", entra.url());
-    let _ = crate::signal::shutdown_requested().await;
+    let _ = identity_binding_proxy::signal::shutdown_requested().await;
     entra.shutdown().await;
     Ok(())
 }
@@ -787,13 +793,12 @@ pub async fn emulate_static(args: EmulateStaticArgs) -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     let addr =
-        crate::emulators::static_host::start(args.listen, absolute(&args.dir)?, stop.clone())
-            .await?;
+        ibp_emulators::static_host::start(args.listen, absolute(&args.dir)?, stop.clone()).await?;
     println!(
         "static host on http://{addr} serving {}",
         args.dir.display()
     );
-    let _ = crate::signal::shutdown_requested().await;
+    let _ = identity_binding_proxy::signal::shutdown_requested().await;
     stop.cancel();
     Ok(())
 }

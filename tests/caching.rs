@@ -8,9 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use identity_binding_proxy::dev::DevSystem;
-use identity_binding_proxy::emulators::entra::Fault;
-use identity_binding_proxy::emulators::kube::MintRequest;
+use ibp_emulators::entra::Fault;
+use ibp_emulators::kube::MintRequest;
+use identity_binding_proxy_dev::dev::DevSystem;
 
 fn h2_client(sys: &DevSystem) -> Client {
     let ca = std::fs::read(&sys.info.ca_file).unwrap();

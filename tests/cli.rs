@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+    Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy-dev"))
 }
 
 #[test]

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{jwt_claims, python_with_sdk, tls_config, DevProcess};
-use identity_binding_proxy::emulators::pki::DevCa;
+use ibp_emulators::pki::DevCa;
 use serde_json::Value;
 
 const VAULT: &str = "https://vault.azure.net/.default";
@@ -242,7 +242,7 @@ impl Dev {
     fn start() -> Self {
         let state = tempfile::tempdir().unwrap();
         let log = state.path().join("dev.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+        let child = Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy-dev"))
             .args([
                 "dev",
                 "--listen",
@@ -852,7 +852,7 @@ fn dotnet_trusts_only_the_first_ca_of_the_bundle() {
 
 /// Runs `dev rotate-ca --step STEP` on `dev`; returns (exit code, stdout + stderr).
 fn rotate_ca(dev: &Dev, step: &str) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+    let out = Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy-dev"))
         .args(["dev", "rotate-ca", "--step", step, "--state-dir"])
         .arg(dev.state.path())
         .output()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{Client, DevProcess};
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+    Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy-dev"))
 }
 
 /// A finished run of the binary.

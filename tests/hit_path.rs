@@ -10,10 +10,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ibp_emulators::kube::MintRequest;
 use identity_binding_proxy::authn::token_digest;
-use identity_binding_proxy::dev::DevSystem;
-use identity_binding_proxy::emulators::kube::MintRequest;
 use identity_binding_proxy::memo::{Ask, Generations};
+use identity_binding_proxy_dev::dev::DevSystem;
 
 /// Whether the memo holds `token`'s SDK request (`token_form` to `/`): its caller under the
 /// current key generation, and a grant under the current decisions and bindings.

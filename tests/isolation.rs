@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
-use identity_binding_proxy::dev::DevSystem;
+use identity_binding_proxy_dev::dev::DevSystem;
 
 /// One h2 connection for many concurrent requests.
 async fn h2_sender(sys: &DevSystem) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {

@@ -175,7 +175,7 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
 async fn send_the_token_in_the_path_and_the_host(
     client: &Client,
     h2: &Client,
-    info: &identity_binding_proxy::dev::DevInfo,
+    info: &identity_binding_proxy_dev::dev::DevInfo,
     token: &str,
 ) {
     let token = token.trim();
@@ -214,7 +214,7 @@ async fn send_the_token_in_the_path_and_the_host(
 /// its length, a host with userinfo as its host, a host that is no host name by its length.
 fn assert_no_free_text_of_the_path_or_host(
     successes: &[&serde_json::Value],
-    info: &identity_binding_proxy::dev::DevInfo,
+    info: &identity_binding_proxy_dev::dev::DevInfo,
 ) {
     let count = |f: &dyn Fn(&serde_json::Value) -> bool| successes.iter().filter(|l| f(l)).count();
     let unrecognised = |l: &serde_json::Value| {
@@ -237,7 +237,7 @@ fn assert_no_free_text_of_the_path_or_host(
 /// ALPN, where the form came from, Host/`:authority` and SNI.
 fn assert_says_what_the_client_sent(
     successes: &[&serde_json::Value],
-    info: &identity_binding_proxy::dev::DevInfo,
+    info: &identity_binding_proxy_dev::dev::DevInfo,
 ) {
     let token_path = format!("/{}/oauth2/v2.0/token", info.tenant_id);
     let (h1, h2) = (successes[0], successes[1]);

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{serve_default, token_form, Client};
+use ibp_emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic, FicError};
+use ibp_emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
+use ibp_emulators::pki::DevCa;
 use identity_binding_proxy::activation::ActivationConfig;
 use identity_binding_proxy::bindings::BindingSet;
 use identity_binding_proxy::config::ProxyConfig;
-use identity_binding_proxy::emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic, FicError};
-use identity_binding_proxy::emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
-use identity_binding_proxy::emulators::pki::DevCa;
 use identity_binding_proxy::fleet;
 use identity_binding_proxy::issuer::{self, IssuerUrl, FIC_AUDIENCE};
 use identity_binding_proxy::keys::{RsaPublicKey, SigningKey};
@@ -170,7 +170,7 @@ impl IssuerSite {
     async fn start() -> Self {
         let docs = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
-        let addr = identity_binding_proxy::emulators::static_host::start(
+        let addr = ibp_emulators::static_host::start(
             "127.0.0.1:0".parse().unwrap(),
             docs.path().to_path_buf(),
             stop.clone(),

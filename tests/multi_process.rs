@@ -12,7 +12,7 @@ fn three_clusters_from_the_command_line_get_tokens_through_one_fic() {
     let base = 10_000 + (std::process::id() % 2_000) * 10;
     let out = Command::new("bash")
         .arg(script)
-        .env("BIN", env!("CARGO_BIN_EXE_identity-binding-proxy"))
+        .env("BIN", env!("CARGO_BIN_EXE_identity-binding-proxy-dev"))
         .env("BASE_PORT", base.to_string())
         .output()
         .expect("bash runs");

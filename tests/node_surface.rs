@@ -17,8 +17,8 @@ use common::*;
 use http_body_util::Full;
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
-use identity_binding_proxy::dev::DevSystem;
-use identity_binding_proxy::emulators::entra::Fault;
+use ibp_emulators::entra::Fault;
+use identity_binding_proxy_dev::dev::DevSystem;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

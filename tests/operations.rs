@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use identity_binding_proxy::emulators::pki::DevCa;
+use ibp_emulators::pki::DevCa;
 use tokio::io::AsyncWriteExt;
 
 const SPEC_METRICS: [&str; 11] = [

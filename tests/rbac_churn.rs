@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use identity_binding_proxy::dev::DevSystem;
+use identity_binding_proxy_dev::dev::DevSystem;
 use serde_json::{json, Value};
 
 /// Decisions live long (the proxy's defaults for allows, and as long for denies), so only the

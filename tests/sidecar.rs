@@ -10,10 +10,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ibp_emulators::kube::MintRequest;
 use identity_binding_proxy::config::ProxyConfig;
-use identity_binding_proxy::dev::DevSystem;
-use identity_binding_proxy::emulators::kube::MintRequest;
 use identity_binding_proxy::server::RunningProxy;
+use identity_binding_proxy_dev::dev::DevSystem;
 
 /// The pod the sidecar runs in: dev's demo workload.
 const NS: &str = "demo";
@@ -172,7 +172,7 @@ async fn sidecar_serves_its_pods_own_account_with_self_reviews_only_and_refuses_
 
     // Its exec probe: `probe URL` exits 0 on the admin port's 2xx, and fails otherwise.
     let probe = |url: String| async move {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy"))
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_identity-binding-proxy-dev"))
             .args(["probe", &url])
             .output()
             .await
@@ -322,7 +322,7 @@ fn a_sidecar_refuses_to_listen_beyond_loopback_or_to_need_tokenreviews() {
 async fn the_sidecar_signs_with_its_own_key_which_entra_trusts_once_the_fleet_publishes_it() {
     let dev = tempfile::tempdir().unwrap();
     let sys = start_dev(dev.path()).await;
-    let bin = env!("CARGO_BIN_EXE_identity-binding-proxy");
+    let bin = env!("CARGO_BIN_EXE_identity-binding-proxy-dev");
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("web.key");
     let out = std::process::Command::new(bin)

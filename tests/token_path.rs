@@ -9,11 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http_body_util::Full;
-use identity_binding_proxy::emulators::entra::Fic;
-use identity_binding_proxy::emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
+use ibp_emulators::entra::Fic;
+use ibp_emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
 
 fn mint(
-    sys: &identity_binding_proxy::dev::DevSystem,
+    sys: &identity_binding_proxy_dev::dev::DevSystem,
     ns: &str,
     sa: &str,
     aud: &str,

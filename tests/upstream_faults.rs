@@ -10,9 +10,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ibp_emulators::entra::Fault;
 use identity_binding_proxy::config::ProxyConfig;
-use identity_binding_proxy::dev::DevSystem;
-use identity_binding_proxy::emulators::entra::Fault;
+use identity_binding_proxy_dev::dev::DevSystem;
 
 const MGMT_SCOPE: &str = "https://management.azure.com/.default";
 
@@ -536,7 +536,7 @@ async fn a_fic_still_propagating_is_named_in_the_answer_when_retries_run_out() {
         ),
     ] {
         sys.entra
-            .add_fic(identity_binding_proxy::emulators::entra::Fic {
+            .add_fic(ibp_emulators::entra::Fic {
                 name: name.into(),
                 subject,
                 audience,

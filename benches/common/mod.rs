@@ -11,12 +11,10 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use ibp_emulators::kube::{service_account_uid, KubeEmulator, KubeEmulatorConfig, MintRequest};
 use identity_binding_proxy::authn::{Authenticator, AuthnConfig, AuthnMode};
 use identity_binding_proxy::cluster::Cluster;
 use identity_binding_proxy::config::DEFAULT_TOKEN_AUDIENCE;
-use identity_binding_proxy::emulators::kube::{
-    service_account_uid, KubeEmulator, KubeEmulatorConfig, MintRequest,
-};
 use identity_binding_proxy::metrics::Metrics;
 
 /// The identity the fixture RBAC grants to ServiceAccount demo/demo.
@@ -37,7 +35,7 @@ impl Kube {
         identity_binding_proxy::http::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let rbac = dir.path().join("rbac.yaml");
-        std::fs::write(&rbac, identity_binding_proxy::dev::demo_rbac(CLIENT_ID)).unwrap();
+        std::fs::write(&rbac, identity_binding_proxy_dev::dev::demo_rbac(CLIENT_ID)).unwrap();
         let emulator = KubeEmulator::start(KubeEmulatorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             state_dir: dir.path().join("kube"),

@@ -29,7 +29,7 @@ for arg in "$@"; do
 done
 
 SNI=bench.identity-binding-proxy.test
-BIN=target/release/identity-binding-proxy
+BIN=target/release/identity-binding-proxy-dev
 
 echo "==> cargo build --release"
 cargo build --release

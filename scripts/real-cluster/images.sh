@@ -127,7 +127,7 @@ rust_standin() { # LOG
 # ------------------------------------------------------------------------------------ images
 proxy_image() { # LOG: the Dockerfile built by buildah; prints the archive
   local log=$1 key archive name
-  key=$(content_key "$ROOT/Dockerfile" "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" "$ROOT/src" "$(rustc --version)")
+  key=$(content_key "$ROOT/Dockerfile" "$ROOT/.dockerignore" "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" "$ROOT/crates/emulators/Cargo.toml" "$ROOT/crates/identity-binding-proxy" "$(rustc --version)")
   name=ibp.local/identity-binding-proxy:$key
   archive=$CACHE/images/proxy-$key.tar
   if [ ! -f "$archive" ]; then

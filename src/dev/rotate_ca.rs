@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::{DevRotateCaArgs, RotateStep};
-use crate::emulators::pki::DevCa;
-use crate::files::{write_private, write_public};
+use ibp_emulators::pki::DevCa;
+use identity_binding_proxy::files::{write_private, write_public};
 
 /// Where the state dir keeps the CA and the rotation, under `tls/`.
 const CA_CERT: &str = "tls/ca.crt";

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use clap::CommandFactory;
-use identity_binding_proxy::cli::Cli;
+use identity_binding_proxy_dev::cli::Cli;
 
 /// The default of `serve --FLAG` (FLAG without its dashes), as the CLI would parse it.
 pub fn serve_default(flag: &str) -> String {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use identity_binding_proxy::cli::{DevArgs, LogFormat};
-use identity_binding_proxy::dev::{self, DevSystem};
+use identity_binding_proxy::cli::LogFormat;
+use identity_binding_proxy_dev::cli::DevArgs;
+use identity_binding_proxy_dev::dev::{self, DevSystem};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpSocket, TcpStream};
@@ -423,7 +424,7 @@ pub async fn scrape(admin: std::net::SocketAddr) -> String {
 /// Mints a projected SA token from the dev system's kube emulator.
 pub fn mint_sa(sys: &DevSystem, ns: &str, sa: &str, aud: &[&str], expires_in: i64) -> String {
     sys.kube
-        .mint_token(&identity_binding_proxy::emulators::kube::MintRequest {
+        .mint_token(&ibp_emulators::kube::MintRequest {
             namespace: ns.into(),
             service_account: sa.into(),
             audiences: aud.iter().map(|a| a.to_string()).collect(),
@@ -577,7 +578,7 @@ impl DevProcess {
 pub fn dev_binary() -> std::path::PathBuf {
     std::env::var_os("IBP_DEV_BINARY")
         .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_identity-binding-proxy").into())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_identity-binding-proxy-dev").into())
 }
 
 /// The Python SDK every Python test uses.

@@ -1,6 +1,6 @@
 //! Audience, issuer, cluster, claims.
 
-use identity_binding_proxy::emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
+use ibp_emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
 use serde_json::json;
 
 use super::common::mint_sa;

@@ -35,8 +35,8 @@ use base64::Engine;
 use bytes::Bytes;
 use common::*;
 use http_body_util::Full;
-use identity_binding_proxy::dev::DevSystem;
 use identity_binding_proxy::keys::SigningKey;
+use identity_binding_proxy_dev::dev::DevSystem;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
 
@@ -137,8 +137,8 @@ impl Forge {
             "sub": format!("system:serviceaccount:demo:{sa}"),
             "kubernetes.io": {
                 "namespace": "demo",
-                "serviceaccount": {"name": sa, "uid": identity_binding_proxy::emulators::kube::service_account_uid("demo", sa)},
-                "pod": {"name": format!("{sa}-pod"), "uid": identity_binding_proxy::emulators::kube::pod_uid("demo", &format!("{sa}-pod"))}
+                "serviceaccount": {"name": sa, "uid": ibp_emulators::kube::service_account_uid("demo", sa)},
+                "pod": {"name": format!("{sa}-pod"), "uid": ibp_emulators::kube::pod_uid("demo", &format!("{sa}-pod"))}
             }
         })
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::Client;
 
-pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_identity-binding-proxy");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_identity-binding-proxy-dev");
 
 /// The binary `Proxy` runs `serve` with: this build, or `IBP_TEST_SERVE_BIN` to measure
 /// another one (e.g. an earlier build) against the same harness.

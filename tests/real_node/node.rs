@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_identity-binding-proxy");
+pub const BIN: &str = env!("CARGO_BIN_EXE_identity-binding-proxy-dev");
 pub const TENANT: &str = "00000000-0000-0000-0000-0000000000aa";
 /// The example app's identity (deploy/overlays/example-app).
 pub const DEMO_CID: &str = "11111111-2222-3333-4444-555555555555";

@@ -30,9 +30,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{json_value, Body, HttpClient};
-use crate::keys::SigningKey;
-use crate::oauth::ErrorBody;
+use identity_binding_proxy::http::{json_value, Body, HttpClient};
+use identity_binding_proxy::keys::SigningKey;
+use identity_binding_proxy::oauth::ErrorBody;
 
 /// The audience Entra suggests for FICs, and the default when none is given.
 pub const DEFAULT_FIC_AUDIENCE: &str = "api://AzureADTokenExchange";
@@ -407,7 +407,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl EntraEmulator {
     pub async fn start(cfg: EntraEmulatorConfig) -> anyhow::Result<Self> {
-        crate::http::install_crypto_provider();
+        identity_binding_proxy::http::install_crypto_provider();
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("binding the Entra emulator to {}: {e}", cfg.listen))?;
@@ -416,7 +416,7 @@ impl EntraEmulator {
         let shared = Arc::new(Shared {
             base_url: format!("http://{addr}"),
             signing,
-            client: crate::http::client(),
+            client: identity_binding_proxy::http::client(),
             issuer_metadata_ttl: cfg.issuer_metadata_ttl,
             fic_propagation: Mutex::new(cfg.fic_propagation),
             issuer_metadata: Mutex::default(),
@@ -438,11 +438,13 @@ impl EntraEmulator {
         }
         let shutdown = CancellationToken::new();
         let handler_shared = shared.clone();
-        let task = tokio::spawn(crate::http::serve_plain(
+        let task = tokio::spawn(identity_binding_proxy::http::serve_plain(
             listener,
             shutdown.clone(),
-            crate::limits::Limits::new(crate::limits::LimitsConfig::unbounded()),
-            crate::http::ConnTimeouts::NONE,
+            identity_binding_proxy::limits::Limits::new(
+                identity_binding_proxy::limits::LimitsConfig::unbounded(),
+            ),
+            identity_binding_proxy::http::ConnTimeouts::NONE,
             move |req, _peer| {
                 let shared = handler_shared.clone();
                 async move { shared.handle(req).await }
@@ -671,7 +673,10 @@ impl Shared {
                 ),
                 Err(r) => r.into_response(&correlation_id(req.headers()), self.body_style()),
             },
-            _ => crate::http::text(StatusCode::NOT_FOUND, format!("no route for {path}\n")),
+            _ => identity_binding_proxy::http::text(
+                StatusCode::NOT_FOUND,
+                format!("no route for {path}\n"),
+            ),
         }
     }
 
@@ -721,7 +726,7 @@ impl Shared {
             }) => return fault_response(status, retry_after, &correlation, self.body_style()),
             Some(Fault::Stall(d)) => tokio::time::sleep(d).await,
             Some(Fault::Garbage) => {
-                let mut resp = crate::http::text(
+                let mut resp = identity_binding_proxy::http::text(
                     StatusCode::OK,
                     "<html><body>upstream proxy error</body></html>",
                 );
@@ -733,29 +738,32 @@ impl Shared {
             }
             Some(Fault::Answer { status, body }) => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-                return crate::http::json(status, body);
+                return identity_binding_proxy::http::json(status, body);
             }
             Some(Fault::PlainThrottle { retry_after }) => {
-                let mut resp =
-                    crate::http::text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
+                let mut resp = identity_binding_proxy::http::text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Too Many Requests",
+                );
                 resp.headers_mut()
                     .insert(http::header::RETRY_AFTER, retry_after.into());
                 return resp;
             }
             None => {}
         }
-        let body = match crate::http::read_body(req.into_body(), MAX_FORM_BYTES).await {
-            Ok(b) => b,
-            Err(e) => {
-                return Rejection::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    90023,
-                    e.to_string(),
-                )
-                .into_response(&correlation, self.body_style())
-            }
-        };
+        let body =
+            match identity_binding_proxy::http::read_body(req.into_body(), MAX_FORM_BYTES).await {
+                Ok(b) => b,
+                Err(e) => {
+                    return Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        90023,
+                        e.to_string(),
+                    )
+                    .into_response(&correlation, self.body_style())
+                }
+            };
         match self.exchange(tenant, &body).await {
             Ok(answer) => {
                 let mut resp = json_value(StatusCode::OK, &answer);
@@ -844,13 +852,14 @@ impl Shared {
         let fetch = |url: String| async move {
             let parsed = url::Url::parse(&url).map_err(|e| format!("{url}: {e}"))?;
             let allowed = parsed.scheme() == "https"
-                || (parsed.scheme() == "http" && crate::http::is_loopback(&parsed));
+                || (parsed.scheme() == "http"
+                    && identity_binding_proxy::http::is_loopback(&parsed));
             if !allowed {
                 return Err(format!(
                     "{url}: only https (or http on loopback) is fetched"
                 ));
             }
-            crate::http::get_json(&self.client, &url, ISSUER_FETCH_TIMEOUT).await
+            identity_binding_proxy::http::get_json(&self.client, &url, ISSUER_FETCH_TIMEOUT).await
         };
         let unreachable = |detail: String| {
             tracing::debug!(%detail, "Entra emulator could not fetch issuer metadata");
@@ -1198,7 +1207,7 @@ fn no_matching_record(jwt: &UnverifiedJwt, iss: &str) -> Rejection {
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Box<Response<Body>>> {
-    let body = crate::http::read_body(req.into_body(), MAX_FORM_BYTES)
+    let body = identity_binding_proxy::http::read_body(req.into_body(), MAX_FORM_BYTES)
         .await
         .map_err(|e| Box::new(control_error(StatusCode::BAD_REQUEST, e.to_string())))?;
     serde_json::from_slice(&body).map_err(|e| {
@@ -1285,7 +1294,7 @@ impl Rejection {
         body.error_uri = style
             .error_uri
             .then(|| format!("https://login.microsoftonline.com/error?code={}", self.code));
-        let mut resp = crate::http::json(self.status, body.to_json());
+        let mut resp = identity_binding_proxy::http::json(self.status, body.to_json());
         add_request_ids(resp.headers_mut(), &body.trace_id, correlation);
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
@@ -1663,11 +1672,13 @@ mod tests {
             let paths: Arc<Mutex<Vec<String>>> = Arc::default();
             let shutdown = CancellationToken::new();
             let (j, p, issuer) = (jwks.clone(), paths.clone(), url.clone());
-            tokio::spawn(crate::http::serve_plain(
+            tokio::spawn(identity_binding_proxy::http::serve_plain(
                 listener,
                 shutdown.clone(),
-                crate::limits::Limits::new(crate::limits::LimitsConfig::unbounded()),
-                crate::http::ConnTimeouts::NONE,
+                identity_binding_proxy::limits::Limits::new(
+                    identity_binding_proxy::limits::LimitsConfig::unbounded(),
+                ),
+                identity_binding_proxy::http::ConnTimeouts::NONE,
                 move |req, _| {
                     let (jwks, paths, issuer, base) =
                         (j.clone(), p.clone(), issuer.clone(), base.clone());
@@ -1685,7 +1696,7 @@ mod tests {
                             "/openid/v1/jwks" => {
                                 json_value(StatusCode::OK, &json!({ "keys": *lock(&jwks) }))
                             }
-                            _ => crate::http::text(StatusCode::NOT_FOUND, "no"),
+                            _ => identity_binding_proxy::http::text(StatusCode::NOT_FOUND, "no"),
                         }
                     }
                 },
@@ -1830,8 +1841,8 @@ mod tests {
     }
 
     async fn send(req: Request<Full<Bytes>>) -> Answer {
-        let fetched = crate::http::fetch(
-            &crate::http::client(),
+        let fetched = identity_binding_proxy::http::fetch(
+            &identity_binding_proxy::http::client(),
             req,
             Duration::from_secs(20),
             1 << 20,
@@ -1846,7 +1857,7 @@ mod tests {
     }
 
     async fn post_token(base: &str, tenant: &str, pairs: &[(&str, &str)]) -> Answer {
-        let form = crate::http::form_encode(pairs.iter().copied());
+        let form = identity_binding_proxy::http::form_encode(pairs.iter().copied());
         let req = Request::post(format!("{base}/{tenant}/oauth2/v2.0/token"))
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header("client-request-id", "test-correlation")
@@ -1888,8 +1899,8 @@ mod tests {
         let token = v["access_token"].as_str().unwrap();
 
         // Verify through the published discovery document, as a resource server would.
-        let client = crate::http::client();
-        let discovery = crate::http::get_json(
+        let client = identity_binding_proxy::http::client();
+        let discovery = identity_binding_proxy::http::get_json(
             &client,
             &format!(
                 "{}/{TENANT}/v2.0/.well-known/openid-configuration",
@@ -1903,7 +1914,7 @@ mod tests {
             discovery["token_endpoint"],
             format!("{}/{TENANT}/oauth2/v2.0/token", f.emu.url())
         );
-        let jwks = crate::http::get_json(
+        let jwks = identity_binding_proxy::http::get_json(
             &client,
             discovery["jwks_uri"].as_str().unwrap(),
             Duration::from_secs(5),

@@ -41,9 +41,9 @@ use tokio_util::sync::CancellationToken;
 use super::rbac::{
     NonResourceRequest, RbacKind, RbacPolicy, ResourceRequest, ReviewAttributes, ReviewRequest,
 };
-use crate::http as h;
-use crate::keys::SigningKey;
-use crate::limits::{Limits, LimitsConfig};
+use identity_binding_proxy::http as h;
+use identity_binding_proxy::keys::SigningKey;
+use identity_binding_proxy::limits::{Limits, LimitsConfig};
 
 const KEY_FILE: &str = "sa-signing-key.pem";
 const ISSUER_FILE: &str = "kube-issuer";
@@ -164,7 +164,7 @@ impl KubeEmulator {
         let rbac_seen = cfg
             .rbac_file
             .as_ref()
-            .map(|p| crate::files::snapshot(std::slice::from_ref(p)));
+            .map(|p| identity_binding_proxy::files::snapshot(std::slice::from_ref(p)));
         let policy = match &cfg.rbac_file {
             Some(path) => load_rbac_file(path)?,
             None => RbacPolicy::default(),
@@ -178,7 +178,10 @@ impl KubeEmulator {
         let bearer = random_token()?;
         let kubeconfig_path = cfg.state_dir.join(KUBECONFIG_FILE);
         // It holds the emulator's bearer token.
-        crate::files::write_private(&kubeconfig_path, kubeconfig_yaml(&url, &bearer).as_bytes())?;
+        identity_binding_proxy::files::write_private(
+            &kubeconfig_path,
+            kubeconfig_yaml(&url, &bearer).as_bytes(),
+        )?;
 
         let public = key.public();
         let decoding = jsonwebtoken::DecodingKey::from_rsa_components(&public.n, &public.e)
@@ -343,7 +346,7 @@ fn load_or_create_key(dir: &Path) -> anyhow::Result<SigningKey> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::generate(2048).context("generating the SA signing key")?;
-            crate::files::write_private(&path, key.private_pem().as_bytes())?;
+            identity_binding_proxy::files::write_private(&path, key.private_pem().as_bytes())?;
             Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -362,7 +365,7 @@ fn resolve_issuer(dir: &Path, configured: Option<&str>) -> anyhow::Result<String
         },
     };
     // Saved even when configured, so offline minting uses what the emulator last served.
-    crate::files::write_public(&path, format!("{issuer}\n").as_bytes())?;
+    identity_binding_proxy::files::write_public(&path, format!("{issuer}\n").as_bytes())?;
     Ok(issuer)
 }
 
@@ -1118,8 +1121,12 @@ fn read_rbac_file(path: &Path) -> anyhow::Result<RbacPolicy> {
 /// unreadable or invalid leaves the current policy in place.
 async fn watch_rbac_file(inner: Arc<Inner>, path: PathBuf, seen: Vec<Option<Vec<u8>>>) {
     let stop = inner.shutdown.clone();
-    crate::files::watch_contents_since(vec![path.clone()], seen, RBAC_POLL, stop, || {
-        match read_rbac_file(&path) {
+    identity_binding_proxy::files::watch_contents_since(
+        vec![path.clone()],
+        seen,
+        RBAC_POLL,
+        stop,
+        || match read_rbac_file(&path) {
             Ok(policy) => {
                 inner.apply_policy(policy);
                 tracing::info!(file = %path.display(), "RBAC reloaded");
@@ -1130,8 +1137,8 @@ async fn watch_rbac_file(inner: Arc<Inner>, path: PathBuf, seen: Vec<Option<Vec<
                     "RBAC file not reloaded; keeping the current policy"
                 )
             }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -1933,6 +1940,118 @@ fn events_since(
     Some(last.max(store.rv))
 }
 
+// ---------------------------------------------------------------------------------------
+// Reviews a caller makes about itself, with its own service-account token
+
+/// `SelfSubjectAccessReview` (may I?) and `SelfSubjectReview` (who am I?): what every
+/// authenticated user may create, a pod with its own API token included.
+#[derive(Clone, Copy)]
+enum SelfReview {
+    Access,
+    Identity,
+}
+
+impl SelfReview {
+    fn of(path: &str, method: &Method) -> Option<Self> {
+        let kind = match path {
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" => Self::Access,
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews" => Self::Identity,
+            _ => return None,
+        };
+        (method == Method::POST).then_some(kind)
+    }
+}
+
+/// The caller behind a request's bearer token: a service account whose token (with the API
+/// audience, the issuer) verifies, or the emulator's admin.
+fn bearer_user(inner: &Inner, req: &Request<Incoming>) -> Option<UserInfo> {
+    if bearer_ok(inner, req) {
+        return Some(UserInfo {
+            username: Some("kube-emulator-admin".into()),
+            groups: Some(vec!["system:masters".into(), "system:authenticated".into()]),
+            ..Default::default()
+        });
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim()
+        .to_string();
+    let review = inner.review_token(&token, &[]);
+    review
+        .authenticated
+        .unwrap_or(false)
+        .then_some(review.user?)
+}
+
+async fn self_review(inner: &Inner, kind: SelfReview, req: Request<Incoming>) -> Response<Body> {
+    use k8s_openapi::api::authentication::v1::{SelfSubjectReview, SelfSubjectReviewStatus};
+    use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
+    let Some(user) = bearer_user(inner, &req) else {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    };
+    bump(&inner.counters.self_reviews);
+    match kind {
+        SelfReview::Identity => {
+            let mut review: SelfSubjectReview =
+                match read_object(req, "authentication.k8s.io/v1", "SelfSubjectReview").await {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+            review.status = Some(SelfSubjectReviewStatus {
+                user_info: Some(user),
+            });
+            boxed(h::json_value(StatusCode::CREATED, &review))
+        }
+        SelfReview::Access => {
+            let mut review: SelfSubjectAccessReview = match read_object(
+                req,
+                "authorization.k8s.io/v1",
+                "SelfSubjectAccessReview",
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            let spec = &review.spec;
+            let request = match (&spec.resource_attributes, &spec.non_resource_attributes) {
+                (Some(r), None) => ReviewRequest::Resource(ResourceRequest {
+                    namespace: r.namespace.clone().filter(|n| !n.is_empty()),
+                    verb: r.verb.clone().unwrap_or_default(),
+                    api_group: r.group.clone().unwrap_or_default(),
+                    resource: r.resource.clone().unwrap_or_default(),
+                    subresource: r.subresource.clone().unwrap_or_default(),
+                    name: r.name.clone().unwrap_or_default(),
+                }),
+                (None, Some(n)) => ReviewRequest::NonResource(NonResourceRequest {
+                    path: n.path.clone().unwrap_or_default(),
+                    verb: n.verb.clone().unwrap_or_default(),
+                }),
+                _ => return bad_request(
+                    "exactly one of nonResourceAttributes or resourceAttributes must be specified",
+                ),
+            };
+            let attrs = ReviewAttributes {
+                user: user.username.unwrap_or_default(),
+                groups: user.groups.unwrap_or_default(),
+                uid: user.uid.unwrap_or_default(),
+                request,
+            };
+            let decision = lock(&inner.rbac).policy.authorize(&attrs);
+            review.status = Some(SubjectAccessReviewStatus {
+                allowed: decision.allowed,
+                reason: Some(decision.reason).filter(|r| !r.is_empty()),
+                ..Default::default()
+            });
+            boxed(h::json_value(StatusCode::CREATED, &review))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1987,7 +2106,7 @@ rules:
     }
 
     async fn client(emu: &KubeEmulator) -> kube::Client {
-        crate::http::install_crypto_provider();
+        identity_binding_proxy::http::install_crypto_provider();
         let kubeconfig = Kubeconfig::read_from(emu.kubeconfig_path()).unwrap();
         let config =
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -2064,10 +2183,14 @@ rules:
         let req = req
             .body(http_body_util::Full::new(Bytes::from(body.to_string())))
             .unwrap();
-        let fetched =
-            crate::http::fetch(&crate::http::client(), req, Duration::from_secs(5), 1 << 20)
-                .await
-                .unwrap();
+        let fetched = identity_binding_proxy::http::fetch(
+            &identity_binding_proxy::http::client(),
+            req,
+            Duration::from_secs(5),
+            1 << 20,
+        )
+        .await
+        .unwrap();
         (
             fetched.status,
             serde_json::from_slice(&fetched.body).unwrap_or(Value::Null),
@@ -2763,117 +2886,5 @@ metadata: {name: c, namespace: two, labels: {team: x}}
         assert!(parse_label_selector("app in web").is_err());
         assert!(parse_field_selector("metadata.name=x").is_ok());
         assert!(parse_field_selector("spec.x=y").is_err());
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Reviews a caller makes about itself, with its own service-account token
-
-/// `SelfSubjectAccessReview` (may I?) and `SelfSubjectReview` (who am I?): what every
-/// authenticated user may create, a pod with its own API token included.
-#[derive(Clone, Copy)]
-enum SelfReview {
-    Access,
-    Identity,
-}
-
-impl SelfReview {
-    fn of(path: &str, method: &Method) -> Option<Self> {
-        let kind = match path {
-            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" => Self::Access,
-            "/apis/authentication.k8s.io/v1/selfsubjectreviews" => Self::Identity,
-            _ => return None,
-        };
-        (method == Method::POST).then_some(kind)
-    }
-}
-
-/// The caller behind a request's bearer token: a service account whose token (with the API
-/// audience, the issuer) verifies, or the emulator's admin.
-fn bearer_user(inner: &Inner, req: &Request<Incoming>) -> Option<UserInfo> {
-    if bearer_ok(inner, req) {
-        return Some(UserInfo {
-            username: Some("kube-emulator-admin".into()),
-            groups: Some(vec!["system:masters".into(), "system:authenticated".into()]),
-            ..Default::default()
-        });
-    }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")?
-        .trim()
-        .to_string();
-    let review = inner.review_token(&token, &[]);
-    review
-        .authenticated
-        .unwrap_or(false)
-        .then_some(review.user?)
-}
-
-async fn self_review(inner: &Inner, kind: SelfReview, req: Request<Incoming>) -> Response<Body> {
-    use k8s_openapi::api::authentication::v1::{SelfSubjectReview, SelfSubjectReviewStatus};
-    use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
-    let Some(user) = bearer_user(inner, &req) else {
-        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
-    };
-    bump(&inner.counters.self_reviews);
-    match kind {
-        SelfReview::Identity => {
-            let mut review: SelfSubjectReview =
-                match read_object(req, "authentication.k8s.io/v1", "SelfSubjectReview").await {
-                    Ok(r) => r,
-                    Err(resp) => return resp,
-                };
-            review.status = Some(SelfSubjectReviewStatus {
-                user_info: Some(user),
-            });
-            boxed(h::json_value(StatusCode::CREATED, &review))
-        }
-        SelfReview::Access => {
-            let mut review: SelfSubjectAccessReview = match read_object(
-                req,
-                "authorization.k8s.io/v1",
-                "SelfSubjectAccessReview",
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(resp) => return resp,
-            };
-            let spec = &review.spec;
-            let request = match (&spec.resource_attributes, &spec.non_resource_attributes) {
-                (Some(r), None) => ReviewRequest::Resource(ResourceRequest {
-                    namespace: r.namespace.clone().filter(|n| !n.is_empty()),
-                    verb: r.verb.clone().unwrap_or_default(),
-                    api_group: r.group.clone().unwrap_or_default(),
-                    resource: r.resource.clone().unwrap_or_default(),
-                    subresource: r.subresource.clone().unwrap_or_default(),
-                    name: r.name.clone().unwrap_or_default(),
-                }),
-                (None, Some(n)) => ReviewRequest::NonResource(NonResourceRequest {
-                    path: n.path.clone().unwrap_or_default(),
-                    verb: n.verb.clone().unwrap_or_default(),
-                }),
-                _ => return bad_request(
-                    "exactly one of nonResourceAttributes or resourceAttributes must be specified",
-                ),
-            };
-            let attrs = ReviewAttributes {
-                user: user.username.unwrap_or_default(),
-                groups: user.groups.unwrap_or_default(),
-                uid: user.uid.unwrap_or_default(),
-                request,
-            };
-            let decision = lock(&inner.rbac).policy.authorize(&attrs);
-            review.status = Some(SubjectAccessReviewStatus {
-                allowed: decision.allowed,
-                reason: Some(decision.reason).filter(|r| !r.is_empty()),
-                ..Default::default()
-            });
-            boxed(h::json_value(StatusCode::CREATED, &review))
-        }
     }
 }

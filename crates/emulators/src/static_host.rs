@@ -8,7 +8,7 @@ use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{json, text};
+use identity_binding_proxy::http::{json, text};
 
 /// Serves the files under `root` until `stop` fires. Returns the bound address.
 pub async fn start(
@@ -18,9 +18,11 @@ pub async fn start(
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let limits = crate::limits::Limits::new(crate::limits::LimitsConfig::unbounded());
-    let timeouts = crate::http::ConnTimeouts::NONE;
-    tokio::spawn(crate::http::serve_plain(
+    let limits = identity_binding_proxy::limits::Limits::new(
+        identity_binding_proxy::limits::LimitsConfig::unbounded(),
+    );
+    let timeouts = identity_binding_proxy::http::ConnTimeouts::NONE;
+    tokio::spawn(identity_binding_proxy::http::serve_plain(
         listener,
         stop,
         limits,
