@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt};
-use identity_binding_proxy::cache::{CacheConfig, CacheKey, Fetch, TokenCache};
-use identity_binding_proxy::entra::IssuedToken;
-use identity_binding_proxy::error::ProxyError;
-use identity_binding_proxy::limits::CallerBudgets;
+use identity_binding_proxy::exchange::cache::IssuedToken;
+use identity_binding_proxy::exchange::cache::{CacheConfig, CacheKey, Fetch, TokenCache};
 use identity_binding_proxy::metrics::Metrics;
+use identity_binding_proxy::request::error::ProxyError;
+use identity_binding_proxy::serve::limits::CallerBudgets;
 
 struct Counting;
 

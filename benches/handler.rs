@@ -12,7 +12,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::Full;
 use identity_binding_proxy::cli::LogFormat;
-use identity_binding_proxy::proxy::ConnInfo;
+use identity_binding_proxy::request::ConnInfo;
 use identity_binding_proxy_dev::cli::DevArgs;
 
 #[global_allocator]
@@ -22,7 +22,7 @@ const SCOPE: &str = "https://vault.azure.net/.default";
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 fn handle_cache_hit(c: &mut Criterion) {
-    identity_binding_proxy::http::install_crypto_provider();
+    identity_binding_proxy::crypto::install_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -35,7 +35,7 @@ fn handle_cache_hit(c: &mut Criterion) {
         .unwrap();
     let app = system.proxy.app.clone();
     let token = std::fs::read_to_string(&system.info.allowed_token_file).unwrap();
-    let body = Bytes::from(identity_binding_proxy::http::form_encode([
+    let body = Bytes::from(identity_binding_proxy::http::form::form_encode([
         ("grant_type", "client_credentials"),
         ("client_id", system.info.client_id.as_str()),
         ("scope", SCOPE),
@@ -79,7 +79,7 @@ fn handle_cache_hit(c: &mut Criterion) {
     // JSON straight to unbuffered stderr. Run with
     // stderr on a pipe someone reads, as a container runtime does:
     // `cargo bench --bench handler 2>&1 >/dev/stderr | cat >/dev/null` (or `2> >(cat >/dev/null)`).
-    let pipe = identity_binding_proxy::logpipe::install(std::io::stderr());
+    let pipe = identity_binding_proxy::serve::logpipe::install(std::io::stderr());
     // (name, level, the log's own line and writer, or tracing_subscriber's JSON to stderr)
     let logged: [(&str, &str, bool); 3] = [
         ("warn", "warn", true),
@@ -106,7 +106,7 @@ fn handle_cache_hit(c: &mut Criterion) {
         let per_request = (process_cpu() - cpu).as_secs_f64() * 1e6 / CPU_REQUESTS as f64;
         println!("handler/{name}: {per_request:.2} us of process CPU per request");
     }
-    identity_binding_proxy::logpipe::flush(Duration::from_secs(2));
+    identity_binding_proxy::serve::logpipe::flush(Duration::from_secs(2));
     g.finish();
     assert_eq!(
         system.entra.stats().tokens_issued,
@@ -142,7 +142,7 @@ fn dev_args(dir: &std::path::Path) -> DevArgs {
 fn subscriber(
     level: &str,
     ours: bool,
-    pipe: identity_binding_proxy::logpipe::LogWriter,
+    pipe: identity_binding_proxy::serve::logpipe::LogWriter,
 ) -> Box<dyn tracing::Subscriber + Send + Sync> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
@@ -151,7 +151,7 @@ fn subscriber(
         Box::new(
             builder
                 .with_writer(pipe)
-                .event_format(identity_binding_proxy::logline::JsonLine)
+                .event_format(identity_binding_proxy::serve::logline::JsonLine)
                 .finish(),
         )
     } else {

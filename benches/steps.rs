@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use futures::future::{BoxFuture, FutureExt};
 use identity_binding_proxy::authz::{Authorizer, AuthzConfig};
-use identity_binding_proxy::bindings::Binding;
-use identity_binding_proxy::cache::{CacheConfig, CacheKey, Fetch, Lookup, TokenCache};
-use identity_binding_proxy::entra::IssuedToken;
-use identity_binding_proxy::error::ProxyError;
-use identity_binding_proxy::issuer::{Issuer, IssuerUrl};
-use identity_binding_proxy::keys::SigningKey;
-use identity_binding_proxy::limits::CallerBudgets;
+use identity_binding_proxy::exchange::bindings::Binding;
+use identity_binding_proxy::exchange::cache::IssuedToken;
+use identity_binding_proxy::exchange::cache::{CacheConfig, CacheKey, Fetch, Lookup, TokenCache};
+use identity_binding_proxy::exchange::issuer::{Issuer, IssuerUrl};
+use identity_binding_proxy::exchange::keys::SigningKey;
 use identity_binding_proxy::metrics::Metrics;
-use identity_binding_proxy::token;
+use identity_binding_proxy::request::error::ProxyError;
+use identity_binding_proxy::request::token;
+use identity_binding_proxy::serve::limits::CallerBudgets;
 
 /// The caller the cache charges (budgets are unbounded here).
 const CALLER: &str = "system:serviceaccount:bench:bench";

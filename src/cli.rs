@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use identity_binding_proxy::authn::DEFAULT_TOKEN_AUDIENCE;
 use identity_binding_proxy::cli::{Command as ProductCommand, LogFormat};
-use identity_binding_proxy::config::DEFAULT_TOKEN_AUDIENCE;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -20,11 +20,12 @@ use crate::cli::{DevArgs, DevTokenArgs, EmulateEntraArgs, EmulateKubeArgs, Emula
 use ibp_emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic};
 use ibp_emulators::kube::{mint_from_state_dir, KubeEmulator, KubeEmulatorConfig, MintRequest};
 use ibp_emulators::pki::DevCa;
-use identity_binding_proxy::bindings::BindingSet;
-use identity_binding_proxy::config::{ProxyConfig, DEFAULT_TOKEN_AUDIENCE};
+use identity_binding_proxy::authn::DEFAULT_TOKEN_AUDIENCE;
+use identity_binding_proxy::config::ProxyConfig;
+use identity_binding_proxy::exchange::bindings::BindingSet;
+use identity_binding_proxy::exchange::issuer::{IssuerUrl, FIC_AUDIENCE};
+use identity_binding_proxy::exchange::keys::SigningKey;
 use identity_binding_proxy::files::{write_private, write_public};
-use identity_binding_proxy::issuer::{IssuerUrl, FIC_AUDIENCE};
-use identity_binding_proxy::keys::SigningKey;
 
 /// The SNI name the dev proxy serves and clients send.
 pub const DEV_SNI_NAME: &str = "identity-binding-proxy.dev.local";
@@ -94,7 +95,7 @@ pub struct DevSystem {
     pub info: DevInfo,
     pub kube: KubeEmulator,
     pub entra: EntraEmulator,
-    pub proxy: identity_binding_proxy::server::RunningProxy,
+    pub proxy: identity_binding_proxy::serve::RunningProxy,
     background: CancellationToken,
     /// Held until every part has stopped (dropped last, with the rest of `self`).
     _lock: StateLock,
@@ -103,7 +104,7 @@ pub struct DevSystem {
 impl DevSystem {
     /// Stops like `serve` does (the proxy first, with its shutdown delay on SIGTERM), then
     /// the emulators the draining requests still need.
-    pub async fn stop_gracefully(self, how: identity_binding_proxy::signal::Stop) {
+    pub async fn stop_gracefully(self, how: identity_binding_proxy::serve::signal::Stop) {
         self.proxy.stop_after(how).await;
         self.background.cancel();
         self.kube.shutdown().await;
@@ -129,7 +130,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Err(e) => match e.downcast_ref::<Refusal>() {
             Some(refusal) => {
                 // exit() skips main's flush: the lines logged before the refusal go out first.
-                identity_binding_proxy::logpipe::flush(std::time::Duration::from_secs(2));
+                identity_binding_proxy::serve::logpipe::flush(std::time::Duration::from_secs(2));
                 eprintln!("error: {refusal}");
                 std::process::exit(EX_USAGE);
             }
@@ -137,7 +138,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         },
     };
     print_banner(&system.info, &args.state_dir);
-    let how = identity_binding_proxy::signal::shutdown_requested().await;
+    let how = identity_binding_proxy::serve::signal::shutdown_requested().await;
     tracing::info!("stopping dev");
     system.stop_gracefully(how).await;
     Ok(())
@@ -153,7 +154,7 @@ fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> anyhow::Result<()> {
         }
         Err(rotate_ca::RotateError::Refused(why)) => {
             // exit() skips main's flush.
-            identity_binding_proxy::logpipe::flush(std::time::Duration::from_secs(2));
+            identity_binding_proxy::serve::logpipe::flush(std::time::Duration::from_secs(2));
             eprintln!("error: {why}");
             std::process::exit(EX_USAGE);
         }
@@ -264,7 +265,7 @@ fn loopback(port: u16) -> SocketAddr {
 async fn preflight(
     args: &DevArgs,
     dir: &Path,
-) -> anyhow::Result<identity_binding_proxy::server::Listeners> {
+) -> anyhow::Result<identity_binding_proxy::serve::Listeners> {
     StateLock::check(dir)?;
     // The proxy's configuration with stand-ins for what only exists once the emulators run,
     // for its flags (`--` ones included) and the addresses they choose.
@@ -351,10 +352,10 @@ async fn start_issuer(
         );
         write_public(&bindings_file, yaml.as_bytes())?;
     }
-    let bindings =
-        identity_binding_proxy::bindings::load(&bindings_file).map_err(anyhow::Error::msg)?;
+    let bindings = identity_binding_proxy::exchange::bindings::load(&bindings_file)
+        .map_err(anyhow::Error::msg)?;
     let publics = [issuer_key.public().clone()];
-    identity_binding_proxy::issuer::publish(&docs, &publics, &bindings, &issuer_url)
+    identity_binding_proxy::cli::issuer::publish(&docs, &publics, &bindings, &issuer_url)
         .map_err(anyhow::Error::msg)?;
     Ok((issuer_url, bindings))
 }
@@ -365,15 +366,15 @@ async fn start_proxy(
     args: &DevArgs,
     dir: &Path,
     (kube, issuer_url, entra_url): (&KubeEmulator, &str, String),
-    reserved: identity_binding_proxy::server::Listeners,
-) -> anyhow::Result<identity_binding_proxy::server::RunningProxy> {
+    reserved: identity_binding_proxy::serve::Listeners,
+) -> anyhow::Result<identity_binding_proxy::serve::RunningProxy> {
     let kubeconfig = kube.kubeconfig_path();
     let mut config =
         proxy_config(args, dir, &kubeconfig, issuer_url, &entra_url).map_err(anyhow::Error::msg)?;
     // Edits in the state dir should show at once when someone is trying things out.
     config.reload_period = Duration::from_millis(500);
     config.refresh_tick = Duration::from_millis(250);
-    let proxy = identity_binding_proxy::server::start_on(config, reserved).await?;
+    let proxy = identity_binding_proxy::serve::start_on(config, reserved).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !proxy.readiness.is_ready() {
         if tokio::time::Instant::now() > deadline {
@@ -455,13 +456,13 @@ fn proxy_config(
 /// then serves on these very sockets.
 async fn reserve_ports(
     config: &ProxyConfig,
-) -> Result<identity_binding_proxy::server::Listeners, Refusal> {
+) -> Result<identity_binding_proxy::serve::Listeners, Refusal> {
     let bind = |flag: &'static str, addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|error| Refusal::CannotListen { flag, addr, error })
     };
-    Ok(identity_binding_proxy::server::Listeners {
+    Ok(identity_binding_proxy::serve::Listeners {
         proxy: bind("--listen", config.server.listen).await?,
         admin: bind("--admin-listen", config.admin.listen).await?,
     })
@@ -758,7 +759,7 @@ pub async fn emulate_kube(args: EmulateKubeArgs) -> anyhow::Result<()> {
         kube.issuer(),
         kube.kubeconfig_path().display()
     );
-    let _ = identity_binding_proxy::signal::shutdown_requested().await;
+    let _ = identity_binding_proxy::serve::signal::shutdown_requested().await;
     kube.shutdown().await;
     Ok(())
 }
@@ -782,7 +783,7 @@ pub async fn emulate_entra(args: EmulateEntraArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!("Entra emulator on {}", entra.url());
-    let _ = identity_binding_proxy::signal::shutdown_requested().await;
+    let _ = identity_binding_proxy::serve::signal::shutdown_requested().await;
     entra.shutdown().await;
     Ok(())
 }
@@ -798,7 +799,7 @@ pub async fn emulate_static(args: EmulateStaticArgs) -> anyhow::Result<()> {
         "static host on http://{addr} serving {}",
         args.dir.display()
     );
-    let _ = identity_binding_proxy::signal::shutdown_requested().await;
+    let _ = identity_binding_proxy::serve::signal::shutdown_requested().await;
     stop.cancel();
     Ok(())
 }

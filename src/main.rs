@@ -1,11 +1,11 @@
 //! The workspace's binary: the production subcommands (`serve`, `issuer`, `probe`) plus `dev`
 //! and `emulate`. It parses, runs and exits as the production binary does
-//! ([`identity_binding_proxy::process`]).
+//! ([`identity_binding_proxy::cli::process`]).
 
 use std::process::ExitCode;
 
+use identity_binding_proxy::cli::process::{self, Failure};
 use identity_binding_proxy::cli::LogFormat;
-use identity_binding_proxy::process::{self, Failure};
 use identity_binding_proxy_dev::cli::{Cli, Command, EmulateCommand};
 use identity_binding_proxy_dev::dev;
 

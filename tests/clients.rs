@@ -731,7 +731,7 @@ impl DotnetEmulation {
             .map_err(|e| format!("The SSL connection could not be established: {e}"))?;
         let assertion = std::fs::read_to_string(self.var("AZURE_FEDERATED_TOKEN_FILE"))
             .map_err(|e| e.to_string())?;
-        let body = identity_binding_proxy::http::form_encode([
+        let body = identity_binding_proxy::http::form::form_encode([
             ("client_id", self.var("AZURE_CLIENT_ID")),
             ("client_assertion", assertion.trim()),
             (

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ibp_emulators::kube::MintRequest;
 use identity_binding_proxy::authn::token_digest;
-use identity_binding_proxy::memo::{Ask, Generations};
+use identity_binding_proxy::request::memo::{Ask, Generations};
 use identity_binding_proxy_dev::dev::DevSystem;
 
 /// Whether the memo holds `token`'s SDK request (`token_form` to `/`): its caller under the
@@ -179,7 +179,7 @@ async fn a_token_whose_key_left_the_jwks_is_refused_at_once() {
     let persisted = dir.path().join("proxy/cluster-jwks.json");
     let kept: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&persisted).unwrap()).unwrap();
-    let other = identity_binding_proxy::keys::SigningKey::generate(2048).unwrap();
+    let other = identity_binding_proxy::exchange::keys::SigningKey::generate(2048).unwrap();
     let rotated = serde_json::json!({
         "issuer": kept["issuer"],
         "jwks": serde_json::json!({ "keys": [other.public().jwk()] }).to_string(),

@@ -26,7 +26,8 @@ async fn h2_post(
     form: Vec<(String, String)>,
 ) -> (u16, serde_json::Value) {
     sender.ready().await.unwrap();
-    let body = identity_binding_proxy::http::form_encode(form.iter().map(|(k, v)| (&**k, &**v)));
+    let body =
+        identity_binding_proxy::http::form::form_encode(form.iter().map(|(k, v)| (&**k, &**v)));
     let req = http::Request::post(path)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from(body)))

@@ -46,8 +46,10 @@ fn capture_every_target_at_trace() -> Capture {
     let capture = Capture::default();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-        .with_writer(identity_binding_proxy::logpipe::install(capture.clone()))
-        .event_format(identity_binding_proxy::logline::JsonLine)
+        .with_writer(identity_binding_proxy::serve::logpipe::install(
+            capture.clone(),
+        ))
+        .event_format(identity_binding_proxy::serve::logline::JsonLine)
         .init();
     capture
 }
@@ -111,7 +113,8 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
 
     // The form in the query (the body empty), as some clients send it: the line says so and
     // never logs the query.
-    let query = identity_binding_proxy::http::form_encode(token_form(&info.client_id, &allowed));
+    let query =
+        identity_binding_proxy::http::form::form_encode(token_form(&info.client_id, &allowed));
     let in_query = http::Request::post(format!("/{}/oauth2/v2.0/token?{query}", info.tenant_id))
         .header("host", &info.sni_name)
         .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -131,7 +134,7 @@ async fn no_token_or_assertion_appears_in_any_log_line() {
     let assertion = sys.proxy.app.issuer.assertion(&binding).unwrap();
     secrets.push((assertion.to_string(), "our assertion"));
     sys.shutdown().await;
-    identity_binding_proxy::logpipe::flush(Duration::from_secs(2));
+    identity_binding_proxy::serve::logpipe::flush(Duration::from_secs(2));
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(
@@ -179,7 +182,7 @@ async fn send_the_token_in_the_path_and_the_host(
     token: &str,
 ) {
     let token = token.trim();
-    let form = identity_binding_proxy::http::form_encode(token_form(&info.client_id, token));
+    let form = identity_binding_proxy::http::form::form_encode(token_form(&info.client_id, token));
     let sni = &info.sni_name;
     let h1 = |path: String, host: String| {
         http::Request::post(path)
@@ -674,7 +677,7 @@ async fn a_peers_pending_refusals_are_summarized_at_a_sigterm_stop() {
     let writer = capture.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .event_format(identity_binding_proxy::logline::JsonLine)
+        .event_format(identity_binding_proxy::serve::logline::JsonLine)
         .with_writer(move || writer.clone())
         .finish();
     // The test's one thread runs every task: all their lines reach this subscriber.
@@ -690,7 +693,7 @@ async fn a_peers_pending_refusals_are_summarized_at_a_sigterm_stop() {
         assert!(tls_from(&wrong_sni, peer(10)).await.is_err());
     }
     let held = sys.proxy.app.clone();
-    sys.stop_gracefully(identity_binding_proxy::signal::Stop::Terminate)
+    sys.stop_gracefully(identity_binding_proxy::serve::signal::Stop::Terminate)
         .await;
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<serde_json::Value> = logs

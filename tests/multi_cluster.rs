@@ -16,13 +16,14 @@ use common::{serve_default, token_form, Client};
 use ibp_emulators::entra::{EntraEmulator, EntraEmulatorConfig, Fic, FicError};
 use ibp_emulators::kube::{KubeEmulator, KubeEmulatorConfig, MintRequest};
 use ibp_emulators::pki::DevCa;
-use identity_binding_proxy::activation::ActivationConfig;
-use identity_binding_proxy::bindings::BindingSet;
+use identity_binding_proxy::cli::fleet;
+use identity_binding_proxy::cli::issuer;
 use identity_binding_proxy::config::ProxyConfig;
-use identity_binding_proxy::fleet;
-use identity_binding_proxy::issuer::{self, IssuerUrl, FIC_AUDIENCE};
-use identity_binding_proxy::keys::{RsaPublicKey, SigningKey};
-use identity_binding_proxy::server::{self, RunningProxy};
+use identity_binding_proxy::exchange::activation::ActivationConfig;
+use identity_binding_proxy::exchange::bindings::BindingSet;
+use identity_binding_proxy::exchange::issuer::{IssuerUrl, FIC_AUDIENCE};
+use identity_binding_proxy::exchange::keys::{RsaPublicKey, SigningKey};
+use identity_binding_proxy::serve::{self, RunningProxy};
 use tokio_util::sync::CancellationToken;
 
 const SNI: &str = "proxy.cluster.internal";
@@ -113,7 +114,7 @@ impl Cluster {
         if let Some(activation) = activation {
             config.key_activation = activation;
         }
-        let proxy = server::start(config).await.unwrap();
+        let proxy = serve::start(config).await.unwrap();
         assert!(
             common::eventually(Duration::from_secs(10), || async {
                 proxy.readiness.is_ready()
@@ -193,7 +194,7 @@ impl IssuerSite {
     }
 
     fn bindings(&self) -> BindingSet {
-        identity_binding_proxy::bindings::load(&self.bindings_file).unwrap()
+        identity_binding_proxy::exchange::bindings::load(&self.bindings_file).unwrap()
     }
 
     /// Publishes exactly these public keys in the issuer's JWKS.
@@ -221,7 +222,7 @@ async fn one_fic_world(
     ca_name: &str,
     metadata_ttl: Duration,
 ) -> (IssuerSite, EntraEmulator, DevCa) {
-    identity_binding_proxy::http::install_crypto_provider();
+    identity_binding_proxy::crypto::install_provider();
     let site = IssuerSite::start().await;
     let entra = EntraEmulator::start(EntraEmulatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

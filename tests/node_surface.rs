@@ -45,7 +45,7 @@ async fn try_post_from(
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+    let body = identity_binding_proxy::http::form::form_encode(pairs.iter().copied());
     let req = http::Request::post("/")
         .header("host", &client.sni)
         .header("content-type", "application/x-www-form-urlencoded")

@@ -3,8 +3,8 @@
 
 use http::Method;
 use identity_binding_proxy::authn::pre_parse_header;
-use identity_binding_proxy::http::form_encode;
-use identity_binding_proxy::token::{self, Route, ASSERTION_TYPE_JWT};
+use identity_binding_proxy::http::form::form_encode;
+use identity_binding_proxy::request::token::{self, Route, ASSERTION_TYPE_JWT};
 use proptest::prelude::*;
 
 const CID: &str = "11111111-2222-3333-4444-555555555555";
@@ -182,7 +182,8 @@ proptest! {
         token in "[!-~]{0,40}",
         junk in any::<String>(),
     ) {
-        use identity_binding_proxy::entra::{parse_token, MAX_LIFETIME_SECS};
+        use identity_binding_proxy::exchange::cache::MAX_LIFETIME_SECS;
+        use identity_binding_proxy::exchange::entra::parse_token;
         let refresh = refresh.map(|r| format!(",\"refresh_in\":{r}")).unwrap_or_default();
         let body = format!(
             "{{\"token_type\":\"Bearer\",\"access_token\":{},\"expires_in\":{expires},\"ext_expires_in\":{ext}{refresh}}}",

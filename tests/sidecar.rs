@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ibp_emulators::kube::MintRequest;
 use identity_binding_proxy::config::ProxyConfig;
-use identity_binding_proxy::server::RunningProxy;
+use identity_binding_proxy::serve::RunningProxy;
 use identity_binding_proxy_dev::dev::DevSystem;
 
 /// The pod the sidecar runs in: dev's demo workload.
@@ -87,7 +87,7 @@ async fn start_sidecar(sys: &DevSystem, dev: &Path, more: &[&str]) -> Pod {
     }
     flags.extend(more.iter().map(|s| s.to_string()));
     let config = ProxyConfig::from_flags(flags).unwrap();
-    let sidecar = identity_binding_proxy::server::start(config).await.unwrap();
+    let sidecar = identity_binding_proxy::serve::start(config).await.unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
             sidecar.readiness.is_ready()

@@ -113,8 +113,10 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     }
 
     // Parameters in the query string with an empty body (sample Go programs).
-    let query =
-        identity_binding_proxy::http::form_encode(token_form(&info.client_id, assertion.trim()));
+    let query = identity_binding_proxy::http::form::form_encode(token_form(
+        &info.client_id,
+        assertion.trim(),
+    ));
     let req = http::Request::post(format!("/?{query}"))
         .body(Full::new(Bytes::new()))
         .unwrap();

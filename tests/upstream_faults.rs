@@ -377,7 +377,7 @@ async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted
     sys.kube.shutdown().await;
 
     // Restarted with the persisted JWKS: ready at once, local verification works.
-    let proxy = identity_binding_proxy::server::start(config).await.unwrap();
+    let proxy = identity_binding_proxy::serve::start(config).await.unwrap();
     assert!(
         proxy.readiness.is_ready(),
         "ready from the persisted JWKS, without the apiserver"
@@ -394,7 +394,7 @@ async fn a_proxy_restarted_while_the_apiserver_is_gone_starts_from_its_persisted
 
     // Without persisted keys the same restart is not ready, and a valid token is told to
     // retry (503), never refused as if it came from another cluster.
-    let proxy = identity_binding_proxy::server::start(empty_state)
+    let proxy = identity_binding_proxy::serve::start(empty_state)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -413,7 +413,7 @@ async fn a_request_past_the_request_timeout_is_answered_counted_and_correlated()
     let sys = start_dev(dir.path()).await;
     let mut config = dev_proxy_config(&sys, dir.path(), &dir.path().join("proxy-timeout"));
     config.server.request_timeout = Duration::from_secs(1);
-    let proxy = identity_binding_proxy::server::start(config).await.unwrap();
+    let proxy = identity_binding_proxy::serve::start(config).await.unwrap();
     let ca = std::fs::read(&sys.info.ca_file).unwrap();
     let client = Client::new(proxy.addr, &sys.info.sni_name, &ca, &[b"http/1.1"]);
     let token = read(&sys.info.allowed_token_file);
@@ -434,7 +434,7 @@ async fn a_request_past_the_request_timeout_is_answered_counted_and_correlated()
         .header("content-type", "application/x-www-form-urlencoded")
         .header("client-request-id", correlation)
         .body(http_body_util::Full::new(bytes::Bytes::from(
-            identity_binding_proxy::http::form_encode(form.iter().copied()),
+            identity_binding_proxy::http::form::form_encode(form.iter().copied()),
         )))
         .unwrap();
     let started = Instant::now();

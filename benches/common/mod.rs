@@ -12,9 +12,9 @@ use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNIN
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ibp_emulators::kube::{service_account_uid, KubeEmulator, KubeEmulatorConfig, MintRequest};
+use identity_binding_proxy::authn::DEFAULT_TOKEN_AUDIENCE;
 use identity_binding_proxy::authn::{Authenticator, AuthnConfig, AuthnMode};
 use identity_binding_proxy::cluster::Cluster;
-use identity_binding_proxy::config::DEFAULT_TOKEN_AUDIENCE;
 use identity_binding_proxy::metrics::Metrics;
 
 /// The identity the fixture RBAC grants to ServiceAccount demo/demo.
@@ -32,7 +32,7 @@ pub struct Kube {
 
 impl Kube {
     pub async fn start() -> Self {
-        identity_binding_proxy::http::install_crypto_provider();
+        identity_binding_proxy::crypto::install_provider();
         let dir = tempfile::tempdir().unwrap();
         let rbac = dir.path().join("rbac.yaml");
         std::fs::write(&rbac, identity_binding_proxy_dev::dev::demo_rbac(CLIENT_ID)).unwrap();
@@ -157,7 +157,7 @@ impl Es256Cluster {
 
 /// The form body every SDK sends.
 pub fn token_form(assertion: &str, scope: &str) -> String {
-    identity_binding_proxy::http::form_encode([
+    identity_binding_proxy::http::form::form_encode([
         ("grant_type", "client_credentials"),
         ("client_id", CLIENT_ID),
         ("scope", scope),

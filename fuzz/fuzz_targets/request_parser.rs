@@ -4,7 +4,7 @@
 #![no_main]
 
 use http::Method;
-use identity_binding_proxy::token::{self, Route};
+use identity_binding_proxy::request::token::{self, Route};
 use libfuzzer_sys::fuzz_target;
 
 const METHODS: [Method; 5] = [

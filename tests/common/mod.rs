@@ -26,7 +26,7 @@ pub async fn start_dev(dir: &Path) -> DevSystem {
 }
 
 pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> DevSystem {
-    identity_binding_proxy::http::install_crypto_provider();
+    identity_binding_proxy::crypto::install_provider();
     let mut args = DevArgs {
         command: None,
         state_dir: dir.to_path_buf(),
@@ -140,7 +140,7 @@ impl Client {
     }
 
     pub async fn post_form(&self, path: &str, pairs: &[(&str, &str)]) -> Reply {
-        let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+        let body = identity_binding_proxy::http::form::form_encode(pairs.iter().copied());
         let req = http::Request::post(path)
             .header("host", &self.sni)
             .header(
@@ -357,7 +357,7 @@ pub fn run_sdk_script(program: &Path, args: &[&Path], env: &[(&str, String)]) ->
 
 /// A form POST to `/` for an h2 sender.
 pub fn form_request(pairs: &[(&str, &str)]) -> http::Request<Full<Bytes>> {
-    let body = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+    let body = identity_binding_proxy::http::form::form_encode(pairs.iter().copied());
     http::Request::post("https://identity-binding-proxy.dev.local/")
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from(body)))

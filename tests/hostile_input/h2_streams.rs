@@ -24,7 +24,8 @@ fn interleaved_good_and_denied_h2_streams_each_get_their_own_answer() {
             } else {
                 ctx.denied_token.clone()
             };
-            let body = identity_binding_proxy::http::form_encode(token_form(&ctx.cid, &token));
+            let body =
+                identity_binding_proxy::http::form::form_encode(token_form(&ctx.cid, &token));
             let path = ctx.token_path.clone();
             tasks.push(tokio::spawn(async move {
                 use http_body_util::BodyExt;

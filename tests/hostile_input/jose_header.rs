@@ -1,6 +1,6 @@
 //! The JOSE header: algorithms and key ids.
 
-use identity_binding_proxy::keys::SigningKey;
+use identity_binding_proxy::exchange::keys::SigningKey;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::json;
 

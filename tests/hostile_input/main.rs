@@ -35,7 +35,7 @@ use base64::Engine;
 use bytes::Bytes;
 use common::*;
 use http_body_util::Full;
-use identity_binding_proxy::keys::SigningKey;
+use identity_binding_proxy::exchange::keys::SigningKey;
 use identity_binding_proxy_dev::dev::DevSystem;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
@@ -179,7 +179,7 @@ fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 pub fn form_body(p: &[(String, String)]) -> String {
-    identity_binding_proxy::http::form_encode(p.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    identity_binding_proxy::http::form::form_encode(p.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
 /// The good form with one field replaced (or removed when `value` is None).

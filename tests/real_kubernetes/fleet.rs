@@ -193,7 +193,7 @@ fn populate(c: &Cluster) -> Duration {
         .build()
         .unwrap();
     rt.block_on(async {
-        identity_binding_proxy::http::install_crypto_provider();
+        identity_binding_proxy::crypto::install_provider();
         let kubeconfig = kube::config::Kubeconfig::read_from(c.get("KUBECONFIG")).unwrap();
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await

@@ -30,9 +30,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use identity_binding_proxy::http::{json_value, Body, HttpClient};
-use identity_binding_proxy::keys::SigningKey;
-use identity_binding_proxy::oauth::ErrorBody;
+use identity_binding_proxy::exchange::keys::SigningKey;
+use identity_binding_proxy::http::client::HttpClient;
+use identity_binding_proxy::http::response::{json_value, Body};
+use identity_binding_proxy::request::oauth::ErrorBody;
 
 /// The audience Entra suggests for FICs, and the default when none is given.
 pub const DEFAULT_FIC_AUDIENCE: &str = "api://AzureADTokenExchange";
@@ -407,7 +408,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl EntraEmulator {
     pub async fn start(cfg: EntraEmulatorConfig) -> anyhow::Result<Self> {
-        identity_binding_proxy::http::install_crypto_provider();
+        identity_binding_proxy::crypto::install_provider();
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("binding the Entra emulator to {}: {e}", cfg.listen))?;
@@ -416,7 +417,7 @@ impl EntraEmulator {
         let shared = Arc::new(Shared {
             base_url: format!("http://{addr}"),
             signing,
-            client: identity_binding_proxy::http::client(),
+            client: identity_binding_proxy::http::client::client(),
             issuer_metadata_ttl: cfg.issuer_metadata_ttl,
             fic_propagation: Mutex::new(cfg.fic_propagation),
             issuer_metadata: Mutex::default(),
@@ -438,13 +439,13 @@ impl EntraEmulator {
         }
         let shutdown = CancellationToken::new();
         let handler_shared = shared.clone();
-        let task = tokio::spawn(identity_binding_proxy::http::serve_plain(
+        let task = tokio::spawn(identity_binding_proxy::http::conn::serve_plain(
             listener,
             shutdown.clone(),
-            identity_binding_proxy::limits::Limits::new(
-                identity_binding_proxy::limits::LimitsConfig::unbounded(),
+            identity_binding_proxy::serve::limits::Limits::new(
+                identity_binding_proxy::serve::limits::LimitsConfig::unbounded(),
             ),
-            identity_binding_proxy::http::ConnTimeouts::NONE,
+            identity_binding_proxy::http::conn::ConnTimeouts::NONE,
             move |req, _peer| {
                 let shared = handler_shared.clone();
                 async move { shared.handle(req).await }
@@ -673,7 +674,7 @@ impl Shared {
                 ),
                 Err(r) => r.into_response(&correlation_id(req.headers()), self.body_style()),
             },
-            _ => identity_binding_proxy::http::text(
+            _ => identity_binding_proxy::http::response::text(
                 StatusCode::NOT_FOUND,
                 format!("no route for {path}\n"),
             ),
@@ -726,7 +727,7 @@ impl Shared {
             }) => return fault_response(status, retry_after, &correlation, self.body_style()),
             Some(Fault::Stall(d)) => tokio::time::sleep(d).await,
             Some(Fault::Garbage) => {
-                let mut resp = identity_binding_proxy::http::text(
+                let mut resp = identity_binding_proxy::http::response::text(
                     StatusCode::OK,
                     "<html><body>upstream proxy error</body></html>",
                 );
@@ -738,10 +739,10 @@ impl Shared {
             }
             Some(Fault::Answer { status, body }) => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-                return identity_binding_proxy::http::json(status, body);
+                return identity_binding_proxy::http::response::json(status, body);
             }
             Some(Fault::PlainThrottle { retry_after }) => {
-                let mut resp = identity_binding_proxy::http::text(
+                let mut resp = identity_binding_proxy::http::response::text(
                     StatusCode::TOO_MANY_REQUESTS,
                     "Too Many Requests",
                 );
@@ -752,7 +753,9 @@ impl Shared {
             None => {}
         }
         let body =
-            match identity_binding_proxy::http::read_body(req.into_body(), MAX_FORM_BYTES).await {
+            match identity_binding_proxy::http::body::read_body(req.into_body(), MAX_FORM_BYTES)
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => {
                     return Rejection::new(
@@ -853,13 +856,14 @@ impl Shared {
             let parsed = url::Url::parse(&url).map_err(|e| format!("{url}: {e}"))?;
             let allowed = parsed.scheme() == "https"
                 || (parsed.scheme() == "http"
-                    && identity_binding_proxy::http::is_loopback(&parsed));
+                    && identity_binding_proxy::http::client::is_loopback(&parsed));
             if !allowed {
                 return Err(format!(
                     "{url}: only https (or http on loopback) is fetched"
                 ));
             }
-            identity_binding_proxy::http::get_json(&self.client, &url, ISSUER_FETCH_TIMEOUT).await
+            identity_binding_proxy::http::client::get_json(&self.client, &url, ISSUER_FETCH_TIMEOUT)
+                .await
         };
         let unreachable = |detail: String| {
             tracing::debug!(%detail, "Entra emulator could not fetch issuer metadata");
@@ -1207,7 +1211,7 @@ fn no_matching_record(jwt: &UnverifiedJwt, iss: &str) -> Rejection {
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Box<Response<Body>>> {
-    let body = identity_binding_proxy::http::read_body(req.into_body(), MAX_FORM_BYTES)
+    let body = identity_binding_proxy::http::body::read_body(req.into_body(), MAX_FORM_BYTES)
         .await
         .map_err(|e| Box::new(control_error(StatusCode::BAD_REQUEST, e.to_string())))?;
     serde_json::from_slice(&body).map_err(|e| {
@@ -1294,7 +1298,7 @@ impl Rejection {
         body.error_uri = style
             .error_uri
             .then(|| format!("https://login.microsoftonline.com/error?code={}", self.code));
-        let mut resp = identity_binding_proxy::http::json(self.status, body.to_json());
+        let mut resp = identity_binding_proxy::http::response::json(self.status, body.to_json());
         add_request_ids(resp.headers_mut(), &body.trace_id, correlation);
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
@@ -1672,13 +1676,13 @@ mod tests {
             let paths: Arc<Mutex<Vec<String>>> = Arc::default();
             let shutdown = CancellationToken::new();
             let (j, p, issuer) = (jwks.clone(), paths.clone(), url.clone());
-            tokio::spawn(identity_binding_proxy::http::serve_plain(
+            tokio::spawn(identity_binding_proxy::http::conn::serve_plain(
                 listener,
                 shutdown.clone(),
-                identity_binding_proxy::limits::Limits::new(
-                    identity_binding_proxy::limits::LimitsConfig::unbounded(),
+                identity_binding_proxy::serve::limits::Limits::new(
+                    identity_binding_proxy::serve::limits::LimitsConfig::unbounded(),
                 ),
-                identity_binding_proxy::http::ConnTimeouts::NONE,
+                identity_binding_proxy::http::conn::ConnTimeouts::NONE,
                 move |req, _| {
                     let (jwks, paths, issuer, base) =
                         (j.clone(), p.clone(), issuer.clone(), base.clone());
@@ -1696,7 +1700,10 @@ mod tests {
                             "/openid/v1/jwks" => {
                                 json_value(StatusCode::OK, &json!({ "keys": *lock(&jwks) }))
                             }
-                            _ => identity_binding_proxy::http::text(StatusCode::NOT_FOUND, "no"),
+                            _ => identity_binding_proxy::http::response::text(
+                                StatusCode::NOT_FOUND,
+                                "no",
+                            ),
                         }
                     }
                 },
@@ -1841,8 +1848,8 @@ mod tests {
     }
 
     async fn send(req: Request<Full<Bytes>>) -> Answer {
-        let fetched = identity_binding_proxy::http::fetch(
-            &identity_binding_proxy::http::client(),
+        let fetched = identity_binding_proxy::http::client::fetch(
+            &identity_binding_proxy::http::client::client(),
             req,
             Duration::from_secs(20),
             1 << 20,
@@ -1857,7 +1864,7 @@ mod tests {
     }
 
     async fn post_token(base: &str, tenant: &str, pairs: &[(&str, &str)]) -> Answer {
-        let form = identity_binding_proxy::http::form_encode(pairs.iter().copied());
+        let form = identity_binding_proxy::http::form::form_encode(pairs.iter().copied());
         let req = Request::post(format!("{base}/{tenant}/oauth2/v2.0/token"))
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header("client-request-id", "test-correlation")
@@ -1899,8 +1906,8 @@ mod tests {
         let token = v["access_token"].as_str().unwrap();
 
         // Verify through the published discovery document, as a resource server would.
-        let client = identity_binding_proxy::http::client();
-        let discovery = identity_binding_proxy::http::get_json(
+        let client = identity_binding_proxy::http::client::client();
+        let discovery = identity_binding_proxy::http::client::get_json(
             &client,
             &format!(
                 "{}/{TENANT}/v2.0/.well-known/openid-configuration",
@@ -1914,7 +1921,7 @@ mod tests {
             discovery["token_endpoint"],
             format!("{}/{TENANT}/oauth2/v2.0/token", f.emu.url())
         );
-        let jwks = identity_binding_proxy::http::get_json(
+        let jwks = identity_binding_proxy::http::client::get_json(
             &client,
             discovery["jwks_uri"].as_str().unwrap(),
             Duration::from_secs(5),

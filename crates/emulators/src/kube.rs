@@ -41,9 +41,10 @@ use tokio_util::sync::CancellationToken;
 use super::rbac::{
     NonResourceRequest, RbacKind, RbacPolicy, ResourceRequest, ReviewAttributes, ReviewRequest,
 };
-use identity_binding_proxy::http as h;
-use identity_binding_proxy::keys::SigningKey;
-use identity_binding_proxy::limits::{Limits, LimitsConfig};
+use identity_binding_proxy::exchange::keys::SigningKey;
+use identity_binding_proxy::http::response as h;
+use identity_binding_proxy::http::{body, conn};
+use identity_binding_proxy::serve::limits::{Limits, LimitsConfig};
 
 const KEY_FILE: &str = "sa-signing-key.pem";
 const ISSUER_FILE: &str = "kube-issuer";
@@ -1087,13 +1088,13 @@ fn method_not_allowed() -> Response<Body> {
 /// token), so connections drain at once.
 async fn serve(listener: TcpListener, inner: Arc<Inner>) {
     let shutdown = inner.shutdown.clone();
-    h::serve_plain(
+    conn::serve_plain(
         listener,
         shutdown,
         Limits::new(LimitsConfig::unbounded()),
         // No connection deadline, as the apiserver has none for watches: a watch response
         // streams until its own `timeoutSeconds` (tests/rbac_churn.rs, a quiet cluster).
-        h::ConnTimeouts::NONE,
+        conn::ConnTimeouts::NONE,
         move |req, _peer| handle(inner.clone(), req),
     )
     .await
@@ -1435,9 +1436,9 @@ async fn read_object<T: serde::de::DeserializeOwned>(
     api_version: &str,
     kind: &str,
 ) -> Result<T, Response<Body>> {
-    let body = match h::read_body(req.into_body(), BODY_LIMIT).await {
+    let body = match body::read_body(req.into_body(), BODY_LIMIT).await {
         Ok(body) => body,
-        Err(h::BodyError::TooLarge(_)) => {
+        Err(body::BodyError::TooLarge(_)) => {
             return Err(status(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestEntityTooLarge",
@@ -2106,7 +2107,7 @@ rules:
     }
 
     async fn client(emu: &KubeEmulator) -> kube::Client {
-        identity_binding_proxy::http::install_crypto_provider();
+        identity_binding_proxy::crypto::install_provider();
         let kubeconfig = Kubeconfig::read_from(emu.kubeconfig_path()).unwrap();
         let config =
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -2183,8 +2184,8 @@ rules:
         let req = req
             .body(http_body_util::Full::new(Bytes::from(body.to_string())))
             .unwrap();
-        let fetched = identity_binding_proxy::http::fetch(
-            &identity_binding_proxy::http::client(),
+        let fetched = identity_binding_proxy::http::client::fetch(
+            &identity_binding_proxy::http::client::client(),
             req,
             Duration::from_secs(5),
             1 << 20,

@@ -8,7 +8,7 @@ use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use identity_binding_proxy::http::{json, text};
+use identity_binding_proxy::http::response::{json, text};
 
 /// Serves the files under `root` until `stop` fires. Returns the bound address.
 pub async fn start(
@@ -18,11 +18,11 @@ pub async fn start(
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let limits = identity_binding_proxy::limits::Limits::new(
-        identity_binding_proxy::limits::LimitsConfig::unbounded(),
+    let limits = identity_binding_proxy::serve::limits::Limits::new(
+        identity_binding_proxy::serve::limits::LimitsConfig::unbounded(),
     );
-    let timeouts = identity_binding_proxy::http::ConnTimeouts::NONE;
-    tokio::spawn(identity_binding_proxy::http::serve_plain(
+    let timeouts = identity_binding_proxy::http::conn::ConnTimeouts::NONE;
+    tokio::spawn(identity_binding_proxy::http::conn::serve_plain(
         listener,
         stop,
         limits,

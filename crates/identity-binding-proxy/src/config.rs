@@ -10,17 +10,14 @@ use clap::Parser;
 
 use crate::authn::AuthnConfig;
 use crate::authz::AuthzConfig;
-use crate::cache::CacheConfig;
 use crate::cli::{
     AdminArgs, AuthnArgs, AuthzArgs, CacheArgs, EntraArgs, IdentityArgs, ServeArgs, ServerArgs,
-    TlsArgs,
 };
-use crate::issuer::IssuerUrl;
-use crate::limits::LimitsConfig;
-use crate::tls::TlsEntry;
-
-pub const PUBLIC_CLOUD: &str = "https://login.microsoftonline.com";
-pub const DEFAULT_TOKEN_AUDIENCE: &str = "api://AKSIdentityBinding";
+use crate::exchange::authority::{parse_authority, SniProfile};
+use crate::exchange::cache::CacheConfig;
+use crate::exchange::issuer::IssuerUrl;
+use crate::serve::limits::LimitsConfig;
+use crate::serve::tls::TlsConfig;
 
 /// The validated configuration of one proxy, one struct per component.
 #[derive(Clone, Debug)]
@@ -46,20 +43,11 @@ pub struct ProxyConfig {
     /// How often the token cache looks for refreshes that are due.
     pub refresh_tick: Duration,
     /// When a newly loaded issuer key may sign.
-    pub key_activation: crate::activation::ActivationConfig,
+    pub key_activation: crate::exchange::activation::ActivationConfig,
     /// How a "no matching FIC" answer is retried while a new FIC may be propagating.
-    pub fic_propagation: crate::entra::FicPropagation,
+    pub fic_propagation: crate::exchange::entra::FicPropagation,
     /// Sidecar mode (None: the node's proxy).
-    pub sidecar: Option<crate::sidecar::SidecarConfig>,
-}
-
-/// The serving certificates, by SNI name.
-#[derive(Clone, Debug)]
-pub struct TlsConfig {
-    pub entries: Vec<TlsEntry>,
-    /// The name a client that sends no SNI is served under (else it is refused).
-    pub default_name: Option<String>,
-    pub handshake_timeout: Duration,
+    pub sidecar: Option<crate::serve::sidecar::SidecarConfig>,
 }
 
 /// The keys that sign our assertions and the issuer URL they carry.
@@ -143,7 +131,7 @@ impl ProxyConfig {
         Ok(Self {
             kubeconfig: a.cluster.kubeconfig.clone(),
             watch_timeout: secs(a.cluster.watch_timeout_secs),
-            tls: tls_config(&a.tls),
+            tls: TlsConfig::from_args(&a.tls),
             issuer: issuer_config(&a.identities)?,
             bindings: a.identities.bindings.clone(),
             entra,
@@ -157,17 +145,17 @@ impl ProxyConfig {
             server,
             admin: admin_config(&a.admin)?,
             shutdown_delay: secs(a.process.shutdown_delay_secs),
-            reload_period: Duration::from_secs(2),
-            refresh_tick: Duration::from_secs(1),
-            key_activation: crate::activation::ActivationConfig {
+            reload_period: crate::files::RELOAD_PERIOD,
+            refresh_tick: crate::exchange::cache::REFRESH_TICK,
+            key_activation: crate::exchange::activation::ActivationConfig {
                 delay: secs(a.key_activation.issuer_key_activation_delay_secs),
                 check_period: deadline(a.key_activation.issuer_key_check_secs),
             },
-            fic_propagation: crate::entra::FicPropagation {
+            fic_propagation: crate::exchange::entra::FicPropagation {
                 retries: a.fic_propagation.fic_propagation_retries,
                 backoff: Duration::from_millis(a.fic_propagation.fic_propagation_backoff_ms),
             },
-            sidecar: crate::sidecar::config(
+            sidecar: crate::serve::sidecar::config(
                 &a.sidecar,
                 a.server.listen,
                 a.admin.admin_listen,
@@ -190,14 +178,6 @@ fn positive(values: &[(&str, usize)]) -> Result<(), String> {
     match values.iter().find(|(_, v)| *v == 0) {
         Some((flag, _)) => Err(format!("{flag} must be positive")),
         None => Ok(()),
-    }
-}
-
-fn tls_config(a: &TlsArgs) -> TlsConfig {
-    TlsConfig {
-        entries: a.tls.clone(),
-        default_name: a.default_sni.clone(),
-        handshake_timeout: deadline(a.handshake_timeout_secs),
     }
 }
 
@@ -306,82 +286,6 @@ fn admin_config(a: &AdminArgs) -> Result<AdminConfig, String> {
             ..LimitsConfig::unbounded()
         },
     })
-}
-
-/// Authority hosts of the sovereign clouds, by the names operators use.
-pub fn cloud_authority(cloud: &str) -> Option<&'static str> {
-    match cloud.to_ascii_lowercase().as_str() {
-        "public" | "azurepubliccloud" => Some(PUBLIC_CLOUD),
-        "usgov" | "azureusgovernment" => Some("https://login.microsoftonline.us"),
-        "china" | "azurechinacloud" => Some("https://login.chinacloudapi.cn"),
-        _ => None,
-    }
-}
-
-/// The Entra settings of one SNI name: which cloud its identities live in, and the tenant
-/// assumed for requests whose path names none.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SniProfile {
-    pub name: String,
-    pub authority: url::Url,
-    pub tenant: Option<String>,
-}
-
-impl std::str::FromStr for SniProfile {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("--sni-profile '{s}': {why}");
-        let (name, rest) = s
-            .split_once('=')
-            .ok_or_else(|| bad("expected NAME=cloud=..|authority=..[,tenant=..]"))?;
-        let mut authority = None;
-        let mut tenant = None;
-        for pair in rest.split(',').filter(|p| !p.trim().is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| bad(&format!("'{pair}' is not key=value")))?;
-            match k.trim() {
-                "cloud" => {
-                    let host = cloud_authority(v.trim()).ok_or_else(|| {
-                        bad(&format!("unknown cloud '{v}' (public, usgov or china)"))
-                    })?;
-                    authority = Some(parse_authority(host)?);
-                }
-                "authority" => authority = Some(parse_authority(v.trim())?),
-                "tenant" => {
-                    let t = v.trim().to_ascii_lowercase();
-                    if crate::token::parse_guid(&t).is_none() && !t.contains('.') {
-                        return Err(bad("tenant must be a GUID or a domain"));
-                    }
-                    tenant = Some(t);
-                }
-                other => return Err(bad(&format!("unknown key '{other}'"))),
-            }
-        }
-        Ok(Self {
-            name: name.trim().to_ascii_lowercase(),
-            authority: authority.ok_or_else(|| bad("cloud= or authority= is required"))?,
-            tenant,
-        })
-    }
-}
-
-/// An Entra authority host: https, or http on loopback (emulators).
-pub fn parse_authority(s: &str) -> Result<url::Url, String> {
-    let url =
-        url::Url::parse(s).map_err(|e| format!("--authority-host '{s}' is not a URL: {e}"))?;
-    let ok = url.scheme() == "https" || (url.scheme() == "http" && crate::http::is_loopback(&url));
-    if !ok {
-        return Err(format!(
-            "--authority-host '{s}' must be https (plain http only for loopback emulators)"
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "--authority-host '{s}' must not have a query or fragment"
-        ));
-    }
-    Ok(url)
 }
 
 #[cfg(test)]

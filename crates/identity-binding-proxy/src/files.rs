@@ -9,6 +9,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// How often the files the proxy reloads (bindings, issuer keys, certificates) are checked for
+/// changes.
+pub const RELOAD_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Owner read/write only: private keys, bearer tokens, SA tokens.
 pub const PRIVATE: u32 = 0o600;
 /// Readable by all (before the umask): certificates, public documents, descriptions.

@@ -1,10 +1,10 @@
 //! identity-binding-proxy: the production binary (`serve`, `issuer`, `probe`). How it parses,
-//! runs and exits is in [`identity_binding_proxy::process`].
+//! runs and exits is in [`identity_binding_proxy::cli::process`].
 
 use std::process::ExitCode;
 
+use identity_binding_proxy::cli::process;
 use identity_binding_proxy::cli::Cli;
-use identity_binding_proxy::process;
 
 /// jemalloc instead of glibc's malloc: its background thread hands freed pages back to the
 /// kernel (after its decay time), so memory that a burst of connections took — the node's

@@ -253,7 +253,7 @@ impl Metrics {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for outcome in crate::error::OUTCOMES {
+        for outcome in crate::request::error::OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);
         }
         // Alerts on callers over their budget need the series before the first refusal.
@@ -284,20 +284,23 @@ impl Metrics {
         for what in ["roles", "bindings"] {
             self.rbac.index_entries.with_label_values(&[what]);
         }
-        let refusals = crate::limits::Refusal::ALL.map(crate::limits::Refusal::label);
-        for reason in crate::tls::HANDSHAKE_FAILURES.iter().chain(&refusals) {
+        let refusals = crate::serve::limits::Refusal::ALL.map(crate::serve::limits::Refusal::label);
+        for reason in crate::serve::handshake::HANDSHAKE_FAILURES
+            .iter()
+            .chain(&refusals)
+        {
             self.tls_handshake_failures.with_label_values(&[reason]);
         }
         for port in ["token", "admin"] {
-            for why in crate::limits::Eviction::ALL {
+            for why in crate::serve::limits::Eviction::ALL {
                 self.connection_evictions
                     .with_label_values(&[port, why.label()]);
             }
         }
-        for reason in crate::refusals::reasons() {
+        for reason in crate::serve::refusals::reasons() {
             self.log.refusals.with_label_values(&[reason]);
         }
-        for kind in crate::limits::Spend::ALL {
+        for kind in crate::serve::limits::Spend::ALL {
             self.caller_budget_exceeded
                 .with_label_values(&[kind.label()]);
         }
@@ -330,7 +333,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         // The log's writer counts its drops process-wide (it is the process's stderr).
-        let dropped = crate::logpipe::dropped();
+        let dropped = crate::serve::logpipe::dropped();
         let counted = self.log.lines_dropped.get();
         if dropped > counted {
             self.log.lines_dropped.inc_by(dropped - counted);

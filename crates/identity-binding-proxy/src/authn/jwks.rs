@@ -281,10 +281,10 @@ mod tests {
 
     #[test]
     fn a_refresh_names_only_the_keys_that_left_or_changed() {
-        let a = crate::keys::SigningKey::generate(2048).unwrap();
-        let b = crate::keys::SigningKey::generate(2048).unwrap();
-        let c = crate::keys::SigningKey::generate(2048).unwrap();
-        let set = |keys: &[(&str, &crate::keys::SigningKey)]| {
+        let a = crate::exchange::keys::SigningKey::generate(2048).unwrap();
+        let b = crate::exchange::keys::SigningKey::generate(2048).unwrap();
+        let c = crate::exchange::keys::SigningKey::generate(2048).unwrap();
+        let set = |keys: &[(&str, &crate::exchange::keys::SigningKey)]| {
             let keys: Vec<serde_json::Value> = keys
                 .iter()
                 .map(|(kid, k)| {
@@ -348,7 +348,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cluster = rt.block_on(unreachable_cluster(dir.path()));
         let state = dir.path().join("state");
-        let key = crate::keys::SigningKey::generate(2048).unwrap();
+        let key = crate::exchange::keys::SigningKey::generate(2048).unwrap();
         let jwks = serde_json::json!({ "keys": [key.public().jwk()] }).to_string();
         let persisted = PersistedKeys {
             issuer: "https://kubernetes.default.svc".into(),

@@ -16,10 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{Cluster, ClusterError};
-use crate::error::{ProxyError, Result};
 use crate::metrics::Metrics;
+use crate::request::error::{ProxyError, Result};
 
 pub use verify::{pre_parse_header, PreHeader};
+
+/// The audience a service-account token must carry unless `--token-audience` says otherwise.
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "api://AKSIdentityBinding";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthnMode {

@@ -10,9 +10,9 @@ use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 use super::verify::token_ttl;
 use super::Caller;
 use crate::cluster::Cluster;
-use crate::error::{ProxyError, Result};
 use crate::expiry::{Lifetime, OwnLifetime};
 use crate::metrics::Metrics;
+use crate::request::error::{ProxyError, Result};
 
 /// The apiserver's answer on one token.
 #[derive(Clone)]
@@ -86,7 +86,7 @@ impl Reviews {
                 "The Kubernetes API server did not accept the service-account token ({}). The \
                  pod or service account may have been deleted; restart the pod to get a fresh \
                  token.",
-                crate::token::printable(&why, 300)
+                crate::request::token::printable(&why, 300)
             ))),
         }
     }
@@ -139,7 +139,7 @@ fn outcome_of(status: TokenReviewStatus) -> Outcome {
     else {
         return Outcome::Refused(format!(
             "the token belongs to '{}', not to a service account",
-            crate::token::printable(&username, 120)
+            crate::request::token::printable(&username, 120)
         ));
     };
     let mut caller = Caller::new(ns, name, user.uid.as_deref().unwrap_or(""));

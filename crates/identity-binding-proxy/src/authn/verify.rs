@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use super::jwks::KeyChange;
 use super::Caller;
-use crate::error::{codes, ProxyError, Result};
 use crate::expiry::OwnLifetime;
+use crate::request::error::{codes, ProxyError, Result};
 
 /// Clock skew tolerated on `exp`/`nbf`, as the apiserver does for projected tokens.
 const LEEWAY_SECS: u64 = 30;
@@ -85,7 +85,7 @@ pub fn pre_parse_header(token: &str) -> Result<PreHeader> {
             return Err(ProxyError::invalid_assertion(format!(
                 "The token's signing algorithm '{}' is refused: only asymmetric algorithms \
                  (RS256, ES256, ...) are accepted for service-account tokens.",
-                crate::token::printable(other, 20)
+                crate::request::token::printable(other, 20)
             )))
         }
     };
@@ -140,7 +140,7 @@ pub(super) fn missing_key(
              token projected by this cluster (AZURE_FEDERATED_TOKEN_FILE).",
         );
     };
-    let kid = crate::token::printable(raw_kid, 64);
+    let kid = crate::request::token::printable(raw_kid, 64);
     if let Some(key_alg) = published_alg {
         return ProxyError::invalid_assertion(format!(
             "The service-account token's algorithm '{:?}' does not match key '{kid}' of this \
@@ -159,7 +159,7 @@ pub(super) fn missing_key(
 fn expired(unverified: &serde_json::Value) -> ProxyError {
     let at = unverified["exp"].as_u64().map(|t| {
         let exp = UNIX_EPOCH + Duration::from_secs(t);
-        format!(" at {}", crate::oauth::entra_timestamp(exp))
+        format!(" at {}", crate::request::oauth::entra_timestamp(exp))
     });
     ProxyError::InvalidAssertion {
         code: codes::ASSERTION_EXPIRED,
@@ -211,12 +211,12 @@ fn describe_jwt_error(
             "The service-account token's audience {} does not include '{audience}'. Project \
              the token with audience '{audience}' (the workload identity webhook does this \
              for pods annotated for identity binding).",
-            crate::token::printable(&unverified["aud"].to_string(), 200),
+            crate::request::token::printable(&unverified["aud"].to_string(), 200),
         )),
         ErrorKind::InvalidIssuer => ProxyError::invalid_assertion(format!(
             "The service-account token was issued by '{}', but this cluster's issuer is \
              '{}'. Use a token projected by this cluster.",
-            crate::token::printable(unverified["iss"].as_str().unwrap_or("<none>"), 200),
+            crate::request::token::printable(unverified["iss"].as_str().unwrap_or("<none>"), 200),
             issuer
         )),
         ErrorKind::MissingRequiredClaim(claim) => missing_claim(claim),

@@ -3,6 +3,11 @@
 //! module; this file only calls them in order and turns the outcome into a response, a metric
 //! and one log line.
 
+pub mod error;
+pub mod memo;
+pub mod oauth;
+pub mod token;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,16 +16,17 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::authn::{token_digest, Authenticator, Caller};
 use crate::authz::Authorizer;
-use crate::bindings::Bindings;
-use crate::cache::{CacheKey, Entry, Lookup, Served, TokenCache};
-use crate::entra::IssuedToken;
-use crate::error::{ProxyError, Result};
-use crate::http::{json, read_request_body, Body};
-use crate::issuer::Issuer;
-use crate::limits::ConnectionPermit;
-use crate::memo::{Ask, Generations, Grant, Known, Memo};
+use crate::exchange::bindings::Bindings;
+use crate::exchange::cache::IssuedToken;
+use crate::exchange::cache::{CacheKey, Entry, Lookup, Served, TokenCache};
+use crate::exchange::issuer::Issuer;
+use crate::http::body::read_request_body;
+use crate::http::response::{json, Body};
 use crate::metrics::Metrics;
-use crate::token::{self, Lifetimes, Route};
+use crate::request::error::{ProxyError, Result};
+use crate::request::memo::{Ask, Generations, Grant, Known, Memo};
+use crate::serve::limits::ConnectionPermit;
+use token::{Lifetimes, Route};
 
 /// Everything a request needs, built once and shared.
 pub struct App {
@@ -42,9 +48,9 @@ pub struct App {
     /// Deadline for a whole request, from its head to its response.
     pub request_timeout: Duration,
     /// Sidecar mode: the one service account served (None: the node's proxy serves all).
-    pub own_account: Option<crate::sidecar::OwnAccount>,
+    pub own_account: Option<crate::serve::sidecar::OwnAccount>,
     /// Refusals before authentication, counted and summarized per peer.
-    pub refusals: Arc<crate::refusals::Refusals>,
+    pub refusals: Arc<crate::serve::refusals::Refusals>,
 }
 
 /// The Entra settings a connection's SNI name selects.
@@ -167,12 +173,15 @@ impl App {
         trace.scope = Some(req.scope.clone());
         let known = self.authenticate(&req.assertion).await?;
         // While this request is in flight, its connection is not evicted at the cap.
-        if let Some(request) = parts.extensions.get::<crate::limits::ActivityGuard>() {
+        if let Some(request) = parts
+            .extensions
+            .get::<crate::serve::limits::ActivityGuard>()
+        {
             request.authenticated();
         }
         let caller = &known.caller;
         trace.caller = Some(caller.clone());
-        crate::sidecar::check(self.own_account.as_ref(), caller)?;
+        crate::serve::sidecar::check(self.own_account.as_ref(), caller)?;
         // On EVERY request (from the memo while the decisions and bindings it came from are
         // unchanged), before the cache, and before anything that could tell an unauthorized
         // caller whether or where this identity is bound.
@@ -417,7 +426,7 @@ fn is_host_port(s: &str) -> bool {
         port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
-        None => !host.is_empty() && crate::token::is_host_name(host),
+        None => !host.is_empty() && crate::request::token::is_host_name(host),
     };
     port_ok && host_ok
 }

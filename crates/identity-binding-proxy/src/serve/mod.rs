@@ -2,6 +2,16 @@
 //! the background tasks (JWKS refresh, bindings and certificate reload). `serve` and `dev` both
 //! come through [`start`], so dev runs exactly the production code path.
 
+pub(crate) mod admin;
+pub mod handshake;
+pub mod limits;
+pub mod logline;
+pub mod logpipe;
+pub(crate) mod refusals;
+pub(crate) mod sidecar;
+pub mod signal;
+pub(crate) mod tls;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,20 +22,20 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Readiness;
 use crate::authn::Authenticator;
 use crate::authz::Authorizer;
-use crate::bindings::Bindings;
-use crate::cache::TokenCache;
 use crate::cluster::Cluster;
 use crate::config::{ProxyConfig, ServerConfig};
-use crate::entra::{EntraClient, Exchanger};
-use crate::http::{accept_loop, serve_connection, ConnTimeouts};
-use crate::issuer::Issuer;
-use crate::limits::{CallerBudgets, ConnectionPermit, Limits};
+use crate::exchange::bindings::Bindings;
+use crate::exchange::cache::TokenCache;
+use crate::exchange::entra::{EntraClient, Exchanger};
+use crate::exchange::issuer::Issuer;
+use crate::http::conn::{accept_loop, serve_connection, ConnTimeouts};
 use crate::metrics::Metrics;
-use crate::proxy::{App, ConnInfo, Profile};
-use crate::tls::SniRouter;
+use crate::request::{App, ConnInfo, Profile};
+use crate::serve::admin::Readiness;
+use crate::serve::limits::{CallerBudgets, ConnectionPermit, Limits};
+use crate::serve::tls::SniRouter;
 
 /// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
 const JWKS_REFRESH: Duration = Duration::from_secs(300);
@@ -47,7 +57,7 @@ pub struct RunningProxy {
 impl RunningProxy {
     /// Serves until SIGTERM or SIGINT, then stops as [`RunningProxy::stop_after`] says.
     pub async fn serve_until_signal(self) {
-        let how = crate::signal::shutdown_requested().await;
+        let how = crate::serve::signal::shutdown_requested().await;
         self.stop_after(how).await;
     }
 
@@ -55,10 +65,10 @@ impl RunningProxy {
     /// serving for the shutdown delay (so endpoints and load balancers stop sending new
     /// callers; SIGINT, a person at a terminal, skips it); then it stops accepting and drains
     /// in-flight requests within the drain deadline.
-    pub async fn stop_after(self, how: crate::signal::Stop) {
+    pub async fn stop_after(self, how: crate::serve::signal::Stop) {
         let delay = match how {
-            crate::signal::Stop::Terminate => self.shutdown_delay,
-            crate::signal::Stop::Interrupt => Duration::ZERO,
+            crate::serve::signal::Stop::Terminate => self.shutdown_delay,
+            crate::serve::signal::Stop::Interrupt => Duration::ZERO,
         };
         self.readiness.set_draining();
         tracing::info!(
@@ -140,12 +150,12 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
 /// [`start`] on listeners bound already (so `dev` can refuse a busy port before it writes
 /// anything, and never give the port up in between).
 pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<RunningProxy> {
-    crate::http::install_crypto_provider();
+    crate::crypto::install_provider();
     deepen_backlog(&listeners.proxy)?;
     deepen_backlog(&listeners.admin)?;
     let metrics = Arc::new(Metrics::new());
     if let Some(sidecar) = &config.sidecar {
-        crate::sidecar::make_certificates(sidecar, &config.tls)?;
+        crate::serve::sidecar::make_certificates(sidecar, &config.tls)?;
     }
     let router =
         SniRouter::load(config.tls.clone(), metrics.clone()).map_err(anyhow::Error::msg)?;
@@ -155,7 +165,7 @@ pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Resu
     let (addr, admin_addr) = (listeners.proxy.local_addr()?, listeners.admin.local_addr()?);
     let (stop, background) = (CancellationToken::new(), CancellationToken::new());
     spawn_background(&app, &router, &config, &background);
-    let admin = tokio::spawn(crate::admin::serve(
+    let admin = tokio::spawn(crate::serve::admin::serve(
         listeners.admin,
         (config.admin.clone(), config.server.timeouts()),
         readiness.clone(),
@@ -193,7 +203,8 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
     let issuer = Arc::new(issuer);
     let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
     let cluster = Cluster::connect(config.kubeconfig.as_deref(), config.watch_timeout).await?;
-    let (cluster, own_account) = crate::sidecar::as_configured(cluster, config).await?;
+    let (cluster, own_account) =
+        crate::serve::sidecar::as_configured(cluster, config.sidecar.as_ref()).await?;
     let authn = Arc::new(Authenticator::new(
         cluster.clone(),
         config.authn.clone(),
@@ -211,8 +222,12 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         metrics.clone(),
     ));
     let entra = Arc::new(
-        EntraClient::new(crate::http::client(), config.entra.timeout, metrics.clone())
-            .with_fic_propagation(config.fic_propagation.clone()),
+        EntraClient::new(
+            crate::http::client::client(),
+            config.entra.timeout,
+            metrics.clone(),
+        )
+        .with_fic_propagation(config.fic_propagation.clone()),
     );
     let exchanger = Arc::new(Exchanger {
         bindings: bindings.clone(),
@@ -230,7 +245,7 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         authz,
         bindings,
         cache,
-        memo: Arc::new(crate::memo::Memo::new(MEMO_CAPACITY)),
+        memo: Arc::new(crate::request::memo::Memo::new(MEMO_CAPACITY)),
         issuer,
         metrics: metrics.clone(),
         profiles: config
@@ -244,9 +259,9 @@ async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Resu
         body_timeout: config.server.body_timeout,
         request_timeout: config.server.request_timeout,
         own_account,
-        refusals: crate::refusals::Refusals::start(
-            Some(metrics.clone()),
-            crate::refusals::SUMMARY_INTERVAL,
+        refusals: crate::serve::refusals::Refusals::start(
+            Some(metrics.log.refusals.clone()),
+            crate::serve::refusals::SUMMARY_INTERVAL,
         ),
     }))
 }
@@ -271,7 +286,7 @@ fn spawn_background(
     );
     tokio::spawn(app.issuer.clone().watch(config.reload_period, stop.clone()));
     if !config.key_activation.delay.is_zero() {
-        tokio::spawn(crate::activation::run(
+        tokio::spawn(crate::exchange::activation::run(
             app.issuer.clone(),
             app.bindings.clone(),
             app.metrics.clone(),
@@ -327,7 +342,7 @@ impl TlsConnection {
         let conn_info = Arc::new(ConnInfo {
             peer: self.peer,
             sni: self.router.served_name(session.server_name()),
-            alpn: crate::proxy::alpn_label(session.alpn_protocol()),
+            alpn: crate::request::alpn_label(session.alpn_protocol()),
             permit: self.permit,
         });
         let app = self.app;
@@ -384,7 +399,7 @@ async fn serve_tls(
     let builder = Arc::new(token_port_builder(config));
     let timeouts = config.timeouts();
     let metrics = app.metrics.clone();
-    let refused = |peer, refusal: crate::limits::Refusal| {
+    let refused = |peer, refusal: crate::serve::limits::Refusal| {
         metrics
             .tls_handshake_failures
             .with_label_values(&[refusal.label()])
@@ -449,7 +464,7 @@ mod tests {
                 counted.fetch_add(1, Ordering::AcqRel);
                 async move {
                     tokio::time::sleep(work).await;
-                    crate::http::text(StatusCode::OK, "ok")
+                    crate::http::response::text(StatusCode::OK, "ok")
                 }
             };
             let conn = (permit.activity(), timeouts);
@@ -544,10 +559,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_evicted_connection_finishes_a_request_authenticated_after_it_was_chosen() {
         let config = defaults();
-        let limits = Limits::new(crate::limits::LimitsConfig {
+        let limits = Limits::new(crate::serve::limits::LimitsConfig {
             max_connections: 2,
             max_connections_per_peer: 2,
-            ..crate::limits::LimitsConfig::unbounded()
+            ..crate::serve::limits::LimitsConfig::unbounded()
         });
         let peer = |last| std::net::IpAddr::from([10, 0, 0, last]);
         // A's other connection serves an authenticated caller: never the one chosen.
@@ -564,10 +579,12 @@ mod tests {
             let go = go.clone();
             async move {
                 go.notified().await;
-                let request = req.extensions().get::<crate::limits::ActivityGuard>();
+                let request = req
+                    .extensions()
+                    .get::<crate::serve::limits::ActivityGuard>();
                 request.expect("the request's mark").authenticated();
                 tokio::time::sleep(Duration::from_secs(30)).await;
-                crate::http::text(StatusCode::OK, "ok")
+                crate::http::response::text(StatusCode::OK, "ok")
             }
         };
         let builder = token_port_builder(&config);

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use crate::authn::Caller;
 use crate::cluster::{Cluster, Subject, GRANT_GROUP, GRANT_VERB};
-use crate::error::{ProxyError, Result};
 use crate::expiry::{Lifetime, OwnLifetime};
-use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
+use crate::request::error::{ProxyError, Result};
+use crate::serve::limits::{CallerBudgets, Spend};
 
 pub mod index;
 
@@ -468,7 +468,7 @@ pub fn wildcard_denial(caller: &Caller, client_id: &str, reason: &str) -> String
     } else {
         format!(
             " (the apiserver says: {})",
-            crate::token::printable(reason, 300)
+            crate::request::token::printable(reason, 300)
         )
     };
     format!(

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::authn::Caller;
-use crate::cache::{CacheKey, Entry};
+use crate::exchange::cache::{CacheKey, Entry};
 use crate::expiry::{Lifetime, OwnLifetime};
 
 /// Longest a grant is used before the full path checks it again (its decision may have

@@ -11,9 +11,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::cli::issuer;
 use crate::cli::{Command, LogFormat};
 use crate::config::ProxyConfig;
-use crate::{issuer, server};
+use crate::serve as server;
 
 const EX_USAGE: u8 = 64;
 /// How long the exit waits for the log's last lines: a reader that stopped reading cannot
@@ -51,7 +52,7 @@ where
     };
     let result = runtime.block_on(run(cli));
     // Every line of the run (the drain's included) is out before the process is.
-    crate::logpipe::flush(LOG_FLUSH_LIMIT);
+    crate::serve::logpipe::flush(LOG_FLUSH_LIMIT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
@@ -98,7 +99,7 @@ fn flush_logs_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if std::thread::current().name() == Some("main") {
-            crate::logpipe::flush(PANIC_FLUSH_LIMIT);
+            crate::serve::logpipe::flush(PANIC_FLUSH_LIMIT);
         }
         report(info);
     }));
@@ -127,9 +128,11 @@ pub fn init_logs(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(crate::logpipe::install(std::io::stderr()));
+        .with_writer(crate::serve::logpipe::install(std::io::stderr()));
     let _ = match format {
-        LogFormat::Json => builder.event_format(crate::logline::JsonLine).try_init(),
+        LogFormat::Json => builder
+            .event_format(crate::serve::logline::JsonLine)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }
@@ -148,7 +151,7 @@ pub async fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Issuer(cmd) => issuer::run(cmd).map_err(Failure::Usage),
-        Command::Probe(a) => crate::sidecar::probe(&a.url)
+        Command::Probe(a) => crate::serve::sidecar::probe(&a.url)
             .await
             .map_err(|e| Failure::Runtime(anyhow::anyhow!(e))),
     }

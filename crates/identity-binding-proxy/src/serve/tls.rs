@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use clap::Args;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::Acceptor;
@@ -21,8 +22,43 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::StartHandshake;
 
-use crate::config::TlsConfig;
 use crate::metrics::Metrics;
+use crate::serve::handshake::HandshakeError;
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "TLS")]
+pub struct TlsArgs {
+    /// NAME=CERT.pem,KEY.pem: the certificate served for SNI name NAME. Repeatable (in the
+    /// environment, separate entries with ';').
+    #[arg(long, env = "IBP_TLS", value_delimiter = ';', required = true)]
+    pub tls: Vec<TlsEntry>,
+    /// SNI name used for clients that send no SNI at all (else they are refused).
+    #[arg(long, env = "IBP_DEFAULT_SNI")]
+    pub default_sni: Option<String>,
+    /// Deadline for a TLS handshake.
+    #[arg(long, env = "IBP_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+}
+
+/// The serving certificates, by SNI name.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub entries: Vec<TlsEntry>,
+    /// The name a client that sends no SNI is served under (else it is refused).
+    pub default_name: Option<String>,
+    pub handshake_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// The `--tls`, `--default-sni` and `--handshake-timeout-secs` flags, as configured.
+    pub fn from_args(a: &TlsArgs) -> Self {
+        TlsConfig {
+            entries: a.tls.clone(),
+            default_name: a.default_sni.clone(),
+            handshake_timeout: Duration::from_secs(a.handshake_timeout_secs.max(1)),
+        }
+    }
+}
 
 /// A TLS alert record: fatal (2), unrecognized_name (112), sent as TLS 1.2 record version as
 /// every TLS 1.3 stack does for alerts before the handshake.
@@ -55,37 +91,6 @@ impl std::str::FromStr for TlsEntry {
             cert: PathBuf::from(cert.trim()),
             key: PathBuf::from(key.trim()),
         })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
-    #[error("client sent SNI name that is not served")]
-    UnknownName,
-    #[error("client sent no SNI name and no default is configured")]
-    NoName,
-    #[error("TLS handshake failed: {0}")]
-    Tls(String),
-    #[error("TLS handshake timed out")]
-    Timeout,
-    #[error("connection closed during the handshake")]
-    Closed,
-}
-
-/// Every [`HandshakeError::reason`], for the metric's series created at start.
-pub const HANDSHAKE_FAILURES: [&str; 5] =
-    ["unknown_sni", "no_sni", "tls_error", "timeout", "closed"];
-
-impl HandshakeError {
-    /// Bounded label for the handshake-failure metric (one of [`HANDSHAKE_FAILURES`]).
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::UnknownName => "unknown_sni",
-            Self::NoName => "no_sni",
-            Self::Tls(_) => "tls_error",
-            Self::Timeout => "timeout",
-            Self::Closed => "closed",
-        }
     }
 }
 
@@ -145,7 +150,7 @@ fn load_config(entry: &TlsEntry) -> Result<Loaded, String> {
             entry.key.display()
         ),
     })?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = crate::crypto::provider();
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -343,6 +348,7 @@ impl SniRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::handshake::HANDSHAKE_FAILURES;
 
     #[test]
     fn every_handshake_failure_reason_has_its_series() {

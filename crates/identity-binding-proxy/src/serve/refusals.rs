@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use crate::metrics::Metrics;
+use prometheus::IntCounterVec;
 
 /// How often a peer's refusals are summarized: at most one line per peer per 10 s, about
 /// 6 lines (under 3 KiB) a minute for a peer refused without pause, against the 64 KiB a
@@ -29,11 +29,13 @@ const OTHER: &str = "other";
 /// Every reason counted: the connection limits, the handshake failures, and the outcomes of
 /// requests refused before authentication.
 pub fn reasons() -> impl Iterator<Item = &'static str> {
-    let limits = crate::limits::Refusal::ALL.map(crate::limits::Refusal::label);
-    let outcomes = crate::error::OUTCOMES.iter().filter(|o| **o != "success");
+    let limits = crate::serve::limits::Refusal::ALL.map(crate::serve::limits::Refusal::label);
+    let outcomes = crate::request::error::OUTCOMES
+        .iter()
+        .filter(|o| **o != "success");
     limits
         .into_iter()
-        .chain(crate::tls::HANDSHAKE_FAILURES)
+        .chain(crate::serve::handshake::HANDSHAKE_FAILURES)
         .chain(outcomes.copied())
 }
 
@@ -85,7 +87,8 @@ impl Tally {
 
 /// Which peers are refused, how often, and why, since their last line.
 pub struct Refusals {
-    metrics: Option<Arc<Metrics>>,
+    /// The refusals counter (`reason` label), when the process exports metrics.
+    counter: Option<IntCounterVec>,
     peers: Mutex<Peers>,
 }
 
@@ -99,9 +102,9 @@ struct Peers {
 impl Refusals {
     /// A table whose summaries are written every `interval` by a task of the current runtime
     /// (it ends with the table; what is pending then is written as it goes).
-    pub fn start(metrics: Option<Arc<Metrics>>, interval: Duration) -> Arc<Self> {
+    pub fn start(counter: Option<IntCounterVec>, interval: Duration) -> Arc<Self> {
         let refusals = Arc::new(Self {
-            metrics,
+            counter,
             peers: Mutex::new(Peers::default()),
         });
         tokio::spawn(summarize_every(Arc::downgrade(&refusals), interval));
@@ -111,8 +114,8 @@ impl Refusals {
     /// Counts one refusal of `peer` for `reason` (a bounded label). True when the caller
     /// should log this one in full: the first of its peer since the peer's last line.
     pub fn record(&self, peer: IpAddr, reason: &'static str) -> bool {
-        if let Some(metrics) = &self.metrics {
-            metrics.log.refusals.with_label_values(&[reason]).inc();
+        if let Some(counter) = &self.counter {
+            counter.with_label_values(&[reason]).inc();
         }
         let mut guard = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let peers = &mut *guard;
@@ -133,7 +136,7 @@ impl Refusals {
     }
 
     /// A connection closed at once for a limit: counted, and logged when first of its peer.
-    pub fn connection(&self, peer: SocketAddr, refusal: crate::limits::Refusal) {
+    pub fn connection(&self, peer: SocketAddr, refusal: crate::serve::limits::Refusal) {
         if self.record(peer.ip(), refusal.label()) {
             tracing::warn!(%peer, reason = refusal.label(), "connection limit reached; closing new connection");
         }
@@ -141,7 +144,7 @@ impl Refusals {
 
     /// A failed TLS handshake: counted, and logged when first of its peer, with what failed
     /// (a client that does not trust our CA says so in its alert).
-    pub fn handshake(&self, peer: SocketAddr, error: &crate::tls::HandshakeError) {
+    pub fn handshake(&self, peer: SocketAddr, error: &crate::serve::handshake::HandshakeError) {
         if self.record(peer.ip(), error.reason()) {
             tracing::warn!(%peer, reason = error.reason(), %error, "TLS handshake refused");
         }
@@ -205,6 +208,7 @@ async fn summarize_every(refusals: Weak<Refusals>, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
     use crate::testlog::Capture;
 
     fn lines(capture: &Capture) -> Vec<serde_json::Value> {
@@ -229,7 +233,7 @@ mod tests {
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
         let metrics = Arc::new(Metrics::new());
-        let refusals = Refusals::start(Some(metrics.clone()), Duration::from_secs(10));
+        let refusals = Refusals::start(Some(metrics.log.refusals.clone()), Duration::from_secs(10));
         tokio::task::yield_now().await;
 
         // The first of each peer is for its caller to log; the rest are counted.
@@ -299,7 +303,7 @@ mod tests {
     #[test]
     fn peers_beyond_the_table_are_summarized_together() {
         let refusals = Refusals {
-            metrics: None,
+            counter: None,
             peers: Mutex::new(Peers::default()),
         };
         for i in 0..MAX_PEERS as u32 + 10 {

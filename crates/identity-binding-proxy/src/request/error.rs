@@ -6,9 +6,9 @@
 
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::http::{json, Body};
+use crate::http::response::{json, Body};
 
-use crate::oauth::ErrorBody;
+use crate::request::oauth::ErrorBody;
 
 /// AADSTS codes our own refusals carry, chosen to match what Entra says for the same mistake so
 /// that operators can search for them.

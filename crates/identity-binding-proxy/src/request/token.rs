@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 use http::{Method, Response, StatusCode};
 use serde::Serialize;
 
-use crate::error::{codes, ProxyError, Result};
-use crate::http::{json_value, Body};
+use crate::http::response::{json_value, Body};
+use crate::request::error::{codes, ProxyError, Result};
 
 pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
 pub const ASSERTION_TYPE_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -513,7 +513,7 @@ pub struct Lifetimes {
 
 impl Lifetimes {
     /// What is left now of `t`'s lifetimes (`expires_in` is the REMAINING lifetime).
-    pub fn remaining(t: &crate::entra::IssuedToken) -> Self {
+    pub fn remaining(t: &crate::exchange::cache::IssuedToken) -> Self {
         let elapsed = t.received.elapsed().as_secs();
         Self {
             expires_in: t.expires_in.saturating_sub(elapsed),
@@ -639,7 +639,7 @@ mod tests {
     const CID: &str = "11111111-2222-3333-4444-555555555555";
 
     fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
-        crate::http::form_encode(pairs.iter().copied()).into_bytes()
+        crate::http::form::form_encode(pairs.iter().copied()).into_bytes()
     }
 
     #[test]

@@ -18,9 +18,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 
-use crate::error::{codes, ProxyError};
+use crate::request::error::{codes, ProxyError};
 
-use crate::token::parse_guid;
+use crate::request::token::parse_guid;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
@@ -184,7 +184,7 @@ impl Bindings {
                         "Tenant '{}' (from {whose}) is not this identity's: managed identity \
                          '{id}' is bound to tenant '{bound}'. Set AZURE_TENANT_ID to '{bound}' \
                          (or use the SNI name of that tenant's profile).",
-                        crate::token::printable(tenant, 100),
+                        crate::request::token::printable(tenant, 100),
                     ),
                 });
             }

@@ -187,7 +187,7 @@ mod tests {
         assert_eq!(v["yes"], true);
         assert_eq!(v["ratio"], 0.5);
         assert!(v["nan"].is_null());
-        assert_eq!(v["target"], "identity_binding_proxy::logline::tests");
+        assert_eq!(v["target"], "identity_binding_proxy::serve::logline::tests");
         // RFC 3339, UTC, microseconds: 2026-12-06T21:44:16.123456Z.
         let ts = v["timestamp"].as_str().unwrap();
         let digits = |r: std::ops::Range<usize>| ts[r].bytes().all(|b| b.is_ascii_digit());

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::bindings::{Binding, BindingSet};
-use crate::keys::RsaPublicKey;
+use crate::exchange::bindings::{Binding, BindingSet};
+use crate::exchange::keys::RsaPublicKey;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,7 +121,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Fleet, String> {
             key_owner.insert(key.kid.clone(), name.clone());
             keys.push(key);
         }
-        let bindings = crate::bindings::load(&base.join(&c.bindings))
+        let bindings = crate::exchange::bindings::load(&base.join(&c.bindings))
             .map_err(|e| format!("cluster '{name}': {e}"))?;
         clusters.push(FleetCluster {
             name,
@@ -179,7 +179,7 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::SigningKey;
+    use crate::exchange::keys::SigningKey;
 
     const X: &str = "11111111-1111-1111-1111-111111111111";
     const Y: &str = "22222222-2222-2222-2222-222222222222";

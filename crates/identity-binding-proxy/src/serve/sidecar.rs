@@ -22,10 +22,24 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::authn::{AuthnMode, Caller};
-use crate::cli::SidecarArgs;
 use crate::cluster::{Cluster, ClusterError};
-use crate::config::TlsConfig;
-use crate::error::{ProxyError, Result};
+use crate::request::error::{ProxyError, Result};
+use crate::serve::tls::TlsConfig;
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Sidecar mode")]
+pub struct SidecarArgs {
+    /// Run as the native sidecar of one workload pod: loopback only, serving only the pod's
+    /// own service account, authorizing with SelfSubjectAccessReviews made with the pod's own
+    /// API token (no RBAC watch: a revoked grant takes effect within the allow TTL).
+    #[arg(long, env = "IBP_SIDECAR")]
+    pub sidecar: bool,
+    /// Make a CA and the --tls certificates at start (written to each entry's CERT and KEY),
+    /// and write the CA certificate to this file: the app's AZURE_KUBERNETES_CA_FILE.
+    #[arg(long, env = "IBP_SIDECAR_CA_OUT", requires = "sidecar")]
+    pub sidecar_ca_out: Option<PathBuf>,
+}
 
 /// Sidecar mode's settings, validated.
 #[derive(Clone, Debug)]
@@ -135,9 +149,9 @@ impl OwnAccount {
 /// learned from the apiserver.
 pub async fn as_configured(
     cluster: Cluster,
-    config: &crate::config::ProxyConfig,
+    sidecar: Option<&SidecarConfig>,
 ) -> anyhow::Result<(std::sync::Arc<Cluster>, Option<OwnAccount>)> {
-    if config.sidecar.is_none() {
+    if sidecar.is_none() {
         return Ok((std::sync::Arc::new(cluster), None));
     }
     let own = OwnAccount::discover(&cluster).await?;
@@ -243,7 +257,7 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// probes running this from the same image.
 pub async fn probe(url: &str) -> std::result::Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("probe: '{url}' is not a URL: {e}"))?;
-    if parsed.scheme() != "http" || !crate::http::is_loopback(&parsed) {
+    if parsed.scheme() != "http" || !crate::http::client::is_loopback(&parsed) {
         return Err(format!(
             "probe: '{url}' must be a plain http:// URL on loopback (the admin port)"
         ));

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::bindings::{BindingSet, Bindings};
-use crate::http::HttpClient;
-use crate::issuer::Issuer;
+use crate::exchange::bindings::{BindingSet, Bindings};
+use crate::exchange::issuer::Issuer;
+use crate::http::client::HttpClient;
 use crate::metrics::Metrics;
 
 /// Entra does not publish how long it caches an issuer's metadata; refusals of new keys are
@@ -107,7 +107,7 @@ pub async fn run(
     config: ActivationConfig,
     stop: CancellationToken,
 ) {
-    let client = crate::http::client();
+    let client = crate::http::client::client();
     let mut vis = Visibility::default();
     let mut previous: Option<String> = None;
     let mut announced: Option<Choice> = None;
@@ -208,7 +208,7 @@ async fn published_kids(
 
 /// The `kid`s an issuer publishes, read the way Entra reads them: discovery, then `jwks_uri`.
 async fn jwks_kids(client: &HttpClient, issuer: &str) -> Result<HashSet<String>, String> {
-    let discovery = crate::http::get_json(
+    let discovery = crate::http::client::get_json(
         client,
         &format!("{issuer}/.well-known/openid-configuration"),
         FETCH_TIMEOUT,
@@ -218,7 +218,7 @@ async fn jwks_kids(client: &HttpClient, issuer: &str) -> Result<HashSet<String>,
         .get("jwks_uri")
         .and_then(Value::as_str)
         .ok_or_else(|| format!("{issuer}: the discovery document has no jwks_uri"))?;
-    let jwks = crate::http::get_json(client, jwks_uri, FETCH_TIMEOUT).await?;
+    let jwks = crate::http::client::get_json(client, jwks_uri, FETCH_TIMEOUT).await?;
     let keys = jwks
         .get("keys")
         .and_then(Value::as_array)

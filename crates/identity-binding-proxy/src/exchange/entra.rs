@@ -14,13 +14,14 @@ use http::{header, Request, StatusCode};
 use http_body_util::Full;
 use serde::Deserialize;
 
-use crate::bindings::Bindings;
-use crate::cache::{CacheKey, Fetch};
-use crate::error::{ProxyError, Result};
-use crate::http::{fetch, form_encode, HttpClient};
-use crate::issuer::Issuer;
-use crate::oauth::ErrorBody;
-use crate::token::{ASSERTION_TYPE_JWT, GRANT_CLIENT_CREDENTIALS};
+use crate::exchange::bindings::Bindings;
+use crate::exchange::cache::{CacheKey, Fetch, IssuedToken, MAX_LIFETIME_SECS};
+use crate::exchange::issuer::Issuer;
+use crate::http::client::{fetch, HttpClient};
+use crate::http::form::form_encode;
+use crate::request::error::{ProxyError, Result};
+use crate::request::oauth::ErrorBody;
+use crate::request::token::{ASSERTION_TYPE_JWT, GRANT_CLIENT_CREDENTIALS};
 
 /// Attempts for one exchange (1 + 2 retries): enough to ride over a blip, few enough that a
 /// real outage answers the caller within seconds.
@@ -52,41 +53,6 @@ impl Default for FicPropagation {
             retries: 0,
             backoff: Duration::from_secs(1),
         }
-    }
-}
-
-/// An access token from Entra.
-#[derive(Clone)]
-pub struct IssuedToken {
-    pub access_token: Box<str>,
-    pub expires_in: u64,
-    pub ext_expires_in: u64,
-    pub refresh_in: Option<u64>,
-    /// When we received it: the served `expires_in` counts down from here.
-    pub received: Instant,
-}
-
-impl std::fmt::Debug for IssuedToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field("expires_in", &self.expires_in)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The longest lifetime accepted from Entra: its access tokens live 1 to 24 hours. Anything
-/// longer is clamped, so no answer can push an `Instant` out of range.
-pub const MAX_LIFETIME_SECS: u64 = 24 * 3600;
-
-impl IssuedToken {
-    pub fn expires_at(&self) -> Instant {
-        self.received
-            .checked_add(Duration::from_secs(self.expires_in))
-            .unwrap_or(self.received)
-    }
-
-    pub fn remaining(&self) -> Duration {
-        self.expires_at().saturating_duration_since(Instant::now())
     }
 }
 
@@ -446,7 +412,7 @@ mod tests {
     #[test]
     fn a_70021_may_be_propagation_only_before_a_token_and_within_ten_minutes() {
         let client = EntraClient::new(
-            crate::http::client(),
+            crate::http::client::client(),
             Duration::from_secs(1),
             Arc::new(crate::metrics::Metrics::new()),
         );

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ProxyError;
+use crate::request::error::ProxyError;
 
 /// The bounds, process-wide and per peer address.
 #[derive(Clone, Debug)]

@@ -24,10 +24,47 @@ use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
-use crate::entra::IssuedToken;
-use crate::error::ProxyError;
-use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
+use crate::request::error::ProxyError;
+use crate::serve::limits::{CallerBudgets, Spend};
+
+/// How often the cache looks for refreshes that are due.
+pub const REFRESH_TICK: Duration = Duration::from_secs(1);
+
+/// An access token from Entra.
+#[derive(Clone)]
+pub struct IssuedToken {
+    pub access_token: Box<str>,
+    pub expires_in: u64,
+    pub ext_expires_in: u64,
+    pub refresh_in: Option<u64>,
+    /// When we received it: the served `expires_in` counts down from here.
+    pub received: Instant,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The longest lifetime accepted from Entra: its access tokens live 1 to 24 hours. Anything
+/// longer is clamped, so no answer can push an `Instant` out of range.
+pub const MAX_LIFETIME_SECS: u64 = 24 * 3600;
+
+impl IssuedToken {
+    pub fn expires_at(&self) -> Instant {
+        self.received
+            .checked_add(Duration::from_secs(self.expires_in))
+            .unwrap_or(self.received)
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.expires_at().saturating_duration_since(Instant::now())
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct CacheKey {
@@ -110,7 +147,7 @@ impl Entry {
             .checked_add(Duration::from_secs(base).mul_f64(jitter))
             .unwrap_or(token.received);
         Self {
-            plain: crate::token::plain(&token.access_token),
+            plain: crate::request::token::plain(&token.access_token),
             token,
             refresh_at: Mutex::new(refresh_at),
             used: AtomicBool::new(false),
@@ -126,7 +163,7 @@ impl Entry {
     /// The success body, with this moment's remaining lifetimes.
     pub fn answer(&self) -> Vec<u8> {
         let t = &self.token;
-        let lifetimes = crate::token::Lifetimes::remaining(t);
+        let lifetimes = crate::request::token::Lifetimes::remaining(t);
         match self.plain {
             true => lifetimes.json_with(&t.access_token),
             false => lifetimes.response(&t.access_token).to_json(),

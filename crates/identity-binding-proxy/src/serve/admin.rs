@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::authn::Authenticator;
 use crate::config::AdminConfig;
-use crate::http::{json, text, Body, ConnTimeouts};
-use crate::limits::Limits;
+use crate::http::conn::ConnTimeouts;
+use crate::http::response::{json, text, Body};
 use crate::metrics::Metrics;
+use crate::serve::limits::Limits;
 
 /// Readiness: certificates, JWKS and bindings loaded, and not shutting down.
 pub struct Readiness {
@@ -49,7 +50,7 @@ pub async fn serve(
 ) {
     let evictions = metrics.connection_evictions.clone();
     let limits = Limits::counted(config.limits, evictions, "admin");
-    crate::http::serve_plain(listener, stop, limits, timeouts, move |req, _peer| {
+    crate::http::conn::serve_plain(listener, stop, limits, timeouts, move |req, _peer| {
         let readiness = readiness.clone();
         let metrics = metrics.clone();
         async move { admin_response(req.uri().path(), &readiness, &metrics) }

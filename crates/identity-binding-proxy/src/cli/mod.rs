@@ -2,14 +2,20 @@
 //! `IBP_<FLAG_IN_UPPER_SNAKE>`. `serve`'s flags are validated into a
 //! [`ProxyConfig`](crate::config::ProxyConfig) before anything starts.
 
+pub mod fleet;
+pub mod issuer;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::authn::AuthnMode;
-use crate::config::{SniProfile, DEFAULT_TOKEN_AUDIENCE, PUBLIC_CLOUD};
-use crate::tls::TlsEntry;
+use crate::authn::DEFAULT_TOKEN_AUDIENCE;
+use crate::exchange::authority::{SniProfile, PUBLIC_CLOUD};
+use crate::serve::sidecar::SidecarArgs;
+use crate::serve::tls::TlsArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -111,20 +117,6 @@ pub struct KeyActivationArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Sidecar mode")]
-pub struct SidecarArgs {
-    /// Run as the native sidecar of one workload pod: loopback only, serving only the pod's
-    /// own service account, authorizing with SelfSubjectAccessReviews made with the pod's own
-    /// API token (no RBAC watch: a revoked grant takes effect within the allow TTL).
-    #[arg(long, env = "IBP_SIDECAR")]
-    pub sidecar: bool,
-    /// Make a CA and the --tls certificates at start (written to each entry's CERT and KEY),
-    /// and write the CA certificate to this file: the app's AZURE_KUBERNETES_CA_FILE.
-    #[arg(long, env = "IBP_SIDECAR_CA_OUT", requires = "sidecar")]
-    pub sidecar_ca_out: Option<PathBuf>,
-}
-
-#[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Cluster")]
 pub struct ClusterArgs {
     /// Kubeconfig file; without it the in-cluster configuration is used.
@@ -139,21 +131,6 @@ pub struct ClusterArgs {
     #[arg(long, env = "IBP_WATCH_TIMEOUT_SECS", default_value_t = 290,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub watch_timeout_secs: u64,
-}
-
-#[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "TLS")]
-pub struct TlsArgs {
-    /// NAME=CERT.pem,KEY.pem: the certificate served for SNI name NAME. Repeatable (in the
-    /// environment, separate entries with ';').
-    #[arg(long, env = "IBP_TLS", value_delimiter = ';', required = true)]
-    pub tls: Vec<TlsEntry>,
-    /// SNI name used for clients that send no SNI at all (else they are refused).
-    #[arg(long, env = "IBP_DEFAULT_SNI")]
-    pub default_sni: Option<String>,
-    /// Deadline for a TLS handshake.
-    #[arg(long, env = "IBP_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
-    pub handshake_timeout_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]
