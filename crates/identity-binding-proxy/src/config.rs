@@ -10,11 +10,9 @@ use clap::Parser;
 
 use crate::authn::AuthnConfig;
 use crate::authz::AuthzConfig;
-use crate::cli::{
-    AdminArgs, AuthnArgs, AuthzArgs, CacheArgs, EntraArgs, IdentityArgs, ServeArgs, ServerArgs,
-};
+use crate::cli::{AdminArgs, AuthnArgs, AuthzArgs, EntraArgs, IdentityArgs, ServeArgs, ServerArgs};
 use crate::exchange::authority::{parse_authority, SniProfile};
-use crate::exchange::cache::CacheConfig;
+use crate::exchange::cache::{BudgetConfig, CacheConfig};
 use crate::exchange::issuer::IssuerUrl;
 use crate::serve::limits::LimitsConfig;
 use crate::serve::tls::TlsConfig;
@@ -65,13 +63,6 @@ pub struct EntraConfig {
     pub sni_profiles: Vec<SniProfile>,
     /// Timeout of one call to Entra.
     pub timeout: Duration,
-}
-
-/// What one caller (namespace/service account) may cost per minute.
-#[derive(Clone, Copy, Debug)]
-pub struct BudgetConfig {
-    pub misses_per_minute: u32,
-    pub claims_per_minute: u32,
 }
 
 /// The token port: its address, its limits and its deadlines.
@@ -137,11 +128,8 @@ impl ProxyConfig {
             entra,
             authn: authn_config(&a.authn, a.cluster.state_dir.clone())?,
             authz: authz_config(&a.authz),
-            cache: cache_config(&a.cache)?,
-            budgets: BudgetConfig {
-                misses_per_minute: a.cache.caller_miss_budget,
-                claims_per_minute: a.cache.caller_claims_budget,
-            },
+            cache: CacheConfig::from_args(&a.cache)?,
+            budgets: BudgetConfig::from_args(&a.cache),
             server,
             admin: admin_config(&a.admin)?,
             shutdown_delay: secs(a.process.shutdown_delay_secs),
@@ -215,22 +203,6 @@ fn authz_config(a: &AuthzArgs) -> AuthzConfig {
         denied_ttl: secs(a.authz_denied_ttl_secs),
         allow_wildcard_grants: a.allow_wildcard_grants,
     }
-}
-
-fn cache_config(a: &CacheArgs) -> Result<CacheConfig, String> {
-    let capacity = usize::try_from(a.cache_capacity).unwrap_or(usize::MAX);
-    positive(&[
-        ("--cache-capacity", capacity),
-        (
-            "--cache-max-keys-per-identity",
-            a.cache_max_keys_per_identity,
-        ),
-    ])?;
-    Ok(CacheConfig {
-        capacity: a.cache_capacity,
-        min_remaining: secs(a.cache_min_remaining_secs),
-        max_keys_per_identity: a.cache_max_keys_per_identity,
-    })
 }
 
 fn server_config(a: &ServerArgs) -> Result<ServerConfig, String> {

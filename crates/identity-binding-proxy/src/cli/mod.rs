@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::authn::AuthnMode;
 use crate::authn::DEFAULT_TOKEN_AUDIENCE;
 use crate::exchange::authority::{SniProfile, PUBLIC_CLOUD};
+use crate::exchange::cache::CacheArgs;
 use crate::serve::sidecar::SidecarArgs;
 use crate::serve::tls::TlsArgs;
 
@@ -190,28 +191,6 @@ pub struct AuthzArgs {
     /// caller holding one is refused with 403 naming the rule.
     #[arg(long, env = "IBP_ALLOW_WILDCARD_GRANTS")]
     pub allow_wildcard_grants: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Token cache and caller budgets")]
-pub struct CacheArgs {
-    /// Most tokens kept in the cache.
-    #[arg(long, env = "IBP_CACHE_CAPACITY", default_value_t = 10_000)]
-    pub cache_capacity: u64,
-    /// Cached tokens with less than this left are not served.
-    #[arg(long, env = "IBP_CACHE_MIN_REMAINING_SECS", default_value_t = 300)]
-    pub cache_min_remaining_secs: u64,
-    /// Most cached tokens (distinct scope sets) one identity may hold; beyond it a token is
-    /// served but not cached, so one identity cannot evict the others.
-    #[arg(long, env = "IBP_CACHE_MAX_KEYS_PER_IDENTITY", default_value_t = 64)]
-    pub cache_max_keys_per_identity: usize,
-    /// Token requests per minute that one caller (namespace/service account) may send to
-    /// Entra through cache misses; over it, 429 with Retry-After.
-    #[arg(long, env = "IBP_CALLER_MISS_BUDGET", default_value_t = 120)]
-    pub caller_miss_budget: u32,
-    /// Token requests with `claims` per minute that one caller may send; over it, 429.
-    #[arg(long, env = "IBP_CALLER_CLAIMS_BUDGET", default_value_t = 30)]
-    pub caller_claims_budget: u32,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use crate::metrics::Metrics;
@@ -182,6 +183,28 @@ pub enum Served {
     Fetched(Arc<IssuedToken>, Lookup),
 }
 
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Token cache and caller budgets")]
+pub struct CacheArgs {
+    /// Most tokens kept in the cache.
+    #[arg(long, env = "IBP_CACHE_CAPACITY", default_value_t = 10_000)]
+    pub cache_capacity: u64,
+    /// Cached tokens with less than this left are not served.
+    #[arg(long, env = "IBP_CACHE_MIN_REMAINING_SECS", default_value_t = 300)]
+    pub cache_min_remaining_secs: u64,
+    /// Most cached tokens (distinct scope sets) one identity may hold; beyond it a token is
+    /// served but not cached, so one identity cannot evict the others.
+    #[arg(long, env = "IBP_CACHE_MAX_KEYS_PER_IDENTITY", default_value_t = 64)]
+    pub cache_max_keys_per_identity: usize,
+    /// Token requests per minute that one caller (namespace/service account) may send to
+    /// Entra through cache misses; over it, 429 with Retry-After.
+    #[arg(long, env = "IBP_CALLER_MISS_BUDGET", default_value_t = 120)]
+    pub caller_miss_budget: u32,
+    /// Token requests with `claims` per minute that one caller may send; over it, 429.
+    #[arg(long, env = "IBP_CALLER_CLAIMS_BUDGET", default_value_t = 30)]
+    pub caller_claims_budget: u32,
+}
+
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     /// Maximum number of cached tokens.
@@ -191,6 +214,45 @@ pub struct CacheConfig {
     pub min_remaining: Duration,
     /// Most entries (distinct scope sets) one identity may hold.
     pub max_keys_per_identity: usize,
+}
+
+impl CacheConfig {
+    /// The cache's flags, checked: a capacity and a per-identity bound of at least one.
+    pub fn from_args(a: &CacheArgs) -> Result<Self, String> {
+        for (flag, value) in [
+            ("--cache-capacity", a.cache_capacity),
+            (
+                "--cache-max-keys-per-identity",
+                u64::try_from(a.cache_max_keys_per_identity).unwrap_or(u64::MAX),
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be positive"));
+            }
+        }
+        Ok(CacheConfig {
+            capacity: a.cache_capacity,
+            min_remaining: Duration::from_secs(a.cache_min_remaining_secs),
+            max_keys_per_identity: a.cache_max_keys_per_identity,
+        })
+    }
+}
+
+/// What one caller (namespace/service account) may cost per minute.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetConfig {
+    pub misses_per_minute: u32,
+    pub claims_per_minute: u32,
+}
+
+impl BudgetConfig {
+    /// The caller budgets' flags.
+    pub fn from_args(a: &CacheArgs) -> Self {
+        BudgetConfig {
+            misses_per_minute: a.caller_miss_budget,
+            claims_per_minute: a.caller_claims_budget,
+        }
+    }
 }
 
 /// After a failed refresh, wait this long before trying again (the token is still served).
