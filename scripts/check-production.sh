@@ -4,6 +4,9 @@
 # carry none of their symbols.
 #
 #   bash scripts/check-production.sh target/release/identity-binding-proxy
+#
+# PRODUCTION_PACKAGE names another package to check instead (to see the check fail:
+# PRODUCTION_PACKAGE=identity-binding-proxy-dev with target/release/identity-binding-proxy-dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/release/identity-binding-proxy}
@@ -12,10 +15,11 @@ forbidden_crates="ibp-emulators identity-binding-proxy-dev"
 forbidden_symbols="ibp_emulators identity_binding_proxy_dev crates/emulators/src"
 status=0
 
-tree=$(cargo tree --locked -p identity-binding-proxy -e normal,build --prefix none)
+package=${PRODUCTION_PACKAGE:-identity-binding-proxy}
+tree=$(cargo tree --locked -p "$package" -e normal,build --prefix none)
 for crate in $forbidden_crates; do
   if grep -q "^$crate v" <<<"$tree"; then
-    echo "FAILED: the production crate depends on $crate (cargo tree -p identity-binding-proxy -i $crate)" >&2
+    echo "FAILED: $package depends on $crate (cargo tree -p $package -i $crate)" >&2
     status=1
   fi
 done
@@ -30,5 +34,5 @@ for symbol in $forbidden_symbols; do
     status=1
   fi
 done
-[ "$status" -eq 0 ] && echo "ok: no emulator crate in identity-binding-proxy's dependencies or in $bin"
+[ "$status" -eq 0 ] && echo "ok: no emulator crate in $package's dependencies or in $bin"
 exit "$status"
