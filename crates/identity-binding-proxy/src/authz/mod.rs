@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::request::error::{ProxyError, Result};
 use crate::serve::limits::{CallerBudgets, Spend};
 
-pub mod index;
+pub(crate) mod index;
 
 use index::{Binding, Kind, RbacIndex, Stale};
 

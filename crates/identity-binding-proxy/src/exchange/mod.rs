@@ -3,7 +3,7 @@
 //! Entra, and the issuer keys and their activation.
 
 pub mod activation;
-pub mod authority;
+pub(crate) mod authority;
 pub mod bindings;
 pub mod cache;
 pub mod entra;

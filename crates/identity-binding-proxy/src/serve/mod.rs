@@ -3,7 +3,7 @@
 //! come through [`start`], so dev runs exactly the production code path.
 
 pub(crate) mod admin;
-pub mod handshake;
+pub(crate) mod handshake;
 pub mod limits;
 pub mod logline;
 pub mod logpipe;
