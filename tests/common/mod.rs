@@ -47,6 +47,37 @@ pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> Dev
     dev::start(&args).await.expect("dev system starts")
 }
 
+/// The world most token-path tests start from: a dev system in a state dir of its own, what
+/// it tells a pod (`info`), and an HTTP/1.1 client of its proxy.
+pub struct DevWorld {
+    pub sys: DevSystem,
+    pub info: dev::DevInfo,
+    pub client: Client,
+    /// Removed after the system has stopped.
+    dir: tempfile::TempDir,
+}
+
+impl DevWorld {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = start_dev(dir.path()).await;
+        let client = Client::for_dev(&sys);
+        let info = sys.info.clone();
+        Self {
+            sys,
+            info,
+            client,
+            dir,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        let Self { sys, dir, .. } = self;
+        sys.shutdown().await;
+        drop(dir);
+    }
+}
+
 /// A reply: status, headers and the body parsed as JSON (Null when it is not JSON).
 pub struct Reply {
     pub status: u16,
