@@ -55,7 +55,7 @@ fn assert_refused(reply: &Reply, status: u16, error: &str, needle: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     let w = DevWorld::start().await;
-    let (sys, client, info) = (&w.sys, &w.client, &w.info);
+    let (sys, client, info) = (&w.sys, &w.client, &w.sys.info);
     let assertion = read(&info.allowed_token_file);
 
     // The SDKs' shape: tenant path, form body, assertion with its trailing newline.
@@ -138,7 +138,7 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
 /// MSAL for Go's discovery, pointing back at the proxy (whatever Host says); instance
 /// discovery is 404.
 async fn discovery_points_back_at_the_proxy(w: &DevWorld) {
-    let (client, info) = (&w.client, &w.info);
+    let (client, info) = (&w.client, &w.sys.info);
     let req = http::Request::get(format!(
         "/{}/v2.0/.well-known/openid-configuration",
         info.tenant_id
@@ -181,8 +181,8 @@ async fn refusals_name_their_cause() {
 /// JSON instead of a form, a missing field, a client_id that is not a GUID: 400.
 async fn refuses_requests_it_cannot_read(w: &DevWorld) {
     let client = &w.client;
-    let good = read(&w.info.allowed_token_file);
-    let cid = w.info.client_id.as_str();
+    let good = read(&w.sys.info.allowed_token_file);
+    let cid = w.sys.info.client_id.as_str();
 
     let req = http::Request::post("/")
         .header("content-type", "application/json")
@@ -217,8 +217,8 @@ async fn refuses_requests_it_cannot_read(w: &DevWorld) {
 /// Garbage, an expired token, the wrong audience, another cluster's token, `alg: none`: 401.
 async fn refuses_assertions_it_cannot_trust(w: &DevWorld) {
     let client = &w.client;
-    let good = read(&w.info.allowed_token_file);
-    let cid = w.info.client_id.as_str();
+    let good = read(&w.sys.info.allowed_token_file);
+    let cid = w.sys.info.client_id.as_str();
 
     assert_refused(
         &client.post_token(cid, "garbage").await,
@@ -295,7 +295,7 @@ async fn another_clusters_token(aud: &str) -> String {
 
 /// A service account without a grant, and a client-id not bound to this cluster: 403.
 async fn refuses_callers_without_a_grant(w: &DevWorld) {
-    let (client, info) = (&w.client, &w.info);
+    let (client, info) = (&w.client, &w.sys.info);
     let good = read(&info.allowed_token_file);
     let cid = info.client_id.as_str();
 
@@ -343,20 +343,20 @@ async fn refuses_callers_without_a_grant(w: &DevWorld) {
 
 /// A tenant in the path that is not the identity's: 400 naming the identity's tenant.
 async fn refuses_a_tenant_that_is_not_the_identitys(w: &DevWorld) {
-    let good = read(&w.info.allowed_token_file);
+    let good = read(&w.sys.info.allowed_token_file);
     let r = w
         .client
         .post_form(
             "/00000000-0000-0000-0000-000000000001/oauth2/v2.0/token",
-            &token_form(&w.info.client_id, &good),
+            &token_form(&w.sys.info.client_id, &good),
         )
         .await;
-    assert_refused(&r, 400, "invalid_request", &w.info.tenant_id);
+    assert_refused(&r, 400, "invalid_request", &w.sys.info.tenant_id);
 }
 
 /// Entra's FIC does not match our assertion: its AADSTS error is passed through.
 async fn passes_entras_refusal_through(w: &DevWorld) {
-    let (sys, info) = (&w.sys, &w.info);
+    let (sys, info) = (&w.sys, &w.sys.info);
     let good = read(&info.allowed_token_file);
     let cid = info.client_id.as_str();
     assert!(sys.entra.remove_fic(cid, "identity-binding-proxy"));
@@ -394,7 +394,7 @@ async fn passes_entras_refusal_through(w: &DevWorld) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_sni_is_refused_at_the_handshake() {
     let w = DevWorld::start().await;
-    let ca = std::fs::read(&w.info.ca_file).unwrap();
+    let ca = std::fs::read(&w.sys.info.ca_file).unwrap();
     let stranger = Client::new(w.sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
     let Err(err) = stranger.connect().await else {
         panic!("the handshake must fail for a name we do not serve");
@@ -411,7 +411,7 @@ async fn unknown_sni_is_refused_at_the_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_added_to_the_rbac_file_takes_effect() {
     let w = DevWorld::start().await;
-    let (client, info) = (&w.client, &w.info);
+    let (client, info) = (&w.client, &w.sys.info);
     let denied = read(&info.denied_token_file);
     let r = client.post_token(&info.client_id, &denied).await;
     assert_eq!(r.status, 403);

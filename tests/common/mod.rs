@@ -47,11 +47,10 @@ pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> Dev
     dev::start(&args).await.expect("dev system starts")
 }
 
-/// The world most token-path tests start from: a dev system in a state dir of its own, what
-/// it tells a pod (`info`), and an HTTP/1.1 client of its proxy.
+/// The world most token-path tests start from: a dev system in a state dir of its own and an
+/// HTTP/1.1 client of its proxy.
 pub struct DevWorld {
     pub sys: DevSystem,
-    pub info: dev::DevInfo,
     pub client: Client,
     /// Removed after the system has stopped.
     dir: tempfile::TempDir,
@@ -62,13 +61,7 @@ impl DevWorld {
         let dir = tempfile::tempdir().unwrap();
         let sys = start_dev(dir.path()).await;
         let client = Client::for_dev(&sys);
-        let info = sys.info.clone();
-        Self {
-            sys,
-            info,
-            client,
-            dir,
-        }
+        Self { sys, client, dir }
     }
 
     pub async fn shutdown(self) {
