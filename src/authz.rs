@@ -18,6 +18,7 @@ use crate::limits::{CallerBudgets, Spend};
 use crate::metrics::Metrics;
 
 pub mod index;
+pub mod selector;
 
 use index::{Binding, Kind, RbacIndex, Stale};
 
