@@ -12,6 +12,7 @@ mod common;
 mod fleet;
 mod harness;
 mod helm;
+mod selectors;
 mod sidecar;
 mod watches;
 
