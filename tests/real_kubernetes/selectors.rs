@@ -1,11 +1,13 @@
 //! Label selectors against the real apiserver. For each selector, the ClusterRoles the
 //! apiserver lists with the equivalent `labelSelector` (evaluated with the `labels.Selector`
 //! semantics `LabelSelectorAsSelector` gives) are the ones our one matcher picks from the same
-//! labelled roles; an aggregation rule whose selector the matcher refuses is one the apiserver
+//! labelled roles, and the ClusterRole aggregation controller (which parses the selector with
+//! `LabelSelectorAsSelector` itself) copies in the rules of exactly those; an aggregation rule whose selector the matcher refuses is one the apiserver
 //! refuses to store, with the same 422 causes, and one the kube emulator refuses to load.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
+use std::time::Duration;
 
 use identity_binding_proxy::authz::selector::{self, Matcher};
 use identity_binding_proxy::emulators::rbac::RbacPolicy;
@@ -87,6 +89,20 @@ fn admin_curl(c: &Cluster, args: &[&str], path: &str) -> Value {
         .unwrap_or_else(|_| panic!("{path}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// The names of the `people` the matcher picks with `selector`.
+fn picked<'a>(selector: &Value, people: &'a [(&'a str, Value)]) -> BTreeSet<&'a str> {
+    let parsed: LabelSelector = serde_json::from_value(selector.clone()).unwrap();
+    let matcher = Matcher::parse(&parsed).unwrap_or_else(|e| panic!("{selector}: {e}"));
+    people
+        .iter()
+        .filter(|(_, labels)| {
+            let labels: BTreeMap<String, String> = serde_json::from_value(labels.clone()).unwrap();
+            matcher.matches(&labels)
+        })
+        .map(|(n, _)| *n)
+        .collect()
+}
+
 fn url_encoded(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -122,19 +138,76 @@ fn the_matcher_selects_what_the_apiserver_selects() {
             .filter_map(|i| i["metadata"]["name"].as_str())
             .filter(|n| ours.contains(n))
             .collect();
-        let parsed: LabelSelector = serde_json::from_value(selector.clone()).unwrap();
-        let matcher = Matcher::parse(&parsed).unwrap_or_else(|e| panic!("{selector}: {e}"));
-        let picked: BTreeSet<&str> = people
-            .iter()
-            .filter(|(_, labels)| {
-                let labels: BTreeMap<String, String> =
-                    serde_json::from_value(labels.clone()).unwrap();
-                matcher.matches(&labels)
-            })
-            .map(|(n, _)| *n)
-            .collect();
+        let picked = picked(&selector, &people);
         eprintln!("{query:?}: the apiserver lists {real:?}");
         assert_eq!(picked, real, "{selector} (labelSelector {query:?})");
+    }
+}
+
+/// The group of the rules the aggregation test's roles hold, one resource per role.
+const GROUP: &str = "selectors.test";
+
+/// The resources of `GROUP` in ClusterRole `name`'s rules.
+fn copied(c: &Cluster, name: &str) -> BTreeSet<String> {
+    let role: Value =
+        serde_json::from_str(&c.kubectl(&["get", "clusterrole", name, "-o", "json"])).unwrap();
+    let rules = role["rules"].as_array().cloned().unwrap_or_default();
+    rules
+        .iter()
+        .filter(|r| {
+            r["apiGroups"]
+                .as_array()
+                .is_some_and(|g| g.contains(&json!(GROUP)))
+        })
+        .flat_map(|r| r["resources"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r.as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn the_aggregation_controller_copies_what_the_matcher_selects() {
+    let c = shared();
+    // Roles of their own (with rules), beside the listing test's (without).
+    let names: Vec<String> = population()
+        .iter()
+        .map(|(n, _)| n.replace("sel-", "selagg-"))
+        .collect();
+    let people: Vec<(&str, Value)> = names
+        .iter()
+        .zip(population())
+        .map(|(n, (_, labels))| (n.as_str(), labels))
+        .collect();
+    for (name, labels) in &people {
+        let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": labels},
+            "rules": [{"apiGroups": [GROUP], "resources": [name], "verbs": ["get"]}]});
+        c.apply(&role.to_string());
+    }
+    // One aggregating role at a time, so none aggregates another's copied rules.
+    for (i, (selector, _)) in cases().into_iter().enumerate() {
+        let want: BTreeSet<String> = picked(&selector, &people)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert!(
+            !want.is_empty(),
+            "{selector}: a case that picks nothing proves nothing here"
+        );
+        let name = format!("selagg-aggregating-{i}");
+        let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name}, "aggregationRule": {"clusterRoleSelectors": [selector]}});
+        c.apply(&role.to_string());
+        let mut last = BTreeSet::new();
+        let settled = within(Duration::from_secs(30), || {
+            last = copied(c, &name);
+            last == want
+        });
+        eprintln!("{selector}: the controller copied {last:?}");
+        assert!(
+            settled.is_some(),
+            "{selector}: the controller copied {last:?}, the matcher picks {want:?}"
+        );
+        c.kubectl(&["delete", "clusterrole", &name]);
     }
 }
 
