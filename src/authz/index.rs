@@ -11,10 +11,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use crate::cluster::{GRANT_GROUP, GRANT_VERB};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject as RbacSubject,
 };
+
+use crate::cluster::{GRANT_GROUP, GRANT_VERB};
 
 use super::selector::Matcher;
 use super::WILDCARD_PROBE;

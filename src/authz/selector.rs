@@ -11,6 +11,11 @@
 //! would select nothing; values beside `Exists`; keys and values that are no label's), so
 //! those are refused here first: whatever parses is exactly what `LabelSelectorAsSelector`
 //! turns into a selector.
+//!
+//! A refused selector means something different to each user: the RBAC index takes it to
+//! select every role (it can only come from a source that skipped validation, and the index
+//! errs towards dropping cached decisions); the kube emulator refuses to load a ClusterRole
+//! carrying one, as the apiserver refuses to store it.
 
 use std::collections::BTreeMap;
 use std::fmt;
