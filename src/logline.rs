@@ -288,6 +288,7 @@ fn needs_escape(b: u8) -> bool {
 }
 
 /// Where the first byte needing an escape is (`bytes.len()` when none is).
+#[inline]
 fn first_to_escape(bytes: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
