@@ -257,29 +257,38 @@ impl Visit for Fields<'_> {
 struct Escaped<'a, W: Write>(&'a mut W);
 
 impl<W: Write> Write for Escaped<'_, W> {
+    /// Most text needs no escape: found 8 bytes at a time, written in one piece.
+    #[inline]
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        // Most text needs no escape: found 8 bytes at a time, written in one piece.
-        let mut plain = 0;
-        let first = first_to_escape(s.as_bytes());
-        for (i, b) in s.bytes().enumerate().skip(first) {
-            let escape = match b {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0..=0x1f | 0x7f => "",
-                _ => continue,
-            };
-            self.0.write_str(&s[plain..i])?;
-            match escape {
-                "" => write!(self.0, "\\u{b:04x}")?,
-                e => self.0.write_str(e)?,
-            }
-            plain = i + 1;
+        match first_to_escape(s.as_bytes()) {
+            first if first == s.len() => self.0.write_str(s),
+            first => write_escaped(self.0, s, first),
         }
-        self.0.write_str(&s[plain..])
     }
+}
+
+/// `s` with its escapes, the first at `first`.
+#[cold]
+fn write_escaped(out: &mut impl Write, s: &str, first: usize) -> fmt::Result {
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate().skip(first) {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f | 0x7f => "",
+            _ => continue,
+        };
+        out.write_str(&s[plain..i])?;
+        match escape {
+            "" => write!(out, "\\u{b:04x}")?,
+            e => out.write_str(e)?,
+        }
+        plain = i + 1;
+    }
+    out.write_str(&s[plain..])
 }
 
 /// Whether JSON needs `b` escaped inside a string.
