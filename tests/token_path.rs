@@ -54,10 +54,8 @@ fn assert_refused(reply: &Reply, status: u16, error: &str, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = start_dev(dir.path()).await;
-    let client = Client::for_dev(&sys);
-    let info = sys.info.clone();
+    let w = DevWorld::start().await;
+    let (sys, client, info) = (&w.sys, &w.client, &w.sys.info);
     let assertion = read(&info.allowed_token_file);
 
     // The SDKs' shape: tenant path, form body, assertion with its trailing newline.
@@ -129,8 +127,20 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
     let r = h2.post_token(&info.client_id, &assertion).await;
     assert_eq!(r.status, 200, "{}", r.json);
 
-    // MSAL for Go's discovery, pointing back at the proxy (whatever Host says); instance
-    // discovery is 404.
+    discovery_points_back_at_the_proxy(&w).await;
+
+    assert_eq!(
+        sys.entra.stats().tokens_issued,
+        1,
+        "every shape was served from one exchange"
+    );
+    w.shutdown().await;
+}
+
+/// MSAL for Go's discovery, pointing back at the proxy (whatever Host says); instance
+/// discovery is 404.
+async fn discovery_points_back_at_the_proxy(w: &DevWorld) {
+    let (client, info) = (&w.client, &w.sys.info);
     let req = http::Request::get(format!(
         "/{}/v2.0/.well-known/openid-configuration",
         info.tenant_id
@@ -152,25 +162,30 @@ async fn every_request_shape_gets_a_token_and_repeats_come_from_cache() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(client.send(req).await.status, 404);
-
-    assert_eq!(
-        sys.entra.stats().tokens_issued,
-        1,
-        "every shape was served from one exchange"
-    );
-    sys.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_name_their_cause() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = start_dev(dir.path()).await;
-    let client = Client::for_dev(&sys);
-    let info = sys.info.clone();
-    let good = read(&info.allowed_token_file);
-    let cid = info.client_id.as_str();
+    let w = DevWorld::start().await;
+    refuses_requests_it_cannot_read(&w).await;
+    refuses_assertions_it_cannot_trust(&w).await;
+    refuses_callers_without_a_grant(&w).await;
+    refuses_a_tenant_that_is_not_the_identitys(&w).await;
+    passes_entras_refusal_through(&w).await;
+    assert_eq!(
+        w.sys.entra.stats().tokens_issued,
+        0,
+        "no refusal may reach a token"
+    );
+    w.shutdown().await;
+}
 
-    // Malformed: JSON instead of a form.
+/// JSON instead of a form, a missing field, a client_id that is not a GUID: 400.
+async fn refuses_requests_it_cannot_read(w: &DevWorld) {
+    let client = &w.client;
+    let good = read(&w.sys.info.allowed_token_file);
+    let cid = w.sys.info.client_id.as_str();
+
     let req = http::Request::post("/")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(
@@ -184,7 +199,6 @@ async fn refusals_name_their_cause() {
         "application/x-www-form-urlencoded",
     );
 
-    // A missing field.
     let mut form = token_form(cid, &good);
     form.retain(|(k, _)| *k != "scope");
     assert_refused(
@@ -194,15 +208,20 @@ async fn refusals_name_their_cause() {
         "'scope'",
     );
 
-    // client_id that is not a GUID.
     assert_refused(
         &client.post_token("../../etc", &good).await,
         400,
         "invalid_request",
         "not a GUID",
     );
+}
 
-    // Garbage assertion.
+/// Garbage, an expired token, the wrong audience, another cluster's token, `alg: none`: 401.
+async fn refuses_assertions_it_cannot_trust(w: &DevWorld) {
+    let client = &w.client;
+    let good = read(&w.sys.info.allowed_token_file);
+    let cid = w.sys.info.client_id.as_str();
+
     assert_refused(
         &client.post_token(cid, "garbage").await,
         401,
@@ -210,9 +229,8 @@ async fn refusals_name_their_cause() {
         "not a JWT",
     );
 
-    // Expired SA token.
     let aud = serve_default("token-audience");
-    let expired = mint(&sys, "demo", "demo", &aud, -3600);
+    let expired = mint(&w.sys, "demo", "demo", &aud, -3600);
     assert_refused(
         &client.post_token(cid, &expired).await,
         401,
@@ -220,8 +238,13 @@ async fn refusals_name_their_cause() {
         "expired",
     );
 
-    // Wrong audience.
-    let wrong_aud = mint(&sys, "demo", "demo", "https://kubernetes.default.svc", 3600);
+    let wrong_aud = mint(
+        &w.sys,
+        "demo",
+        "demo",
+        "https://kubernetes.default.svc",
+        3600,
+    );
     assert_refused(
         &client.post_token(cid, &wrong_aud).await,
         401,
@@ -229,7 +252,27 @@ async fn refusals_name_their_cause() {
         &aud,
     );
 
-    // A token from another cluster (another issuer and key).
+    let foreign = another_clusters_token(&aud).await;
+    assert_refused(
+        &client.post_token(cid, &foreign).await,
+        401,
+        "invalid_client",
+        "does not publish",
+    );
+
+    // alg: none, with the claims of a valid token.
+    let claims = good.trim().split('.').nth(1).unwrap();
+    let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
+    assert_refused(
+        &client.post_token(cid, &none).await,
+        401,
+        "invalid_client",
+        "'none' is refused",
+    );
+}
+
+/// A valid token for `demo/demo` from another cluster (another issuer and key).
+async fn another_clusters_token(aud: &str) -> String {
     let other_dir = tempfile::tempdir().unwrap();
     let other = KubeEmulator::start(KubeEmulatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -243,30 +286,22 @@ async fn refusals_name_their_cause() {
         .mint_token(&MintRequest {
             namespace: "demo".into(),
             service_account: "demo".into(),
-            audiences: vec![aud.clone()],
+            audiences: vec![aud.into()],
             expires_in_secs: 3600,
             pod_name: None,
         })
         .unwrap();
-    assert_refused(
-        &client.post_token(cid, &foreign).await,
-        401,
-        "invalid_client",
-        "does not publish",
-    );
     other.shutdown().await;
+    foreign
+}
 
-    // alg: none, with the claims of a valid token.
-    let claims = good.trim().split('.').nth(1).unwrap();
-    let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
-    assert_refused(
-        &client.post_token(cid, &none).await,
-        401,
-        "invalid_client",
-        "'none' is refused",
-    );
+/// A service account without a grant, and a client-id not bound to this cluster: 403.
+async fn refuses_callers_without_a_grant(w: &DevWorld) {
+    let (client, info) = (&w.client, &w.sys.info);
+    let good = read(&info.allowed_token_file);
+    let cid = info.client_id.as_str();
 
-    // A service account without a grant: 403 naming verb, group and resource.
+    // 403 naming verb, group and resource.
     let denied = read(&info.denied_token_file);
     let r = client.post_token(cid, &denied).await;
     assert_refused(&r, 403, "unauthorized_client", "use-managed-identity");
@@ -306,17 +341,26 @@ async fn refusals_name_their_cause() {
         "a granted but unbound identity is named as not bound"
     );
     std::fs::write(&info.rbac_file, rbac).unwrap();
+}
 
-    // A tenant in the path that is not the identity's.
-    let r = client
+/// A tenant in the path that is not the identity's: 400 naming the identity's tenant.
+async fn refuses_a_tenant_that_is_not_the_identitys(w: &DevWorld) {
+    let good = read(&w.sys.info.allowed_token_file);
+    let r = w
+        .client
         .post_form(
             "/00000000-0000-0000-0000-000000000001/oauth2/v2.0/token",
-            &token_form(cid, &good),
+            &token_form(&w.sys.info.client_id, &good),
         )
         .await;
-    assert_refused(&r, 400, "invalid_request", &info.tenant_id);
+    assert_refused(&r, 400, "invalid_request", &w.sys.info.tenant_id);
+}
 
-    // Entra's FIC does not match our assertion: its AADSTS error is passed through.
+/// Entra's FIC does not match our assertion: its AADSTS error is passed through.
+async fn passes_entras_refusal_through(w: &DevWorld) {
+    let (sys, info) = (&w.sys, &w.sys.info);
+    let good = read(&info.allowed_token_file);
+    let cid = info.client_id.as_str();
     assert!(sys.entra.remove_fic(cid, "identity-binding-proxy"));
     let issuer = info
         .issuer_url
@@ -331,7 +375,7 @@ async fn refusals_name_their_cause() {
             name: "wrong-subject".into(),
         })
         .unwrap();
-    let r = client.post_token(cid, &good).await;
+    let r = w.client.post_token(cid, &good).await;
     assert_eq!(
         r.status, 401,
         "Entra's status is passed through: {}",
@@ -347,21 +391,13 @@ async fn refusals_name_their_cause() {
     );
     assert!(r.error_description().starts_with("AADSTS"), "{}", r.json);
     assert!(r.json.get("access_token").is_none());
-
-    assert_eq!(
-        sys.entra.stats().tokens_issued,
-        0,
-        "no refusal may reach a token"
-    );
-    sys.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_sni_is_refused_at_the_handshake() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = start_dev(dir.path()).await;
-    let ca = std::fs::read(&sys.info.ca_file).unwrap();
-    let stranger = Client::new(sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
+    let w = DevWorld::start().await;
+    let ca = std::fs::read(&w.sys.info.ca_file).unwrap();
+    let stranger = Client::new(w.sys.proxy.addr, "not-served.example", &ca, &[b"http/1.1"]);
     let Err(err) = stranger.connect().await else {
         panic!("the handshake must fail for a name we do not serve");
     };
@@ -370,16 +406,14 @@ async fn unknown_sni_is_refused_at_the_handshake() {
         "{err}"
     );
     // The served name still works.
-    assert!(Client::for_dev(&sys).connect().await.is_ok());
-    sys.shutdown().await;
+    assert!(w.client.connect().await.is_ok());
+    w.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_added_to_the_rbac_file_takes_effect() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = start_dev(dir.path()).await;
-    let client = Client::for_dev(&sys);
-    let info = sys.info.clone();
+    let w = DevWorld::start().await;
+    let (client, info) = (&w.client, &w.sys.info);
     let denied = read(&info.denied_token_file);
     let r = client.post_token(&info.client_id, &denied).await;
     assert_eq!(r.status, 403);
@@ -397,5 +431,5 @@ async fn a_grant_added_to_the_rbac_file_takes_effect() {
         granted,
         "the new RoleBinding must grant within the denied-decision TTL"
     );
-    sys.shutdown().await;
+    w.shutdown().await;
 }

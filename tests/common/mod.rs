@@ -48,6 +48,30 @@ pub async fn start_dev_with(dir: &Path, tweak: impl FnOnce(&mut DevArgs)) -> Dev
     dev::start(&args).await.expect("dev system starts")
 }
 
+/// The world most token-path tests start from: a dev system in a state dir of its own and an
+/// HTTP/1.1 client of its proxy.
+pub struct DevWorld {
+    pub sys: DevSystem,
+    pub client: Client,
+    /// Removed after the system has stopped.
+    dir: tempfile::TempDir,
+}
+
+impl DevWorld {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = start_dev(dir.path()).await;
+        let client = Client::for_dev(&sys);
+        Self { sys, client, dir }
+    }
+
+    pub async fn shutdown(self) {
+        let Self { sys, dir, .. } = self;
+        sys.shutdown().await;
+        drop(dir);
+    }
+}
+
 /// A reply: status, headers and the body parsed as JSON (Null when it is not JSON).
 pub struct Reply {
     pub status: u16,

@@ -275,74 +275,74 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-#[test]
-fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_costs_no_reviews() {
-    let c = Cluster::up();
-    c.kubectl(&["apply", "-k", &repo().join("deploy/base").to_string_lossy()]);
-    let ns = "fleet-app";
-    c.workload(ns, "app", "app-0");
-    let cid = "0a1b2c3d-0000-4000-8000-000000000061";
-    c.apply(&rbac_grant_cluster(
-        "use-mi-fleet",
-        cid,
-        &sa_subject(ns, "app"),
-    ));
-    let kubeconfig = c.sa_kubeconfig("identity-binding-proxy", "identity-binding-proxy");
-    let token = c.token(ns, "app", &audience(), Some("app-0"));
+/// Entries of the proxy's RBAC index (`what`: roles or bindings).
+fn index_entries(p: &Proxy, what: &str) -> f64 {
+    metric(
+        p.admin,
+        "rbac_index_entries",
+        &[&format!("what=\"{what}\"")],
+    )
+}
 
-    // A proxy on the cluster as it is (bootstrap RBAC and ours).
-    let small = start_proxy(&c, &kubeconfig, cid, "kubeconfig-small");
-    assert_eq!(
-        small.proxy.request(cid, &token).0,
-        200,
-        "{}",
-        small.proxy.logs()
-    );
-    let reviews = |p: &Proxy| metric(p.admin, "kube_reviews_total", &["subjectaccessreview"]);
-    let reviews_before = reviews(&small.proxy);
+fn reviews(p: &Proxy) -> f64 {
+    metric(p.admin, "kube_reviews_total", &["subjectaccessreview"])
+}
 
-    // The population, created while that proxy watches (12 000 unrelated RBAC events), with
-    // its caller asking for tokens meanwhile.
+fn unrelated_events(p: &Proxy) -> f64 {
+    metric(p.admin, "rbac_events_total", &["effect=\"unrelated\""])
+}
+
+/// What creating the population cost the proxy that watched it.
+struct Churn {
+    /// The time the creation took.
+    took: Duration,
+    /// Token requests served meanwhile.
+    served: usize,
+    /// SubjectAccessReviews it made meanwhile.
+    reviews: f64,
+    /// Its resident set once it had seen every creation, in KiB.
+    rss_after_kib: u64,
+}
+
+/// Creates the population while `watching` follows it (12 000 unrelated RBAC events), with
+/// its caller asking for tokens meanwhile; returns once it has seen every creation.
+fn populate_while_asking(c: &Cluster, watching: &Start, cid: &str, token: &str) -> Churn {
+    let reviews_before = reviews(&watching.proxy);
     let done = std::sync::atomic::AtomicBool::new(false);
-    let asking = std::thread::scope(|s| {
+    let (took, served) = std::thread::scope(|s| {
         let asker = s.spawn(|| {
             let mut served = 0;
             while !done.load(Ordering::Relaxed) {
-                assert_eq!(small.proxy.request(cid, &token).0, 200);
+                assert_eq!(watching.proxy.request(cid, token).0, 200);
                 served += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
             served
         });
-        let took = populate(&c);
+        let took = populate(c);
         done.store(true, Ordering::Relaxed);
         (took, asker.join().unwrap())
     });
-    let (populate_took, served) = asking;
     let unrelated = within(Duration::from_secs(60), || {
-        metric(
-            small.proxy.admin,
-            "rbac_events_total",
-            &["effect=\"unrelated\""],
-        ) >= (ROLE_BINDINGS + CLUSTER_ROLES) as f64
+        unrelated_events(&watching.proxy) >= (ROLE_BINDINGS + CLUSTER_ROLES) as f64
     });
     assert!(unrelated.is_some(), "the first proxy saw every creation");
-    let churn_reviews = reviews(&small.proxy) - reviews_before;
-    let (small_rss_after, _) = memory_kib(small.proxy.process.id());
-    let index = |p: &Proxy, what: &str| {
-        metric(
-            p.admin,
-            "rbac_index_entries",
-            &[&format!("what=\"{what}\"")],
-        )
-    };
+    Churn {
+        took,
+        served,
+        reviews: reviews(&watching.proxy) - reviews_before,
+        rss_after_kib: memory_kib(watching.proxy.process.id()).0,
+    }
+}
 
-    // A proxy started on the large cluster (a node joining, or a DaemonSet rollout).
-    let large = start_proxy(&c, &kubeconfig, cid, "kubeconfig-large");
-    assert_eq!(large.proxy.request(cid, &token).0, 200);
-    let kept = ["roles", "bindings"].map(|w| (index(&small.proxy, w), index(&large.proxy, w)));
+/// The RoleBindings and ClusterRoles in the cluster.
+fn rbac_objects(c: &Cluster) -> usize {
     let listed = c.kubectl(&["get", "rolebindings,clusterroles", "-A", "--no-headers"]);
-    let objects = listed.lines().count();
+    listed.lines().count()
+}
+
+/// Prints what was measured: the population, each start, the four lists' size, the churn.
+fn report(c: &Cluster, objects: usize, churn: &Churn, small: &Start, large: &Start) {
     let (mut plain, mut gzipped) = (0, 0);
     for resource in [
         "clusterroles",
@@ -350,17 +350,16 @@ fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_
         "clusterrolebindings",
         "rolebindings",
     ] {
-        let (p, g) = list_bytes(&c, resource);
+        let (p, g) = list_bytes(c, resource);
         plain += p;
         gzipped += g;
     }
-
     eprintln!(
         "population: {NAMESPACES} namespaces, {ROLE_BINDINGS} RoleBindings, {CLUSTER_ROLES} \
          ClusterRoles created in {:.1} s ({objects} RoleBindings and ClusterRoles in all)",
-        populate_took.as_secs_f64()
+        churn.took.as_secs_f64()
     );
-    for (name, s) in [("small", &small), ("large", &large)] {
+    for (name, s) in [("small", small), ("large", large)] {
         eprintln!(
             "start ({name} RBAC): {:.2} MiB from the apiserver until RBAC was listed, listed \
              in {:.2} s; resident {:.1} MiB (peak {:.1} MiB); index keeps {} roles, {} bindings",
@@ -368,8 +367,8 @@ fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_
             s.took.as_secs_f64(),
             mib(s.rss_kib),
             mib(s.peak_kib),
-            index(&s.proxy, "roles"),
-            index(&s.proxy, "bindings"),
+            index_entries(&s.proxy, "roles"),
+            index_entries(&s.proxy, "bindings"),
         );
     }
     eprintln!(
@@ -379,46 +378,80 @@ fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_
     );
     eprintln!(
         "the small-start proxy after the population was created: resident {:.1} MiB; \
-         {served} token requests during {} unrelated RBAC events cost {churn_reviews} reviews; \
+         {} token requests during {} unrelated RBAC events cost {} reviews; \
          apiserver → proxy since its start {:.2} MiB",
-        mib(small_rss_after),
-        metric(
-            small.proxy.admin,
-            "rbac_events_total",
-            &["effect=\"unrelated\""]
-        ),
+        mib(churn.rss_after_kib),
+        churn.served,
+        unrelated_events(&small.proxy),
+        churn.reviews,
         small.relay.bytes() as f64 / 1048576.0,
     );
+}
 
-    // The apiserver restarts (etcd stays): the watches break and come back. Where the
-    // apiserver still has their resource versions they resume; otherwise they list again.
+/// The apiserver restarts (etcd stays): the watches break and come back. Where the apiserver
+/// still has their resource versions they resume; otherwise they list again. Deleting the
+/// caller's binding then reaches `started`'s proxy through its watch; returns the lists that
+/// took.
+fn relists_after_an_apiserver_restart(c: &Cluster, started: &Start, cid: &str, token: &str) -> f64 {
     let lists = |p: &Proxy| metric(p.admin, "rbac_lists_total", &[]);
-    let (lists_before, bytes_before) = (lists(&large.proxy), large.relay.bytes());
+    let (lists_before, bytes_before) = (lists(&started.proxy), started.relay.bytes());
     harness_ok(&["restart-apiserver"], c.path());
     let back = Instant::now();
     c.kubectl(&["delete", "clusterrolebinding", "use-mi-fleet"]);
     let resumed = within(Duration::from_secs(90), || {
-        large.proxy.request(cid, &token).0 == 403
+        started.proxy.request(cid, token).0 == 403
     });
     assert!(
         resumed.is_some(),
         "the RBAC watch is back:\n{}",
-        large.proxy.logs()
+        started.proxy.logs()
     );
-    let relists = lists(&large.proxy) - lists_before;
+    let relists = lists(&started.proxy) - lists_before;
     eprintln!(
         "apiserver restart: watch back {:.1} s after the apiserver; {} re-lists, {:.2} MiB \
          from the apiserver",
         back.elapsed().as_secs_f64(),
         relists,
-        (large.relay.bytes() - bytes_before) as f64 / 1048576.0,
+        (started.relay.bytes() - bytes_before) as f64 / 1048576.0,
     );
+    relists
+}
 
+#[test]
+fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_costs_no_reviews() {
+    let c = Cluster::with_deploy_base();
+    let cid = "0a1b2c3d-0000-4000-8000-000000000061";
+    let token = c.granted_workload(("fleet-app", "app", "app-0"), "use-mi-fleet", cid);
+    let kubeconfig = c.base_kubeconfig();
+
+    // A proxy on the cluster as it is (bootstrap RBAC and ours).
+    let small = start_proxy(&c, &kubeconfig, cid, "kubeconfig-small");
+    assert_eq!(
+        small.proxy.request(cid, &token).0,
+        200,
+        "{}",
+        small.proxy.logs()
+    );
+    let churn = populate_while_asking(&c, &small, cid, &token);
+
+    // A proxy started on the large cluster (a node joining, or a DaemonSet rollout).
+    let large = start_proxy(&c, &kubeconfig, cid, "kubeconfig-large");
+    assert_eq!(large.proxy.request(cid, &token).0, 200);
+    let kept = ["roles", "bindings"].map(|w| {
+        (
+            index_entries(&small.proxy, w),
+            index_entries(&large.proxy, w),
+        )
+    });
+    let objects = rbac_objects(&c);
+    report(&c, objects, &churn, &small, &large);
+
+    let relists = relists_after_an_apiserver_restart(&c, &large, cid, &token);
     assert!(relists <= 4.0, "at most one list per kind after a restart");
 
     // Unrelated churn costs no review on the real apiserver either.
     assert_eq!(
-        churn_reviews, 0.0,
+        churn.reviews, 0.0,
         "12 000 unrelated RBAC events cost no review"
     );
     // The index holds the same few objects whatever the population.
@@ -433,7 +466,7 @@ fn start_up_cost_and_memory_with_ten_thousand_role_bindings_and_unrelated_churn_
         kept < 4 * 1024,
         "the large-RBAC proxy keeps {kept} KiB more than the small-RBAC one"
     );
-    let grew = small_rss_after as i64 - small.rss_kib as i64;
+    let grew = churn.rss_after_kib as i64 - small.rss_kib as i64;
     assert!(
         grew < 4 * 1024,
         "following 12 000 creations grew the proxy by {grew} KiB"

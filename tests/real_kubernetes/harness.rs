@@ -247,11 +247,49 @@ impl Drop for Cluster {
 /// applied for real. Stopped by the harness when this test process exits.
 pub(crate) fn shared() -> &'static Cluster {
     static SHARED: OnceLock<Cluster> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let c = Cluster::up();
+    SHARED.get_or_init(Cluster::with_deploy_base)
+}
+
+// ------------------------------------------------------------------------------- scenarios
+
+/// The proxy's ServiceAccount in deploy/base.
+pub(crate) const BASE_NS: &str = "identity-binding-proxy";
+pub(crate) const BASE_SA: &str = "identity-binding-proxy";
+
+impl Cluster {
+    /// A control plane of its own with deploy/base applied for real: the proxy's namespace,
+    /// ServiceAccount and RBAC.
+    pub(crate) fn with_deploy_base() -> Self {
+        let c = Self::up();
         c.kubectl(&["apply", "-k", &repo().join("deploy/base").to_string_lossy()]);
         c
-    })
+    }
+
+    /// A workload (`ns`, service account `sa`, its stored Pod `pod`) granted `client_id`
+    /// the how-to's way, a ClusterRole and ClusterRoleBinding named `grant`; returns a token
+    /// of the proxy's audience bound to the pod.
+    pub(crate) fn granted_workload(
+        &self,
+        (ns, sa, pod): (&str, &str, &str),
+        grant: &str,
+        client_id: &str,
+    ) -> String {
+        self.workload(ns, sa, pod);
+        self.apply(&rbac_grant_cluster(grant, client_id, &sa_subject(ns, sa)));
+        self.token(ns, sa, &audience(), Some(pod))
+    }
+
+    /// A kubeconfig of deploy/base's ServiceAccount.
+    pub(crate) fn base_kubeconfig(&self) -> PathBuf {
+        self.sa_kubeconfig(BASE_NS, BASE_SA)
+    }
+
+    /// `serve` running as deploy/base's ServiceAccount, ready.
+    pub(crate) fn base_proxy(&self, identities: &[(&str, &str)], flags: &[&str]) -> Proxy {
+        let p = Proxy::start(&self.base_kubeconfig(), identities, flags);
+        p.wait_ready();
+        p
+    }
 }
 
 /// Polls until `check` holds; returns the time it took, or None after `limit`.

@@ -117,13 +117,7 @@ fn helm_install_is_accepted_and_serve_is_ready_as_the_charts_service_account() {
 
     // 3. serve as the chart's ServiceAccount (the chart's ClusterRole and binding are all it
     //    has): ready, and a granted pod gets its token.
-    c.workload("helm-apps", "worker", "worker-0");
-    c.apply(&rbac_grant_cluster(
-        "use-mi-helm",
-        cid,
-        &sa_subject("helm-apps", "worker"),
-    ));
-    let token = c.token("helm-apps", "worker", &audience(), Some("worker-0"));
+    let token = c.granted_workload(("helm-apps", "worker", "worker-0"), "use-mi-helm", cid);
     let kubeconfig = c.sa_kubeconfig(NS, NAME);
     {
         let p = Proxy::start(&kubeconfig, &[(cid, TENANT)], &[]);
@@ -237,18 +231,74 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
         .tempdir()
         .unwrap();
     let d = dir.path();
-    let chart = repo().join("tests/fixtures/sidecar-workload-chart");
-    let chart = chart.to_string_lossy();
-    let out = helm(c, &["dependency", "build", &chart]);
-    assert!(
-        out.status.success(),
-        "helm dependency build: {}",
-        text(&out)
-    );
+    // 1. The workload's namespace, issuer key and grant.
+    prepare_workload_namespace(c, d);
+    // 2. The workload chart installed.
+    install_workload_chart(c, d);
+    // 3. The Deployment as the apiserver stores it.
+    let workload = StoredWorkload::read(c);
+    // 4. The Pod the Deployment's ReplicaSet would create, stored as such.
+    store_workload_pod(c, &workload);
 
-    // 1. The workload's namespace ("restricted"), its issuer key Secret (created by the user,
-    //    never a chart value), and its grant: a namespaced Role, nothing else. Another account
-    //    of the namespace is granted the same identity.
+    // 5. The sidecar's process, exactly as rendered: the image's entrypoint (`serve`), the
+    //    container's args, its envFrom ConfigMap then its env (read back from the apiserver),
+    //    each mount path mapped to a directory filled from the volume's source. Two settings
+    //    name services outside the cluster and are pointed at their emulators on loopback:
+    //    IBP_ISSUER_URL and IBP_AUTHORITY_HOST. The in-cluster API configuration's fixed
+    //    path becomes IBP_KUBECONFIG, built from the mapped token volume.
+    let mounts = mount_sidecar_volumes(c, &workload, &d.join("volumes"));
+    let mut env = sidecar_env(c, &workload, &mounts);
+    // The Secret's key, as mounted, is the one published for the workload's identity.
+    let key_dir = mounts.local_of("/etc/identity-binding-proxy/issuer");
+    assert_eq!(
+        std::fs::read(key_dir.join("issuer.key")).unwrap(),
+        std::fs::read(d.join("web.key")).unwrap()
+    );
+    let emulators = Emulators::start(d, &d.join("web.pub"), &[(SIDECAR_CID, TENANT)]);
+    env.insert("IBP_ISSUER_URL".into(), emulators.issuer_url.clone());
+    env.insert(
+        "IBP_AUTHORITY_HOST".into(),
+        emulators.authority_host.clone(),
+    );
+    let api = mounts.local_of("/var/run/secrets/kubernetes.io/serviceaccount");
+    let token = std::fs::read_to_string(api.join("token")).unwrap();
+    let kubeconfig = c.token_kubeconfig_with_ca(
+        &token,
+        &api.join("ca.crt"),
+        &d.join("in-cluster-kubeconfig"),
+    );
+    env.insert("IBP_KUBECONFIG".into(), kubeconfig.display().to_string());
+    let sidecar = Sidecar::start(d, &workload.sidecar, &env);
+    // Ready on the admin address the probes use (JWKS read, its account learned with the
+    // pod's token, the CA written where the app reads it).
+    let admin = &env["IBP_ADMIN_LISTEN"];
+    let ready = within(Duration::from_secs(30), || {
+        http_ok(&format!("http://{admin}/readyz"))
+    });
+    assert!(
+        ready.is_some(),
+        "the sidecar did not become ready:\n{}",
+        sidecar.logs()
+    );
+    let ready_after = started.elapsed();
+
+    // 6. The app's view.
+    app_gets_its_token_and_another_account_is_refused(c, &workload, &mounts, &sidecar);
+    drop(sidecar);
+    drop(emulators);
+
+    let out = helm(c, &["uninstall", WORKLOAD, "-n", SIDECAR_NS, "--wait"]);
+    assert!(out.status.success(), "helm uninstall: {}", text(&out));
+    eprintln!(
+        "helm sidecar: installed and the sidecar ready after {ready_after:?}, all done in {:?}",
+        started.elapsed()
+    );
+}
+
+/// The workload's namespace ("restricted"), its issuer key Secret (created by the user, never
+/// a chart value; the key pair in `d`), and its grant: a namespaced Role, nothing else.
+/// Another account of the namespace is granted the same identity.
+fn prepare_workload_namespace(c: &Cluster, d: &Path) {
     c.kubectl(&["create", "namespace", SIDECAR_NS]);
     c.kubectl(&[
         "label",
@@ -278,9 +328,20 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
          roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: use-{SIDECAR_CID}}}\n\
          subjects: [{{kind: ServiceAccount, name: web}}, {{kind: ServiceAccount, name: other}}]\n"
     ));
+}
 
-    // 2. The workload chart installed: its Deployment (with the dependency's sidecar) and the
-    //    dependency's ConfigMaps accepted by the real apiserver.
+/// The workload chart (tests/fixtures/sidecar-workload-chart, with our chart as its
+/// dependency in sidecar mode) installed: its Deployment and the dependency's ConfigMaps
+/// accepted by the real apiserver.
+fn install_workload_chart(c: &Cluster, d: &Path) {
+    let chart = repo().join("tests/fixtures/sidecar-workload-chart");
+    let chart = chart.to_string_lossy();
+    let out = helm(c, &["dependency", "build", &chart]);
+    assert!(
+        out.status.success(),
+        "helm dependency build: {}",
+        text(&out)
+    );
     let values = d.join("values.yaml");
     std::fs::write(
         &values,
@@ -306,33 +367,59 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
     );
     assert!(out.status.success(), "helm install: {}", text(&out));
     assert!(text(&out).contains("STATUS: deployed"), "{}", text(&out));
+}
 
-    // 3. The Deployment as the apiserver stores it: the native sidecar's restartPolicy kept
-    //    (an apiserver without native sidecars would refuse or drop it).
-    let deployment = kubectl_json(c, &["get", "deployment", "-n", SIDECAR_NS, WORKLOAD]);
-    let template = &deployment["spec"]["template"];
-    let spec = &template["spec"];
-    let sidecar = array(&spec["initContainers"])
-        .iter()
-        .find(|x| x["name"] == "identity-binding-proxy")
-        .expect("the sidecar is stored as an init container")
-        .clone();
-    assert_eq!(sidecar["restartPolicy"], "Always", "{sidecar}");
-    assert_eq!(
-        template["metadata"]["annotations"]["azure.workload.identity/skip-containers"],
-        "identity-binding-proxy"
-    );
-    let app = array(&spec["containers"])
-        .iter()
-        .find(|x| x["name"] == "app")
-        .expect("the app container");
-    let app_env: BTreeMap<&str, &str> = array(&app["env"])
-        .iter()
-        .map(|e| (str_of(&e["name"]), str_of(&e["value"])))
-        .collect();
+/// The workload's Deployment as the apiserver stores it.
+struct StoredWorkload {
+    /// Its pod template.
+    template: Value,
+    /// The sidecar: an init container.
+    sidecar: Value,
+    /// The app container's env.
+    app_env: BTreeMap<String, String>,
+}
 
-    // 4. The Pod the Deployment's ReplicaSet would create, stored as such: admitted under
-    //    Pod Security "restricted". No kubelet runs it; the token below is bound to it.
+impl StoredWorkload {
+    /// Reads the Deployment back: the native sidecar's restartPolicy kept (an apiserver
+    /// without native sidecars would refuse or drop it), the webhook told to skip it.
+    fn read(c: &Cluster) -> Self {
+        let deployment = kubectl_json(c, &["get", "deployment", "-n", SIDECAR_NS, WORKLOAD]);
+        let template = deployment["spec"]["template"].clone();
+        let spec = &template["spec"];
+        let sidecar = array(&spec["initContainers"])
+            .iter()
+            .find(|x| x["name"] == "identity-binding-proxy")
+            .expect("the sidecar is stored as an init container")
+            .clone();
+        assert_eq!(sidecar["restartPolicy"], "Always", "{sidecar}");
+        assert_eq!(
+            template["metadata"]["annotations"]["azure.workload.identity/skip-containers"],
+            "identity-binding-proxy"
+        );
+        let app = array(&spec["containers"])
+            .iter()
+            .find(|x| x["name"] == "app")
+            .expect("the app container");
+        let app_env = array(&app["env"])
+            .iter()
+            .map(|e| (str_of(&e["name"]).into(), str_of(&e["value"]).into()))
+            .collect();
+        Self {
+            template,
+            sidecar,
+            app_env,
+        }
+    }
+
+    fn spec(&self) -> &Value {
+        &self.template["spec"]
+    }
+}
+
+/// The Pod the Deployment's ReplicaSet would create, stored as such: admitted under Pod
+/// Security "restricted". No kubelet runs it; the tokens below are bound to it.
+fn store_workload_pod(c: &Cluster, workload: &StoredWorkload) {
+    let template = &workload.template;
     let pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -342,7 +429,7 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
             "labels": template["metadata"]["labels"],
             "annotations": template["metadata"]["annotations"],
         },
-        "spec": spec,
+        "spec": workload.spec(),
     });
     let out = c.kubectl_out(&["create", "-f", "-"], Some(&pod.to_string()));
     assert!(
@@ -370,15 +457,57 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
             &format!("--from-file=ca.crt={}", c.get("CA_FILE")),
         ]);
     }
+}
 
-    // 5. The sidecar's process, exactly as rendered: the image's entrypoint (`serve`), the
-    //    container's args, its envFrom ConfigMap then its env (read back from the apiserver),
-    //    each mount path mapped to a directory filled from the volume's source. Two settings
-    //    name services outside the cluster and are pointed at their emulators on loopback:
-    //    IBP_ISSUER_URL and IBP_AUTHORITY_HOST. The in-cluster API configuration's fixed
-    //    path becomes IBP_KUBECONFIG, built from the mapped token volume.
+/// The sidecar's mount paths, each mapped to the local directory filled from its volume;
+/// longest path first.
+struct Mounts(Vec<(String, PathBuf)>);
+
+impl Mounts {
+    /// `value` with every mount path in it replaced by its local directory.
+    fn map(&self, value: &str) -> String {
+        let mut v = value.to_string();
+        for (path, local) in &self.0 {
+            v = v.replace(&format!("{path}/"), &format!("{}/", local.display()));
+        }
+        v
+    }
+
+    fn local_of(&self, path: &str) -> PathBuf {
+        self.0
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_else(|| panic!("{path} is not mounted"))
+    }
+}
+
+/// Fills a directory under `root` for each of the sidecar's volume mounts, from its volume.
+fn mount_sidecar_volumes(c: &Cluster, workload: &StoredWorkload, root: &Path) -> Mounts {
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for m in array(&workload.sidecar["volumeMounts"]) {
+        let name = str_of(&m["name"]);
+        let volume = array(&workload.spec()["volumes"])
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        let local = root.join(name);
+        fill_volume(c, volume, &local, "web");
+        mounts.push((str_of(&m["mountPath"]).to_string(), local));
+    }
+    mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    Mounts(mounts)
+}
+
+/// The sidecar's environment as rendered: its envFrom ConfigMap (the chart's settings, read
+/// back from the apiserver), then its env with the mount paths mapped.
+fn sidecar_env(
+    c: &Cluster,
+    workload: &StoredWorkload,
+    mounts: &Mounts,
+) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
-    for from in array(&sidecar["envFrom"]) {
+    for from in array(&workload.sidecar["envFrom"]) {
         let name = str_of(&from["configMapRef"]["name"]);
         let cm = kubectl_json(c, &["get", "configmap", "-n", SIDECAR_NS, name]);
         for (k, v) in cm["data"].as_object().expect("settings").iter() {
@@ -390,102 +519,67 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
         Some("https://issuer.example.com/{tenant}/{client_id}"),
         "the chart's settings ConfigMap: {env:?}"
     );
-    let volumes = d.join("volumes");
-    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
-    for m in array(&sidecar["volumeMounts"]) {
-        let name = str_of(&m["name"]);
-        let volume = array(&spec["volumes"])
-            .iter()
-            .find(|v| v["name"] == name)
-            .unwrap_or_else(|| panic!("no volume {name}"));
-        let local = volumes.join(name);
-        fill_volume(c, volume, &local, "web");
-        mounts.push((str_of(&m["mountPath"]).to_string(), local));
-    }
-    mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
-    let map_paths = |value: &str| {
-        let mut v = value.to_string();
-        for (path, local) in &mounts {
-            v = v.replace(&format!("{path}/"), &format!("{}/", local.display()));
-        }
-        v
-    };
-    for e in array(&sidecar["env"]) {
+    for e in array(&workload.sidecar["env"]) {
         assert!(
             e["valueFrom"].is_null(),
             "a value the test cannot resolve: {e}"
         );
         env.insert(
             str_of(&e["name"]).to_string(),
-            map_paths(str_of(&e["value"])),
+            mounts.map(str_of(&e["value"])),
         );
     }
-    let local_of = |path: &str| {
-        mounts
-            .iter()
-            .find(|(p, _)| p == path)
-            .map(|(_, l)| l.clone())
-            .unwrap_or_else(|| panic!("{path} is not mounted"))
-    };
-    let api = local_of("/var/run/secrets/kubernetes.io/serviceaccount");
-    let token = std::fs::read_to_string(api.join("token")).unwrap();
-    let kubeconfig = c.token_kubeconfig_with_ca(
-        &token,
-        &api.join("ca.crt"),
-        &d.join("in-cluster-kubeconfig"),
-    );
-    // The Secret's key, as mounted, is the one published for the workload's identity.
-    let key_dir = local_of("/etc/identity-binding-proxy/issuer");
-    assert_eq!(
-        std::fs::read(key_dir.join("issuer.key")).unwrap(),
-        std::fs::read(d.join("web.key")).unwrap()
-    );
-    let emulators = Emulators::start(d, &d.join("web.pub"), &[(SIDECAR_CID, TENANT)]);
-    env.insert("IBP_ISSUER_URL".into(), emulators.issuer_url.clone());
-    env.insert(
-        "IBP_AUTHORITY_HOST".into(),
-        emulators.authority_host.clone(),
-    );
-    env.insert("IBP_KUBECONFIG".into(), kubeconfig.display().to_string());
+    env
+}
 
-    let log = d.join("sidecar.log");
-    let sidecar_process = Command::new(BIN)
-        .arg("serve")
-        .args(array(&sidecar["args"]).iter().map(str_of))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(&env)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(d.join("sidecar.err")).unwrap())
-        .spawn()
-        .expect("the sidecar starts");
-    let sidecar_process = KillOnDrop(sidecar_process);
-    let logs = || {
+/// The sidecar's process (`serve` with the container's args, `env` only), killed on drop.
+struct Sidecar {
+    _process: KillOnDrop,
+    log: PathBuf,
+    err: PathBuf,
+}
+
+impl Sidecar {
+    fn start(d: &Path, container: &Value, env: &BTreeMap<String, String>) -> Self {
+        let (log, err) = (d.join("sidecar.log"), d.join("sidecar.err"));
+        let process = Command::new(BIN)
+            .arg("serve")
+            .args(array(&container["args"]).iter().map(str_of))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("the sidecar starts");
+        Self {
+            _process: KillOnDrop(process),
+            log,
+            err,
+        }
+    }
+
+    fn logs(&self) -> String {
         format!(
             "{}{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
-            std::fs::read_to_string(d.join("sidecar.err")).unwrap_or_default()
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            std::fs::read_to_string(&self.err).unwrap_or_default()
         )
-    };
+    }
+}
 
-    // Ready on the admin address the probes use (JWKS read, its account learned with the
-    // pod's token, the CA written where the app reads it).
-    let admin = &env["IBP_ADMIN_LISTEN"];
-    let ready = within(Duration::from_secs(30), || {
-        http_ok(&format!("http://{admin}/readyz"))
-    });
-    assert!(
-        ready.is_some(),
-        "the sidecar did not become ready:\n{}",
-        logs()
-    );
-    let ready_after = started.elapsed();
-
-    // 6. The app's view: AZURE_KUBERNETES_TOKEN_PROXY, _SNI_NAME and _CA_FILE (its CA path
-    //    mapped like the sidecar's). Its own pod's token gets a token; another account's
-    //    token is refused, named.
-    let ca_file = map_paths(app_env["AZURE_KUBERNETES_CA_FILE"]);
+/// The app's view: AZURE_KUBERNETES_TOKEN_PROXY, _SNI_NAME and _CA_FILE (its CA path mapped
+/// like the sidecar's). Its own pod's token gets a token; another account's token is
+/// refused, named.
+fn app_gets_its_token_and_another_account_is_refused(
+    c: &Cluster,
+    workload: &StoredWorkload,
+    mounts: &Mounts,
+    sidecar: &Sidecar,
+) {
+    let app_env = &workload.app_env;
+    let ca_file = mounts.map(&app_env["AZURE_KUBERNETES_CA_FILE"]);
     let ca = std::fs::read(&ca_file).expect("the sidecar wrote the CA the app reads");
     let endpoint: std::net::SocketAddr = app_env["AZURE_KUBERNETES_TOKEN_PROXY"]
         .strip_prefix("https://")
@@ -494,28 +588,19 @@ fn helm_sidecar_workload_chart_is_accepted_and_its_rendered_sidecar_serves_its_p
         .expect("ADDR:PORT");
     let client = common::Client::new(
         endpoint,
-        app_env["AZURE_KUBERNETES_SNI_NAME"],
+        &app_env["AZURE_KUBERNETES_SNI_NAME"],
         &ca,
         &[b"http/1.1"],
     );
     let ask = |token: &str| ask_token(&client, SIDECAR_CID, token);
     let own = c.token(SIDECAR_NS, "web", &audience(), Some(WORKLOAD_POD));
     let (status, why) = ask(&own);
-    assert_eq!(status, 200, "{why}\n{}", logs());
+    assert_eq!(status, 200, "{why}\n{}", sidecar.logs());
     let other = c.token(SIDECAR_NS, "other", &audience(), None);
     let (status, why) = ask(&other);
     assert_eq!(status, 403, "{why}");
     assert!(
         why.contains(&format!("system:serviceaccount:{SIDECAR_NS}:other")),
         "{why}"
-    );
-    drop(sidecar_process);
-    drop(emulators);
-
-    let out = helm(c, &["uninstall", WORKLOAD, "-n", SIDECAR_NS, "--wait"]);
-    assert!(out.status.success(), "helm uninstall: {}", text(&out));
-    eprintln!(
-        "helm sidecar: installed and the sidecar ready after {ready_after:?}, all done in {:?}",
-        started.elapsed()
     );
 }

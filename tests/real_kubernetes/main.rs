@@ -12,6 +12,7 @@ mod common;
 mod fleet;
 mod harness;
 mod helm;
+mod selectors;
 mod sidecar;
 mod watches;
 
@@ -33,10 +34,7 @@ fn deploy_base_and_example_app_are_accepted_by_the_real_apiserver() {
     // ServiceAccount, RBAC, Pod) passes validation and admission (PodSecurity included).
     // A dry run creates nothing, so the example app's namespace must exist for its other
     // objects to be checked: it is applied for real first.
-    c.apply(
-        &std::fs::read_to_string(repo().join("deploy/overlays/example-app/namespace.yaml"))
-            .unwrap(),
-    );
+    apply_example_app_namespace(c);
     for dir in ["deploy/base", "deploy/overlays/example-app"] {
         let path = repo().join(dir);
         let out = c.kubectl(&["apply", "--dry-run=server", "-k", &path.to_string_lossy()]);
@@ -95,30 +93,10 @@ fn deploy_base_and_example_app_are_accepted_by_the_real_apiserver() {
 #[test]
 fn serve_as_deploy_base_service_account_is_ready_and_each_rule_is_needed() {
     // Its own cluster: one case removes the default OIDC discovery bindings.
-    let c = Cluster::up();
-    c.kubectl(&["apply", "-k", &repo().join("deploy/base").to_string_lossy()]);
-    c.workload("apps", "worker", "worker-0");
+    let c = Cluster::with_deploy_base();
     let cid = "7d1f9c4e-0b3a-4c55-9e2d-3f6a8b1c2d4e";
-    c.apply(&rbac_grant_cluster(
-        "use-mi-lp",
-        cid,
-        &sa_subject("apps", "worker"),
-    ));
-    let token = c.token("apps", "worker", &audience(), Some("worker-0"));
-
-    let base_rbac: Vec<Value> = serde_norway::Deserializer::from_str(
-        &std::fs::read_to_string(repo().join("deploy/base/rbac.yaml")).unwrap(),
-    )
-    .map(|d| {
-        serde_norway::from_value::<Value>(serde::Deserialize::deserialize(d).unwrap()).unwrap()
-    })
-    .collect();
-    let role = base_rbac
-        .iter()
-        .find(|d| d["kind"] == "ClusterRole")
-        .expect("deploy/base has the proxy's ClusterRole")
-        .clone();
-    let rules = role["rules"].as_array().unwrap().clone();
+    let token = c.granted_workload(("apps", "worker", "worker-0"), "use-mi-lp", cid);
+    let rules = deploy_base_cluster_role_rules();
     assert_eq!(
         rules.len(),
         4,
@@ -126,10 +104,8 @@ fn serve_as_deploy_base_service_account_is_ready_and_each_rule_is_needed() {
     );
 
     // 1. As deploy/base has it: ready, and a granted pod gets its token.
-    let kubeconfig = c.sa_kubeconfig("identity-binding-proxy", "identity-binding-proxy");
     {
-        let p = Proxy::start(&kubeconfig, &[(cid, TENANT)], &[]);
-        p.wait_ready();
+        let p = c.base_proxy(&[(cid, TENANT)], &[]);
         let (status, why) = p.request(cid, &token);
         assert_eq!(status, 200, "{why}\n{}", p.logs());
     }
@@ -148,87 +124,107 @@ fn serve_as_deploy_base_service_account_is_ready_and_each_rule_is_needed() {
         "service-account-issuer-discovery-unauthenticated",
     ]);
     for (i, rule) in rules.iter().enumerate() {
-        let name = format!("ibp-least-{i}");
-        let kept: Vec<&Value> = rules.iter().filter(|r| *r != rule).collect();
-        let role = json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": name}, "rules": kept,
-        });
-        let binding = json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "identity-binding-proxy"}],
-        });
-        let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": name, "namespace": "identity-binding-proxy"}});
-        c.apply(&format!("{role}\n---\n{binding}\n---\n{sa}\n"));
-        let kubeconfig = c.sa_kubeconfig("identity-binding-proxy", &name);
-        let p = Proxy::start(&kubeconfig, &[(cid, TENANT)], &[]);
-        let what = rule.to_string();
-        if rule["nonResourceURLs"].is_array() {
-            // Never ready: it cannot load the keys; its log says which URL was forbidden.
-            std::thread::sleep(Duration::from_secs(5));
-            assert!(!p.ready(), "ready without {what}");
-            let logs = p.logs();
-            // It reads the discovery document first, then the JWKS: both are this rule's.
-            assert!(
-                logs.contains("forbidden")
-                    && (logs.contains("cannot get path \"/.well-known/openid-configuration\"")
-                        || logs.contains("cannot get path \"/openid/v1/jwks\"")),
-                "without {what} the log names the forbidden path:\n{logs}"
-            );
-            continue;
-        }
-        p.wait_ready();
-        let resource = rule["resources"][0].as_str().unwrap();
-        if resource == "clusterroles" {
-            // Tokens are still served (decisions fall back to their TTLs), but the log names
-            // every RBAC kind it may not watch.
-            let (status, why) = p.request(cid, &token);
-            assert_eq!(status, 200, "{why}");
-            let named = within(Duration::from_secs(20), || {
-                let logs = p.logs();
-                [
-                    "clusterroles",
-                    "clusterrolebindings",
-                    "roles",
-                    "rolebindings",
-                ]
-                .iter()
-                .all(|r| {
-                    logs.contains(&format!("cannot list resource \\\"{r}\\\""))
-                        || logs.contains(&format!("cannot list resource \"{r}\""))
-                })
-            });
-            assert!(
-                named.is_some(),
-                "without {what} the log names the RBAC kinds:\n{}",
-                p.logs()
-            );
-            continue;
-        }
-        // TokenReview or SubjectAccessReview: the caller is refused with 503, and the answer
-        // names the resource the proxy may not create.
-        let (status, why) = p.request(cid, &token);
-        assert_eq!(status, 503, "without {what}: {why}");
+        let p = proxy_without_rule(&c, &rules, i, cid);
+        assert_the_missing_rule_is_named(&p, rule, cid, &token);
+    }
+}
+
+/// The rules of the proxy's ClusterRole in deploy/base.
+fn deploy_base_cluster_role_rules() -> Vec<Value> {
+    let base_rbac =
+        yaml_docs(&std::fs::read_to_string(repo().join("deploy/base/rbac.yaml")).unwrap());
+    let role = base_rbac
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("deploy/base has the proxy's ClusterRole");
+    role["rules"].as_array().unwrap().clone()
+}
+
+/// `serve` (not waited for) as a service account of its own bound to a copy of the proxy's
+/// role without its `i`th rule.
+fn proxy_without_rule(c: &Cluster, rules: &[Value], i: usize, cid: &str) -> Proxy {
+    let name = format!("ibp-least-{i}");
+    let kept: Vec<&Value> = rules.iter().filter(|r| **r != rules[i]).collect();
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": name}, "rules": kept,
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": BASE_NS}],
+    });
+    let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": BASE_NS}});
+    c.apply(&format!("{role}\n---\n{binding}\n---\n{sa}\n"));
+    let kubeconfig = c.sa_kubeconfig(BASE_NS, &name);
+    Proxy::start(&kubeconfig, &[(cid, TENANT)], &[])
+}
+
+/// A proxy without `rule` fails as that rule's absence makes it: never ready without the
+/// discovery paths, no RBAC watch without the RBAC kinds, 503 without a review resource — and
+/// says what it may not do.
+fn assert_the_missing_rule_is_named(p: &Proxy, rule: &Value, cid: &str, token: &str) {
+    let what = rule.to_string();
+    if rule["nonResourceURLs"].is_array() {
+        // Never ready: it cannot load the keys; its log says which URL was forbidden.
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(!p.ready(), "ready without {what}");
+        let logs = p.logs();
+        // It reads the discovery document first, then the JWKS: both are this rule's.
         assert!(
-            why.contains(&format!("cannot create resource \"{resource}\""))
-                || p.logs()
-                    .contains(&format!("cannot create resource \\\"{resource}\\\"")),
-            "without {what} the refusal names {resource}: {why}\n{}",
+            logs.contains("forbidden")
+                && (logs.contains("cannot get path \"/.well-known/openid-configuration\"")
+                    || logs.contains("cannot get path \"/openid/v1/jwks\"")),
+            "without {what} the log names the forbidden path:\n{logs}"
+        );
+        return;
+    }
+    p.wait_ready();
+    let resource = rule["resources"][0].as_str().unwrap();
+    if resource == "clusterroles" {
+        // Tokens are still served (decisions fall back to their TTLs), but the log names
+        // every RBAC kind it may not watch.
+        let (status, why) = p.request(cid, token);
+        assert_eq!(status, 200, "{why}");
+        let named = within(Duration::from_secs(20), || {
+            let logs = p.logs();
+            [
+                "clusterroles",
+                "clusterrolebindings",
+                "roles",
+                "rolebindings",
+            ]
+            .iter()
+            .all(|r| {
+                logs.contains(&format!("cannot list resource \\\"{r}\\\""))
+                    || logs.contains(&format!("cannot list resource \"{r}\""))
+            })
+        });
+        assert!(
+            named.is_some(),
+            "without {what} the log names the RBAC kinds:\n{}",
             p.logs()
         );
+        return;
     }
+    // TokenReview or SubjectAccessReview: the caller is refused with 503, and the answer
+    // names the resource the proxy may not create.
+    let (status, why) = p.request(cid, token);
+    assert_eq!(status, 503, "without {what}: {why}");
+    assert!(
+        why.contains(&format!("cannot create resource \"{resource}\""))
+            || p.logs()
+                .contains(&format!("cannot create resource \\\"{resource}\\\"")),
+        "without {what} the refusal names {resource}: {why}\n{}",
+        p.logs()
+    );
 }
 
 /// The proxy in the shared cluster, running as deploy/base's ServiceAccount.
 fn shared_proxy(identities: &[(&str, &str)], flags: &[&str]) -> Proxy {
-    let c = shared();
-    let kubeconfig = c.sa_kubeconfig("identity-binding-proxy", "identity-binding-proxy");
-    let p = Proxy::start(&kubeconfig, identities, flags);
-    p.wait_ready();
-    p
+    shared().base_proxy(identities, flags)
 }
 
 #[test]
@@ -353,23 +349,18 @@ fn deleted_pods_and_service_accounts_lose_their_tokens_within_the_review_ttl() {
 /// Revocation through the real RBAC watch, also after the apiserver restarted under the proxy.
 #[test]
 fn revocation_through_the_real_watch_survives_an_apiserver_restart() {
-    let c = Cluster::up();
-    c.kubectl(&["apply", "-k", &repo().join("deploy/base").to_string_lossy()]);
+    let c = Cluster::with_deploy_base();
     let ns = "revoke";
-    c.workload(ns, "app", "app-0");
     let cid = "0a1b2c3d-0000-4000-8000-000000000021";
     let canary = "0a1b2c3d-0000-4000-8000-000000000022";
+    let token = c.granted_workload((ns, "app", "app-0"), "use-mi-revoke", cid);
     let grant = rbac_grant_cluster("use-mi-revoke", cid, &sa_subject(ns, "app"));
-    c.apply(&grant);
     c.apply(&rbac_grant_cluster(
         "use-mi-canary",
         canary,
         &sa_subject(ns, "app"),
     ));
-    let kubeconfig = c.sa_kubeconfig("identity-binding-proxy", "identity-binding-proxy");
-    let p = Proxy::start(&kubeconfig, &[(cid, TENANT), (canary, TENANT)], &[]);
-    p.wait_ready();
-    let token = c.token(ns, "app", &audience(), Some("app-0"));
+    let p = c.base_proxy(&[(cid, TENANT), (canary, TENANT)], &[]);
     assert_eq!(p.request(cid, &token).0, 200, "{}", p.logs());
     assert_eq!(p.request(canary, &token).0, 200);
 
@@ -420,16 +411,10 @@ fn revocation_through_the_real_watch_survives_an_apiserver_restart() {
 /// old public key is still accepted; later the old key is dropped.
 #[test]
 fn signing_key_rotation_new_tokens_verify_and_dropped_keys_are_refused() {
-    let c = Cluster::up();
-    c.kubectl(&["apply", "-k", &repo().join("deploy/base").to_string_lossy()]);
+    let c = Cluster::with_deploy_base();
     let ns = "rotate";
-    c.workload(ns, "app", "app-0");
     let cid = "0a1b2c3d-0000-4000-8000-000000000031";
-    c.apply(&rbac_grant_cluster(
-        "use-mi-rotate",
-        cid,
-        &sa_subject(ns, "app"),
-    ));
+    let old = c.granted_workload((ns, "app", "app-0"), "use-mi-rotate", cid);
     // The proxy authenticates with the admin's client certificate here, so that dropping the
     // old key does not also revoke the proxy's own credentials (in a cluster the kubelet
     // re-issues its projected token).
@@ -441,7 +426,6 @@ fn signing_key_rotation_new_tokens_verify_and_dropped_keys_are_refused() {
         &["--tokenreview-ttl-secs", ttl],
     );
     p.wait_ready();
-    let old = c.token(ns, "app", &audience(), Some("app-0"));
     assert_eq!(p.request(cid, &old).0, 200, "{}", p.logs());
 
     harness_ok(&["rotate-sa-key"], c.path());
@@ -1046,15 +1030,89 @@ fn yaml_docs(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The example app's namespace (restricted Pod Security), applied for real.
+fn apply_example_app_namespace(c: &Cluster) {
+    c.apply(
+        &std::fs::read_to_string(repo().join("deploy/overlays/example-app/namespace.yaml"))
+            .unwrap(),
+    );
+}
+
+/// `customTokenEndpoint` of deploy/webhook/values.yaml.
+fn webhook_custom_token_endpoint() -> Value {
+    yaml_docs(&std::fs::read_to_string(repo().join("deploy/webhook/values.yaml")).unwrap())[0]
+        ["customTokenEndpoint"]
+        .clone()
+}
+
+const WEBHOOK_NS: &str = "azure-workload-identity-system";
+/// The tenant the webhook is installed with (the pod's identity says its own).
+const WEBHOOK_TENANT: &str = "00000000-0000-0000-0000-0000000000bb";
+
+/// The webhook's chart as the helm command of docs/installation.md renders it.
+struct WebhookChart {
+    docs: Vec<Value>,
+    /// The Deployment's container args.
+    args: Vec<String>,
+    /// The ConfigMap its container takes its environment from.
+    config: Value,
+}
+
+impl WebhookChart {
+    fn find(&self, kind: &str) -> Value {
+        self.docs
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("the chart renders a {kind}"))
+            .clone()
+    }
+}
+
+/// The webhook started from its rendered Deployment, killed on drop.
+struct Webhook {
+    _process: KillOnDrop,
+    err_log: PathBuf,
+}
+
+impl Webhook {
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.err_log).unwrap_or_default()
+    }
+}
+
 /// The real webhook, rendered by helm from its chart with deploy/webhook/values.yaml, mutates
 /// the example app's pod; that pod, run without a kubelet, gets a token with the Python SDK.
 #[test]
 fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk() {
     let c = shared();
-    let webhook_ns = "azure-workload-identity-system";
-    let webhook_tenant = "00000000-0000-0000-0000-0000000000bb";
+    let cid = "11111111-2222-3333-4444-555555555555";
+    let tenant = "00000000-0000-0000-0000-0000000000aa";
 
     // 1. Render the chart exactly as the helm command of docs/installation.md does.
+    let chart = render_webhook_chart(c);
+    // 2. Its namespace, ConfigMap, ServiceAccount and RBAC as rendered; the Deployment runs
+    // here as a process with the rendered args and the ConfigMap as its environment.
+    let webhook = run_webhook(c, &chart);
+    // 3. The rendered MutatingWebhookConfiguration, pointed at that process.
+    let mwc = register_webhook(c, &chart);
+    // 4. The example app, created through the webhook.
+    let proxy = shared_proxy(&[(cid, tenant)], &[]);
+    apply_example_app(c, &proxy, &webhook);
+    // 5. The stored pod carries what the webhook injects.
+    let (env, audience) = assert_injected_pod(c, &webhook, cid, tenant);
+    // 6. The pod, run without a kubelet, gets its token.
+    let answer = python_sdk_as_the_pod(c, &proxy, &env, &audience);
+    assert_eq!(answer["ok"], true, "{answer}\n{}", proxy.logs());
+    let claims = common::jwt_claims(answer["token"].as_str().unwrap());
+    assert_eq!(claims["appid"], cid, "{claims}");
+    // Unregister before the webhook stops: its failurePolicy is Fail.
+    c.kubectl(&["delete", "mutatingwebhookconfiguration", &mwc]);
+    drop(webhook);
+}
+
+/// The chart rendered with deploy/webhook/values.yaml: its Deployment is given the custom
+/// token endpoint's annotation suffix and audience, and its settings are the ConfigMap.
+fn render_webhook_chart(c: &Cluster) -> WebhookChart {
     let rendered = run_ok(
         Command::new(c.bin("helm"))
             .args([
@@ -1062,51 +1120,53 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
                 "workload-identity-webhook",
                 c.get("WEBHOOK_CHART"),
             ])
-            .args(["--namespace", webhook_ns, "--values"])
+            .args(["--namespace", WEBHOOK_NS, "--values"])
             .arg(repo().join("deploy/webhook/values.yaml"))
-            .args(["--set", &format!("azureTenantID={webhook_tenant}")]),
+            .args(["--set", &format!("azureTenantID={WEBHOOK_TENANT}")]),
     );
-    let docs = yaml_docs(&rendered);
-    let find = |kind: &str| -> Value {
-        docs.iter()
-            .find(|d| d["kind"] == kind)
-            .unwrap_or_else(|| panic!("the chart renders a {kind}"))
-            .clone()
+    let mut chart = WebhookChart {
+        docs: yaml_docs(&rendered),
+        args: Vec::new(),
+        config: Value::Null,
     };
-    let config = find("ConfigMap");
-    let deployment = find("Deployment");
+    chart.config = chart.find("ConfigMap");
+    let deployment = chart.find("Deployment");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<String> = container["args"]
+    chart.args = container["args"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
     eprintln!(
-        "rendered webhook args: {args:?}\nrendered ConfigMap data: {}",
-        config["data"]
+        "rendered webhook args: {:?}\nrendered ConfigMap data: {}",
+        chart.args, chart.config["data"]
     );
     // The suffix is whatever values.yaml says: whether the pod's annotation matches it is for
     // the real webhook to decide below (a wrong suffix leaves the pod unmutated).
-    let suffix =
-        yaml_docs(&std::fs::read_to_string(repo().join("deploy/webhook/values.yaml")).unwrap())[0]
-            ["customTokenEndpoint"]["annotationSuffix"]
-            .as_str()
-            .unwrap()
-            .to_string();
-    assert!(args.contains(&format!(
+    let suffix = webhook_custom_token_endpoint()["annotationSuffix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(chart.args.contains(&format!(
         "--custom-token-endpoint-annotation-suffix={suffix}"
     )));
-    assert!(args.contains(&format!("--custom-token-endpoint-audience={}", audience())));
+    assert!(chart
+        .args
+        .contains(&format!("--custom-token-endpoint-audience={}", audience())));
     assert_eq!(
-        container["envFrom"][0]["configMapRef"]["name"], config["metadata"]["name"],
+        container["envFrom"][0]["configMapRef"]["name"], chart.config["metadata"]["name"],
         "the webhook's settings are the rendered ConfigMap"
     );
+    chart
+}
 
-    // 2. Its namespace, ConfigMap, ServiceAccount and RBAC as rendered; the Deployment runs
-    // here as a process with the rendered args and the ConfigMap as its environment.
-    c.kubectl(&["create", "namespace", webhook_ns]);
-    let objects: Vec<String> = docs
+/// The chart's namespaced objects and RBAC applied, and its Deployment's container run as a
+/// process (rendered args, the ConfigMap as its environment) until ready.
+fn run_webhook(c: &Cluster, chart: &WebhookChart) -> Webhook {
+    c.kubectl(&["create", "namespace", WEBHOOK_NS]);
+    let objects: Vec<String> = chart
+        .docs
         .iter()
         .filter(|d| {
             [
@@ -1122,22 +1182,22 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
         .map(|d| d.to_string())
         .collect();
     c.apply(&objects.join("\n---\n"));
-    let webhook_kubeconfig = c.sa_kubeconfig(webhook_ns, "azure-wi-webhook-admin");
-    let mut env: Vec<(String, String)> = config["data"]
+    let webhook_kubeconfig = c.sa_kubeconfig(WEBHOOK_NS, "azure-wi-webhook-admin");
+    let mut env: Vec<(String, String)> = chart.config["data"]
         .as_object()
         .unwrap()
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
         .collect();
-    env.push(("POD_NAMESPACE".into(), webhook_ns.into()));
+    env.push(("POD_NAMESPACE".into(), WEBHOOK_NS.into()));
     let health = c.get("WEBHOOK_HEALTH_PORT").to_string();
     let metrics = c.get("WEBHOOK_METRICS_PORT").to_string();
-    let log = c.path().join("logs/webhook.log");
-    let webhook = Command::new(c.bin("webhook"))
+    let err_log = c.path().join("logs/webhook.err");
+    let process = Command::new(c.bin("webhook"))
         .env_clear()
         .envs(env)
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .args(&args)
+        .args(&chart.args)
         // Only what a pod gives it differently: the API server, certificates, addresses.
         .arg("--kubeconfig")
         .arg(&webhook_kubeconfig)
@@ -1146,41 +1206,43 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
         .arg(c.path().join("webhook-certs"))
         .args(["--health-addr", &format!("127.0.0.1:{health}")])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(c.path().join("logs/webhook.err")).unwrap())
+        .stdout(std::fs::File::create(c.path().join("logs/webhook.log")).unwrap())
+        .stderr(std::fs::File::create(&err_log).unwrap())
         .spawn()
         .expect("the webhook starts");
-    let webhook = KillOnDrop(webhook);
+    let webhook = Webhook {
+        _process: KillOnDrop(process),
+        err_log,
+    };
     let ready = within(Duration::from_secs(60), || {
         http_ok(&format!("http://127.0.0.1:{health}/readyz"))
     });
-    let webhook_logs =
-        || std::fs::read_to_string(c.path().join("logs/webhook.err")).unwrap_or_default();
     assert!(
         ready.is_some(),
         "the webhook became ready:\n{}",
-        webhook_logs()
+        webhook.logs()
     );
+    webhook
+}
 
-    // 3. The rendered MutatingWebhookConfiguration, pointed at that process.
+/// Applies the rendered MutatingWebhookConfiguration, pointed at the webhook's process;
+/// returns its name.
+fn register_webhook(c: &Cluster, chart: &WebhookChart) -> String {
     use base64::Engine;
-    let mut mwc = find("MutatingWebhookConfiguration");
+    let mut mwc = chart.find("MutatingWebhookConfiguration");
     let ca = std::fs::read(c.get("CA_FILE")).unwrap();
     mwc["webhooks"][0]["clientConfig"] = json!({
         "url": "https://127.0.0.1:9443/mutate-v1-pod",
         "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca),
     });
     c.apply(&mwc.to_string());
+    mwc["metadata"]["name"].as_str().unwrap().to_string()
+}
 
-    // 4. The example app: its namespace, the proxy's CA there, then the overlay (its pod is
-    // created through the webhook; failurePolicy Fail makes a broken webhook fail the apply).
-    let cid = "11111111-2222-3333-4444-555555555555";
-    let tenant = "00000000-0000-0000-0000-0000000000aa";
-    let proxy = shared_proxy(&[(cid, tenant)], &[]);
-    c.apply(
-        &std::fs::read_to_string(repo().join("deploy/overlays/example-app/namespace.yaml"))
-            .unwrap(),
-    );
+/// The example app: its namespace, the proxy's CA there, then the overlay (its pod is
+/// created through the webhook; failurePolicy Fail makes a broken webhook fail the apply).
+fn apply_example_app(c: &Cluster, proxy: &Proxy, webhook: &Webhook) {
+    apply_example_app_namespace(c);
     let ca_configmap = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "identity-binding-proxy-ca", "namespace": "demo"},
@@ -1202,17 +1264,26 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
     assert!(
         applied.is_some(),
         "the example app applies:\n{}",
-        webhook_logs()
+        webhook.logs()
     );
+}
 
-    // 5. The stored pod carries what the webhook injects.
+/// The example pod as stored: the webhook injected the proxy's settings (values.yaml's
+/// endpoint, the SNI name, the CA file, never the CA data), the identity, and the projected
+/// token and CA. Returns its env and its token's audience.
+fn assert_injected_pod(
+    c: &Cluster,
+    webhook: &Webhook,
+    cid: &str,
+    tenant: &str,
+) -> (BTreeMap<String, String>, String) {
     let pod: Value =
         serde_json::from_str(&c.kubectl(&["get", "pod", "-n", "demo", "demo", "-o", "json"]))
             .unwrap();
     let container = &pod["spec"]["containers"][0];
     let env: BTreeMap<String, String> = container["env"]
         .as_array()
-        .unwrap_or_else(|| panic!("the webhook injected no env: {pod}\n{}", webhook_logs()))
+        .unwrap_or_else(|| panic!("the webhook injected no env: {pod}\n{}", webhook.logs()))
         .iter()
         .filter_map(|e| {
             Some((
@@ -1221,32 +1292,26 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
             ))
         })
         .collect();
-    let values =
-        yaml_docs(&std::fs::read_to_string(repo().join("deploy/webhook/values.yaml")).unwrap())[0]
-            ["customTokenEndpoint"]
-            .clone();
+    let values = webhook_custom_token_endpoint();
+    let var = |name: &str| env.get(name).map(String::as_str);
     assert_eq!(
-        env.get("AZURE_KUBERNETES_TOKEN_PROXY").map(String::as_str),
+        var("AZURE_KUBERNETES_TOKEN_PROXY"),
         values["azureKubernetesTokenProxy"].as_str(),
         "{env:?}"
     );
+    assert_eq!(var("AZURE_KUBERNETES_SNI_NAME"), Some(SNI), "{env:?}");
     assert_eq!(
-        env.get("AZURE_KUBERNETES_SNI_NAME").map(String::as_str),
-        Some(SNI),
-        "{env:?}"
-    );
-    assert_eq!(
-        env.get("AZURE_KUBERNETES_CA_FILE").map(String::as_str),
+        var("AZURE_KUBERNETES_CA_FILE"),
         Some("/var/run/secrets/azure/wi/ca-cert/ca.crt"),
         "{env:?}"
     );
     assert_eq!(
-        env.get("AZURE_FEDERATED_TOKEN_FILE").map(String::as_str),
+        var("AZURE_FEDERATED_TOKEN_FILE"),
         Some("/var/run/secrets/azure/wi/token/azure-identity-token"),
         "{env:?}"
     );
-    assert_eq!(env.get("AZURE_CLIENT_ID").map(String::as_str), Some(cid));
-    assert_eq!(env.get("AZURE_TENANT_ID").map(String::as_str), Some(tenant));
+    assert_eq!(var("AZURE_CLIENT_ID"), Some(cid));
+    assert_eq!(var("AZURE_TENANT_ID"), Some(tenant));
     assert!(
         !env.contains_key("AZURE_KUBERNETES_CA_DATA"),
         "never FILE and DATA both: {env:?}"
@@ -1267,18 +1332,28 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
         .find(|s| s["configMap"].is_object())
         .unwrap_or_else(|| panic!("the CA ConfigMap is projected: {volumes:?}"));
     assert_eq!(ca_source["configMap"]["name"], "identity-binding-proxy-ca");
+    let audience = token_source["serviceAccountToken"]["audience"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (env, audience)
+}
 
-    // 6. Run the pod without a kubelet: its env, with the projected files under a temp dir
-    // and the Service name resolved to the proxy's loopback address.
+/// Runs the Python SDK's token script as the pod without a kubelet: its env, with the
+/// projected files under a temp dir and the Service name resolved to the proxy's loopback
+/// address. Returns the script's answer.
+fn python_sdk_as_the_pod(
+    c: &Cluster,
+    proxy: &Proxy,
+    env: &BTreeMap<String, String>,
+    audience: &str,
+) -> Value {
     let root = tempfile::tempdir().unwrap();
     let mapped = |p: &str| root.path().join(p.trim_start_matches('/'));
     let token_file = mapped(&env["AZURE_FEDERATED_TOKEN_FILE"]);
     let ca_file = mapped(&env["AZURE_KUBERNETES_CA_FILE"]);
     std::fs::create_dir_all(token_file.parent().unwrap()).unwrap();
     std::fs::create_dir_all(ca_file.parent().unwrap()).unwrap();
-    let audience = token_source["serviceAccountToken"]["audience"]
-        .as_str()
-        .unwrap();
     std::fs::write(&token_file, c.token("demo", "demo", audience, Some("demo"))).unwrap();
     let ca_data = c.kubectl(&[
         "get",
@@ -1308,15 +1383,5 @@ fn real_webhook_mutates_the_example_pod_which_gets_a_token_with_the_python_sdk()
     }
     let python = python_with_sdk();
     let script = repo().join("tests/sdk/python_get_token.py");
-    let answer = common::run_sdk_script(&python, &[&script], &sdk_env);
-    assert_eq!(answer["ok"], true, "{answer}\n{}", proxy.logs());
-    let claims = common::jwt_claims(answer["token"].as_str().unwrap());
-    assert_eq!(claims["appid"], cid, "{claims}");
-    // Unregister before the webhook stops: its failurePolicy is Fail.
-    c.kubectl(&[
-        "delete",
-        "mutatingwebhookconfiguration",
-        mwc["metadata"]["name"].as_str().unwrap(),
-    ]);
-    drop(webhook);
+    common::run_sdk_script(&python, &[&script], &sdk_env)
 }

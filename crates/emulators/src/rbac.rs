@@ -8,10 +8,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::rbac::v1::{
-    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
+    AggregationRule, ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::Deserialize;
+
+use identity_binding_proxy::authz::selector::{self, Matcher};
 
 const RBAC_API_VERSION: &str = "rbac.authorization.k8s.io/v1";
 
@@ -367,7 +368,9 @@ impl RbacPolicy {
     }
 
     /// An aggregated ClusterRole's rules are those of the ClusterRoles its selectors match,
-    /// which the clusterrole-aggregation controller would have copied into it.
+    /// which the clusterrole-aggregation controller would have copied into it. A selector
+    /// the apiserver cannot parse (never loaded here: [`validate`] refuses it) makes that
+    /// controller copy nothing, so the role keeps only its own rules.
     fn cluster_role_rules(&self, name: &str, role: &ClusterRole) -> Vec<PolicyRule> {
         let mut rules = role.rules.clone().unwrap_or_default();
         let selectors = role
@@ -375,7 +378,14 @@ impl RbacPolicy {
             .as_ref()
             .and_then(|a| a.cluster_role_selectors.as_deref())
             .unwrap_or_default();
-        if selectors.is_empty() {
+        let Ok(matchers) = selectors
+            .iter()
+            .map(Matcher::parse)
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            return rules;
+        };
+        if matchers.is_empty() {
             return rules;
         }
         for (other_name, other) in &self.cluster_roles {
@@ -383,7 +393,7 @@ impl RbacPolicy {
                 continue;
             }
             let labels = other.metadata.labels.clone().unwrap_or_default();
-            if selectors.iter().any(|s| label_selector_matches(s, &labels)) {
+            if matchers.iter().any(|m| m.matches(&labels)) {
                 for rule in other.rules.iter().flatten() {
                     if !rules.contains(rule) {
                         rules.push(rule.clone());
@@ -447,16 +457,22 @@ fn parse_object(value: serde_norway::Value) -> Result<RbacObject, String> {
 /// The checks the apiserver's validation applies on create, so a policy the emulator accepts
 /// is one a real cluster would accept too.
 fn validate(obj: &RbacObject) -> Result<(), String> {
-    let (rules, namespaced) = match obj {
-        RbacObject::ClusterRole(o) => (o.rules.as_deref(), false),
-        RbacObject::Role(o) => (o.rules.as_deref(), true),
+    match obj {
+        RbacObject::ClusterRole(o) => {
+            validate_rules(o.rules.as_deref(), false)?;
+            o.aggregation_rule
+                .as_ref()
+                .map_or(Ok(()), validate_aggregation)
+        }
+        RbacObject::Role(o) => validate_rules(o.rules.as_deref(), true),
         RbacObject::ClusterRoleBinding(o) => {
-            return validate_binding(&o.role_ref, o.subjects.as_deref(), false)
+            validate_binding(&o.role_ref, o.subjects.as_deref(), false)
         }
-        RbacObject::RoleBinding(o) => {
-            return validate_binding(&o.role_ref, o.subjects.as_deref(), true)
-        }
-    };
+        RbacObject::RoleBinding(o) => validate_binding(&o.role_ref, o.subjects.as_deref(), true),
+    }
+}
+
+fn validate_rules(rules: Option<&[PolicyRule]>, namespaced: bool) -> Result<(), String> {
     for (i, rule) in rules.unwrap_or_default().iter().enumerate() {
         if rule.verbs.is_empty() {
             return Err(format!("rules[{i}].verbs: Required value"));
@@ -489,6 +505,35 @@ fn validate(obj: &RbacObject) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The apiserver's checks of an aggregation rule: at least one selector, each one it can
+/// parse (operator, values, label keys and values), each refusal followed by the selector's
+/// own `invalid label selector.`, all causes in one message as its 422 words them.
+fn validate_aggregation(rule: &AggregationRule) -> Result<(), String> {
+    let path = "aggregationRule.clusterRoleSelectors";
+    let selectors = rule.cluster_role_selectors.as_deref().unwrap_or_default();
+    if selectors.is_empty() {
+        return Err(format!(
+            "{path}: Required value: at least one clusterRoleSelector required if \
+             aggregationRule is non-nil"
+        ));
+    }
+    let mut causes = Vec::new();
+    for (i, s) in selectors.iter().enumerate() {
+        let field = format!("{path}[{i}]");
+        let refused = selector::validate(s, &field);
+        if !refused.is_empty() {
+            causes.extend(refused.iter().map(ToString::to_string));
+            causes.push(format!(
+                "{field}: Invalid value: null: invalid label selector."
+            ));
+        }
+    }
+    match causes.len() {
+        0 => Ok(()),
+        _ => Err(format!("[{}]", causes.join(", "))),
+    }
 }
 
 fn validate_binding(
@@ -627,27 +672,6 @@ fn resource_name_matches(rule: &PolicyRule, name: &str) -> bool {
         None | Some([]) => true,
         Some(names) => names.iter().any(|n| n == name),
     }
-}
-
-/// Whether `labels` satisfy a `metav1.LabelSelector`. An empty selector matches everything.
-pub fn label_selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or_default();
-        let current = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => current.is_some_and(|c| values.contains(c)),
-            "NotIn" => current.is_none_or(|c| !values.contains(c)),
-            "Exists" => current.is_some(),
-            "DoesNotExist" => current.is_none(),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
 }
 
 #[cfg(test)]
@@ -1099,6 +1123,89 @@ subjects: [{kind: User, name: u}]
             policy
                 .authorize(&resource(("u".into(), vec![]), None, "get", "", "pods"))
                 .allowed
+        );
+    }
+
+    /// An aggregating role `agg` bound to user `u`, selecting with `selector`, and ClusterRoles
+    /// granting `get` on one resource each: `plain` (no labels), `web` (tier=web), `api`
+    /// (tier=api) and `prod` (tier=web, env=prod).
+    fn aggregation_of(selector: &str) -> Result<RbacPolicy, RbacError> {
+        let mut yaml = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: agg}}\n\
+             aggregationRule: {{clusterRoleSelectors: [{selector}]}}\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: b}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agg}}\n\
+             subjects: [{{kind: User, name: u}}]\n"
+        );
+        for (name, labels) in [
+            ("plain", "{}"),
+            ("web", "{tier: web}"),
+            ("api", "{tier: api}"),
+            ("prod", "{tier: web, env: prod}"),
+        ] {
+            yaml.push_str(&format!(
+                "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\n\
+                 metadata: {{name: {name}, labels: {labels}}}\n\
+                 rules: [{{verbs: [get], apiGroups: [\"\"], resources: [{name}]}}]\n"
+            ));
+        }
+        RbacPolicy::parse(&yaml)
+    }
+
+    #[test]
+    fn aggregation_follows_the_shared_selector_semantics() {
+        for (selector, want) in [
+            ("{matchLabels: {tier: web}}", vec!["web", "prod"]),
+            ("{matchExpressions: [{key: tier, operator: In, values: [web, api]}]}", vec!["web", "api", "prod"]),
+            ("{matchExpressions: [{key: tier, operator: NotIn, values: [web]}]}", vec!["plain", "api"]),
+            ("{matchExpressions: [{key: env, operator: Exists}]}", vec!["prod"]),
+            ("{matchExpressions: [{key: tier, operator: DoesNotExist}]}", vec!["plain"]),
+            ("{matchLabels: {tier: web}, matchExpressions: [{key: env, operator: DoesNotExist}]}", vec!["web"]),
+            ("{}", vec!["plain", "web", "api", "prod"]),
+        ] {
+            let policy = aggregation_of(selector).unwrap();
+            let granted: Vec<&str> = ["plain", "web", "api", "prod"]
+                .into_iter()
+                .filter(|r| policy.authorize(&resource(("u".into(), vec![]), None, "get", "", r)).allowed)
+                .collect();
+            assert_eq!(granted, want, "{selector}");
+        }
+    }
+
+    #[test]
+    fn aggregation_selectors_the_apiserver_refuses_are_refused_with_its_causes() {
+        let err = aggregation_of("{matchExpressions: [{key: tier, operator: Bogus, values: [x]}]}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "invalid ClusterRole \"agg\": [aggregationRule.clusterRoleSelectors[0].matchExpressions[0].operator: \
+                 Invalid value: \"Bogus\": not a valid selector operator, \
+                 aggregationRule.clusterRoleSelectors[0]: Invalid value: null: invalid label selector.]"
+            ),
+            "{err}"
+        );
+        let err = aggregation_of(
+            "{matchLabels: {a: b}}, {matchExpressions: [{key: tier, operator: In, values: []}]}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "aggregationRule.clusterRoleSelectors[1].matchExpressions[0].values: Required value: \
+                 must be specified when `operator` is 'In' or 'NotIn'"
+            ),
+            "{err}"
+        );
+        let err = RbacPolicy::parse(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: agg}\n\
+             aggregationRule: {clusterRoleSelectors: []}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("aggregationRule.clusterRoleSelectors: Required value"),
+            "{err}"
         );
     }
 

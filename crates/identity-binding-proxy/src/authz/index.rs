@@ -14,10 +14,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject as RbacSubject,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::cluster::{GRANT_GROUP, GRANT_VERB};
 
+use super::selector::Matcher;
 use super::WILDCARD_PROBE;
 
 /// Whose cached decisions an RBAC event may have made stale.
@@ -107,8 +107,9 @@ enum BindingKey {
 struct ClusterRoleFacts {
     /// Its own rules can grant the verb.
     grants: bool,
-    /// Its aggregation selectors (empty when it aggregates nothing).
-    selectors: Vec<LabelSelector>,
+    /// Its aggregation selectors (empty when it aggregates nothing); `None` for one the
+    /// apiserver's validation refuses, which [`selects`] takes to select every role.
+    selectors: Vec<Option<Matcher>>,
     /// Its labels, which aggregating ClusterRoles select on.
     labels: BTreeMap<String, String>,
 }
@@ -119,8 +120,11 @@ impl ClusterRoleFacts {
         let selectors = role
             .aggregation_rule
             .as_ref()
-            .and_then(|a| a.cluster_role_selectors.clone())
-            .unwrap_or_default();
+            .and_then(|a| a.cluster_role_selectors.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|s| Matcher::parse(s).ok())
+            .collect::<Vec<_>>();
         // A ClusterRole that neither grants nor aggregates cannot matter: its labels only
         // pull its (non-granting) rules into aggregating roles.
         (grants || !selectors.is_empty()).then(|| ClusterRoleFacts {
@@ -449,7 +453,7 @@ impl RbacIndex {
                     relevant.iter().any(|r| {
                         r != *name
                             && self.cluster_roles.get(r).is_some_and(|rf| {
-                                f.selectors.iter().any(|s| selector_matches(s, &rf.labels))
+                                f.selectors.iter().any(|s| selects(s.as_ref(), &rf.labels))
                             })
                     })
                 })
@@ -575,26 +579,14 @@ fn bound(subjects: &[RbacSubject], binding_namespace: Option<&str>) -> Stale {
     }
 }
 
-/// Whether `labels` satisfy a label selector (an empty selector matches everything). An
-/// operator this code does not know matches, so the index errs towards dropping decisions.
-fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let by_label = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let by_expression = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or_default();
-        let current = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => current.is_some_and(|c| values.contains(c)),
-            "NotIn" => current.is_none_or(|c| !values.contains(c)),
-            "Exists" => current.is_some(),
-            "DoesNotExist" => current.is_none(),
-            _ => true,
-        }
-    });
-    by_label && by_expression
+/// Whether an aggregation selector picks a ClusterRole with `labels`, as the apiserver's
+/// `labels.Selector` would. A selector that cannot be parsed (`None`) picks every role: the
+/// apiserver refuses to store one, so it can only come from a source that skipped validation
+/// (an object stored before a check existed, a store written around the apiserver). The
+/// aggregation controller then copies nothing, but the rules such a role already holds are
+/// unknown here, so the index errs towards dropping decisions rather than keeping stale ones.
+fn selects(selector: Option<&Matcher>, labels: &BTreeMap<String, String>) -> bool {
+    selector.is_none_or(|m| m.matches(labels))
 }
 
 #[cfg(test)]
@@ -969,6 +961,56 @@ mod tests {
             index.apply_cluster_role(&edited),
             subjects(&[who_sa("apps", "api")])
         );
+    }
+
+    /// An aggregating ClusterRole, itself labelled `tier: aggregating` (aggregation is
+    /// transitive: an unlabelled one would be picked by a `DoesNotExist` of `tier`).
+    fn aggregating_by(name: &str, expression: serde_json::Value) -> ClusterRole {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"tier": "aggregating"}},
+            "aggregationRule": {"clusterRoleSelectors": [{"matchExpressions": [expression]}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn aggregation_selectors_are_read_as_the_apiserver_reads_them() {
+        let part = labelled("part", json!({"tier": "identities"}), grant_rules());
+        let binding_to = |role: &str| crb(role, role, json!([sa("apps", role)]));
+        let roles = [
+            // Selects the part: NotIn is met by a value outside the set.
+            aggregating_by(
+                "not-in",
+                json!({"key": "tier", "operator": "NotIn", "values": ["web"]}),
+            ),
+            // Selects nothing here: every role has the label.
+            aggregating_by("absent", json!({"key": "tier", "operator": "DoesNotExist"})),
+            // Refused by the apiserver's validation, so never parsed: taken to select all.
+            aggregating_by(
+                "bogus",
+                json!({"key": "tier", "operator": "Bogus", "values": ["x"]}),
+            ),
+            aggregating_by(
+                "in-nothing",
+                json!({"key": "tier", "operator": "In", "values": []}),
+            ),
+            part,
+        ];
+        let mut index = listed(&roles, &[]);
+        for (role, relevant) in [
+            ("not-in", true),
+            ("absent", false),
+            ("bogus", true),
+            ("in-nothing", true),
+        ] {
+            let stale = index.apply_binding(Binding::Cluster(&binding_to(role)));
+            let want = if relevant {
+                subjects(&[who_sa("apps", role)])
+            } else {
+                Stale::Nobody
+            };
+            assert_eq!(stale, want, "{role}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::request::error::{ProxyError, Result};
 use crate::serve::limits::{CallerBudgets, Spend};
 
 pub(crate) mod index;
+pub mod selector;
 
 use index::{Binding, Kind, RbacIndex, Stale};
 

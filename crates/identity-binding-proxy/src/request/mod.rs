@@ -516,7 +516,7 @@ impl Trace {
         let sent = &request.sent;
         event_at!(
             level,
-            method = %sent.method,
+            method = sent.method.as_str(),
             path = ?sent.path(),
             version = sent.version(),
             alpn = conn.alpn.unwrap_or(""),
@@ -533,8 +533,8 @@ impl Trace {
             upstream_status = self.upstream.unwrap_or(0),
             upstream_us = self.upstream_wait.map_or(0, |d| d.as_micros() as u64),
             latency_us = elapsed.as_micros() as u64,
-            correlation_id = %request.correlation_id,
-            peer = %conn.peer,
+            correlation_id = request.correlation_id.as_str(),
+            peer = crate::serve::logline::Addr::of(&conn.peer).as_str(),
             "token request"
         );
     }

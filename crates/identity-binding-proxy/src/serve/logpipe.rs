@@ -76,7 +76,10 @@ impl Pipe {
         }
         let was_below = pending.buf.len() < BATCH;
         pending.buf.extend_from_slice(line);
-        if was_below && pending.buf.len() >= BATCH {
+        let full = was_below && pending.buf.len() >= BATCH;
+        // Woken after the unlock: the writer does not wake only to wait for this lock.
+        drop(pending);
+        if full {
             self.wake.notify_one();
         }
     }
@@ -107,9 +110,15 @@ impl Pipe {
                 let _ = out.write_all(&batch).and_then(|()| out.flush());
                 batch.clear();
             }
+            // Those waiting for a flush are woken only when one was asked for, and after the
+            // unlock: a syscall under the lock would hold up every request's line.
             let mut pending = self.lock();
+            let answered = asked > pending.done;
             pending.done = pending.done.max(asked);
-            self.flushed.notify_all();
+            drop(pending);
+            if answered {
+                self.flushed.notify_all();
+            }
         }
     }
 
