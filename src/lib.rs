@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod doctor;
 pub mod entra;
 pub mod error;
 pub mod expiry;

@@ -57,6 +57,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Doctor(args) = &cli.command {
+        identity_binding_proxy::http::install_crypto_provider();
+        return ExitCode::from(runtime.block_on(identity_binding_proxy::doctor::run(args)));
+    }
     let result = runtime.block_on(dispatch(cli.command));
     // Every line of the run (the drain's included) is out before the process is.
     identity_binding_proxy::logpipe::flush(LOG_FLUSH_LIMIT);
@@ -155,6 +159,8 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             .map_err(Failure::Runtime)
         }
         Command::Issuer(cmd) => issuer::run(cmd).map_err(Failure::Usage),
+        // Run before dispatch: its exit status is its report's.
+        Command::Doctor(_) => Ok(()),
         Command::Probe(a) => identity_binding_proxy::sidecar::probe(&a.url)
             .await
             .map_err(|e| Failure::Runtime(anyhow::anyhow!(e))),
