@@ -99,6 +99,10 @@ pub struct DoctorArgs {
     /// How the report is printed.
     #[arg(long, env = "IBP_OUTPUT", value_enum, default_value = "text")]
     pub output: DoctorOutput,
+    /// Trust this CA (PEM) for the issuer host instead of the public roots: for a mirror
+    /// behind a private CA. Entra itself trusts only public CAs.
+    #[arg(long, env = "IBP_ISSUER_CA_FILE")]
+    pub issuer_ca_file: Option<PathBuf>,
     /// Timeout of each HTTPS request to the issuer host.
     #[arg(long, env = "IBP_HTTP_TIMEOUT_SECS", default_value_t = 10)]
     pub http_timeout_secs: u64,

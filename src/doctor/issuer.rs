@@ -6,6 +6,8 @@
 //! skew between this machine, the apiserver and the issuer host.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -42,10 +44,17 @@ pub struct Document {
 }
 
 /// The published documents of every bound identity.
-pub async fn fetch_all(proxy: &Proxy, timeout: Duration) -> Result<Vec<Published>, String> {
+pub async fn fetch_all(
+    proxy: &Proxy,
+    ca_file: Option<&Path>,
+    timeout: Duration,
+) -> Result<Vec<Published>, String> {
     let url = issuer_url(proxy)?;
     let bindings = proxy.bindings.as_ref().map_err(Clone::clone)?;
-    let client = crate::http::client();
+    let client = match ca_file {
+        Some(file) => client_trusting(file)?,
+        None => crate::http::client(),
+    };
     let mut out = Vec::new();
     for b in bindings {
         let issuer = url.for_binding(b);
@@ -58,6 +67,38 @@ pub async fn fetch_all(proxy: &Proxy, timeout: Duration) -> Result<Vec<Published
         });
     }
     Ok(out)
+}
+
+/// The outbound client, trusting only the CA in `file`.
+fn client_trusting(file: &Path) -> Result<crate::http::HttpClient, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(file).map_err(|e| format!("{}: {e}", file.display()))?
+    {
+        let cert = cert.map_err(|e| format!("{}: {e}", file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https),
+    )
 }
 
 fn issuer_url(proxy: &Proxy) -> Result<IssuerUrl, String> {

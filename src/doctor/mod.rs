@@ -92,7 +92,7 @@ async fn checks(cluster: &Cluster, args: &DoctorArgs, fics: &issuer::FicLists) -
     report
         .checks
         .extend(tls::checks(client, &proxy, &workloads).await);
-    let published = issuer::fetch_all(&proxy, timeout).await;
+    let published = issuer::fetch_all(&proxy, args.issuer_ca_file.as_deref(), timeout).await;
     report.checks.extend(issuer::checks(&proxy, &published));
     report.checks.push(issuer::fic_check(&proxy, fics));
     report

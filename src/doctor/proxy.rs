@@ -371,7 +371,9 @@ async fn get(client: &kube::Client, path: &str) -> Result<String, Reach> {
         .body(Vec::new())
         .map_err(|e| Reach::Failed(e.to_string()))?;
     client.request_text(req).await.map_err(|e| match e {
-        kube::Error::Api(s) => Reach::Status(s.code),
+        // A body that is no Kubernetes Status came from the pod itself.
+        kube::Error::Api(s) if s.reason == "Failed to parse error data" => Reach::Status(s.code),
+        kube::Error::Api(s) => Reach::Failed(format!("{} ({})", s.message, s.code)),
         e => Reach::Failed(e.to_string()),
     })
 }
