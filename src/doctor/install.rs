@@ -124,27 +124,8 @@ pub async fn read_proxy(client: &kube::Client, args: &DoctorArgs) -> Result<Prox
             files.read(&entry.cert.to_string_lossy()).await,
         ));
     }
-    let bindings = match env.get("IBP_BINDINGS") {
-        Some(path) => files.read(path).await.and_then(|yaml| {
-            BindingSet::parse(&yaml).map(|set| {
-                let mut all: Vec<Binding> = set.iter().cloned().collect();
-                all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-                all
-            })
-        }),
-        None => Err("the proxy has no IBP_BINDINGS".into()),
-    };
-    let issuer_keys = match env.get("IBP_ISSUER_KEY") {
-        Some(paths) => {
-            let mut keys = Vec::new();
-            for path in paths.split(',') {
-                keys.push(files.read(path.trim()).await?);
-            }
-            Ok(keys)
-        }
-        None => Err("the proxy has no IBP_ISSUER_KEY".into()),
-    }
-    .map_err(|e: String| e);
+    let bindings = files.bindings(env.get("IBP_BINDINGS")).await;
+    let issuer_keys = files.issuer_keys(env.get("IBP_ISSUER_KEY")).await;
     let ca_bundle = configmap_key(client, ns, &format!("{name}-ca"), "ca.crt").await;
     Ok(Proxy {
         namespace: ns.clone(),
@@ -196,6 +177,25 @@ struct Files<'a> {
 }
 
 impl Files<'_> {
+    /// The bindings file `IBP_BINDINGS` names, parsed, by client id.
+    async fn bindings(&self, path: Option<&String>) -> Result<Vec<Binding>, String> {
+        let path = path.ok_or("the proxy has no IBP_BINDINGS")?;
+        let set = BindingSet::parse(&self.read(path).await?)?;
+        let mut all: Vec<Binding> = set.iter().cloned().collect();
+        all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        Ok(all)
+    }
+
+    /// The PEM of each key file `IBP_ISSUER_KEY` names, in order.
+    async fn issuer_keys(&self, paths: Option<&String>) -> Result<Vec<String>, String> {
+        let paths = paths.ok_or("the proxy has no IBP_ISSUER_KEY")?;
+        let mut keys = Vec::new();
+        for path in paths.split(',') {
+            keys.push(self.read(path.trim()).await?);
+        }
+        Ok(keys)
+    }
+
     /// The content of `path` as the container sees it: the Secret or ConfigMap key mounted
     /// there.
     async fn read(&self, path: &str) -> Result<String, String> {

@@ -26,12 +26,23 @@ pub async fn checks(
         Ok(w) => settings_check(proxy, w, args),
         Err(e) => Check::unknown("webhook.settings", e.clone()),
     };
-    let ca_name = webhook
-        .as_ref()
-        .ok()
-        .and_then(|w| w.config.get("AZURE_KUBERNETES_CA_CONFIGMAP_NAME").cloned())
-        .unwrap_or_else(|| proxy.ca_configmap());
+    let config = |key: &str| {
+        let webhook = webhook.as_ref().ok()?;
+        webhook.config.get(key).filter(|v| !v.is_empty()).cloned()
+    };
+    let ca_name = config("AZURE_KUBERNETES_CA_CONFIGMAP_NAME");
+    let inline = ca_name.is_none()
+        && (config("AZURE_KUBERNETES_CA_DATA").is_some()
+            || config("AZURE_KUBERNETES_CA_CTB_SIGNER_NAME").is_some());
+    let ca_name = ca_name.unwrap_or_else(|| proxy.ca_configmap());
     let (configmaps, pods) = match workloads {
+        Ok(_) if inline => (
+            Check::pass(
+                "webhook.ca-configmaps",
+                "the webhook injects the CA itself (inline or from a ClusterTrustBundle): no ConfigMap is needed",
+            ),
+            pods_check(workloads.as_deref().unwrap_or_default(), args),
+        ),
         Ok(w) => (
             configmaps_check(client, proxy, &ca_name, w).await,
             pods_check(w, args),
