@@ -76,7 +76,11 @@ impl Ca {
     fn issue(&self, names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let params = rcgen::CertificateParams::new(names).unwrap();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        // What cert-manager issues by default: 90 days.
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(90);
         let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -496,6 +500,14 @@ fn fails_only(install: &Install, id: &str) -> Value {
     let (code, report) = install.doctor();
     assert_eq!(failing(&report), vec![id.to_string()], "{report:#}");
     assert_eq!(code, 3, "{report:#}");
+    // The same as a person reads it (shown with --nocapture).
+    let text = install.doctor_run("text");
+    assert_eq!(text.status.code(), Some(3));
+    eprintln!(
+        "doctor on {}:\n{}",
+        install.case,
+        String::from_utf8_lossy(&text.stdout)
+    );
     check(&report, id).clone()
 }
 
