@@ -29,7 +29,8 @@ pub async fn checks(cluster: &Cluster, proxy: &Proxy) -> Vec<Check> {
         ),
         Err(e) => (Err(e.clone()), BTreeSet::new()),
     };
-    let mut out = vec![nodes_check(proxy, &nodes, &ready_nodes)];
+    let all = pods.as_deref().unwrap_or_default();
+    let mut out = vec![nodes_check(proxy, &nodes, &ready_nodes, all)];
     out.push(endpoints_check(client, proxy, &ready_nodes).await);
     out.push(rbac_check(client, proxy).await);
     out.push(health_check(client, proxy, pods.as_deref().unwrap_or_default()).await);
@@ -88,6 +89,7 @@ fn nodes_check(
     proxy: &Proxy,
     nodes: &Result<Vec<String>, String>,
     ready: &BTreeSet<String>,
+    pods: &[Pod],
 ) -> Check {
     const ID: &str = "proxy.nodes";
     let (ns, name) = (&proxy.namespace, &proxy.name);
@@ -113,12 +115,7 @@ fn nodes_check(
     }
     let fix = missing
         .iter()
-        .map(|n| {
-            format!(
-                "kubectl get pods -n {ns} -o wide --field-selector spec.nodeName={n}   \
-                 # then: kubectl describe pod -n {ns} <pod>; kubectl logs -n {ns} <pod>"
-            )
-        })
+        .map(|node| node_fix(proxy, node, pods))
         .collect::<Vec<_>>()
         .join("\n");
     Check::fail(
@@ -131,6 +128,26 @@ fn nodes_check(
         fix,
     )
     .with_details(missing.iter().map(|n| format!("node {n}")).collect())
+}
+
+/// For a node without a Ready proxy: its pod that is not Ready is replaced (read why first),
+/// or, without a pod there, what keeps the DaemonSet off the node.
+fn node_fix(proxy: &Proxy, node: &str, pods: &[Pod]) -> String {
+    let (ns, name) = (&proxy.namespace, &proxy.name);
+    let on_node = pods.iter().find(|p| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && p.metadata.deletion_timestamp.is_none()
+    });
+    match on_node.and_then(|p| p.metadata.name.as_deref()) {
+        Some(pod) => format!(
+            "kubectl delete pod -n {ns} {pod}   # the DaemonSet starts a new one; read why it \
+             is not Ready first: kubectl describe pod -n {ns} {pod}; kubectl logs -n {ns} {pod}"
+        ),
+        None => format!(
+            "kubectl describe daemonset -n {ns} {name}   # no proxy pod on node {node}: its \
+             events name what keeps it off (taints, labels, free resources)"
+        ),
+    }
 }
 
 /// Each node with a Ready proxy has an endpoint of the Service on that node: with

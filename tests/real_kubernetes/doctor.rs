@@ -780,11 +780,18 @@ fn doctor_finds_a_node_without_a_ready_proxy() {
     let failed = fails_only(&install, "proxy.nodes");
     assert!(failed["details"].to_string().contains(&node), "{failed:#}");
     let fix = fix_of(&failed);
+    let describe = format!(
+        "kubectl describe daemonset -n {} {}",
+        install.case,
+        install.name()
+    );
+    assert!(fix.starts_with(&describe), "{fix}");
     assert!(
-        fix.contains(&format!("--field-selector spec.nodeName={node}")),
+        fix.contains(&format!("no proxy pod on node {node}")),
         "{fix}"
     );
-    // What the fix leads to: the DaemonSet's pod there Ready (and so its endpoint).
+    install.apply_fix(&fix);
+    // What its events lead to: the DaemonSet's pod there, Ready (and so its endpoint).
     install.add_node_with_ready_proxy("node-b");
     passes(&install, "proxy.nodes");
 }
