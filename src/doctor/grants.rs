@@ -71,6 +71,7 @@ async fn pods_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Caller<
         .map(|b| b.iter().map(|b| b.client_id.as_str()).collect());
     let mut denied = Vec::new();
     let mut problems = Vec::new();
+    let mut unbound = BTreeSet::new();
     for (ns, sa, cid) in callers {
         let Some(cid) = cid else {
             problems.push(format!(
@@ -79,10 +80,8 @@ async fn pods_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Caller<
             continue;
         };
         if bound.as_ref().is_some_and(|b| !b.contains(cid)) {
-            problems.push(format!(
-                "{ns}/{sa}: client id {cid} is not bound: add it to the bindings of {}/{}",
-                proxy.namespace, proxy.name
-            ));
+            problems.push(format!("{ns}/{sa}: client id {cid} is not bound"));
+            unbound.insert(*cid);
         }
         match review(cluster, ns, sa, cid).await {
             Ok(true) => {}
@@ -104,15 +103,7 @@ async fn pods_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Caller<
         .map(|(ns, sa, cid)| format!("{ns}/{sa} may not {GRANT_VERB} {cid}"))
         .collect();
     details.extend(problems.iter().cloned());
-    let fix = if denied.is_empty() {
-        problems.join("\n")
-    } else {
-        let yaml: Vec<String> = denied
-            .iter()
-            .map(|(ns, sa, cid)| grant_yaml(ns, sa, cid))
-            .collect();
-        format!("kubectl apply -f - <<'EOF'\n{}EOF", yaml.join("---\n"))
-    };
+    let fix = grants_fix(proxy, &denied, &unbound, &problems);
     Check::fail(
         ID,
         format!(
@@ -122,6 +113,40 @@ async fn pods_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Caller<
         fix,
     )
     .with_details(details)
+}
+
+/// The grants to apply, the identities to bind, and the service accounts to annotate.
+fn grants_fix(
+    proxy: &Proxy,
+    denied: &[(&str, &str, &str)],
+    unbound: &BTreeSet<&str>,
+    problems: &[String],
+) -> String {
+    let mut fixes = Vec::new();
+    if !denied.is_empty() {
+        let yaml: Vec<String> = denied
+            .iter()
+            .map(|(ns, sa, cid)| grant_yaml(ns, sa, cid))
+            .collect();
+        fixes.push(format!(
+            "kubectl apply -f - <<'EOF'\n{}EOF",
+            yaml.join("---\n")
+        ));
+    }
+    if !unbound.is_empty() {
+        fixes.push(format!(
+            "# bind the identities: add them to the chart value `bindings` (ConfigMap {}/{}-bindings), then helm upgrade:",
+            proxy.namespace, proxy.name
+        ));
+        fixes.extend(
+            unbound
+                .iter()
+                .map(|cid| format!("#   - clientId: {cid}\n#     tenantId: <its tenant>")),
+        );
+    }
+    let no_client_id = problems.iter().filter(|p| p.contains("no client id"));
+    fixes.extend(no_client_id.map(|p| format!("# {p}")));
+    fixes.join("\n")
 }
 
 /// The Role and RoleBinding that let `ns/sa` use `client_id` (namespaced: it grants nothing
@@ -182,4 +207,31 @@ async fn wildcard_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Cal
         fix,
     )
     .with_details(wide)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grant_is_a_namespaced_role_and_binding_for_exactly_that_identity() {
+        let yaml = grant_yaml("apps", "web", "5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90");
+        let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&yaml)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0]["kind"], "Role");
+        assert_eq!(
+            docs[0]["rules"][0],
+            serde_json::json!({"apiGroups": [GRANT_GROUP],
+                "resources": ["5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90"], "verbs": [GRANT_VERB]})
+        );
+        assert_eq!(docs[1]["kind"], "RoleBinding");
+        assert_eq!(docs[1]["metadata"]["namespace"], "apps");
+        assert_eq!(docs[1]["roleRef"]["name"], docs[0]["metadata"]["name"]);
+        assert_eq!(
+            docs[1]["subjects"][0],
+            serde_json::json!({"kind": "ServiceAccount", "name": "web", "namespace": "apps"})
+        );
+    }
 }

@@ -323,6 +323,8 @@ pub struct Workload {
     pub env: BTreeSet<String>,
     /// Who owns it (`ReplicaSet/web-5d9c`), for the restart command.
     pub owner: Option<(String, String)>,
+    /// Served by a proxy sidecar of its own (sidecar mode), not by the DaemonSet.
+    pub sidecar: bool,
 }
 
 /// The pods labelled for workload identity AND annotated for identity binding.
@@ -372,13 +374,16 @@ async fn workload(client: &kube::Client, pod: Pod) -> Workload {
         .unwrap_or_else(|| "default".into());
     let mut env = BTreeSet::new();
     let mut client_id = None;
+    let mut sidecar = false;
     for c in spec
         .init_containers
         .iter()
         .flatten()
         .chain(&spec.containers)
     {
+        sidecar |= c.args.iter().flatten().any(|a| a == "--sidecar");
         for var in c.env.iter().flatten() {
+            sidecar |= var.name == "IBP_SIDECAR" || var.name == "IBP_SIDECAR_CA_OUT";
             if var.name == "AZURE_CLIENT_ID" && client_id.is_none() {
                 client_id = var.value.clone();
             }
@@ -407,5 +412,24 @@ async fn workload(client: &kube::Client, pod: Pod) -> Workload {
         client_id,
         env,
         owner,
+        sidecar,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_named_as_the_chart_names_them() {
+        assert_eq!(
+            object_name("identity-binding-proxy"),
+            "identity-binding-proxy"
+        );
+        assert_eq!(object_name("ibp"), "ibp-identity-binding-proxy");
+        assert_eq!(
+            object_name("prod-identity-binding-proxy"),
+            "prod-identity-binding-proxy"
+        );
     }
 }

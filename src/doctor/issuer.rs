@@ -551,3 +551,71 @@ async fn apiserver_date(client: &kube::Client) -> Result<(SystemTime, SystemTime
         .map(|d| (d, ours))
         .ok_or_else(|| "no Date header".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fic(issuer: &str, subject: &str, audience: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": "ibp", "issuer": issuer, "subject": subject, "audiences": [audience],
+            "id": "/subscriptions/s/resourceGroups/My-Group/providers/Microsoft.ManagedIdentity/userAssignedIdentities/my-id/federatedIdentityCredentials/ibp",
+        })
+    }
+
+    #[test]
+    fn the_closest_fic_names_each_differing_field_and_a_case_only_difference() {
+        let want = Wanted {
+            issuer: "https://issuer.example/t/c".into(),
+            subject: "my-identity",
+        };
+        let exact = [fic(
+            "https://issuer.example/t/c",
+            "my-identity",
+            FIC_AUDIENCE,
+        )];
+        assert!(closest(&exact, &want).unwrap().1.is_empty());
+        let list = [
+            fic("https://elsewhere/", "other", "api://x"),
+            fic("https://issuer.example/t/c/", "My-Identity", FIC_AUDIENCE),
+        ];
+        let (found, diffs) = closest(&list, &want).unwrap();
+        assert_eq!(found["subject"], "My-Identity");
+        assert_eq!(diffs.len(), 2, "{diffs:?}");
+        assert!(diffs[0].starts_with("issuer is 'https://issuer.example/t/c/'"));
+        assert!(
+            !diffs[0].contains("only in case"),
+            "a trailing slash is no case"
+        );
+        assert!(
+            diffs[1].contains("differs only in case: AADSTS7002138"),
+            "{diffs:?}"
+        );
+        let fix = fic_fix(Some(found), &want, &list);
+        assert_eq!(
+            fix,
+            "az identity federated-credential update --name ibp --identity-name my-id \
+             --resource-group My-Group --issuer 'https://issuer.example/t/c' --subject \
+             'my-identity' --audiences api://AzureADTokenExchange"
+        );
+        assert!(fic_fix(None, &want, &[]).starts_with(
+            "az identity federated-credential create --name identity-binding-proxy \
+             --identity-name <identity-name> --resource-group <resource-group>"
+        ));
+    }
+
+    #[test]
+    fn fic_lists_are_named_by_client_id_and_bad_ones_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.json");
+        std::fs::write(&good, "[]").unwrap();
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"not\": \"a list\"}").unwrap();
+        let lists = read_fic_lists(&[format!("c1={}", good.display())]).unwrap();
+        assert_eq!(lists["c1"], Vec::<serde_json::Value>::new());
+        let e = read_fic_lists(&[format!("c1={}", bad.display())]).unwrap_err();
+        assert!(e.contains("az identity federated-credential list"), "{e}");
+        let e = read_fic_lists(&["no-equals".into()]).unwrap_err();
+        assert!(e.contains("CLIENT_ID=FILE"), "{e}");
+    }
+}

@@ -69,7 +69,20 @@ async fn checks(cluster: &Cluster, args: &DoctorArgs, fics: &issuer::FicLists) -
     let mut report = Report::default();
     let proxy = install::read_proxy(client, args).await;
     let webhook = install::read_webhook(client, args).await;
-    let workloads = install::read_workloads(client, args).await;
+    // Pods served by a sidecar of their own are not the DaemonSet's to serve.
+    let (workloads, sidecar_served) = match install::read_workloads(client, args).await {
+        Ok(all) => {
+            let (own, served): (Vec<_>, Vec<_>) = all.into_iter().partition(|w| w.sidecar);
+            let own = own.iter().map(|w| {
+                format!(
+                    "pod {}/{}: served by its own sidecar, not checked against the DaemonSet",
+                    w.namespace, w.name
+                )
+            });
+            (Ok(served), own.collect())
+        }
+        Err(e) => (Err(e), Vec::new()),
+    };
     let proxy = match proxy {
         Ok(p) => p,
         Err(why) => {
@@ -83,9 +96,11 @@ async fn checks(cluster: &Cluster, args: &DoctorArgs, fics: &issuer::FicLists) -
         }
     };
     report.checks.extend(proxy::checks(cluster, &proxy).await);
-    report
-        .checks
-        .extend(webhook::checks(client, &proxy, &webhook, &workloads, args).await);
+    let mut webhook_checks = webhook::checks(client, &proxy, &webhook, &workloads, args).await;
+    if let Some(pods) = webhook_checks.iter_mut().find(|c| c.id == "webhook.pods") {
+        pods.details.extend(sidecar_served);
+    }
+    report.checks.extend(webhook_checks);
     report
         .checks
         .extend(grants::checks(cluster, &proxy, &workloads).await);

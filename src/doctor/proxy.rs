@@ -443,3 +443,39 @@ pub fn summarise_metrics(text: &str) -> Vec<(String, f64)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_summarised_as_errors_by_kind_and_days_left() {
+        let in_ten_days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 10 * 86_400
+            + 3_600;
+        let text = format!(
+            "# HELP x\n\
+             identity_binding_proxy_entra_requests_total{{status=\"200\"}} 40\n\
+             identity_binding_proxy_entra_requests_total{{status=\"400\"}} 3\n\
+             identity_binding_proxy_entra_requests_total{{status=\"429\"}} 0\n\
+             identity_binding_proxy_kube_reviews_total{{kind=\"subjectaccessreview\",result=\"error\"}} 2\n\
+             identity_binding_proxy_kube_reviews_total{{kind=\"tokenreview\",result=\"allowed\"}} 9\n\
+             identity_binding_proxy_certificate_expiry_timestamp_seconds{{sni=\"a.internal\"}} {in_ten_days}\n"
+        );
+        let summary = summarise_metrics(&text);
+        assert_eq!(
+            summary,
+            vec![
+                ("Entra answers 400".to_string(), 3.0),
+                ("subjectaccessreview failures".to_string(), 2.0),
+                (
+                    "days left on the certificate for a.internal".to_string(),
+                    10.0
+                ),
+            ]
+        );
+    }
+}

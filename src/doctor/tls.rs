@@ -241,6 +241,20 @@ async fn ca_bundles_check(
     let (Ok(bundle), Ok(workloads)) = (&proxy.ca_bundle, workloads) else {
         return Check::unknown(ID, "no CA bundle or no pods to compare");
     };
+    if CertificateDer::pem_slice_iter(bundle.as_bytes())
+        .next()
+        .is_none()
+    {
+        // Copying an empty bundle over the namespaces' would only break them: tls.chain says
+        // what to fill in first.
+        return Check::unknown(
+            ID,
+            format!(
+                "the proxy's {} holds no certificate to compare with",
+                proxy.ca_configmap()
+            ),
+        );
+    }
     let namespaces: BTreeSet<&str> = workloads.iter().map(|w| w.namespace.as_str()).collect();
     let mut stale = Vec::new();
     for ns in namespaces.iter().filter(|ns| **ns != proxy.namespace) {

@@ -293,3 +293,52 @@ fn restart_command(w: &Workload) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(owner: Option<(&str, &str)>) -> Workload {
+        Workload {
+            namespace: "apps".into(),
+            name: "web-5d9c-x7k2p".into(),
+            service_account: "web".into(),
+            client_id: None,
+            env: BTreeSet::new(),
+            owner: owner.map(|(k, n)| (k.to_string(), n.to_string())),
+            sidecar: false,
+        }
+    }
+
+    #[test]
+    fn an_unmutated_pod_is_restarted_through_its_owner() {
+        assert_eq!(
+            restart_command(&workload(Some(("ReplicaSet", "web-5d9c")))),
+            "kubectl rollout restart deployment/web -n apps"
+        );
+        assert_eq!(
+            restart_command(&workload(Some(("StatefulSet", "db")))),
+            "kubectl rollout restart statefulset/db -n apps"
+        );
+        assert!(restart_command(&workload(None))
+            .starts_with("kubectl delete pod web-5d9c-x7k2p -n apps"));
+    }
+
+    #[test]
+    fn webhook_args_are_read_with_and_without_an_equals_sign() {
+        let webhook = Webhook {
+            namespace: "wh".into(),
+            deployment: "d".into(),
+            args: vec![
+                "--log-level=info".into(),
+                format!("{SUFFIX_FLAG}=identity-binding"),
+                AUDIENCE_FLAG.into(),
+                "api://AKSIdentityBinding".into(),
+            ],
+            config: Default::default(),
+        };
+        assert_eq!(webhook.arg(SUFFIX_FLAG), Some("identity-binding"));
+        assert_eq!(webhook.arg(AUDIENCE_FLAG), Some("api://AKSIdentityBinding"));
+        assert_eq!(webhook.arg("--metrics-addr"), None);
+    }
+}

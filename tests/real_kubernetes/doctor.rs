@@ -362,6 +362,29 @@ impl Install {
         );
     }
 
+    /// A pod served by a proxy sidecar of its own (the chart's sidecar mode: a native sidecar
+    /// started with `--sidecar`), for an identity this installation neither binds nor grants.
+    fn add_sidecar_workload(&self) {
+        let ns = self.apps();
+        let other = "9c4e1f27-5b3a-4d8e-b6f0-2a7c9e1d4b53";
+        self.c.apply(
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "web", "namespace": ns,
+                "annotations": {"azure.workload.identity/client-id": other}}})
+            .to_string(),
+        );
+        self.c.apply(&json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-0", "namespace": ns,
+                "labels": {"azure.workload.identity/use": "true"},
+                "annotations": {format!("azure.workload.identity/use-{SUFFIX}"): "true"}},
+            "spec": {"serviceAccountName": "web",
+                "initContainers": [{"name": "identity-binding-proxy", "image": "ibp:1",
+                    "restartPolicy": "Always", "args": ["--sidecar"]}],
+                "containers": [{"name": "app", "image": "app:1", "env": [
+                    {"name": "AZURE_CLIENT_ID", "value": other},
+                    {"name": "AZURE_KUBERNETES_TOKEN_PROXY", "value": "https://localhost:8443"}]}]}}).to_string());
+    }
+
     fn grant(&self, sa: &str) {
         self.c.apply(&rbac_grant_cluster(
             &format!("{}-{sa}", self.case),
@@ -531,7 +554,18 @@ fn fix_of(check: &Value) -> String {
 #[test]
 fn doctor_passes_a_healthy_installation_and_exits_0() {
     let install = Install::healthy("doc-ok");
+    install.add_sidecar_workload();
     let (code, report) = install.doctor();
+    // The sidecar's pod is its own sidecar's to serve: named, and judged by nothing here.
+    assert!(
+        check(&report, "webhook.pods")["details"]
+            .to_string()
+            .contains(&format!(
+                "pod {}/web-0: served by its own sidecar",
+                install.apps()
+            )),
+        "{report:#}"
+    );
     for id in CHECKS {
         let c = check(&report, id);
         if id == "proxy.health" {
