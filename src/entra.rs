@@ -273,7 +273,14 @@ impl EntraClient {
         if fetched.status == StatusCode::OK {
             return parse_token(&fetched.body, Instant::now());
         }
-        Err(refusal(fetched.status, &fetched.headers, &fetched.body))
+        let refused = refusal(fetched.status, &fetched.headers, &fetched.body);
+        if let ProxyError::Upstream { body, .. } = &refused {
+            self.metrics
+                .entra_refusals
+                .with_label_values(&[refusal_label(&body.error_codes)])
+                .inc();
+        }
+        Err(refused)
     }
 }
 
@@ -398,6 +405,20 @@ fn with_propagation_hint(e: ProxyError) -> ProxyError {
         }
         other => other,
     }
+}
+
+/// The AADSTS codes the refusal metric names (a bounded set: Entra's codes come from
+/// upstream), the last one for every other code.
+pub const REFUSAL_LABELS: [&str; 8] = [
+    "70021", "700211", "700212", "700213", "7002138", "7000272", "700024", "other",
+];
+
+fn refusal_label(codes: &[u64]) -> &'static str {
+    let named = codes.iter().find_map(|c| {
+        let c = c.to_string();
+        REFUSAL_LABELS.iter().find(|l| **l == c).copied()
+    });
+    named.unwrap_or("other")
 }
 
 /// Entra's answers that mean what the proxy presented does not match what Entra holds: no

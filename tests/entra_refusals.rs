@@ -138,6 +138,12 @@ async fn fic_refusals_name_what_the_proxy_presented_and_doctor_in_the_answer_and
         "the caller's token is never logged"
     );
     assert!(!text.contains("eyJ"), "no JWT is ever logged");
+    // Counted by code, for doctor's summary of the metrics.
+    let metrics = scrape_metrics(&sys).await;
+    for code in [7002138, 700213, 700211, 700212] {
+        let series = format!("identity_binding_proxy_entra_refusals_total{{aadsts=\"{code}\"}} 1");
+        assert!(metrics.contains(&series), "{series}:\n{metrics}");
+    }
     // Fixed, as doctor's `az identity federated-credential update` does: a token.
     assert!(sys.entra.remove_fic(&cid, &current));
     sys.entra.add_fic(fic).unwrap();

@@ -425,6 +425,9 @@ pub fn summarise_metrics(text: &str) -> Vec<(String, f64)> {
             {
                 out.push((format!("Entra answers {}", label("status")), value))
             }
+            "identity_binding_proxy_entra_refusals_total" if value > 0.0 => {
+                out.push((format!("Entra refusals AADSTS{}", label("aadsts")), value))
+            }
             "identity_binding_proxy_kube_reviews_total"
                 if label("result") == "error" && value > 0.0 =>
             {
@@ -461,6 +464,8 @@ mod tests {
              identity_binding_proxy_entra_requests_total{{status=\"200\"}} 40\n\
              identity_binding_proxy_entra_requests_total{{status=\"400\"}} 3\n\
              identity_binding_proxy_entra_requests_total{{status=\"429\"}} 0\n\
+             identity_binding_proxy_entra_refusals_total{{aadsts=\"7002138\"}} 3\n\
+             identity_binding_proxy_entra_refusals_total{{aadsts=\"70021\"}} 0\n\
              identity_binding_proxy_kube_reviews_total{{kind=\"subjectaccessreview\",result=\"error\"}} 2\n\
              identity_binding_proxy_kube_reviews_total{{kind=\"tokenreview\",result=\"allowed\"}} 9\n\
              identity_binding_proxy_certificate_expiry_timestamp_seconds{{sni=\"a.internal\"}} {in_ten_days}\n"
@@ -470,6 +475,7 @@ mod tests {
             summary,
             vec![
                 ("Entra answers 400".to_string(), 3.0),
+                ("Entra refusals AADSTS7002138".to_string(), 3.0),
                 ("subjectaccessreview failures".to_string(), 2.0),
                 (
                     "days left on the certificate for a.internal".to_string(),
