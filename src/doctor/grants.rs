@@ -9,6 +9,7 @@ use crate::authz::WILDCARD_PROBE;
 use crate::cluster::{Cluster, Subject, GRANT_GROUP, GRANT_VERB};
 use crate::doctor::install::{Proxy, Workload, CLIENT_ID_ANNOTATION};
 use crate::doctor::report::Check;
+use crate::token::parse_guid;
 
 pub async fn checks(
     cluster: &Cluster,
@@ -79,6 +80,13 @@ async fn pods_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Caller<
             ));
             continue;
         };
+        // As the proxy does: nothing that is not a GUID goes into a review.
+        if parse_guid(cid).is_none() {
+            problems.push(format!(
+                "{ns}/{sa}: no client id: '{cid}' is not a GUID (fix {CLIENT_ID_ANNOTATION})"
+            ));
+            continue;
+        }
         if bound.as_ref().is_some_and(|b| !b.contains(cid)) {
             problems.push(format!("{ns}/{sa}: client id {cid} is not bound"));
             unbound.insert(*cid);
@@ -152,7 +160,13 @@ fn grants_fix(
 /// The Role and RoleBinding that let `ns/sa` use `client_id` (namespaced: it grants nothing
 /// beyond the pod's namespace).
 pub fn grant_yaml(ns: &str, sa: &str, client_id: &str) -> String {
-    let name = format!("use-mi-{}", &client_id[..client_id.len().min(8)]);
+    // A name Kubernetes accepts, whatever the pod named as its client id.
+    let short: String = client_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    let name = format!("use-mi-{}", short.to_ascii_lowercase());
     format!(
         "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
          rules:\n  - apiGroups: [\"{GRANT_GROUP}\"]\n    resources: [\"{client_id}\"]\n    verbs: [\"{GRANT_VERB}\"]\n---\n\
@@ -214,6 +228,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn any_client_id_makes_a_valid_name() {
+        let yaml = grant_yaml("apps", "web", "ÄÖ-é€x");
+        assert!(yaml.contains("name: use-mi-x\n"), "{yaml}");
+    }
+
+    #[test]
     fn the_grant_is_a_namespaced_role_and_binding_for_exactly_that_identity() {
         let yaml = grant_yaml("apps", "web", "5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90");
         let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&yaml)
@@ -226,6 +246,7 @@ mod tests {
             serde_json::json!({"apiGroups": [GRANT_GROUP],
                 "resources": ["5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90"], "verbs": [GRANT_VERB]})
         );
+        assert_eq!(docs[0]["metadata"]["name"], "use-mi-5f0e2a7c");
         assert_eq!(docs[1]["kind"], "RoleBinding");
         assert_eq!(docs[1]["metadata"]["namespace"], "apps");
         assert_eq!(docs[1]["roleRef"]["name"], docs[0]["metadata"]["name"]);
