@@ -72,15 +72,20 @@ impl Ca {
         Self { params, key, pem }
     }
 
-    /// (certificate PEM, key PEM) for `names` (DNS names or IP addresses).
+    /// (certificate PEM, key PEM) for `names` (DNS names or IP addresses), for the 90 days
+    /// cert-manager issues by default.
     fn issue(&self, names: &[&str]) -> (String, String) {
+        self.issue_for(names, 90)
+    }
+
+    /// The same, valid for `days` from now.
+    fn issue_for(&self, names: &[&str], days: i64) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = rcgen::CertificateParams::new(names).unwrap();
-        // What cert-manager issues by default: 90 days.
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(90);
+        params.not_after = now + time::Duration::days(days) + time::Duration::hours(1);
         let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -383,6 +388,41 @@ impl Install {
                 "containers": [{"name": "app", "image": "app:1", "env": [
                     {"name": "AZURE_CLIENT_ID", "value": other},
                     {"name": "AZURE_KUBERNETES_TOKEN_PROXY", "value": "https://localhost:8443"}]}]}}).to_string());
+    }
+
+    /// The serving certificate's Secret replaced, as cert-manager or a person would.
+    fn replace_serving_cert(&self, (cert, key): (String, String)) {
+        std::fs::write(self.path("tls.crt"), cert).unwrap();
+        std::fs::write(self.path("tls.key"), key).unwrap();
+        let (crt, key) = (self.path("tls.crt"), self.path("tls.key"));
+        let secret = self.c.kubectl(&[
+            "create",
+            "secret",
+            "tls",
+            "serving-cert",
+            "-n",
+            &self.case,
+            "--cert",
+            &crt.to_string_lossy(),
+            "--key",
+            &key.to_string_lossy(),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ]);
+        self.c.apply(&secret);
+    }
+
+    /// `ca.crt` of the CA ConfigMap set to `pem` in each of `namespaces`.
+    fn set_ca_bundle(&self, pem: &str, namespaces: &[&str]) {
+        for ns in namespaces {
+            self.c.apply(
+                &json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": format!("{}-ca", self.name()), "namespace": ns},
+                "data": {"ca.crt": pem}})
+                .to_string(),
+            );
+        }
     }
 
     fn grant(&self, sa: &str) {
@@ -727,27 +767,7 @@ fn doctor_finds_the_published_issuer_with_a_trailing_slash_and_publishing_fixes_
 fn doctor_finds_a_certificate_without_the_sni_san_and_reissuing_fixes_it() {
     let install = Install::healthy("doc-san");
     let service = format!("{}.{}.svc", install.name(), install.case);
-    let replace = |names: &[&str]| {
-        let (cert, key) = install.ca.issue(names);
-        std::fs::write(install.path("tls.crt"), cert).unwrap();
-        std::fs::write(install.path("tls.key"), key).unwrap();
-        let secret = install.c.kubectl(&[
-            "create",
-            "secret",
-            "tls",
-            "serving-cert",
-            "-n",
-            &install.case,
-            "--cert",
-            &install.path("tls.crt").to_string_lossy(),
-            "--key",
-            &install.path("tls.key").to_string_lossy(),
-            "--dry-run=client",
-            "-o",
-            "yaml",
-        ]);
-        install.c.apply(&secret);
-    };
+    let replace = |names: &[&str]| install.replace_serving_cert(install.ca.issue(names));
     // Issued for the Service's name only.
     replace(&[&service]);
     let failed = fails_only(&install, "tls.sni-san");
@@ -828,4 +848,90 @@ fn doctor_finds_a_node_without_a_ready_proxy() {
     // What its events lead to: the DaemonSet's pod there, Ready (and so its endpoint).
     install.add_node_with_ready_proxy("node-b");
     passes(&install, "proxy.nodes");
+}
+
+#[test]
+fn doctor_finds_a_ca_bundle_with_another_ca_first_and_reordering_fixes_it() {
+    let install = Install::healthy("doc-chain");
+    // A rotation done the wrong way round: the next CA first, where .NET trusts only it.
+    let next = Ca::new();
+    let (ns, apps) = (install.case.clone(), install.apps());
+    let wrong = format!("{}{}", next.pem, install.ca.pem);
+    install.set_ca_bundle(&wrong, &[&ns, &apps]);
+    let failed = fails_only(&install, "tls.chain");
+    assert!(fix_of(&failed).starts_with("put the CA that signs the serving certificate FIRST"));
+    let right = format!("{}{}", install.ca.pem, next.pem);
+    install.set_ca_bundle(&right, &[&ns, &apps]);
+    passes(&install, "tls.chain");
+}
+
+#[test]
+fn doctor_finds_a_namespace_trusting_an_old_ca_bundle_and_its_fix_copies_the_current_one() {
+    let install = Install::healthy("doc-bundle");
+    install.set_ca_bundle(&Ca::new().pem, &[&install.apps()]);
+    let failed = fails_only(&install, "tls.ca-bundles");
+    assert!(
+        failed["details"].to_string().contains(&install.apps()),
+        "{failed:#}"
+    );
+    install.apply_fix(&fix_of(&failed));
+    passes(&install, "tls.ca-bundles");
+}
+
+#[test]
+fn doctor_finds_a_serving_certificate_about_to_expire() {
+    let install = Install::healthy("doc-expiry");
+    let service = format!("{}.{}.svc", install.name(), install.case);
+    install.replace_serving_cert(install.ca.issue_for(&[SNI, &service], 3));
+    let failed = fails_only(&install, "tls.expiry");
+    assert!(
+        failed["summary"]
+            .as_str()
+            .unwrap()
+            .contains("3 day(s) left"),
+        "{failed:#}"
+    );
+    // Renewed, as cert-manager does.
+    install.replace_serving_cert(install.ca.issue(&[SNI, &service]));
+    passes(&install, "tls.expiry");
+}
+
+#[test]
+fn doctor_flags_a_service_account_bound_to_cluster_admin() {
+    let install = Install::healthy("doc-wild");
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "doc-wild-admin"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "app", "namespace": install.apps()}]});
+    install.c.apply(&binding.to_string());
+    let failed = fails_only(&install, "grants.wildcard");
+    assert!(
+        failed["details"]
+            .to_string()
+            .contains(&format!("{}/app", install.apps())),
+        "{failed:#}"
+    );
+    // The fix lists the bindings naming the account: the one to cluster-admin among them.
+    let fix = fix_of(&failed);
+    let out = Command::new("bash")
+        .args(["-c", &fix])
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                install.c.get("BIN_DIR"),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("KUBECONFIG", install.c.get("KUBECONFIG"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("doc-wild-admin"),
+        "{fix}: {out:?}"
+    );
+    install
+        .c
+        .kubectl(&["delete", "clusterrolebinding", "doc-wild-admin"]);
+    passes(&install, "grants.wildcard");
 }
