@@ -81,3 +81,52 @@ fn a_fic_differing_from_devs_is_found_and_the_exit_status_says_so() {
         .contains(&format!("--subject '{subject}'")));
     assert_eq!(out.status.code(), Some(3));
 }
+
+#[test]
+fn no_installation_an_unreachable_apiserver_and_bad_arguments_have_their_own_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let dev = DevProcess::start(&state);
+    let client_id = dev.get("client_id");
+    // Another namespace: nothing installed there, and doctor says how to install it.
+    let out = Command::new(BIN)
+        .arg("doctor")
+        .arg("--kubeconfig")
+        .arg(state.join("kube/kubeconfig"))
+        .args(["--namespace", "elsewhere", "--output", "json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["checks"][0]["id"], "proxy.installed", "{report:#}");
+    assert!(report["checks"][0]["fix"].as_str().unwrap().starts_with(
+        "helm install identity-binding-proxy charts/identity-binding-proxy --namespace elsewhere"
+    ));
+    assert_eq!(out.status.code(), Some(3));
+    // A FIC list that is not one: 64, naming it, before anything is asked.
+    std::fs::write(dir.path().join("fics.json"), "{}").unwrap();
+    let out = Command::new(BIN)
+        .arg("doctor")
+        .arg("--kubeconfig")
+        .arg(state.join("kube/kubeconfig"))
+        .arg("--federated-credentials")
+        .arg(format!(
+            "{client_id}={}",
+            dir.path().join("fics.json").display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fics.json"));
+    // The apiserver gone: 69, in one line.
+    drop(dev);
+    let out = Command::new(BIN)
+        .arg("doctor")
+        .arg("--kubeconfig")
+        .arg(state.join("kube/kubeconfig"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("could not be reached"), "{stderr}");
+}

@@ -89,8 +89,11 @@ async fn checks(cluster: &Cluster, args: &DoctorArgs, fics: &issuer::FicLists) -
             report.checks.push(Check::fail(
                 "proxy.installed",
                 why,
-                "helm install identity-binding-proxy charts/identity-binding-proxy \
-                 --namespace identity-binding-proxy (docs/installation.md)",
+                format!(
+                    "helm install {} charts/identity-binding-proxy --namespace {}   \
+                     # docs/installation.md",
+                    args.release, args.namespace
+                ),
             ));
             return report;
         }
