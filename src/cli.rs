@@ -96,6 +96,10 @@ pub struct DoctorArgs {
         value_delimiter = ';'
     )]
     pub federated_credentials: Vec<String>,
+    /// The fleet file of `issuer publish --fleet`: check that each identity's published JWKS
+    /// holds only the keys of the clusters that bind it.
+    #[arg(long, env = "IBP_FLEET")]
+    pub fleet: Option<PathBuf>,
     /// How the report is printed.
     #[arg(long, env = "IBP_OUTPUT", value_enum, default_value = "text")]
     pub output: DoctorOutput,

@@ -7,8 +7,9 @@
 //! # Layout
 //! - `report`: the checks' shape and how they print;
 //! - `install`: reading the installation from the cluster;
-//! - `proxy`, `webhook`, `grants`, `tls`, `issuer`: one file per group of checks.
+//! - `proxy`, `webhook`, `grants`, `tls`, `issuer`, `fleet`: one file per group of checks.
 
+mod fleet;
 mod grants;
 mod install;
 mod issuer;
@@ -38,6 +39,13 @@ pub async fn run(args: &DoctorArgs) -> u8 {
             return 64;
         }
     };
+    let fleet = match args.fleet.as_deref().map(crate::fleet::load).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 64;
+        }
+    };
     let cluster = match Cluster::connect(args.kubeconfig.as_deref(), DEFAULT_WATCH_TIMEOUT).await {
         Ok(c) => c,
         Err(e) => {
@@ -49,7 +57,8 @@ pub async fn run(args: &DoctorArgs) -> u8 {
         eprintln!("error: the Kubernetes API server could not be reached: {e}");
         return EX_UNAVAILABLE;
     }
-    let report = checks(&cluster, args, &fics).await;
+    let fleet = args.fleet.as_deref().zip(fleet.as_ref());
+    let report = checks(&cluster, args, &fics, fleet).await;
     match args.output {
         DoctorOutput::Text => print!("{}", report.text()),
         DoctorOutput::Json => println!("{}", report.json()),
@@ -63,7 +72,12 @@ pub async fn run(args: &DoctorArgs) -> u8 {
 
 /// Every check, in the order a request meets the pieces: the proxy, the webhook and the pods,
 /// the grants, TLS, the issuer, the FICs, the clocks.
-async fn checks(cluster: &Cluster, args: &DoctorArgs, fics: &issuer::FicLists) -> Report {
+async fn checks(
+    cluster: &Cluster,
+    args: &DoctorArgs,
+    fics: &issuer::FicLists,
+    fleet: Option<(&std::path::Path, &crate::fleet::Fleet)>,
+) -> Report {
     let client = cluster.client();
     let timeout = Duration::from_secs(args.http_timeout_secs.max(1));
     let mut report = Report::default();
@@ -112,6 +126,9 @@ async fn checks(cluster: &Cluster, args: &DoctorArgs, fics: &issuer::FicLists) -
         .extend(tls::checks(client, &proxy, &workloads).await);
     let published = issuer::fetch_all(&proxy, args.issuer_ca_file.as_deref(), timeout).await;
     report.checks.extend(issuer::checks(&proxy, &published));
+    report
+        .checks
+        .extend(fleet::check(&proxy, fleet, &published));
     report.checks.push(issuer::fic_check(&proxy, fics));
     report
         .checks

@@ -479,6 +479,13 @@ impl Install {
             .arg(format!("{CID}={}", self.path("fics.json").display()))
             .arg("--issuer-ca-file")
             .arg(self.path("ca.crt"))
+            // The fleet file, where the installation has one.
+            .args(
+                Some(self.path("fleet.yaml"))
+                    .filter(|f| f.exists())
+                    .map(|f| vec!["--fleet".to_string(), f.display().to_string()])
+                    .unwrap_or_default(),
+            )
             .args(["--output", output])
             .stdin(Stdio::null())
             .output()
@@ -934,4 +941,54 @@ fn doctor_flags_a_service_account_bound_to_cluster_admin() {
         .c
         .kubectl(&["delete", "clusterrolebinding", "doc-wild-admin"]);
     passes(&install, "grants.wildcard");
+}
+
+#[test]
+fn doctor_finds_another_clusters_key_in_an_identitys_jwks_and_publishing_by_fleet_fixes_it() {
+    let install = Install::healthy("doc-fleet");
+    // A second cluster, west, with its own key, binding another identity only.
+    run_ok(
+        Command::new(BIN)
+            .args(["issuer", "keygen", "--out"])
+            .arg(install.path("west.key")),
+    );
+    std::fs::write(
+        install.path("west-bindings.yaml"),
+        format!("bindings:\n  - clientId: 2a7c9e1d-4b53-4d8e-b6f0-9c4e1f275b3a\n    tenantId: {TENANT}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        install.path("fleet.yaml"),
+        "clusters:\n  - {name: east, publicKeys: [issuer.pub], bindings: bindings.yaml}\n  \
+         - {name: west, publicKeys: [west.pub], bindings: west-bindings.yaml}\n",
+    )
+    .unwrap();
+    // Published the simple way: every cluster's key for every identity.
+    run_ok(
+        Command::new(BIN)
+            .args([
+                "issuer",
+                "publish",
+                "--out",
+                "site",
+                "--bindings",
+                "bindings.yaml",
+            ])
+            .args(["--issuer-url", &install.issuer_url()])
+            .args(["--public-key", "issuer.pub", "--public-key", "west.pub"])
+            .current_dir(install.dir.path()),
+    );
+    let failed = fails_only(&install, "issuer.key-sets");
+    let details = failed["details"].to_string();
+    assert!(
+        details.contains(&format!("{CID}: JWKS holds")) && details.contains("cluster 'west'"),
+        "{failed:#}"
+    );
+    let fix = fix_of(&failed);
+    assert!(
+        fix.contains(&format!("--fleet {}", install.path("fleet.yaml").display())),
+        "{fix}"
+    );
+    install.apply_fix(&fix);
+    passes(&install, "issuer.key-sets");
 }
