@@ -992,3 +992,54 @@ fn doctor_finds_another_clusters_key_in_an_identitys_jwks_and_publishing_by_flee
     install.apply_fix(&fix);
     passes(&install, "issuer.key-sets");
 }
+
+#[test]
+fn doctor_finds_the_webhook_sending_another_sni_name_and_its_helm_fix_works() {
+    let install = Install::healthy("doc-sni");
+    install.install_webhook(&["customTokenEndpoint.azureKubernetesSniName=proxy.internal".into()]);
+    let failed = fails_only(&install, "webhook.settings");
+    assert!(
+        failed["details"]
+            .to_string()
+            .contains("AZURE_KUBERNETES_SNI_NAME"),
+        "{failed:#}"
+    );
+    let fix = fix_of(&failed);
+    let sets: Vec<String> = fix
+        .split("--set ")
+        .skip(1)
+        .map(|s| s.trim().to_string())
+        .collect();
+    assert_eq!(
+        sets,
+        vec![format!("customTokenEndpoint.azureKubernetesSniName={SNI}")]
+    );
+    install.install_webhook(&sets);
+    passes(&install, "webhook.settings");
+}
+
+#[test]
+fn doctor_warns_when_an_identity_nears_entras_twenty_fics() {
+    let install = Install::healthy("doc-many");
+    install.write_fics(CID);
+    let fics = std::fs::read_to_string(install.path("fics.json")).unwrap();
+    let mut list: Vec<Value> = serde_json::from_str(&fics).unwrap();
+    // Eighteen more, for classic workload identity's one FIC per service account.
+    for i in 0..18 {
+        let mut other = list[0].clone();
+        other["name"] = json!(format!("classic-{i}"));
+        other["subject"] = json!(format!("system:serviceaccount:apps:sa-{i}"));
+        list.push(other);
+    }
+    std::fs::write(install.path("fics.json"), Value::from(list).to_string()).unwrap();
+    let (code, report) = install.doctor();
+    let fic = check(&report, "fic.match");
+    assert_eq!(fic["status"], "pass", "{report:#}");
+    assert!(
+        fic["details"]
+            .to_string()
+            .contains("19 of Entra's 20 FICs are used"),
+        "{fic:#}"
+    );
+    assert_eq!(code, 0);
+}
