@@ -7,6 +7,7 @@
 //! and refuses bad input — a state dir in use, a busy port, bad flags — before it writes
 //! anything, so a mistaken second start cannot disturb the running one.
 
+mod cluster;
 mod rotate_ca;
 
 use std::net::SocketAddr;
@@ -244,6 +245,10 @@ pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
         rbac_file,
     };
     write_public(&dir.join("env"), env_file(&info).as_bytes())?;
+    // What `doctor` reads of a cluster, and the FIC as `az` lists it.
+    kube.set_objects(cluster::objects(&dir, &info, proxy.admin_addr)?);
+    let fics = cluster::fic_list(&entra.fics(&identity.client_id));
+    write_public(&dir.join("fics.json"), &serde_json::to_vec_pretty(&fics)?)?;
     lock.record(Some(&info.proxy_url))?;
     write_public(&dir.join("dev.json"), &serde_json::to_vec_pretty(&info)?)?;
     Ok(DevSystem {
@@ -676,6 +681,37 @@ subjects:
   - kind: ServiceAccount
     name: demo
     namespace: demo
+---
+# What the proxy itself may do, as the chart grants it (`doctor` checks it).
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: identity-binding-proxy
+rules:
+  - apiGroups: ["authentication.k8s.io"]
+    resources: ["tokenreviews"]
+    verbs: ["create"]
+  - apiGroups: ["authorization.k8s.io"]
+    resources: ["subjectaccessreviews"]
+    verbs: ["create"]
+  - apiGroups: ["rbac.authorization.k8s.io"]
+    resources: ["clusterroles", "clusterrolebindings", "roles", "rolebindings"]
+    verbs: ["get", "list", "watch"]
+  - nonResourceURLs: ["/openid/v1/jwks", "/.well-known/openid-configuration"]
+    verbs: ["get"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: identity-binding-proxy
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: identity-binding-proxy
+subjects:
+  - kind: ServiceAccount
+    name: identity-binding-proxy
+    namespace: identity-binding-proxy
 "#
     )
 }

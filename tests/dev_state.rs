@@ -342,6 +342,7 @@ fn credential_files_are_owner_only_and_the_state_dir_too() {
         "identity.json",
         "rbac.yaml",
         "bindings.yaml",
+        "fics.json",
         "kube/kube-issuer",
         "proxy/cluster-jwks.json",
     ];

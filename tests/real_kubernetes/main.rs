@@ -9,6 +9,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod doctor;
 mod fleet;
 mod harness;
 mod helm;

@@ -95,6 +95,9 @@ fn main() {
     timed("g_second_node_is_served_by_its_own_proxy", &|| {
         tests::second_node_is_served_by_its_own_proxy(&ctx)
     });
+    timed("h_doctor_finds_a_node_whose_proxy_is_not_ready", &|| {
+        tests::doctor_finds_a_node_whose_proxy_is_not_ready(&ctx)
+    });
     drop(ctx);
     let t = Instant::now();
     let down = script(&["down"], node.path());

@@ -898,3 +898,117 @@ fn logs_until(n: &Node, pod: &str, check: impl Fn(&str) -> bool) -> Result<Strin
     });
     held.map(|_| last.clone()).ok_or(last)
 }
+
+/// `doctor --output json` on the suite's installation (the chart's names, the webhook's
+/// namespace): (exit status, report); the text report too, for the record.
+fn doctor(n: &Node) -> (i32, Value) {
+    let run = |output: &str| {
+        Command::new(BIN)
+            .args([
+                "doctor",
+                "--kubeconfig",
+                n.get("KUBECONFIG"),
+                "--output",
+                output,
+            ])
+            .output()
+            .expect("doctor runs")
+    };
+    eprintln!("doctor:\n{}", String::from_utf8_lossy(&run("text").stdout));
+    let out = run("json");
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor printed no JSON ({e}): {}", text(&out)));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// Each check's id and status.
+fn statuses(report: &Value) -> Vec<(String, String)> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].to_string(), c["status"].to_string()))
+        .collect()
+}
+
+/// (h) doctor on the real nodes: with node-1's proxy hung (SIGSTOP: its probes fail and its pod
+/// turns not Ready) it says ✘ for `proxy.nodes` alone, naming node-1 and the command that
+/// replaces the pod; that command run, the DaemonSet's new pod Ready there, ✔ again.
+pub fn doctor_finds_a_node_whose_proxy_is_not_ready(ctx: &Context) {
+    let n = ctx.node;
+    let (_, before) = doctor(n);
+    let nodes = before["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "proxy.nodes")
+        .unwrap()
+        .clone();
+    assert_eq!(nodes["status"], "pass", "{before:#}");
+    let (pod, _, _) = n.proxy_pods_on("node-1").remove(0);
+    let pid = host_pids("node-1", PROXY_CMD)[0];
+    run_ok(Command::new("kill").args(["-STOP", &pid.to_string()]));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let unready = within(Duration::from_secs(20), || !n.proxy_pods_on("node-1")[0].2);
+        assert!(unready.is_some(), "node-1's proxy became unready");
+        doctor(n)
+    }));
+    if outcome.is_err() {
+        run_ok(Command::new("kill").args(["-CONT", &pid.to_string()]));
+    }
+    let (code, broken) = outcome.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert_eq!(code, 3, "{broken:#}");
+    let changed: Vec<_> = statuses(&broken)
+        .into_iter()
+        .filter(|s| !statuses(&before).contains(s))
+        .collect();
+    assert_eq!(
+        changed,
+        vec![("\"proxy.nodes\"".to_string(), "\"fail\"".to_string())],
+        "{broken:#}"
+    );
+    let failed = broken["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "proxy.nodes")
+        .unwrap();
+    assert!(
+        failed["details"].to_string().contains("node-1"),
+        "{failed:#}"
+    );
+    let fix = failed["fix"].as_str().unwrap();
+    assert!(
+        fix.starts_with(&format!("kubectl delete pod -n {NS} {pod}")),
+        "{fix}"
+    );
+    let started = Instant::now();
+    let path = format!(
+        "{}:{}",
+        n.get("BIN_DIR"),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run_ok(
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", fix])
+            .env("PATH", path)
+            .env("KUBECONFIG", n.get("KUBECONFIG")),
+    );
+    // The stopped process ignores SIGTERM: the kubelet kills it after the grace period (45 s).
+    let back = within(Duration::from_secs(150), || {
+        n.proxy_pods_on("node-1")
+            .first()
+            .is_some_and(|p| p.0 != pod && p.2)
+    });
+    assert!(back.is_some(), "a new Ready proxy on node-1");
+    eprintln!(
+        "doctor's fix: node-1's proxy replaced and Ready in {:.1?}",
+        started.elapsed()
+    );
+    let (code, after) = doctor(n);
+    assert_eq!(statuses(&after), statuses(&before), "{after:#}");
+    assert_eq!(
+        code,
+        i32::from(statuses(&before).iter().any(|s| s.1 == "\"fail\"")) * 3
+    );
+}

@@ -145,6 +145,8 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Fault injection: how long each SubjectAccessReview takes to answer, in milliseconds.
     review_latency_ms: AtomicU64,
+    /// The cluster's other objects (what `dev` says it is made of), read-only.
+    objects: super::objects::Objects,
 }
 
 /// Poisoning only means another thread panicked mid-update; the data is still usable for an
@@ -208,6 +210,7 @@ impl KubeEmulator {
             shutdown: CancellationToken::new(),
             tasks: Mutex::default(),
             review_latency_ms: AtomicU64::new(0),
+            objects: Default::default(),
         });
 
         let server = tokio::spawn(serve(listener, inner.clone()));
@@ -254,6 +257,12 @@ impl KubeEmulator {
     /// Replaces the RBAC objects, exactly as a file reload does (watchers see the diff). On
     /// invalid YAML the old policy stays and the error is returned. A watched RBAC file
     /// replaces this policy again the next time its content changes.
+    /// Replaces the cluster's other objects (Pods, Nodes, ConfigMaps, ...: see
+    /// [`super::objects`]).
+    pub fn set_objects(&self, objects: Vec<Value>) {
+        self.inner.objects.set(objects);
+    }
+
     pub fn set_rbac_yaml(&self, yaml: &str) -> anyhow::Result<()> {
         let policy = RbacPolicy::parse(yaml)?;
         self.inner.apply_policy(policy);
@@ -1274,6 +1283,12 @@ async fn api(inner: &Arc<Inner>, segs: &[&str], req: Request<Incoming>) -> Respo
         ["apis", "rbac.authorization.k8s.io", "v1", rest @ ..] => {
             let query = query_map(req.uri().query());
             rbac(inner, rest, &method, &query)
+        }
+        _ if method == Method::GET => {
+            match super::objects::serve(&inner.objects, segs, req.uri().query()).await {
+                Some(resp) => boxed(resp),
+                None => not_found_path(),
+            }
         }
         _ => not_found_path(),
     }

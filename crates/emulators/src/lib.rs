@@ -3,6 +3,7 @@
 
 pub mod entra;
 pub mod kube;
+pub mod objects;
 pub mod pki;
 pub mod rbac;
 pub mod static_host;

@@ -17,6 +17,7 @@
 //! | [`cluster`] | the proxy's clients of the kube-apiserver |
 //! | [`serve`] | the running process: [`serve::start`] builds everything, the TLS listener routed by SNI and its handshake failures, limits, the admin server, refusals, the log pipe, signals, sidecar mode |
 //! | [`config`] | `serve`'s flags checked into one typed struct per component |
+//! | [`doctor`] | `identity-binding-proxy doctor`: a live installation checked end to end (proxy on the nodes, webhook, grants, TLS, issuer, FICs, clocks), each check with its fix |
 //! | [`cli`] | the command line, how the binary runs ([`cli::process`]), and the `issuer` commands |
 //! | [`http`] | shared HTTP plumbing: responses, bodies, the accept loop, the outbound client, forms |
 //! | [`crypto`], `expiry`, [`files`], [`metrics`] | the crypto provider, per-entry cache expiry, atomic file writes and watches, Prometheus metrics |
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod crypto;
+pub mod doctor;
 pub mod exchange;
 pub(crate) mod expiry;
 pub mod files;

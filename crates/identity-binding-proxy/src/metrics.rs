@@ -25,6 +25,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_refreshes: IntCounterVec,
     pub entra_requests: IntCounterVec,
+    /// Entra's refusals of our exchanges, by AADSTS code (a known set, else "other").
+    pub entra_refusals: IntCounterVec,
     pub entra_duration: Histogram,
     pub kube_reviews: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
@@ -45,6 +47,9 @@ pub struct Metrics {
     pub served_duration: Histogram,
     pub cache_hits: IntCounter,
 }
+
+const REFUSALS_HELP: &str = "Entra's refusals of token exchanges, by AADSTS code (FIC and key \
+     mismatches, assertion times; 'other' for the rest).";
 
 /// Creates metrics under the crate's prefix and registers them; a name or label set that
 /// cannot register is a programming error caught by every test that builds `Metrics`.
@@ -198,6 +203,7 @@ impl Metrics {
                 "Token exchanges sent to Entra, by HTTP status (or 'error').",
                 &["status"],
             ),
+            entra_refusals: r.counter("entra_refusals_total", REFUSALS_HELP, &["aadsts"]),
             entra_duration: r.single_histogram(
                 "entra_request_duration_seconds",
                 "Latency of token exchanges with Entra.",
@@ -269,6 +275,9 @@ impl Metrics {
             }
         }
         self.entra_requests.with_label_values(&["200"]);
+        for code in crate::exchange::entra::REFUSAL_LABELS {
+            self.entra_refusals.with_label_values(&[code]);
+        }
         for kind in [
             "clusterroles",
             "roles",

@@ -39,6 +39,81 @@ pub enum Command {
     /// GET a loopback admin URL (e.g. http://127.0.0.1:9090/readyz); exit 0 on a 2xx. The
     /// sidecar's exec probes: kubelet's HTTP probes cannot reach a loopback listener.
     Probe(ProbeArgs),
+    /// Check a live installation end to end and print each check with the fix for each
+    /// failure. Exit 0: nothing failed; 3: at least one check failed (✘); 64: bad arguments;
+    /// 69: the apiserver could not be reached.
+    Doctor(Box<DoctorArgs>),
+}
+
+/// `doctor`'s flags: where the installation is, and what Entra holds (optional).
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Kubeconfig file; without it the in-cluster configuration is used.
+    #[arg(long, env = "IBP_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The proxy's namespace.
+    #[arg(long, env = "IBP_NAMESPACE", default_value = "identity-binding-proxy")]
+    pub namespace: String,
+    /// The Helm release of the proxy's chart; its objects are named after it (the release
+    /// name, or `<release>-identity-binding-proxy` when it does not contain the chart's name).
+    #[arg(long, env = "IBP_RELEASE", default_value = "identity-binding-proxy")]
+    pub release: String,
+    /// The namespace of the workload identity webhook.
+    #[arg(
+        long,
+        env = "IBP_WEBHOOK_NAMESPACE",
+        default_value = "azure-workload-identity-system"
+    )]
+    pub webhook_namespace: String,
+    /// The webhook's Deployment (its chart's name).
+    #[arg(
+        long,
+        env = "IBP_WEBHOOK_DEPLOYMENT",
+        default_value = "azure-wi-webhook-controller-manager"
+    )]
+    pub webhook_deployment: String,
+    /// The annotation suffix pods opt in with (`azure.workload.identity/use-<suffix>: "true"`).
+    #[arg(
+        long,
+        env = "IBP_ANNOTATION_SUFFIX",
+        default_value = "identity-binding"
+    )]
+    pub annotation_suffix: String,
+    /// Check only the opted-in pods of these namespaces (repeatable; default: every namespace).
+    #[arg(
+        long = "workload-namespace",
+        env = "IBP_WORKLOAD_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub workload_namespaces: Vec<String>,
+    /// CLIENT_ID=FILE: the JSON of `az identity federated-credential list` for that identity
+    /// (FILE `-`: standard input), compared with the FIC the proxy needs. Repeatable.
+    #[arg(
+        long = "federated-credentials",
+        env = "IBP_FEDERATED_CREDENTIALS",
+        value_delimiter = ';'
+    )]
+    pub federated_credentials: Vec<String>,
+    /// The fleet file of `issuer publish --fleet`: check that each identity's published JWKS
+    /// holds only the keys of the clusters that bind it.
+    #[arg(long, env = "IBP_FLEET")]
+    pub fleet: Option<PathBuf>,
+    /// How the report is printed.
+    #[arg(long, env = "IBP_OUTPUT", value_enum, default_value = "text")]
+    pub output: DoctorOutput,
+    /// Trust this CA (PEM) for the issuer host instead of the public roots: for a mirror
+    /// behind a private CA. Entra itself trusts only public CAs.
+    #[arg(long, env = "IBP_ISSUER_CA_FILE")]
+    pub issuer_ca_file: Option<PathBuf>,
+    /// Timeout of each HTTPS request to the issuer host.
+    #[arg(long, env = "IBP_HTTP_TIMEOUT_SECS", default_value_t = 10)]
+    pub http_timeout_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DoctorOutput {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug)]

@@ -63,6 +63,7 @@ where
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+        Err(Failure::Exit(code)) => ExitCode::from(code),
     }
 }
 
@@ -111,6 +112,8 @@ pub enum Failure {
     Usage(String),
     /// Anything else: exit 1.
     Runtime(anyhow::Error),
+    /// The command has said what went wrong itself: exit with its status.
+    Exit(u8),
 }
 
 fn usage(e: impl std::fmt::Display) -> Failure {
@@ -154,5 +157,13 @@ pub async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Probe(a) => crate::serve::sidecar::probe(&a.url)
             .await
             .map_err(|e| Failure::Runtime(anyhow::anyhow!(e))),
+        // The report is the command's output; its exit status says whether a check failed.
+        Command::Doctor(args) => {
+            crate::crypto::install_provider();
+            match crate::doctor::run(&args).await {
+                0 => Ok(()),
+                code => Err(Failure::Exit(code)),
+            }
+        }
     }
 }

@@ -146,6 +146,12 @@ impl EntraClient {
     /// for less than 10 minutes ago, a 70021 (the FIC may still be propagating) is retried with
     /// backoff, and the final one says so.
     pub async fn exchange(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
+        self.exchange_retrying(ex)
+            .await
+            .map_err(|e| with_presented(e, ex))
+    }
+
+    async fn exchange_retrying(&self, ex: &Exchange<'_>) -> Result<IssuedToken, ProxyError> {
         let mut retries = 0;
         loop {
             let outcome = self.exchange_once(ex).await;
@@ -233,7 +239,14 @@ impl EntraClient {
         if fetched.status == StatusCode::OK {
             return parse_token(&fetched.body, Instant::now());
         }
-        Err(refusal(fetched.status, &fetched.headers, &fetched.body))
+        let refused = refusal(fetched.status, &fetched.headers, &fetched.body);
+        if let ProxyError::Upstream { body, .. } = &refused {
+            self.metrics
+                .entra_refusals
+                .with_label_values(&[refusal_label(&body.error_codes)])
+                .inc();
+        }
+        Err(refused)
     }
 }
 
@@ -360,6 +373,97 @@ fn with_propagation_hint(e: ProxyError) -> ProxyError {
     }
 }
 
+/// The AADSTS codes the refusal metric names (a bounded set: Entra's codes come from
+/// upstream), the last one for every other code.
+pub const REFUSAL_LABELS: [&str; 8] = [
+    "70021", "700211", "700212", "700213", "7002138", "7000272", "700024", "other",
+];
+
+fn refusal_label(codes: &[u64]) -> &'static str {
+    let named = codes.iter().find_map(|c| {
+        let c = c.to_string();
+        REFUSAL_LABELS.iter().find(|l| **l == c).copied()
+    });
+    named.unwrap_or("other")
+}
+
+/// Entra's answers that mean what the proxy presented does not match what Entra holds: no
+/// matching FIC (70021), its issuer (700211), audience (700212) or subject (700213, 7002138:
+/// differing only in case), or a key Entra cannot find in the issuer's JWKS (7000272).
+const PRESENTED_MISMATCH: [u64; 6] = [70021, 700211, 700212, 700213, 7002138, 7000272];
+
+/// Entra's refusal of our assertion, with what the proxy presented added to its description
+/// and logged: the assertion's issuer, subject, audience and key id (read back from its header
+/// and claims; the assertion itself is never shown) — the facts to compare with the FIC and
+/// the published issuer, which `doctor` does.
+fn with_presented(e: ProxyError, ex: &Exchange<'_>) -> ProxyError {
+    let ProxyError::Upstream { status, mut body } = e else {
+        return e;
+    };
+    let Some(code) = body
+        .error_codes
+        .iter()
+        .copied()
+        .find(|c| PRESENTED_MISMATCH.contains(c))
+    else {
+        return ProxyError::Upstream { status, body };
+    };
+    let Some(p) = presented(ex.assertion) else {
+        return ProxyError::Upstream { status, body };
+    };
+    tracing::warn!(
+        client_id = ex.client_id,
+        aadsts = code,
+        issuer = %p.issuer,
+        subject = %p.subject,
+        audience = %p.audience,
+        kid = %p.kid,
+        "Entra refused the proxy's assertion (AADSTS{code}): it holds no FIC or key matching what \
+         was presented; run `identity-binding-proxy doctor` to compare them"
+    );
+    body.error_description = format!(
+        "{} (identity-binding-proxy presented: issuer '{}', subject '{}', audience '{}', key id \
+         '{}'. The managed identity's federated credential must hold exactly this issuer, \
+         subject and audience, and the issuer's published JWKS this key: run \
+         `identity-binding-proxy doctor` to compare them.)",
+        body.error_description, p.issuer, p.subject, p.audience, p.kid
+    );
+    ProxyError::Upstream { status, body }
+}
+
+/// The facts of one of our assertions that Entra matches.
+struct Presented {
+    issuer: String,
+    subject: String,
+    audience: String,
+    kid: String,
+}
+
+/// Reads our own assertion's header and claims back (base64url JSON; no signature check: it is
+/// ours, and only its facts are shown).
+fn presented(assertion: &str) -> Option<Presented> {
+    use base64::Engine;
+    let mut parts = assertion.split('.');
+    let mut part = || -> Option<serde_json::Value> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts.next()?)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let (header, claims) = (part()?, part()?);
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    let audience = match &claims["aud"] {
+        serde_json::Value::Array(a) => a.iter().filter_map(text).collect::<Vec<_>>().join(", "),
+        other => text(other)?,
+    };
+    Some(Presented {
+        issuer: text(&claims["iss"])?,
+        subject: text(&claims["sub"])?,
+        audience,
+        kid: text(&header["kid"]).unwrap_or_default(),
+    })
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
@@ -408,6 +512,70 @@ impl Fetch for Exchanger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refusal_with(code: u64) -> ProxyError {
+        ProxyError::Upstream {
+            status: StatusCode::UNAUTHORIZED,
+            body: Box::new(crate::request::oauth::ErrorBody {
+                error: "invalid_client".into(),
+                error_description: format!("AADSTS{code}: Entra's own words."),
+                error_codes: vec![code],
+                timestamp: String::new(),
+                trace_id: String::new(),
+                correlation_id: String::new(),
+                error_uri: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_fic_or_key_refusal_names_what_was_presented_and_doctor_but_never_the_assertion() {
+        let key = crate::exchange::keys::SigningKey::generate(2048).unwrap();
+        let assertion = key
+            .sign(
+                &serde_json::json!({"iss": "https://issuer.example/t/c", "sub": "My-Identity",
+                "aud": "api://AzureADTokenExchange", "exp": 1, "iat": 0}),
+            )
+            .unwrap();
+        let ex = Exchange {
+            authority: "https://login.microsoftonline.com",
+            tenant: "t",
+            client_id: "c",
+            scope: "s/.default",
+            assertion: &assertion,
+            claims: None,
+        };
+        for code in PRESENTED_MISMATCH {
+            let ProxyError::Upstream { body, status } = with_presented(refusal_with(code), &ex)
+            else {
+                panic!("still Entra's refusal");
+            };
+            assert_eq!(
+                (status, &body.error_codes[..]),
+                (StatusCode::UNAUTHORIZED, &[code][..])
+            );
+            let d = &body.error_description;
+            assert!(
+                d.starts_with(&format!("AADSTS{code}: Entra's own words. (")),
+                "{d}"
+            );
+            for fact in [
+                "issuer 'https://issuer.example/t/c'",
+                "subject 'My-Identity'",
+                "audience 'api://AzureADTokenExchange'",
+                &format!("key id '{}'", key.kid()),
+                "`identity-binding-proxy doctor`",
+            ] {
+                assert!(d.contains(fact), "{code}: {fact} missing from {d}");
+            }
+            assert!(!d.contains(&assertion), "never the assertion");
+        }
+        // Other refusals are passed through untouched.
+        let ProxyError::Upstream { body, .. } = with_presented(refusal_with(50034), &ex) else {
+            panic!("still Entra's refusal");
+        };
+        assert_eq!(body.error_description, "AADSTS50034: Entra's own words.");
+    }
 
     #[test]
     fn a_70021_may_be_propagation_only_before_a_token_and_within_ten_minutes() {
