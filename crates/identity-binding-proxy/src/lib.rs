@@ -35,6 +35,7 @@ pub mod http;
 pub mod metrics;
 pub mod request;
 pub mod serve;
+pub mod startup;
 
 #[cfg(test)]
 mod testlog;
