@@ -384,7 +384,11 @@ mod tests {
         assert!(config(&args, lo, lo6, AuthnMode::Local).unwrap().is_some());
         let refused = |listen, admin, mode| {
             let e = config(&args, listen, admin, mode).unwrap_err();
-            assert_eq!(e.exit_code(), 64, "a flag a sidecar cannot take is usage: {e}");
+            assert_eq!(
+                e.exit_code(),
+                64,
+                "a flag a sidecar cannot take is usage: {e}"
+            );
             e.to_string()
         };
         let e = refused(any, lo, AuthnMode::Local);
