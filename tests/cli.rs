@@ -494,3 +494,17 @@ fn issuer_publish_with_shared_keys_warns_in_one_line_and_publishes_as_before() {
         );
     }
 }
+
+#[test]
+fn serve_help_lists_the_exit_codes() {
+    let out = bin().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for code in [
+        "64  misconfiguration",
+        "69  a dependency unavailable",
+        "70  an internal",
+    ] {
+        assert!(help.contains(code), "{code} in {help}");
+    }
+}

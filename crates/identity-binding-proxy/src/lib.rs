@@ -20,6 +20,7 @@
 //! | [`cli`] | the command line, how the binary runs ([`cli::process`]), and the `issuer` commands |
 //! | [`http`] | shared HTTP plumbing: responses, bodies, the accept loop, the outbound client, forms |
 //! | [`crypto`], `expiry`, [`files`], [`metrics`] | the crypto provider, per-entry cache expiry, atomic file writes and watches, Prometheus metrics |
+//! | [`startup`] | the one error of start-up, [`startup::StartError`]: exit 64 (misconfiguration), 69 (a dependency unavailable) or 70 (our own failure) |
 #![forbid(unsafe_code)]
 
 pub mod authn;
