@@ -447,7 +447,8 @@ fn proxy_config(
     flags.extend(args.proxy_flags.iter().cloned());
     ProxyConfig::from_flags(&flags).map_err(|e| {
         // clap's message goes on with usage lines; the first says what is wrong.
-        let first = e.lines().next().unwrap_or("invalid flags").trim();
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("invalid flags").trim();
         let first = first.strip_prefix("error: ").unwrap_or(first);
         if args.proxy_flags.is_empty() {
             first.to_string()

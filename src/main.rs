@@ -4,8 +4,9 @@
 
 use std::process::ExitCode;
 
-use identity_binding_proxy::cli::process::{self, Failure};
+use identity_binding_proxy::cli::process;
 use identity_binding_proxy::cli::LogFormat;
+use identity_binding_proxy::startup::{Kind, StartError};
 use identity_binding_proxy_dev::cli::{Cli, Command, EmulateCommand};
 use identity_binding_proxy_dev::dev;
 
@@ -24,12 +25,12 @@ fn workers(cli: &Cli) -> Option<usize> {
     }
 }
 
-async fn dispatch(command: Command) -> Result<(), Failure> {
+async fn dispatch(command: Command) -> Result<u8, StartError> {
     match command {
         Command::Product(command) => process::dispatch(command).await,
         Command::Dev(args) => {
             process::init_logs(args.log_format);
-            dev::run(args).await.map_err(Failure::Runtime)
+            dev::run(args).await.map(|()| 0).map_err(dev_failure)
         }
         Command::Emulate(cmd) => {
             process::init_logs(LogFormat::Text);
@@ -38,7 +39,17 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 EmulateCommand::Entra(a) => dev::emulate_entra(a).await,
                 EmulateCommand::Static(a) => dev::emulate_static(a).await,
             }
-            .map_err(Failure::Runtime)
+            .map(|()| 0)
+            .map_err(dev_failure)
         }
     }
+}
+
+/// A failure of `dev` or `emulate`: a start-up step of the proxy keeps its kind (and exit
+/// code); anything else went wrong in the emulators or dev's own state, which are ours (70).
+fn dev_failure(e: anyhow::Error) -> StartError {
+    let kind = e
+        .downcast_ref::<StartError>()
+        .map_or(Kind::Internal, StartError::kind);
+    StartError::new(kind, format!("{e:#}"))
 }

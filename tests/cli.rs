@@ -59,6 +59,11 @@ fn missing_files_are_configuration_errors() {
             "https://issuer.example/{tenant}/{client_id}",
             "--kubeconfig",
             "/nonexistent",
+            // Ports of their own: a default port held by another process would be exit 69.
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--bindings",
         ])
         .arg(dir.path().join("b.yaml"))
@@ -67,7 +72,112 @@ fn missing_files_are_configuration_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("/nonexistent.pem"), "{err}");
+}
+
+/// The flags `serve` needs to get past its configuration to where it reaches out: loopback
+/// ports, an issuer key, an empty bindings file and a kubeconfig whose apiserver is
+/// `apiserver`.
+fn serve_flags(dir: &std::path::Path, apiserver: std::net::SocketAddr) -> Vec<String> {
+    let (public, _) = keygen(dir, "issuer");
+    let bindings = dir.join("bindings.yaml");
+    std::fs::write(&bindings, "").unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    \
+             server: https://{apiserver}\n    insecure-skip-tls-verify: true\nusers:\n\
+             - name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    \
+             cluster: c\n    user: u\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let tls = format!(
+        "proxy.test={},{}",
+        path(dir.join("tls.crt")),
+        path(dir.join("tls.key"))
+    );
+    [
+        "serve",
+        "--tls",
+        &tls,
+        "--issuer-key",
+        &path(public.with_extension("key")),
+        "--issuer-url",
+        "https://issuer.example/{tenant}/{client_id}",
+        "--bindings",
+        &path(bindings),
+        "--kubeconfig",
+        &path(kubeconfig),
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "text",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// An address nothing listens on: a port the kernel gave, then closed.
+fn closed_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[test]
+fn a_port_another_process_holds_exits_69() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let out = bin()
+        .args(serve_flags(dir.path(), closed_port()))
+        .args(["--listen", &addr.to_string()])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(
+        last.contains(&format!("cannot listen on {addr} (--listen)"))
+            && last.contains("another process holds the port"),
+        "{err}"
+    );
+}
+
+/// A sidecar asks the apiserver who its pod is before it serves; an apiserver that does not
+/// answer within the sidecar's patience (30 s) is an unavailable dependency, not a flag.
+#[test]
+fn a_sidecar_whose_apiserver_is_unreachable_exits_69_naming_the_apiserver() {
+    let dir = tempfile::tempdir().unwrap();
+    let apiserver = closed_port();
+    let out = bin()
+        .args(serve_flags(dir.path(), apiserver))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--sidecar",
+            "--authn-mode",
+            "local",
+        ])
+        .arg("--sidecar-ca-out")
+        .arg(dir.path().join("ca.crt"))
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: --sidecar: "), "{err}");
+    assert!(
+        last.contains("no answer from the apiserver within 30 s")
+            && last.contains("Kubernetes API server could not be reached"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -82,6 +192,8 @@ fn flags_read_their_environment_variables() {
             "https://issuer.example/{tenant}/{client_id}",
         )
         .env("IBP_BINDINGS", "/nonexistent-bindings")
+        .env("IBP_LISTEN", "127.0.0.1:0")
+        .env("IBP_ADMIN_LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -380,5 +492,19 @@ fn issuer_publish_with_shared_keys_warns_in_one_line_and_publishes_as_before() {
             published_kids(&site, TENANT, client),
             [east.clone(), west.clone()]
         );
+    }
+}
+
+#[test]
+fn serve_help_lists_the_exit_codes() {
+    let out = bin().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for code in [
+        "64  misconfiguration",
+        "69  a dependency unavailable",
+        "70  an internal",
+    ] {
+        assert!(help.contains(code), "{code} in {help}");
     }
 }

@@ -305,6 +305,10 @@ fn a_sidecar_refuses_to_listen_beyond_loopback_or_to_need_tokenreviews() {
             format!("--admin-listen={admin}"),
             format!("--authn-mode={authn}"),
         ])
+        .map_err(|e| {
+            assert_eq!(e.exit_code(), 64, "a sidecar's flag is usage: {e}");
+            e.to_string()
+        })
     };
     assert!(base("127.0.0.1:8443", "127.0.0.1:9090", "local").is_ok());
     let e = base("0.0.0.0:8443", "127.0.0.1:9090", "local").unwrap_err();

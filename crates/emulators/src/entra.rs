@@ -864,6 +864,7 @@ impl Shared {
             }
             identity_binding_proxy::http::client::get_json(&self.client, &url, ISSUER_FETCH_TIMEOUT)
                 .await
+                .map_err(|e| e.to_string())
         };
         let unreachable = |detail: String| {
             tracing::debug!(%detail, "Entra emulator could not fetch issuer metadata");

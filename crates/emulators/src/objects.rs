@@ -135,7 +135,9 @@ async fn pod_proxy(objects: &Objects, ns: &str, name_port: &str, path: &[&str]) 
     let url = format!("http://{ip}:{port}/{}", path.join("/"));
     let req = http::Request::get(&url).body(Full::new(Bytes::new()));
     let fetched = match req {
-        Ok(req) => fetch(&client(), req, Duration::from_secs(5), 4 << 20).await,
+        Ok(req) => fetch(&client(), req, Duration::from_secs(5), 4 << 20)
+            .await
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     match fetched {

@@ -19,6 +19,8 @@ use kube::api::PostParams;
 use kube::Api;
 use tokio::sync::Semaphore;
 
+use crate::startup::StartError;
+
 /// The API group, verb and resource prefix of an identity-binding grant.
 pub const GRANT_GROUP: &str = "cid.wi.aks.azure.com";
 pub const GRANT_VERB: &str = "use-managed-identity";
@@ -89,22 +91,27 @@ pub struct Cluster {
 
 impl Cluster {
     /// From a kubeconfig file, or from the in-cluster service-account environment; watches
-    /// ask the apiserver to end them after `watch_timeout` (at least a second).
+    /// ask the apiserver to end them after `watch_timeout` (at least a second). Nothing is
+    /// sent yet: every failure here is the configuration's (a kubeconfig that does not exist,
+    /// does not parse or names credentials that cannot be loaded; no cluster environment).
     pub async fn connect(
         kubeconfig: Option<&Path>,
         watch_timeout: Duration,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StartError> {
         let mut config = match kubeconfig {
             Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display())
-                })?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+                let bad = |e: &dyn std::fmt::Display| {
+                    StartError::usage(format!("--kubeconfig {}: {e}", path.display()))
+                };
+                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(&e))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| bad(&e))?
             }
             None => kube::Config::incluster().map_err(|e| {
-                anyhow::anyhow!(
+                StartError::usage(format!(
                     "not running in a cluster ({e}); pass --kubeconfig FILE to run elsewhere"
-                )
+                ))
             })?,
         };
         // kube-rs would otherwise retry 429/503/504 for minutes; a caller waiting on us needs
@@ -118,8 +125,8 @@ impl Cluster {
         let mut watch_config = config.clone();
         watch_config.read_timeout = Some(watch_timeout + WATCH_READ_MARGIN);
         config.read_timeout = Some(REQUEST_READ_TIMEOUT);
-        let client = kube::Client::try_from(config)?;
-        let watch_client = watch_client(watch_config, client.clone())?;
+        let client = kube::Client::try_from(config).map_err(client_error)?;
+        let watch_client = watch_client(watch_config, client.clone()).map_err(client_error)?;
         Ok(Self {
             client,
             watch_client,
@@ -296,7 +303,7 @@ impl Cluster {
 /// fails after [`REQUEST_READ_TIMEOUT`]. Behind an HTTP proxy (the proxy's connector has no
 /// keepalive setting), watches get kube-rs's own client with a read deadline just past the
 /// watch's end instead.
-fn watch_client(config: kube::Config, requests: kube::Client) -> anyhow::Result<kube::Client> {
+fn watch_client(config: kube::Config, requests: kube::Client) -> kube::Result<kube::Client> {
     use kube::client::ConfigExt;
     use tower::ServiceBuilder;
     let namespace = config.default_namespace.clone();
@@ -374,6 +381,12 @@ fn grant_attributes(namespace: &str, client_id: &str) -> ResourceAttributes {
         namespace: Some(namespace.to_string()),
         ..Default::default()
     }
+}
+
+/// A kube client that cannot be built from a loaded configuration: its TLS material or its
+/// credentials (a kubeconfig's certificate, key or CA that do not load), the operator's to fix.
+fn client_error(e: kube::Error) -> StartError {
+    StartError::usage("the kubeconfig's TLS or credentials cannot be used").because(e)
 }
 
 fn unavailable(e: kube::Error) -> ClusterError {

@@ -16,6 +16,7 @@ use crate::exchange::cache::{BudgetConfig, CacheConfig};
 use crate::exchange::issuer::IssuerUrl;
 use crate::serve::limits::LimitsConfig;
 use crate::serve::tls::TlsConfig;
+use crate::startup::StartError;
 
 /// The validated configuration of one proxy, one struct per component.
 #[derive(Clone, Debug)]
@@ -97,26 +98,27 @@ struct ServeFlags {
 impl ProxyConfig {
     /// A configuration from `serve` flags (e.g. `["--tls", "n=c.pem,k.pem", ...]`), with every
     /// default exactly as `serve` has it. `dev` and the tests build their proxies this way.
-    pub fn from_flags<I, T>(flags: I) -> Result<Self, String>
+    pub fn from_flags<I, T>(flags: I) -> Result<Self, StartError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
         let argv = std::iter::once(std::ffi::OsString::from("serve"))
             .chain(flags.into_iter().map(Into::into));
-        let parsed = ServeFlags::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let parsed =
+            ServeFlags::try_parse_from(argv).map_err(|e| StartError::usage(e.to_string()))?;
         Self::from_args(&parsed.args)
     }
 
-    pub fn from_args(a: &ServeArgs) -> Result<Self, String> {
+    pub fn from_args(a: &ServeArgs) -> Result<Self, StartError> {
         let server = server_config(&a.server)?;
         let entra = entra_config(&a.entra)?;
         for p in &entra.sni_profiles {
             if !a.tls.tls.iter().any(|t| t.name == p.name) {
-                return Err(format!(
+                return Err(StartError::usage(format!(
                     "--sni-profile '{}' names no --tls entry; profiles apply to served SNI names",
                     p.name
-                ));
+                )));
             }
         }
         Ok(Self {
@@ -162,21 +164,21 @@ fn deadline(s: u64) -> Duration {
     Duration::from_secs(s.max(1))
 }
 
-fn positive(values: &[(&str, usize)]) -> Result<(), String> {
+fn positive(values: &[(&str, usize)]) -> Result<(), StartError> {
     match values.iter().find(|(_, v)| *v == 0) {
-        Some((flag, _)) => Err(format!("{flag} must be positive")),
+        Some((flag, _)) => Err(StartError::usage(format!("{flag} must be positive"))),
         None => Ok(()),
     }
 }
 
-fn issuer_config(a: &IdentityArgs) -> Result<IssuerConfig, String> {
+fn issuer_config(a: &IdentityArgs) -> Result<IssuerConfig, StartError> {
     Ok(IssuerConfig {
         keys: a.issuer_key.clone(),
         url: IssuerUrl::parse(&a.issuer_url)?,
     })
 }
 
-fn entra_config(a: &EntraArgs) -> Result<EntraConfig, String> {
+fn entra_config(a: &EntraArgs) -> Result<EntraConfig, StartError> {
     Ok(EntraConfig {
         authority_host: parse_authority(&a.authority_host)?,
         sni_profiles: a.sni_profiles.clone(),
@@ -184,10 +186,10 @@ fn entra_config(a: &EntraArgs) -> Result<EntraConfig, String> {
     })
 }
 
-fn authn_config(a: &AuthnArgs, state_dir: Option<PathBuf>) -> Result<AuthnConfig, String> {
+fn authn_config(a: &AuthnArgs, state_dir: Option<PathBuf>) -> Result<AuthnConfig, StartError> {
     let audience = a.token_audience.trim();
     if audience.is_empty() {
-        return Err("--token-audience must not be empty".into());
+        return Err(StartError::usage("--token-audience must not be empty"));
     }
     Ok(AuthnConfig {
         audience: audience.to_string(),
@@ -205,7 +207,7 @@ fn authz_config(a: &AuthzArgs) -> AuthzConfig {
     }
 }
 
-fn server_config(a: &ServerArgs) -> Result<ServerConfig, String> {
+fn server_config(a: &ServerArgs) -> Result<ServerConfig, StartError> {
     positive(&[
         ("--max-connections", a.max_connections),
         ("--max-connections-per-peer", a.max_connections_per_peer),
@@ -217,13 +219,13 @@ fn server_config(a: &ServerArgs) -> Result<ServerConfig, String> {
         ),
     ])?;
     if a.max_body_bytes < 1024 {
-        return Err("--max-body-bytes must be at least 1024".into());
+        return Err(StartError::usage("--max-body-bytes must be at least 1024"));
     }
     if a.max_buffered_bytes_per_peer.min(a.max_buffered_bytes) < a.max_body_bytes {
-        return Err(format!(
+        return Err(StartError::usage(format!(
             "--max-buffered-bytes-per-peer and --max-buffered-bytes must each hold at least one body of --max-body-bytes ({})",
             a.max_body_bytes
-        ));
+        )));
     }
     Ok(ServerConfig {
         listen: a.listen,
@@ -247,7 +249,7 @@ fn server_config(a: &ServerArgs) -> Result<ServerConfig, String> {
     })
 }
 
-fn admin_config(a: &AdminArgs) -> Result<AdminConfig, String> {
+fn admin_config(a: &AdminArgs) -> Result<AdminConfig, StartError> {
     positive(&[("--admin-max-connections", a.admin_max_connections)])?;
     Ok(AdminConfig {
         listen: a.admin_listen,

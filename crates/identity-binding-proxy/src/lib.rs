@@ -21,6 +21,7 @@
 //! | [`cli`] | the command line, how the binary runs ([`cli::process`]), and the `issuer` commands |
 //! | [`http`] | shared HTTP plumbing: responses, bodies, the accept loop, the outbound client, forms |
 //! | [`crypto`], `expiry`, [`files`], [`metrics`] | the crypto provider, per-entry cache expiry, atomic file writes and watches, Prometheus metrics |
+//! | [`startup`] | the one error of start-up, [`startup::StartError`]: exit 64 (misconfiguration), 69 (a dependency unavailable) or 70 (our own failure) |
 #![forbid(unsafe_code)]
 
 pub mod authn;
@@ -37,6 +38,7 @@ pub mod http;
 pub mod metrics;
 pub mod request;
 pub mod serve;
+pub mod startup;
 
 #[cfg(test)]
 mod testlog;

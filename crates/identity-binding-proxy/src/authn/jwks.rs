@@ -35,10 +35,18 @@ pub(super) struct Jwks {
     unnamed_published: Vec<String>,
 }
 
+/// A JWKS (or the file persisting one) that cannot be put in service.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum InvalidJwks {
+    #[error("JWKS is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("JWKS holds no usable asymmetric key")]
+    NoUsableKey,
+}
+
 impl Jwks {
-    pub(super) fn parse(text: &str) -> Result<Self, String> {
-        let set: JwkSet =
-            serde_json::from_str(text).map_err(|e| format!("JWKS is not valid: {e}"))?;
+    pub(super) fn parse(text: &str) -> Result<Self, InvalidJwks> {
+        let set: JwkSet = serde_json::from_str(text)?;
         let mut jwks = Jwks::default();
         for jwk in &set.keys {
             let Ok(key) = DecodingKey::from_jwk(jwk) else {
@@ -70,7 +78,7 @@ impl Jwks {
             }
         }
         if jwks.keys.is_empty() && jwks.unnamed.is_empty() {
-            return Err("JWKS holds no usable asymmetric key".into());
+            return Err(InvalidJwks::NoUsableKey);
         }
         Ok(jwks)
     }
@@ -180,7 +188,7 @@ impl ClusterKeys {
             let text = self.cluster.jwks().await?;
             let change = self
                 .install(&issuer, &text)
-                .map_err(ClusterError::Unexpected)?;
+                .map_err(|e| ClusterError::Unexpected(e.to_string()))?;
             Ok::<_, ClusterError>((issuer, text, change))
         }
         .await;
@@ -214,7 +222,7 @@ impl ClusterKeys {
             return false;
         };
         match serde_json::from_slice::<PersistedKeys>(&bytes)
-            .map_err(|e| e.to_string())
+            .map_err(InvalidJwks::from)
             .and_then(|p| self.install(&p.issuer, &p.jwks))
         {
             Ok(change) => {
@@ -233,7 +241,7 @@ impl ClusterKeys {
 
     /// Puts `issuer` and `jwks_text` in service; says what changed for tokens verified before
     /// (nothing: `None`).
-    fn install(&self, issuer: &str, jwks_text: &str) -> Result<Option<KeyChange>, String> {
+    fn install(&self, issuer: &str, jwks_text: &str) -> Result<Option<KeyChange>, InvalidJwks> {
         let jwks = Jwks::parse(jwks_text)?;
         let old = self.jwks.load_full();
         let issuer_changed = **self.issuer.load() != issuer;

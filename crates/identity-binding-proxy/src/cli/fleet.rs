@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::exchange::bindings::{Binding, BindingSet};
 use crate::exchange::keys::RsaPublicKey;
+use crate::startup::StartError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,26 +61,29 @@ pub struct Fleet {
 
 /// Reads the fleet file, its key files and its bindings files (paths relative to the fleet
 /// file). The error is one line naming the file and what is wrong with it.
-pub fn load(path: &Path) -> Result<Fleet, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read fleet file {}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<Fleet, StartError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StartError::usage(format!("cannot read fleet file {}: {e}", path.display()))
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, base).map_err(|e| format!("fleet file {}: {e}", path.display()))
+    parse(&text, base).map_err(|e| StartError::usage(format!("fleet file {}: {e}", path.display())))
 }
 
 /// The YAML of a fleet file; the one place that knows which YAML crate reads it.
-fn parse_yaml(text: &str) -> Result<RawFleet, String> {
+fn parse_yaml(text: &str) -> Result<RawFleet, StartError> {
     serde_norway::from_str(text).map_err(|e| {
         let e = e.to_string().replace('\n', " ");
-        format!("expected 'clusters:', a list of {{name, publicKeys, bindings}}: {e}")
+        StartError::usage(format!(
+            "expected 'clusters:', a list of {{name, publicKeys, bindings}}: {e}"
+        ))
     })
 }
 
 /// Parses a fleet file whose relative paths are relative to `base`.
-pub fn parse(text: &str, base: &Path) -> Result<Fleet, String> {
+pub fn parse(text: &str, base: &Path) -> Result<Fleet, StartError> {
     let raw = parse_yaml(text)?;
     if raw.clusters.is_empty() {
-        return Err("it lists no clusters".into());
+        return Err(StartError::usage("it lists no clusters"));
     }
     let mut clusters: Vec<FleetCluster> = Vec::with_capacity(raw.clusters.len());
     // Which cluster listed each key first: a key in two clusters would let either mint for the
@@ -88,33 +92,41 @@ pub fn parse(text: &str, base: &Path) -> Result<Fleet, String> {
     for (i, c) in raw.clusters.into_iter().enumerate() {
         let name = c.name.trim().to_string();
         if name.is_empty() {
-            return Err(format!("cluster {i} has an empty name"));
+            return Err(StartError::usage(format!("cluster {i} has an empty name")));
         }
         if clusters.iter().any(|other| other.name == name) {
-            return Err(format!("cluster name '{name}' is listed twice"));
+            return Err(StartError::usage(format!(
+                "cluster name '{name}' is listed twice"
+            )));
         }
         if c.public_keys.is_empty() {
-            return Err(format!("cluster '{name}' has no publicKeys"));
+            return Err(StartError::usage(format!(
+                "cluster '{name}' has no publicKeys"
+            )));
         }
         let mut keys = Vec::with_capacity(c.public_keys.len());
         for file in &c.public_keys {
             let file = base.join(file);
             let pem = std::fs::read_to_string(&file).map_err(|e| {
-                format!(
+                StartError::usage(format!(
                     "cluster '{name}': cannot read public key {}: {e}",
                     file.display()
-                )
+                ))
             })?;
-            let key = RsaPublicKey::from_pem(&pem)
-                .map_err(|e| format!("cluster '{name}': public key {}: {e}", file.display()))?;
+            let key = RsaPublicKey::from_pem(&pem).map_err(|e| {
+                StartError::usage(format!(
+                    "cluster '{name}': public key {}: {e}",
+                    file.display()
+                ))
+            })?;
             if let Some(owner) = key_owner.get(&key.kid) {
                 if *owner != name {
-                    return Err(format!(
+                    return Err(StartError::usage(format!(
                         "cluster '{name}': public key {} (kid {}) is also cluster '{owner}''s: \
                          each cluster needs its own key pair",
                         file.display(),
                         key.kid
-                    ));
+                    )));
                 }
                 continue;
             }
@@ -122,7 +134,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Fleet, String> {
             keys.push(key);
         }
         let bindings = crate::exchange::bindings::load(&base.join(&c.bindings))
-            .map_err(|e| format!("cluster '{name}': {e}"))?;
+            .map_err(|e| StartError::usage(format!("cluster '{name}': {e}")))?;
         clusters.push(FleetCluster {
             name,
             keys,
@@ -138,7 +150,7 @@ impl Fleet {
     /// Every identity some cluster binds, with the keys of exactly the clusters that bind it,
     /// sorted by client-id. One identity has one FIC, so every cluster binding it must agree on
     /// its tenant and subject.
-    pub fn identities(&self) -> Result<Vec<IdentityKeys>, String> {
+    pub fn identities(&self) -> Result<Vec<IdentityKeys>, StartError> {
         let mut by_client: BTreeMap<&str, IdentityKeys> = BTreeMap::new();
         for cluster in &self.clusters {
             for b in cluster.bindings.iter() {
@@ -155,18 +167,18 @@ impl Fleet {
                 };
                 let first = &identity.clusters[0];
                 if identity.binding.tenant_id != b.tenant_id {
-                    return Err(format!(
+                    return Err(StartError::usage(format!(
                         "clientId {} is bound in tenant {} by cluster '{first}' but in tenant {} \
                          by cluster '{}': one identity lives in one tenant",
                         b.client_id, identity.binding.tenant_id, b.tenant_id, cluster.name
-                    ));
+                    )));
                 }
                 if identity.binding.subject != b.subject {
-                    return Err(format!(
+                    return Err(StartError::usage(format!(
                         "clientId {} has subject '{}' in cluster '{first}' but '{}' in cluster \
                          '{}': its one FIC has one subject",
                         b.client_id, identity.binding.subject, b.subject, cluster.name
-                    ));
+                    )));
                 }
                 identity.clusters.push(cluster.name.clone());
                 identity.keys.extend(cluster.keys.iter().cloned());
@@ -249,6 +261,8 @@ mod tests {
         let file = d.dir.path().join("fleet.yaml");
         std::fs::write(&file, fleet).unwrap();
         let e = load(&file).unwrap_err();
+        assert_eq!(e.exit_code(), 64, "a bad fleet file is a usage error: {e}");
+        let e = e.to_string();
         assert_eq!(e.lines().count(), 1, "one line: {e}");
         assert!(
             e.starts_with(&format!("fleet file {}: ", file.display())),

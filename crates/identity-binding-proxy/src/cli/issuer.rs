@@ -8,6 +8,7 @@ use crate::cli::IssuerCommand;
 use crate::exchange::bindings::BindingSet;
 use crate::exchange::issuer::{IssuerUrl, FIC_AUDIENCE};
 use crate::exchange::keys::{RsaPublicKey, SigningKey};
+use crate::startup::StartError;
 use std::path::{Path, PathBuf};
 
 /// The OIDC discovery document of one issuer URL.
@@ -37,9 +38,11 @@ pub fn publish(
     keys: &[RsaPublicKey],
     bindings: &BindingSet,
     url: &IssuerUrl,
-) -> Result<Vec<PathBuf>, String> {
+) -> Result<Vec<PathBuf>, StartError> {
     if keys.is_empty() {
-        return Err("no public keys to publish (--public-key)".into());
+        return Err(StartError::usage(
+            "no public keys to publish (--public-key)",
+        ));
     }
     let jwks = public_jwks(keys)?;
     let mut issuers: Vec<String> = bindings.iter().map(|b| url.for_binding(b)).collect();
@@ -58,13 +61,17 @@ pub fn publish(
 /// Like [`publish`], but each identity's JWKS holds only the keys of the clusters of `fleet`
 /// that bind it: a cluster's key mints for its own identities only. Needs one issuer path per
 /// identity (`{client_id}` in the URL).
-pub fn publish_fleet(out: &Path, fleet: &Fleet, url: &IssuerUrl) -> Result<Vec<PathBuf>, String> {
+pub fn publish_fleet(
+    out: &Path,
+    fleet: &Fleet,
+    url: &IssuerUrl,
+) -> Result<Vec<PathBuf>, StartError> {
     if !url.template().contains("{client_id}") {
-        return Err(format!(
+        return Err(StartError::usage(format!(
             "issuer URL '{}' has no {{client_id}}: per-identity key sets need one issuer path \
              per identity, e.g. https://issuer.example.com/{{tenant}}/{{client_id}}",
             url.template()
-        ));
+        )));
     }
     let mut written = Vec::new();
     for identity in fleet.identities()? {
@@ -79,17 +86,22 @@ pub fn publish_fleet(out: &Path, fleet: &Fleet, url: &IssuerUrl) -> Result<Vec<P
 }
 
 /// The JWKS of `keys`, checked to hold no private material.
-fn public_jwks(keys: &[RsaPublicKey]) -> Result<Vec<u8>, String> {
-    let jwks = serde_json::to_vec_pretty(&jwks_document(keys)).map_err(|e| e.to_string())?;
+fn public_jwks(keys: &[RsaPublicKey]) -> Result<Vec<u8>, StartError> {
+    let jwks = serde_json::to_vec_pretty(&jwks_document(keys))
+        .map_err(|e| StartError::internal("cannot serialize the JWKS").because(e))?;
     if contains_private_material(&jwks) {
-        return Err("refusing to publish: the JWKS would contain private key material".into());
+        // Built from public keys only: this is a bug, never the operator's input.
+        return Err(StartError::internal(
+            "refusing to publish: the JWKS would contain private key material",
+        ));
     }
     Ok(jwks)
 }
 
 /// Writes one issuer's discovery document and JWKS under its URL's path.
-fn write_issuer(out: &Path, issuer: &str, jwks: &[u8]) -> Result<Vec<PathBuf>, String> {
-    let parsed = url::Url::parse(issuer).map_err(|e| format!("{issuer}: {e}"))?;
+fn write_issuer(out: &Path, issuer: &str, jwks: &[u8]) -> Result<Vec<PathBuf>, StartError> {
+    let parsed = url::Url::parse(issuer)
+        .map_err(|e| StartError::usage(format!("issuer URL {issuer}")).because(e))?;
     let mut dir = out.to_path_buf();
     for seg in parsed
         .path_segments()
@@ -98,12 +110,14 @@ fn write_issuer(out: &Path, issuer: &str, jwks: &[u8]) -> Result<Vec<PathBuf>, S
         .filter(|s| !s.is_empty())
     {
         if seg == ".." || seg == "." {
-            return Err(format!("issuer URL {issuer} has a '..' path segment"));
+            return Err(StartError::usage(format!(
+                "issuer URL {issuer} has a '..' path segment"
+            )));
         }
         dir.push(seg);
     }
-    let discovery =
-        serde_json::to_vec_pretty(&discovery_document(issuer)).map_err(|e| e.to_string())?;
+    let discovery = serde_json::to_vec_pretty(&discovery_document(issuer))
+        .map_err(|e| StartError::internal("cannot serialize the discovery document").because(e))?;
     let mut written = Vec::new();
     for (rel, body) in [
         (".well-known/openid-configuration", &discovery[..]),
@@ -111,14 +125,20 @@ fn write_issuer(out: &Path, issuer: &str, jwks: &[u8]) -> Result<Vec<PathBuf>, S
     ] {
         let file = dir.join(rel);
         if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(|e| cannot_write(parent, e))?;
         }
         // Replaced whole: a host serving this directory never hands out half a JWKS while it
         // is being republished.
-        crate::files::write_public(&file, body).map_err(|e| e.to_string())?;
+        crate::files::write_public(&file, body).map_err(|e| cannot_write(&file, e))?;
         written.push(file);
     }
     Ok(written)
+}
+
+/// A file or directory under `--out` that cannot be written: the path or its permissions are
+/// the operator's to fix.
+fn cannot_write(path: &Path, e: std::io::Error) -> StartError {
+    StartError::usage(format!("cannot write {} (check --out)", path.display())).because(e)
 }
 
 fn contains_private_material(jwks: &[u8]) -> bool {
@@ -160,7 +180,7 @@ pub const SHARED_KEYS_WARNING: &str = "warning: every --public-key is published 
 
 /// `issuer keygen | publish | fic`. The error is one line for the operator: what is wrong
 /// with which flag or file.
-pub fn run(cmd: IssuerCommand) -> Result<(), String> {
+pub fn run(cmd: IssuerCommand) -> Result<(), StartError> {
     match cmd {
         IssuerCommand::Keygen(a) => keygen(&a.out, a.bits),
         IssuerCommand::Publish(a) => {
@@ -173,17 +193,18 @@ pub fn run(cmd: IssuerCommand) -> Result<(), String> {
                         .public_keys
                         .iter()
                         .map(|p| {
-                            let pem = std::fs::read_to_string(p);
-                            let pem = pem.map_err(|e| format!("{}: {e}", p.display()))?;
-                            RsaPublicKey::from_pem(&pem)
-                                .map_err(|e| format!("{}: {e}", p.display()))
+                            let bad = |e: &dyn std::fmt::Display| {
+                                StartError::usage(format!("--public-key {}: {e}", p.display()))
+                            };
+                            let pem = std::fs::read_to_string(p).map_err(|e| bad(&e))?;
+                            RsaPublicKey::from_pem(&pem).map_err(|e| bad(&e))
                         })
-                        .collect::<Result<Vec<_>, String>>()?;
+                        .collect::<Result<Vec<_>, StartError>>()?;
                     let written = publish(&a.out, &publics, &set, &url)?;
                     eprintln!("{SHARED_KEYS_WARNING}");
                     written
                 }
-                (None, None) => return Err("--fleet or --bindings is required".into()),
+                (None, None) => return Err(StartError::usage("--fleet or --bindings is required")),
             };
             for f in written {
                 println!("{}", f.display());
@@ -203,25 +224,31 @@ pub fn run(cmd: IssuerCommand) -> Result<(), String> {
 
 /// A new key pair: `out` (private, 0600) and `out.pub`. A key is never overwritten, not even
 /// by a second `keygen` racing this one: the one it would replace may already be published.
-fn keygen(out: &Path, bits: usize) -> Result<(), String> {
+fn keygen(out: &Path, bits: usize) -> Result<(), StartError> {
     let public = out.with_extension("pub");
     let exists = |path: &Path| {
-        format!(
+        StartError::usage(format!(
             "{} exists already: remove it first or choose another --out",
             path.display()
-        )
+        ))
     };
     // Early, before the key is generated; `create` below is what guarantees it.
     if let Some(taken) = [out, &public].into_iter().find(|p| p.exists()) {
         return Err(exists(taken));
     }
-    let key = SigningKey::generate(bits).map_err(|e| e.to_string())?;
+    let key = SigningKey::generate(bits).map_err(|e| match e {
+        crate::exchange::keys::KeyError::UnsupportedSize(_) => {
+            StartError::usage(format!("--bits {bits}: {e}"))
+        }
+        e => StartError::internal("cannot generate the key pair").because(e),
+    })?;
     use crate::files::{create, PRIVATE, PUBLIC};
     create(out, key.private_pem().as_bytes(), PRIVATE).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => exists(out),
-        _ => e.to_string(),
+        _ => cannot_write(out, e),
     })?;
-    create(&public, key.public().to_pem().as_bytes(), PUBLIC).map_err(|e| e.to_string())?;
+    create(&public, key.public().to_pem().as_bytes(), PUBLIC)
+        .map_err(|e| cannot_write(&public, e))?;
     println!(
         "kid {}\nprivate key {} (0600)\npublic key  {}",
         key.kid(),
@@ -321,7 +348,8 @@ mod tests {
                 &fleet,
                 &IssuerUrl::parse(shared).unwrap(),
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("has no {client_id}"), "{e}");
         }
         assert!(!dir.path().join("refused").exists());

@@ -32,6 +32,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the proxy (production).
+    #[command(after_help = EXIT_CODES)]
     Serve(Box<ServeArgs>),
     /// Issuer keys, published issuer documents, and FIC commands.
     #[command(subcommand)]
@@ -115,6 +116,13 @@ pub enum DoctorOutput {
     Text,
     Json,
 }
+
+/// What `serve`'s exit code says (see [`crate::startup`]).
+pub const EXIT_CODES: &str = "Exit codes (a failure prints one line, `error: ...`):
+  0   stopped on SIGTERM or SIGINT
+  64  misconfiguration: a flag, or a file that does not exist or does not parse
+  69  a dependency unavailable: the apiserver at a sidecar's start, a port another process holds
+  70  an internal failure: the async runtime cannot start, a bug";
 
 #[derive(Args, Debug)]
 pub struct ProbeArgs {

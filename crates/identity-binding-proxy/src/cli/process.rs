@@ -1,6 +1,8 @@
 //! How a binary of the proxy runs: parse the command line, build the async runtime, run the
-//! subcommand, flush the log, and exit with a code that says how it ended. Configuration
-//! errors exit with 64 (EX_USAGE) and one line saying what is wrong.
+//! subcommand, flush the log, and exit with a code that says how it ended: a failure prints
+//! one line, `error: ...`, and exits with its [`StartError::exit_code`] — 64 (EX_USAGE) for a
+//! misconfiguration, 69 (EX_UNAVAILABLE) for a dependency that cannot be reached, 70
+//! (EX_SOFTWARE) for our own failure (see [`crate::startup`]).
 //!
 //! The production binary runs [`Command`]; a binary that offers more subcommands (the
 //! workspace's `dev` binary) flattens [`Command`] into its own and hands its variants to
@@ -15,19 +17,19 @@ use crate::cli::issuer;
 use crate::cli::{Command, LogFormat};
 use crate::config::ProxyConfig;
 use crate::serve as server;
-
-const EX_USAGE: u8 = 64;
+use crate::startup::{Kind, StartError};
 /// How long the exit waits for the log's last lines: a reader that stopped reading cannot
 /// hold it longer.
 const LOG_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs a binary whose command line is `C`: `workers` reads the worker threads it asks for,
-/// `run` runs the parsed command on the runtime.
+/// `run` runs the parsed command on the runtime and gives the status it ended with (0, or a
+/// command's own, such as doctor's "a check failed"), or why it could not run.
 pub fn main<C, F, Fut>(workers: fn(&C) -> Option<usize>, run: F) -> ExitCode
 where
     C: Parser,
     F: FnOnce(C) -> Fut,
-    Fut: Future<Output = Result<(), Failure>>,
+    Fut: Future<Output = Result<u8, StartError>>,
 {
     flush_logs_on_panic();
     let cli = match C::try_parse() {
@@ -40,30 +42,26 @@ where
             let msg = e.to_string();
             let first = msg.lines().next().unwrap_or("invalid arguments");
             eprintln!("{first} (see --help)");
-            return ExitCode::from(EX_USAGE);
+            return ExitCode::from(Kind::Usage.exit_code());
         }
     };
     let runtime = match runtime(workers(&cli)) {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            let e = StartError::internal("cannot start the async runtime").because(e);
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
         }
     };
     let result = runtime.block_on(run(cli));
     // Every line of the run (the drain's included) is out before the process is.
     crate::serve::logpipe::flush(LOG_FLUSH_LIMIT);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Usage(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::from(EX_USAGE)
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
         }
-        Err(Failure::Runtime(e)) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-        Err(Failure::Exit(code)) => ExitCode::from(code),
     }
 }
 
@@ -106,20 +104,6 @@ fn flush_logs_on_panic() {
     }));
 }
 
-/// How a command failed.
-pub enum Failure {
-    /// Bad configuration: exit 64.
-    Usage(String),
-    /// Anything else: exit 1.
-    Runtime(anyhow::Error),
-    /// The command has said what went wrong itself: exit with its status.
-    Exit(u8),
-}
-
-fn usage(e: impl std::fmt::Display) -> Failure {
-    Failure::Usage(e.to_string())
-}
-
 /// Sends the log to stderr, as JSON lines or as text.
 pub fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -141,29 +125,21 @@ pub fn init_logs(format: LogFormat) {
 }
 
 /// Runs one of the production subcommands.
-pub async fn dispatch(command: Command) -> Result<(), Failure> {
+pub async fn dispatch(command: Command) -> Result<u8, StartError> {
     match command {
         Command::Serve(args) => {
             init_logs(args.process.log_format);
-            let config = ProxyConfig::from_args(&args).map_err(usage)?;
-            // Everything `start` refuses is configuration: files, keys, addresses.
-            let running = server::start(config)
-                .await
-                .map_err(|e| usage(format!("{e:#}")))?;
+            let config = ProxyConfig::from_args(&args)?;
+            let running = server::start(config).await?;
             running.serve_until_signal().await;
-            Ok(())
+            Ok(0)
         }
-        Command::Issuer(cmd) => issuer::run(cmd).map_err(Failure::Usage),
-        Command::Probe(a) => crate::serve::sidecar::probe(&a.url)
-            .await
-            .map_err(|e| Failure::Runtime(anyhow::anyhow!(e))),
-        // The report is the command's output; its exit status says whether a check failed.
+        Command::Issuer(cmd) => issuer::run(cmd).map(|()| 0),
+        Command::Probe(a) => crate::serve::sidecar::probe(&a.url).await.map(|()| 0),
+        // The report is the command's output; its status says whether a check failed.
         Command::Doctor(args) => {
             crate::crypto::install_provider();
-            match crate::doctor::run(&args).await {
-                0 => Ok(()),
-                code => Err(Failure::Exit(code)),
-            }
+            crate::doctor::run(&args).await
         }
     }
 }

@@ -9,6 +9,7 @@ use crate::cli::fleet::Fleet;
 use crate::doctor::install::Proxy;
 use crate::doctor::issuer::Published;
 use crate::doctor::report::Check;
+use crate::doctor::report::Unchecked;
 
 const ID: &str = "issuer.key-sets";
 
@@ -16,12 +17,12 @@ const ID: &str = "issuer.key-sets";
 pub fn check(
     proxy: &Proxy,
     fleet: Option<(&Path, &Fleet)>,
-    published: &Result<Vec<Published>, String>,
+    published: &Result<Vec<Published>, Unchecked>,
 ) -> Option<Check> {
     let (file, fleet) = fleet?;
     let (identities, published) = match (fleet.identities(), published) {
         (Ok(i), Ok(p)) => (i, p),
-        (Err(e), _) => return Some(Check::unknown(ID, e)),
+        (Err(e), _) => return Some(Check::unknown(ID, e.to_string())),
         (_, Err(e)) => return Some(Check::unknown(ID, e.clone())),
     };
     // Which cluster each key belongs to.

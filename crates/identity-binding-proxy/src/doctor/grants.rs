@@ -9,12 +9,13 @@ use crate::authz::WILDCARD_PROBE;
 use crate::cluster::{Cluster, Subject, GRANT_GROUP, GRANT_VERB};
 use crate::doctor::install::{Proxy, Workload, CLIENT_ID_ANNOTATION};
 use crate::doctor::report::Check;
+use crate::doctor::report::Unchecked;
 use crate::request::token::parse_guid;
 
 pub async fn checks(
     cluster: &Cluster,
     proxy: &Proxy,
-    workloads: &Result<Vec<Workload>, String>,
+    workloads: &Result<Vec<Workload>, Unchecked>,
 ) -> Vec<Check> {
     let workloads = match workloads {
         Ok(w) => w,
@@ -44,7 +45,7 @@ pub async fn checks(
 
 type Caller<'a> = (&'a str, &'a str, Option<&'a str>);
 
-async fn review(cluster: &Cluster, ns: &str, sa: &str, client_id: &str) -> Result<bool, String> {
+async fn review(cluster: &Cluster, ns: &str, sa: &str, client_id: &str) -> Result<bool, Unchecked> {
     let groups = vec![
         "system:serviceaccounts".to_string(),
         format!("system:serviceaccounts:{ns}"),
@@ -60,7 +61,7 @@ async fn review(cluster: &Cluster, ns: &str, sa: &str, client_id: &str) -> Resul
         .access_review(&subject, client_id)
         .await
         .map(|(allowed, _)| allowed)
-        .map_err(|e| e.to_string())
+        .map_err(|e| Unchecked::from(e.to_string()))
 }
 
 async fn pods_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Caller<'_>>) -> Check {

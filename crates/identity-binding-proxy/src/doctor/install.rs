@@ -11,6 +11,7 @@ use kube::Api;
 
 use crate::authn::DEFAULT_TOKEN_AUDIENCE;
 use crate::cli::DoctorArgs;
+use crate::doctor::report::{why, Unchecked};
 use crate::exchange::bindings::{Binding, BindingSet};
 use crate::serve::tls::TlsEntry;
 
@@ -35,13 +36,13 @@ pub struct Proxy {
     /// `IBP_*` settings of the proxy container: its env over its envFrom ConfigMaps.
     pub env: BTreeMap<String, String>,
     pub tls: Vec<TlsEntry>,
-    pub bindings: Result<Vec<Binding>, String>,
+    pub bindings: Result<Vec<Binding>, Unchecked>,
     /// The issuer keys' PEM, in `IBP_ISSUER_KEY` order (the last one signs).
-    pub issuer_keys: Result<Vec<String>, String>,
+    pub issuer_keys: Result<Vec<String>, Unchecked>,
     /// The serving certificate PEM per SNI name.
-    pub certs: Vec<(String, Result<String, String>)>,
+    pub certs: Vec<(String, Result<String, Unchecked>)>,
     /// `ca.crt` of `<name>-ca` in the proxy's namespace: what client pods should trust.
-    pub ca_bundle: Result<String, String>,
+    pub ca_bundle: Result<String, Unchecked>,
 }
 
 impl Proxy {
@@ -81,13 +82,13 @@ pub fn object_name(release: &str) -> String {
 }
 
 /// Reads the proxy's DaemonSet and everything it mounts.
-pub async fn read_proxy(client: &kube::Client, args: &DoctorArgs) -> Result<Proxy, String> {
+pub async fn read_proxy(client: &kube::Client, args: &DoctorArgs) -> Result<Proxy, Unchecked> {
     let ns = &args.namespace;
     let name = object_name(&args.release);
     let daemonset = Api::<DaemonSet>::namespaced(client.clone(), ns)
         .get_opt(&name)
         .await
-        .map_err(|e| format!("reading DaemonSet {ns}/{name}: {e}"))?
+        .map_err(|e| why!("reading DaemonSet {ns}/{name}: {e}"))?
         .ok_or_else(|| {
             format!(
                 "no DaemonSet {ns}/{name}: install the chart, or name the installation with \
@@ -178,7 +179,7 @@ struct Files<'a> {
 
 impl Files<'_> {
     /// The bindings file `IBP_BINDINGS` names, parsed, by client id.
-    async fn bindings(&self, path: Option<&String>) -> Result<Vec<Binding>, String> {
+    async fn bindings(&self, path: Option<&String>) -> Result<Vec<Binding>, Unchecked> {
         let path = path.ok_or("the proxy has no IBP_BINDINGS")?;
         let set = BindingSet::parse(&self.read(path).await?)?;
         let mut all: Vec<Binding> = set.iter().cloned().collect();
@@ -187,7 +188,7 @@ impl Files<'_> {
     }
 
     /// The PEM of each key file `IBP_ISSUER_KEY` names, in order.
-    async fn issuer_keys(&self, paths: Option<&String>) -> Result<Vec<String>, String> {
+    async fn issuer_keys(&self, paths: Option<&String>) -> Result<Vec<String>, Unchecked> {
         let paths = paths.ok_or("the proxy has no IBP_ISSUER_KEY")?;
         let mut keys = Vec::new();
         for path in paths.split(',') {
@@ -198,7 +199,7 @@ impl Files<'_> {
 
     /// The content of `path` as the container sees it: the Secret or ConfigMap key mounted
     /// there.
-    async fn read(&self, path: &str) -> Result<String, String> {
+    async fn read(&self, path: &str) -> Result<String, Unchecked> {
         let mount = self
             .container
             .volume_mounts
@@ -206,7 +207,7 @@ impl Files<'_> {
             .flatten()
             .filter(|m| path.starts_with(&format!("{}/", m.mount_path.trim_end_matches('/'))))
             .max_by_key(|m| m.mount_path.len())
-            .ok_or_else(|| format!("{path} is on no volume of the proxy container"))?;
+            .ok_or_else(|| why!("{path} is on no volume of the proxy container"))?;
         let key = path[mount.mount_path.trim_end_matches('/').len() + 1..].to_string();
         let volume = self
             .spec
@@ -214,14 +215,14 @@ impl Files<'_> {
             .iter()
             .flatten()
             .find(|v| v.name == mount.name)
-            .ok_or_else(|| format!("volume {} is not defined", mount.name))?;
+            .ok_or_else(|| why!("volume {} is not defined", mount.name))?;
         if let Some(secret) = volume.secret.as_ref().and_then(|s| s.secret_name.clone()) {
             return secret_key(self.client, self.ns, &secret, &key).await;
         }
         if let Some(cm) = &volume.config_map {
             return configmap_key(self.client, self.ns, &cm.name, &key).await;
         }
-        Err(format!(
+        Err(why!(
             "{path} is on volume {}, neither a Secret nor a ConfigMap",
             mount.name
         ))
@@ -233,15 +234,15 @@ pub async fn configmap_key(
     ns: &str,
     name: &str,
     key: &str,
-) -> Result<String, String> {
+) -> Result<String, Unchecked> {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
-        .map_err(|e| format!("reading ConfigMap {ns}/{name}: {e}"))?
-        .ok_or_else(|| format!("no ConfigMap {ns}/{name}"))?;
+        .map_err(|e| why!("reading ConfigMap {ns}/{name}: {e}"))?
+        .ok_or_else(|| why!("no ConfigMap {ns}/{name}"))?;
     cm.data
         .and_then(|mut d| d.remove(key))
-        .ok_or_else(|| format!("ConfigMap {ns}/{name} has no key {key}"))
+        .ok_or_else(|| why!("ConfigMap {ns}/{name} has no key {key}"))
 }
 
 async fn secret_key(
@@ -249,17 +250,17 @@ async fn secret_key(
     ns: &str,
     name: &str,
     key: &str,
-) -> Result<String, String> {
+) -> Result<String, Unchecked> {
     let secret = Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
-        .map_err(|e| format!("reading Secret {ns}/{name}: {e}"))?
-        .ok_or_else(|| format!("no Secret {ns}/{name}"))?;
+        .map_err(|e| why!("reading Secret {ns}/{name}: {e}"))?
+        .ok_or_else(|| why!("no Secret {ns}/{name}"))?;
     let bytes = secret
         .data
         .and_then(|mut d| d.remove(key))
-        .ok_or_else(|| format!("Secret {ns}/{name} has no key {key}"))?;
-    String::from_utf8(bytes.0).map_err(|_| format!("Secret {ns}/{name} key {key} is not text"))
+        .ok_or_else(|| why!("Secret {ns}/{name} has no key {key}"))?;
+    String::from_utf8(bytes.0).map_err(|_| why!("Secret {ns}/{name} key {key} is not text"))
 }
 
 /// The webhook's settings: its Deployment's args and the ConfigMap it takes its env from.
@@ -286,12 +287,12 @@ impl Webhook {
     }
 }
 
-pub async fn read_webhook(client: &kube::Client, args: &DoctorArgs) -> Result<Webhook, String> {
+pub async fn read_webhook(client: &kube::Client, args: &DoctorArgs) -> Result<Webhook, Unchecked> {
     let (ns, name) = (&args.webhook_namespace, &args.webhook_deployment);
     let deployment = Api::<Deployment>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
-        .map_err(|e| format!("reading Deployment {ns}/{name}: {e}"))?
+        .map_err(|e| why!("reading Deployment {ns}/{name}: {e}"))?
         .ok_or_else(|| {
             format!(
                 "no webhook Deployment {ns}/{name} (name it with --webhook-namespace and \
@@ -331,7 +332,7 @@ pub struct Workload {
 pub async fn read_workloads(
     client: &kube::Client,
     args: &DoctorArgs,
-) -> Result<Vec<Workload>, String> {
+) -> Result<Vec<Workload>, Unchecked> {
     let params = ListParams::default().labels(&format!("{USE_LABEL}=true"));
     let mut pods = Vec::new();
     if args.workload_namespaces.is_empty() {
@@ -358,11 +359,11 @@ pub async fn read_workloads(
     Ok(workloads)
 }
 
-async fn list_pods(api: Api<Pod>, params: &ListParams) -> Result<Vec<Pod>, String> {
+async fn list_pods(api: Api<Pod>, params: &ListParams) -> Result<Vec<Pod>, Unchecked> {
     api.list(params)
         .await
         .map(|l| l.items)
-        .map_err(|e| format!("listing pods: {e}"))
+        .map_err(|e| why!("listing pods: {e}"))
 }
 
 async fn workload(client: &kube::Client, pod: Pod) -> Workload {

@@ -15,6 +15,7 @@ use http_body_util::Full;
 
 use crate::doctor::install::Proxy;
 use crate::doctor::report::Check;
+use crate::doctor::report::{why, Unchecked};
 use crate::exchange::bindings::Binding;
 use crate::exchange::issuer::{IssuerUrl, FIC_AUDIENCE};
 use crate::exchange::keys::RsaPublicKey;
@@ -33,14 +34,14 @@ pub struct Published {
     pub client_id: String,
     /// The issuer URL the proxy signs with for this identity.
     pub issuer: String,
-    pub doc: Result<Document, String>,
+    pub doc: Result<Document, Unchecked>,
     /// The issuer host's clock (its Date header) and ours when the answer came.
     pub date: Option<(SystemTime, SystemTime)>,
 }
 
 pub struct Document {
     pub issuer: String,
-    pub kids: Result<Vec<String>, String>,
+    pub kids: Result<Vec<String>, Unchecked>,
 }
 
 /// The published documents of every bound identity.
@@ -48,7 +49,7 @@ pub async fn fetch_all(
     proxy: &Proxy,
     ca_file: Option<&Path>,
     timeout: Duration,
-) -> Result<Vec<Published>, String> {
+) -> Result<Vec<Published>, Unchecked> {
     let url = issuer_url(proxy)?;
     let bindings = proxy.bindings.as_ref().map_err(Clone::clone)?;
     let client = match ca_file {
@@ -70,21 +71,19 @@ pub async fn fetch_all(
 }
 
 /// The outbound client, trusting only the CA in `file`.
-fn client_trusting(file: &Path) -> Result<crate::http::client::HttpClient, String> {
+fn client_trusting(file: &Path) -> Result<crate::http::client::HttpClient, Unchecked> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        CertificateDer::pem_file_iter(file).map_err(|e| format!("{}: {e}", file.display()))?
-    {
-        let cert = cert.map_err(|e| format!("{}: {e}", file.display()))?;
+    for cert in CertificateDer::pem_file_iter(file).map_err(|e| why!("{}: {e}", file.display()))? {
+        let cert = cert.map_err(|e| why!("{}: {e}", file.display()))?;
         roots
             .add(cert)
-            .map_err(|e| format!("{}: {e}", file.display()))?;
+            .map_err(|e| why!("{}: {e}", file.display()))?;
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Unchecked::from(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -101,11 +100,11 @@ fn client_trusting(file: &Path) -> Result<crate::http::client::HttpClient, Strin
     )
 }
 
-fn issuer_url(proxy: &Proxy) -> Result<IssuerUrl, String> {
+fn issuer_url(proxy: &Proxy) -> Result<IssuerUrl, Unchecked> {
     let raw = proxy
         .setting("IBP_ISSUER_URL")
         .ok_or("the proxy has no IBP_ISSUER_URL")?;
-    IssuerUrl::parse(raw)
+    Ok(IssuerUrl::parse(raw)?)
 }
 
 type Dated = Option<(SystemTime, SystemTime)>;
@@ -114,15 +113,15 @@ async fn fetch_one(
     client: &crate::http::client::HttpClient,
     issuer: &str,
     timeout: Duration,
-) -> (Result<Document, String>, Dated) {
+) -> (Result<Document, Unchecked>, Dated) {
     let url = format!("{issuer}/.well-known/openid-configuration");
     let req = match http::Request::get(&url).body(Full::new(Bytes::new())) {
         Ok(r) => r,
-        Err(e) => return (Err(format!("{url}: {e}")), None),
+        Err(e) => return (Err(why!("{url}: {e}")), None),
     };
     let fetched = match crate::http::client::fetch(client, req, timeout, DOC_LIMIT).await {
         Ok(f) => f,
-        Err(e) => return (Err(format!("{url}: {e}")), None),
+        Err(e) => return (Err(why!("{url}: {e}")), None),
     };
     let date = fetched
         .headers
@@ -131,14 +130,14 @@ async fn fetch_one(
         .and_then(|d| httpdate::parse_http_date(d).ok())
         .map(|d| (d, SystemTime::now()));
     if !fetched.status.is_success() {
-        return (Err(format!("{url} answered {}", fetched.status)), date);
+        return (Err(why!("{url} answered {}", fetched.status)), date);
     }
     let discovery: serde_json::Value = match serde_json::from_slice(&fetched.body) {
         Ok(v) => v,
-        Err(e) => return (Err(format!("{url} is not JSON: {e}")), date),
+        Err(e) => return (Err(why!("{url} is not JSON: {e}")), date),
     };
     let Some(published) = discovery["issuer"].as_str() else {
-        return (Err(format!("{url} has no issuer")), date);
+        return (Err(why!("{url} has no issuer")), date);
     };
     let kids = match discovery["jwks_uri"].as_str() {
         Some(jwks) => crate::http::client::get_json(client, jwks, timeout)
@@ -150,8 +149,9 @@ async fn fetch_one(
                     .flatten()
                     .filter_map(|k| k["kid"].as_str().map(str::to_string))
                     .collect()
-            }),
-        None => Err(format!("{url} has no jwks_uri")),
+            })
+            .map_err(Unchecked::from),
+        None => Err(why!("{url} has no jwks_uri")),
     };
     let doc = Document {
         issuer: published.to_string(),
@@ -160,7 +160,7 @@ async fn fetch_one(
     (Ok(doc), date)
 }
 
-pub fn checks(proxy: &Proxy, published: &Result<Vec<Published>, String>) -> Vec<Check> {
+pub fn checks(proxy: &Proxy, published: &Result<Vec<Published>, Unchecked>) -> Vec<Check> {
     let published = match published {
         Ok(p) if p.is_empty() => {
             let why = "no identity is bound: nothing is published for Entra";
@@ -237,12 +237,12 @@ fn discovery_check(proxy: &Proxy, published: &[Published]) -> Check {
 
 /// The kid the proxy signs with: the last of its keys (during a rotation it keeps the previous
 /// one until this one is published long enough, so a missing kid stalls the rotation).
-fn signing_kid(proxy: &Proxy) -> Result<String, String> {
+fn signing_kid(proxy: &Proxy) -> Result<String, Unchecked> {
     let keys = proxy.issuer_keys.as_ref().map_err(Clone::clone)?;
     let last = keys.last().ok_or("the proxy has no issuer key")?;
     RsaPublicKey::from_pem(last)
         .map(|k| k.kid)
-        .map_err(|e| format!("the proxy's issuer key: {e}"))
+        .map_err(|e| why!("the proxy's issuer key: {e}"))
 }
 
 fn jwks_check(proxy: &Proxy, published: &[Published]) -> Check {
@@ -296,21 +296,21 @@ fn jwks_check(proxy: &Proxy, published: &[Published]) -> Check {
 pub type FicLists = BTreeMap<String, Vec<serde_json::Value>>;
 
 /// Reads each `CLIENT_ID=FILE` (`-`: standard input, at most once).
-pub fn read_fic_lists(specs: &[String]) -> Result<FicLists, String> {
+pub fn read_fic_lists(specs: &[String]) -> Result<FicLists, Unchecked> {
     let mut out = FicLists::new();
     let mut stdin_used = false;
     for spec in specs {
         let (cid, file) = spec
             .split_once('=')
-            .ok_or_else(|| format!("--federated-credentials '{spec}': expected CLIENT_ID=FILE"))?;
+            .ok_or_else(|| why!("--federated-credentials '{spec}': expected CLIENT_ID=FILE"))?;
         let text = if file == "-" {
             if std::mem::replace(&mut stdin_used, true) {
                 return Err("--federated-credentials: standard input can be read once".into());
             }
-            std::io::read_to_string(std::io::stdin()).map_err(|e| format!("standard input: {e}"))?
+            std::io::read_to_string(std::io::stdin()).map_err(|e| why!("standard input: {e}"))?
         } else {
             std::fs::read_to_string(file)
-                .map_err(|e| format!("--federated-credentials {file}: {e}"))?
+                .map_err(|e| why!("--federated-credentials {file}: {e}"))?
         };
         let list: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
             format!("--federated-credentials {file}: not the JSON list `az identity federated-credential list` prints: {e}")
@@ -499,7 +499,7 @@ fn expected_line(b: &Binding, want: &Wanted<'_>) -> String {
 /// Skew between this machine, the apiserver (its Date header) and the issuer host.
 pub async fn clock_check(
     client: &kube::Client,
-    published: &Result<Vec<Published>, String>,
+    published: &Result<Vec<Published>, Unchecked>,
 ) -> Check {
     const ID: &str = "clock.skew";
     let mut skews = Vec::new();
@@ -540,11 +540,14 @@ fn skew(theirs: SystemTime, ours: SystemTime) -> i64 {
     }
 }
 
-async fn apiserver_date(client: &kube::Client) -> Result<(SystemTime, SystemTime), String> {
+async fn apiserver_date(client: &kube::Client) -> Result<(SystemTime, SystemTime), Unchecked> {
     let req = http::Request::get("/version")
         .body(kube::client::Body::from(Vec::new()))
-        .map_err(|e| e.to_string())?;
-    let resp = client.send(req).await.map_err(|e| e.to_string())?;
+        .map_err(|e| Unchecked::from(e.to_string()))?;
+    let resp = client
+        .send(req)
+        .await
+        .map_err(|e| Unchecked::from(e.to_string()))?;
     let ours = SystemTime::now();
     resp.headers()
         .get(http::header::DATE)
@@ -616,8 +619,12 @@ mod tests {
         let lists = read_fic_lists(&[format!("c1={}", good.display())]).unwrap();
         assert_eq!(lists["c1"], Vec::<serde_json::Value>::new());
         let e = read_fic_lists(&[format!("c1={}", bad.display())]).unwrap_err();
-        assert!(e.contains("az identity federated-credential list"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("az identity federated-credential list"),
+            "{e}"
+        );
         let e = read_fic_lists(&["no-equals".into()]).unwrap_err();
-        assert!(e.contains("CLIENT_ID=FILE"), "{e}");
+        assert!(e.to_string().contains("CLIENT_ID=FILE"), "{e}");
     }
 }

@@ -22,45 +22,25 @@ use std::time::Duration;
 
 use crate::cli::{DoctorArgs, DoctorOutput};
 use crate::cluster::{Cluster, DEFAULT_WATCH_TIMEOUT};
+use crate::startup::StartError;
 
 pub use report::{Check, Report, Status, EXIT_FAILED};
 
-/// Exit status when the apiserver cannot be reached at all (sysexits EX_UNAVAILABLE).
-const EX_UNAVAILABLE: u8 = 69;
-
 /// Runs every check, prints the report, and returns the exit status: 0 when nothing failed,
-/// [`EXIT_FAILED`] when a check failed, 64 for bad arguments, 69 when the apiserver is out
-/// of reach.
-pub async fn run(args: &DoctorArgs) -> u8 {
-    let fics = match issuer::read_fic_lists(&args.federated_credentials) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 64;
-        }
-    };
-    let fleet = match args
+/// [`EXIT_FAILED`] when a check failed. Arguments it cannot read are a usage error (64), an
+/// apiserver out of reach an unavailable dependency (69).
+pub async fn run(args: &DoctorArgs) -> Result<u8, StartError> {
+    let fics = issuer::read_fic_lists(&args.federated_credentials).map_err(StartError::usage)?;
+    let fleet = args
         .fleet
         .as_deref()
         .map(crate::cli::fleet::load)
-        .transpose()
-    {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 64;
-        }
-    };
-    let cluster = match Cluster::connect(args.kubeconfig.as_deref(), DEFAULT_WATCH_TIMEOUT).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return EX_UNAVAILABLE;
-        }
-    };
+        .transpose()?;
+    let cluster = Cluster::connect(args.kubeconfig.as_deref(), DEFAULT_WATCH_TIMEOUT).await?;
     if let Err(e) = cluster.client().apiserver_version().await {
-        eprintln!("error: the Kubernetes API server could not be reached: {e}");
-        return EX_UNAVAILABLE;
+        return Err(StartError::unavailable(format!(
+            "the Kubernetes API server could not be reached: {e}"
+        )));
     }
     let fleet = args.fleet.as_deref().zip(fleet.as_ref());
     let report = checks(&cluster, args, &fics, fleet).await;
@@ -68,11 +48,7 @@ pub async fn run(args: &DoctorArgs) -> u8 {
         DoctorOutput::Text => print!("{}", report.text()),
         DoctorOutput::Json => println!("{}", report.json()),
     }
-    if report.failed() {
-        EXIT_FAILED
-    } else {
-        0
-    }
+    Ok(if report.failed() { EXIT_FAILED } else { 0 })
 }
 
 /// Every check, in the order a request meets the pieces: the proxy, the webhook and the pods,

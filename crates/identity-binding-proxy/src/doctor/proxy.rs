@@ -15,6 +15,7 @@ use kube::Api;
 use crate::cluster::Cluster;
 use crate::doctor::install::Proxy;
 use crate::doctor::report::Check;
+use crate::doctor::report::{why, Unchecked};
 
 pub async fn checks(cluster: &Cluster, proxy: &Proxy) -> Vec<Check> {
     let client = cluster.client();
@@ -37,7 +38,7 @@ pub async fn checks(cluster: &Cluster, proxy: &Proxy) -> Vec<Check> {
     out
 }
 
-async fn proxy_pods(client: &kube::Client, proxy: &Proxy) -> Result<Vec<Pod>, String> {
+async fn proxy_pods(client: &kube::Client, proxy: &Proxy) -> Result<Vec<Pod>, Unchecked> {
     let selector = proxy
         .daemonset
         .spec
@@ -49,7 +50,7 @@ async fn proxy_pods(client: &kube::Client, proxy: &Proxy) -> Result<Vec<Pod>, St
         .list(&ListParams::default().labels(&selector.join(",")))
         .await
         .map(|l| l.items)
-        .map_err(|e| format!("listing the proxy's pods: {e}"))
+        .map_err(|e| why!("listing the proxy's pods: {e}"))
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -62,7 +63,7 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 /// The schedulable nodes the DaemonSet's nodeSelector picks.
-async fn expected_nodes(client: &kube::Client, proxy: &Proxy) -> Result<Vec<String>, String> {
+async fn expected_nodes(client: &kube::Client, proxy: &Proxy) -> Result<Vec<String>, Unchecked> {
     let selector = proxy
         .pod_spec()
         .and_then(|s| s.node_selector.clone())
@@ -71,7 +72,7 @@ async fn expected_nodes(client: &kube::Client, proxy: &Proxy) -> Result<Vec<Stri
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default().labels(&selector.join(",")))
         .await
-        .map_err(|e| format!("listing nodes: {e}"))?;
+        .map_err(|e| why!("listing nodes: {e}"))?;
     Ok(nodes
         .items
         .into_iter()
@@ -87,7 +88,7 @@ async fn expected_nodes(client: &kube::Client, proxy: &Proxy) -> Result<Vec<Stri
 
 fn nodes_check(
     proxy: &Proxy,
-    nodes: &Result<Vec<String>, String>,
+    nodes: &Result<Vec<String>, Unchecked>,
     ready: &BTreeSet<String>,
     pods: &[Pod],
 ) -> Check {

@@ -155,3 +155,52 @@ mod tests {
         assert_eq!(json["failed"], 1);
     }
 }
+
+/// An [`Unchecked`] from `format!` arguments.
+macro_rules! why {
+    ($($arg:tt)*) => {
+        $crate::doctor::report::Unchecked::from(format!($($arg)*))
+    };
+}
+pub(crate) use why;
+
+/// Why a fact could not be read, so the checks that need it are `?`: said in one line, as
+/// the report prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unchecked(String);
+
+impl std::fmt::Display for Unchecked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for Unchecked {
+    fn from(why: String) -> Self {
+        Unchecked(why)
+    }
+}
+
+impl From<&str> for Unchecked {
+    fn from(why: &str) -> Self {
+        Unchecked(why.to_owned())
+    }
+}
+
+impl From<crate::startup::StartError> for Unchecked {
+    fn from(e: crate::startup::StartError) -> Self {
+        Unchecked(e.to_string())
+    }
+}
+
+impl From<crate::http::client::FetchError> for Unchecked {
+    fn from(e: crate::http::client::FetchError) -> Self {
+        Unchecked(e.to_string())
+    }
+}
+
+impl From<Unchecked> for String {
+    fn from(why: Unchecked) -> Self {
+        why.0
+    }
+}

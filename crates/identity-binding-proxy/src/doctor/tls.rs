@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::doctor::install::{configmap_key, Proxy, Workload};
 use crate::doctor::report::Check;
+use crate::doctor::report::Unchecked;
 
 /// Fewer days than this left on the serving certificate is a failure: cert-manager renews a
 /// month ahead by default, so a certificate this close to its end is not being renewed.
@@ -20,7 +21,7 @@ const MIN_DAYS_LEFT: i64 = 7;
 pub async fn checks(
     client: &kube::Client,
     proxy: &Proxy,
-    workloads: &Result<Vec<Workload>, String>,
+    workloads: &Result<Vec<Workload>, Unchecked>,
 ) -> Vec<Check> {
     let mut certs = Vec::new();
     for (name, pem) in &proxy.certs {
@@ -235,7 +236,7 @@ fn expiry_check(certs: &[Served<'_>]) -> Check {
 async fn ca_bundles_check(
     client: &kube::Client,
     proxy: &Proxy,
-    workloads: &Result<Vec<Workload>, String>,
+    workloads: &Result<Vec<Workload>, Unchecked>,
 ) -> Check {
     const ID: &str = "tls.ca-bundles";
     let (Ok(bundle), Ok(workloads)) = (&proxy.ca_bundle, workloads) else {

@@ -11,6 +11,7 @@ use kube::Api;
 use crate::cli::DoctorArgs;
 use crate::doctor::install::{Proxy, Webhook, Workload, INJECTED, USE_LABEL};
 use crate::doctor::report::Check;
+use crate::doctor::report::Unchecked;
 
 const SUFFIX_FLAG: &str = "--custom-token-endpoint-annotation-suffix";
 const AUDIENCE_FLAG: &str = "--custom-token-endpoint-audience";
@@ -18,8 +19,8 @@ const AUDIENCE_FLAG: &str = "--custom-token-endpoint-audience";
 pub async fn checks(
     client: &kube::Client,
     proxy: &Proxy,
-    webhook: &Result<Webhook, String>,
-    workloads: &Result<Vec<Workload>, String>,
+    webhook: &Result<Webhook, Unchecked>,
+    workloads: &Result<Vec<Workload>, Unchecked>,
     args: &DoctorArgs,
 ) -> Vec<Check> {
     let settings = match webhook {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exchange::bindings::{BindingSet, Bindings};
 use crate::exchange::issuer::Issuer;
-use crate::http::client::HttpClient;
+use crate::http::client::{FetchError, HttpClient};
 use crate::metrics::Metrics;
 
 /// Entra does not publish how long it caches an issuer's metadata; refusals of new keys are
@@ -188,7 +188,7 @@ async fn published_kids(
     client: &HttpClient,
     issuer: &Issuer,
     bindings: &BindingSet,
-) -> Result<Option<HashSet<String>>, String> {
+) -> Result<Option<HashSet<String>>, FetchError> {
     let mut urls: Vec<String> = bindings
         .iter()
         .map(|b| issuer.url().for_binding(b))
@@ -207,7 +207,7 @@ async fn published_kids(
 }
 
 /// The `kid`s an issuer publishes, read the way Entra reads them: discovery, then `jwks_uri`.
-async fn jwks_kids(client: &HttpClient, issuer: &str) -> Result<HashSet<String>, String> {
+async fn jwks_kids(client: &HttpClient, issuer: &str) -> Result<HashSet<String>, FetchError> {
     let discovery = crate::http::client::get_json(
         client,
         &format!("{issuer}/.well-known/openid-configuration"),
@@ -217,12 +217,18 @@ async fn jwks_kids(client: &HttpClient, issuer: &str) -> Result<HashSet<String>,
     let jwks_uri = discovery
         .get("jwks_uri")
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("{issuer}: the discovery document has no jwks_uri"))?;
+        .ok_or_else(|| FetchError::Unexpected {
+            url: issuer.to_string(),
+            what: "the discovery document has no jwks_uri".into(),
+        })?;
     let jwks = crate::http::client::get_json(client, jwks_uri, FETCH_TIMEOUT).await?;
-    let keys = jwks
-        .get("keys")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{jwks_uri}: the JWKS has no keys array"))?;
+    let keys =
+        jwks.get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| FetchError::Unexpected {
+                url: jwks_uri.to_string(),
+                what: "the JWKS has no keys array".into(),
+            })?;
     Ok(keys
         .iter()
         .filter_map(|k| k.get("kid").and_then(Value::as_str))

@@ -1,6 +1,8 @@
 //! Where Entra is: the authority host of each sovereign cloud, an authority given by URL, and
 //! the Entra settings of one SNI name (`--sni-profile`).
 
+use crate::startup::StartError;
+
 /// The public cloud's authority host (the default).
 pub const PUBLIC_CLOUD: &str = "https://login.microsoftonline.com";
 
@@ -24,9 +26,9 @@ pub struct SniProfile {
 }
 
 impl std::str::FromStr for SniProfile {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("--sni-profile '{s}': {why}");
+    type Err = StartError;
+    fn from_str(s: &str) -> Result<Self, StartError> {
+        let bad = |why: &str| StartError::usage(format!("--sni-profile '{s}': {why}"));
         let (name, rest) = s
             .split_once('=')
             .ok_or_else(|| bad("expected NAME=cloud=..|authority=..[,tenant=..]"))?;
@@ -63,20 +65,20 @@ impl std::str::FromStr for SniProfile {
 }
 
 /// An Entra authority host: https, or http on loopback (emulators).
-pub fn parse_authority(s: &str) -> Result<url::Url, String> {
-    let url =
-        url::Url::parse(s).map_err(|e| format!("--authority-host '{s}' is not a URL: {e}"))?;
+pub fn parse_authority(s: &str) -> Result<url::Url, StartError> {
+    let url = url::Url::parse(s)
+        .map_err(|e| StartError::usage(format!("--authority-host '{s}' is not a URL: {e}")))?;
     let ok = url.scheme() == "https"
         || (url.scheme() == "http" && crate::http::client::is_loopback(&url));
     if !ok {
-        return Err(format!(
+        return Err(StartError::usage(format!(
             "--authority-host '{s}' must be https (plain http only for loopback emulators)"
-        ));
+        )));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
+        return Err(StartError::usage(format!(
             "--authority-host '{s}' must not have a query or fragment"
-        ));
+        )));
     }
     Ok(url)
 }

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::request::error::{codes, ProxyError};
 
 use crate::request::token::parse_guid;
+use crate::startup::StartError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
@@ -53,30 +54,38 @@ pub struct BindingSet {
 }
 
 impl BindingSet {
-    pub fn parse(yaml: &str) -> Result<Self, String> {
+    pub fn parse(yaml: &str) -> Result<Self, StartError> {
         if yaml.trim().is_empty() {
             return Ok(Self::default());
         }
         let raw: RawFile = serde_norway::from_str(yaml).map_err(|e| {
-            format!("expected a list of {{clientId, tenantId, subject?}} under 'bindings': {e}")
+            StartError::usage(format!(
+                "expected a list of {{clientId, tenantId, subject?}} under 'bindings': {e}"
+            ))
         })?;
         let list = match raw {
             RawFile::Wrapped { bindings } | RawFile::List(bindings) => bindings,
         };
         let mut by_client = HashMap::new();
         for (i, b) in list.into_iter().enumerate() {
-            let client_id = parse_guid(&b.client_id)
-                .ok_or_else(|| format!("binding {i}: clientId '{}' is not a GUID", b.client_id))?;
+            let client_id = parse_guid(&b.client_id).ok_or_else(|| {
+                StartError::usage(format!(
+                    "binding {i}: clientId '{}' is not a GUID",
+                    b.client_id
+                ))
+            })?;
             let tenant_id = b.tenant_id.trim().to_ascii_lowercase();
             if parse_guid(&tenant_id).is_none() && !is_domain(&tenant_id) {
-                return Err(format!(
+                return Err(StartError::usage(format!(
                     "binding {i}: tenantId '{}' is neither a GUID nor a domain",
                     b.tenant_id
-                ));
+                )));
             }
             let subject = b.subject.unwrap_or_else(|| client_id.clone());
             if subject.is_empty() || subject.len() > 600 {
-                return Err(format!("binding {i}: subject must be 1..600 characters"));
+                return Err(StartError::usage(format!(
+                    "binding {i}: subject must be 1..600 characters"
+                )));
             }
             let binding = Binding {
                 client_id: client_id.clone(),
@@ -84,7 +93,9 @@ impl BindingSet {
                 subject,
             };
             if by_client.insert(client_id.clone(), binding).is_some() {
-                return Err(format!("binding {i}: clientId {client_id} is listed twice"));
+                return Err(StartError::usage(format!(
+                    "binding {i}: clientId {client_id} is listed twice"
+                )));
             }
         }
         Ok(Self { by_client })
@@ -117,10 +128,12 @@ pub fn is_domain(s: &str) -> bool {
             .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
 }
 
-pub fn load(path: &Path) -> Result<BindingSet, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read bindings file {}: {e}", path.display()))?;
-    BindingSet::parse(&text).map_err(|e| format!("bindings file {}: {e}", path.display()))
+pub fn load(path: &Path) -> Result<BindingSet, StartError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StartError::usage(format!("cannot read bindings file {}: {e}", path.display()))
+    })?;
+    BindingSet::parse(&text)
+        .map_err(|e| StartError::usage(format!("bindings file {}: {e}", path.display())))
 }
 
 /// The live bindings, reloaded when the file changes. A broken edit keeps the last good set.
@@ -132,7 +145,7 @@ pub struct Bindings {
 }
 
 impl Bindings {
-    pub fn open(path: &Path) -> Result<Self, String> {
+    pub fn open(path: &Path) -> Result<Self, StartError> {
         let set = load(path)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -241,7 +254,10 @@ mod tests {
         )
         .is_err());
         let dup = "- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: a.b\n- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: a.b\n";
-        assert!(BindingSet::parse(dup).unwrap_err().contains("twice"));
+        assert!(BindingSet::parse(dup)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         assert!(BindingSet::parse("- clientId: 11111111-2222-3333-4444-555555555555\n  tenantId: a.b\n  clientSecret: x\n").is_err());
     }
 }

@@ -218,7 +218,7 @@ pub struct CacheConfig {
 
 impl CacheConfig {
     /// The cache's flags, checked: a capacity and a per-identity bound of at least one.
-    pub fn from_args(a: &CacheArgs) -> Result<Self, String> {
+    pub fn from_args(a: &CacheArgs) -> Result<Self, crate::startup::StartError> {
         for (flag, value) in [
             ("--cache-capacity", a.cache_capacity),
             (
@@ -227,7 +227,9 @@ impl CacheConfig {
             ),
         ] {
             if value == 0 {
-                return Err(format!("{flag} must be positive"));
+                return Err(crate::startup::StartError::usage(format!(
+                    "{flag} must be positive"
+                )));
             }
         }
         Ok(CacheConfig {

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::exchange::bindings::Binding;
 use crate::exchange::keys::SigningKey;
 use crate::request::error::ProxyError;
+use crate::startup::StartError;
 
 /// The audience Entra requires on federated assertions.
 pub const FIC_AUDIENCE: &str = "api://AzureADTokenExchange";
@@ -31,26 +32,26 @@ const ASSERTION_REUSE: Duration = ASSERTION_LIFETIME.saturating_sub(ASSERTION_MI
 pub struct IssuerUrl(String);
 
 impl IssuerUrl {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, StartError> {
         let probe = s.replace("{tenant}", "t").replace("{client_id}", "c");
-        let url =
-            url::Url::parse(&probe).map_err(|e| format!("issuer URL '{s}' is not a URL: {e}"))?;
+        let url = url::Url::parse(&probe)
+            .map_err(|e| StartError::usage(format!("issuer URL '{s}' is not a URL: {e}")))?;
         if url.scheme() != "https"
             && !(url.scheme() == "http" && crate::http::client::is_loopback(&url))
         {
-            return Err(format!(
+            return Err(StartError::usage(format!(
                 "issuer URL '{s}' must be https (Entra fetches the issuer documents over https)"
-            ));
+            )));
         }
         if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-            return Err(format!(
+            return Err(StartError::usage(format!(
                 "issuer URL '{s}' must not have a query, fragment or user-info"
-            ));
+            )));
         }
         if probe.contains(['{', '}']) {
-            return Err(format!(
+            return Err(StartError::usage(format!(
                 "issuer URL '{s}' has an unknown placeholder: only {{tenant}} and {{client_id}}"
-            ));
+            )));
         }
         Ok(Self(s.trim_end_matches('/').to_string()))
     }
@@ -95,13 +96,19 @@ pub struct Issuer {
 }
 
 impl Issuer {
-    pub fn new(keys: Vec<SigningKey>, url: IssuerUrl) -> Result<Self, String> {
+    pub fn new(keys: Vec<SigningKey>, url: IssuerUrl) -> Result<Self, StartError> {
         Self::reusing_for(keys, url, ASSERTION_REUSE)
     }
 
-    fn reusing_for(keys: Vec<SigningKey>, url: IssuerUrl, reuse: Duration) -> Result<Self, String> {
+    fn reusing_for(
+        keys: Vec<SigningKey>,
+        url: IssuerUrl,
+        reuse: Duration,
+    ) -> Result<Self, StartError> {
         if keys.is_empty() {
-            return Err("at least one issuer key is needed (--issuer-key)".into());
+            return Err(StartError::usage(
+                "at least one issuer key is needed (--issuer-key)",
+            ));
         }
         Ok(Self {
             keys: ArcSwap::from_pointee(keys),
@@ -152,7 +159,7 @@ impl Issuer {
     }
 
     /// Loads the keys from PEM files (the last file's key signs); see [`Issuer::watch`].
-    pub fn from_files(files: &[PathBuf], url: IssuerUrl) -> Result<Self, String> {
+    pub fn from_files(files: &[PathBuf], url: IssuerUrl) -> Result<Self, StartError> {
         let mut issuer = Self::new(load_keys(files)?, url)?;
         issuer.files = files.to_vec();
         Ok(issuer)
@@ -229,13 +236,15 @@ impl Issuer {
     }
 }
 
-fn load_keys(files: &[PathBuf]) -> Result<Vec<SigningKey>, String> {
+fn load_keys(files: &[PathBuf]) -> Result<Vec<SigningKey>, StartError> {
     files
         .iter()
         .map(|path| {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read issuer key {}: {e}", path.display()))?;
-            SigningKey::from_pem(&pem).map_err(|e| format!("issuer key {}: {e}", path.display()))
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                StartError::usage(format!("cannot read issuer key {}: {e}", path.display()))
+            })?;
+            SigningKey::from_pem(&pem)
+                .map_err(|e| StartError::usage(format!("issuer key {}: {e}", path.display())))
         })
         .collect()
 }

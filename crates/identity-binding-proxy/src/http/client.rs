@@ -47,13 +47,37 @@ pub struct Fetched {
     pub body: Bytes,
 }
 
+/// Why a fetch brought no usable answer; each says what failed, the URL where it knows it.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot build the request: {0}")]
+    Request(#[from] http::Error),
+    /// No connection, or it broke: the whole cause chain, which hyper hides one level down.
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("reading the response body: {0}")]
+    Body(String),
+    #[error("no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    #[error("{url} answered {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("{url} did not answer JSON: {source}")]
+    NotJson {
+        url: String,
+        source: serde_json::Error,
+    },
+    /// JSON that lacks what the caller reads from it.
+    #[error("{url}: {what}")]
+    Unexpected { url: String, what: String },
+}
+
 /// Sends `req` and reads the whole response body (up to `limit` bytes) within `timeout`.
 pub async fn fetch(
     client: &HttpClient,
     req: Request<Full<Bytes>>,
     timeout: Duration,
     limit: usize,
-) -> Result<Fetched, String> {
+) -> Result<Fetched, FetchError> {
     let work = async {
         let resp = client.request(req).await.map_err(|e| {
             // hyper-util's error hides the cause one level down; show it.
@@ -64,13 +88,13 @@ pub async fn fetch(
                 msg.push_str(&s.to_string());
                 src = s.source();
             }
-            msg
+            FetchError::Unreachable(msg)
         })?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, limit)
             .collect()
             .await
-            .map_err(|e| format!("reading the response body: {e}"))?
+            .map_err(|e| FetchError::Body(e.to_string()))?
             .to_bytes();
         Ok(Fetched {
             status: parts.status,
@@ -80,7 +104,7 @@ pub async fn fetch(
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Err(_) => Err(FetchError::Timeout(timeout)),
     }
 }
 
@@ -89,16 +113,21 @@ pub async fn get_json(
     client: &HttpClient,
     url: &str,
     timeout: Duration,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, FetchError> {
     let req = Request::get(url)
         .header(header::ACCEPT, "application/json")
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
+        .body(Full::new(Bytes::new()))?;
     let fetched = fetch(client, req, timeout, 1 << 20).await?;
     if !fetched.status.is_success() {
-        return Err(format!("{url} answered {}", fetched.status));
+        return Err(FetchError::Status {
+            url: url.to_string(),
+            status: fetched.status,
+        });
     }
-    serde_json::from_slice(&fetched.body).map_err(|e| format!("{url} did not answer JSON: {e}"))
+    serde_json::from_slice(&fetched.body).map_err(|source| FetchError::NotJson {
+        url: url.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

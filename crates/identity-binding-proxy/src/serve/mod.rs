@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -36,6 +35,7 @@ use crate::request::{App, ConnInfo, Profile};
 use crate::serve::admin::Readiness;
 use crate::serve::limits::{CallerBudgets, ConnectionPermit, Limits};
 use crate::serve::tls::SniRouter;
+use crate::startup::StartError;
 
 /// How often the cluster JWKS is refreshed (rotation on the apiserver shows up within this).
 const JWKS_REFRESH: Duration = Duration::from_secs(300);
@@ -112,11 +112,11 @@ impl ServerConfig {
 
 impl Listeners {
     /// Binds `--listen` and `--admin-listen`; the error names the address and the flag.
-    pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Self> {
+    pub async fn bind(config: &ProxyConfig) -> Result<Self, StartError> {
         let bind = |addr, flag: &'static str| async move {
             TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("cannot listen on {addr} ({flag})"))
+                .map_err(|e| cannot_listen(addr, flag, e))
         };
         Ok(Self {
             proxy: bind(config.server.listen, "--listen").await?,
@@ -134,22 +134,38 @@ const LISTEN_BACKLOG: i32 = 4096;
 
 /// Deepens `listener`'s accept backlog to [`LISTEN_BACKLOG`] (`listen` again on a listening
 /// socket only changes its backlog), whoever bound it.
-fn deepen_backlog(listener: &TcpListener) -> anyhow::Result<()> {
+fn deepen_backlog(listener: &TcpListener) -> Result<(), StartError> {
     socket2::SockRef::from(listener)
         .listen(LISTEN_BACKLOG)
-        .context("cannot set the listen backlog")
+        .map_err(|e| StartError::internal("cannot set the listen backlog").because(e))
+}
+
+/// Why `addr` cannot be listened on: a port another process holds is unavailable (it may be
+/// free at the next start); an address this host does not have, or a port it may not bind,
+/// is the flag's to fix.
+pub fn cannot_listen(addr: SocketAddr, flag: &str, e: std::io::Error) -> StartError {
+    let message = format!("cannot listen on {addr} ({flag})");
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            StartError::unavailable(format!("{message}: another process holds the port")).because(e)
+        }
+        _ => StartError::usage(message).because(e),
+    }
 }
 
 /// Loads everything, binds both listeners, and starts serving. Returns once listening;
 /// readiness follows when the first JWKS arrives.
-pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
+pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let listeners = Listeners::bind(&config).await?;
     start_on(config, listeners).await
 }
 
 /// [`start`] on listeners bound already (so `dev` can refuse a busy port before it writes
 /// anything, and never give the port up in between).
-pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<RunningProxy> {
+pub async fn start_on(
+    config: ProxyConfig,
+    listeners: Listeners,
+) -> Result<RunningProxy, StartError> {
     crate::crypto::install_provider();
     deepen_backlog(&listeners.proxy)?;
     deepen_backlog(&listeners.admin)?;
@@ -157,12 +173,14 @@ pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Resu
     if let Some(sidecar) = &config.sidecar {
         crate::serve::sidecar::make_certificates(sidecar, &config.tls)?;
     }
-    let router =
-        SniRouter::load(config.tls.clone(), metrics.clone()).map_err(anyhow::Error::msg)?;
-    let router = Arc::new(router);
+    let router = Arc::new(SniRouter::load(config.tls.clone(), metrics.clone())?);
     let app = build_app(&config, &metrics).await?;
     let readiness = Arc::new(Readiness::new(app.authn.clone()));
-    let (addr, admin_addr) = (listeners.proxy.local_addr()?, listeners.admin.local_addr()?);
+    let local = |l: &TcpListener| {
+        l.local_addr()
+            .map_err(|e| StartError::internal("a bound listener has no address").because(e))
+    };
+    let (addr, admin_addr) = (local(&listeners.proxy)?, local(&listeners.admin)?);
     let (stop, background) = (CancellationToken::new(), CancellationToken::new());
     spawn_background(&app, &router, &config, &background);
     let admin = tokio::spawn(crate::serve::admin::serve(
@@ -194,14 +212,13 @@ pub async fn start_on(config: ProxyConfig, listeners: Listeners) -> anyhow::Resu
 }
 
 /// Every step of the request path, built from the configuration.
-async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<App>> {
-    let mut issuer = Issuer::from_files(&config.issuer.keys, config.issuer.url.clone())
-        .map_err(anyhow::Error::msg)?;
+async fn build_app(config: &ProxyConfig, metrics: &Arc<Metrics>) -> Result<Arc<App>, StartError> {
+    let mut issuer = Issuer::from_files(&config.issuer.keys, config.issuer.url.clone())?;
     if !config.key_activation.delay.is_zero() {
         issuer = issuer.with_activation();
     }
     let issuer = Arc::new(issuer);
-    let bindings = Arc::new(Bindings::open(&config.bindings).map_err(anyhow::Error::msg)?);
+    let bindings = Arc::new(Bindings::open(&config.bindings)?);
     let cluster = Cluster::connect(config.kubeconfig.as_deref(), config.watch_timeout).await?;
     let (cluster, own_account) =
         crate::serve::sidecar::as_configured(cluster, config.sidecar.as_ref()).await?;

@@ -25,6 +25,7 @@ use crate::authn::{AuthnMode, Caller};
 use crate::cluster::{Cluster, ClusterError};
 use crate::request::error::{ProxyError, Result};
 use crate::serve::tls::TlsConfig;
+use crate::startup::StartError;
 use clap::Args;
 
 #[derive(Args, Debug, Clone)]
@@ -56,25 +57,24 @@ pub fn config(
     listen: SocketAddr,
     admin_listen: SocketAddr,
     authn_mode: AuthnMode,
-) -> std::result::Result<Option<SidecarConfig>, String> {
+) -> std::result::Result<Option<SidecarConfig>, StartError> {
     if !args.sidecar {
         return Ok(None);
     }
     for (addr, flag) in [(listen, "--listen"), (admin_listen, "--admin-listen")] {
         if !addr.ip().is_loopback() {
-            return Err(format!(
+            return Err(StartError::usage(format!(
                 "--sidecar serves its own pod only: {flag} must be a loopback address \
                  (e.g. 127.0.0.1:{}), not {addr}",
                 addr.port()
-            ));
+            )));
         }
     }
     if authn_mode != AuthnMode::Local {
-        return Err(
+        return Err(StartError::usage(
             "--sidecar authenticates against the cluster JWKS only: set --authn-mode local \
-             (a workload pod has no right to create TokenReviews)"
-                .into(),
-        );
+             (a workload pod has no right to create TokenReviews)",
+        ));
     }
     Ok(Some(SidecarConfig {
         ca_out: args.sidecar_ca_out.clone(),
@@ -97,7 +97,7 @@ pub struct OwnAccount {
 impl OwnAccount {
     /// From the user name the apiserver gives our own credentials; they must be a service
     /// account's.
-    pub fn from_username(username: &str) -> std::result::Result<Self, String> {
+    pub fn from_username(username: &str) -> std::result::Result<Self, StartError> {
         let parsed = username
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
@@ -108,18 +108,20 @@ impl OwnAccount {
                 name: name.to_string(),
                 username: username.to_string(),
             }),
-            None => Err(format!(
+            None => Err(StartError::usage(format!(
                 "--sidecar: the apiserver takes this pod's API credentials for '{username}', \
                  which is not a service account; a sidecar runs with its pod's service-account \
                  token"
-            )),
+            ))),
         }
     }
 
     /// Asks the apiserver who our own credentials are (a SelfSubjectReview). An apiserver that
     /// is unreachable or failing is asked again for up to [`DISCOVER_PATIENCE`] (a pod often
     /// starts while its node's network is still coming up); any other answer fails at once.
-    pub async fn discover(cluster: &Cluster) -> anyhow::Result<Self> {
+    /// An apiserver still unreachable then is an unavailable dependency; a refusal (4xx) is
+    /// the pod's configuration (its token, or a cluster older than 1.28).
+    pub async fn discover(cluster: &Cluster) -> std::result::Result<Self, StartError> {
         let deadline = tokio::time::Instant::now() + DISCOVER_PATIENCE;
         let mut wait = Duration::from_millis(250);
         let username = loop {
@@ -132,15 +134,24 @@ impl OwnAccount {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(4));
                 }
-                Err(ClusterError::Unavailable(m) | ClusterError::Unexpected(m)) => {
-                    anyhow::bail!(
-                        "--sidecar: cannot learn this pod's service account from the apiserver \
-                         (SelfSubjectReview, Kubernetes 1.28 or later): {m}"
+                Err(e @ ClusterError::Unavailable(_)) => {
+                    return Err(StartError::unavailable(format!(
+                        "--sidecar: cannot learn this pod's service account: no answer from the \
+                         apiserver within {} s; check that the pod reaches it",
+                        DISCOVER_PATIENCE.as_secs()
+                    ))
+                    .because(e))
+                }
+                Err(e @ ClusterError::Unexpected(_)) => {
+                    return Err(StartError::usage(
+                        "--sidecar: cannot learn this pod's service account (SelfSubjectReview, \
+                         Kubernetes 1.28 or later, with the pod's own token)",
                     )
+                    .because(e))
                 }
             }
         };
-        Self::from_username(&username).map_err(anyhow::Error::msg)
+        Self::from_username(&username)
     }
 }
 
@@ -150,7 +161,7 @@ impl OwnAccount {
 pub async fn as_configured(
     cluster: Cluster,
     sidecar: Option<&SidecarConfig>,
-) -> anyhow::Result<(std::sync::Arc<Cluster>, Option<OwnAccount>)> {
+) -> std::result::Result<(std::sync::Arc<Cluster>, Option<OwnAccount>), StartError> {
     if sidecar.is_none() {
         return Ok((std::sync::Arc::new(cluster), None));
     }
@@ -180,16 +191,25 @@ pub fn check(own: Option<&OwnAccount>, caller: &Caller) -> Result<()> {
 /// then the CA certificate to `--sidecar-ca-out` LAST, so whoever waits for that file finds
 /// everything in place. Made anew at every start: nothing to rotate, nothing to distribute
 /// (clients re-read the CA file on every request).
-pub fn make_certificates(config: &SidecarConfig, tls: &TlsConfig) -> anyhow::Result<()> {
-    use anyhow::Context;
+pub fn make_certificates(
+    config: &SidecarConfig,
+    tls: &TlsConfig,
+) -> std::result::Result<(), StartError> {
     let Some(ca_out) = &config.ca_out else {
         return Ok(());
     };
-    let ca = SelfCa::generate().context("--sidecar-ca-out: making the CA")?;
+    // rcgen refuses only what we ask wrongly: our bug, not the operator's input (the names
+    // were checked as DNS names by --tls).
+    let ca = SelfCa::generate()
+        .map_err(|e| StartError::internal("--sidecar-ca-out: cannot make the CA").because(e))?;
     for entry in &tls.entries {
-        let (cert, key) = ca
-            .issue(&entry.name)
-            .with_context(|| format!("--sidecar-ca-out: a certificate for {}", entry.name))?;
+        let (cert, key) = ca.issue(&entry.name).map_err(|e| {
+            StartError::internal(format!(
+                "--sidecar-ca-out: cannot make a certificate for {}",
+                entry.name
+            ))
+            .because(e)
+        })?;
         write(&entry.key, key.as_bytes(), true)?;
         write(&entry.cert, cert.as_bytes(), false)?;
     }
@@ -198,13 +218,19 @@ pub fn make_certificates(config: &SidecarConfig, tls: &TlsConfig) -> anyhow::Res
     Ok(())
 }
 
-fn write(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
+fn write(path: &Path, bytes: &[u8], private: bool) -> std::result::Result<(), StartError> {
     let written = if private {
         crate::files::write_private(path, bytes)
     } else {
         crate::files::write_public(path, bytes)
     };
-    written.map_err(|e| anyhow::anyhow!("--sidecar-ca-out: cannot write {}: {e}", path.display()))
+    written.map_err(|e| {
+        StartError::usage(format!(
+            "--sidecar-ca-out: cannot write {} (check the path and its directory's permissions)",
+            path.display()
+        ))
+        .because(e)
+    })
 }
 
 /// A CA that lives as long as the process: its key is never written anywhere.
@@ -254,46 +280,46 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `probe URL`: GET a loopback `http://` URL; Ok on a 2xx. A sidecar listens on loopback,
 /// where kubelet's HTTP probes (sent to the pod IP) cannot reach, so its probes are `exec`
-/// probes running this from the same image.
-pub async fn probe(url: &str) -> std::result::Result<(), String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("probe: '{url}' is not a URL: {e}"))?;
+/// probes running this from the same image. A URL that is not one is a usage error; no
+/// answer, or an answer other than 2xx, is the probed server unavailable.
+pub async fn probe(url: &str) -> std::result::Result<(), StartError> {
+    let parsed = url::Url::parse(url)
+        .map_err(|e| StartError::usage(format!("probe: '{url}' is not a URL: {e}")))?;
     if parsed.scheme() != "http" || !crate::http::client::is_loopback(&parsed) {
-        return Err(format!(
+        return Err(StartError::usage(format!(
             "probe: '{url}' must be a plain http:// URL on loopback (the admin port)"
-        ));
+        )));
     }
     let addr = parsed
         .socket_addrs(|| Some(80))
-        .map_err(|e| format!("probe: {url}: {e}"))?;
+        .map_err(|e| StartError::usage(format!("probe: {url}: {e}")))?;
     let path = match parsed.query() {
         Some(q) => format!("{}?{q}", parsed.path()),
         None => parsed.path().to_string(),
     };
+    let down = |e: &dyn std::fmt::Display| StartError::unavailable(format!("probe: {url}: {e}"));
     let ask = async {
         let tcp = tokio::net::TcpStream::connect(&addr[..])
             .await
-            .map_err(|e| format!("probe: {url}: {e}"))?;
+            .map_err(|e| down(&e))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
                 .await
-                .map_err(|e| format!("probe: {url}: {e}"))?;
+                .map_err(|e| down(&e))?;
         tokio::spawn(conn);
         let req = http::Request::get(path)
             .header(http::header::HOST, parsed.authority())
             .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .map_err(|e| format!("probe: {url}: {e}"))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("probe: {url}: {e}"))?;
+            .map_err(|e| StartError::usage(format!("probe: {url}: {e}")))?;
+        let resp = sender.send_request(req).await.map_err(|e| down(&e))?;
         match resp.status() {
             s if s.is_success() => Ok(()),
-            s => Err(format!("probe: {url} answered {s}")),
+            s => Err(down(&format_args!("answered {s}"))),
         }
     };
     tokio::time::timeout(PROBE_TIMEOUT, ask)
         .await
-        .map_err(|_| format!("probe: {url}: no answer within {PROBE_TIMEOUT:?}"))?
+        .map_err(|_| down(&format_args!("no answer within {PROBE_TIMEOUT:?}")))?
 }
 
 #[cfg(test)]
@@ -356,11 +382,20 @@ mod tests {
         let lo6: SocketAddr = "[::1]:9090".parse().unwrap();
         let any: SocketAddr = "0.0.0.0:8443".parse().unwrap();
         assert!(config(&args, lo, lo6, AuthnMode::Local).unwrap().is_some());
-        let e = config(&args, any, lo, AuthnMode::Local).unwrap_err();
+        let refused = |listen, admin, mode| {
+            let e = config(&args, listen, admin, mode).unwrap_err();
+            assert_eq!(
+                e.exit_code(),
+                64,
+                "a flag a sidecar cannot take is usage: {e}"
+            );
+            e.to_string()
+        };
+        let e = refused(any, lo, AuthnMode::Local);
         assert!(e.contains("--listen") && e.contains("loopback"), "{e}");
-        let e = config(&args, lo, any, AuthnMode::Local).unwrap_err();
+        let e = refused(lo, any, AuthnMode::Local);
         assert!(e.contains("--admin-listen"), "{e}");
-        let e = config(&args, lo, lo, AuthnMode::Both).unwrap_err();
+        let e = refused(lo, lo, AuthnMode::Both);
         assert!(e.contains("--authn-mode local"), "{e}");
         let off = SidecarArgs {
             sidecar: false,

@@ -24,6 +24,7 @@ use tokio_rustls::StartHandshake;
 
 use crate::metrics::Metrics;
 use crate::serve::handshake::HandshakeError;
+use crate::startup::StartError;
 
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "TLS")]
@@ -72,19 +73,19 @@ pub struct TlsEntry {
 }
 
 impl std::str::FromStr for TlsEntry {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (name, files) = s
-            .split_once('=')
-            .ok_or_else(|| format!("--tls '{s}': expected NAME=CERT.pem,KEY.pem"))?;
-        let (cert, key) = files
-            .split_once(',')
-            .ok_or_else(|| format!("--tls '{s}': expected NAME=CERT.pem,KEY.pem"))?;
+    type Err = StartError;
+    fn from_str(s: &str) -> Result<Self, StartError> {
+        let (name, files) = s.split_once('=').ok_or_else(|| {
+            StartError::usage(format!("--tls '{s}': expected NAME=CERT.pem,KEY.pem"))
+        })?;
+        let (cert, key) = files.split_once(',').ok_or_else(|| {
+            StartError::usage(format!("--tls '{s}': expected NAME=CERT.pem,KEY.pem"))
+        })?;
         let name = name.trim().to_ascii_lowercase();
         if name.is_empty() || name.contains('*') {
-            return Err(format!(
+            return Err(StartError::usage(format!(
                 "--tls '{s}': the SNI name must be an exact DNS name (no wildcards)"
-            ));
+            )));
         }
         Ok(Self {
             name,
@@ -106,61 +107,61 @@ struct Loaded {
     expiry: Option<i64>,
 }
 
-fn load_config(entry: &TlsEntry) -> Result<Loaded, String> {
+fn load_config(entry: &TlsEntry) -> Result<Loaded, StartError> {
     let cert_pem = std::fs::read(&entry.cert).map_err(|e| {
-        format!(
+        StartError::usage(format!(
             "{}: cannot read certificate {}: {e}",
             entry.name,
             entry.cert.display()
-        )
+        ))
     })?;
     let key_pem = std::fs::read(&entry.key).map_err(|e| {
-        format!(
+        StartError::usage(format!(
             "{}: cannot read key {}: {e}",
             entry.name,
             entry.key.display()
-        )
+        ))
     })?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| {
-            format!(
+            StartError::usage(format!(
                 "{}: {} is not valid PEM: {e}",
                 entry.name,
                 entry.cert.display()
-            )
+            ))
         })?;
     if certs.is_empty() {
-        return Err(format!(
+        return Err(StartError::usage(format!(
             "{}: {} holds no certificate",
             entry.name,
             entry.cert.display()
-        ));
+        )));
     }
     let leaf_der = certs.first().map(|c| c.as_ref().to_vec());
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
-        pem::Error::NoItemsFound => format!(
+        pem::Error::NoItemsFound => StartError::usage(format!(
             "{}: {} holds no private key (PKCS#8, PKCS#1 or SEC1 PEM)",
             entry.name,
             entry.key.display()
-        ),
-        e => format!(
+        )),
+        e => StartError::usage(format!(
             "{}: {} is not valid PEM: {e}",
             entry.name,
             entry.key.display()
-        ),
+        )),
     })?;
     let provider = crate::crypto::provider();
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| StartError::internal("the crypto provider offers no TLS version").because(e))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| {
-            format!(
+            StartError::usage(format!(
                 "{}: certificate and key do not fit together: {e}",
                 entry.name
-            )
+            ))
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded {
@@ -186,19 +187,23 @@ pub struct SniRouter {
 }
 
 impl SniRouter {
-    pub fn load(config: TlsConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn load(config: TlsConfig, metrics: Arc<Metrics>) -> Result<Self, StartError> {
         let TlsConfig {
             entries,
             default_name,
             handshake_timeout,
         } = config;
         if entries.is_empty() {
-            return Err("at least one --tls NAME=CERT,KEY is needed".into());
+            return Err(StartError::usage(
+                "at least one --tls NAME=CERT,KEY is needed",
+            ));
         }
         let default_name = default_name.map(|n| n.to_ascii_lowercase());
         if let Some(d) = &default_name {
             if !entries.iter().any(|e| &e.name == d) {
-                return Err(format!("--default-sni '{d}' is not one of the --tls names"));
+                return Err(StartError::usage(format!(
+                    "--default-sni '{d}' is not one of the --tls names"
+                )));
             }
         }
         let mut configs = HashMap::new();
@@ -206,7 +211,10 @@ impl SniRouter {
             let loaded = load_config(entry)?;
             record_expiry(&metrics, &entry.name, loaded.expiry);
             if configs.insert(entry.name.clone(), loaded.config).is_some() {
-                return Err(format!("--tls name '{}' is given twice", entry.name));
+                return Err(StartError::usage(format!(
+                    "--tls name '{}' is given twice",
+                    entry.name
+                )));
             }
         }
         Ok(Self {
@@ -219,7 +227,7 @@ impl SniRouter {
     }
 
     /// Re-reads every certificate; an entry that fails keeps its previous configuration.
-    pub fn reload(&self) -> Vec<String> {
+    pub fn reload(&self) -> Vec<StartError> {
         let mut configs = (*self.configs.load_full()).clone();
         let mut errors = Vec::new();
         for entry in &self.entries {
@@ -365,7 +373,7 @@ mod tests {
     }
 
     /// Writes `cert` and `key` as the files of an entry named `proxy.test`, and loads it.
-    fn load(cert: &str, key: &str) -> Result<Loaded, String> {
+    fn load(cert: &str, key: &str) -> Result<Loaded, StartError> {
         let dir = tempfile::tempdir().unwrap();
         let entry = TlsEntry {
             name: "proxy.test".into(),
@@ -393,7 +401,11 @@ mod tests {
     fn bad_pem_files_are_refused_naming_the_file_and_what_is_wrong() {
         let (cert, key) = self_signed();
         let (_, other_key) = self_signed();
-        let err = |cert: &str, key: &str| load(cert, key).err().expect("refused");
+        let err = |cert: &str, key: &str| {
+            let e = load(cert, key).err().expect("refused");
+            assert_eq!(e.exit_code(), 64, "a bad PEM file is a usage error: {e}");
+            e.to_string()
+        };
 
         let e = err("", &key);
         assert!(e.contains("tls.crt holds no certificate"), "{e}");
