@@ -655,11 +655,7 @@ fn doctor_finds_the_webhook_annotation_suffix_wrong_and_its_helm_fix_works() {
         "{fix}"
     );
     // The fix's --set values, rendered into the webhook as helm upgrade would.
-    let sets: Vec<String> = fix
-        .split("--set ")
-        .skip(1)
-        .map(|s| s.trim().to_string())
-        .collect();
+    let sets = helm_sets(&fix);
     assert_eq!(
         sets,
         vec![format!("customTokenEndpoint.annotationSuffix={SUFFIX}")]
@@ -1005,11 +1001,7 @@ fn doctor_finds_the_webhook_sending_another_sni_name_and_its_helm_fix_works() {
         "{failed:#}"
     );
     let fix = fix_of(&failed);
-    let sets: Vec<String> = fix
-        .split("--set ")
-        .skip(1)
-        .map(|s| s.trim().to_string())
-        .collect();
+    let sets = helm_sets(&fix);
     assert_eq!(
         sets,
         vec![format!("customTokenEndpoint.azureKubernetesSniName={SNI}")]
@@ -1042,4 +1034,12 @@ fn doctor_warns_when_an_identity_nears_entras_twenty_fics() {
         "{fic:#}"
     );
     assert_eq!(code, 0);
+}
+
+/// The `--set` values of a printed `helm upgrade` fix.
+fn helm_sets(fix: &str) -> Vec<String> {
+    fix.split("--set ")
+        .skip(1)
+        .map(|s| s.trim().to_string())
+        .collect()
 }

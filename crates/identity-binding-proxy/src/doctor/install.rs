@@ -62,6 +62,23 @@ impl Proxy {
         format!("{}-ca", self.name)
     }
 
+    /// The commands that copy the proxy's CA bundle into ConfigMap `name` of each namespace
+    /// (created or replaced), one per line.
+    pub fn copy_ca_bundle(&self, name: &str, namespaces: &[&str]) -> String {
+        namespaces
+            .iter()
+            .map(|ns| {
+                format!(
+                    "kubectl create configmap {name} -n {ns} --from-literal=ca.crt=\"$(kubectl get configmap {src} -n {pns} -o jsonpath='{{.data.ca\\.crt}}')\" \
+                     --dry-run=client -o yaml | kubectl apply -f -",
+                    src = self.ca_configmap(),
+                    pns = self.namespace
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn pod_spec(&self) -> Option<&PodSpec> {
         self.daemonset.spec.as_ref()?.template.spec.as_ref()
     }

@@ -274,18 +274,7 @@ async fn ca_bundles_check(
             ),
         );
     }
-    let fix = stale
-        .iter()
-        .map(|ns| {
-            format!(
-                "kubectl create configmap {cm} -n {ns} --from-literal=ca.crt=\"$(kubectl get configmap {cm} -n {pns} -o jsonpath='{{.data.ca\\.crt}}')\" \
-                 --dry-run=client -o yaml | kubectl apply -f -",
-                cm = proxy.ca_configmap(),
-                pns = proxy.namespace
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let fix = proxy.copy_ca_bundle(&proxy.ca_configmap(), &stale);
     Check::fail(
         ID,
         format!(

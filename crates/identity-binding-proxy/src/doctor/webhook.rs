@@ -214,18 +214,7 @@ async fn configmaps_check(
             ),
         );
     }
-    let fix = missing
-        .iter()
-        .map(|ns| {
-            format!(
-                "kubectl create configmap {ca_name} -n {ns} --from-literal=ca.crt=\"$(kubectl get configmap {src} -n {pns} -o jsonpath='{{.data.ca\\.crt}}')\" \
-                 --dry-run=client -o yaml | kubectl apply -f -",
-                src = proxy.ca_configmap(),
-                pns = proxy.namespace
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let fix = proxy.copy_ca_bundle(ca_name, &missing);
     Check::fail(
         ID,
         format!(
