@@ -27,6 +27,7 @@ use identity_binding_proxy::exchange::bindings::BindingSet;
 use identity_binding_proxy::exchange::issuer::{IssuerUrl, FIC_AUDIENCE};
 use identity_binding_proxy::exchange::keys::SigningKey;
 use identity_binding_proxy::files::{write_private, write_public};
+use identity_binding_proxy::startup::{Kind, StartError};
 
 /// The SNI name the dev proxy serves and clients send.
 pub const DEV_SNI_NAME: &str = "identity-binding-proxy.dev.local";
@@ -35,17 +36,15 @@ const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const DEV_TOKEN_REFRESH: Duration = Duration::from_secs(3600);
 /// The lock file in the state dir; its content names the holder (`{"pid", "proxy_url"}`).
 pub const LOCK_FILE: &str = "dev.lock";
-/// The exit code of bad input (EX_USAGE), as `serve` uses for bad configuration.
-const EX_USAGE: i32 = 64;
-
 /// Why `dev` will not start. Each is found before the state dir is touched; `dev` prints the
-/// one line and exits 64.
+/// one line and exits as `serve` does for the same cause ([`StartError`]): 64 for a state dir
+/// in use or a bad flag, 69 for a port another process holds.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
     /// Another `dev` holds the state dir.
     #[error(
         "{} is in use by a running identity-binding-proxy dev ({holder}); to run a second one \
-         beside it, give it its own state dir and free ports: identity-binding-proxy dev \
+         beside it, give it its own state dir and free ports: identity-binding-proxy-dev dev \
          --state-dir OTHER_DIR --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0",
         dir.display()
     )]
@@ -63,6 +62,35 @@ pub enum Refusal {
     /// A flag or a file named by one is wrong.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<Refusal> for StartError {
+    /// The refusal's own line, with the kind `serve` gives the same cause: a port is
+    /// classified by [`cannot_listen`](identity_binding_proxy::serve::cannot_listen).
+    fn from(refusal: Refusal) -> Self {
+        let message = refusal.to_string();
+        let kind = match refusal {
+            Refusal::CannotListen { flag, addr, error } => {
+                identity_binding_proxy::serve::cannot_listen(addr, flag, error).kind()
+            }
+            Refusal::InUse { .. } | Refusal::Invalid(_) => Kind::Usage,
+        };
+        StartError::new(kind, message)
+    }
+}
+
+/// A failure of `dev`, `dev token` or `emulate` as the process reports it: a [`Refusal`] or a
+/// start-up step of the proxy keeps its kind (and exit code); anything else went wrong in the
+/// emulators or dev's own state, which are ours (70).
+pub fn failure(e: anyhow::Error) -> StartError {
+    let e = match e.downcast::<Refusal>() {
+        Ok(refusal) => return refusal.into(),
+        Err(e) => e,
+    };
+    match e.downcast::<StartError>() {
+        Ok(start) => start,
+        Err(e) => StartError::internal(format!("{e:#}")),
+    }
 }
 
 /// The demo identity, kept stable across runs of one state dir.
@@ -120,24 +148,13 @@ impl DevSystem {
     }
 }
 
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+pub async fn run(args: DevArgs) -> Result<(), StartError> {
     match &args.command {
-        Some(crate::cli::DevCommand::Token(t)) => return print_token(t),
+        Some(crate::cli::DevCommand::Token(t)) => return print_token(t).map_err(failure),
         Some(crate::cli::DevCommand::RotateCa(r)) => return rotate_ca(r),
         None => {}
     }
-    let system = match start(&args).await {
-        Ok(system) => system,
-        Err(e) => match e.downcast_ref::<Refusal>() {
-            Some(refusal) => {
-                // exit() skips main's flush: the lines logged before the refusal go out first.
-                identity_binding_proxy::serve::logpipe::flush(std::time::Duration::from_secs(2));
-                eprintln!("error: {refusal}");
-                std::process::exit(EX_USAGE);
-            }
-            None => return Err(e),
-        },
-    };
+    let system = start(&args).await.map_err(failure)?;
     print_banner(&system.info, &args.state_dir);
     let how = identity_binding_proxy::serve::signal::shutdown_requested().await;
     tracing::info!("stopping dev");
@@ -145,21 +162,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One step of a CA rotation on a running dev: a refusal is one line and exit 64, and changed
-/// nothing.
-fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> anyhow::Result<()> {
+/// One step of a CA rotation on a running dev: a refusal changed nothing and exits 64.
+fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> Result<(), StartError> {
     match rotate_ca::run(args) {
         Ok(report) => {
             println!("{report}");
             Ok(())
         }
-        Err(rotate_ca::RotateError::Refused(why)) => {
-            // exit() skips main's flush.
-            identity_binding_proxy::serve::logpipe::flush(std::time::Duration::from_secs(2));
-            eprintln!("error: {why}");
-            std::process::exit(EX_USAGE);
-        }
-        Err(rotate_ca::RotateError::Failed(e)) => Err(e),
+        Err(rotate_ca::RotateError::Refused(why)) => Err(StartError::usage(why)),
+        Err(rotate_ca::RotateError::Failed(e)) => Err(failure(e)),
     }
 }
 
@@ -185,7 +196,7 @@ fn print_token(t: &DevTokenArgs) -> anyhow::Result<()> {
 }
 
 /// Starts every part, waits for the proxy to be ready, and writes the state dir. Refuses
-/// ([`Refusal`]) before writing anything when the state dir is in use, a port is taken or a
+/// ([`Refusal`], which [`failure`] turns into the process's exit) before writing anything when the state dir is in use, a port is taken or a
 /// flag is wrong.
 pub async fn start(args: &DevArgs) -> anyhow::Result<DevSystem> {
     let dir = absolute(&args.state_dir)?;
@@ -755,7 +766,7 @@ fn print_banner(info: &DevInfo, state_dir: &Path) {
          \x20 source {}/env\n\n\
          Then e.g. Python (azure-identity >= 1.27.0):\n\
          \x20 python -c 'from azure.identity import WorkloadIdentityCredential as W; print(W(enable_azure_proxy=True).get_token(\"https://management.azure.com/.default\").token[:20])'\n\n\
-         More service-account tokens:  identity-binding-proxy dev token --state-dir {} --namespace NS --service-account SA\n",
+         More service-account tokens:  identity-binding-proxy-dev dev token --state-dir {} --namespace NS --service-account SA\n",
         info.proxy_url,
         info.sni_name,
         info.admin_url,

@@ -1,12 +1,13 @@
-//! The workspace's binary: the production subcommands (`serve`, `issuer`, `probe`) plus `dev`
-//! and `emulate`. It parses, runs and exits as the production binary does
-//! ([`identity_binding_proxy::cli::process`]).
+//! The workspace's binary, `identity-binding-proxy-dev`: the production subcommands (`serve`,
+//! `issuer`, `probe`, `doctor`) plus `dev` and `emulate`. It parses, runs and exits as the
+//! production binary does ([`identity_binding_proxy::cli::process`]): every failure, `dev`'s
+//! refusals included, is a [`StartError`] and its exit code.
 
 use std::process::ExitCode;
 
 use identity_binding_proxy::cli::process;
 use identity_binding_proxy::cli::LogFormat;
-use identity_binding_proxy::startup::{Kind, StartError};
+use identity_binding_proxy::startup::StartError;
 use identity_binding_proxy_dev::cli::{Cli, Command, EmulateCommand};
 use identity_binding_proxy_dev::dev;
 
@@ -30,7 +31,7 @@ async fn dispatch(command: Command) -> Result<u8, StartError> {
         Command::Product(command) => process::dispatch(command).await,
         Command::Dev(args) => {
             process::init_logs(args.log_format);
-            dev::run(args).await.map(|()| 0).map_err(dev_failure)
+            dev::run(args).await.map(|()| 0)
         }
         Command::Emulate(cmd) => {
             process::init_logs(LogFormat::Text);
@@ -40,16 +41,7 @@ async fn dispatch(command: Command) -> Result<u8, StartError> {
                 EmulateCommand::Static(a) => dev::emulate_static(a).await,
             }
             .map(|()| 0)
-            .map_err(dev_failure)
+            .map_err(dev::failure)
         }
     }
-}
-
-/// A failure of `dev` or `emulate`: a start-up step of the proxy keeps its kind (and exit
-/// code); anything else went wrong in the emulators or dev's own state, which are ours (70).
-fn dev_failure(e: anyhow::Error) -> StartError {
-    let kind = e
-        .downcast_ref::<StartError>()
-        .map_or(Kind::Internal, StartError::kind);
-    StartError::new(kind, format!("{e:#}"))
 }

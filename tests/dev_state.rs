@@ -59,9 +59,15 @@ fn run_dev(args: &[&str]) -> Run {
     }
 }
 
-/// Asserts a refusal: exit 64 and exactly one line on stderr, which is returned.
+/// Asserts a refusal of the configuration: exit 64 and exactly one line on stderr, which is
+/// returned.
 fn refused(run: &Run) -> String {
-    assert_eq!(run.status.code(), Some(64), "stderr: {}", run.stderr);
+    refused_with(run, 64)
+}
+
+/// Asserts a refusal with exit `code` and exactly one line on stderr, which is returned.
+fn refused_with(run: &Run, code: i32) -> String {
+    assert_eq!(run.status.code(), Some(code), "stderr: {}", run.stderr);
     let line = run.stderr.trim();
     assert_eq!(line.lines().count(), 1, "one line expected: {line}");
     assert!(line.starts_with("error: "), "{line}");
@@ -171,7 +177,10 @@ async fn a_second_dev_on_a_running_state_dir_exits_64_naming_the_first_and_chang
         assert!(line.contains(&first.get("proxy_url")), "{line}");
         assert!(line.contains("in use"), "{line}");
         assert!(
-            line.contains("--state-dir OTHER_DIR --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0"),
+            line.contains(
+                "identity-binding-proxy-dev dev --state-dir OTHER_DIR --listen 127.0.0.1:0 \
+                 --admin-listen 127.0.0.1:0"
+            ),
             "the line says how to start a second one: {line}"
         );
         assert_eq!(run.stdout, "", "no banner from a refused dev");
@@ -197,7 +206,7 @@ async fn a_second_dev_on_a_running_state_dir_exits_64_naming_the_first_and_chang
 }
 
 #[test]
-fn a_busy_port_is_refused_naming_its_flag_and_writes_nothing() {
+fn a_busy_port_exits_69_as_serve_does_naming_its_flag_and_writes_nothing() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = busy.local_addr().unwrap().to_string();
     let root = tempfile::tempdir().unwrap();
@@ -217,7 +226,8 @@ fn a_busy_port_is_refused_naming_its_flag_and_writes_nothing() {
                 other,
                 "127.0.0.1:0",
             ]);
-            let line = refused(&run);
+            // Another process holds the port: unavailable (69), as for `serve`, not a usage error.
+            let line = refused_with(&run, 69);
             assert!(
                 line.contains(&format!("cannot listen on {taken}")),
                 "{line}"

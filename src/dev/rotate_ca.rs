@@ -106,7 +106,7 @@ fn running_dev(state_dir: &Path) -> Result<Dev, RotateError> {
     let not_running = || {
         refused(format!(
             "no identity-binding-proxy dev is running on {}: the rotation acts on a running \
-             dev (start one with: identity-binding-proxy dev --state-dir {})",
+             dev (start one with: identity-binding-proxy-dev dev --state-dir {})",
             dir.display(),
             dir.display()
         ))
@@ -170,7 +170,7 @@ impl Dev {
 
     fn command(&self, step: &str) -> String {
         format!(
-            "identity-binding-proxy dev rotate-ca --state-dir {} --step {step}",
+            "identity-binding-proxy-dev dev rotate-ca --state-dir {} --step {step}",
             self.dir.display()
         )
     }
