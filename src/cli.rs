@@ -1,6 +1,6 @@
 //! The command line of the workspace's binary: every production subcommand (`serve`, `issuer`,
-//! `probe`, flattened from the production crate's [`Command`](ProductCommand)) plus `dev` and
-//! `emulate`. Every flag also reads `IBP_<FLAG_IN_UPPER_SNAKE>`.
+//! `probe`, `doctor`, flattened from the production crate's [`Command`](ProductCommand)) plus
+//! `dev` and `emulate`. Every flag also reads `IBP_<FLAG_IN_UPPER_SNAKE>`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

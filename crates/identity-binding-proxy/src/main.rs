@@ -1,5 +1,5 @@
-//! identity-binding-proxy: the production binary (`serve`, `issuer`, `probe`). How it parses,
-//! runs and exits is in [`identity_binding_proxy::cli::process`].
+//! identity-binding-proxy: the production binary (`serve`, `issuer`, `probe`, `doctor`). How it
+//! parses, runs and exits is in [`identity_binding_proxy::cli::process`].
 
 use std::process::ExitCode;
 
