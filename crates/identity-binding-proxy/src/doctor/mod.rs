@@ -126,6 +126,7 @@ async fn checks(
         return Err(StartError::usage(why));
     }
     report.checks.extend(proxy::checks(cluster, &proxy).await);
+    let ca_name = webhook::ca_configmap_name(&proxy, &webhook);
     let mut webhook_checks = webhook::checks(client, &proxy, &webhook, &workloads, args).await;
     if let Some(pods) = webhook_checks.iter_mut().find(|c| c.id == "webhook.pods") {
         pods.details.extend(sidecar_served);
@@ -136,7 +137,7 @@ async fn checks(
         .extend(grants::checks(cluster, &proxy, &workloads).await);
     report
         .checks
-        .extend(tls::checks(client, &proxy, &workloads).await);
+        .extend(tls::checks(client, &proxy, &workloads, ca_name.as_deref()).await);
     let published = issuer::fetch_all(&proxy, outbound, timeout).await;
     report
         .checks
