@@ -159,6 +159,17 @@ fn a_client_id_is_read_as_the_proxy_reads_it_and_an_unbound_one_is_a_usage_error
         stderr.contains(&format!("the bound client ids are: {client_id}")),
         "{stderr}"
     );
+    // A CA file for the issuer that cannot be read: 64, before anything is asked.
+    let out = Command::new(BIN)
+        .arg("doctor")
+        .arg("--kubeconfig")
+        .arg(state.join("kube/kubeconfig"))
+        .arg("--issuer-ca-file")
+        .arg(dir.path().join("no-such-ca.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-ca.pem"));
     // A reader that stops reading (`doctor | head -1`) ends doctor normally.
     let mut child = Command::new(BIN)
         .arg("doctor")
