@@ -130,3 +130,58 @@ fn no_installation_an_unreachable_apiserver_and_bad_arguments_have_their_own_exi
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("could not be reached"), "{stderr}");
 }
+
+#[test]
+fn a_client_id_is_read_as_the_proxy_reads_it_and_an_unbound_one_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let dev = DevProcess::start(&state);
+    let client_id = dev.get("client_id");
+    // Upper case, as the portal shows it: the same identity, compared.
+    let out = doctor(&state, &client_id.to_uppercase(), "json");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fic = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "fic.match")
+        .unwrap();
+    assert_eq!(
+        fic["summary"],
+        "1 identity(ies) hold exactly the FIC the proxy presents"
+    );
+    // A client id no binding names: nothing would be compared, so 64, naming the bound ones.
+    let out = doctor(&state, "11111111-2222-3333-4444-555555555555", "json");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("the bound client ids are: {client_id}")),
+        "{stderr}"
+    );
+    // A CA file for the issuer that cannot be read: 64, before anything is asked.
+    let out = Command::new(BIN)
+        .arg("doctor")
+        .arg("--kubeconfig")
+        .arg(state.join("kube/kubeconfig"))
+        .arg("--issuer-ca-file")
+        .arg(dir.path().join("no-such-ca.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-ca.pem"));
+    // A reader that stops reading (`doctor | head -1`) ends doctor normally.
+    let mut child = Command::new(BIN)
+        .arg("doctor")
+        .arg("--kubeconfig")
+        .arg(state.join("kube/kubeconfig"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

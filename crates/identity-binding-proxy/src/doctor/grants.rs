@@ -26,24 +26,30 @@ pub async fn checks(
             ]
         }
     };
-    // One review per (namespace, service account, client id), as the proxy caches them.
-    let callers: BTreeSet<(&str, &str, Option<&str>)> = workloads
-        .iter()
-        .map(|w| {
-            (
-                w.namespace.as_str(),
-                w.service_account.as_str(),
-                w.client_id.as_deref(),
-            )
-        })
-        .collect();
+    let callers = callers(workloads);
     vec![
         pods_check(cluster, proxy, &callers).await,
         wildcard_check(cluster, proxy, &callers).await,
     ]
 }
 
-type Caller<'a> = (&'a str, &'a str, Option<&'a str>);
+type Caller<'a> = (&'a str, &'a str, Option<String>);
+
+/// One review per (namespace, service account, client id), as the proxy caches them; the
+/// client id as the proxy reads it (a GUID lower-cased), or as written when it is no GUID
+/// (it is named as such).
+fn callers(workloads: &[Workload]) -> BTreeSet<Caller<'_>> {
+    workloads
+        .iter()
+        .map(|w| {
+            let cid = w
+                .client_id
+                .as_deref()
+                .map(|c| parse_guid(c).unwrap_or_else(|| c.to_string()));
+            (w.namespace.as_str(), w.service_account.as_str(), cid)
+        })
+        .collect()
+}
 
 async fn review(cluster: &Cluster, ns: &str, sa: &str, client_id: &str) -> Result<bool, Unchecked> {
     let groups = vec![
@@ -88,13 +94,13 @@ async fn pods_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Caller<
             ));
             continue;
         }
-        if bound.as_ref().is_some_and(|b| !b.contains(cid)) {
+        if bound.as_ref().is_some_and(|b| !b.contains(cid.as_str())) {
             problems.push(format!("{ns}/{sa}: client id {cid} is not bound"));
-            unbound.insert(*cid);
+            unbound.insert(cid.as_str());
         }
         match review(cluster, ns, sa, cid).await {
             Ok(true) => {}
-            Ok(false) => denied.push((*ns, *sa, *cid)),
+            Ok(false) => denied.push((*ns, *sa, cid.as_str())),
             Err(e) => return Check::unknown(ID, format!("SubjectAccessReview: {e}")),
         }
     }
@@ -227,6 +233,37 @@ async fn wildcard_check(cluster: &Cluster, proxy: &Proxy, callers: &BTreeSet<Cal
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn callers_carry_the_client_id_as_the_proxy_reads_it() {
+        let workload = |cid: &str| Workload {
+            namespace: "apps".into(),
+            name: "web-1".into(),
+            service_account: "web".into(),
+            client_id: Some(cid.into()),
+            env: Default::default(),
+            owner: None,
+            sidecar: false,
+        };
+        let all = [
+            workload(" 5F0E2A7C-1D3B-4C8E-9A6F-2B7D4E1C8A90"),
+            workload("5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90"),
+            workload("not-a-guid"),
+        ];
+        let callers: Vec<_> = callers(&all).into_iter().collect();
+        assert_eq!(
+            callers,
+            [
+                (
+                    "apps",
+                    "web",
+                    Some("5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90".to_string())
+                ),
+                ("apps", "web", Some("not-a-guid".to_string())),
+            ],
+            "one review per identity as the proxy asks it; what is no GUID kept to be named"
+        );
+    }
 
     #[test]
     fn any_client_id_makes_a_valid_name() {

@@ -98,19 +98,27 @@ pub fn object_name(release: &str) -> String {
     }
 }
 
+/// Why there is no proxy to check.
+pub enum NoProxy {
+    /// The apiserver says there is no such DaemonSet.
+    Absent(Unchecked),
+    /// The DaemonSet could not be read (forbidden, unreachable, ...).
+    Unreadable(Unchecked),
+}
+
 /// Reads the proxy's DaemonSet and everything it mounts.
-pub async fn read_proxy(client: &kube::Client, args: &DoctorArgs) -> Result<Proxy, Unchecked> {
+pub async fn read_proxy(client: &kube::Client, args: &DoctorArgs) -> Result<Proxy, NoProxy> {
     let ns = &args.namespace;
     let name = object_name(&args.release);
     let daemonset = Api::<DaemonSet>::namespaced(client.clone(), ns)
         .get_opt(&name)
         .await
-        .map_err(|e| why!("reading DaemonSet {ns}/{name}: {e}"))?
+        .map_err(|e| NoProxy::Unreadable(why!("reading DaemonSet {ns}/{name}: {e}")))?
         .ok_or_else(|| {
-            format!(
+            NoProxy::Absent(why!(
                 "no DaemonSet {ns}/{name}: install the chart, or name the installation with \
                  --namespace and --release"
-            )
+            ))
         })?;
     let spec = daemonset
         .spec

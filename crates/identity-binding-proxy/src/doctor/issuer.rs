@@ -44,22 +44,28 @@ pub struct Document {
     pub kids: Result<Vec<String>, Unchecked>,
 }
 
+/// The client doctor fetches the issuer with: trusting only the CA in `ca_file` when given.
+pub fn outbound_client(
+    ca_file: Option<&Path>,
+) -> Result<crate::http::client::HttpClient, Unchecked> {
+    match ca_file {
+        Some(file) => client_trusting(file),
+        None => Ok(crate::http::client::client()),
+    }
+}
+
 /// The published documents of every bound identity.
 pub async fn fetch_all(
     proxy: &Proxy,
-    ca_file: Option<&Path>,
+    client: &crate::http::client::HttpClient,
     timeout: Duration,
 ) -> Result<Vec<Published>, Unchecked> {
     let url = issuer_url(proxy)?;
     let bindings = proxy.bindings.as_ref().map_err(Clone::clone)?;
-    let client = match ca_file {
-        Some(file) => client_trusting(file)?,
-        None => crate::http::client::client(),
-    };
     let mut out = Vec::new();
     for b in bindings {
         let issuer = url.for_binding(b);
-        let (doc, date) = fetch_one(&client, &issuer, timeout).await;
+        let (doc, date) = fetch_one(client, &issuer, timeout).await;
         out.push(Published {
             client_id: b.client_id.clone(),
             issuer,
@@ -160,7 +166,14 @@ async fn fetch_one(
     (Ok(doc), date)
 }
 
-pub fn checks(proxy: &Proxy, published: &Result<Vec<Published>, Unchecked>) -> Vec<Check> {
+/// The fleet file doctor was given (`--fleet`), if any.
+pub type FleetFile<'a> = Option<(&'a Path, &'a crate::cli::fleet::Fleet)>;
+
+pub fn checks(
+    proxy: &Proxy,
+    published: &Result<Vec<Published>, Unchecked>,
+    fleet: FleetFile<'_>,
+) -> Vec<Check> {
     let published = match published {
         Ok(p) if p.is_empty() => {
             let why = "no identity is bound: nothing is published for Entra";
@@ -178,24 +191,36 @@ pub fn checks(proxy: &Proxy, published: &Result<Vec<Published>, Unchecked>) -> V
         }
     };
     vec![
-        discovery_check(proxy, published),
-        jwks_check(proxy, published),
+        discovery_check(proxy, published, fleet),
+        jwks_check(proxy, published, fleet),
     ]
 }
 
-fn publish_fix(proxy: &Proxy) -> String {
+/// The command that republishes the issuer documents: from the fleet file when doctor was
+/// given one, as a shared issuer must be published (every cluster's keys, or the others'
+/// tokens stop verifying).
+fn publish_fix(proxy: &Proxy, fleet: FleetFile<'_>) -> String {
+    let url = proxy.setting("IBP_ISSUER_URL").unwrap_or("<issuer URL>");
+    if let Some((file, _)) = fleet {
+        return format!(
+            "identity-binding-proxy issuer publish --out site --fleet {} --issuer-url '{url}'\n\
+             # then upload site/ to the issuer host, as before",
+            file.display()
+        );
+    }
     format!(
         "identity-binding-proxy issuer publish --out site --bindings bindings.yaml \
-         --issuer-url '{}' --public-key issuer.pub   # bindings.yaml: ConfigMap {}/{}-bindings; \
+         --issuer-url '{url}' --public-key issuer.pub   # bindings.yaml: ConfigMap {}/{}-bindings; \
          issuer.pub: the public half of the proxy's issuer key(s)\n\
+         # a shared issuer: pass the public key of EVERY cluster that binds these identities \
+         (--public-key a.pub,b.pub), or better the fleet file (--fleet fleet.yaml, and give \
+         doctor --fleet): publishing one cluster's key drops the others'\n\
          # then upload site/ to the issuer host, as before",
-        proxy.setting("IBP_ISSUER_URL").unwrap_or("<issuer URL>"),
-        proxy.namespace,
-        proxy.name
+        proxy.namespace, proxy.name
     )
 }
 
-fn discovery_check(proxy: &Proxy, published: &[Published]) -> Check {
+fn discovery_check(proxy: &Proxy, published: &[Published], fleet: FleetFile<'_>) -> Check {
     const ID: &str = "issuer.discovery";
     let mut wrong = Vec::new();
     let mut unreachable = Vec::new();
@@ -218,7 +243,7 @@ fn discovery_check(proxy: &Proxy, published: &[Published]) -> Check {
                 "{} identity(ies) publish another issuer than the proxy signs with (AADSTS700211)",
                 wrong.len()
             ),
-            publish_fix(proxy),
+            publish_fix(proxy, fleet),
         )
         .with_details(wrong);
     }
@@ -235,19 +260,46 @@ fn discovery_check(proxy: &Proxy, published: &[Published]) -> Check {
     Check::pass(ID, format!("the discovery documents of all {} identity(ies) name exactly the issuer the proxy signs with", published.len()))
 }
 
-/// The kid the proxy signs with: the last of its keys (during a rotation it keeps the previous
-/// one until this one is published long enough, so a missing kid stalls the rotation).
-fn signing_kid(proxy: &Proxy) -> Result<String, Unchecked> {
+/// The kids of the proxy's issuer keys, in `IBP_ISSUER_KEY` order (the last is the newest).
+fn issuer_kids(proxy: &Proxy) -> Result<Vec<String>, Unchecked> {
     let keys = proxy.issuer_keys.as_ref().map_err(Clone::clone)?;
-    let last = keys.last().ok_or("the proxy has no issuer key")?;
-    RsaPublicKey::from_pem(last)
-        .map(|k| k.kid)
-        .map_err(|e| why!("the proxy's issuer key: {e}"))
+    if keys.is_empty() {
+        return Err("the proxy has no issuer key".into());
+    }
+    keys.iter()
+        .map(|pem| {
+            RsaPublicKey::from_pem(pem)
+                .map(|k| k.kid)
+                .map_err(|e| why!("the proxy's issuer key: {e}"))
+        })
+        .collect()
 }
 
-fn jwks_check(proxy: &Proxy, published: &[Published]) -> Check {
+/// What each of the proxy's keys missing from a JWKS means. The newest key signs only once
+/// it has been published for the activation delay (until then the previous one signs), so a
+/// missing newest key stalls the rotation, a missing key that signs now is refused.
+fn missing_keys(kids: &[String], published: &[String]) -> Vec<String> {
+    let newest_published = kids.last().is_some_and(|k| published.contains(k));
+    let n = kids.len();
+    kids.iter()
+        .enumerate()
+        .filter(|(_, k)| !published.contains(k))
+        .map(|(i, k)| {
+            let role = if i + 1 == n && n > 1 {
+                "pending: the newest key, it signs once published; the rotation cannot complete"
+            } else if i + 1 == n || (i + 2 == n && !newest_published) {
+                "active: it signs now, Entra cannot verify it (AADSTS7000272)"
+            } else {
+                "previous: what it signed cannot be verified (AADSTS7000272)"
+            };
+            format!("{k} ({role})")
+        })
+        .collect()
+}
+
+fn jwks_check(proxy: &Proxy, published: &[Published], fleet: FleetFile<'_>) -> Check {
     const ID: &str = "issuer.jwks";
-    let kid = match signing_kid(proxy) {
+    let kids = match issuer_kids(proxy) {
         Ok(k) => k,
         Err(e) => return Check::unknown(ID, e),
     };
@@ -257,20 +309,30 @@ fn jwks_check(proxy: &Proxy, published: &[Published]) -> Check {
         match p.doc.as_ref().map(|d| &d.kids) {
             Err(e) => unreachable.push(format!("{}: {e}", p.client_id)),
             Ok(Err(e)) => unreachable.push(format!("{}: JWKS: {e}", p.client_id)),
-            Ok(Ok(kids)) if !kids.contains(&kid) => missing.push(format!(
-                "{}: the published JWKS has kids [{}]",
-                p.client_id,
-                kids.join(", ")
-            )),
-            Ok(Ok(_)) => {}
+            Ok(Ok(have)) => {
+                let lacks = missing_keys(&kids, have);
+                if !lacks.is_empty() {
+                    missing.push(format!(
+                        "{}: the published JWKS has kids [{}]; missing {}",
+                        p.client_id,
+                        have.join(", "),
+                        lacks.join(", ")
+                    ));
+                }
+            }
         }
     }
     if !missing.is_empty() {
         missing.extend(unreachable);
         return Check::fail(
             ID,
-            format!("the JWKS of {} identity(ies) lacks the proxy's signing key {kid}: Entra cannot verify it (AADSTS7000272)", missing.len()),
-            publish_fix(proxy),
+            format!(
+                "the JWKS of {} identity(ies) lacks a key of the proxy ({}): Entra cannot verify \
+                 what it signs (AADSTS7000272)",
+                missing.len(),
+                kids.join(", ")
+            ),
+            publish_fix(proxy, fleet),
         )
         .with_details(missing);
     }
@@ -284,8 +346,9 @@ fn jwks_check(proxy: &Proxy, published: &[Published]) -> Check {
     Check::pass(
         ID,
         format!(
-            "the JWKS of all {} identity(ies) holds the signing key {kid}",
-            published.len()
+            "the JWKS of all {} identity(ies) holds every key of the proxy ({})",
+            published.len(),
+            kids.join(", ")
         ),
     )
 }
@@ -295,7 +358,8 @@ fn jwks_check(proxy: &Proxy, published: &[Published]) -> Check {
 /// `az identity federated-credential list` output per client id.
 pub type FicLists = BTreeMap<String, Vec<serde_json::Value>>;
 
-/// Reads each `CLIENT_ID=FILE` (`-`: standard input, at most once).
+/// Reads each `CLIENT_ID=FILE` (`-`: standard input, at most once); the client id as the
+/// proxy reads it (a GUID, lower-cased).
 pub fn read_fic_lists(specs: &[String]) -> Result<FicLists, Unchecked> {
     let mut out = FicLists::new();
     let mut stdin_used = false;
@@ -303,6 +367,9 @@ pub fn read_fic_lists(specs: &[String]) -> Result<FicLists, Unchecked> {
         let (cid, file) = spec
             .split_once('=')
             .ok_or_else(|| why!("--federated-credentials '{spec}': expected CLIENT_ID=FILE"))?;
+        let cid = crate::request::token::parse_guid(cid).ok_or_else(|| {
+            why!("--federated-credentials '{spec}': '{cid}' is not a client id (a GUID)")
+        })?;
         let text = if file == "-" {
             if std::mem::replace(&mut stdin_used, true) {
                 return Err("--federated-credentials: standard input can be read once".into());
@@ -315,9 +382,33 @@ pub fn read_fic_lists(specs: &[String]) -> Result<FicLists, Unchecked> {
         let list: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
             format!("--federated-credentials {file}: not the JSON list `az identity federated-credential list` prints: {e}")
         })?;
-        out.insert(cid.trim().to_string(), list);
+        out.insert(cid, list);
     }
     Ok(out)
+}
+
+/// The client ids of `--federated-credentials` that no binding names: a usage error naming
+/// the bound ones (nothing would be compared for them).
+pub fn unbound_fic_lists(lists: &FicLists, bindings: &[Binding]) -> Option<String> {
+    let unknown: Vec<&str> = lists
+        .keys()
+        .filter(|cid| !bindings.iter().any(|b| &b.client_id == *cid))
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    let bound: Vec<&str> = bindings.iter().map(|b| b.client_id.as_str()).collect();
+    Some(format!(
+        "--federated-credentials names client id(s) {} that the proxy does not bind; \
+         the bound client ids are: {}",
+        unknown.join(", "),
+        if bound.is_empty() {
+            "none".to_string()
+        } else {
+            bound.join(", ")
+        }
+    ))
 }
 
 /// What Entra must hold for one identity.
@@ -365,8 +456,32 @@ fn closest<'a>(
         d
     };
     list.iter()
+        .filter(|f| is_ours(f, want))
         .map(|f| (f, differences(f)))
         .min_by_key(|(_, d)| d.len())
+}
+
+/// Whether `fic` is the one meant for `want`, so updating it breaks nothing else: it names
+/// exactly the issuer, or differs from issuer and subject only in case (AADSTS7002138). Any
+/// other FIC (an AKS OIDC or GitHub one, sharing only the audience) is someone else's.
+fn is_ours(fic: &serde_json::Value, want: &Wanted<'_>) -> bool {
+    let issuer = fic["issuer"].as_str().unwrap_or("");
+    let subject = fic["subject"].as_str().unwrap_or("");
+    issuer == want.issuer
+        || (issuer.eq_ignore_ascii_case(&want.issuer) && subject.eq_ignore_ascii_case(want.subject))
+}
+
+/// A FIC name not yet taken in `list`.
+fn new_fic_name(list: &[serde_json::Value]) -> String {
+    let taken = |n: &str| list.iter().any(|f| f["name"].as_str() == Some(n));
+    let base = "identity-binding-proxy";
+    if !taken(base) {
+        return base.to_string();
+    }
+    (2..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !taken(n))
+        .unwrap_or_else(|| base.to_string())
 }
 
 /// `(resource group, identity name)` from a FIC's resource id.
@@ -406,9 +521,11 @@ fn fic_fix(
             want.subject
         ),
         None => format!(
-            "az identity federated-credential create --name identity-binding-proxy --identity-name {identity} \
+            "az identity federated-credential create --name {} --identity-name {identity} \
              --resource-group {rg} --issuer '{}' --subject '{}' --audiences {FIC_AUDIENCE}",
-            want.issuer, want.subject
+            new_fic_name(list),
+            want.issuer,
+            want.subject
         ),
     }
 }
@@ -423,6 +540,7 @@ pub fn fic_check(proxy: &Proxy, lists: &FicLists) -> Check {
     let mut details = Vec::new();
     let mut fixes = Vec::new();
     let mut unchecked = Vec::new();
+    let mut compared = 0;
     for b in bindings {
         let want = Wanted {
             issuer: url.for_binding(b),
@@ -432,6 +550,7 @@ pub fn fic_check(proxy: &Proxy, lists: &FicLists) -> Check {
             unchecked.push(expected_line(b, &want));
             continue;
         };
+        compared += 1;
         if list.len() > FIC_WARN {
             details.push(format!(
                 "{}: {} of Entra's {FIC_LIMIT} FICs are used",
@@ -441,7 +560,7 @@ pub fn fic_check(proxy: &Proxy, lists: &FicLists) -> Check {
         }
         match closest(list, &want) {
             Some((_, d)) if d.is_empty() => {}
-            Some((f, d)) if d.len() < 3 => {
+            Some((f, d)) => {
                 details.extend(d.iter().map(|d| {
                     format!(
                         "{}: FIC {}: {d}",
@@ -451,7 +570,7 @@ pub fn fic_check(proxy: &Proxy, lists: &FicLists) -> Check {
                 }));
                 fixes.push(fic_fix(Some(f), &want, list));
             }
-            _ => {
+            None => {
                 details.push(format!("{}: no FIC with issuer '{}', subject '{}', audience {FIC_AUDIENCE} (AADSTS70021)", b.client_id, want.issuer, want.subject));
                 fixes.push(fic_fix(None, &want, list));
             }
@@ -468,7 +587,7 @@ pub fn fic_check(proxy: &Proxy, lists: &FicLists) -> Check {
         )
         .with_details(details);
     }
-    if lists.is_empty() {
+    if compared == 0 {
         return Check::unknown(
             ID,
             "not compared: pass --federated-credentials CLIENT_ID=FILE with the output of \
@@ -479,10 +598,7 @@ pub fn fic_check(proxy: &Proxy, lists: &FicLists) -> Check {
     details.extend(unchecked.into_iter().map(|u| format!("not compared: {u}")));
     Check::pass(
         ID,
-        format!(
-            "{} identity(ies) hold exactly the FIC the proxy presents",
-            lists.len()
-        ),
+        format!("{compared} identity(ies) hold exactly the FIC the proxy presents"),
     )
     .with_details(details)
 }
@@ -568,12 +684,16 @@ mod tests {
         })
     }
 
-    #[test]
-    fn the_closest_fic_names_each_differing_field_and_a_case_only_difference() {
-        let want = Wanted {
+    fn want() -> Wanted<'static> {
+        Wanted {
             issuer: "https://issuer.example/t/c".into(),
             subject: "my-identity",
-        };
+        }
+    }
+
+    #[test]
+    fn the_closest_fic_names_each_differing_field_and_a_case_only_difference() {
+        let want = want();
         let exact = [fic(
             "https://issuer.example/t/c",
             "my-identity",
@@ -582,18 +702,16 @@ mod tests {
         assert!(closest(&exact, &want).unwrap().1.is_empty());
         let list = [
             fic("https://elsewhere/", "other", "api://x"),
-            fic("https://issuer.example/t/c/", "My-Identity", FIC_AUDIENCE),
+            fic("https://ISSUER.example/t/c", "My-Identity", FIC_AUDIENCE),
         ];
         let (found, diffs) = closest(&list, &want).unwrap();
         assert_eq!(found["subject"], "My-Identity");
         assert_eq!(diffs.len(), 2, "{diffs:?}");
-        assert!(diffs[0].starts_with("issuer is 'https://issuer.example/t/c/'"));
+        assert!(diffs[0].starts_with("issuer is 'https://ISSUER.example/t/c'"));
         assert!(
-            !diffs[0].contains("only in case"),
-            "a trailing slash is no case"
-        );
-        assert!(
-            diffs[1].contains("differs only in case: AADSTS7002138"),
+            diffs
+                .iter()
+                .all(|d| d.contains("differs only in case: AADSTS7002138")),
             "{diffs:?}"
         );
         let fix = fic_fix(Some(found), &want, &list);
@@ -610,15 +728,103 @@ mod tests {
     }
 
     #[test]
+    fn a_fic_of_another_issuer_is_never_the_one_to_update() {
+        let want = want();
+        // What an identity typically holds besides ours: an AKS OIDC and a GitHub FIC, with
+        // the same audience; and ours with a trailing slash, which is no case difference.
+        let mut aks = fic(
+            "https://eastus.oic.prod-aks.azure.com/t/x/",
+            "system:serviceaccount:apps:web",
+            FIC_AUDIENCE,
+        );
+        aks["name"] = "identity-binding-proxy".into();
+        let list = [
+            aks,
+            fic(
+                "https://token.actions.githubusercontent.com",
+                "repo:o/r:ref:refs/heads/main",
+                FIC_AUDIENCE,
+            ),
+            fic("https://issuer.example/t/c/", "my-identity", FIC_AUDIENCE),
+        ];
+        assert!(
+            closest(&list, &want).is_none(),
+            "nothing here is ours to update"
+        );
+        let fix = fic_fix(None, &want, &list);
+        assert!(
+            fix.starts_with(
+                "az identity federated-credential create --name identity-binding-proxy-2 "
+            ),
+            "a new FIC, named apart from the ones there: {fix}"
+        );
+        // The same issuer exactly: ours, whatever the subject.
+        let ours = [fic("https://issuer.example/t/c", "old-subject", "api://x")];
+        let (_, diffs) = closest(&ours, &want).unwrap();
+        assert_eq!(diffs.len(), 2, "{diffs:?}");
+    }
+
+    #[test]
+    fn every_missing_key_is_named_with_what_it_does() {
+        let kids = ["old".to_string(), "prev".to_string(), "new".to_string()];
+        let have = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert!(missing_keys(&kids, &have(&["old", "prev", "new", "x"])).is_empty());
+        // The newest not yet published: the previous one signs, the rotation waits.
+        let m = missing_keys(&kids, &have(&["old", "prev"]));
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].starts_with("new (pending") && m[0].contains("rotation cannot complete"));
+        // Neither: the previous one signs now and is refused.
+        let m = missing_keys(&kids, &have(&["old"]));
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(
+            m[0].starts_with("prev (active") && m[0].contains("AADSTS7000272"),
+            "{m:?}"
+        );
+        // The newest published, an older one dropped: still named.
+        let m = missing_keys(&kids, &have(&["prev", "new"]));
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].starts_with("old (previous"), "{m:?}");
+        // One key only: it signs.
+        let m = missing_keys(&kids[2..], &[]);
+        assert!(m[0].starts_with("new (active"), "{m:?}");
+    }
+
+    #[test]
+    fn fic_lists_name_client_ids_as_the_proxy_reads_them_and_only_bound_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fics.json");
+        std::fs::write(&file, "[]").unwrap();
+        let cid = "5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90";
+        let lists =
+            read_fic_lists(&[format!(" {}={}", cid.to_uppercase(), file.display())]).unwrap();
+        assert_eq!(lists.keys().collect::<Vec<_>>(), [cid]);
+        let e = read_fic_lists(&[format!("5f0e2a7c-typo={}", file.display())]).unwrap_err();
+        assert!(e.to_string().contains("not a client id"), "{e}");
+        let bound = |c: &str| Binding {
+            client_id: c.into(),
+            tenant_id: "t".into(),
+            subject: "s".into(),
+        };
+        assert_eq!(unbound_fic_lists(&lists, &[bound(cid)]), None);
+        let other = "11111111-2222-3333-4444-555555555555";
+        let e = unbound_fic_lists(&lists, &[bound(other)]).unwrap();
+        assert!(
+            e.contains(cid) && e.contains(&format!("the bound client ids are: {other}")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn fic_lists_are_named_by_client_id_and_bad_ones_are_explained() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.json");
         std::fs::write(&good, "[]").unwrap();
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{\"not\": \"a list\"}").unwrap();
-        let lists = read_fic_lists(&[format!("c1={}", good.display())]).unwrap();
-        assert_eq!(lists["c1"], Vec::<serde_json::Value>::new());
-        let e = read_fic_lists(&[format!("c1={}", bad.display())]).unwrap_err();
+        let c1 = "5f0e2a7c-1d3b-4c8e-9a6f-2b7d4e1c8a90";
+        let lists = read_fic_lists(&[format!("{c1}={}", good.display())]).unwrap();
+        assert_eq!(lists[c1], Vec::<serde_json::Value>::new());
+        let e = read_fic_lists(&[format!("{c1}={}", bad.display())]).unwrap_err();
         assert!(
             e.to_string()
                 .contains("az identity federated-credential list"),

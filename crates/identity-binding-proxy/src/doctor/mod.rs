@@ -18,6 +18,7 @@ mod report;
 mod tls;
 mod webhook;
 
+use std::io::Write;
 use std::time::Duration;
 
 use crate::cli::{DoctorArgs, DoctorOutput};
@@ -31,6 +32,8 @@ pub use report::{Check, Report, Status, EXIT_FAILED};
 /// apiserver out of reach an unavailable dependency (69).
 pub async fn run(args: &DoctorArgs) -> Result<u8, StartError> {
     let fics = issuer::read_fic_lists(&args.federated_credentials).map_err(StartError::usage)?;
+    let outbound = issuer::outbound_client(args.issuer_ca_file.as_deref())
+        .map_err(|e| StartError::usage(format!("--issuer-ca-file: {e}")))?;
     let fleet = args
         .fleet
         .as_deref()
@@ -38,17 +41,45 @@ pub async fn run(args: &DoctorArgs) -> Result<u8, StartError> {
         .transpose()?;
     let cluster = Cluster::connect(args.kubeconfig.as_deref(), DEFAULT_WATCH_TIMEOUT).await?;
     if let Err(e) = cluster.client().apiserver_version().await {
-        return Err(StartError::unavailable(format!(
-            "the Kubernetes API server could not be reached: {e}"
-        )));
+        return Err(apiserver_refusal(&e));
     }
     let fleet = args.fleet.as_deref().zip(fleet.as_ref());
-    let report = checks(&cluster, args, &fics, fleet).await;
-    match args.output {
-        DoctorOutput::Text => print!("{}", report.text()),
-        DoctorOutput::Json => println!("{}", report.json()),
-    }
+    let report = checks(&cluster, args, &fics, fleet, &outbound).await?;
+    let text = match args.output {
+        DoctorOutput::Text => report.text(),
+        DoctorOutput::Json => format!("{}\n", report.json()),
+    };
+    print_report(&text)?;
     Ok(if report.failed() { EXIT_FAILED } else { 0 })
+}
+
+/// Why the apiserver's version could not be read: credentials it refuses (401, 403) are the
+/// operator's to fix (64); an apiserver out of reach, failing or slow is unavailable (69).
+fn apiserver_refusal(e: &kube::Error) -> StartError {
+    match e {
+        kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
+            StartError::usage(format!(
+                "the Kubernetes API server refused doctor's credentials ({}): use a kubeconfig \
+                 (--kubeconfig) or service account that may read the installation: {e}",
+                status.code
+            ))
+        }
+        _ => StartError::unavailable(format!(
+            "the Kubernetes API server could not be reached: {e}"
+        )),
+    }
+}
+
+/// Writes the report to standard output; a reader that stopped reading (`doctor | head`)
+/// ends it normally.
+fn print_report(text: &str) -> Result<(), StartError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(StartError::internal(format!(
+            "writing the report to standard output: {e}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Every check, in the order a request meets the pieces: the proxy, the webhook and the pods,
@@ -58,7 +89,8 @@ async fn checks(
     args: &DoctorArgs,
     fics: &issuer::FicLists,
     fleet: Option<(&std::path::Path, &crate::cli::fleet::Fleet)>,
-) -> Report {
+    outbound: &crate::http::client::HttpClient,
+) -> Result<Report, StartError> {
     let client = cluster.client();
     let timeout = Duration::from_secs(args.http_timeout_secs.max(1));
     let mut report = Report::default();
@@ -80,20 +112,21 @@ async fn checks(
     };
     let proxy = match proxy {
         Ok(p) => p,
-        Err(why) => {
-            report.checks.push(Check::fail(
-                "proxy.installed",
-                why,
-                format!(
-                    "helm install {} charts/identity-binding-proxy --namespace {}   \
-                     # docs/installation.md",
-                    args.release, args.namespace
-                ),
-            ));
-            return report;
+        Err(missing) => {
+            report.checks.push(not_installed(missing, args));
+            return Ok(report);
         }
     };
+    if let Some(why) = proxy
+        .bindings
+        .as_ref()
+        .ok()
+        .and_then(|b| issuer::unbound_fic_lists(fics, b))
+    {
+        return Err(StartError::usage(why));
+    }
     report.checks.extend(proxy::checks(cluster, &proxy).await);
+    let ca_name = webhook::ca_configmap_name(&proxy, &webhook);
     let mut webhook_checks = webhook::checks(client, &proxy, &webhook, &workloads, args).await;
     if let Some(pods) = webhook_checks.iter_mut().find(|c| c.id == "webhook.pods") {
         pods.details.extend(sidecar_served);
@@ -104,9 +137,11 @@ async fn checks(
         .extend(grants::checks(cluster, &proxy, &workloads).await);
     report
         .checks
-        .extend(tls::checks(client, &proxy, &workloads).await);
-    let published = issuer::fetch_all(&proxy, args.issuer_ca_file.as_deref(), timeout).await;
-    report.checks.extend(issuer::checks(&proxy, &published));
+        .extend(tls::checks(client, &proxy, &workloads, ca_name.as_deref()).await);
+    let published = issuer::fetch_all(&proxy, outbound, timeout).await;
+    report
+        .checks
+        .extend(issuer::checks(&proxy, &published, fleet));
     report
         .checks
         .extend(fleet::check(&proxy, fleet, &published));
@@ -114,5 +149,55 @@ async fn checks(
     report
         .checks
         .push(issuer::clock_check(client, &published).await);
-    report
+    Ok(report)
+}
+
+/// `proxy.installed`: ✘ with the install command when the DaemonSet is absent, ? when it
+/// could not be read.
+fn not_installed(missing: install::NoProxy, args: &DoctorArgs) -> Check {
+    const ID: &str = "proxy.installed";
+    match missing {
+        install::NoProxy::Unreadable(why) => Check::unknown(ID, why),
+        install::NoProxy::Absent(why) => Check::fail(
+            ID,
+            why,
+            format!(
+                "helm install {} charts/identity-binding-proxy --namespace {}   \
+                 # docs/installation.md",
+                args.release, args.namespace
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::startup::Kind;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status {
+                code,
+                message: "refused".into(),
+                ..Default::default()
+            }
+            .boxed(),
+        )
+    }
+
+    #[test]
+    fn refused_credentials_are_a_usage_error_and_a_failing_apiserver_unavailable() {
+        for code in [401, 403] {
+            let e = apiserver_refusal(&api_error(code));
+            assert_eq!(e.kind(), Kind::Usage, "{code}");
+            assert_eq!(e.exit_code(), 64);
+            assert!(e.message().contains("credentials"), "{}", e.message());
+        }
+        for code in [500, 503, 504] {
+            let e = apiserver_refusal(&api_error(code));
+            assert_eq!(e.kind(), Kind::Unavailable, "{code}");
+            assert_eq!(e.exit_code(), 69);
+        }
+    }
 }

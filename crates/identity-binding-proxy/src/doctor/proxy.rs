@@ -303,13 +303,41 @@ async fn rbac_check(client: &kube::Client, proxy: &Proxy) -> Check {
     Check::fail(
         ID,
         format!("{user} lacks {} permission(s) serve needs", missing.len()),
-        format!(
-            "kubectl create clusterrolebinding {name} --clusterrole={name} --serviceaccount={ns}:{sa}   \
-             # the chart's ClusterRole {name} holds exactly these rules (helm upgrade restores it)",
-            name = proxy.name
-        ),
+        rbac_fix(client, proxy).await,
     )
     .with_details(missing)
+}
+
+/// Binds the chart's ClusterRole when only its binding is gone; otherwise (the ClusterRole
+/// gone or short of rules, the binding naming another account) upgrading the release
+/// restores both as the chart has them.
+async fn rbac_fix(client: &kube::Client, proxy: &Proxy) -> String {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let name = &proxy.name;
+    let role = Api::<ClusterRole>::all(client.clone()).get_opt(name).await;
+    let binding = Api::<ClusterRoleBinding>::all(client.clone())
+        .get_opt(name)
+        .await;
+    if let (Ok(Some(_)), Ok(None)) = (&role, &binding) {
+        return format!(
+            "kubectl create clusterrolebinding {name} --clusterrole={name} \
+             --serviceaccount={}:{}   # the chart's ClusterRole {name} holds exactly these rules",
+            proxy.namespace,
+            proxy.service_account()
+        );
+    }
+    let release = proxy
+        .daemonset
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("meta.helm.sh/release-name"))
+        .map_or("<release>", String::as_str);
+    format!(
+        "helm upgrade {release} charts/identity-binding-proxy --namespace {} --reuse-values   \
+         # restores the chart's ClusterRole {name} and its ClusterRoleBinding",
+        proxy.namespace
+    )
 }
 
 /// `/readyz` and `/metrics` of each proxy pod, through the apiserver's pod proxy.
@@ -384,16 +412,40 @@ enum Reach {
     Failed(String),
 }
 
+/// Largest `/readyz` or `/metrics` body doctor reads.
+const BODY_LIMIT: usize = 8 << 20;
+
+/// GETs `path` through the apiserver. A failure answered with a Kubernetes `Status` is the
+/// apiserver's (the pod could not be reached); any other is the pod's own answer.
 async fn get(client: &kube::Client, path: &str) -> Result<String, Reach> {
+    use http_body_util::BodyExt;
     let req = http::Request::get(path)
-        .body(Vec::new())
+        .body(kube::client::Body::from(Vec::new()))
         .map_err(|e| Reach::Failed(e.to_string()))?;
-    client.request_text(req).await.map_err(|e| match e {
-        // A body that is no Kubernetes Status came from the pod itself.
-        kube::Error::Api(s) if s.reason == "Failed to parse error data" => Reach::Status(s.code),
-        kube::Error::Api(s) => Reach::Failed(format!("{} ({})", s.message, s.code)),
-        e => Reach::Failed(e.to_string()),
-    })
+    let resp = client
+        .send(req)
+        .await
+        .map_err(|e| Reach::Failed(e.to_string()))?;
+    let status = resp.status();
+    let body = http_body_util::Limited::new(resp.into_body(), BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| Reach::Failed(format!("reading the answer: {e}")))?
+        .to_bytes();
+    if status.is_success() {
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    Err(reach_error(status.as_u16(), &body))
+}
+
+fn reach_error(code: u16, body: &[u8]) -> Reach {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) if v["kind"] == "Status" && v["apiVersion"] == "v1" => Reach::Failed(format!(
+            "{} ({code})",
+            v["message"].as_str().unwrap_or("no message")
+        )),
+        _ => Reach::Status(code),
+    }
 }
 
 /// The errors the metrics count: Entra's answers other than 200 by status, failed reviews,
@@ -451,6 +503,22 @@ pub fn summarise_metrics(text: &str) -> Vec<(String, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kubernetes_status_is_the_apiservers_failure_any_other_body_the_pods_answer() {
+        let status = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"no endpoints available for service","code":503}"#;
+        assert!(
+            matches!(reach_error(503, status), Reach::Failed(m) if m == "no endpoints available for service (503)")
+        );
+        assert!(matches!(
+            reach_error(503, b"not ready: issuer key"),
+            Reach::Status(503)
+        ));
+        assert!(matches!(
+            reach_error(500, br#"{"error":"x"}"#),
+            Reach::Status(500)
+        ));
+    }
 
     #[test]
     fn metrics_are_summarised_as_errors_by_kind_and_days_left() {

@@ -10,7 +10,7 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::doctor::install::{configmap_key, Proxy, Workload};
+use crate::doctor::install::{Proxy, Workload};
 use crate::doctor::report::Check;
 use crate::doctor::report::Unchecked;
 
@@ -22,6 +22,7 @@ pub async fn checks(
     client: &kube::Client,
     proxy: &Proxy,
     workloads: &Result<Vec<Workload>, Unchecked>,
+    ca_name: Option<&str>,
 ) -> Vec<Check> {
     let mut certs = Vec::new();
     for (name, pem) in &proxy.certs {
@@ -52,14 +53,14 @@ pub async fn checks(
         return ["tls.sni-san", "tls.chain", "tls.expiry"]
             .into_iter()
             .map(|id| Check::unknown(id, why.clone()))
-            .chain([ca_bundles_check(client, proxy, workloads).await])
+            .chain([ca_bundles_check(client, proxy, workloads, ca_name).await])
             .collect();
     }
     vec![
         san_check(&certs),
         chain_check(proxy, &certs),
         expiry_check(&certs),
-        ca_bundles_check(client, proxy, workloads).await,
+        ca_bundles_check(client, proxy, workloads, ca_name).await,
     ]
 }
 
@@ -231,14 +232,22 @@ fn expiry_check(certs: &[Served<'_>]) -> Check {
     .with_details(details)
 }
 
-/// Each namespace with opted-in pods projects the proxy's CA bundle (a namespace without the
-/// ConfigMap is `webhook.ca-configmaps`'s to report).
+/// Each namespace with opted-in pods projects the proxy's CA bundle, from the ConfigMap the
+/// webhook names (a namespace without it is `webhook.ca-configmaps`'s to report).
 async fn ca_bundles_check(
     client: &kube::Client,
     proxy: &Proxy,
     workloads: &Result<Vec<Workload>, Unchecked>,
+    ca_name: Option<&str>,
 ) -> Check {
     const ID: &str = "tls.ca-bundles";
+    let Some(ca_name) = ca_name else {
+        return Check::pass(
+            ID,
+            "the webhook injects the CA itself (inline or from a ClusterTrustBundle): no \
+             namespace ConfigMap to compare",
+        );
+    };
     let (Ok(bundle), Ok(workloads)) = (&proxy.ca_bundle, workloads) else {
         return Check::unknown(ID, "no CA bundle or no pods to compare");
     };
@@ -258,30 +267,63 @@ async fn ca_bundles_check(
     }
     let namespaces: BTreeSet<&str> = workloads.iter().map(|w| w.namespace.as_str()).collect();
     let mut stale = Vec::new();
+    let mut unreadable = Vec::new();
     for ns in namespaces.iter().filter(|ns| **ns != proxy.namespace) {
-        if let Ok(theirs) = configmap_key(client, ns, &proxy.ca_configmap(), "ca.crt").await {
-            if theirs.trim() != bundle.trim() {
-                stale.push(*ns);
-            }
+        match namespace_bundle(client, ns, ca_name).await {
+            Ok(Some(theirs)) if theirs.trim() == bundle.trim() => {}
+            Ok(Some(_)) => stale.push(*ns),
+            Ok(None) => {}
+            Err(e) => unreadable.push(e.to_string()),
         }
     }
-    if stale.is_empty() {
-        return Check::pass(
+    bundles_verdict(proxy, ca_name, &stale, unreadable)
+}
+
+/// `ca.crt` of ConfigMap `ns/name` (empty when it has none); `None` when there is no such
+/// ConfigMap.
+async fn namespace_bundle(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<String>, Unchecked> {
+    let cm = kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| Unchecked::from(format!("reading ConfigMap {ns}/{name}: {e}")))?;
+    Ok(cm.map(|cm| {
+        cm.data
+            .and_then(|mut d| d.remove("ca.crt"))
+            .unwrap_or_default()
+    }))
+}
+
+fn bundles_verdict(proxy: &Proxy, ca_name: &str, stale: &[&str], unreadable: Vec<String>) -> Check {
+    const ID: &str = "tls.ca-bundles";
+    if !stale.is_empty() {
+        let mut details: Vec<String> = stale.iter().map(|ns| format!("namespace {ns}")).collect();
+        details.extend(unreadable);
+        return Check::fail(
             ID,
             format!(
-                "every workload namespace's {} holds the proxy's CA bundle",
-                proxy.ca_configmap()
+                "{} namespace(s) trust another CA bundle than the proxy's",
+                stale.len()
             ),
-        );
+            proxy.copy_ca_bundle(ca_name, stale),
+        )
+        .with_details(details);
     }
-    let fix = proxy.copy_ca_bundle(&proxy.ca_configmap(), &stale);
-    Check::fail(
+    if !unreadable.is_empty() {
+        return Check::unknown(
+            ID,
+            format!(
+                "{} namespace(s)' {ca_name} could not be read",
+                unreadable.len()
+            ),
+        )
+        .with_details(unreadable);
+    }
+    Check::pass(
         ID,
-        format!(
-            "{} namespace(s) trust another CA bundle than the proxy's",
-            stale.len()
-        ),
-        fix,
+        format!("every workload namespace's {ca_name} holds the proxy's CA bundle"),
     )
-    .with_details(stale.iter().map(|ns| format!("namespace {ns}")).collect())
 }

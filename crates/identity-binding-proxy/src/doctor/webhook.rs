@@ -27,6 +27,31 @@ pub async fn checks(
         Ok(w) => settings_check(proxy, w, args),
         Err(e) => Check::unknown("webhook.settings", e.clone()),
     };
+    let ca_name = ca_configmap_name(proxy, webhook);
+    let (configmaps, pods) = match (workloads, ca_name) {
+        (Ok(_), None) => (
+            Check::pass(
+                "webhook.ca-configmaps",
+                "the webhook injects the CA itself (inline or from a ClusterTrustBundle): no ConfigMap is needed",
+            ),
+            pods_check(workloads.as_deref().unwrap_or_default(), args),
+        ),
+        (Ok(w), Some(ca_name)) => (
+            configmaps_check(client, proxy, &ca_name, w).await,
+            pods_check(w, args),
+        ),
+        (Err(e), _) => (
+            Check::unknown("webhook.ca-configmaps", e.clone()),
+            Check::unknown("webhook.pods", e.clone()),
+        ),
+    };
+    vec![settings, configmaps, pods]
+}
+
+/// The ConfigMap the webhook projects the CA bundle from (its
+/// `AZURE_KUBERNETES_CA_CONFIGMAP_NAME`, else the chart's `<name>-ca`); `None` when it injects
+/// the CA itself (inline or from a ClusterTrustBundle).
+pub fn ca_configmap_name(proxy: &Proxy, webhook: &Result<Webhook, Unchecked>) -> Option<String> {
     let config = |key: &str| {
         let webhook = webhook.as_ref().ok()?;
         webhook.config.get(key).filter(|v| !v.is_empty()).cloned()
@@ -35,25 +60,10 @@ pub async fn checks(
     let inline = ca_name.is_none()
         && (config("AZURE_KUBERNETES_CA_DATA").is_some()
             || config("AZURE_KUBERNETES_CA_CTB_SIGNER_NAME").is_some());
-    let ca_name = ca_name.unwrap_or_else(|| proxy.ca_configmap());
-    let (configmaps, pods) = match workloads {
-        Ok(_) if inline => (
-            Check::pass(
-                "webhook.ca-configmaps",
-                "the webhook injects the CA itself (inline or from a ClusterTrustBundle): no ConfigMap is needed",
-            ),
-            pods_check(workloads.as_deref().unwrap_or_default(), args),
-        ),
-        Ok(w) => (
-            configmaps_check(client, proxy, &ca_name, w).await,
-            pods_check(w, args),
-        ),
-        Err(e) => (
-            Check::unknown("webhook.ca-configmaps", e.clone()),
-            Check::unknown("webhook.pods", e.clone()),
-        ),
-    };
-    vec![settings, configmaps, pods]
+    if inline {
+        return None;
+    }
+    Some(ca_name.unwrap_or_else(|| proxy.ca_configmap()))
 }
 
 /// One setting of the webhook that disagrees with the proxy: what, and the Helm value that
