@@ -162,7 +162,8 @@ pub async fn run(args: DevArgs) -> Result<(), StartError> {
     Ok(())
 }
 
-/// One step of a CA rotation on a running dev: a refusal changed nothing and exits 64.
+/// One step of a CA rotation on a running dev: a refusal changed nothing and exits 64; a
+/// certificate the running proxy did not take was put back and exits 69.
 fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> Result<(), StartError> {
     match rotate_ca::run(args) {
         Ok(report) => {
@@ -170,6 +171,8 @@ fn rotate_ca(args: &crate::cli::DevRotateCaArgs) -> Result<(), StartError> {
             Ok(())
         }
         Err(rotate_ca::RotateError::Refused(why)) => Err(StartError::usage(why)),
+        // The running dev did not do its part: an unavailable dependency, as for serve.
+        Err(rotate_ca::RotateError::NotServed(why)) => Err(StartError::unavailable(why)),
         Err(rotate_ca::RotateError::Failed(e)) => Err(failure(e)),
     }
 }

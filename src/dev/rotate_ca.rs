@@ -38,6 +38,9 @@ const SERVE_WAIT: Duration = Duration::from_secs(15);
 pub enum RotateError {
     #[error("{0}")]
     Refused(String),
+    /// The running proxy did not take a step's certificate; the step was undone.
+    #[error("{0}")]
+    NotServed(String),
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
@@ -252,7 +255,7 @@ impl Dev {
                 ),
                 Err(e) => format!("putting the previous certificate back failed too: {e:#}"),
             };
-            return Err(anyhow::anyhow!("{not_served:#}; {outcome}").into());
+            return Err(RotateError::NotServed(format!("{not_served:#}; {outcome}")));
         }
         let bundle = format!("{}{}", new.cert_pem, old);
         write_public(&self.info.ca_file, bundle.as_bytes()).map_err(anyhow::Error::from)?;
