@@ -495,9 +495,17 @@ impl Install {
     /// Runs a fix doctor printed, in a shell with kubectl and this build on the PATH, from
     /// this installation's directory (where the issuer's site, keys and bindings are).
     fn apply_fix(&self, fix: &str) {
+        // The fixes name the production binary, as a user runs it: this build's binary, which
+        // has the production commands, under that name (a fresh `cargo test` builds only it).
+        let own = self.dir.path().join("fix-bin");
+        let exe = own.join("identity-binding-proxy");
+        if !exe.exists() {
+            std::fs::create_dir_all(&own).unwrap();
+            std::os::unix::fs::symlink(BIN, &exe).unwrap();
+        }
         let bins = format!(
             "{}:{}:{}",
-            Path::new(BIN).parent().unwrap().display(),
+            own.display(),
             self.c.get("BIN_DIR"),
             std::env::var("PATH").unwrap_or_default()
         );
