@@ -760,7 +760,8 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
         &["/client"],
     );
     // The proxy's request log names the caller's address: demo-b's own (no masquerade).
-    let peer = format!("peer={}:", demo_b["status"]["podIP"].as_str().unwrap());
+    // The text log quotes the peer as a string: peer="10.244.2.7:56736".
+    let peer = format!("peer=\"{}:", demo_b["status"]["podIP"].as_str().unwrap());
     let mut b = PodClient::start(n, "demo", "demo-b", &["/client"]);
     for _ in 0..5 {
         let (reply, _) = b.ask("fresh");
@@ -835,7 +836,7 @@ pub fn second_node_is_served_by_its_own_proxy(ctx: &Context) {
         "-o",
         "jsonpath={.status.podIP}",
     ]);
-    let a_peer = format!("peer={a_ip}:");
+    let a_peer = format!("peer=\"{a_ip}:");
     let b_log = n.logs(NS, &b_pod);
     assert!(
         !a_ip.is_empty() && !b_log.contains(&a_peer),
