@@ -138,9 +138,8 @@ fn a_port_another_process_holds_exits_69() {
         .env_clear()
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(69), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let last = err.trim().lines().last().unwrap_or_default();
+    let (err, last) = exited_with(&out, 69);
+    let last = last.as_str();
     assert!(last.starts_with("error: "), "{err}");
     assert!(
         last.contains(&format!("cannot listen on {addr} (--listen)"))
@@ -169,9 +168,8 @@ fn a_sidecar_whose_apiserver_is_unreachable_exits_69_naming_the_apiserver() {
         .env_clear()
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(69), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let last = err.trim().lines().last().unwrap_or_default();
+    let (err, last) = exited_with(&out, 69);
+    let last = last.as_str();
     assert!(last.starts_with("error: --sidecar: "), "{err}");
     assert!(
         last.contains("no answer from the apiserver within 30 s")
@@ -507,4 +505,12 @@ fn serve_help_lists_the_exit_codes() {
     ] {
         assert!(help.contains(code), "{code} in {help}");
     }
+}
+
+/// Asserts the exit code; gives stderr and its last line (the `error: ...` line).
+fn exited_with(out: &std::process::Output, code: i32) -> (String, String) {
+    assert_eq!(out.status.code(), Some(code), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let last = err.trim().lines().last().unwrap_or_default().to_string();
+    (err, last)
 }
