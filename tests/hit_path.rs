@@ -3,7 +3,8 @@
 //! through it as fast as it does without it — an RBAC binding deleted, an identity removed
 //! from the bindings file, the signing key leaving the cluster's JWKS, a TokenReview answer
 //! expiring, a pod deleted. Each test first proves the memo holds the request, then changes
-//! the world and watches the next requests.
+//! the world and watches the next requests — on one kept-alive connection, as an SDK sends
+//! them, so the connection's own memory of its last token is under test too.
 
 mod common;
 
@@ -40,7 +41,7 @@ fn memo_holds(sys: &DevSystem, token: &str) -> bool {
 
 /// Sends `token`'s request until the memo holds it (the first request authenticates,
 /// authorizes and fills the token cache; the next one, a hit, is remembered).
-async fn warm(sys: &DevSystem, client: &Client, token: &str) {
+async fn warm(sys: &DevSystem, client: &KeptAlive, token: &str) {
     for _ in 0..3 {
         let r = client.post_token(&sys.info.client_id, token).await;
         assert_eq!(r.status, 200, "{}", r.json);
@@ -64,7 +65,7 @@ fn mint_for_pod(sys: &DevSystem, pod: &str) -> String {
 async fn hits_are_answered_from_the_memo_without_asking_anyone() {
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev(dir.path()).await;
-    let client = Client::for_dev(&sys);
+    let client = Client::for_dev(&sys).keeping_alive();
     let token = read(&sys.info.allowed_token_file);
     warm(&sys, &client, &token).await;
     let (kube, entra) = (sys.kube.counts(), sys.entra.stats().tokens_issued);
@@ -91,6 +92,7 @@ async fn hits_are_answered_from_the_memo_without_asking_anyone() {
     let r = client.post_form("/", &form).await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_ne!(r.json["access_token"], first.json["access_token"]);
+    assert_eq!(client.connections(), 1, "every request on one connection");
     sys.shutdown().await;
 }
 
@@ -99,7 +101,7 @@ async fn a_deleted_rbac_binding_is_refused_within_two_seconds() {
     let dir = tempfile::tempdir().unwrap();
     // Production TTLs (allowed 5 min): only the RBAC watch can make this fast.
     let sys = start_dev(dir.path()).await;
-    let client = Client::for_dev(&sys);
+    let client = Client::for_dev(&sys).keeping_alive();
     let token = read(&sys.info.allowed_token_file);
     warm(&sys, &client, &token).await;
 
@@ -125,6 +127,7 @@ async fn a_deleted_rbac_binding_is_refused_within_two_seconds() {
     })
     .await;
     assert!(allowed, "a re-added binding allows within 2 s");
+    assert_eq!(client.connections(), 1, "every request on one connection");
     sys.shutdown().await;
 }
 
@@ -132,7 +135,7 @@ async fn a_deleted_rbac_binding_is_refused_within_two_seconds() {
 async fn an_identity_removed_from_the_bindings_file_is_refused_at_the_next_reload() {
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev(dir.path()).await;
-    let client = Client::for_dev(&sys);
+    let client = Client::for_dev(&sys).keeping_alive();
     let token = read(&sys.info.allowed_token_file);
     warm(&sys, &client, &token).await;
 
@@ -162,6 +165,7 @@ async fn an_identity_removed_from_the_bindings_file_is_refused_at_the_next_reloa
     })
     .await;
     assert!(allowed, "bound again, the identity is served again");
+    assert_eq!(client.connections(), 1, "every request on one connection");
     sys.shutdown().await;
 }
 
@@ -169,7 +173,7 @@ async fn an_identity_removed_from_the_bindings_file_is_refused_at_the_next_reloa
 async fn a_token_whose_key_left_the_jwks_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev(dir.path()).await;
-    let client = Client::for_dev(&sys);
+    let client = Client::for_dev(&sys).keeping_alive();
     let token = read(&sys.info.allowed_token_file);
     warm(&sys, &client, &token).await;
 
@@ -207,6 +211,7 @@ async fn a_token_whose_key_left_the_jwks_is_refused_at_once() {
     sys.proxy.app.authn.refresh_keys().await.unwrap();
     let r = client.post_token(&sys.info.client_id, &token).await;
     assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(client.connections(), 1, "every request on one connection");
     sys.shutdown().await;
 }
 
@@ -214,7 +219,7 @@ async fn a_token_whose_key_left_the_jwks_is_refused_at_once() {
 async fn an_expired_tokenreview_is_asked_again() {
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev_with(dir.path(), |a| a.tokenreview_ttl_secs = 2).await;
-    let client = Client::for_dev(&sys);
+    let client = Client::for_dev(&sys).keeping_alive();
     let token = mint_for_pod(&sys, "web-1");
     warm(&sys, &client, &token).await;
     let reviews = sys.kube.counts().token_reviews;
@@ -241,6 +246,7 @@ async fn an_expired_tokenreview_is_asked_again() {
         reviews + 1,
         "one new review"
     );
+    assert_eq!(client.connections(), 1, "every request on one connection");
     sys.shutdown().await;
 }
 
@@ -248,7 +254,7 @@ async fn an_expired_tokenreview_is_asked_again() {
 async fn a_deleted_pods_token_is_refused_within_the_review_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let sys = start_dev_with(dir.path(), |a| a.tokenreview_ttl_secs = 2).await;
-    let client = Client::for_dev(&sys);
+    let client = Client::for_dev(&sys).keeping_alive();
     let token = mint_for_pod(&sys, "web-1");
     warm(&sys, &client, &token).await;
 
@@ -272,5 +278,34 @@ async fn a_deleted_pods_token_is_refused_within_the_review_ttl() {
         "{}",
         r.error_description()
     );
+    assert_eq!(client.connections(), 1, "every request on one connection");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_changes_its_token_is_answered_as_the_new_tokens_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = start_dev(dir.path()).await;
+    let client = Client::for_dev(&sys).keeping_alive();
+    let allowed = read(&sys.info.allowed_token_file);
+    let denied = read(&sys.info.denied_token_file);
+    warm(&sys, &client, &allowed).await;
+
+    // The connection's last token was the allowed one: the denied token right after it, on
+    // the same connection, is its own caller's and is refused; and back and forth.
+    for _ in 0..3 {
+        let r = client.post_token(&sys.info.client_id, &denied).await;
+        assert_eq!(r.status, 403, "{}", r.json);
+        assert!(r.json.get("access_token").is_none());
+        let r = client.post_token(&sys.info.client_id, &allowed).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    // A token that differs from the kept one in its last byte only is not taken for it.
+    let mut forged = allowed.trim().to_string();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let r = client.post_token(&sys.info.client_id, &forged).await;
+    assert_eq!(r.status, 401, "{}", r.json);
+    assert_eq!(client.connections(), 1, "every request on one connection");
     sys.shutdown().await;
 }

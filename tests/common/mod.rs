@@ -164,16 +164,68 @@ impl Client {
     }
 
     pub async fn post_form(&self, path: &str, pairs: &[(&str, &str)]) -> Reply {
+        self.send(self.form_request(path, pairs)).await
+    }
+
+    /// A form POST to `path`, as the SDKs send it.
+    pub fn form_request(&self, path: &str, pairs: &[(&str, &str)]) -> http::Request<Full<Bytes>> {
         let body = identity_binding_proxy::http::form::form_encode(pairs.iter().copied());
-        let req = http::Request::post(path)
+        http::Request::post(path)
             .header("host", &self.sni)
             .header(
                 "content-type",
                 "application/x-www-form-urlencoded;charset=utf-8",
             )
             .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        self.send(req).await
+            .unwrap()
+    }
+
+    /// A client that sends every request on one kept-alive HTTP/1.1 connection, as an
+    /// SDK's connection pool does.
+    pub fn keeping_alive(self) -> KeptAlive {
+        KeptAlive {
+            client: self,
+            sender: tokio::sync::Mutex::new(None),
+            connections: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection for every request (a new one only when the server
+/// closed it: [`KeptAlive::connections`] counts them).
+pub struct KeptAlive {
+    client: Client,
+    sender: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+impl KeptAlive {
+    /// The SDK's token request (`token_form`) to the root path.
+    pub async fn post_token(&self, client_id: &str, assertion: &str) -> Reply {
+        self.post_form("/", &token_form(client_id, assertion)).await
+    }
+
+    pub async fn post_form(&self, path: &str, pairs: &[(&str, &str)]) -> Reply {
+        let req = self.client.form_request(path, pairs);
+        let mut sender = self.sender.lock().await;
+        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let tls = self.client.connect().await.expect("TLS handshake");
+            let (new, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            self.connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *sender = Some(new);
+        }
+        let sender = sender.as_mut().expect("connected above");
+        sender.ready().await.unwrap();
+        reply_of(sender.send_request(req).await.unwrap()).await
+    }
+
+    /// Connections opened so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -15,7 +15,7 @@
 //! bound on staleness when the RBAC watch is broken): a grant is therefore re-checked through
 //! the full path at least every [`GRANT_RECHECK`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -93,8 +93,7 @@ impl Memo {
     /// `authn_generation`.
     pub fn recall(&self, digest: &[u8; 32], authn_generation: u64) -> Option<Arc<Known>> {
         let known = self.tokens.get(digest)?;
-        (known.authn_generation == authn_generation && Instant::now() < known.until)
-            .then_some(known)
+        known.holds(authn_generation).then_some(known)
     }
 
     /// Remembers that the token `digest` authenticated as `caller` under `authn_generation`,
@@ -130,6 +129,11 @@ impl Memo {
 }
 
 impl Known {
+    /// Whether the caller still holds: the same keys, and before the deadline.
+    fn holds(&self, authn_generation: u64) -> bool {
+        self.authn_generation == authn_generation && Instant::now() < self.until
+    }
+
     /// The grant for `ask`, if it holds under `now` generations and its deadline.
     pub fn grant(&self, ask: &Ask<'_>, now: Generations) -> Option<Arc<Grant>> {
         let grants = self.grants.load();
@@ -172,5 +176,40 @@ impl Grant {
             && *self.key.scopes == *ask.scope
             && self.sni.as_deref() == ask.sni
             && self.path_tenant.as_deref() == ask.path_tenant
+    }
+}
+
+/// Longest token a connection keeps (a service-account token is about 1 KiB): a longer one is
+/// hashed and looked up each time.
+const LAST_TOKEN_MAX: usize = 4096;
+
+/// The token a connection's peer presented last, and what is known about it. A kept-alive
+/// connection sends the same token with every request: it is hashed and looked up in the
+/// [`Memo`] once, then recognised by comparing bytes. It holds only a token this connection's
+/// own peer sent and that authenticated, and it vouches for nothing on its own: the same
+/// [`Known`] is checked against the keys' generation and its deadline at every use.
+#[derive(Default)]
+pub struct LastToken(Mutex<Option<(Box<str>, Arc<Known>)>>);
+
+impl LastToken {
+    /// What is known about `token`, when it is this connection's last one and still holds
+    /// under `authn_generation`. A busy slot (h2's concurrent streams) is a miss.
+    pub fn recall(&self, token: &str, authn_generation: u64) -> Option<Arc<Known>> {
+        let last = self.0.try_lock().ok()?;
+        let (kept, known) = last.as_ref()?;
+        (**kept == *token && known.holds(authn_generation)).then(|| known.clone())
+    }
+
+    /// Keeps `token` (authenticated as `known`) as this connection's last one.
+    pub fn keep(&self, token: &str, known: &Arc<Known>) {
+        if token.len() > LAST_TOKEN_MAX {
+            return;
+        }
+        if let Ok(mut last) = self.0.try_lock() {
+            match last.as_mut() {
+                Some((kept, was)) if **kept == *token => *was = known.clone(),
+                _ => *last = Some((token.into(), known.clone())),
+            }
+        }
     }
 }

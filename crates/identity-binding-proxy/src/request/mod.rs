@@ -95,6 +95,8 @@ pub struct ConnInfo {
     /// The protocol the handshake agreed on (ALPN): "h2", "http/1.1", or none.
     pub alpn: Option<&'static str>,
     pub permit: ConnectionPermit,
+    /// The token its peer presented last (hashed once per connection, not per request).
+    pub last_token: memo::LastToken,
 }
 
 /// The ALPN protocol as a bounded label: only what the token port offers.
@@ -114,6 +116,7 @@ impl ConnInfo {
             sni,
             alpn: None,
             permit: ConnectionPermit::detached(peer.ip()),
+            last_token: memo::LastToken::default(),
         }
     }
 }
@@ -171,7 +174,7 @@ impl App {
         let req = token::parse_request(path_tenant, &parts, &body)?;
         trace.client_id = Some(req.client_id.clone());
         trace.scope = Some(req.scope.clone());
-        let known = self.authenticate(&req.assertion).await?;
+        let known = self.authenticate(&req.assertion, conn).await?;
         // While this request is in flight, its connection is not evicted at the cap.
         if let Some(request) = parts
             .extensions
@@ -191,16 +194,23 @@ impl App {
             .await
     }
 
-    /// The caller of `assertion`: remembered by its SHA-256 while nothing it depends on
-    /// changed, else authenticated (and remembered).
-    async fn authenticate(&self, assertion: &str) -> Result<Arc<Known>> {
-        let digest = token_digest(assertion);
+    /// The caller of `assertion`: remembered (by the connection that sent it last, else by
+    /// its SHA-256) while nothing it depends on changed, else authenticated (and remembered).
+    async fn authenticate(&self, assertion: &str, conn: &ConnInfo) -> Result<Arc<Known>> {
         let generation = self.authn.generation();
-        if let Some(known) = self.memo.recall(&digest, generation) {
+        if let Some(known) = conn.last_token.recall(assertion, generation) {
             return Ok(known);
         }
-        let (caller, until) = self.authn.authenticate_digested(assertion, &digest).await?;
-        Ok(self.memo.learn(digest, caller, generation, until))
+        let digest = token_digest(assertion);
+        let known = match self.memo.recall(&digest, generation) {
+            Some(known) => known,
+            None => {
+                let (caller, until) = self.authn.authenticate_digested(assertion, &digest).await?;
+                self.memo.learn(digest, caller, generation, until)
+            }
+        };
+        conn.last_token.keep(assertion, &known);
+        Ok(known)
     }
 
     /// Whether the caller may have what it asks for, and where its token is cached: the

@@ -361,6 +361,7 @@ impl TlsConnection {
             sni: self.router.served_name(session.server_name()),
             alpn: crate::request::alpn_label(session.alpn_protocol()),
             permit: self.permit,
+            last_token: Default::default(),
         });
         let app = self.app;
         let handler = move |req| {
