@@ -8,6 +8,8 @@ pub mod memo;
 pub mod oauth;
 pub mod token;
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -386,30 +388,32 @@ impl Sent {
     }
 
     /// The path as the router reads it, only when it names a route served with a valid
-    /// tenant: any other path is the client's free text, where a token may be (SPEC §9).
-    fn path(&self) -> LoggedPath<'_> {
+    /// tenant; else only its length: any other path is the client's free text, where a token
+    /// may be (SPEC §9).
+    fn path(&self) -> Cow<'_, str> {
         let path = self.uri.path();
-        match token::routed_path(path) {
-            Some(routed) => LoggedPath::Routed(routed),
-            None => LoggedPath::Unrecognised(path.len()),
+        let as_sent = |p: &str| matches!(token::routed_path(p), Some(Cow::Borrowed(r)) if r == p);
+        if loggable_as_sent(&LOGGABLE_PATH, path, as_sent) {
+            return Cow::Borrowed(path);
         }
+        token::routed_path(path)
+            .unwrap_or_else(|| Cow::Owned(format!("(unrecognised, {} bytes)", path.len())))
     }
 
     /// Host[:port] of the `:authority` (or absolute-form URI), else of the Host header: never
-    /// its userinfo, and only when it is a host name or address.
-    fn host(&self) -> LoggedHost<'_> {
+    /// its userinfo, and only when it is a host name or address (else only its length).
+    fn host(&self) -> Cow<'_, str> {
         let sent = match (self.uri.authority(), &self.host) {
             (Some(authority), _) => authority.as_str().as_bytes(),
             (None, Some(v)) => v.as_bytes(),
-            (None, None) => return LoggedHost::Host(""),
+            (None, None) => return Cow::Borrowed(""),
         };
         // Userinfo ends at the last '@' (a password may hold one).
         let start = sent.iter().rposition(|b| *b == b'@').map_or(0, |i| i + 1);
+        let is_host = |h: &str| h.len() <= LOGGED_HOST_LEN && is_host_port(h);
         match std::str::from_utf8(&sent[start..]) {
-            Ok(host) if host.len() <= LOGGED_HOST_LEN && is_host_port(host) => {
-                LoggedHost::Host(host)
-            }
-            _ => LoggedHost::Invalid(sent.len()),
+            Ok(host) if loggable_as_sent(&LOGGABLE_HOST, host, is_host) => Cow::Borrowed(host),
+            _ => Cow::Owned(format!("(invalid, {} bytes)", sent.len())),
         }
     }
 
@@ -423,6 +427,41 @@ impl Sent {
             _ => "other",
         }
     }
+}
+
+thread_local! {
+    /// The last path, and the last host, this thread found loggable as sent: a client sends
+    /// the same ones with each request, so each is checked once, then known by its bytes.
+    static LOGGABLE_PATH: RefCell<String> = const { RefCell::new(String::new()) };
+    static LOGGABLE_HOST: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Longest text remembered as loggable (longer ones are checked every time).
+const LOGGABLE_MAX: usize = 512;
+
+/// Whether `check` holds for `text`, asked only when `text` is not the last one it held for
+/// in `slot` (the answer depends on the text alone).
+fn loggable_as_sent(
+    slot: &'static std::thread::LocalKey<RefCell<String>>,
+    text: &str,
+    check: impl FnOnce(&str) -> bool,
+) -> bool {
+    slot.with(|last| {
+        if last
+            .try_borrow()
+            .is_ok_and(|last| !text.is_empty() && *last == text)
+        {
+            return true;
+        }
+        let loggable = check(text);
+        if loggable && text.len() <= LOGGABLE_MAX {
+            if let Ok(mut last) = last.try_borrow_mut() {
+                last.clear();
+                last.push_str(text);
+            }
+        }
+        loggable
+    })
 }
 
 /// `host[:port]`: a DNS name (labels of at most 63 letters, digits and dashes, as no token
@@ -439,36 +478,6 @@ fn is_host_port(s: &str) -> bool {
         None => !host.is_empty() && crate::request::token::is_host_name(host),
     };
     port_ok && host_ok
-}
-
-/// A path as logged: the route's, or how long the unrecognised one was.
-enum LoggedPath<'a> {
-    Routed(std::borrow::Cow<'a, str>),
-    Unrecognised(usize),
-}
-
-impl std::fmt::Debug for LoggedPath<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Routed(path) => f.write_str(path),
-            Self::Unrecognised(n) => write!(f, "(unrecognised, {n} bytes)"),
-        }
-    }
-}
-
-/// A host as logged: host[:port], or how long the invalid value was.
-enum LoggedHost<'a> {
-    Host(&'a str),
-    Invalid(usize),
-}
-
-impl std::fmt::Debug for LoggedHost<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Host(host) => f.write_str(host),
-            Self::Invalid(n) => write!(f, "(invalid, {n} bytes)"),
-        }
-    }
 }
 
 /// A finished request and its answer, for its log line.
@@ -527,11 +536,11 @@ impl Trace {
         event_at!(
             level,
             method = sent.method.as_str(),
-            path = ?sent.path(),
+            path = &*sent.path(),
             version = sent.version(),
             alpn = conn.alpn.unwrap_or(""),
             form = self.form.unwrap_or(""),
-            host = ?sent.host(),
+            host = &*sent.host(),
             sni = conn.sni.as_deref().unwrap_or(""),
             outcome,
             status = status.as_u16(),
@@ -611,18 +620,36 @@ mod tests {
             ),
             (sent(Request::get("/")), ""),
         ];
-        for (sent, host) in cases {
-            assert_eq!(format!("{:?}", sent.host()), host);
+        // Twice over, in turn: each answer is the same whether the thread's last loggable
+        // host was this one or another.
+        for _ in 0..2 {
+            for (sent, host) in &cases {
+                assert_eq!(sent.host(), *host);
+                assert_eq!(sent.host(), *host);
+            }
         }
     }
 
     #[test]
-    fn an_unrecognised_path_is_logged_by_its_length() {
+    fn the_logged_path_is_the_routed_one_or_an_unrecognised_ones_length() {
         let path = "/token/eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
-        let sent = sent(Request::post(path));
-        assert_eq!(
-            format!("{:?}", sent.path()),
-            format!("(unrecognised, {} bytes)", path.len())
-        );
+        let routed = "/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token";
+        let prefixed = "/x/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token";
+        let unrecognised = format!("(unrecognised, {} bytes)", path.len());
+        let cases = [
+            (routed, routed.to_string()),
+            (path, unrecognised.clone()),
+            (routed, routed.to_string()),
+            (routed, routed.to_string()),
+            (path, unrecognised),
+            (
+                prefixed,
+                "(prefix, 2 bytes)/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token".into(),
+            ),
+            ("//", "/".into()),
+        ];
+        for (path, logged) in cases {
+            assert_eq!(sent(Request::post(path)).path(), logged, "{path}");
+        }
     }
 }

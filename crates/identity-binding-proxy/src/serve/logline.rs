@@ -26,6 +26,9 @@ thread_local! {
     /// The current second as its timestamp's first 20 bytes (`2026-12-06T21:44:16.`): a
     /// second's lines differ only in their microseconds.
     static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    /// The callsite (its metadata's address) whose field names were last found to need no
+    /// escape: the request line's are checked once per thread, not at each line.
+    static PLAIN_NAMES: Cell<usize> = const { Cell::new(0) };
 }
 
 impl<S, N> FormatEvent<S, N> for JsonLine
@@ -69,6 +72,7 @@ fn write_line(out: &mut String, event: &Event<'_>) -> fmt::Result {
     let mut fields = Fields {
         out: &mut *out,
         result: Ok(()),
+        plain_names: plain_names(meta),
     };
     event.record(&mut fields);
     fields.result?;
@@ -76,6 +80,23 @@ fn write_line(out: &mut String, event: &Event<'_>) -> fmt::Result {
     Escaped(&mut *out).write_str(meta.target())?;
     out.push_str("\"}\n");
     Ok(())
+}
+
+/// Whether no field name of `meta`'s callsite needs a JSON escape (they are source text:
+/// almost always so).
+fn plain_names(meta: &'static tracing::Metadata<'static>) -> bool {
+    let id = std::ptr::from_ref(meta) as usize;
+    if PLAIN_NAMES.get() == id {
+        return true;
+    }
+    let plain = meta
+        .fields()
+        .iter()
+        .all(|f| first_to_escape(f.name().as_bytes()) == f.name().len());
+    if plain {
+        PLAIN_NAMES.set(id);
+    }
+    plain
 }
 
 /// RFC 3339 in UTC with microseconds, as `tracing_subscriber` writes it: the date and time
@@ -185,6 +206,8 @@ impl Write for Addr {
 struct Fields<'a> {
     out: &'a mut String,
     result: fmt::Result,
+    /// The names need no escape ([`plain_names`]).
+    plain_names: bool,
 }
 
 impl Fields<'_> {
@@ -193,12 +216,17 @@ impl Fields<'_> {
             return;
         }
         self.out.push_str(",\"");
-        self.result = Escaped(&mut *self.out)
-            .write_str(field.name())
-            .and_then(|()| {
-                self.out.push_str("\":");
-                value(self.out)
-            });
+        self.result = match self.plain_names {
+            true => {
+                self.out.push_str(field.name());
+                Ok(())
+            }
+            false => Escaped(&mut *self.out).write_str(field.name()),
+        }
+        .and_then(|()| {
+            self.out.push_str("\":");
+            value(self.out)
+        });
     }
 }
 
@@ -345,6 +373,7 @@ mod tests {
                 yes = true,
                 ratio = 0.5f64,
                 nan = f64::NAN,
+                "odd \"name\"" = 1u64,
                 "token request"
             );
         });
@@ -361,6 +390,7 @@ mod tests {
         assert_eq!(v["yes"], true);
         assert_eq!(v["ratio"], 0.5);
         assert!(v["nan"].is_null());
+        assert_eq!(v["odd \"name\""], 1, "a name is escaped where it needs it");
         assert_eq!(v["target"], "identity_binding_proxy::serve::logline::tests");
         // RFC 3339, UTC, microseconds: 2026-12-06T21:44:16.123456Z.
         let ts = v["timestamp"].as_str().unwrap();
