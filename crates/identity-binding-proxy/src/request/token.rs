@@ -6,6 +6,7 @@
 //! body is empty, never merged). Everything here is pure and unit-tested.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 
 use http::{Method, Response, StatusCode};
@@ -202,6 +203,53 @@ pub fn form_source(query: Option<&str>, body: &[u8]) -> &'static str {
 /// Reads and validates the client-credentials parameters of a POST: from the body, or from
 /// the query when the body is empty. Every refusal names the parameter and what to send.
 pub fn parse(
+    path_tenant: Option<String>,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<TokenRequest> {
+    if let Some(req) = LAST_PARSED.with(|last| last.borrow().recall(&path_tenant, query, body)) {
+        return Ok(req);
+    }
+    let req = parse_form(path_tenant, query, body)?;
+    LAST_PARSED.with(|last| last.borrow_mut().keep(query, body, &req));
+    Ok(req)
+}
+
+thread_local! {
+    /// The last request this thread parsed, and from what: a client sends the same form with
+    /// each request, and what [`parse`] reads depends on the path's tenant, the query and the
+    /// body alone.
+    static LAST_PARSED: RefCell<LastParsed> = const { RefCell::new(LastParsed(None)) };
+}
+
+/// Longest form remembered (an SDK's is about 1.3 KiB; longer ones are parsed each time).
+const LAST_PARSED_MAX: usize = 8 * 1024;
+
+/// The query and body of the last request parsed, and the request read from them.
+struct LastParsed(Option<Parsed>);
+
+type Parsed = (Option<Box<str>>, Box<[u8]>, TokenRequest);
+
+impl LastParsed {
+    fn recall(
+        &self,
+        path_tenant: &Option<String>,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Option<TokenRequest> {
+        let (kept_query, kept_body, req) = self.0.as_ref()?;
+        (**kept_body == *body && kept_query.as_deref() == query && req.path_tenant == *path_tenant)
+            .then(|| req.clone())
+    }
+
+    fn keep(&mut self, query: Option<&str>, body: &[u8], req: &TokenRequest) {
+        if body.len() + query.map_or(0, str::len) <= LAST_PARSED_MAX {
+            self.0 = Some((query.map(Into::into), body.into(), req.clone()));
+        }
+    }
+}
+
+fn parse_form(
     path_tenant: Option<String>,
     query: Option<&str>,
     body: &[u8],
@@ -774,6 +822,37 @@ mod tests {
         assert_eq!(req.assertion, "a.b.c");
         assert_eq!(req.scope, "https://vault.azure.net/.default");
         assert!(req.claims.is_none());
+    }
+
+    #[test]
+    fn a_repeated_form_reads_as_it_did_and_any_change_is_read_afresh() {
+        let a = form(&good());
+        let mut other_scope = good();
+        other_scope[2].1 = "https://storage.azure.com/.default";
+        let b = form(&other_scope);
+        let mut bad = good();
+        bad[0].1 = "password";
+        let bad = form(&bad);
+        let q = String::from_utf8(a.clone()).unwrap();
+        let tenant = || Some("contoso.onmicrosoft.com".to_string());
+        let fresh = |t: Option<String>, q: Option<&str>, body: &[u8]| parse_form(t, q, body);
+        // Each request twice in a row (the second recalled), and each after another.
+        let cases: [(Option<String>, Option<&str>, &[u8]); 7] = [
+            (None, None, &a),
+            (tenant(), None, &a),
+            (None, None, &b),
+            (None, Some(&q), b""),
+            (None, Some("grant_type=x"), b""),
+            (None, None, &bad),
+            (None, None, &a),
+        ];
+        for (t, q, body) in cases.iter().chain(cases.iter().rev()) {
+            for _ in 0..2 {
+                let got = parse(t.clone(), *q, body).map_err(|e| e.to_string());
+                let want = fresh(t.clone(), *q, body).map_err(|e| e.to_string());
+                assert_eq!(got, want, "{t:?} {q:?} {:?}", String::from_utf8_lossy(body));
+            }
+        }
     }
 
     #[test]
