@@ -2,7 +2,7 @@
 # Load harness: identity-binding-proxy (serve mode, one core) next to nginx (one worker, same
 # core, same certificate, static JSON of the same size). One command:
 #
-#   bash benches/load/run.sh            # full run, about 8-10 minutes, + ~7 for (k)
+#   bash benches/load/run.sh            # full run, about 11 minutes, + ~7 for (k)
 #   bash benches/load/run.sh --quick    # shorter runs and fewer entries, about 3 minutes, + ~4 for (k)
 #   bash benches/load/run.sh --quick --hold   # after (a), keep everything up for profiling
 #   bash benches/load/run.sh --savings  # only (k), what a node saves: P = 1, 10, 100 Python
