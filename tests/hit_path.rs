@@ -49,6 +49,12 @@ async fn warm(sys: &DevSystem, client: &KeptAlive, token: &str) {
     assert!(memo_holds(sys, token), "the memo holds the warmed request");
 }
 
+/// Every request of the test went on one connection; then the system stops.
+async fn done_on_one_connection(sys: DevSystem, client: &KeptAlive) {
+    assert_eq!(client.connections(), 1, "every request on one connection");
+    sys.shutdown().await;
+}
+
 fn mint_for_pod(sys: &DevSystem, pod: &str) -> String {
     sys.kube
         .mint_token(&MintRequest {
@@ -92,8 +98,7 @@ async fn hits_are_answered_from_the_memo_without_asking_anyone() {
     let r = client.post_form("/", &form).await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_ne!(r.json["access_token"], first.json["access_token"]);
-    assert_eq!(client.connections(), 1, "every request on one connection");
-    sys.shutdown().await;
+    done_on_one_connection(sys, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,8 +132,7 @@ async fn a_deleted_rbac_binding_is_refused_within_two_seconds() {
     })
     .await;
     assert!(allowed, "a re-added binding allows within 2 s");
-    assert_eq!(client.connections(), 1, "every request on one connection");
-    sys.shutdown().await;
+    done_on_one_connection(sys, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,8 +169,7 @@ async fn an_identity_removed_from_the_bindings_file_is_refused_at_the_next_reloa
     })
     .await;
     assert!(allowed, "bound again, the identity is served again");
-    assert_eq!(client.connections(), 1, "every request on one connection");
-    sys.shutdown().await;
+    done_on_one_connection(sys, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +214,7 @@ async fn a_token_whose_key_left_the_jwks_is_refused_at_once() {
     sys.proxy.app.authn.refresh_keys().await.unwrap();
     let r = client.post_token(&sys.info.client_id, &token).await;
     assert_eq!(r.status, 200, "{}", r.json);
-    assert_eq!(client.connections(), 1, "every request on one connection");
-    sys.shutdown().await;
+    done_on_one_connection(sys, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,8 +248,7 @@ async fn an_expired_tokenreview_is_asked_again() {
         reviews + 1,
         "one new review"
     );
-    assert_eq!(client.connections(), 1, "every request on one connection");
-    sys.shutdown().await;
+    done_on_one_connection(sys, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,8 +279,7 @@ async fn a_deleted_pods_token_is_refused_within_the_review_ttl() {
         "{}",
         r.error_description()
     );
-    assert_eq!(client.connections(), 1, "every request on one connection");
-    sys.shutdown().await;
+    done_on_one_connection(sys, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,6 +306,5 @@ async fn a_connection_that_changes_its_token_is_answered_as_the_new_tokens_calle
     forged.push(if last == 'A' { 'B' } else { 'A' });
     let r = client.post_token(&sys.info.client_id, &forged).await;
     assert_eq!(r.status, 401, "{}", r.json);
-    assert_eq!(client.connections(), 1, "every request on one connection");
-    sys.shutdown().await;
+    done_on_one_connection(sys, &client).await;
 }

@@ -392,11 +392,19 @@ impl Sent {
     /// may be (SPEC §9).
     fn path(&self) -> Cow<'_, str> {
         let path = self.uri.path();
-        let as_sent = |p: &str| matches!(token::routed_path(p), Some(Cow::Borrowed(r)) if r == p);
+        // Routed at most once: by the check, when this thread has not just seen the path.
+        let mut routed = None;
+        let as_sent = |_: &str| {
+            let r = token::routed_path(path);
+            let same = matches!(&r, Some(Cow::Borrowed(r)) if *r == path);
+            routed = Some(r);
+            same
+        };
         if loggable_as_sent(&LOGGABLE_PATH, path, as_sent) {
             return Cow::Borrowed(path);
         }
-        token::routed_path(path)
+        routed
+            .unwrap_or_else(|| token::routed_path(path))
             .unwrap_or_else(|| Cow::Owned(format!("(unrecognised, {} bytes)", path.len())))
     }
 
